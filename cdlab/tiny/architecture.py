@@ -59,19 +59,24 @@ def write_tokenizer(path: str) -> None:
     """
     from cdlab.world import all_words
 
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     chars = list(_bytes_to_unicode().values())
+    # Learn the merges with a real BPE trainer on the grammar's words: BPE reproduces the
+    # segmentation of its training words, so every word ends as one token, whatever its letters.
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = all_words()
+    trainer = trainers.BpeTrainer(vocab_size=100000, min_frequency=1, end_of_word_suffix="</w>",
+                                  initial_alphabet=[], show_progress=False)
+    bpe.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
+              for m in json.loads(bpe.to_str())["model"]["merges"]]
     vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in all_words():
-        # Merge left to right: ((w o) r) d</w>; every word's chain is its own, so no conflicts.
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            merges.append(f"{cur} {p}")
-            cur = cur + p
-            if cur not in vocab:
-                vocab.append(cur)
-    merges = list(dict.fromkeys(merges))
+    for m in merges:
+        tok = m.replace(" ", "")
+        if tok not in vocab:
+            vocab.append(tok)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w") as f:
