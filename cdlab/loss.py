@@ -1,0 +1,278 @@
+"""The consistency loss: one function for consistency training (CT), consistency distillation (CD)
+and multi-boundary CD, in the style of openai/consistency_models (a teacher switches CT to CD;
+the result is a dict of terms).
+
+Notation as in :mod:`cdlab.math` (``x_t = alpha_t x_0 + sigma_t eps``, timestep 0 is the clean
+boundary). For a batch of clean latents x_0 and text embeddings c:
+
+1. Timesteps on the course's grid with skip k (``step_size``) on T training timesteps::
+
+       i ~ U{1, ..., T/k},   t = k i - 1,   s = max(t - k, 0)
+
+   ``i = T/k`` gives ``t = T - 1 = 999``, where every sampler starts (the course's grid stopped at
+   979). With probability ``sampler_prob`` an example instead takes a timestep the few-step sampler
+   visits (e.g. ``[999, 750, 500, 250]``) with ``s = t - k``, so those exact timesteps are trained.
+2. The boundary of s's segment: ``b = B_N(s)``, the largest of ``{0, T/N, 2T/N, ...}`` strictly
+   below s (0 for s = 0); N = 1 is the classic consistency model, b = 0.
+3. ``x_t = alpha_t x_0 + sigma_t eps``, eps ~ N(0, I).
+4. The second point x_s on the same trajectory:
+
+   * CT (no teacher):  ``x_s = alpha_s x_0 + sigma_s eps``  (``get_xs_from_xt_naive``);
+   * CD (a teacher):   one DDIM step of the guided teacher from t to s,
+     ``eps_w = eps_u + w (eps_c - eps_u)``,  ``x_s = alpha_s (x_t - sigma_t eps_w) / alpha_t + sigma_s eps_w``,
+     where eps_c and eps_u come from ONE batched teacher call on ``[x_t, x_t]`` with ``[c, c_u]``.
+
+5. Student and target both jump to the same boundary with a DDIM step (``predict_boundary``)::
+
+       f_theta(x, t, b) = alpha_b (x - sigma_t eps_theta(x, t)) / alpha_t + sigma_b eps_theta(x, t)
+       pred   = f_theta(x_t, t, b)
+       target = sg[f_theta^-(x_s, s, b)]      (theta^- = theta, or an EMA of it)
+
+   When s is itself the boundary (s = b = 0) the target is exactly x_s: alpha_0 = 1, sigma_0 = 0.
+6. ``d = pred - target`` (in fp32) and the loss is the mean over elements of
+
+   * ``"l2"``:          d^2
+   * ``"pseudo_huber"``: sqrt(d^2 + c^2) - c      (Song & Dhariwal 2023; c = ``huber_c``)
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from cdlab.math import (
+    get_multi_boundary_timesteps,
+    get_xs_from_xt_naive,
+    get_xs_from_xt_teacher,
+    predict_boundary,
+    q_sample,
+)
+
+__all__ = ["consistency_loss", "sample_timesteps", "adapters_disabled", "swapped_weights", "LOSS_TYPES"]
+
+LOSS_TYPES = ("l2", "pseudo_huber")
+
+
+def sample_timesteps(
+    batch_size: int,
+    *,
+    step_size: int = 20,
+    num_train_timesteps: int = 1000,
+    sampler_timesteps: Sequence[int] | None = None,
+    sampler_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``(t, s)`` on the skip-k grid: ``t = k i - 1`` for ``i ~ U{1..T/k}``, ``s = max(t - k, 0)``.
+
+    With probability ``sampler_prob`` per example, ``t`` is drawn from ``sampler_timesteps`` instead
+    (the timesteps a few-step sampler visits), again with ``s = max(t - k, 0)``.
+    """
+    if step_size < 1 or num_train_timesteps % step_size:
+        raise ValueError(f"step_size must divide num_train_timesteps ({num_train_timesteps}), got {step_size}")
+    num_intervals = num_train_timesteps // step_size
+    index = torch.randint(1, num_intervals + 1, (batch_size,), generator=generator)
+    t = step_size * index - 1
+    if sampler_timesteps and sampler_prob > 0:
+        extra = torch.as_tensor(list(sampler_timesteps), dtype=torch.long)
+        if bool(((extra < 1) | (extra >= num_train_timesteps)).any()):
+            raise ValueError(f"sampler_timesteps must lie in [1, {num_train_timesteps - 1}], got {list(sampler_timesteps)}")
+        pick = extra[torch.randint(0, len(extra), (batch_size,), generator=generator)]
+        use = torch.rand(batch_size, generator=generator) < sampler_prob
+        t = torch.where(use, pick, t)
+    s = (t - step_size).clamp(min=0)
+    return t.to(device), s.to(device)
+
+
+def _tuner_layers(module: torch.nn.Module) -> list[Any]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft, no adapters to disable
+        return []
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``module`` with every peft (LoRA) adapter disabled: the base model, i.e. the teacher.
+
+    Restores each layer's enabled state and every parameter's ``requires_grad`` afterwards (peft's
+    toggle resets them). A module without adapters is left untouched.
+    """
+    layers = _tuner_layers(module)
+    if not layers:
+        yield module
+        return
+    was_disabled = [layer.disable_adapters for layer in layers]
+    grad_flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield module
+    finally:
+        for layer, off in zip(layers, was_disabled):
+            layer.enable_adapters(not off)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def swapped_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> Iterator[torch.nn.Module]:
+    """Temporarily copy ``weights`` (parameter name -> tensor, e.g. an EMA of the LoRA weights) into
+    ``module``, restoring the live values afterwards. ``None`` is a no-op."""
+    if not weights:
+        yield module
+        return
+    params = dict(module.named_parameters())
+    missing = [k for k in weights if k not in params]
+    if missing:
+        raise KeyError(f"swapped_weights: {len(missing)} names are not parameters of the model, e.g. {missing[0]!r}")
+    saved = {}
+    with torch.no_grad():
+        for k, v in weights.items():
+            saved[k] = params[k].detach().clone()
+            params[k].copy_(v)
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """``eps(x, t, c)`` in fp32; the UNet itself runs under autocast when asked."""
+    with _autocast(x.device, autocast_dtype):
+        out = unet(x, t, encoder_hidden_states=cond).sample
+    return out.float()
+
+
+def consistency_loss(
+    unet: Any,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    scheduler: Any,
+    *,
+    teacher: Any = None,
+    uncond: torch.Tensor | None = None,
+    guidance: float | tuple[float, float] = 1.0,
+    num_boundaries: int = 1,
+    step_size: int = 20,
+    num_train_timesteps: int = 1000,
+    sampler_timesteps: Sequence[int] | None = None,
+    sampler_prob: float = 0.0,
+    loss_type: str = "l2",
+    huber_c: float = 1e-3,
+    target_model: Any = None,
+    target_weights: Mapping[str, torch.Tensor] | None = None,
+    timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Consistency loss of ``unet`` on a batch of clean latents (CT, or CD when ``teacher`` is given).
+
+    See the module docstring for the equations.
+
+    Args:
+        unet: the student, an epsilon-prediction UNet (``unet(x, t, encoder_hidden_states=c).sample``);
+            gradients flow through its pass at ``(x_t, t)`` only.
+        latents (`torch.Tensor`): clean latents x_0 ``[B, C, H, W]`` (already scaled by the VAE factor).
+        cond (`torch.Tensor`): text embeddings ``[B, L, D]``.
+        scheduler: the diffusion schedule (``alphas_cumprod``).
+        teacher: ``None`` for consistency training; otherwise the teacher UNet for distillation. Pass the
+            student's own (unwrapped) UNet to use its base weights: the teacher always runs with LoRA
+            adapters disabled (:func:`adapters_disabled`), so only one UNet is in memory.
+        uncond (`torch.Tensor`, *optional*): unconditional embeddings ``[B or 1, L, D]``; needed for CD.
+        guidance: the teacher's CFG scale w, a float or a ``(w_min, w_max)`` range sampled per example.
+        num_boundaries (`int`): N; 1 = classic consistency model (boundary 0), 4 = multi-boundary CD.
+        step_size (`int`): k, the skip between t and s on the grid.
+        sampler_timesteps / sampler_prob: the few-step sampler's timesteps, mixed in with this probability.
+        loss_type (`str`): ``"l2"`` or ``"pseudo_huber"`` (with ``huber_c``).
+        target_model: the module for the stop-gradient target pass; default ``unet`` (under ``no_grad``).
+        target_weights: parameter name -> tensor of ``target_model`` (e.g. an EMA of the LoRA weights),
+            swapped in for the target pass only.
+        timesteps: ``(t, s)`` to use instead of sampling them (tests, ablations).
+        noise (`torch.Tensor`, *optional*): eps for x_t; drawn with ``generator`` when not given.
+        generator (`torch.Generator`, *optional*): CPU generator for timesteps, noise and w.
+        autocast_dtype: run the UNet passes under ``torch.autocast`` with this dtype (fp16/bf16);
+            everything else, the loss included, is computed in fp32.
+
+    Returns:
+        dict: ``loss`` (scalar, differentiable), ``loss_per_example`` ``[B]`` and, detached, ``pred``,
+        ``target``, ``x_t``, ``x_s``, ``t``, ``s``, ``boundary``, ``guidance`` ``[B]``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if latents.ndim != 4 or cond.ndim != 3 or cond.shape[0] != latents.shape[0]:
+        raise ValueError(f"expected latents [B, C, H, W] and cond [B, L, D] with the same B, got "
+                         f"{tuple(latents.shape)} and {tuple(cond.shape)}")
+    if teacher is not None and uncond is None:
+        raise ValueError("consistency distillation (a teacher) needs uncond embeddings for classifier-free guidance")
+    device, bsz = latents.device, latents.shape[0]
+    x_0 = latents.float()
+
+    if timesteps is None:
+        t, s = sample_timesteps(bsz, step_size=step_size, num_train_timesteps=num_train_timesteps,
+                                sampler_timesteps=sampler_timesteps, sampler_prob=sampler_prob,
+                                generator=generator, device=device)
+    else:
+        t, s = (torch.as_tensor(v, device=device).long().expand(bsz).contiguous() for v in timesteps)
+    b = get_multi_boundary_timesteps(s, num_boundaries, num_train_timesteps)
+
+    if noise is None:
+        noise = torch.randn(x_0.shape, generator=generator).to(device)
+    noise = noise.float()
+    x_t = q_sample(x_0, t, scheduler, noise=noise)
+
+    if isinstance(guidance, (tuple, list)):
+        lo, hi = map(float, guidance)
+        w = lo + (hi - lo) * torch.rand(bsz, generator=generator)
+    else:
+        w = torch.full((bsz,), float(guidance))
+    w = w.to(device)
+
+    # x_s: no gradient in either mode. The teacher runs first, so that peft's adapter toggle is
+    # over before the student's graph is recorded.
+    with torch.no_grad():
+        if teacher is None:
+            x_s = get_xs_from_xt_naive(x_0, x_t, t, s, scheduler, noise=noise)
+        else:
+            u = uncond.to(device=device, dtype=cond.dtype).expand(bsz, *cond.shape[1:])
+            with adapters_disabled(teacher):
+                eps_u, eps_c = _eps(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                    torch.cat([u, cond]), autocast_dtype).chunk(2)
+            x_s = get_xs_from_xt_teacher(eps_u, eps_c, x_t, t, s, w, scheduler)
+
+    pred = predict_boundary(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, b, scheduler)
+
+    target_net = unet if target_model is None else target_model
+    with torch.no_grad(), swapped_weights(target_net, target_weights):
+        target = predict_boundary(_eps(target_net, x_s, s, cond, autocast_dtype), x_s, s, b, scheduler)
+
+    d = pred - target
+    if loss_type == "l2":
+        per_elem = d.pow(2)
+    else:
+        per_elem = torch.sqrt(d.pow(2) + huber_c ** 2) - huber_c
+    per_example = per_elem.flatten(1).mean(1)
+    return {
+        "loss": per_example.mean(),
+        "loss_per_example": per_example,
+        "pred": pred.detach(),
+        "target": target.detach(),
+        "x_t": x_t.detach(),
+        "x_s": x_s.detach(),
+        "t": t,
+        "s": s,
+        "boundary": b,
+        "guidance": w,
+    }
