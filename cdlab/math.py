@@ -141,8 +141,8 @@ def get_multi_boundary_timesteps(
     below it (0 maps to 0). For N = 4 the boundaries are {0, 250, 500, 750}: 751 maps to 750 and
     750 maps to 500, so a jump to the boundary always goes down in noise.
     """
-    if num_boundaries < 1:
-        raise ValueError(f"num_boundaries must be >= 1, got {num_boundaries}")
+    if not 1 <= num_boundaries <= num_timesteps:
+        raise ValueError(f"num_boundaries must be in [1, num_timesteps={num_timesteps}], got {num_boundaries}")
     step = num_timesteps // num_boundaries
     boundaries = torch.arange(0, num_timesteps, step, device=timesteps.device)[:num_boundaries]
     idx = torch.bucketize(timesteps.long(), boundaries, right=False) - 1
