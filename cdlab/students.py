@@ -24,6 +24,7 @@ teacher. External students (LCM-LoRA, TCD, PCM, Hyper-SD) come from the hub thro
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,12 +508,21 @@ def load_student(
     if name not in _loaded(pipe):
         path = student_dir(name, root)
         try:
-            pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=name, use_safetensors=True)
+            with _quiet_multi_adapter():
+                pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=name, use_safetensors=True)
         except Exception as e:
             _drop_partial(pipe, name)
             raise StudentError(f"student {name!r} ({path / WEIGHT_NAME}) does not load into this UNet: {e}") from e
     activate_student(pipe, name)
     return card
+
+
+@contextlib.contextmanager
+def _quiet_multi_adapter():
+    """Silence peft's "multiple adapters" warning: several adapters on one UNet is the design here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+        yield
 
 
 def _drop_partial(pipe: Any, name: str) -> None:
@@ -640,8 +651,9 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
         if local.suffix != ".safetensors":
             raise StudentError(f"{ext.title}: {local} is not a .safetensors file; cdlab loads safetensors only")
         try:
-            pipe.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name=key,
-                                   use_safetensors=True)
+            with _quiet_multi_adapter():
+                pipe.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name=key,
+                                       use_safetensors=True)
         except Exception as e:
             _drop_partial(pipe, key)
             raise StudentError(f"{ext.title} ({local}) does not load into this UNet: {e}") from e

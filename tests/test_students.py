@@ -1,0 +1,467 @@
+"""Students on disk: save -> plain diffusers load, cards, listing, names, errors, adapter switching,
+and the external catalogue through a patched hub download. All on the tiny random pipeline."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cdlab import students as S
+
+TINY = "cdlab/tiny-teacher"
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+RANK, ALPHA = 4, 8.0  # alpha != rank, so a lost alpha/r scale would show
+
+
+def _pipe(path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _probe_inputs(unet):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 24, unet.config.cross_attention_dim, generator=g)
+    return x, torch.tensor([999, 250]), emb
+
+
+@torch.no_grad()
+def _probe(unet):
+    x, t, emb = _probe_inputs(unet)
+    return unet(x, t, encoder_hidden_states=emb).sample
+
+
+def _randomize(unet, seed, adapter="default"):
+    """Noise on lora_A and lora_B, so the LoRA really changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if "lora_" in name and f".{adapter}." in name:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _card(name="", base=TINY, **kw):
+    return S.StudentCard(name=name, base_model=base, method="mbcd", num_boundaries=4, steps=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def made(tiny_pipe_dir, tmp_path_factory):
+    """A root with students s1 and s2 (same LoRA shape, different weights) and their in-memory outputs."""
+    root = tmp_path_factory.mktemp("adapters")
+    pipe = _pipe(tiny_pipe_dir)
+    base = _probe(pipe.unet)
+    S.attach_lora(pipe.unet, rank=RANK, alpha=ALPHA)
+    out = {}
+    for name, seed in (("s1", 1), ("s2", 2)):
+        _randomize(pipe.unet, seed)
+        out[name] = _probe(pipe.unet)
+        S.save_student(pipe.unet, name, _card(metrics={"fid": 12.5}), root=root)
+    return SimpleNamespace(root=root, base=base, out=out, train_unet=pipe.unet)
+
+
+def _copy_root(made, tmp_path):
+    dst = tmp_path / "adapters"
+    shutil.copytree(made.root, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------- LoRA
+
+
+def test_attach_lora_targets_the_lcm_lora_module_set(tiny_pipe_dir):
+    unet = _pipe(tiny_pipe_dir).unet
+    base = _probe(unet)
+    S.attach_lora(unet, rank=RANK, alpha=ALPHA, adapter_name="stu")
+    wrapped = [n for n, m in unet.named_modules() if hasattr(m, "lora_A") and "stu" in m.lora_A]
+    for target in S.DEFAULT_TARGET_MODULES:  # the tiny UNet has every kind, SD1.5's layout shrunk
+        assert any(n.endswith("." + target) for n in wrapped), target
+    assert not any(n.endswith(("norm1", "conv_in", "conv_out", "time_embedding.linear_1")) for n in wrapped)
+    # lora_B starts at zero: the student starts as the teacher, exactly.
+    assert torch.equal(_probe(unet), base)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    _randomize(unet, 0, "stu")
+    assert (_probe(unet) - base).abs().max() > 1e-2
+    with pytest.raises(S.StudentError, match="already has a LoRA adapter named 'stu'"):
+        S.attach_lora(unet, adapter_name="stu")
+    with pytest.raises(S.StudentError, match="none of the LoRA target modules"):
+        S.attach_lora(unet, target_modules=["q_proj"], adapter_name="other")
+
+
+def test_attach_lora_keeps_lora_fp32_on_an_fp16_unet(tiny_pipe_dir):
+    unet = _pipe(tiny_pipe_dir).unet.half()
+    S.attach_lora(unet, rank=RANK)
+    lora = {n: p.dtype for n, p in unet.named_parameters() if "lora_" in n}
+    base = {n: p.dtype for n, p in unet.named_parameters() if "lora_" not in n}
+    assert lora and set(lora.values()) == {torch.float32}
+    assert set(base.values()) == {torch.float16}
+    # peft casts activations to the LoRA dtype and back: fp16 out, fp32 grads for the optimiser.
+    _randomize(unet, 0)
+    x, t, emb = _probe_inputs(unet)
+    out = unet(x.half(), t, encoder_hidden_states=emb.half()).sample
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    grads = [p.grad for n, p in unet.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+# ------------------------------------------------------------------------------- on disk
+
+
+def test_saved_student_loads_in_plain_diffusers(made, tiny_pipe_dir, tmp_path):
+    folder = made.root / "s1"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "card.json", S.WEIGHT_NAME]
+    pipe = _pipe(tiny_pipe_dir)
+    assert torch.allclose(_probe(pipe.unet), made.base)
+    pipe.load_lora_weights(str(folder))  # plain diffusers, no cdlab, no weight_name
+    got = _probe(pipe.unet)
+    assert (made.out["s1"] - made.base).abs().max() > 1e-2
+    torch.testing.assert_close(got, made.out["s1"], rtol=0, atol=1e-5)
+
+    # alpha/r is folded into the weights: a loader that ignores diffusers' metadata agrees too.
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    save_file(load_file(str(folder / S.WEIGHT_NAME)), str(bare / S.WEIGHT_NAME))
+    pipe2 = _pipe(tiny_pipe_dir)
+    pipe2.load_lora_weights(str(bare))
+    torch.testing.assert_close(_probe(pipe2.unet), made.out["s1"], rtol=0, atol=1e-5)
+
+
+def test_card_round_trip_and_readme(made):
+    card = S.read_card("s1", made.root)
+    assert card.name == "s1" and card.base_model == TINY and card.method == "mbcd"
+    assert (card.lora_rank, card.lora_alpha) == (RANK, ALPHA)
+    assert card.target_modules == sorted(S.DEFAULT_TARGET_MODULES)
+    assert card.metrics == {"fid": 12.5} and card.created.endswith("Z")
+    again = S.StudentCard.from_dict(json.loads(json.dumps(card.to_dict())))
+    assert again == card
+    readme = (made.root / "s1" / "README.md").read_text()
+    assert 'pipe.load_lora_weights("adapters/s1", adapter_name="s1")' in readme
+    assert 'timestep_spacing="trailing"' in readme and "num_inference_steps=4" in readme
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"method": "distill"}, "method"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"guidance": "high"}, "guidance"),
+    ({"num_boundaries": 0}, "num_boundaries"),
+    ({"scheduler_kwargs": []}, "scheduler_kwargs"),
+    ({"target_modules": "to_q"}, "target_modules"),
+    ({"name": "../up"}, "invalid student name"),
+])
+def test_card_validation_names_the_field(change, field):
+    d = _card(name="ok").to_dict() | change
+    with pytest.raises(S.StudentError, match=field):
+        S.StudentCard.from_dict(d)
+
+
+def test_card_missing_fields_and_wrong_type():
+    with pytest.raises(S.StudentError, match="missing required field.*base_model"):
+        S.StudentCard.from_dict({"name": "x", "method": "cd"})
+    with pytest.raises(S.StudentError, match="JSON object"):
+        S.StudentCard.from_dict(["x"])
+
+
+def test_list_students_sorts_filters_and_skips_malformed(made, tmp_path, caplog):
+    root = _copy_root(made, tmp_path)
+    S.save_student(made.train_unet, "a-sd", _card(base=SD15), root=root)
+    (root / "broken").mkdir()
+    (root / "broken" / "card.json").write_text("{not json")
+    shutil.copy(root / "s1" / S.WEIGHT_NAME, root / "broken" / S.WEIGHT_NAME)
+    (root / "nocard").mkdir()
+    shutil.copy(root / "s1" / S.WEIGHT_NAME, root / "nocard" / S.WEIGHT_NAME)
+    (root / "binonly").mkdir()
+    (root / "binonly" / "card.json").write_text(json.dumps(_card(name="binonly").to_dict()))
+    (root / "binonly" / "pytorch_lora_weights.bin").write_bytes(b"pickle")
+    (root / "bad name").mkdir()
+    (root / ".tmp-s3-x").mkdir()
+    (root / "stray.txt").write_text("not a folder")
+
+    with caplog.at_level(logging.WARNING, logger="cdlab.students"):
+        cards = S.list_students(root)
+    assert [c.name for c in cards] == ["a-sd", "s1", "s2"]
+    warned = caplog.text
+    for bad in ("broken", "nocard", "binonly", "bad name"):
+        assert bad in warned
+    assert ".tmp-s3-x" not in warned
+    assert [c.name for c in S.list_students(root, base_model=TINY)] == ["s1", "s2"]
+    assert [c.name for c in S.list_students(root, base_model=SD15)] == ["a-sd"]
+    assert S.list_students(tmp_path / "nowhere") == []
+
+
+def test_adapters_dir_follows_the_environment(made, monkeypatch):
+    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(made.root))
+    assert S.adapters_dir() == made.root
+    assert [c.name for c in S.list_students()] == ["s1", "s2"]
+
+
+def test_overwrite_replaces_the_student_whole(made, tiny_pipe_dir, tmp_path):
+    root = _copy_root(made, tmp_path)
+    (root / "s1" / "junk.bin").write_bytes(b"stale")
+    _randomize(made.train_unet, 3)
+    new = _probe(made.train_unet)
+    S.save_student(made.train_unet, "s1", _card(metrics={"fid": 9.0}), root=root)
+    assert sorted(p.name for p in (root / "s1").iterdir()) == ["README.md", "card.json", S.WEIGHT_NAME]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert S.read_card("s1", root).metrics == {"fid": 9.0}
+    pipe = _pipe(tiny_pipe_dir)
+    S.load_student(pipe, "s1", root)
+    torch.testing.assert_close(_probe(pipe.unet), new, rtol=0, atol=1e-5)
+
+
+def test_save_refuses_bad_input_and_keeps_the_old_student(made, tiny_pipe_dir, tmp_path):
+    root = _copy_root(made, tmp_path)
+    before = (root / "s1" / S.WEIGHT_NAME).read_bytes()
+    with pytest.raises(S.StudentError, match="does not match"):
+        S.save_student(made.train_unet, "s1", _card(name="s2"), root=root)
+    with pytest.raises(S.StudentError, match="method"):
+        S.save_student(made.train_unet, "s1", S.StudentCard(name="s1", base_model=TINY, method="x"), root=root)
+    with pytest.raises(S.StudentError, match="no LoRA adapter named 'default'.*attach_lora"):
+        S.save_student(_pipe(tiny_pipe_dir).unet, "s1", _card(), root=root)
+    with pytest.raises(S.StudentError, match="invalid student name"):
+        S.save_student(made.train_unet, "../s1", _card(), root=root)
+    assert (root / "s1" / S.WEIGHT_NAME).read_bytes() == before
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", ["s1", "tiny-cd_N4", "A" * 64, "0"])
+def test_valid_names(name):
+    assert S.validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", [
+    "../x", "/abs", "a/b", "a\\b", "..", ".hidden", "-flag", "", "a" * 65, "x y", "a.b", "train", "keys", None,
+])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(S.StudentError, match="student name"):
+        S.validate_name(name)
+
+
+def test_paths_stay_inside_the_adapters_root(made, tiny_pipe_dir, tmp_path):
+    root = _copy_root(made, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "s1", outside)
+    (root / "evil").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(S.StudentError, match="outside the adapters folder"):
+        S.student_dir("evil", root)
+    pipe = _pipe(tiny_pipe_dir)
+    for name in ("evil", "../outside", str(outside)):
+        with pytest.raises(S.StudentError):
+            S.load_student(pipe, name, root)
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+# ----------------------------------------------------------------------------- on a pipeline
+
+
+def test_missing_or_malformed_students_give_clear_errors(made, tiny_pipe_dir, tmp_path):
+    root = _copy_root(made, tmp_path)
+    pipe = _pipe(tiny_pipe_dir)
+    with pytest.raises(S.StudentError, match=rf"no student 'nope': {root.resolve() / 'nope'} does not exist"):
+        S.load_student(pipe, "nope", root)
+
+    (root / "s1" / S.WEIGHT_NAME).rename(root / "s1" / "pytorch_lora_weights.bin")
+    with pytest.raises(S.StudentError, match=r"s1/pytorch_lora_weights\.safetensors is missing.*safetensors only"):
+        S.load_student(pipe, "s1", root)
+
+    (root / "s2" / S.WEIGHT_NAME).write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(S.StudentError, match=r"s2/pytorch_lora_weights\.safetensors is not a readable safetensors"):
+        S.load_student(pipe, "s2", root)
+
+    shutil.copytree(made.root / "s1", root / "s3")
+    (root / "s3" / "card.json").write_text('{"name": "s3", "base_model": "x", "method": "ct", "steps": -1}')
+    with pytest.raises(S.StudentError, match="'steps' must be a positive integer"):
+        S.load_student(pipe, "s3", root)
+    (root / "s3" / "card.json").unlink()
+    with pytest.raises(S.StudentError, match=r"has no card: .*s3/card\.json is missing"):
+        S.load_student(pipe, "s3", root)
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_weights_that_do_not_fit_the_unet_are_refused(made, tiny_pipe_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root = _copy_root(made, tmp_path)
+    f = root / "s1" / S.WEIGHT_NAME
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("to_q.lora_A.weight"))
+    sd[key] = torch.zeros(RANK, 7)  # wrong in_features
+    save_file(sd, str(f))
+    pipe = _pipe(tiny_pipe_dir)
+    with pytest.raises(S.StudentError, match="does not load into this UNet"):
+        S.load_student(pipe, "s1", root)
+    assert "s1" not in (getattr(pipe.unet, "peft_config", None) or {})
+
+
+def test_base_model_mismatch_is_refused(made, tiny_pipe_dir):
+    pipe = _pipe(tiny_pipe_dir)
+    with pytest.raises(S.StudentError, match=f"distilled from '{TINY}', but this pipeline is '{SD15}'"):
+        S.load_student(pipe, "s1", made.root, base_model=SD15)
+    teacher = SimpleNamespace(pipe=pipe, base_id=SD15)  # a cdlab Teacher carries its base
+    with pytest.raises(S.StudentError, match="distilled from"):
+        S.load_student(teacher, "s1", made.root)
+    card = S.load_student(SimpleNamespace(pipe=pipe, base_id=TINY), "s1", made.root)
+    assert card.name == "s1"
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s1"], rtol=0, atol=1e-5)
+
+
+def test_named_adapters_switch_on_one_unet(made, tiny_pipe_dir):
+    pipe = _pipe(tiny_pipe_dir)
+    base = _probe(pipe.unet)
+    calls = []
+    plain_load = pipe.load_lora_weights
+
+    def counting_load(*args, **kwargs):
+        calls.append(kwargs.get("adapter_name"))
+        return plain_load(*args, **kwargs)
+
+    pipe.load_lora_weights = counting_load
+    unet = pipe.unet
+    S.load_student(pipe, "s1", made.root)
+    out1 = _probe(unet)
+    S.load_student(pipe, "s2", made.root)
+    out2 = _probe(unet)
+    assert pipe.unet is unet and set(unet.peft_config) == {"s1", "s2"}
+    torch.testing.assert_close(out1, made.out["s1"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out2, made.out["s2"], rtol=0, atol=1e-5)
+    assert (out1 - out2).abs().max() > 1e-2
+
+    S.activate_student(pipe, "s1")
+    assert torch.equal(_probe(unet), out1)
+    S.activate_student(pipe, None)
+    assert torch.equal(_probe(unet), base)  # the plain teacher, bit for bit
+    S.activate_student(pipe, "s2")
+    assert torch.equal(_probe(unet), out2)
+
+    S.load_student(pipe, "s1", made.root)  # idempotent: no second read, just re-activation
+    assert calls == ["s1", "s2"]
+    assert torch.equal(_probe(unet), out1)
+    with pytest.raises(S.StudentError, match="'s9' is not loaded.*loaded: \\['s1', 's2'\\]"):
+        S.activate_student(pipe, "s9")
+
+
+# ------------------------------------------------------------------------------- externals
+
+
+def test_external_catalogue_matches_the_model_cards(tiny_pipe_dir):
+    cat = S.EXTERNAL_STUDENTS
+    assert {k: (e.repo_id, e.filename, e.scheduler) for k, e in cat.items()} == {
+        "lcm-lora": ("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors", "LCMScheduler"),
+        "tcd": ("h1t/TCD-SD15-LoRA", "pytorch_lora_weights.safetensors", "TCDScheduler"),
+        "pcm": ("wangfuyun/PCM_Weights", "sd15/pcm_sd15_smallcfg_4step_converted.safetensors", "TCDScheduler"),
+        "hyper-sd": ("ByteDance/Hyper-SD", "Hyper-SD15-4steps-lora.safetensors", "DDIMScheduler"),
+    }
+    pipe = _pipe(tiny_pipe_dir)
+    for key, ext in cat.items():
+        S.validate_name(key)  # usable as a peft adapter name
+        card = S.StudentCard(name=key, base_model=SD15, method="external", steps=ext.steps,
+                             guidance=ext.guidance, scheduler=ext.scheduler, scheduler_kwargs=ext.scheduler_kwargs)
+        sched = S.make_scheduler(pipe, card)
+        assert type(sched).__name__ == ext.scheduler
+        assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "scaled_linear"
+        kw = S.sampling_kwargs(card)
+        assert kw["num_inference_steps"] == 4 and kw["guidance_scale"] == 1.0
+        if key == "pcm":
+            assert sched.config.timestep_spacing == "trailing" and kw["eta"] == 0.0
+        if key == "hyper-sd":
+            assert sched.config.timestep_spacing == "trailing" and "eta" not in kw
+        if key == "tcd":
+            assert kw["eta"] == 0.3
+
+
+def test_make_scheduler_for_our_students_and_unknown_names(tiny_pipe_dir):
+    pipe = _pipe(tiny_pipe_dir)
+    sched = S.make_scheduler(pipe, _card(name="s1"))
+    assert type(sched).__name__ == "DDIMScheduler"
+    assert sched.config.timestep_spacing == "trailing" and sched.config.set_alpha_to_one is True
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+    with pytest.raises(S.StudentError, match="unknown scheduler 'NopeScheduler'"):
+        S.make_scheduler(pipe, _card(name="s1", scheduler="NopeScheduler"))
+    with pytest.raises(S.StudentError, match="unknown scheduler 'StableDiffusionPipeline'"):
+        S.make_scheduler(pipe, _card(name="s1", scheduler="StableDiffusionPipeline"))
+
+
+@pytest.fixture
+def fake_hub(made, tmp_path, monkeypatch):
+    """Serve s1's weights file as every catalogue file, through a patched ``hf_hub_download``."""
+    import huggingface_hub
+
+    hub, calls = tmp_path / "hub", []
+    for ext in S.EXTERNAL_STUDENTS.values():
+        dst = hub / ext.repo_id / ext.filename
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made.root / "s1" / S.WEIGHT_NAME, dst)
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        path = hub / repo_id / filename
+        if not path.is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename}")
+        return str(path)
+
+    # students.py imports hf_hub_download from huggingface_hub at call time, so this one patch is
+    # what its real code path calls.
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return calls
+
+
+def test_load_external_students_through_the_hub(made, tiny_pipe_dir, fake_hub):
+    pipe = _pipe(tiny_pipe_dir)
+    base = _probe(pipe.unet)
+    for key, ext in S.EXTERNAL_STUDENTS.items():
+        card = S.load_external_student(pipe, key)
+        assert (card.name, card.method, card.base_model) == (key, "external", SD15)
+        assert (card.scheduler, card.steps, card.guidance) == (ext.scheduler, ext.steps, ext.guidance)
+        assert card.training_config["repo_id"] == ext.repo_id
+        torch.testing.assert_close(_probe(pipe.unet), made.out["s1"], rtol=0, atol=1e-5)
+    assert fake_hub == [(e.repo_id, e.filename) for e in S.EXTERNAL_STUDENTS.values()]
+    assert set(pipe.unet.peft_config) == set(S.EXTERNAL_STUDENTS)
+
+    S.load_external_student(pipe, "tcd")  # idempotent: no second download
+    assert len(fake_hub) == len(S.EXTERNAL_STUDENTS)
+    S.activate_student(pipe, None)
+    assert torch.equal(_probe(pipe.unet), base)
+
+    # The card's recipe runs in the plain pipeline: TCD, 4 steps, eta 0.3, no CFG.
+    card = S.load_external_student(pipe, "tcd")
+    pipe.scheduler = S.make_scheduler(pipe, card)
+    run = dict(prompt="a red circle", output_type="latent", **S.sampling_kwargs(card))
+    student = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    S.activate_student(pipe, None)
+    teacher = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    assert student.shape == (1, 4, 8, 8) and torch.isfinite(student).all()
+    assert (student - teacher).abs().max() > 1e-3
+
+
+def test_external_failures_are_clear(tiny_pipe_dir, fake_hub, monkeypatch):
+    import huggingface_hub
+
+    pipe = _pipe(tiny_pipe_dir)
+    with pytest.raises(S.StudentError, match="unknown external student 'lcm'.*lcm-lora, tcd, pcm, hyper-sd"):
+        S.load_external_student(pipe, "lcm")
+    with pytest.raises(S.StudentError, match=f"LoRA for {SD15}; this pipeline is '{TINY}'"):
+        S.load_external_student(pipe, "tcd", base_model=TINY)
+
+    def offline(repo_id, filename, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(S.StudentError, match="Hyper-SD15-4steps-lora.safetensors from the hub repo "
+                                             "ByteDance/Hyper-SD.*no network.*HF_HUB_OFFLINE"):
+        S.load_external_student(pipe, "hyper-sd")
+    assert not getattr(pipe.unet, "peft_config", None)
