@@ -220,7 +220,7 @@ def validate_name(name: Any) -> str:
         raise StudentError(
             f"invalid student name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a "
             "letter or digit (no '/', '..' or '.')")
-    import torch  # noqa: F401  (already loaded by anything that holds a UNet)
+    import torch
 
     if hasattr(torch.nn.ModuleDict(), name):
         raise StudentError(f"invalid student name {name!r}: it clashes with a torch.nn.ModuleDict attribute")
