@@ -1,0 +1,498 @@
+"""The consistency-distillation trainer: LoRA on the teacher's UNet, on accelerate, crash-safe.
+
+    python -m cdlab train --model tiny --method mbcd --max_steps 600           # one process
+    torchrun --nproc_per_node 2 -m cdlab train --model tiny ...               # data parallel, same code
+    python -m cdlab train --resume runs/<run_name>                            # continue a run
+
+One step: a batch of cached latents and text embeddings -> `cdlab.loss.consistency_loss` (the teacher is the
+same UNet with its LoRA disabled) -> backward through the LoRA weights only (fp32, under fp16/bf16 autocast
+when asked) -> clip -> AdamW. The run directory (``$CDLAB_RUNS_DIR`` or ``<repo>/runs``) holds
+``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/step_*.png`` and ``checkpoints/ckpt_*``
+(written under a temporary name and renamed, the last ``keep_checkpoints`` kept). SIGTERM / SIGINT save
+a checkpoint and stop cleanly; ``--resume`` continues from the newest complete checkpoint with the LoRA,
+optimiser, LR schedule, step and RNG states restored, so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdlab.train.config import TrainConfig, card_method, resolve, runs_dir, cache_root
+
+CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
+
+
+@dataclass
+class TrainResult:
+    state: str                  # "finished" | "stopped"
+    step: int
+    run_dir: Path
+    student_dir: Path | None
+    metrics: dict
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)``, oldest first (temporary folders are not listed)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            frac = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * frac))
+        return warm
+    return f
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device, log):
+    if cfg.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            log("optimizer: bitsandbytes AdamW8bit")
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except ImportError:
+            log("optimizer: bitsandbytes not installed, using torch AdamW")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Holds one run. ``Trainer(cfg, resume=run_dir).run()``; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None):
+        self.cfg_in = cfg
+        self.resume = Path(resume) if resume else None
+        self._log = log
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    def log(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            (self._log or (lambda m: print(m, flush=True)))(f"[cdlab train] {msg}")
+
+    def status(self, state: str, message: str = "") -> None:
+        if not self.acc.is_main_process:
+            return
+        write_json_atomic(self.run_dir / "status.json", {
+            "state": state, "step": self.step, "max_steps": self.cfg.max_steps, "pid": os.getpid(),
+            "message": message, "student": self.cfg.student_name, "updated": time.time(),
+            "run_name": self.cfg.run_name})
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import broadcast_object_list
+
+        from cdlab.students import attach_lora
+        from cdlab.teachers import load_teacher
+        from cdlab.train.data import make_source, prepare_data
+
+        cfg = self.cfg_in
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        mp = cfg.mixed_precision
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if mp == "auto":
+            mp = "fp16" if cuda else "no"
+        self.acc = acc = Accelerator(mixed_precision=mp, cpu=not cuda)
+        self.mixed_precision = mp
+        self.device = acc.device
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        self.autocast_dtype = None if weight_dtype == torch.float32 else weight_dtype
+
+        self.teacher = load_teacher(cfg.model, device=self.device, dtype=weight_dtype)
+        cfg = resolve(cfg, self.teacher.resolution)
+        # One run name for every rank (it holds a timestamp).
+        names = [cfg.run_name]
+        broadcast_object_list(names)
+        self.cfg = cfg = dataclasses.replace(cfg, run_name=names[0])
+        self.rank, self.world = acc.process_index, acc.num_processes
+
+        self.run_dir = self.resume if self.resume else runs_dir() / cfg.run_name
+        if acc.is_main_process:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "previews").mkdir(exist_ok=True)
+            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        self.step = 0
+        self.status("running", "loading data")
+        acc.wait_for_everyone()
+
+        pipe = self.teacher.pipe
+        source = make_source(cfg.data, data_size=cfg.data_size, data_seed=cfg.data_seed, resolution=cfg.resolution,
+                             image_column=cfg.image_column, caption_column=cfg.caption_column,
+                             data_split=cfg.data_split)
+        with acc.main_process_first():
+            self.data = prepare_data(source, pipe, cfg.resolution, cache=cfg.cache_latents,
+                                     cache_root=cache_root(cfg), log=self.log)
+        self.uncond = self.data.uncond.to(self.device)
+
+        unet = pipe.unet
+        attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.unet = unet
+        self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(self.params, cfg, self.device, self.log)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+        # The scheduler is stepped by hand, once per optimiser step (accelerate would step it per process).
+        self.student, self.optimizer = acc.prepare(unet, optimizer)
+        self.ema = ({n: p.detach().clone() for n, p in zip(self.names, self.params)} if cfg.ema_decay > 0 else None)
+
+        self.data_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
+        self.loss_gen = torch.Generator().manual_seed(cfg.seed * 104729 + 17 + self.rank)
+        random.seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.elapsed_before = 0.0
+        self.samples_seen = 0
+        from cdlab.samplers import consistency_timesteps
+
+        self.sampler_timesteps = consistency_timesteps(cfg.sample_steps, cfg.num_boundaries, cfg.num_train_timesteps)
+        self._make_probe()
+        if self.resume:
+            self._load_latest()
+        self.log(f"{card_method(cfg)} N={cfg.num_boundaries} on {self.teacher.describe()}, {len(self.data)} items, "
+                 f"{sum(p.numel() for p in self.params)} LoRA params, batch {cfg.batch_size}x{cfg.grad_accum}"
+                 f"x{self.world}, run {self.run_dir}")
+
+    def _make_probe(self) -> None:
+        cfg = self.cfg
+        n = min(cfg.probe_size, len(self.data))
+        if n == 0:
+            self.probe = None
+            return
+        g = torch.Generator().manual_seed(12345)
+        idx = torch.arange(n)
+        x0, cond = self.data.batch(idx, g, self.device)
+        m = cfg.num_train_timesteps // cfg.step_size
+        i = torch.linspace(1, m, n).round().long()
+        t = cfg.step_size * i - 1
+        self.probe = dict(latents=x0, cond=cond, timesteps=(t, (t - cfg.step_size).clamp(min=0)),
+                          noise=torch.randn(x0.shape, generator=g).to(self.device))
+
+    def _loss_kwargs(self) -> dict:
+        cfg = self.cfg
+        guidance = cfg.guidance if cfg.guidance_max is None else (cfg.guidance, cfg.guidance_max)
+        return dict(teacher=self.unet if cfg.method != "ct" else None, uncond=self.uncond, guidance=guidance,
+                    num_boundaries=cfg.num_boundaries, step_size=cfg.step_size,
+                    num_train_timesteps=cfg.num_train_timesteps, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+                    autocast_dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def probe_loss(self) -> float | None:
+        from cdlab.loss import consistency_loss
+
+        if self.probe is None:
+            return None
+        kw = self._loss_kwargs()
+        kw["guidance"] = self.cfg.guidance
+        out = consistency_loss(self.unet, self.probe["latents"], self.probe["cond"], self.teacher.scheduler,
+                               timesteps=self.probe["timesteps"], noise=self.probe["noise"], **kw)
+        return float(out["loss"])
+
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        folder = self.run_dir / "checkpoints"
+        name = f"ckpt_{self.step:06d}"
+        tmp = folder / f".tmp-{name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng = {"data_gen": self.data_gen.get_state(), "loss_gen": self.loss_gen.get_state(),
+               "torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in zip(self.names, self.params)},
+                      str(tmp / "lora.safetensors"))
+            if self.ema is not None:
+                save_file({n: v.float().cpu().contiguous() for n, v in self.ema.items()}, str(tmp / "ema.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_sched.state_dict(), tmp / "lr_scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            write_json_atomic(tmp / "state.json", {
+                "step": self.step, "elapsed_s": self.elapsed(), "samples_seen": self.samples_seen,
+                "world_size": self.world, "saved": time.time()})
+            final = folder / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the checkpoint exists only once complete
+            for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return folder / name
+
+    def _load_latest(self) -> None:
+        from safetensors.torch import load_file
+
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            self.log(f"resume: no complete checkpoint in {self.run_dir}; starting at step 0")
+            return
+        step, path = ckpts[-1]
+        lora = load_file(str(path / "lora.safetensors"))
+        missing = [n for n in self.names if n not in lora]
+        if missing:
+            raise ValueError(f"checkpoint {path} does not match this model's LoRA ({len(missing)} weights missing, "
+                             f"e.g. {missing[0]}); was the config changed?")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(lora[n].to(p.device, p.dtype))
+        if self.ema is not None and (path / "ema.safetensors").is_file():
+            self.ema = {n: v.to(self.device) for n, v in load_file(str(path / "ema.safetensors")).items()}
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_sched.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+        if self.acc.scaler is not None and (path / "scaler.pt").is_file():
+            self.acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            self.data_gen.set_state(rng["data_gen"])
+            self.loss_gen.set_state(rng["loss_gen"])
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        state = json.loads((path / "state.json").read_text())
+        self.step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        if self.acc.is_main_process:
+            # Metrics after the checkpoint belong to the lost interval: drop them, so the curve is one run.
+            mfile = self.run_dir / "metrics.jsonl"
+            if mfile.is_file():
+                keep = [ln for ln in mfile.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                tmp = mfile.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                os.replace(tmp, mfile)
+        self.log(f"resume: {path.name} (step {self.step})")
+
+    # ---------------------------------------------------------------------------------- previews
+
+    @torch.no_grad()
+    def preview(self) -> Path | None:
+        if not self.acc.is_main_process or not self.cfg.preview_prompts:
+            return None
+        from PIL import Image
+
+        from cdlab.samplers import sample_consistency
+
+        cfg, pipe = self.cfg, self.teacher.pipe
+        prompts = list(cfg.preview_prompts)
+        cond = self.teacher.encode(prompts)[0]
+        h = cfg.resolution // pipe.vae_scale_factor
+        x_T = torch.cat([torch.randn((1, pipe.unet.config.in_channels, h, h), generator=torch.Generator().manual_seed(i))
+                         for i in range(len(prompts))]).to(self.device, pipe.unet.dtype)
+        ctx = torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else torch.no_grad()
+        with ctx:
+            out = sample_consistency(self.unet, x_T, cond, self.sampler_timesteps, self.teacher.scheduler)
+        images = self.teacher.decode(out.latents)
+        cols = min(4, len(images))
+        rows = math.ceil(len(images) / cols)
+        w, hh = images[0].size
+        grid = Image.new("RGB", (cols * w, rows * hh), "white")
+        for k, im in enumerate(images):
+            grid.paste(im, ((k % cols) * w, (k // cols) * hh))
+        if w < 128:  # tiny images: upscale so the grid is readable
+            grid = grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST)
+        path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        grid.save(tmp)
+        os.replace(tmp, path)
+        return path
+
+    # -------------------------------------------------------------------------------------- loop
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.t_start)
+
+    def _train_step(self) -> tuple[float, float]:
+        from cdlab.loss import consistency_loss
+
+        cfg, acc = self.cfg, self.acc
+        total = 0.0
+        kw = self._loss_kwargs()
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.data_gen)
+            x0, cond = self.data.batch(idx, self.data_gen, self.device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = acc.no_sync(self.student) if not sync and self.world > 1 else _null()
+            with ctx:
+                out = consistency_loss(self.student, x0, cond, self.teacher.scheduler, target_model=self.unet,
+                                       target_weights=self.ema, sampler_timesteps=self.sampler_timesteps,
+                                       sampler_prob=cfg.sampler_prob, generator=self.loss_gen, **kw)
+                acc.backward(out["loss"] / cfg.grad_accum)
+            total += float(out["loss"].detach()) / cfg.grad_accum
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.lr_sched.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    self.ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        return total, grad_norm
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        if self.world > 1:
+            flag = self.acc.gather(flag).max()
+        return bool(flag.item() > 0)
+
+    def run(self) -> TrainResult:
+        try:
+            self.setup()
+        except BaseException as e:
+            if hasattr(self, "run_dir") and hasattr(self, "cfg"):
+                self.status("failed", f"{type(e).__name__}: {e}")
+            raise
+        cfg, acc = self.cfg, self.acc
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        self.t_start = time.time()
+        state = "finished"
+        try:
+            self.status("running", f"step {self.step}")
+            if self.step == 0 and cfg.preview_every:
+                self.preview()
+            losses, norms, step_time, window_steps = [], [], 0.0, 0
+            mfile = self.run_dir / "metrics.jsonl"
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss, gnorm = self._train_step()
+                step_time += time.perf_counter() - t0
+                self.step += 1
+                window_steps += 1
+                self.samples_seen += cfg.batch_size * cfg.grad_accum * self.world
+                losses.append(loss)
+                norms.append(gnorm)
+                stop = self._stop_agreed()
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop:
+                    mean_loss = torch.tensor([sum(losses) / len(losses)], device=self.device)
+                    if self.world > 1:
+                        mean_loss = acc.reduce(mean_loss, "mean")
+                    row = {"step": self.step, "loss": float(mean_loss.item()), "lr": self.lr_sched.get_last_lr()[0],
+                           "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * self.world / max(step_time, 1e-9),
+                           "elapsed_s": round(self.elapsed(), 3), "peak_mem_mb": round(_peak_mem_mb(self.device), 1),
+                           "max_steps": cfg.max_steps, "grad_norm": sum(norms) / len(norms)}
+                    if acc.is_main_process:
+                        row["probe_loss"] = self.probe_loss()
+                        with mfile.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        self.log(f"step {self.step}/{cfg.max_steps} loss {row['loss']:.5f} probe "
+                                 f"{row['probe_loss']:.5f} lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s")
+                    self.status("stopping" if stop else "running", f"step {self.step}")
+                    self.last_row = row
+                    losses, norms, step_time, window_steps = [], [], 0.0, 0
+                if stop:
+                    self.status("stopping", "signal received: saving a checkpoint")
+                    self.save_checkpoint()
+                    state = "stopped"
+                    break
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.step < cfg.max_steps:
+                    self.preview()
+            student_dir = None
+            if state == "finished":
+                if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1][0] != self.step:
+                    self.save_checkpoint()
+                if cfg.preview_every:
+                    self.preview()
+                if cfg.save_student and acc.is_main_process:
+                    student_dir = self.save_student()
+            metrics = dict(getattr(self, "last_row", {}))
+            self.status(state, f"saved {student_dir}" if student_dir else ("stopped at a checkpoint" if state == "stopped" else "done"))
+            acc.wait_for_everyone()
+            return TrainResult(state, self.step, self.run_dir, student_dir, metrics)
+        except BaseException as e:
+            self.status("failed", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def save_student(self) -> Path:
+        from cdlab.students import StudentCard, save_student
+
+        cfg = self.cfg
+        row = getattr(self, "last_row", {})
+        card = StudentCard(
+            name=cfg.student_name, base_model=self.teacher.base_id, method=card_method(cfg),
+            num_boundaries=cfg.num_boundaries, steps=cfg.sample_steps, guidance=1.0, scheduler="consistency",
+            training_config=cfg.to_dict(),
+            metrics={"train_steps": self.step, "final_loss": row.get("loss"), "final_probe_loss": row.get("probe_loss"),
+                     "samples_per_s": row.get("samples_per_s"), "train_time_s": round(self.elapsed(), 1),
+                     "samples_seen": self.samples_seen, "run_dir": str(self.run_dir)})
+        path = save_student(self.unet, cfg.student_name, card)
+        self.log(f"student saved to {path}")
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=None) -> TrainResult:
+    """Train a student; returns when finished or stopped by a signal (see the module docstring)."""
+    return Trainer(cfg, resume=resume, log=log).run()
