@@ -240,8 +240,7 @@ def consistency_loss(
         w = torch.full((bsz,), float(guidance))
     w = w.to(device)
 
-    # x_s: no gradient in either mode. The teacher runs first, so that peft's adapter toggle is
-    # over before the student's graph is recorded.
+    # x_s: no gradient in either mode.
     with torch.no_grad():
         if teacher is None:
             x_s = get_xs_from_xt_naive(x_0, x_t, t, s, scheduler, noise=noise)
@@ -252,11 +251,13 @@ def consistency_loss(
                                     torch.cat([u, cond]), autocast_dtype).chunk(2)
             x_s = get_xs_from_xt_teacher(eps_u, eps_c, x_t, t, s, w, scheduler)
 
-    pred = predict_boundary(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, b, scheduler)
-
     target_net = unet if target_model is None else target_model
     with torch.no_grad(), swapped_weights(target_net, target_weights):
         target = predict_boundary(_eps(target_net, x_s, s, cond, autocast_dtype), x_s, s, b, scheduler)
+
+    # The student's pass comes last: the teacher's adapter toggle and the EMA swap above change
+    # parameters in place, which must not happen while the student's graph is alive.
+    pred = predict_boundary(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, b, scheduler)
 
     d = pred - target
     if loss_type == "l2":

@@ -103,7 +103,7 @@ def test_cd_teacher_is_the_base_model_in_one_batched_call(unet, scheduler):
                                num_boundaries=4, timesteps=(t, s), generator=torch.Generator().manual_seed(1))
     finally:
         hook.remove()
-    assert calls == [6, 3, 3]  # teacher (cond + uncond batched), student, target
+    assert calls == [6, 3, 3]  # teacher (cond + uncond batched), target, student
     w = out["guidance"]
     assert bool(((w >= 2) & (w <= 8)).all()) and len(set(w.tolist())) == 3
     with torch.no_grad():

@@ -34,7 +34,7 @@ def _parser():
 
 def build_config(argv: list[str]):
     """``(config, resume_dir)`` from the command line."""
-    from cdlab.train.config import TrainConfig, from_dict, load_json
+    from cdlab.train.config import TrainConfig, from_dict, load_json, resolve
 
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None}
@@ -46,7 +46,9 @@ def build_config(argv: list[str]):
         base = load_json(run / "config.json")
     if args.config:
         base = load_json(args.config, base)
-    return from_dict(overrides, base), (Path(args.resume) if args.resume else None)
+    cfg = from_dict(overrides, base)
+    resolve(cfg)  # fail on a bad value now, before the teacher loads; the trainer resolves for real
+    return cfg, (Path(args.resume) if args.resume else None)
 
 
 def main(argv: list[str] | None = None) -> int:

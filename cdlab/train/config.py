@@ -174,6 +174,9 @@ def check(cfg: TrainConfig) -> None:
             raise bad(name, ">= 0")
     if cfg.lr <= 0:
         raise bad("lr", "> 0")
+    from cdlab.students import validate_name  # light: no torch at import
+
+    validate_name(cfg.student_name)  # fail now, not when the finished student is saved
 
 
 # ------------------------------------------------------------------------------------ parsing

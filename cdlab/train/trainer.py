@@ -170,6 +170,7 @@ class Trainer:
         self.uncond = self.data.uncond.to(self.device)
 
         unet = pipe.unet
+        torch.manual_seed(cfg.seed)  # the LoRA init: the same on every rank and in every run of this seed
         attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -248,7 +249,9 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         rng = {"data_gen": self.data_gen.get_state(), "loss_gen": self.loss_gen.get_state(),
-               "torch": torch.get_rng_state(), "python": random.getstate()}
+               "torch": torch.get_rng_state(), "python": random.getstate(),
+               # per-rank fingerprint of the LoRA weights: data-parallel ranks must hold identical ones
+               "lora_sums": torch.stack([p.detach().double().sum().cpu() for p in self.params])}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
@@ -277,6 +280,9 @@ class Trainer:
     def _load_latest(self) -> None:
         from safetensors.torch import load_file
 
+        if self.acc.is_main_process:  # leftovers of a save interrupted by a crash
+            for tmp in (self.run_dir / "checkpoints").glob(".tmp-ckpt_*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         ckpts = list_checkpoints(self.run_dir)
         if not ckpts:
             self.log(f"resume: no complete checkpoint in {self.run_dir}; starting at step 0")

@@ -1,0 +1,141 @@
+"""cdlab.train: config, runs, checkpoints, exact resume and the saved student (in-process, tiny steps)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cdlab.train import cli
+from cdlab.train.config import PROFILES, TrainConfig, from_dict, load_json, resolve
+from cdlab.train.trainer import list_checkpoints, train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("latent-cache"))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDLAB_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(tmp_path / "adapters"))
+    return tmp_path
+
+
+def _cfg(model, cache_dir, **kw):
+    base = dict(model=model, data_size=48, batch_size=8, max_steps=6, log_every=1, checkpoint_every=3,
+                preview_every=0, cache_dir=cache_dir, warmup_steps=2, lr=2e-3, lora_rank=4, probe_size=8,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(msg):
+    pass
+
+
+def _metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_repeats_an_uninterrupted_run(tiny_pipe_dir, cache_dir, env):
+    full = train(_cfg(tiny_pipe_dir, cache_dir, run_name="full", student_name="whole"), log=_quiet)
+    assert full.state == "finished" and full.step == 6
+    half = train(_cfg(tiny_pipe_dir, cache_dir, run_name="half", student_name="halfway", max_steps=3), log=_quiet)
+    assert [s for s, _ in list_checkpoints(half.run_dir)] == [3]
+    # as `--resume RUN --max_steps 6` does: the run's own config, one field overridden
+    cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=6)
+    resumed = train(cfg, resume=half.run_dir, log=_quiet)
+    assert resumed.step == 6 and resumed.run_dir == half.run_dir
+    a = load_file(str(list_checkpoints(full.run_dir)[-1][1] / "lora.safetensors"))
+    b = load_file(str(list_checkpoints(half.run_dir)[-1][1] / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did train
+    la, lb = _metrics(full.run_dir), _metrics(half.run_dir)
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-6)
+
+
+def test_run_directory_student_and_card(tiny_pipe_dir, cache_dir, env):
+    cfg = _cfg(tiny_pipe_dir, cache_dir, run_name="r", student_name="tiny-test", method="cd", num_boundaries=1,
+               max_steps=6, checkpoint_every=2, keep_checkpoints=2, preview_every=3, log_every=2,
+               preview_prompts=["a small red circle in the center on a blue background"] * 2, ema_decay=0.9)
+    res = train(cfg, log=_quiet)
+    run = res.run_dir
+    assert run == env / "runs" / "r"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["method"] == "cd" and saved["lora_rank"] == 4 and saved["resolution"] == 32
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert {"step", "loss", "lr", "samples_per_s", "elapsed_s", "peak_mem_mb", "max_steps"} <= r.keys()
+        assert r["max_steps"] == 6 and r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0
+    assert rows[-1]["lr"] == pytest.approx(2e-3)  # after the 2-step warm-up
+    assert [s for s, _ in list_checkpoints(run)] == [4, 6]  # the last K = 2
+    assert (list_checkpoints(run)[-1][1] / "ema.safetensors").is_file()
+    previews = sorted(p.name for p in (run / "previews").glob("*.png"))
+    assert previews == ["step_000000.png", "step_000003.png", "step_000006.png"]
+    with Image.open(run / "previews" / "step_000006.png") as im:
+        assert im.size == (2 * 32 * 4, 32 * 4)  # 2 prompts in a row, 32 px upscaled 4x
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 6 and status["student"] == "tiny-test"
+    card = json.loads((env / "adapters" / "tiny-test" / "card.json").read_text())
+    assert card["method"] == "cd" and card["num_boundaries"] == 1 and card["steps"] == 4
+    assert card["training_config"]["guidance"] == PROFILES["tiny"]["guidance"]
+    assert card["metrics"]["train_steps"] == 6 and card["metrics"]["final_loss"] == rows[-1]["loss"]
+    assert (env / "adapters" / "tiny-test" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_incomplete_checkpoints_are_ignored_on_resume(tiny_pipe_dir, cache_dir, env):
+    res = train(_cfg(tiny_pipe_dir, cache_dir, run_name="c", max_steps=3, save_student=False), log=_quiet)
+    ck = res.run_dir / "checkpoints"
+    (ck / ".tmp-ckpt_000009").mkdir()        # a save cut short by a crash
+    (ck / "ckpt_000010").mkdir()             # no state.json: not complete
+    assert [s for s, _ in list_checkpoints(res.run_dir)] == [3]
+    cfg = dataclasses.replace(load_json(res.run_dir / "config.json"), max_steps=4)
+    again = train(cfg, resume=res.run_dir, log=_quiet)
+    assert again.step == 4 and not (ck / ".tmp-ckpt_000009").exists()
+    assert [r["step"] for r in _metrics(res.run_dir)] == [1, 2, 3, 4]
+
+
+def test_config_profiles_and_validation():
+    tiny = resolve(TrainConfig(model="tiny"), 32)
+    assert (tiny.resolution, tiny.batch_size, tiny.lora_rank, tiny.num_boundaries) == (32, 64, 16, 4)
+    assert tiny.student_name == "tiny-mbcd-4" and len(tiny.preview_prompts) == 8
+    sd = resolve(TrainConfig(model="sd15", method="cd"), 512)
+    assert (sd.resolution, sd.lora_rank, sd.num_boundaries, sd.guidance) == (512, 64, 1, 7.5)
+    assert sd.preview_prompts[0] == "A sad puppy with large eyes." and sd.student_name == "sd15-cd-1"
+    ct = resolve(TrainConfig(method="ct"), 32)
+    assert ct.student_name == "tiny-ct-4"
+    cfg = from_dict({"lr": "3e-4", "gradient_checkpointing": "true", "guidance_max": "none", "max_steps": 7})
+    assert cfg.lr == 3e-4 and cfg.gradient_checkpointing is True and cfg.guidance_max is None and cfg.max_steps == 7
+    with pytest.raises(ValueError, match="unknown field"):
+        from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="max_steps expects int"):
+        from_dict({"max_steps": "ten"})
+    for bad, match in (({"method": "dmd"}, "method"), ({"method": "mbcd", "num_boundaries": 1}, "num_boundaries"),
+                       ({"step_size": 30}, "step_size"), ({"guidance": 5.0, "guidance_max": 2.0}, "guidance_max"),
+                       ({"loss_type": "l1"}, "loss_type")):
+        with pytest.raises(ValueError, match=match):
+            resolve(from_dict(bad), 32)
+
+
+def test_cli_parses_config_file_and_overrides(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"method": "ct", "lr": 1e-3, "preview_prompts": ["a", "b"]}))
+    cfg, resume = cli.build_config(["--config", str(f), "--lr", "5e-4", "--num_boundaries", "2"])
+    assert (cfg.method, cfg.lr, cfg.num_boundaries, cfg.preview_prompts, resume) == ("ct", 5e-4, 2, ["a", "b"], None)
+    assert cli.main(["--max_steps", "-3"]) == 2
+    assert "max_steps must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["--method", "nope"]) == 2
+    assert "method must be one of" in capsys.readouterr().err
+    assert cli.main(["--resume", str(tmp_path / "missing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert cli.main(["--config", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
