@@ -8,6 +8,11 @@
     python -m cdlab train --resume runs/<run_name>
     torchrun --nproc_per_node 2 -m cdlab train --model tiny    # data parallel; same entry point
 
+The latent cache's effect, measured with the trainer's own samples/s (metrics.jsonl)::
+
+    python -m cdlab train --model tiny --data_size 2048 --max_steps 30 --log_every 10 --cache_latents true  --run_name speed-cached
+    python -m cdlab train --model tiny --data_size 2048 --max_steps 30 --log_every 10 --cache_latents false --run_name speed-uncached
+
 Modules: `config` (the flat `TrainConfig` and per-teacher defaults), `data` (sources and the latent
 cache), `trainer` (`train`, `Trainer`), `cli` (``main(argv)``), `coco` (the COCO recipe).
 The loss itself is `cdlab.loss.consistency_loss`.

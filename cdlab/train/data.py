@@ -313,8 +313,10 @@ def build_cache(source: Source, pipe: Any, resolution: int, root: Path, *, batch
     key = cache_key(model_fingerprint(pipe), resolution, source)
     folder = Path(root) / key
     if (folder / "meta.json").is_file() and (folder / "data.safetensors").is_file():
-        log(f"data: cached latents {folder}")
-        return _load_cached(folder)
+        data = _load_cached(folder)
+        skipped = sum(data.skipped.values())
+        log(f"data: cached latents {folder} ({len(data)} items" + (f", {skipped} skipped when built)" if skipped else ")"))
+        return data
 
     good, skipped, examples = scan(source, resolution)
     _report_skips(source, good, skipped, examples, log)
