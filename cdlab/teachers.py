@@ -1,0 +1,274 @@
+"""Teachers: a diffusers ``StableDiffusionPipeline`` behind a thin typed wrapper.
+
+    from cdlab.teachers import load_teacher
+    teacher = load_teacher("tiny")                 # or "sd15", or a local diffusers folder
+    cond, uncond = teacher.encode(["a red circle"])
+    x_T = teacher.initial_noise(seed=0)
+
+Every teacher gets ``DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)``:
+trailing spacing as in the course notebook (its first timestep is 999, the one the students start from), and
+``set_alpha_to_one=True`` so that the plain pipeline's last DDIM step lands on the clean boundary, as ``t = 0``
+does in :mod:`cdlab.math`; with SD1.5's own ``False`` the pipeline would stop at abar_0 = 0.99915 and differ
+from :func:`cdlab.samplers.sample_ddim` at the last step.
+
+Nothing heavy is imported at module import; diffusers loads inside the functions.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "Teacher", "load_teacher", "load_teacher_with_fallback"]
+
+TINY_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-teacher"
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_ID = "cdlab/tiny-teacher"
+# Names that mean SD1.5 on the hub; "runwayml/..." is the course notebook's (now removed) repository.
+_SD15_NAMES = {"sd15", "sd1.5", "sd-1.5", SD15_ID, "runwayml/stable-diffusion-v1-5"}
+
+
+class TeacherLoadError(RuntimeError):
+    """A teacher could not be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): the pipeline, with a trailing ``DDIMScheduler``.
+        name (`str`): what was asked for: ``"tiny"``, ``"sd15"`` or a local path.
+        device (`torch.device`), dtype (`torch.dtype`): where the weights live.
+        fallback_reason (`str`, *optional*): set by :func:`load_teacher_with_fallback` when this teacher
+            replaces one that failed to load (one line).
+    """
+
+    pipe: Any
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    fallback_reason: str | None = None
+    base_id: str = ""
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> Any:
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipe.scheduler
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels: the UNet's latent size times the VAE's downsampling factor."""
+        return int(self.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), s, s)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings ``(cond, uncond)``, each ``[B, L, D]``, from ONE text-encoder call on the prompts
+        and as many empty prompts (diffusers' unconditional input), padded to the tokenizer's max length."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        tok = self.tokenizer(
+            list(prompts) + [""] * len(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        emb = self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
+        cond, uncond = emb.chunk(2)
+        return cond, uncond
+
+    def initial_noise(self, seed: int, batch: int = 1) -> torch.Tensor:
+        """``x_T ~ N(0, I)`` of shape ``[batch, *latent_shape]`` from a CPU generator, so a seed gives the same
+        latents on every device; then moved to the teacher's device and dtype."""
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn((batch, *self.latent_shape), generator=g).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list:
+        """Scaled latents -> a list of ``PIL.Image.Image`` (``vae.decode(latents / scaling_factor)``)."""
+        from PIL import Image
+
+        vae = self.vae
+        img = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def describe(self) -> str:
+        """One line for logs and the UI, e.g. ``"tiny teacher · cpu · float32"``."""
+        label = {"tiny": "tiny teacher", SD15_ID: "SD1.5 teacher"}.get(
+            "tiny" if self.base_id == TINY_ID else self.base_id, f"teacher {self.base_id}")
+        return f"{label} · {self.device} · {str(self.dtype).replace('torch.', '')}"
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TeacherLoadError(f"bad device {device!r}: {e}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_cache() -> str | None:
+    """The cache folder as the environment says now (huggingface_hub reads it only once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    # No safety checker: the lab shows raw samples for teaching. Do not deploy it as a public generator
+    # without adding a filter.
+    return StableDiffusionPipeline.from_pretrained(
+        source, dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False, **kwargs)
+
+
+def _finish(pipe: Any, name: str, base_id: str, device: torch.device, dtype: torch.dtype) -> Teacher:
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return Teacher(pipe=pipe, name=name, device=device, dtype=dtype, base_id=base_id)
+
+
+def _load_local(path: Path, name: str, base_id: str, device: torch.device, dtype: torch.dtype) -> Teacher:
+    if not path.is_dir():
+        raise TeacherLoadError(
+            f"teacher {name!r}: no folder {str(path)!r}. Give 'tiny', 'sd15' or the path of a diffusers "
+            "StableDiffusionPipeline folder (one with model_index.json, as written by save_pretrained).")
+    if not (path / "model_index.json").is_file():
+        raise TeacherLoadError(
+            f"teacher {name!r}: {str(path)!r} is not a diffusers pipeline folder (no model_index.json). "
+            "Save one with pipe.save_pretrained(folder, safe_serialization=True).")
+    try:
+        pipe = _from_pretrained(str(path), dtype)
+    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variously
+        raise TeacherLoadError(
+            f"teacher {name!r}: could not load the pipeline in {str(path)!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It must be a StableDiffusionPipeline "
+            "saved with safetensors weights.") from None
+    return _finish(pipe, name, base_id, device, dtype)
+
+
+def _load_hub(repo_id: str, name: str, device: torch.device, dtype: torch.dtype) -> Teacher:
+    offline = _offline()
+    cache = _hub_cache()
+    kwargs: dict[str, Any] = {}
+    if offline:
+        kwargs["local_files_only"] = True
+    if cache:
+        kwargs["cache_dir"] = cache
+    try:
+        pipe = _from_pretrained(repo_id, dtype, **kwargs)
+    except Exception as e:
+        from huggingface_hub import constants
+
+        where = cache or constants.HF_HUB_CACHE
+        mode = "offline (HF_HUB_OFFLINE=1), so only the local cache was searched" if offline else \
+            "online, but the hub was not reachable or the download failed"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TeacherLoadError(
+            f"Could not load teacher {name!r} = hub repo {repo_id!r} (safetensors, {dtype}): tried {mode}; "
+            f"cache {where!r}. Cause: {type(e).__name__}: {reason[:300]}\n"
+            f"To fix: pass a local folder (load_teacher('/path/to/stable-diffusion-v1-5'), from "
+            f"`huggingface-cli download {repo_id}` on a machine with internet); or point HF_HOME / HF_HUB_CACHE at "
+            f"a cache that holds it; or unset HF_HUB_OFFLINE and connect to the hub. "
+            f"The embedded teacher needs no download: load_teacher('tiny').") from None
+    return _finish(pipe, name, repo_id, device, dtype)
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike = "tiny",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Teacher:
+    """Load a teacher pipeline with a trailing, clean-boundary ``DDIMScheduler``.
+
+    Args:
+        name_or_path: ``"tiny"`` (the embedded teacher in ``TINY_TEACHER_DIR``), ``"sd15"`` (the hub's
+            ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers pipeline folder.
+        device: default ``cuda`` when available, else ``cpu``.
+        dtype: default float16 on CUDA, float32 on CPU.
+
+    Weights are loaded as safetensors only. The safety checker is off (``safety_checker=None,
+    requires_safety_checker=False``): the lab shows raw samples for teaching; do not deploy it as a public
+    image generator without adding a filter.
+
+    Raises:
+        TeacherLoadError: one clear message saying what was tried and how to fix it.
+    """
+    dev = _default_device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    name = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if not isinstance(name, str) or not name.strip():
+        raise TeacherLoadError(f"teacher name must be 'tiny', 'sd15' or a folder path, got {name_or_path!r}")
+    if name == "tiny":
+        folder = Path(TINY_TEACHER_DIR)
+        if not (folder / "model_index.json").is_file():
+            raise TeacherLoadError(
+                f"The embedded tiny teacher is missing ({str(folder)!r} has no model_index.json). "
+                "Build it with `python -m cdlab build-teacher`.")
+        return _load_local(folder, name, TINY_ID, dev, dtype)
+    if name.lower() in _SD15_NAMES:
+        return _load_hub(SD15_ID, name, dev, dtype)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise TeacherLoadError(
+            f"unknown teacher {name!r}: expected 'tiny', 'sd15' or an existing diffusers pipeline folder, "
+            f"and no folder {str(path.resolve())!r} exists.")
+    return _load_local(path, name, str(path.resolve()), dev, dtype)
+
+
+def load_teacher_with_fallback(
+    name_or_path: str | os.PathLike = "sd15",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Teacher:
+    """:func:`load_teacher`, falling back to the tiny teacher (with ``fallback_reason`` set to one line) when the
+    asked-for teacher cannot be loaded. Raises ``TeacherLoadError`` only if the tiny teacher fails too."""
+    try:
+        return load_teacher(name_or_path, device, dtype)
+    except TeacherLoadError as e:
+        if os.fspath(name_or_path) == "tiny":
+            raise
+        first = str(e).splitlines()[0]
+        teacher = load_teacher("tiny", device, None if dtype is None else dtype)
+        teacher.fallback_reason = f"{os.fspath(name_or_path)!r} unavailable, using the tiny teacher: {first}"
+        return teacher
