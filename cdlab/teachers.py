@@ -202,12 +202,12 @@ def _load_hub(repo_id: str, name: str, device: torch.device, dtype: torch.dtype)
         where = cache or constants.HF_HUB_CACHE
         mode = "offline (HF_HUB_OFFLINE=1), so only the local cache was searched" if offline else \
             "online, but the hub was not reachable or the download failed"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = (str(e).splitlines()[0] if str(e) else "no message").split(". ")[0]
         raise TeacherLoadError(
             f"Could not load teacher {name!r} = hub repo {repo_id!r} (safetensors, {dtype}): tried {mode}; "
             f"cache {where!r}. Cause: {type(e).__name__}: {reason[:300]}\n"
             f"To fix: pass a local folder (load_teacher('/path/to/stable-diffusion-v1-5'), from "
-            f"`huggingface-cli download {repo_id}` on a machine with internet); or point HF_HOME / HF_HUB_CACHE at "
+            f"`hf download {repo_id}` on a machine with internet); or point HF_HOME / HF_HUB_CACHE at "
             f"a cache that holds it; or unset HF_HUB_OFFLINE and connect to the hub. "
             f"The embedded teacher needs no download: load_teacher('tiny').") from None
     return _finish(pipe, name, repo_id, device, dtype)
