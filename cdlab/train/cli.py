@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, resume = build_config(argv)
-        from cdlab.teachers import TeacherLoadError
         from cdlab.train.trainer import train
 
         result = train(cfg, resume=resume)

@@ -137,6 +137,13 @@ class Trainer:
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
         if mp == "auto":
             mp = "fp16" if cuda else "no"
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one process-wide state; a second in-process run (tests, a notebook) may
+            # want another precision. Under torchrun the state belongs to the launch and is kept.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
         self.acc = acc = Accelerator(mixed_precision=mp, cpu=not cuda)
         self.mixed_precision = mp
         self.device = acc.device
