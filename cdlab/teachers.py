@@ -135,7 +135,11 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """Offline if the environment says so now, or said so when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"} or bool(
+        constants.HF_HUB_OFFLINE)
 
 
 def _hub_cache() -> str | None:
@@ -269,6 +273,9 @@ def load_teacher_with_fallback(
         if os.fspath(name_or_path) == "tiny":
             raise
         first = str(e).splitlines()[0]
-        teacher = load_teacher("tiny", device, None if dtype is None else dtype)
+        try:
+            teacher = load_teacher("tiny", device, dtype)
+        except TeacherLoadError as tiny_error:
+            raise TeacherLoadError(f"{e}\nThe fallback failed too: {tiny_error}") from None
         teacher.fallback_reason = f"{os.fspath(name_or_path)!r} unavailable, using the tiny teacher: {first}"
         return teacher

@@ -151,6 +151,8 @@ def test_missing_tiny_teacher_says_how_to_build_it(tmp_path, monkeypatch):
         load_teacher("tiny")
     with pytest.raises(TeacherLoadError, match="build-teacher"):
         load_teacher_with_fallback("tiny")
+    with pytest.raises(TeacherLoadError, match="no folder(.|\n)*fallback failed too(.|\n)*build-teacher"):
+        load_teacher_with_fallback(str(tmp_path / "nope"))
 
 
 def test_fallback_to_tiny_sets_a_one_line_reason(monkeypatch, tiny_pipe_dir, empty_offline_hub, tmp_path):
