@@ -16,6 +16,7 @@ timestep, and cdlab follows the listed timesteps.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,9 +47,14 @@ class SampleOutput:
     nfe: int = 0
 
 
-def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be an integer in [1, {num_train_timesteps}], got {num_steps!r}")
+def _check_steps(num_steps: int, max_steps: int) -> int:
+    try:
+        n = operator.index(num_steps)  # ints and numpy ints; not floats or bools
+    except TypeError:
+        n = None
+    if n is None or isinstance(num_steps, bool) or not 1 <= n <= max_steps:
+        raise ValueError(f"num_steps must be an integer in [1, {max_steps}], got {num_steps!r}")
+    return n
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -56,7 +62,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]
     ``DDIMScheduler(timestep_spacing="trailing").set_timesteps(num_steps).timesteps``: 4 -> [999, 749, 499, 249]."""
     import numpy as np  # numpy's float arange, as diffusers does, so that every num_steps rounds the same way
 
-    _check_steps(num_steps, num_train_timesteps)
+    num_steps = _check_steps(num_steps, num_train_timesteps)
     ratio = num_train_timesteps / num_steps
     return [int(t) - 1 for t in np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64)]
 
@@ -70,8 +76,10 @@ def consistency_timesteps(num_steps: int, num_boundaries: int, num_train_timeste
     the next listed timestep (a DDIM step with the student's eps, not a consistency jump), e.g. N=4, k=8 ->
     [999, 875, 750, ...]; ``k < N`` skips boundaries, so a jump crosses several segments and extrapolates the
     student's eps with DDIM beyond the boundary it was trained to reach, e.g. N=4, k=2 -> [999, 500].
+    ``num_steps`` is at most ``2 T / 3`` (666), so that the rounded timesteps stay strictly decreasing.
     """
-    _check_steps(num_steps, num_train_timesteps)
+    # Beyond 2T/3 steps the spacing drops below 1.5 and rounding would repeat a timestep.
+    num_steps = _check_steps(num_steps, num_train_timesteps * 2 // 3)
     if not 1 <= num_boundaries <= num_train_timesteps:
         raise ValueError(f"num_boundaries must be in [1, {num_train_timesteps}], got {num_boundaries!r}")
     ts = [int(round(num_train_timesteps - i * num_train_timesteps / num_steps)) for i in range(num_steps)]

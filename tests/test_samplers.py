@@ -81,6 +81,16 @@ def test_consistency_timesteps_other_k():
     assert consistency_timesteps(1, 4) == [999]
     with pytest.raises(ValueError, match="num_boundaries"):
         consistency_timesteps(4, 0)
+    for k in range(1, 667):  # every allowed k gives strictly decreasing timesteps in [1, 999]
+        ts = consistency_timesteps(k, 4)
+        assert len(ts) == k and ts[0] == 999 and ts[-1] >= 1 and all(a > b for a, b in zip(ts, ts[1:])), k
+    for bad in (0, 667, 1.5, True):
+        with pytest.raises(ValueError, match="num_steps"):
+            consistency_timesteps(bad, 4)
+    import numpy as np
+
+    assert consistency_timesteps(np.int64(4), 4) == [999, 750, 500, 250]
+    assert ddim_timesteps(np.int64(4)) == [999, 749, 499, 249]
 
 
 @pytest.mark.parametrize("steps,guidance", [(50, 7.5), (4, 3.0), (10, 1.0)])
