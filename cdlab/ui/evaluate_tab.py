@@ -1,0 +1,98 @@
+"""The Evaluate tab: the newest evaluation (table and plot), earlier ones, and launching a new one.
+
+Evaluations are folders ``evals/<timestamp>/`` with ``results.json``, ``table.md`` and
+``quality_vs_nfe.png`` (written by ``cdlab.evaluate``); this module reads them straight from disk, so
+evaluations run from the CLI show up too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class EvalView:
+    """What the tab shows for one evaluation."""
+
+    name: str
+    path: Path
+    table_md: str
+    plot: Path | None
+    summary: str
+
+
+def list_evaluations(evals_dir: Path) -> list[str]:
+    """Evaluation folder names, newest first (timestamps sort as strings; mtime breaks ties)."""
+    evals_dir = Path(evals_dir)
+    if not evals_dir.is_dir():
+        return []
+    found = [d for d in evals_dir.iterdir()
+             if d.is_dir() and not d.name.startswith(".") and ((d / "results.json").exists() or (d / "table.md").exists())]
+    return [d.name for d in sorted(found, key=lambda d: (d.name, d.stat().st_mtime), reverse=True)]
+
+
+def load_view(evals_dir: Path, name: str | None = None) -> EvalView | None:
+    """The evaluation ``name`` (default: the newest), or None when there is none."""
+    names = list_evaluations(evals_dir)
+    if not names:
+        return None
+    if name is None:
+        name = names[0]
+    if name not in names:
+        raise ValueError(f"No evaluation named {name!r} in {evals_dir}.")
+    d = Path(evals_dir) / name
+    try:
+        table = (d / "table.md").read_text()
+    except OSError:
+        table = ""
+    results: Any = None
+    try:
+        results = json.loads((d / "results.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if not table and results is not None:
+        table = results_to_markdown(results)
+    plot = d / "quality_vs_nfe.png"
+    return EvalView(name, d, table or "_(this evaluation has no table)_", plot if plot.exists() else None,
+                    summary(results))
+
+
+def summary(results: Any) -> str:
+    """One line about the evaluation's setup, from the keys results.json usually has."""
+    if not isinstance(results, dict):
+        return ""
+    keys = ("teacher", "model", "num_prompts", "prompts", "seed", "created", "device")
+    parts = []
+    for k in keys:
+        v = results.get(k)
+        if v is None:
+            continue
+        if isinstance(v, list):
+            v = len(v)
+        parts.append(f"{k}: {v}")
+    return " · ".join(parts)
+
+
+def results_to_markdown(results: Any) -> str:
+    """A Markdown table from a results.json that holds a list of row dicts (under ``rows`` or top level)."""
+    rows = results.get("rows") if isinstance(results, dict) else results
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | None = None, **kwargs: Any) -> Path:
+    """Run ``cdlab.evaluate.run_evaluation`` on the loaded teacher; returns the new evaluation's folder."""
+    from cdlab import evaluate
+
+    out = evaluate.run_evaluation(teacher, progress=progress, **kwargs)
+    return Path(getattr(out, "path", out))

@@ -1,0 +1,234 @@
+"""The training job manager: one trainer subprocess at a time, watched through its run directory.
+
+The trainer runs as ``python -m cdlab train ...`` in its own process group, so a crash or an
+out-of-memory kill ends that process, not the app; the app reports it with the last lines of the
+log. Stop sends SIGTERM (the trainer saves a checkpoint and exits) and kills the group after a
+timeout; a run is never left "stopping".
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdlab.ui import runs as runs_mod
+
+LOG_NAME = "train.log"
+LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time (the trainer never reads it)
+
+
+class JobError(RuntimeError):
+    """A training request the manager refuses (another job running, nothing to resume, ...)."""
+
+
+@dataclass
+class Job:
+    run_name: str
+    run_dir: Path
+    proc: subprocess.Popen
+    started: float
+    stop_requested: float | None = None
+    killed: bool = False
+
+
+class JobManager:
+    """Starts, stops, resumes and reports training runs.
+
+    Args:
+        runs_dir: where run directories live (``$CDLAB_RUNS_DIR`` or ``runs/``).
+        model: the ``--model`` the trainer gets (the app's teacher: ``tiny``, ``sd15`` or a path).
+        python: the interpreter for the subprocess.
+        stop_timeout: seconds between SIGTERM and SIGKILL.
+        env: extra environment for the subprocess.
+    """
+
+    def __init__(self, runs_dir: Path, model: str, python: str | None = None, stop_timeout: float = 60.0,
+                 env: dict[str, str] | None = None):
+        self.runs_dir = Path(runs_dir)
+        self.model = model
+        self.python = python or sys.executable
+        self.stop_timeout = stop_timeout
+        self.env = dict(env or {})
+        self._job: Job | None = None
+        self._lock = threading.Lock()
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def job(self) -> Job | None:
+        return self._job
+
+    def active(self) -> Job | None:
+        """The job this app started, if its process is still alive."""
+        j = self._job
+        return j if j is not None and j.proc.poll() is None else None
+
+    def busy_elsewhere(self) -> runs_mod.RunInfo | None:
+        """A run started outside this app (the CLI) whose trainer process is alive."""
+        mine = self._job.run_name if self._job else None
+        for r in runs_mod.list_runs(self.runs_dir):
+            if r.name != mine and r.state in ("running", "stopping") and runs_mod.pid_alive(r.pid):
+                return r
+        return None
+
+    def state(self, run_name: str) -> dict[str, Any]:
+        """The run's status, with this app's knowledge of its own process layered on top.
+
+        Returns a dict with ``state`` (queued/running/stopping/finished/failed/stopped), ``message``,
+        ``step``, ``max_steps`` and ``log_tail`` (set for failures).
+        """
+        run_dir = self.runs_dir / run_name
+        self._reap()
+        status = runs_mod.read_status(run_dir)
+        j = self._job
+        if j is not None and j.run_name == run_name and j.proc.poll() is None:
+            if j.stop_requested is not None:
+                status["state"] = "stopping"
+            elif float(status.get("updated") or 0) < j.started - 1:
+                status["state"] = "queued"  # no status from this process yet (an old one is from a past attempt)
+        if status.get("state") == "failed":
+            status["log_tail"] = runs_mod.tail(run_dir / LOG_NAME, 20)
+        return status
+
+    # -- actions -----------------------------------------------------------------------------
+    def start(self, config: dict[str, Any], extra_args: list[str] | None = None) -> Job:
+        """Write ``config`` (a resolved trainer config, with ``run_name``) to its run directory and launch
+        ``python -m cdlab train --model M --config FILE`` on it."""
+        run_name = str(config.get("run_name") or "")
+        if not run_name:
+            raise JobError("The config has no run_name.")
+        run_dir = self.runs_dir / run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise JobError(f"A run named {run_name!r} already exists in {self.runs_dir}; pick another name.")
+        self._check_free()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "ui_config.json"
+        cfg_path.write_text(json.dumps({**config, "model": self.model}, indent=2))
+        cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
+               *(extra_args or [])]
+        return self._launch(run_name, run_dir, cmd)
+
+    def resume(self, run_name: str) -> Job:
+        """Continue ``run_name`` from its newest complete checkpoint."""
+        run_dir = self.runs_dir / run_name
+        if not run_dir.is_dir():
+            raise JobError(f"No run named {run_name!r} in {self.runs_dir}.")
+        if runs_mod.latest_checkpoint(run_dir) is None:
+            raise JobError(f"Run {run_name!r} has no complete checkpoint to resume from.")
+        st = runs_mod.read_status(run_dir)
+        if st.get("state") == "finished":
+            raise JobError(f"Run {run_name!r} already finished; start a new run to train further.")
+        self._check_free()
+        cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
+        return self._launch(run_name, run_dir, cmd)
+
+    def stop(self, run_name: str | None = None, wait: bool = False) -> None:
+        """SIGTERM the trainer (it checkpoints and exits); SIGKILL its group after ``stop_timeout`` s."""
+        j = self._job
+        if j is None or (run_name and j.run_name != run_name) or j.proc.poll() is not None:
+            raise JobError("No training job of this app is running.")
+        if j.stop_requested is None:
+            j.stop_requested = time.time()
+            _signal_group(j.proc, signal.SIGTERM)
+            threading.Thread(target=self._watch_stop, args=(j,), daemon=True).start()
+        if wait:
+            j.proc.wait()
+            self._reap()
+
+    def _launch(self, run_name: str, run_dir: Path, cmd: list[str]) -> Job:
+        with self._lock:
+            self._check_free()
+            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            log = open(run_dir / LOG_NAME, "ab")
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=str(_repo_root()), start_new_session=True)
+            finally:
+                log.close()
+            (run_dir / LAUNCH_NAME).write_text(json.dumps({"cmd": cmd, "pid": proc.pid, "started": time.time()}))
+            self._job = Job(run_name, run_dir, proc, time.time())
+            threading.Thread(target=self._watch_exit, args=(self._job,), daemon=True).start()
+            return self._job
+
+    def _check_free(self) -> None:
+        self._reap()
+        if self.active() is not None:
+            raise JobError(f"A training job is already running ({self._job.run_name}); "
+                           "stop it first: one training job at a time.")
+        other = self.busy_elsewhere()
+        if other is not None:
+            raise JobError(f"A training run started elsewhere is running ({other.name}, pid {other.pid}); "
+                           "one training job at a time.")
+
+    def _watch_stop(self, j: Job) -> None:
+        try:
+            j.proc.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            j.killed = True
+            _signal_group(j.proc, signal.SIGKILL)
+            j.proc.wait()
+        self._finalise(j)
+
+    def _watch_exit(self, j: Job) -> None:
+        j.proc.wait()
+        self._finalise(j)
+
+    def _reap(self) -> None:
+        j = self._job
+        if j is not None and j.proc.poll() is not None:
+            self._finalise(j)
+
+    def _finalise(self, j: Job) -> None:
+        """After the process ended: make sure status.json holds a final state."""
+        path = j.run_dir / "status.json"
+        status = runs_mod.read_json(path) or {}
+        if status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1:
+            return
+        rc = j.proc.returncode
+        if j.stop_requested is not None and not j.killed and rc == 0:
+            state, msg = "stopped", "stopped by the user"
+        elif j.stop_requested is not None:
+            state, msg = "stopped", f"killed after not stopping within {self.stop_timeout:g} s" if j.killed else \
+                f"stopped (exit code {rc})"
+        elif rc == 0:
+            state, msg = (status.get("state") if status.get("state") in runs_mod.FINAL_STATES else "finished"), \
+                status.get("message") or "finished"
+        else:
+            state, msg = "failed", f"the trainer exited with code {rc}" + (
+                " (killed: out of memory?)" if rc in (-9, 137) else "")
+        status.update(state=state, message=msg, updated=time.time(), pid=j.proc.pid)
+        tmp = path.with_suffix(".json.ui-tmp")
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        """Stop the running job (used when the app exits)."""
+        if self.active() is not None:
+            try:
+                self.stop(wait=True)
+            except JobError:
+                pass
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _repo_root() -> Path:
+    from cdlab.ui.hosting import repo_root
+
+    return repo_root()

@@ -1,0 +1,307 @@
+"""Reading training run directories (written by ``cdlab.train``): metrics, status, previews, the loss plot.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per line with ``step``,
+``loss``, ``lr``, ``samples_per_s``, ``elapsed_s``, ``peak_mem_mb``, ``max_steps``),
+``previews/step_XXXXXX.png``, ``checkpoints/ckpt_XXXXXX/`` and ``status.json``. Runs started from
+the CLI and from the app look the same, so the app lists both.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVE_STATES = ("queued", "running", "stopping")
+FINAL_STATES = ("finished", "failed", "stopped")
+_PREVIEW_RE = re.compile(r"step_(\d+)\.png$")
+_CKPT_RE = re.compile(r"ckpt_(\d+)$")
+
+
+@dataclass
+class RunInfo:
+    """One run directory, summarised for the runs list."""
+
+    name: str
+    path: Path
+    state: str
+    step: int = 0
+    max_steps: int = 0
+    student: str = ""
+    message: str = ""
+    updated: float = 0.0
+    pid: int | None = None
+
+    def label(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.updated)) if self.updated else "?"
+        return f"{self.name} · {self.state} · step {self.step}/{self.max_steps or '?'} · {when}"
+
+
+@dataclass
+class Progress:
+    """Where a run stands, from its newest metrics line and status."""
+
+    step: int = 0
+    max_steps: int = 0
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    peak_mem_mb: float | None = None
+    loss: float | None = None
+    points: int = 0
+    resumes: list[int] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists (and is not a zombie we could reap)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0); /proc tells the truth on Linux
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing, half-written or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """``status.json`` corrected for dead processes: an active state whose pid is gone reads "failed".
+
+    A run that never wrote a status (the trainer still importing) reads "queued".
+    """
+    run_dir = Path(run_dir)
+    status = read_json(run_dir / "status.json")
+    if status is None:
+        return {"state": "queued", "step": 0, "max_steps": 0, "message": "", "student": "", "updated": 0.0}
+    status = dict(status)
+    state = str(status.get("state", "queued"))
+    if state in ACTIVE_STATES and status.get("pid") and not pid_alive(int(status["pid"])):
+        status["state"] = "failed"
+        status["message"] = (status.get("message") or "") + " (the trainer process is gone)"
+    return status
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics of a run, one dict per step, sorted by step.
+
+    After a resume the trainer replays steps past the checkpoint; for a step logged twice the later
+    line wins, so the curve stays a function of the step. Malformed or half-written lines are skipped.
+    Each row gets ``resumed: True`` where the file went back in steps (a resume point).
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    resumed_at: set[int] = set()
+    last = -1
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+            float(row["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= last:
+            resumed_at.add(step)
+        last = step
+        by_step[step] = row
+    rows = [dict(by_step[s], resumed=s in resumed_at) for s in sorted(by_step)]
+    return rows
+
+
+def resume_points(rows: list[dict[str, Any]]) -> list[int]:
+    return [int(r["step"]) for r in rows if r.get("resumed")]
+
+
+def ema(values: list[float], alpha: float | None = None) -> list[float]:
+    """Exponential moving average, debiased like Adam's moments so the start is not pulled to 0.
+
+    ``alpha`` defaults to a window of about a tenth of the points (at least 1, at most 0.5 weight).
+    """
+    if not values:
+        return []
+    if alpha is None:
+        alpha = min(0.5, max(2.0 / (len(values) / 10 + 1), 0.02))
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        norm = (1 - alpha) * norm + alpha
+        out.append(avg / norm)
+    return out
+
+
+def progress(rows: list[dict[str, Any]], status: dict[str, Any] | None = None) -> Progress:
+    """Step, rate, ETA and memory from the newest metrics row (the status fills in before any metric)."""
+    status = status or {}
+    p = Progress(step=int(status.get("step") or 0), max_steps=int(status.get("max_steps") or 0))
+    if rows:
+        r = rows[-1]
+        p.step = max(p.step, int(r["step"])) if status.get("state") != "finished" else int(r["step"])
+        p.max_steps = int(r.get("max_steps") or p.max_steps or 0)
+        p.loss = float(r["loss"])
+        if r.get("samples_per_s") is not None:
+            p.samples_per_s = float(r["samples_per_s"])
+        if r.get("peak_mem_mb") is not None:
+            p.peak_mem_mb = float(r["peak_mem_mb"])
+        p.points = len(rows)
+        p.resumes = resume_points(rows)
+        # ETA from the step rate over the newest stretch (after the last resume, elapsed restarts).
+        tail = [x for x in rows if x.get("elapsed_s") is not None and int(x["step"]) >= (p.resumes[-1] if p.resumes else 0)]
+        if len(tail) >= 2 and p.max_steps:
+            dt = float(tail[-1]["elapsed_s"]) - float(tail[0]["elapsed_s"])
+            ds = int(tail[-1]["step"]) - int(tail[0]["step"])
+            if dt > 0 and ds > 0:
+                p.eta_s = max(0.0, (p.max_steps - p.step) * dt / ds)
+    return p
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_markdown(p: Progress, state: str) -> str:
+    """One line for the page: state, step, rate, ETA, peak memory, number of loss points."""
+    pct = f"{100 * p.fraction:.0f}%"
+    parts = [
+        f"**{state}**",
+        f"step {p.step}/{p.max_steps or '?'} ({pct})",
+        f"{p.samples_per_s:.1f} samples/s" if p.samples_per_s is not None else "– samples/s",
+        f"ETA {format_duration(p.eta_s)}" if state in ACTIVE_STATES else "",
+        f"peak memory {p.peak_mem_mb:.0f} MB" if p.peak_mem_mb is not None else "",
+        f"loss points: {p.points}",
+        f"last loss {p.loss:.4f}" if p.loss is not None else "",
+    ]
+    return " · ".join(x for x in parts if x)
+
+
+def progress_html(p: Progress, state: str) -> str:
+    """A progress bar that needs no JavaScript."""
+    color = {"failed": "#d33", "stopped": "#c80", "finished": "#2a2"}.get(state, "#36c")
+    pct = 100 * p.fraction
+    return (
+        f'<div class="cdlab-progress" data-state="{state}" style="border:1px solid #888;border-radius:4px;height:14px">'
+        f'<div style="width:{pct:.1f}%;height:100%;background:{color};border-radius:3px"></div></div>'
+    )
+
+
+def loss_plot(rows: list[dict[str, Any]], title: str = ""):
+    """The loss curve against step as a PIL image: raw points faint, EMA-smoothed line, resumes dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    fig = Figure(figsize=(6, 3.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if rows:
+        steps = [int(r["step"]) for r in rows]
+        loss = [float(r["loss"]) for r in rows]
+        ax.plot(steps, loss, "o", ms=2.5, alpha=0.35, color="C0", label="loss")
+        ax.plot(steps, ema(loss), "-", lw=2, color="C0", label="smoothed")
+        probe = [(int(r["step"]), float(r["probe_loss"])) for r in rows if r.get("probe_loss") is not None]
+        if probe:  # the trainer's fixed probe batch: a low-noise curve of the same loss
+            ax.plot([s for s, _ in probe], [v for _, v in probe], "-", lw=1.2, color="C1", label="probe loss")
+        for s in resume_points(rows):
+            ax.axvline(s, ls="--", lw=1, color="gray")
+        if all(v > 0 for v in loss) and max(loss) / max(min(loss), 1e-12) > 30:
+            ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss points yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def latest_preview(run_dir: Path) -> tuple[Path, int] | None:
+    """The newest preview image of a run and its step, or None."""
+    best: tuple[Path, int] | None = None
+    for p in (Path(run_dir) / "previews").glob("step_*.png"):
+        m = _PREVIEW_RE.search(p.name)
+        if m and (best is None or int(m.group(1)) > best[1]):
+            best = (p, int(m.group(1)))
+    return best
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temp names written before the atomic rename do not match)."""
+    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("ckpt_*") if p.is_dir() and _CKPT_RE.search(p.name)]
+    return max(ckpts, key=lambda p: int(_CKPT_RE.search(p.name).group(1)), default=None)
+
+
+def run_info(run_dir: Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    st = read_status(run_dir)
+    try:
+        updated = float(st.get("updated") or run_dir.stat().st_mtime)
+    except OSError:
+        updated = 0.0
+    return RunInfo(
+        name=run_dir.name, path=run_dir, state=str(st.get("state", "queued")), step=int(st.get("step") or 0),
+        max_steps=int(st.get("max_steps") or 0), student=str(st.get("student") or ""),
+        message=str(st.get("message") or ""), updated=updated, pid=st.get("pid"),
+    )
+
+
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """Every run directory under ``runs_dir`` (a folder with config.json, status.json or metrics), newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    out = []
+    for d in runs_dir.iterdir():
+        if d.is_dir() and any((d / f).exists() for f in ("config.json", "status.json", "metrics.jsonl", "ui_launch.json")):
+            out.append(run_info(d))
+    return sorted(out, key=lambda r: r.updated, reverse=True)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a text file ('' when missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64_000))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

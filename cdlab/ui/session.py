@@ -1,0 +1,34 @@
+"""Choosing and loading the teacher the app serves, and the header line that says what is live."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def default_model() -> str:
+    """``sd15`` on CUDA (it falls back to tiny when it cannot load), ``tiny`` elsewhere."""
+    import torch
+
+    return "sd15" if torch.cuda.is_available() else "tiny"
+
+
+def load(model: str | None = None) -> Any:
+    """Load the teacher for the app: ``tiny`` | ``sd15`` | a local folder; None picks `default_model`.
+
+    SD1.5 (asked for or chosen by default) falls back to the tiny teacher when it cannot load; the
+    returned teacher's ``fallback_reason`` says why. Other failures raise ``TeacherLoadError``.
+    """
+    from cdlab.teachers import load_teacher, load_teacher_with_fallback
+
+    name = model or default_model()
+    if name == "sd15":
+        return load_teacher_with_fallback(name)
+    return load_teacher(name)
+
+
+def header_line(teacher: Any) -> str:
+    """The page's header: which teacher, device and dtype are live, and why SD1.5 fell back if it did."""
+    line = f"**Teacher:** {teacher.describe()}"
+    reason = getattr(teacher, "fallback_reason", None)
+    if reason:
+        line += f" — fell back: {reason}"
+    return line

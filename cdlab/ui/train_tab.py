@@ -1,0 +1,206 @@
+"""The Train tab's logic: what one poll of a run shows (status, progress, loss plot, preview)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdlab.ui import runs as runs_mod
+from cdlab.ui.jobs import JobManager
+
+
+@dataclass
+class RunView:
+    """Everything the Train tab displays for one run."""
+
+    run_name: str
+    state: str
+    status_md: str
+    progress_html: str
+    plot: Any  # PIL image of the loss curve
+    preview: Path | None
+    preview_caption: str
+    log_tail: str
+    active: bool  # keep polling
+
+
+def empty_view() -> RunView:
+    return RunView("", "", "_No run selected. Start one, or pick a run from the list._", "", None, None, "", "", False)
+
+
+def poll(jobs: JobManager, run_name: str | None) -> RunView:
+    """Read a run directory once: its state (with this app's process knowledge), metrics and newest preview."""
+    if not run_name:
+        return empty_view()
+    run_dir = jobs.runs_dir / run_name
+    if not run_dir.is_dir():
+        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "", None, None, "",
+                       "", False)
+    st = jobs.state(run_name)
+    state = str(st.get("state", "queued"))
+    rows = runs_mod.read_metrics(run_dir)
+    p = runs_mod.progress(rows, st)
+    line = runs_mod.progress_markdown(p, state)
+    msg = str(st.get("message") or "").strip()
+    student = st.get("student")
+    head = f"**Run** `{run_name}`" + (f" → student `{student}`" if student else "")
+    status_md = head + "  \n" + line + (f"  \n{msg}" if msg else "")
+    log = str(st.get("log_tail") or "")
+    if state == "failed" and log:
+        status_md += "  \nThe trainer failed; the last lines of its log are below."
+    prev = runs_mod.latest_preview(run_dir)
+    caption = f"preview at step {prev[1]}" if prev else "no preview yet"
+    title = f"{run_name} (resumed at step {', '.join(map(str, p.resumes))})" if p.resumes else run_name
+    return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), runs_mod.loss_plot(rows, title),
+                   prev[0] if prev else None, caption, log, state in runs_mod.ACTIVE_STATES)
+
+
+def run_choices(jobs: JobManager) -> list[tuple[str, str]]:
+    """(label, name) pairs for the runs dropdown: every run directory, the CLI's included, newest first."""
+    return [(r.label(), r.name) for r in runs_mod.list_runs(jobs.runs_dir)]
+
+
+# ------------------------------------------------------------------------------ the form
+
+@dataclass
+class FormField:
+    """One input of the Train form, derived from a `cdlab.train.config.TrainConfig` field."""
+
+    key: str
+    label: str
+    kind: str  # "choice" | "int" | "float" | "text"
+    default: Any
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    info: str = ""
+
+
+DATA_KINDS = ("tiny world", "image folder", "HF datasets name", "COCO recipe folder")
+
+# The TrainConfig fields the form shows, with their bounds; every other field keeps the trainer's default.
+_FORM = [
+    ("method", "mode", "choice", {"choices": ("ct", "cd", "mbcd"),
+                                  "info": "ct: no teacher · cd: one boundary · mbcd: multi-boundary CD"}),
+    ("num_boundaries", "boundaries N", "int", {"minimum": 1, "maximum": 8}),
+    ("lora_rank", "LoRA rank", "int", {"minimum": 1, "maximum": 256}),
+    ("lr", "learning rate", "float", {"minimum": 1e-7, "maximum": 1.0}),
+    ("max_steps", "steps", "int", {"minimum": 1, "maximum": 1_000_000}),
+    ("batch_size", "batch size", "int", {"minimum": 1, "maximum": 4096}),
+    ("guidance", "guidance w (min)", "float", {"minimum": 1.0, "maximum": 20.0}),
+    ("guidance_max", "guidance w (max; = min for a fixed w)", "float", {"minimum": 1.0, "maximum": 20.0}),
+    ("preview_every", "preview every (steps)", "int", {"minimum": 0, "maximum": 1_000_000}),
+    ("student_name", "student name", "text", {"info": "saved to adapters/<name>; letters, digits, - and _"}),
+]
+
+
+def form_fields(model: str, teacher_resolution: int | None = None) -> list[FormField]:
+    """The form, with the trainer's defaults for this teacher (its profile fills the ``None`` fields)."""
+    from cdlab.train import config as C
+
+    prof = C.PROFILES[C.profile_name(model, teacher_resolution)]
+    base = C.TrainConfig()
+    out = []
+    for key, label, kind, extra in _FORM:
+        default = getattr(base, key)
+        if default is None:
+            default = prof.get(key)
+        if key == "num_boundaries" and default is None:
+            default = 1 if base.method == "cd" else 4
+        if key == "guidance_max" and default is None:
+            default = prof.get("guidance")
+        if key == "max_steps":
+            default = 300 if C.profile_name(model, teacher_resolution) == "tiny" else default
+        if key == "preview_every":
+            default = 50 if C.profile_name(model, teacher_resolution) == "tiny" else default
+        out.append(FormField(key, label, kind, default, **extra))
+    return out
+
+
+def data_value(kind: str, value: str | None) -> str:
+    """The trainer's ``data`` field from the form's data-set choice; checks what can be checked here.
+
+    Raises ``ValueError`` for a folder that does not exist or has no readable ``metadata.jsonl``, or an
+    HF name without the ``datasets`` package.
+    """
+    value = (value or "").strip()
+    if kind == "tiny world":
+        return "world"
+    if kind in ("image folder", "COCO recipe folder"):
+        if not value:
+            raise ValueError("Give the data-set folder (with images and a metadata.jsonl)."
+                             + (" Make one with `python -m cdlab coco --images DIR --captions FILE --out DIR`."
+                                if kind == "COCO recipe folder" else ""))
+        folder = Path(value).expanduser()
+        meta = folder / "metadata.jsonl"
+        if not folder.is_dir():
+            raise ValueError(f"The data-set folder {str(folder)!r} does not exist.")
+        try:
+            first = next((ln for ln in meta.read_text(encoding="utf-8").splitlines() if ln.strip()), None)
+            import json as _json
+
+            if first is None or not isinstance(_json.loads(first), dict):
+                raise ValueError
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise ValueError(f"The data-set folder {str(folder)!r} has no readable metadata.jsonl "
+                             "(one JSON object a line: file_name and text).") from None
+        return str(folder.resolve())
+    if kind == "HF datasets name":
+        if not value:
+            raise ValueError("Give a Hugging Face datasets name, e.g. 'user/my-captioned-images'.")
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError("Training on an HF datasets name needs the `datasets` package (pip install datasets).")
+        return value if value.startswith("hf:") else f"hf:{value}"
+    raise ValueError(f"Unknown data-set kind {kind!r}; choose from {DATA_KINDS}.")
+
+
+def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path: str | None,
+                   teacher_resolution: int | None = None, extra_json: str | None = None) -> dict[str, Any]:
+    """Check the form through the trainer's own config code; returns the resolved config as a dict.
+
+    ``extra_json`` (the form's "advanced" box) sets any other `TrainConfig` field, e.g. ``{"log_every": 1}``.
+
+    Raises ``ValueError`` with the trainer's message naming the bad field.
+    """
+    from cdlab.students import StudentError, validate_name
+    from cdlab.train import config as C
+
+    d: dict[str, Any] = {"model": model}
+    for f in form_fields(model, teacher_resolution):
+        v = values.get(f.key, f.default)
+        if v is None or (isinstance(v, str) and not v.strip() and f.kind != "text"):
+            raise ValueError(f"config: {f.label} is empty.")
+        if f.kind == "int":
+            fv = float(v)
+            if not fv.is_integer():
+                raise ValueError(f"config: {f.label} must be a whole number, got {v!r}.")
+            v = int(fv)
+        elif f.kind == "float":
+            v = float(v)
+        if f.kind in ("int", "float") and f.minimum is not None and not f.minimum <= v <= f.maximum:
+            raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
+        if f.kind == "text":
+            v = str(v or "").strip()
+        d[f.key] = v
+    if d.get("student_name"):
+        try:
+            validate_name(d["student_name"])
+        except StudentError as e:
+            raise ValueError(f"config: student name: {e}") from None
+    if d.get("method") == "cd":
+        d["num_boundaries"] = 1
+    d["data"] = data_value(data_kind, data_path)
+    if extra_json and extra_json.strip():
+        import json as _json
+
+        try:
+            extra = _json.loads(extra_json)
+        except ValueError as e:
+            raise ValueError(f"config: the advanced settings are not valid JSON ({e}).") from None
+        if not isinstance(extra, dict):
+            raise ValueError("config: the advanced settings must be a JSON object, e.g. {\"log_every\": 1}.")
+        d.update(extra)
+    cfg = C.resolve(C.from_dict(d), teacher_resolution)
+    return cfg.to_dict()
