@@ -47,15 +47,17 @@ class JobManager:
         python: the interpreter for the subprocess.
         stop_timeout: seconds between SIGTERM and SIGKILL.
         env: extra environment for the subprocess.
+        cwd: the subprocess's working directory (default: the repository root).
     """
 
     def __init__(self, runs_dir: Path, model: str, python: str | None = None, stop_timeout: float = 60.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, cwd: Path | None = None):
         self.runs_dir = Path(runs_dir)
         self.model = model
         self.python = python or sys.executable
         self.stop_timeout = stop_timeout
         self.env = dict(env or {})
+        self.cwd = Path(cwd) if cwd else _repo_root()
         self._job: Job | None = None
         self._lock = threading.Lock()
 
@@ -150,7 +152,7 @@ class JobManager:
             log.flush()
             try:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=str(_repo_root()), start_new_session=True)
+                                        env=env, cwd=str(self.cwd), start_new_session=True)
             finally:
                 log.close()
             (run_dir / LAUNCH_NAME).write_text(json.dumps({"cmd": cmd, "pid": proc.pid, "started": time.time()}))

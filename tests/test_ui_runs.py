@@ -1,0 +1,285 @@
+"""Reading run directories, the training job manager (with a stand-in trainer process), the Train form,
+hosting helpers and the Evaluate tab's reading of evaluation folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cdlab.ui import evaluate_tab as E
+from cdlab.ui import hosting as H
+from cdlab.ui import runs as R
+from cdlab.ui import train_tab as T
+from cdlab.ui.jobs import JobError, JobManager
+
+
+def _metrics(run, rows):
+    with open(run / "metrics.jsonl", "a") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def test_read_metrics_dedupes_resumed_steps_and_skips_bad_lines(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    _metrics(run, [{"step": s, "loss": 1.0 / s, "elapsed_s": s} for s in (10, 20, 30)])
+    _metrics(run, ["{not json", '{"step": 35}'])  # half-written and loss-less lines
+    _metrics(run, [{"step": s, "loss": 2.0 / s, "elapsed_s": s - 15} for s in (20, 30, 40)])  # resumed from 15
+    rows = R.read_metrics(run)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows[1]["loss"] == pytest.approx(0.1)  # the replayed step's later value wins
+    assert R.resume_points(rows) == [20]
+    p = R.progress(rows, {"state": "running", "max_steps": 100})
+    assert (p.step, p.max_steps, p.points) == (40, 100, 4)
+    assert p.eta_s == pytest.approx(60.0)  # 1 step/s after the resume
+    img = R.loss_plot(rows, "r")
+    assert img.size[0] > 300
+
+
+def test_ema_is_debiased_and_smooths():
+    assert R.ema([]) == []
+    assert R.ema([5.0, 5.0, 5.0], 0.1) == pytest.approx([5.0, 5.0, 5.0])
+    sm = R.ema([0.0, 10.0] * 50, 0.05)
+    assert max(sm[20:]) - min(sm[20:]) < 2.0
+
+
+def test_status_of_dead_process_reads_failed_and_missing_reads_queued(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    assert R.read_status(run)["state"] == "queued"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": dead.pid, "step": 3}))
+    assert R.read_status(run)["state"] == "failed"
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid()}))
+    assert R.read_status(run)["state"] == "running"
+
+
+def test_previews_checkpoints_and_run_list(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "previews").mkdir(parents=True)
+        (d / "checkpoints").mkdir()
+    for s in (0, 100, 20):
+        (a / "previews" / f"step_{s:06d}.png").write_bytes(b"")
+    (a / "checkpoints" / "ckpt_000100").mkdir()
+    (a / "checkpoints" / ".tmp-ckpt_000200").mkdir()  # incomplete: not a checkpoint
+    assert R.latest_preview(a)[1] == 100 and R.latest_checkpoint(a).name == "ckpt_000100"
+    assert R.latest_preview(b) is None and R.latest_checkpoint(b) is None
+    (a / "status.json").write_text(json.dumps({"state": "finished", "updated": 2.0, "step": 5, "max_steps": 5}))
+    (b / "config.json").write_text("{}")  # a CLI run that has not written a status yet
+    (tmp_path / "junk").mkdir()
+    names = [r.name for r in R.list_runs(tmp_path)]
+    assert sorted(names) == ["a", "b"]
+
+
+# ------------------------------------------------------------------ the job manager, with a stand-in trainer
+
+FAKE_TRAINER = textwrap.dedent('''
+    """Stands in for `python -m cdlab train`: writes status/metrics like the trainer; behaviour from env."""
+    import json, os, signal, sys, time
+    args = sys.argv[sys.argv.index("train") + 1:]
+    mode = os.environ["FAKE_MODE"]
+    if "--resume" in args:
+        run = args[args.index("--resume") + 1]
+    else:
+        cfg = json.load(open(args[args.index("--config") + 1]))
+        run = os.path.join(os.environ["CDLAB_RUNS_DIR"], cfg["run_name"])
+    stop = []
+    def status(state, step):
+        json.dump({"state": state, "step": step, "max_steps": 1000, "pid": os.getpid(), "message": state,
+                   "student": "s", "updated": time.time()}, open(run + "/status.json.tmp", "w"))
+        os.replace(run + "/status.json.tmp", run + "/status.json")
+    if mode == "crash":
+        print("Traceback: something broke deep inside"); print("RuntimeError: out of memory"); sys.exit(1)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, lambda *a: None)
+    else:
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    for step in range(1, 1000):
+        status("running", step)
+        with open(run + "/metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "elapsed_s": step * 0.05, "max_steps": 1000}) + "\\n")
+        if stop:
+            os.makedirs(run + f"/checkpoints/ckpt_{step:06d}", exist_ok=True)
+            status("stopped", step); sys.exit(0)
+        time.sleep(0.05)
+''')
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakepkg" / "cdlab"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(FAKE_TRAINER)
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("CDLAB_RUNS_DIR", str(runs))
+
+    def make(mode, stop_timeout=5.0):
+        return JobManager(runs, model="tiny", stop_timeout=stop_timeout,
+                          env={"FAKE_MODE": mode}, cwd=tmp_path / "fakepkg")
+    return make
+
+
+def _wait(pred, timeout=15.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_job_start_stop_resume(fake):
+    jobs = fake("normal")
+    job = jobs.start({"run_name": "r1", "max_steps": 1000})
+    assert jobs.state("r1")["state"] in ("queued", "running")
+    with pytest.raises(JobError, match="one training job at a time"):
+        jobs.start({"run_name": "r2"})
+    assert _wait(lambda: jobs.state("r1")["state"] == "running")
+    jobs.stop("r1")
+    assert jobs.state("r1")["state"] in ("stopping", "stopped")
+    assert _wait(lambda: jobs.state("r1")["state"] == "stopped")
+    assert job.proc.returncode == 0 and R.latest_checkpoint(job.run_dir) is not None
+    with pytest.raises(JobError, match="already exists"):
+        jobs.start({"run_name": "r1"})
+    jobs.resume("r1")
+    assert _wait(lambda: jobs.state("r1")["state"] == "running" and R.read_status(job.run_dir)["step"] >= 1)
+    jobs.stop("r1", wait=True)
+    assert jobs.state("r1")["state"] == "stopped"
+    assert [r.name for r in R.list_runs(jobs.runs_dir)] == ["r1"]
+
+
+def test_stubborn_trainer_is_killed_and_never_left_stopping(fake):
+    jobs = fake("stubborn", stop_timeout=0.5)
+    job = jobs.start({"run_name": "s1"})
+    assert _wait(lambda: jobs.state("s1")["state"] == "running")
+    jobs.stop("s1")
+    assert _wait(lambda: job.proc.poll() is not None)
+    assert _wait(lambda: jobs.state("s1")["state"] == "stopped")
+    assert "killed" in jobs.state("s1")["message"]
+
+
+def test_crash_reports_log_tail_and_frees_the_slot(fake):
+    jobs = fake("crash")
+    jobs.start({"run_name": "c1"})
+    assert _wait(lambda: jobs.state("c1")["state"] == "failed")
+    st = jobs.state("c1")
+    assert "exited with code 1" in st["message"] and "out of memory" in st["log_tail"]
+    view = T.poll(jobs, "c1")
+    assert view.state == "failed" and "out of memory" in view.log_tail and not view.active
+    with pytest.raises(JobError, match="no complete checkpoint"):
+        jobs.resume("c1")
+    with pytest.raises(JobError, match="No run named"):
+        jobs.resume("nope")
+    with pytest.raises(JobError):
+        jobs.stop()
+
+
+def test_cli_run_alive_blocks_a_second_job(fake, tmp_path):
+    jobs = fake("normal")
+    cli = jobs.runs_dir / "from-cli"
+    cli.mkdir(parents=True)
+    (cli / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "updated": time.time()}))
+    with pytest.raises(JobError, match="started elsewhere"):
+        jobs.start({"run_name": "x"})
+
+
+# ------------------------------------------------------------------------------------ the Train form
+
+def test_form_defaults_resolve_through_the_trainer_config():
+    fields = T.form_fields("tiny")
+    keys = [f.key for f in fields]
+    assert {"method", "num_boundaries", "lora_rank", "lr", "max_steps", "batch_size", "guidance", "guidance_max",
+            "preview_every", "student_name"} <= set(keys)
+    values = {f.key: f.default for f in fields}
+    cfg = T.form_to_config(values, "tiny", "tiny world", "", extra_json='{"log_every": 1}')
+    from cdlab.train.config import PROFILES
+
+    assert cfg["lr"] == PROFILES["tiny"]["lr"] and cfg["data"] == "world" and cfg["log_every"] == 1
+    assert cfg["run_name"] and cfg["model"] == "tiny"
+    sd = {f.key: f.default for f in T.form_fields("sd15")}
+    assert sd["lora_rank"] == PROFILES["sd15"]["lora_rank"]
+
+
+@pytest.mark.parametrize("change, kind, path, extra, match", [
+    ({"lr": 0}, "tiny world", "", "", "learning rate"),
+    ({"max_steps": 2.5}, "tiny world", "", "", "whole number"),
+    ({"student_name": "bad name!"}, "tiny world", "", "", "student name"),
+    ({"guidance": 5.0, "guidance_max": 2.0}, "tiny world", "", "", "guidance_max"),
+    ({"method": "mbcd", "num_boundaries": 1}, "tiny world", "", "", "num_boundaries"),
+    ({}, "image folder", "/no/such/folder", "", "does not exist"),
+    ({}, "image folder", "", "", "folder"),
+    ({}, "tiny world", "", "{oops", "not valid JSON"),
+    ({}, "tiny world", "", '{"no_such_field": 1}', "unknown field"),
+])
+def test_form_errors(change, kind, path, extra, match):
+    values = {f.key: f.default for f in T.form_fields("tiny")}
+    values.update(change)
+    with pytest.raises(ValueError, match=match):
+        T.form_to_config(values, "tiny", kind, path, extra_json=extra)
+
+
+def test_unreadable_dataset_folder(tmp_path):
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ValueError, match="metadata.jsonl"):
+        T.data_value("image folder", str(tmp_path))
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    assert T.data_value("COCO recipe folder", str(tmp_path)) == str(tmp_path.resolve())
+
+
+# ------------------------------------------------------------------------------------ hosting, evaluate
+
+def test_training_gate(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv(H.TRAINING_ENV, raising=False)
+    assert H.training_allowed()
+    monkeypatch.setenv("SPACE_ID", "user/cdlab")
+    assert H.is_public_host() and not H.training_allowed()
+    monkeypatch.setenv(H.TRAINING_ENV, "1")
+    assert H.training_allowed()
+
+
+def test_gpu_wraps_only_with_spaces(monkeypatch):
+    import types
+
+    def f(x):
+        return x + 1
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not importable
+    assert H.gpu(f) is f
+    calls = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda duration: (lambda fn: calls.append(duration) or (lambda *a: fn(*a) * 10))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    g = H.gpu(f, duration=30)
+    assert g is not f and g(1) == 20 and calls == [30]
+
+
+def test_allowed_paths_are_only_runs_and_adapters(tmp_path):
+    paths = H.allowed_paths(tmp_path / "runs", tmp_path / "adapters")
+    assert paths == [str((tmp_path / "runs").resolve()), str((tmp_path / "adapters").resolve())]
+
+
+def test_evaluations_newest_first_and_table(tmp_path):
+    assert E.load_view(tmp_path) is None
+    for name in ("20250101-000000", "20250301-000000"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"teacher": "tiny", "rows": [{"column": "teacher-50", "nfe": 100, "adherence": 0.5}]}))
+    (tmp_path / "20250301-000000" / "table.md").write_text("| a |\n|---|\n| 1 |")
+    (tmp_path / "20250101-000000" / "quality_vs_nfe.png").write_bytes(b"png")
+    assert E.list_evaluations(tmp_path) == ["20250301-000000", "20250101-000000"]
+    v = E.load_view(tmp_path)
+    assert v.name == "20250301-000000" and v.table_md.startswith("| a |") and v.plot is None
+    old = E.load_view(tmp_path, "20250101-000000")
+    assert "| column | nfe | adherence |" in old.table_md and "100" in old.table_md and old.plot is not None
+    assert "teacher: tiny" in old.summary
+    with pytest.raises(ValueError, match="No evaluation"):
+        E.load_view(tmp_path, "nope")
