@@ -156,7 +156,8 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                                      object_fit="contain")
                 table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
                                      label="Timings", interactive=False)
-                traj = gr.Gallery(label="Trajectories", columns=1, visible=False, elem_id="trajectory-gallery")
+                traj = gr.Gallery(label="Trajectories (x0 after each step)", columns=1, visible=False, height="auto",
+                                  object_fit="contain", elem_id="trajectory-gallery")
                 download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
                 preset.change(lambda p: p or gr.skip(), preset, prompt, api_visibility="private")
                 rand.click(C.random_seed, None, seed, api_name="random_seed")

@@ -1,0 +1,60 @@
+"""Screenshots of each tab for the README, taken by Debian's Chromium through Playwright.
+
+    python tests/browser/screenshots.py [--model tiny] [--out docs/screenshots]
+
+Serves the app on a scratch runs/adapters folder (two random students, a short training run), runs a
+Compare with trajectories, and saves compare.png, train.png and evaluate.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from drive import launch_browser, open_app, run_compare, start_training  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from playwright.sync_api import sync_playwright
+
+    from cdlab.teachers import TINY_ID
+    from cdlab.ui.hosting import evals_dir, repo_root
+    from cdlab.ui.testing import make_random_students, serve_app
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", default=str(repo_root() / "docs" / "screenshots"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cdlab-shots-"))
+    base = TINY_ID if args.model == "tiny" else str(Path(args.model).resolve())
+    students = make_random_students(base, work / "adapters", n=2)
+    env = {}
+    if any(evals_dir().glob("*/results.json")):
+        env["CDLAB_EVALS_DIR"] = str(evals_dir())  # show the real evaluations when there are some
+    with serve_app(args.model, work, env=env) as url, sync_playwright() as pw:
+        browser = launch_browser(pw)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        open_app(page, url)
+        page.get_by_label("Show trajectory").check()
+        run_compare(page, 2 + len(students))
+        page.screenshot(path=str(out / "compare.png"), full_page=True)
+        start_training(page, "screenshot-student")
+        page.wait_for_timeout(4000)
+        page.screenshot(path=str(out / "train.png"), full_page=True)
+        page.locator("#train-stop").click()
+        page.get_by_role("tab", name="Evaluate").click()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "evaluate.png"), full_page=True)
+        browser.close()
+    print("\n".join(str(out / f"{t}.png") for t in ("compare", "train", "evaluate")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
