@@ -1,0 +1,59 @@
+"""Fixed evaluation prompts: the course's 8 sampling prompts, or COCO captions when a dataset is given."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+# The course's sampling prompts (the final project's "Sampling Prompts").
+COURSE_PROMPTS: tuple[str, ...] = (
+    "A sad puppy with large eyes.",
+    "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k.",
+    "A photo of beautiful mountain with realistic sunset and blue lake, highly detailed, masterpiece.",
+    "A girl with pale blue hair and a cami tank top.",
+    "A lighthouse in a giant wave, origami style.",
+    "Belle epoque, christmas, red house in the forest, photo realistic, 8k.",
+    "A small cactus with a happy face in the Sahara desert.",
+    "Green commercial building with refrigerator and refrigeration units outside.",
+)
+
+_CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def coco_captions(metadata: str | Path, n: int | None = None, seed: int = 0) -> list[str]:
+    """Captions from an image-folder dataset's ``metadata.jsonl`` (one JSON object a line, with a
+    ``text``/``caption``/``prompt`` field; a list of captions takes its first). ``n`` of them, drawn
+    without replacement, deterministic by seed; all of them, in file order, when ``n`` is None.
+    """
+    path = Path(metadata)
+    if path.is_dir():
+        path = path / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no COCO metadata at {path} (expected a metadata.jsonl)")
+    captions: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            key = next((k for k in _CAPTION_KEYS if k in row), None)
+            if key is None:
+                raise ValueError(f"{path}:{lineno}: no caption field (one of {', '.join(_CAPTION_KEYS)})")
+            text = row[key][0] if isinstance(row[key], list) else row[key]
+            captions.append(str(text))
+    if not captions:
+        raise ValueError(f"{path} holds no captions")
+    if n is None:
+        return captions
+    if n > len(captions):
+        raise ValueError(f"asked for {n} captions but {path} holds only {len(captions)}")
+    return random.Random(seed).sample(captions, n)
+
+
+def course_prompts(n: int | None = None) -> list[str]:
+    """The course's 8 prompts, cycled to ``n`` (each repeat gets its own seed in the evaluation)."""
+    n = len(COURSE_PROMPTS) if n is None else n
+    return [COURSE_PROMPTS[i % len(COURSE_PROMPTS)] for i in range(n)]
