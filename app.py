@@ -141,7 +141,7 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=C.SEED_MAX)
                             rand = gr.Button("🎲 random", size="sm")
-                        guidance = gr.Slider(*C.GUIDANCE_RANGE, value=3.0 if C.is_tiny(teacher) else 7.5, step=0.5,
+                        guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5,
                                              label="Teacher guidance (CFG)")
                         steps = gr.Radio(list(C.STUDENT_STEPS), value=4, label="Student steps")
                 choices = comparer.column_choices()

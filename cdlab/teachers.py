@@ -31,6 +31,12 @@ TINY_ID = "cdlab/tiny-teacher"
 _SD15_NAMES = {"sd15", "sd1.5", "sd-1.5", SD15_ID, "runwayml/stable-diffusion-v1-5"}
 
 
+# Default CFG scales. The tiny teacher's: at w = 5 its 50-step samples keep every attribute as at
+# w = 2-3, while naive 4-step DDIM visibly breaks (adherence 0.91 -> 0.75), as SD1.5 does at 7.5.
+TINY_GUIDANCE = 5.0
+SD15_GUIDANCE = 7.5
+
+
 class TeacherLoadError(RuntimeError):
     """A teacher could not be loaded; the message says what was tried and how to fix it."""
 
@@ -53,6 +59,11 @@ class Teacher:
     dtype: torch.dtype
     fallback_reason: str | None = None
     base_id: str = ""
+
+    @property
+    def guidance(self) -> float:
+        """The teacher's default CFG scale: 7.5 for SD1.5-sized teachers (the course's), ``TINY_GUIDANCE`` for the tiny one."""
+        return TINY_GUIDANCE if self.resolution <= 64 else SD15_GUIDANCE
 
     @property
     def unet(self) -> Any:

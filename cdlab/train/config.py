@@ -79,7 +79,7 @@ class TrainConfig:
 
 # Per-teacher defaults for the fields left as None.
 PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=32, batch_size=64, lr=1e-3, lora_rank=16, guidance=3.0, mixed_precision="no"),
+    "tiny": dict(resolution=32, batch_size=64, lr=1e-3, lora_rank=16, guidance=5.0, mixed_precision="no"),  # w: teachers.TINY_GUIDANCE
     # LCM-LoRA's SD1.5 recipe (rank 64, lr 1e-4) with the course's teacher guidance 7.5.
     "sd15": dict(resolution=512, batch_size=8, lr=1e-4, lora_rank=64, guidance=7.5),
 }
