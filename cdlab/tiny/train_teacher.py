@@ -33,10 +33,11 @@ class TeacherConfig:
     seed: int = 0
     threads: int = 2                # torch CPU threads
     # stage 1: VAE
-    vae_steps: int = 800
+    vae_steps: int = 1600
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6     # tiny KL: the latents must keep the detail, as in SD
+    vae_object_weight: float = 8.0  # extra loss weight on object pixels: edges decide the shape
     # stage 2: UNet + text encoder
     pool_size: int = 30000          # (caption, seed) pairs rendered and encoded once
     unet_steps: int = 2400
@@ -48,6 +49,10 @@ class TeacherConfig:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.998
     max_minutes: float = 0.0        # stop stage 2 early after this many minutes (0 = no limit)
+    # stage 3: decoder fine-tune (encoder frozen, so the UNet's latent space is unchanged)
+    decoder_steps: int = 1500
+    decoder_lr: float = 5e-4
+    stages: str = "vae,unet,decoder"  # "decoder" alone fine-tunes the decoder of an existing --out
     out: str = str(DEFAULT_OUT)
     log_every: int = 100
 
@@ -60,12 +65,30 @@ def _images_to_tensor(images):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def _tensor_to_images(x):
+    import numpy as np
+    from PIL import Image
+
+    arr = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
 def _render_batch(rng: random.Random, n: int):
     from cdlab.world import render, sample_caption
 
     caps = [sample_caption(rng) for _ in range(n)]
     seeds = [rng.randrange(2**31) for _ in range(n)]
     return caps, _images_to_tensor([render(c, s) for c, s in zip(caps, seeds)])
+
+
+def _object_mask(caps, x):
+    """1 where a pixel differs from its caption's background colour (the object and its edges)."""
+    import torch
+
+    from cdlab.world.grammar import PALETTE
+
+    bg = torch.tensor([PALETTE[c.background] for c in caps], dtype=torch.float32) / 127.5 - 1.0
+    return ((x - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.05).float()
 
 
 def train_vae(pipe, cfg: TeacherConfig, log) -> float:
@@ -80,11 +103,13 @@ def train_vae(pipe, cfg: TeacherConfig, log) -> float:
         lr = cfg.vae_lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        _, x = _render_batch(rng, cfg.vae_batch)
+        caps, x = _render_batch(rng, cfg.vae_batch)
+        weight = 1.0 + cfg.vae_object_weight * _object_mask(caps, x)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
+        d = rec - x
+        loss = ((d.abs() + d.pow(2)) * weight).mean() / weight.mean() + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -93,13 +118,19 @@ def train_vae(pipe, cfg: TeacherConfig, log) -> float:
                 f"{time.time() - t0:.0f}s")
     vae.eval()
     with torch.no_grad():
-        _, x = _render_batch(random.Random(cfg.seed + 2), 512)
+        caps, x = _render_batch(random.Random(cfg.seed + 2), 512)
         z = vae.encode(x).latent_dist.mode()
         scaling = float(1.0 / z.std())
-        err = (vae.decode(z).sample - x).abs().mean().item() / 2  # in [0, 1] pixel units
+        rec = vae.decode(z).sample
+        err = (rec - x).abs().mean().item() / 2  # in [0, 1] pixel units
     vae.register_to_config(scaling_factor=scaling)
-    log(f"vae done: scaling_factor {scaling:.4f}, reconstruction MAE {err:.4f} (pixels in [0,1])")
-    return err
+    from cdlab.world import adherence
+
+    # The checker on reconstructions bounds what any teacher on these latents can reach.
+    read_back = adherence(_tensor_to_images(rec), caps)
+    log(f"vae done: scaling_factor {scaling:.4f}, reconstruction MAE {err:.4f} (pixels in [0,1]), "
+        f"checker on reconstructions {read_back}")
+    return {"mae": err, "checker": read_back}
 
 
 @dataclasses.dataclass
@@ -179,6 +210,56 @@ def train_unet(pipe, pool: _Pool, cfg: TeacherConfig, log, save_fn) -> None:
                 break
 
 
+def finetune_decoder(pipe, cfg: TeacherConfig, log) -> dict:
+    """Stage 3, as SD's ft-MSE VAE: train the decoder alone on the frozen encoder's latents.
+
+    The encoder and the scaling factor stay as they are, so the UNet trained in stage 2 sees the
+    same latent space; only the pixels it decodes to get sharper.
+    """
+    import torch
+
+    vae = pipe.vae
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed + 5)
+    t0 = time.time()
+    for step in range(1, cfg.decoder_steps + 1):
+        lr = cfg.decoder_lr * min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        caps, x = _render_batch(rng, cfg.vae_batch)
+        weight = 1.0 + cfg.vae_object_weight * _object_mask(caps, x)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        d = vae.decode(z).sample - x
+        loss = ((d.abs() + d.pow(2)) * weight).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.log_every == 0 or step == 1:
+            log(f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    vae.requires_grad_(False)
+    return _vae_report(pipe, cfg, log, "decoder")
+
+
+def _vae_report(pipe, cfg: TeacherConfig, log, stage: str) -> dict:
+    import torch
+
+    from cdlab.world import adherence
+
+    vae = pipe.vae.eval()
+    with torch.no_grad():
+        caps, x = _render_batch(random.Random(cfg.seed + 2), 512)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    err = (rec - x).abs().mean().item() / 2
+    read_back = adherence(_tensor_to_images(rec), caps)
+    log(f"{stage} done: reconstruction MAE {err:.4f} (pixels in [0,1]), checker on reconstructions {read_back}")
+    return {"mae": err, "checker": read_back}
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = TeacherConfig()
     ap = argparse.ArgumentParser(prog="python -m cdlab build-teacher", description=__doc__.split("\n\n")[0])
@@ -198,27 +279,44 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
 
-    pipe = build_pipeline(seed=cfg.seed)
-    vae_err = train_vae(pipe, cfg, log)
-    vae_minutes = (time.time() - t_start) / 60
-    pool = build_pool(pipe, cfg, log)
+    stages = {x.strip() for x in cfg.stages.split(",") if x.strip()}
+    info: dict = {}
 
-    def save(ema_unet, ema_te, step: int) -> None:
-        pipe.unet.load_state_dict(ema_unet.state_dict())
-        pipe.text_encoder.load_state_dict(ema_te.state_dict())
+    def save(ema_unet=None, ema_te=None, step: int | None = None) -> None:
+        if ema_unet is not None:
+            pipe.unet.load_state_dict(ema_unet.state_dict())
+            pipe.text_encoder.load_state_dict(ema_te.state_dict())
+            info["unet_step"] = step
         tmp = out.with_name(out.name + ".tmp")
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        info = {"config": dataclasses.asdict(cfg), "unet_step": step, "vae_reconstruction_mae": vae_err,
-                "minutes_vae": round(vae_minutes, 2), "minutes_total": round((time.time() - t_start) / 60, 2),
-                "threads": cfg.threads, "torch": torch.__version__}
+        info.update({"config": dataclasses.asdict(cfg), "threads": cfg.threads, "torch": torch.__version__})
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
         if out.exists():
             import shutil
             shutil.rmtree(out)
         os.replace(tmp, out)
-        log(f"saved step {step} to {out}")
+        log(f"saved to {out}")
 
-    train_unet(pipe, pool, cfg, log, save)
+    if "vae" in stages or "unet" in stages:
+        pipe = build_pipeline(seed=cfg.seed)
+        info["vae"] = train_vae(pipe, cfg, log)
+        info["minutes_vae"] = round((time.time() - t_start) / 60, 2)
+        pool = build_pool(pipe, cfg, log)
+        t_unet = time.time()
+        train_unet(pipe, pool, cfg, log, save)
+        info["minutes_unet"] = round((time.time() - t_unet) / 60, 2)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+        prev = out / "training.json"
+        if prev.exists():
+            info.update(json.loads(prev.read_text()))
+    if "decoder" in stages:
+        t_dec = time.time()
+        info["decoder"] = finetune_decoder(pipe, cfg, log)
+        info["minutes_decoder"] = round((time.time() - t_dec) / 60, 2)
+        save()
     log("done")
     return 0
 
