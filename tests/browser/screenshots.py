@@ -33,7 +33,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cdlab-shots-"))
     base = TINY_ID if args.model == "tiny" else str(Path(args.model).resolve())
-    students = make_random_students(base, work / "adapters", n=2)
+    from cdlab.students import list_students
+
+    shipped = list_students(repo_root() / "adapters", base_model=base)
+    if shipped:  # the real students when the repo has them, so the pictures show what users get
+        import shutil
+
+        shutil.copytree(repo_root() / "adapters", work / "adapters")
+        students = [c.name for c in shipped]
+    else:
+        students = make_random_students(base, work / "adapters", n=2)
     env = {}
     if any(evals_dir().glob("*/results.json")):
         env["CDLAB_EVALS_DIR"] = str(evals_dir())  # show the real evaluations when there are some

@@ -1,0 +1,72 @@
+"""The README's image grid: fixed prompts (rows) x the teacher at several step counts and the
+students at k steps (columns), every cell of a row from the same initial noise.
+
+    python -m cdlab.figures --model tiny --out docs/grid.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
+
+
+def comparison_grid(teacher: Any, prompts: Sequence[str], seeds: Sequence[int], *,
+                    teacher_steps: Sequence[int] = TEACHER_STEPS, students: Sequence[str] = (),
+                    student_steps: int = 4, guidance: float | None = None, cell: int = 96):
+    """A captioned PIL grid: one row per (prompt, seed), one column per sampler."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
+    from cdlab.students import activate_student, load_student
+
+    w = teacher.guidance if guidance is None else guidance
+    cond, uncond = teacher.encode(list(prompts))
+    x_T = torch.cat([teacher.initial_noise(s) for s in seeds])
+    columns: list[tuple[str, list]] = []
+    with torch.no_grad():
+        activate_student(teacher.pipe, None)
+        for k in teacher_steps:
+            out = sample_ddim(teacher.unet, x_T, cond, uncond, w, ddim_timesteps(k), teacher.scheduler)
+            columns.append((f"teacher {k}", teacher.decode(out.latents)))
+        for name in students:
+            card = load_student(teacher.pipe, name)
+            activate_student(teacher.pipe, name)
+            ts = consistency_timesteps(student_steps, card.num_boundaries)
+            out = sample_consistency(teacher.unet, x_T, cond, ts, teacher.scheduler)
+            columns.append((f"{name} {student_steps}", teacher.decode(out.latents)))
+        activate_student(teacher.pipe, None)
+    head = 18
+    grid = Image.new("RGB", (cell * len(columns), head + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (label, images) in enumerate(columns):
+        draw.text((j * cell + 3, 3), label, fill="black")
+        for i, im in enumerate(images):
+            grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (j * cell, head + i * cell))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cdlab.figures", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--rows", type=int, default=6)
+    ap.add_argument("--out", default="docs/grid.png")
+    args = ap.parse_args(argv)
+
+    from cdlab.students import list_students
+    from cdlab.teachers import load_teacher
+    from cdlab.ui.compare import tiny_prompts
+
+    teacher = load_teacher(args.model)
+    prompts = tiny_prompts(args.rows)
+    students = [c.name for c in list_students(base_model=teacher.base_id) if c.method != "external"]
+    grid = comparison_grid(teacher, prompts, list(range(args.rows)), students=students)
+    grid.save(args.out)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {len(TEACHER_STEPS) + len(students)} samplers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
