@@ -269,14 +269,15 @@ def _tiny_vae(teacher: Any) -> tuple[Any, str | None]:
 
 
 def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compile: bool | None = None,
-                   guidance: float = 7.5, out: Printer = print) -> dict:
+                   compile_mode: str | None = None, guidance: float | None = None, out: Printer = print) -> dict:
     """Latency of teacher-50 (CFG) vs student-4 and the ratio, the breakdown, and the fast paths.
 
     Args:
         teacher: a loaded ``Teacher`` (its UNet gets a random bench student adapter).
         repeats: timed runs per number (the median is reported), after one warm-up.
         quick: one timed run, fast paths on student-4 only, no ``torch.compile``.
-        compile: try ``torch.compile`` (default: yes unless ``quick``).
+        compile: try ``torch.compile`` (default: yes unless ``quick``); ``compile_mode`` is its ``mode``.
+        guidance: the teacher's CFG scale (default ``teacher.guidance``, else 7.5).
         out: where the report lines go.
     """
     import torch
@@ -288,6 +289,7 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
     compile = (not quick) if compile is None else compile
     dev = teacher.device
     student = attach_bench_student(teacher)
+    guidance = float(getattr(teacher, "guidance", 7.5)) if guidance is None else guidance
     s = _Sampling(teacher, student, guidance=guidance)
     res: dict[str, Any] = {"device": _device_name(dev), "teacher": teacher.describe(), "dtype": str(teacher.dtype),
                            "resolution": teacher.resolution, "batch": 1, "repeats": repeats, "fast_paths": {}}
@@ -372,7 +374,7 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
 
         # 4. torch.compile of the UNet.
         if compile:
-            _bench_compile(s, teacher, res, T, out)
+            _bench_compile(s, teacher, res, T, out, compile_mode)
         else:
             out("  torch.compile                skipped: --quick / --no-compile")
             res["fast_paths"]["torch.compile"] = {"skipped": "quick / no-compile"}
@@ -396,12 +398,12 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
     return res
 
 
-def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Printer) -> None:
+def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Printer, mode: str | None) -> None:
     import torch
 
     entry: dict[str, Any] = {}
     try:
-        compiled = torch.compile(teacher.unet)
+        compiled = torch.compile(teacher.unet, mode=mode)
         for job, mode, fn in (("teacher50", s.teacher_mode, s.teacher50), ("student4", s.student_mode, s.student4)):
             mode()
             s.unet = teacher.unet
@@ -555,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--batch", type=int, default=None, help="training batch")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -566,13 +569,15 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         if args.dtype and not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {args.dtype!r}")
+        if dtype is None and args.what == "train" and torch.cuda.is_available() and args.device in (None, "cuda"):
+            dtype = torch.bfloat16  # training runs in bf16 (no loss scaling needed); the peak table is bf16
         teacher = load_bench_teacher(args.model, device=args.device, dtype=dtype)
     except Exception as e:  # a clear one-line error, not a stack trace
         print(f"error: could not load {args.model!r}: {e}", file=sys.stderr)
         return 1
     if args.what == "sampling":
         res = bench_sampling(teacher, repeats=args.repeats, quick=args.quick,
-                             compile=False if args.no_compile else None)
+                             compile=False if args.no_compile else None, compile_mode=args.compile_mode)
     else:
         res = bench_train(teacher, batch=args.batch, steps=args.steps, quick=args.quick)
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
