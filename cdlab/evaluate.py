@@ -332,7 +332,11 @@ def run_evaluation(
                     pipe.unfuse_lora(components=["unet"])
     finally:
         if fuse_lora and cards:  # an error mid-column must not leave a student fused into the teacher
-            pipe.unfuse_lora(components=["unet"])
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already unmerged")
+                pipe.unfuse_lora(components=["unet"])
         activate_student(pipe, None)
 
     rows = [_row(col, world, captions) for col in columns]
