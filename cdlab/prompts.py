@@ -1,9 +1,10 @@
 """Fixed evaluation prompts: the course's 8 sampling prompts, or COCO captions when a dataset is given."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from cdlab.jsonl import iter_jsonl
 
 # The course's sampling prompts (the final project's "Sampling Prompts").
 COURSE_PROMPTS: tuple[str, ...] = (
@@ -31,19 +32,12 @@ def coco_captions(metadata: str | Path, n: int | None = None, seed: int = 0) -> 
     if not path.is_file():
         raise FileNotFoundError(f"no COCO metadata at {path} (expected a metadata.jsonl)")
     captions: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            key = next((k for k in _CAPTION_KEYS if k in row), None)
-            if key is None:
-                raise ValueError(f"{path}:{lineno}: no caption field (one of {', '.join(_CAPTION_KEYS)})")
-            text = row[key][0] if isinstance(row[key], list) else row[key]
-            captions.append(str(text))
+    for lineno, row in iter_jsonl(path):
+        key = next((k for k in _CAPTION_KEYS if k in row), None)
+        if key is None:
+            raise ValueError(f"{path}:{lineno}: no caption field (one of {', '.join(_CAPTION_KEYS)})")
+        text = row[key][0] if isinstance(row[key], list) else row[key]
+        captions.append(str(text))
     if not captions:
         raise ValueError(f"{path} holds no captions")
     if n is None:

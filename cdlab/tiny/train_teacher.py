@@ -91,25 +91,32 @@ def _object_mask(caps, x):
     return ((x - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.05).float()
 
 
+def _cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 0."""
+    return base * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def _recon_loss(rec, x, caps, cfg: TeacherConfig):
+    """L1 + L2 reconstruction, object pixels weighted up (``vae_object_weight``)."""
+    weight = 1.0 + cfg.vae_object_weight * _object_mask(caps, x)
+    d = rec - x
+    return ((d.abs() + d.pow(2)) * weight).mean() / weight.mean()
+
+
 def train_vae(pipe, cfg: TeacherConfig, log) -> float:
     import torch
-    import torch.nn.functional as F
 
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 1)
     t0 = time.time()
     for step in range(1, cfg.vae_steps + 1):
-        lr = cfg.vae_lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = _cosine_lr(cfg.vae_lr, step, cfg.vae_steps, warmup=100)
         caps, x = _render_batch(rng, cfg.vae_batch)
-        weight = 1.0 + cfg.vae_object_weight * _object_mask(caps, x)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
         kl = post.kl().mean()
-        d = rec - x
-        loss = ((d.abs() + d.pow(2)) * weight).mean() / weight.mean() + cfg.vae_kl_weight * kl
+        loss = _recon_loss(vae.decode(post.sample()).sample, x, caps, cfg) + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -227,15 +234,12 @@ def finetune_decoder(pipe, cfg: TeacherConfig, log) -> dict:
     rng = random.Random(cfg.seed + 5)
     t0 = time.time()
     for step in range(1, cfg.decoder_steps + 1):
-        lr = cfg.decoder_lr * min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = _cosine_lr(cfg.decoder_lr, step, cfg.decoder_steps, warmup=50)
         caps, x = _render_batch(rng, cfg.vae_batch)
-        weight = 1.0 + cfg.vae_object_weight * _object_mask(caps, x)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
-        d = vae.decode(z).sample - x
-        loss = ((d.abs() + d.pow(2)) * weight).mean() / weight.mean()
+        loss = _recon_loss(vae.decode(z).sample, x, caps, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

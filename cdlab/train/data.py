@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from cdlab.jsonl import iter_jsonl
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -83,26 +85,19 @@ def folder_source(path: str | os.PathLike, max_items: int = 0) -> Source:
     files: list[str] = []
     caps: list[str] = []
     h = hashlib.sha256()
-    with meta.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{meta}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise DataError(f"{meta}:{lineno}: needs a 'file_name' field")
-            text = row.get("text", row.get("caption", ""))
-            if isinstance(text, list):
-                text = text[0] if text else ""
-            files.append(str(row["file_name"]))
-            caps.append(str(text or ""))
-            fp = root / files[-1]
-            st = fp.stat() if fp.is_file() else None
-            h.update(f"{files[-1]}\t{caps[-1]}\t{st.st_size if st else -1}\t{st.st_mtime_ns if st else -1}\n".encode())
-            if max_items and len(files) >= max_items:
-                break
+    for lineno, row in iter_jsonl(meta, error=DataError):
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise DataError(f"{meta}:{lineno}: needs a 'file_name' field")
+        text = row.get("text", row.get("caption", ""))
+        if isinstance(text, list):
+            text = text[0] if text else ""
+        files.append(str(row["file_name"]))
+        caps.append(str(text or ""))
+        fp = root / files[-1]
+        st = fp.stat() if fp.is_file() else None
+        h.update(f"{files[-1]}\t{caps[-1]}\t{st.st_size if st else -1}\t{st.st_mtime_ns if st else -1}\n".encode())
+        if max_items and len(files) >= max_items:
+            break
     if not files:
         raise DataError(f"{meta} lists no images")
 
