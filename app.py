@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from cdlab.ui import evaluate_tab as E
 from cdlab.ui import hosting as H
 from cdlab.ui import session as S
 from cdlab.ui import train_tab as T
-from cdlab.ui.jobs import JobError, JobManager
+from cdlab.ui.jobs import JobError, JobManager, new_owner_token
 
 log = logging.getLogger("cdlab.app")
 CSS = ".cdlab-header {font-size: 0.95em} #compare-gallery img {image-rendering: pixelated}"
@@ -46,13 +47,15 @@ def user_errors(fn):
     return wrapper
 
 
-def build_demo(teacher, model_arg: str) -> gr.Blocks:
+def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     runs_dir, adapters_dir, evals_dir = H.runs_dir(), H.adapters_dir(), H.evals_dir()
     comparer = C.Comparer(teacher, adapters_root=adapters_dir)
     jobs = JobManager(runs_dir, model=model_arg)
     presets = C.prompt_presets(teacher)
     fields = T.form_fields(model_arg, teacher.resolution)
-    training_on = H.training_allowed()
+    public = H.is_public_host(share)
+    training_on = H.training_allowed(share)
+    eval_default, eval_max = H.eval_prompt_limits(share)
 
     @user_errors
     def do_compare(prompt, seed, guidance, steps, columns, show_traj, progress=gr.Progress()):
@@ -65,7 +68,8 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                   for c in res.columns if c.trajectory]
         path = Path(tempfile.mkdtemp(prefix="cdlab-compare-")) / f"compare_seed{res.seed}.png"
         res.compose().save(path)
-        info = f"{len(res.columns)} columns in {res.total_seconds:.2f} s · one text encoding, one initial noise"
+        info = (f"{len(res.columns)} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, "
+                "one initial noise")
         return gallery, res.table(), gr.Gallery(value=strips, visible=bool(strips)), str(path), info
 
     do_compare = H.gpu(do_compare, duration=120)
@@ -75,33 +79,42 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
         return gr.CheckboxGroup(choices=choices, value=choices)
 
     @user_errors
-    def do_start(*values):
-        if not H.training_allowed():
+    def do_start(method, num_boundaries, lora_rank, lr, max_steps, batch_size, guidance, guidance_max,
+                 preview_every, student_name, data_kind, data_path, extra_config, overwrite, owner):
+        """Start a training run; the config is checked field by field (every value is untrusted)."""
+        if not training_on:
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
-        form = dict(zip([f.key for f in fields], values[:len(fields)]))
-        data_kind, data_path, extra = values[len(fields):]
-        cfg = T.form_to_config(form, model_arg, data_kind, data_path, teacher.resolution, extra)
-        job = jobs.start(cfg)
-        return gr.Dropdown(choices=T.run_choices(jobs), value=job.run_name), gr.Timer(active=True)
+        form = dict(method=method, num_boundaries=num_boundaries, lora_rank=lora_rank, lr=lr, max_steps=max_steps,
+                    batch_size=batch_size, guidance=guidance, guidance_max=guidance_max,
+                    preview_every=preview_every, student_name=student_name)
+        cfg = T.form_to_config(form, model_arg, data_kind, data_path, teacher.resolution, extra_config,
+                               overwrite=overwrite, adapters_root=adapters_dir)
+        owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        job = jobs.start(cfg, owner=owner)
+        return gr.Dropdown(choices=T.run_choices(jobs), value=job.run_name), gr.Timer(active=True), owner
+
+    assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
 
     @user_errors
-    def do_stop(run_name):
-        jobs.stop(run_name or None)
+    def do_stop(run_name, owner):
+        jobs.stop(run_name or None, owner=owner, check_owner=True)
         return gr.Timer(active=True)
 
     @user_errors
-    def do_resume(run_name):
-        if not H.training_allowed():
+    def do_resume(run_name, owner):
+        if not training_on:
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         if not run_name:
             raise gr.Error("Pick a run to resume.")
-        jobs.resume(run_name)
+        jobs.resume(run_name, owner=owner, allow_unowned=not public)
         return gr.Timer(active=True)
 
     @user_errors
     def do_poll(run_name):
         v = T.poll(jobs, run_name)
-        return (v.status_md, v.progress_html, v.plot, str(v.preview) if v.preview else None, v.preview_caption,
+        # The preview leaves runs/ as an image (runs/ itself is never served).
+        preview = T.read_image(v.preview) if v.preview else None
+        return (v.status_md, v.progress_html, v.plot, preview, v.preview_caption,
                 gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
 
     def refresh_runs(current=None):
@@ -121,8 +134,9 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
         return gr.Dropdown(choices=names, value=names[0] if names else None)
 
     @user_errors
-    def do_evaluate(progress=gr.Progress()):
-        path = E.run_new_evaluation(teacher, progress=lambda f, d="": progress(f, desc=d))
+    def do_evaluate(prompts, progress=gr.Progress()):
+        n = E.check_prompt_count(prompts, eval_max)
+        path = E.run_new_evaluation(teacher, n=n, progress=lambda f, d="": progress(f, desc=d))
         names = E.list_evaluations(evals_dir)
         return gr.Dropdown(choices=names, value=path.name if path.name in names else (names[0] if names else None))
 
@@ -131,6 +145,8 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
     with gr.Blocks(title="cdlab: consistency distillation lab") as demo:
         gr.Markdown("# cdlab · consistency distillation lab")
         gr.Markdown(S.header_line(teacher), elem_classes=["cdlab-header"], elem_id="header")
+        ready = gr.HTML("", elem_id="app-ready", padding=False)
+        owner = gr.BrowserState("", storage_key="cdlab-owner")  # this browser's token: stop/resume own runs
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
@@ -143,15 +159,15 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                             rand = gr.Button("🎲 random", size="sm")
                         guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5,
                                              label="Teacher guidance (CFG)")
-                        steps = gr.Radio(list(C.STUDENT_STEPS), value=4, label="Student steps")
+                        steps = gr.Radio([str(k) for k in C.STUDENT_STEPS], value="4", label="Student steps")
                 choices = comparer.column_choices()
                 with gr.Row():
                     columns = gr.CheckboxGroup(choices, value=choices, label="Columns", scale=5)
-                    refresh = gr.Button("↻ columns", size="sm", scale=1)
+                    refresh = gr.Button("↻ columns", size="sm", scale=1, elem_id="refresh-columns")
                 with gr.Row():
                     show_traj = gr.Checkbox(label="Show trajectory (x0 prediction after each step)")
                     run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
-                info = gr.Markdown()
+                info = gr.Markdown(elem_id="compare-info")
                 gallery = gr.Gallery(label="Columns", columns=4, height="auto", elem_id="compare-gallery",
                                      object_fit="contain")
                 table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
@@ -185,10 +201,13 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                         data_path = gr.Textbox(label="Folder or HF datasets name (not for the tiny world)")
                         extra = gr.Textbox(label="Advanced: other config fields as JSON", placeholder='{"log_every": 10}',
                                            elem_id="extra-config")
+                        overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
+                                                info="Off: a name in use is refused. Shipped students are never "
+                                                     "replaced.", elem_id="train-overwrite")
                         with gr.Row():
                             start = gr.Button("Start", variant="primary", interactive=training_on, elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                            resume = gr.Button("Resume", interactive=training_on)
+                            resume = gr.Button("Resume", interactive=training_on, elem_id="train-resume")
                     with gr.Column(scale=3):
                         with gr.Row():
                             run_dd = gr.Dropdown(T.run_choices(jobs), label="Runs (app and CLI)", scale=5,
@@ -197,43 +216,52 @@ def build_demo(teacher, model_arg: str) -> gr.Blocks:
                         status = gr.Markdown(elem_id="train-status")
                         bar = gr.HTML()
                         plot = gr.Image(label="Loss", type="pil", elem_id="loss-plot")
-                        preview = gr.Image(label="Latest preview", type="filepath", elem_id="preview")
+                        preview = gr.Image(label="Latest preview", type="pil", elem_id="preview")
                         preview_cap = gr.Markdown(elem_id="preview-caption")
                         log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
                 timer = gr.Timer(1.0, active=False)
                 poll_out = [status, bar, plot, preview, preview_cap, log_box, timer]
-                start.click(do_start, [*inputs, data_kind, data_path, extra], [run_dd, timer], api_name="train_start")
-                stop.click(do_stop, run_dd, timer, api_name="train_stop")
-                resume.click(do_resume, run_dd, timer, api_name="train_resume")
+                start.click(do_start, [*inputs, data_kind, data_path, extra, overwrite, owner], [run_dd, timer, owner],
+                            api_name="train_start")
+                stop.click(do_stop, [run_dd, owner], timer, api_name="train_stop")
+                resume.click(do_resume, [run_dd, owner], timer, api_name="train_resume")
                 run_dd.change(do_poll, run_dd, poll_out, api_name="train_status")
                 timer.tick(do_poll, run_dd, poll_out, api_visibility="private")
                 runs_refresh.click(refresh_runs, run_dd, run_dd, api_name="refresh_runs")
 
             with gr.Tab("Evaluate", id="evaluate"):
                 with gr.Row():
-                    eval_dd = gr.Dropdown(E.list_evaluations(evals_dir), label="Evaluations (newest first)", scale=4)
+                    eval_dd = gr.Dropdown(E.list_evaluations(evals_dir), label="Evaluations (newest first)", scale=4,
+                                          elem_id="evals")
                     eval_refresh = gr.Button("↻", size="sm", scale=1)
-                    eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2)
+                    eval_n = gr.Number(eval_default, label="Prompts", precision=0, minimum=1, maximum=eval_max,
+                                       scale=1, elem_id="eval-prompts",
+                                       info=f"at most {eval_max}" + (" on this public host" if public else ""))
+                    eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
                 eval_summary = gr.Markdown()
                 eval_table = gr.Markdown(elem_id="eval-table")
-                eval_plot = gr.Image(label="Quality against NFE", type="filepath")
+                eval_plot = gr.Image(label="Quality against NFE", type="filepath", elem_id="eval-plot")
                 eval_dd.change(show_eval, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
                 eval_refresh.click(refresh_evals, None, eval_dd, api_visibility="private")
-                eval_btn.click(do_evaluate, None, eval_dd, api_name="evaluate",
+                eval_btn.click(do_evaluate, eval_n, eval_dd, api_name="evaluate",
                                concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
 
-        # Fresh lists on every page load: a student or run that appeared since start shows up.
-        demo.load(refresh_columns, None, columns, api_visibility="private")
-        demo.load(refresh_runs, None, run_dd, api_visibility="private")
-        demo.load(refresh_evals, None, eval_dd, api_visibility="private")
+        # Fresh lists on every page load (a student or run that appeared since start shows up), then the
+        # page's ready signal: tests and scripts wait for #cdlab-ready, never for network idle.
+        def on_load():
+            return refresh_columns(), refresh_runs(), refresh_evals(), S.READY_HTML
+
+        demo.load(on_load, None, [columns, run_dd, eval_dd, ready], api_visibility="private")
     demo.cdlab_jobs = jobs  # for shutdown
     return demo
 
 
 def launch_kwargs(args) -> dict:
+    from cdlab.train.config import TrainConfig, cache_root
+
     return dict(
         server_name=args.host, server_port=args.port, share=args.share,
-        allowed_paths=H.allowed_paths(H.runs_dir(), H.adapters_dir()), max_file_size=H.MAX_FILE_SIZE,
+        blocked_paths=H.blocked_paths(H.runs_dir(), cache_root(TrainConfig())), max_file_size=H.MAX_FILE_SIZE,
         theme=gr.themes.Soft(), css=CSS, show_error=True,
     )
 
@@ -244,7 +272,10 @@ def parse_args(argv=None):
                    "(default: sd15 on CUDA, falling back to tiny; tiny elsewhere)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default; a public "
+                   "host: training off unless --allow-training, evaluations capped)")
+    p.add_argument("--allow-training", action="store_true",
+                   help=f"allow training on a public host (same as {H.TRAINING_ENV}=1)")
     return p.parse_args(argv)
 
 
@@ -253,6 +284,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if H.is_public_host():
         args.host = "0.0.0.0"
+    if args.allow_training:
+        os.environ[H.TRAINING_ENV] = "1"
     try:
         teacher = S.load(args.model)
     except Exception as e:  # TeacherLoadError: one clear line, not a stack trace
@@ -261,7 +294,7 @@ def main(argv=None) -> int:
     model_arg = args.model or ("tiny" if teacher.fallback_reason else S.default_model())
     print(f"cdlab app: {teacher.describe()}" + (f" ({teacher.fallback_reason})" if teacher.fallback_reason else ""),
           flush=True)
-    demo = build_demo(teacher, model_arg)
+    demo = build_demo(teacher, model_arg, share=args.share)
     demo.queue(default_concurrency_limit=H.DEFAULT_CONCURRENCY_LIMIT, max_size=H.QUEUE_MAX_SIZE)
     try:
         demo.launch(**launch_kwargs(args))

@@ -245,99 +245,103 @@ def run_evaluation(
 
         sd_metrics = SDMetrics()
 
-    pipe = teacher.pipe
-    cards = list_students(root=adapters_root, base_model=teacher.base_id)
-    if students is not None:
-        wanted = set(students)
-        missing = wanted - {c.name for c in cards}
-        if missing:
-            raise EvaluationError(
-                f"student(s) {sorted(missing)} not found for base model {teacher.base_id!r}; "
-                f"available: {[c.name for c in cards] or 'none'}")
-        cards = [c for c in cards if c.name in wanted]
-    for card in cards:
-        load_student(pipe, card.name, root=adapters_root, base_model=teacher.base_id)
+    from cdlab.teachers import teacher_lock
 
-    columns = [_Column(TEACHER_METHOD, "teacher", k) for k in steps]
-    columns += [_Column(c.name, "student", k, student=c.name, card=c) for c in cards for k in student_steps]
-    for col in columns:
-        if not world:
-            col.sd = sd_metrics.column()
+    # Adapter switching, fusing and sampling hold the teacher's lock (Compare takes the same one).
+    with teacher_lock(teacher):
+        pipe = teacher.pipe
+        cards = list_students(root=adapters_root, base_model=teacher.base_id)
+        if students is not None:
+            wanted = set(students)
+            missing = wanted - {c.name for c in cards}
+            if missing:
+                raise EvaluationError(
+                    f"student(s) {sorted(missing)} not found for base model {teacher.base_id!r}; "
+                    f"available: {[c.name for c in cards] or 'none'}")
+            cards = [c for c in cards if c.name in wanted]
+        for card in cards:
+            load_student(pipe, card.name, root=adapters_root, base_model=teacher.base_id)
 
-    batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    has_ref_col = REFERENCE_STEPS in steps
-    units = len(batches) * (len(columns) + (0 if has_ref_col else 1))
-    done = 0
+        columns = [_Column(TEACHER_METHOD, "teacher", k) for k in steps]
+        columns += [_Column(c.name, "student", k, student=c.name, card=c) for c in cards for k in student_steps]
+        for col in columns:
+            if not world:
+                col.sd = sd_metrics.column()
 
-    def tick(msg: str) -> None:
-        nonlocal done
-        done += 1
+        batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        has_ref_col = REFERENCE_STEPS in steps
+        units = len(batches) * (len(columns) + (0 if has_ref_col else 1))
+        done = 0
+
+        def tick(msg: str) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(min(done / units, 1.0), msg)
+
         if progress is not None:
-            progress(min(done / units, 1.0), msg)
-
-    if progress is not None:
-        progress(0.0, f"evaluating {len(columns)} columns on {n} prompts")
-    try:
-        with torch.inference_mode():
-            for bi, idx in enumerate(batches):
-                bp = [prompts[i] for i in idx]
-                _sync(teacher.device)
-                t0 = time.perf_counter()
-                cond, uncond = teacher.encode(bp)
-                _sync(teacher.device)
-                enc_s = time.perf_counter() - t0
-                x_T = torch.cat([teacher.initial_noise(seed + i, 1) for i in idx])
-                activate_student(pipe, None)
-                if bi == 0:  # warm-up (allocator, oneDNN/cuDNN primitives), so no column pays for it
-                    sample_ddim(teacher.unet, x_T, cond, uncond, guidance, [999], teacher.scheduler)
-                    _decode(teacher, x_T)
-                ref = None
-                if not has_ref_col:
-                    out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
-                                      ddim_timesteps(REFERENCE_STEPS), teacher.scheduler)
-                    ref = _decode(teacher, out.latents)
-                    tick(f"batch {bi + 1}/{len(batches)}: reference, teacher {REFERENCE_STEPS} steps")
-                # The reference column first, so every other column can be compared as it is made.
-                order = sorted(columns, key=lambda c: (c.kind != "teacher", c.steps != REFERENCE_STEPS))
-                active = None
-                ref_feats = None
-                for col in order:
-                    if col.student != active:
-                        if active is not None and fuse_lora:
-                            pipe.unfuse_lora(components=["unet"])
-                        activate_student(pipe, col.student)
-                        if col.student is not None and fuse_lora:
-                            # Fused LoRA is the fast path (1.9x on the tiny student, bench sampling).
-                            pipe.fuse_lora(components=["unet"], adapter_names=[col.student])
-                        active = col.student
+            progress(0.0, f"evaluating {len(columns)} columns on {n} prompts")
+        try:
+            with torch.inference_mode():
+                for bi, idx in enumerate(batches):
+                    bp = [prompts[i] for i in idx]
                     _sync(teacher.device)
                     t0 = time.perf_counter()
-                    if col.kind == "teacher":
-                        out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
-                                          ddim_timesteps(col.steps), teacher.scheduler)
-                        col.nfe, latents = out.nfe, out.latents
-                    else:
-                        latents = _run_student(teacher, col, x_T, cond, uncond)
-                    images = _decode(teacher, latents)
+                    cond, uncond = teacher.encode(bp)
                     _sync(teacher.device)
-                    col.seconds += time.perf_counter() - t0 + enc_s
-                    col.n += len(idx)
-                    if ref is None:  # this is the reference column
-                        ref = images
-                    if not world and ref_feats is None:  # shared by every column's FID
-                        ref_feats = sd_metrics.features(ref)
-                    _score(col, images, ref, ref_feats, bp, world)
-                    tick(f"batch {bi + 1}/{len(batches)}: {col.method}, {col.steps} steps")
-                if active is not None and fuse_lora:
-                    pipe.unfuse_lora(components=["unet"])
-    finally:
-        if fuse_lora and cards:  # an error mid-column must not leave a student fused into the teacher
-            import warnings
+                    enc_s = time.perf_counter() - t0
+                    x_T = torch.cat([teacher.initial_noise(seed + i, 1) for i in idx])
+                    activate_student(pipe, None)
+                    if bi == 0:  # warm-up (allocator, oneDNN/cuDNN primitives), so no column pays for it
+                        sample_ddim(teacher.unet, x_T, cond, uncond, guidance, [999], teacher.scheduler)
+                        _decode(teacher, x_T)
+                    ref = None
+                    if not has_ref_col:
+                        out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
+                                          ddim_timesteps(REFERENCE_STEPS), teacher.scheduler)
+                        ref = _decode(teacher, out.latents)
+                        tick(f"batch {bi + 1}/{len(batches)}: reference, teacher {REFERENCE_STEPS} steps")
+                    # The reference column first, so every other column can be compared as it is made.
+                    order = sorted(columns, key=lambda c: (c.kind != "teacher", c.steps != REFERENCE_STEPS))
+                    active = None
+                    ref_feats = None
+                    for col in order:
+                        if col.student != active:
+                            if active is not None and fuse_lora:
+                                pipe.unfuse_lora(components=["unet"])
+                            activate_student(pipe, col.student)
+                            if col.student is not None and fuse_lora:
+                                # Fused LoRA is the fast path (1.9x on the tiny student, bench sampling).
+                                pipe.fuse_lora(components=["unet"], adapter_names=[col.student])
+                            active = col.student
+                        _sync(teacher.device)
+                        t0 = time.perf_counter()
+                        if col.kind == "teacher":
+                            out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
+                                              ddim_timesteps(col.steps), teacher.scheduler)
+                            col.nfe, latents = out.nfe, out.latents
+                        else:
+                            latents = _run_student(teacher, col, x_T, cond, uncond)
+                        images = _decode(teacher, latents)
+                        _sync(teacher.device)
+                        col.seconds += time.perf_counter() - t0 + enc_s
+                        col.n += len(idx)
+                        if ref is None:  # this is the reference column
+                            ref = images
+                        if not world and ref_feats is None:  # shared by every column's FID
+                            ref_feats = sd_metrics.features(ref)
+                        _score(col, images, ref, ref_feats, bp, world)
+                        tick(f"batch {bi + 1}/{len(batches)}: {col.method}, {col.steps} steps")
+                    if active is not None and fuse_lora:
+                        pipe.unfuse_lora(components=["unet"])
+        finally:
+            if fuse_lora and cards:  # an error mid-column must not leave a student fused into the teacher
+                import warnings
 
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already unmerged")
-                pipe.unfuse_lora(components=["unet"])
-        activate_student(pipe, None)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Already unmerged")
+                    pipe.unfuse_lora(components=["unet"])
+            activate_student(pipe, None)
 
     rows = [_row(col, world, captions) for col in columns]
     base = next((r for r in rows if r["kind"] == "teacher" and r["steps"] == REFERENCE_STEPS), None)

@@ -16,7 +16,8 @@ Nothing heavy is imported at module import; diffusers loads inside the functions
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ class Teacher:
     dtype: torch.dtype
     fallback_reason: str | None = None
     base_id: str = ""
+    # Held while adapters are switched and the UNet samples (Compare, Evaluate): one pipeline, one user
+    # at a time, whatever the web queue's concurrency.
+    lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def guidance(self) -> float:
@@ -134,6 +138,14 @@ class Teacher:
         label = {"tiny": "tiny teacher", SD15_ID: "SD1.5 teacher"}.get(
             "tiny" if self.base_id == TINY_ID else self.base_id, f"teacher {self.base_id}")
         return f"{label} · {self.device} · {str(self.dtype).replace('torch.', '')}"
+
+
+def teacher_lock(teacher: Any):
+    """The teacher's lock (`Teacher.lock`) as a context manager; a no-op for teacher-like objects without one."""
+    import contextlib
+
+    lock = getattr(teacher, "lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:

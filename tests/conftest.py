@@ -18,3 +18,33 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-random-pipe")
     build_pipeline(seed=0).save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say which tests ran (per file, with outcomes) and which were skipped and why: CI prints this."""
+    from collections import Counter, defaultdict
+
+    stats = terminalreporter.stats
+    per_file: dict[str, Counter] = defaultdict(Counter)
+    for outcome in ("passed", "failed", "error", "xfailed", "xpassed"):
+        for rep in stats.get(outcome, []):
+            if getattr(rep, "when", "call") in ("call", "setup") and hasattr(rep, "nodeid"):
+                if outcome == "passed" and rep.when != "call":
+                    continue
+                per_file[rep.nodeid.split("::")[0]][outcome] += 1
+    skipped: dict[str, list[str]] = defaultdict(list)
+    for rep in stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        skipped[reason.removeprefix("Skipped: ")].append(rep.nodeid)
+    tw = terminalreporter
+    tw.section("cdlab: which tests ran")
+    for f in sorted(per_file):
+        tw.line(f"{f}: " + ", ".join(f"{n} {k}" for k, n in sorted(per_file[f].items())))
+    tw.line(f"total: {sum(sum(c.values()) for c in per_file.values())} ran, "
+            f"{sum(len(v) for v in skipped.values())} skipped")
+    if skipped:
+        tw.section("cdlab: skipped, and why")
+        for reason, ids in skipped.items():
+            tw.line(f"{len(ids)} skipped: {reason}")
+            for i in ids:
+                tw.line(f"    {i}")

@@ -95,7 +95,7 @@ def test_new_student_appears_without_restart_and_broken_one_errors(client, app):
 def _form(**change):
     values = dict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=10, batch_size=8,
                   guidance=3.0, guidance_max=3.0, preview_every=5, student_name="", data_kind="tiny world",
-                  data_path="", extra="")
+                  data_path="", extra="", overwrite=False, owner="")
     values.update(change)
     return list(values.values())
 
@@ -105,7 +105,7 @@ def _form(**change):
     (dict(guidance=5.0, guidance_max=2.0), "guidance_max"),
     (dict(student_name="no spaces allowed"), "student name"),
     (dict(extra="{broken"), "JSON"),
-    (dict(data_kind="image folder", data_path="/definitely/not/here"), "does not exist"),
+    (dict(data_kind="image folder", data_path="/definitely/not/here"), "outside the allowed folder"),
 ])
 def test_training_config_errors(client, app, change, match):
     from gradio_client.exceptions import AppError
@@ -115,11 +115,13 @@ def test_training_config_errors(client, app, change, match):
     assert not any((app[1] / "runs").iterdir())  # nothing was launched
 
 
-def test_unreadable_dataset_folder_errors(client, app, tmp_path):
+def test_unreadable_dataset_folder_errors(client, app):
     from gradio_client.exceptions import AppError
 
-    (tmp_path / "metadata.jsonl").write_bytes(b"\x00\xff\xfe")
+    folder = app[1] / "data" / "broken-set"  # inside the data folder the host allows
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_bytes(b"\x00\xff\xfe")
     with pytest.raises(AppError, match="metadata.jsonl"):
-        client.predict(*_form(data_kind="image folder", data_path=str(tmp_path)), api_name="/train_start")
+        client.predict(*_form(data_kind="image folder", data_path=str(folder)), api_name="/train_start")
     status = client.predict(None, api_name="/train_status")
     assert "No run selected" in status[0]

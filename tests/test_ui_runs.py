@@ -3,6 +3,7 @@ hosting helpers and the Evaluate tab's reading of evaluation folders."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -156,6 +157,34 @@ def test_job_start_stop_resume(fake):
     assert [r.name for r in R.list_runs(jobs.runs_dir)] == ["r1"]
 
 
+def test_only_the_starting_session_stops_or_resumes(fake):
+    jobs = fake("normal")
+    jobs.start({"run_name": "mine", "max_steps": 1000}, owner="token-a")
+    assert _wait(lambda: jobs.state("mine")["state"] == "running")
+    for token in ("token-b", "", None):
+        with pytest.raises(JobError, match="another browser session"):
+            jobs.stop("mine", owner=token, check_owner=True)
+    assert jobs.state("mine")["state"] == "running"
+    info = json.loads((jobs.runs_dir / "mine" / "ui_launch.json").read_text())
+    assert "token-a" not in json.dumps(info) and info["owner"]  # only a digest is kept
+    jobs.stop("mine", owner="token-a", check_owner=True, wait=True)
+    assert jobs.state("mine")["state"] == "stopped"
+    with pytest.raises(JobError, match="another browser session"):
+        jobs.resume("mine", owner="token-b")
+    jobs.resume("mine", owner="token-a", allow_unowned=False)
+    assert _wait(lambda: jobs.state("mine")["state"] == "running")
+    jobs.stop("mine", owner="token-a", check_owner=True, wait=True)
+    # a run the CLI started has no owner: resumable from a local app, never from a public one
+    cli = jobs.runs_dir / "cli-run"
+    shutil.copytree(jobs.runs_dir / "mine", cli)
+    (cli / "ui_launch.json").unlink()
+    with pytest.raises(JobError, match="not started from this app"):
+        jobs.resume("cli-run", owner="token-a", allow_unowned=False)
+    for bad in ("../mine", "/etc", "a" * 300, "x\x00y"):
+        with pytest.raises(JobError, match="Invalid run name"):
+            jobs.resume(bad, owner="token-a")
+
+
 def test_stubborn_trainer_is_killed_and_never_left_stopping(fake):
     jobs = fake("stubborn", stop_timeout=0.5)
     job = jobs.start({"run_name": "s1"})
@@ -214,7 +243,7 @@ def test_form_defaults_resolve_through_the_trainer_config():
     ({"student_name": "bad name!"}, "tiny world", "", "", "student name"),
     ({"guidance": 5.0, "guidance_max": 2.0}, "tiny world", "", "", "guidance_max"),
     ({"method": "mbcd", "num_boundaries": 1}, "tiny world", "", "", "num_boundaries"),
-    ({}, "image folder", "/no/such/folder", "", "does not exist"),
+    ({}, "image folder", "/no/such/folder", "", "outside the allowed folder"),
     ({}, "image folder", "", "", "folder"),
     ({}, "tiny world", "", "{oops", "not valid JSON"),
     ({}, "tiny world", "", '{"no_such_field": 1}', "unknown field"),
@@ -226,7 +255,10 @@ def test_form_errors(change, kind, path, extra, match):
         T.form_to_config(values, "tiny", kind, path, extra_json=extra)
 
 
-def test_unreadable_dataset_folder(tmp_path):
+def test_unreadable_dataset_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDLAB_DATA_DIRS", str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        T.data_value("image folder", str(tmp_path / "nope"))
     (tmp_path / "metadata.jsonl").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(ValueError, match="metadata.jsonl"):
         T.data_value("image folder", str(tmp_path))
@@ -239,11 +271,15 @@ def test_unreadable_dataset_folder(tmp_path):
 def test_training_gate(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv(H.TRAINING_ENV, raising=False)
-    assert H.training_allowed()
+    assert H.training_allowed() and not H.is_public_host()
+    # a --share link is a public host: training off, evaluations capped
+    assert H.is_public_host(share=True) and not H.training_allowed(share=True)
+    assert H.eval_prompt_limits(share=True) == (H.PUBLIC_EVAL_MAX_PROMPTS, H.PUBLIC_EVAL_MAX_PROMPTS)
+    assert H.eval_prompt_limits()[1] > H.PUBLIC_EVAL_MAX_PROMPTS
     monkeypatch.setenv("SPACE_ID", "user/cdlab")
     assert H.is_public_host() and not H.training_allowed()
     monkeypatch.setenv(H.TRAINING_ENV, "1")
-    assert H.training_allowed()
+    assert H.training_allowed() and H.training_allowed(share=True)
 
 
 def test_gpu_wraps_only_with_spaces(monkeypatch):
@@ -262,9 +298,9 @@ def test_gpu_wraps_only_with_spaces(monkeypatch):
     assert g is not f and g(1) == 20 and calls == [30]
 
 
-def test_allowed_paths_are_only_runs_and_adapters(tmp_path):
-    paths = H.allowed_paths(tmp_path / "runs", tmp_path / "adapters")
-    assert paths == [str((tmp_path / "runs").resolve()), str((tmp_path / "adapters").resolve())]
+def test_runs_and_cache_are_blocked_from_serving(tmp_path):
+    paths = H.blocked_paths(tmp_path / "runs", tmp_path / "cache")
+    assert paths == [str((tmp_path / "runs").resolve()), str((tmp_path / "cache").resolve())]
 
 
 def test_evaluations_newest_first_and_table(tmp_path):

@@ -1,6 +1,8 @@
 """``python -m cdlab train``: train a consistency student.
 
-    python -m cdlab train --model tiny                                   # tiny multi-boundary CD (N=4), CPU ok
+    python -m cdlab train --model tiny                                   # tiny multi-boundary CD (N=4), CPU ok;
+                                                                         # a new student tiny-mbcd-4-<timestamp>
+    python -m cdlab train --model tiny --student_name my-cd --overwrite  # replace adapters/my-cd if it exists
     python -m cdlab train --model tiny --method cd --num_boundaries 1    # classic CD (one boundary)
     python -m cdlab train --model tiny --method ct                       # consistency training, no teacher
     python -m cdlab train --model sd15 --data data/coco5k --max_steps 3000   # the course's project
@@ -28,13 +30,17 @@ def _parser():
     p.add_argument("--config", help="JSON file of config fields (applied before --key value options)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest complete checkpoint")
     for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name}", dest=f.name, default=None, metavar="V", help=f"default: {f.default!r}")
+        if f.type in (bool, "bool"):  # `--overwrite` alone means true; `--overwrite false` also works
+            p.add_argument(f"--{f.name}", dest=f.name, default=None, metavar="V", nargs="?", const="true",
+                           help=f"default: {f.default!r}")
+        else:
+            p.add_argument(f"--{f.name}", dest=f.name, default=None, metavar="V", help=f"default: {f.default!r}")
     return p
 
 
 def build_config(argv: list[str]):
     """``(config, resume_dir)`` from the command line."""
-    from cdlab.train.config import TrainConfig, from_dict, load_json, resolve
+    from cdlab.train.config import TrainConfig, check_destination, from_dict, load_json, resolve
 
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None}
@@ -47,7 +53,11 @@ def build_config(argv: list[str]):
     if args.config:
         base = load_json(args.config, base)
     cfg = from_dict(overrides, base)
-    resolve(cfg)  # fail on a bad value now, before the teacher loads; the trainer resolves for real
+    resolved = resolve(cfg)  # fail on a bad value now, before the teacher loads; the trainer resolves for real
+    if not args.resume:
+        check_destination(resolved)  # an existing student is replaced only with --overwrite
+        if not cfg.student_name:  # keep the collision-free default name the check just approved
+            cfg = dataclasses.replace(cfg, student_name=resolved.student_name, run_name=cfg.run_name or resolved.run_name)
     return cfg, (Path(args.resume) if args.resume else None)
 
 

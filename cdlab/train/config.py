@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +65,10 @@ class TrainConfig:
     device: str = "auto"                 # "auto" | "cpu" | "cuda" (single process; accelerate picks under torchrun)
     threads: int = 0                     # torch CPU threads (0 = leave as is)
     # ---- run
-    run_name: str = ""                   # "" -> <student_name>-<YYYYmmdd-HHMMSS>
-    student_name: str = ""               # "" -> <model>-<method>-<N>; saved to adapters/<student_name>
+    run_name: str = ""                   # "" -> the student name when it is automatic, else <student_name>-<YYYYmmdd-HHMMSS>
+    student_name: str = ""               # "" -> <model>-<method>-<N>-<YYYYmmdd-HHMMSS> (never an existing student)
     save_student: bool = True            # write adapters/<student_name> at the end
+    overwrite: bool = False              # replace an existing adapters/<student_name> (else refused at start)
     log_every: int = 10                  # metrics.jsonl and status.json cadence (steps)
     probe_size: int = 16                 # fixed batch (fixed t, noise) whose loss is logged: a smooth curve
     preview_every: int = 250             # 0 = previews off (one is still written at the end if > 0)
@@ -125,10 +128,11 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
     if cfg.preview_prompts is None:
         cfg.preview_prompts = default_preview_prompts(prof)
     if not cfg.student_name:
-        base = cfg.model if cfg.model in ("tiny", "sd15") else Path(cfg.model.rstrip("/")).name
-        cfg.student_name = f"{base}-{card_method(cfg)}-{cfg.num_boundaries}"
+        cfg.student_name, auto = default_student_name(cfg), True
+    else:
+        auto = False
     if not cfg.run_name:
-        cfg.run_name = f"{cfg.student_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.run_name = cfg.student_name if auto else f"{cfg.student_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check(cfg)
     return cfg
 
@@ -140,43 +144,195 @@ def card_method(cfg: TrainConfig) -> str:
     return "mbcd" if (cfg.num_boundaries or 1) > 1 else "cd"
 
 
+# Every numeric field's allowed range (inclusive unless noted): one table for the CLI, the app and the API.
+# A value outside it, or not finite, is refused with a message naming the field.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "num_boundaries": (1, 1000), "guidance": (1.0, 30.0), "guidance_max": (1.0, 30.0),
+    "step_size": (1, 1000), "num_train_timesteps": (2, 10_000), "sample_steps": (1, 64),
+    "sampler_prob": (0.0, 1.0), "huber_c": (1e-8, 1.0), "ema_decay": (0.0, 0.99999),
+    "lora_rank": (1, 1024), "lora_alpha": (1e-6, 1e6),
+    "data_size": (0, 10_000_000), "data_seed": (0, 2**31 - 1), "resolution": (8, 4096),
+    "max_steps": (1, 10_000_000), "batch_size": (1, 4096), "grad_accum": (1, 1024), "lr": (1e-10, 1.0),
+    "warmup_steps": (0, 10_000_000), "weight_decay": (0.0, 1.0), "max_grad_norm": (0.0, 1e6),
+    "seed": (0, 2**31 - 1), "threads": (0, 1024),
+    "log_every": (1, 10_000_000), "probe_size": (0, 4096), "preview_every": (0, 10_000_000),
+    "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS, "loss_type": ("l2", "pseudo_huber"), "lr_schedule": ("constant", "cosine"),
+    "mixed_precision": MIXED_PRECISION, "device": ("auto", "cpu", "cuda"),
+}
+# Run names: letters, digits, "_" and "-" (a folder under runs/); student names: `cdlab.students.validate_name`.
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+
 def check(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first bad field."""
+    """Raise ``ValueError`` naming the first bad field (types, ranges, choices, names)."""
     def bad(name: str, want: str) -> ValueError:
         return ValueError(f"config: {name} must be {want}, got {getattr(cfg, name)!r}")
 
-    if cfg.method not in METHODS:
-        raise bad("method", f"one of {METHODS}")
+    types = _field_types()
+    for name, (lo, hi) in BOUNDS.items():
+        v = getattr(cfg, name)
+        if v is None and name in ("guidance_max",):
+            continue
+        want_int = _base_type(types[name]) is int
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (want_int and not isinstance(v, int)):
+            raise bad(name, "an integer" if want_int else "a number")
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise bad(name, f"a finite number in [{lo:g}, {hi:g}]")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, f"one of {choices}")
     if cfg.method == "mbcd" and cfg.num_boundaries == 1:
         raise bad("num_boundaries", "> 1 for mbcd (use method cd for one boundary)")
-    if not (isinstance(cfg.num_boundaries, int) and 1 <= cfg.num_boundaries <= cfg.num_train_timesteps // cfg.step_size):
-        raise bad("num_boundaries", f"an integer in [1, {cfg.num_train_timesteps // max(cfg.step_size, 1)}]")
-    if cfg.step_size < 1 or cfg.num_train_timesteps % cfg.step_size:
+    if cfg.num_train_timesteps % cfg.step_size:
         raise bad("step_size", f"a divisor of num_train_timesteps ({cfg.num_train_timesteps})")
-    if cfg.loss_type not in ("l2", "pseudo_huber"):
-        raise bad("loss_type", "'l2' or 'pseudo_huber'")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise bad("lr_schedule", "'constant' or 'cosine'")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise bad("mixed_precision", f"one of {MIXED_PRECISION}")
+    if cfg.num_boundaries > cfg.num_train_timesteps // cfg.step_size:
+        raise bad("num_boundaries", f"an integer in [1, {cfg.num_train_timesteps // cfg.step_size}]")
     if cfg.guidance_max is not None and cfg.guidance_max < cfg.guidance:
         raise bad("guidance_max", f">= guidance ({cfg.guidance})")
-    if not 0.0 <= cfg.sampler_prob <= 1.0:
-        raise bad("sampler_prob", "in [0, 1]")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise bad("ema_decay", "in [0, 1)")
-    for name in ("max_steps", "batch_size", "grad_accum", "lora_rank", "resolution", "sample_steps",
-                 "log_every", "checkpoint_every", "keep_checkpoints"):
-        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-            raise bad(name, "a positive integer")
-    for name in ("preview_every", "warmup_steps", "data_size", "probe_size"):
-        if getattr(cfg, name) < 0:
-            raise bad(name, ">= 0")
-    if cfg.lr <= 0:
-        raise bad("lr", "> 0")
-    from cdlab.students import validate_name  # light: no torch at import
+    if cfg.resolution % 8:
+        raise bad("resolution", "a multiple of 8")
+    from cdlab.students import StudentError, validate_name  # light: no torch at import
 
-    validate_name(cfg.student_name)  # fail now, not when the finished student is saved
+    try:
+        validate_name(cfg.student_name)  # fail now, not when the finished student is saved
+    except StudentError as e:
+        raise ValueError(f"config: student_name: {e}") from None
+    if not RUN_NAME_RE.match(cfg.run_name or ""):
+        raise bad("run_name", "1-100 letters, digits, '_' or '-', starting with a letter or digit")
+
+
+def default_student_name(cfg: TrainConfig, root: str | os.PathLike | None = None) -> str:
+    """``<model>-<method>-<N>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... until no student of that name exists.
+
+    A default name never collides with an existing student, so a run with nothing filled in never
+    replaces anybody's work.
+    """
+    from cdlab.students import adapters_dir
+
+    base = cfg.model if cfg.model in ("tiny", "sd15", "sd15-random") else Path(str(cfg.model).rstrip("/")).name
+    base = re.sub(r"[^A-Za-z0-9_-]", "-", base).strip("-_") or "student"
+    name = f"{base[:24]}-{card_method(cfg)}-{cfg.num_boundaries}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(root) if root is not None else adapters_dir()
+    candidate, k = name, 2
+    while (folder / candidate).exists():
+        candidate, k = f"{name}-{k}", k + 1
+    return candidate
+
+
+def check_destination(cfg: TrainConfig, root: str | os.PathLike | None = None, *, allow_shipped: bool = True) -> None:
+    """Refuse a run whose student would replace an existing one without ``overwrite``.
+
+    ``allow_shipped=False`` (the app) refuses the students that ship with the repository even with
+    ``overwrite``. Raises ``ValueError`` naming the field.
+    """
+    if not cfg.save_student:
+        return
+    from cdlab.students import adapters_dir, is_shipped
+
+    folder = Path(root) if root is not None else adapters_dir()
+    if not (folder / cfg.student_name).exists():
+        return
+    if not allow_shipped and is_shipped(cfg.student_name, folder):
+        raise ValueError(f"config: student_name {cfg.student_name!r} is a student shipped with the repository; "
+                         "the app never replaces it. Pick another name.")
+    if not cfg.overwrite:
+        raise ValueError(f"config: student_name {cfg.student_name!r} already exists in {folder}; pick another "
+                         "name, or set overwrite (CLI: --overwrite) to replace it.")
+
+
+# ----------------------------------------------------------------------- fields from the browser
+
+# Set by whoever runs the app (its --model, its machine), never by a browser or API caller.
+HOST_ONLY = ("model", "device", "threads", "cache_dir")
+MAX_TEXT = 300            # characters in any text field from the app
+MAX_PROMPTS = 16          # preview prompts from the app
+_HF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def data_roots() -> list[Path]:
+    """Folders the app may read data sets from: ``$CDLAB_DATA_DIRS`` (``os.pathsep``-separated), else ``<repo>/data``."""
+    env = os.environ.get("CDLAB_DATA_DIRS")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [REPO_ROOT / "data"]
+
+
+def _check_text(name: str, value: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"config: {name} is {len(value)} characters long; the limit is {MAX_TEXT}")
+    bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"), None)
+    if bad is not None:
+        raise ValueError(f"config: {name} contains a control character ({bad!r})")
+    return value
+
+
+def check_data(value: Any, roots: list[Path] | None = None) -> str:
+    """The ``data`` field from the app: ``world``, ``hf:NAME`` or a folder inside `data_roots`."""
+    from cdlab.paths import confine
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("config: data must be 'world', 'hf:NAME' or a data-set folder")
+    value = _check_text("data", value.strip())
+    if value == "world":
+        return value
+    if value.startswith("hf:"):
+        if not _HF_NAME_RE.match(value[3:]) or ".." in value:
+            raise ValueError(f"config: data {value!r} is not a Hugging Face datasets name (user/name)")
+        return value
+    return str(confine(value, data_roots() if roots is None else roots, "data"))
+
+
+def untrusted_overrides(d: Any) -> dict[str, Any]:
+    """Check config fields that come from a browser or the API, before `from_dict` turns them into a config.
+
+    Refuses, with a message naming the field: a non-object, unknown keys, host-only keys (`HOST_ONLY`),
+    values of the wrong JSON type, non-finite numbers, text over `MAX_TEXT` characters or with control
+    characters, and data folders outside `data_roots`. Ranges are `check`'s job (after `resolve`).
+    """
+    if not isinstance(d, dict):
+        raise ValueError("config: the settings must be a JSON object, e.g. {\"log_every\": 10}")
+    types = _field_types()
+    for k in d:
+        if not isinstance(k, str):
+            raise ValueError(f"config: field names must be strings, got {k!r}")
+    unknown = sorted(k for k in d if k not in types)
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise ValueError(f"config: unknown field(s) {shown}; known: {', '.join(types)}")
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if k in HOST_ONLY:
+            raise ValueError(f"config: {k} is set by whoever runs the app, not from the browser")
+        base = _base_type(types[k])
+        if v is None:
+            if get_origin(types[k]) is None and base is types[k]:
+                raise ValueError(f"config: {k} cannot be null")
+        elif base is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"config: {k} must be true or false, got {v!r}")
+        elif base in (int, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"config: {k} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"config: {k} must be a finite number, got {v!r}")
+            if base is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError(f"config: {k} must be a whole number, got {v!r}")
+        elif base is str:
+            if not isinstance(v, str):
+                raise ValueError(f"config: {k} must be a string, got {v!r}")
+            _check_text(k, v)
+        elif get_origin(types[k]) is list or get_origin(base) is list:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or not 1 <= len(v) <= MAX_PROMPTS:
+                raise ValueError(f"config: {k} must be a list of 1 to {MAX_PROMPTS} strings")
+            for x in v:
+                _check_text(k, x)
+        if k == "data":
+            v = check_data(v)
+        out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -184,6 +340,12 @@ def check(cfg: TrainConfig) -> None:
 
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
+
+
+def _base_type(typ: Any) -> Any:
+    """``int`` for ``int | None``, the type itself otherwise."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    return args[0] if args and get_origin(typ) is not list else typ
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -259,5 +421,6 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(env) if env else REPO_ROOT / "cache"
 
 
-__all__ = ["TrainConfig", "PROFILES", "resolve", "check", "from_dict", "load_json", "runs_dir",
-           "cache_root", "card_method", "profile_name", "default_preview_prompts"]
+__all__ = ["TrainConfig", "PROFILES", "BOUNDS", "CHOICES", "resolve", "check", "check_destination",
+           "default_student_name", "untrusted_overrides", "check_data", "data_roots", "from_dict", "load_json",
+           "runs_dir", "cache_root", "card_method", "profile_name", "default_preview_prompts"]

@@ -20,7 +20,8 @@ STUDENT_STEPS = (1, 2, 4, 8)
 MAX_PROMPT_CHARS = 500
 SEED_MAX = 2**32 - 1
 GUIDANCE_RANGE = (1.0, 20.0)
-MAX_TRAJECTORY_FRAMES = 10  # teacher-50's strip is subsampled to this many x0 predictions
+MAX_TRAJECTORY_FRAMES = 10
+MAX_COLUMNS = 32  # teacher-50's strip is subsampled to this many x0 predictions
 
 
 
@@ -80,8 +81,11 @@ class ColumnResult:
     speedup_estimated: bool = False
     trajectory: list[Any] = field(default_factory=list)  # PIL images of x0 after each (shown) step
     trajectory_steps: list[int] = field(default_factory=list)
+    error: str | None = None  # set when this column could not be produced (its image says why)
 
     def caption(self) -> str:
+        if self.error:
+            return f"{self.label} · failed: {self.error}"
         sp = "–" if self.speedup is None else f"{'≈' if self.speedup_estimated else ''}{self.speedup:.1f}x"
         return f"{self.label} · {self.seconds:.2f} s · NFE {self.nfe} · speedup {sp}"
 
@@ -101,6 +105,9 @@ class CompareResult:
         """Rows ``[column, seconds, NFE, speedup]`` for a table."""
         rows = []
         for c in self.columns:
+            if c.error:
+                rows.append([c.label, None, None, f"failed: {c.error}"])
+                continue
             sp = "–" if c.speedup is None else f"{'≈' if c.speedup_estimated else ''}{c.speedup:.1f}x"
             rows.append([c.label, round(c.seconds, 3), c.nfe, sp])
         return rows
@@ -114,9 +121,14 @@ def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) 
     """Check and normalise the Compare inputs; raise `InputError` with a clear message."""
     if prompt is None or not str(prompt).strip():
         raise InputError("The prompt is empty: type a prompt or pick a preset.")
-    prompt = str(prompt).strip()
+    if not isinstance(prompt, str):
+        raise InputError(f"The prompt must be text, got {type(prompt).__name__}.")
+    prompt = prompt.strip()
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+    bad = next((c for c in prompt if (ord(c) < 32 and c not in "\n\t") or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise InputError(f"The prompt contains a control character ({bad!r}); type plain text.")
     try:
         seed_f = float(seed)
     except (TypeError, ValueError):
@@ -175,6 +187,11 @@ class Comparer:
     def _resolve_columns(self, names: list[str], guidance: float, steps: int) -> list[Column]:
         if not names:
             raise InputError("No column selected: tick at least one of the teacher or student columns.")
+        if not all(isinstance(n, str) for n in names):
+            raise InputError("Columns must be a list of column names.")
+        names = list(dict.fromkeys(names))  # each column once: a repeated name would only cost time
+        if len(names) > MAX_COLUMNS:
+            raise InputError(f"{len(names)} columns selected; the limit is {MAX_COLUMNS}.")
         students = {s.name: s for s in self.students()}
         externals = {f"{k} (external)": k for k in self.external_keys()}
         cols = []
@@ -190,7 +207,7 @@ class Comparer:
                 cols.append(Column(f"{externals[name]} ({steps} steps)", "external", steps, student=externals[name]))
             else:
                 raise InputError(
-                    f"Unknown column {name!r}: the student may have been deleted or does not fit the loaded "
+                    f"Unknown column {name[:80]!r}: the student may have been deleted or does not fit the loaded "
                     f"teacher ({self.teacher.base_id}). Refresh the columns."
                 )
         return cols
@@ -209,8 +226,7 @@ class Comparer:
         """Sample every selected column from the same noise and text embeddings."""
         import torch
 
-        from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
-        from cdlab.students import activate_student, load_student
+        from cdlab.students import activate_student
 
         prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
         cols = self._resolve_columns(list(columns or []), guidance, student_steps)
@@ -219,49 +235,72 @@ class Comparer:
         warnings = self._prompt_warnings(prompt)
         t_start = time.perf_counter()
         results: list[ColumnResult] = []
-        with torch.inference_mode():
+        # One lock per teacher: switching adapters and sampling are one unit, whatever the queue's
+        # concurrency; Evaluate takes the same lock.
+        from cdlab.teachers import teacher_lock
+
+        with teacher_lock(t), torch.inference_mode():
             cond, uncond = t.encode([prompt])  # once for all columns
             x_T = t.initial_noise(seed)  # the same noise for every column
             for i, col in enumerate(cols):
                 if progress:
                     progress(i / len(cols), f"sampling {col.label}")
-                if col.kind == "student":
-                    load_student(pipe, col.student, root=self.adapters_root)
-                    activate_student(pipe, col.student)
-                elif col.kind == "external":
-                    from cdlab.students import load_external_student
-
-                    col.card = load_external_student(pipe, col.student)
-                    activate_student(pipe, col.card.name)
-                else:
-                    activate_student(pipe, None)
-                _sync(t.device)
-                t0 = time.perf_counter()
-                if col.kind == "teacher":
-                    out = sample_ddim(t.unet, x_T, cond, uncond, col.guidance, ddim_timesteps(col.steps),
-                                      t.scheduler, return_trajectory=show_trajectory)
-                elif col.kind == "student":
-                    k = int(getattr(col.card, "num_boundaries", 0) or col.steps)
-                    out = sample_consistency(t.unet, x_T, cond, consistency_timesteps(col.steps, k), t.scheduler,
-                                             return_trajectory=show_trajectory)
-                else:
-                    out = self._sample_external(col, x_T, cond, uncond, show_trajectory, seed)
-                image = t.decode(out.latents)[0]
-                _sync(t.device)
-                seconds = time.perf_counter() - t0
-                traj, traj_steps = [], []
-                if show_trajectory and out.x0_trajectory:
-                    idx = _subsample(len(out.x0_trajectory), MAX_TRAJECTORY_FRAMES)
-                    frames = torch.cat([out.x0_trajectory[j] for j in idx])
-                    traj, traj_steps = t.decode(frames), [j + 1 for j in idx]
-                results.append(ColumnResult(col.label, image, seconds, int(out.nfe), col.steps,
-                                            trajectory=traj, trajectory_steps=traj_steps))
+                try:
+                    results.append(self._sample_column(col, x_T, cond, uncond, show_trajectory, seed))
+                except Exception as e:  # this column fails alone; the others render
+                    reason = _short_reason(e)
+                    warnings.append(f"{col.label}: {reason}")
+                    results.append(ColumnResult(col.label, error_image(reason, t.resolution), 0.0, 0, col.steps,
+                                                error=reason))
             activate_student(pipe, None)
+        if results and all(r.error for r in results):
+            raise InputError("; ".join(f"{r.label}: {r.error}" for r in results))
         _fill_speedups(results)
         if progress:
             progress(1.0, "done")
         return CompareResult(prompt, seed, guidance, student_steps, t.describe(), results, warnings,
                              time.perf_counter() - t_start)
+
+    def _sample_column(self, col: Column, x_T, cond, uncond, show_trajectory: bool, seed: int) -> ColumnResult:
+        """Activate the column's adapter (loading it if needed) and sample it; the caller holds the teacher lock."""
+        import torch
+
+        from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
+        from cdlab.students import activate_student, load_student
+
+        t = self.teacher
+        pipe = t.pipe
+        if col.kind == "student":
+            load_student(pipe, col.student, root=self.adapters_root)
+            activate_student(pipe, col.student)
+        elif col.kind == "external":
+            from cdlab.students import load_external_student
+
+            col.card = load_external_student(pipe, col.student)
+            activate_student(pipe, col.card.name)
+        else:
+            activate_student(pipe, None)
+        _sync(t.device)
+        t0 = time.perf_counter()
+        if col.kind == "teacher":
+            out = sample_ddim(t.unet, x_T, cond, uncond, col.guidance, ddim_timesteps(col.steps),
+                              t.scheduler, return_trajectory=show_trajectory)
+        elif col.kind == "student":
+            k = int(getattr(col.card, "num_boundaries", 0) or col.steps)
+            out = sample_consistency(t.unet, x_T, cond, consistency_timesteps(col.steps, k), t.scheduler,
+                                     return_trajectory=show_trajectory)
+        else:
+            out = self._sample_external(col, x_T, cond, uncond, show_trajectory, seed)
+        image = t.decode(out.latents)[0]
+        _sync(t.device)
+        seconds = time.perf_counter() - t0
+        traj, traj_steps = [], []
+        if show_trajectory and out.x0_trajectory:
+            idx = _subsample(len(out.x0_trajectory), MAX_TRAJECTORY_FRAMES)
+            frames = torch.cat([out.x0_trajectory[j] for j in idx])
+            traj, traj_steps = t.decode(frames), [j + 1 for j in idx]
+        return ColumnResult(col.label, image, seconds, int(out.nfe), col.steps,
+                            trajectory=traj, trajectory_steps=traj_steps)
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         tok = self.teacher.tokenizer
@@ -311,6 +350,25 @@ class Comparer:
         return SampleOutput(latents=x, x0_trajectory=traj, timesteps=[int(s) for s in scheduler.timesteps], nfe=nfe)
 
 
+def _short_reason(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_image(reason: str, resolution: int = 256, size: int = 256):
+    """A grey square that says why a column could not be produced (shown in the column's place)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), "column failed:", fill=(160, 0, 0))
+    for i, line in enumerate(textwrap.wrap(reason, 38)[:14]):
+        d.text((8, 26 + 15 * i), line, fill=(40, 40, 40))
+    return img
+
+
 def _sync(device: Any) -> None:
     import torch
 
@@ -327,8 +385,10 @@ def _subsample(n: int, k: int) -> list[int]:
 
 def _fill_speedups(results: list[ColumnResult]) -> None:
     """Speedup against teacher-50: measured when that column ran, else estimated from NFE (marked ≈)."""
-    ref = next((r for r in results if r.label == TEACHER_50), None)
+    ref = next((r for r in results if r.label == TEACHER_50 and not r.error), None)
     for r in results:
+        if r.error:
+            continue
         if ref is not None and r.seconds > 0:
             r.speedup = ref.seconds / r.seconds
         elif r.nfe > 0:

@@ -90,6 +90,19 @@ def results_to_markdown(results: Any) -> str:
     return "\n".join(lines)
 
 
+def check_prompt_count(value: Any, maximum: int) -> int:
+    """The number of prompts of a new evaluation from the page: a whole number in [1, maximum]."""
+    import math
+
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"Prompts must be a whole number from 1 to {maximum}, got {str(value)[:40]!r}.") from None
+    if isinstance(value, bool) or not math.isfinite(f) or not f.is_integer() or not 1 <= f <= maximum:
+        raise ValueError(f"Prompts must be a whole number from 1 to {maximum}, got {value!r}.")
+    return int(f)
+
+
 def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | None = None, **kwargs: Any) -> Path:
     """Run ``cdlab.evaluate.run_evaluation`` on the loaded teacher; returns the new evaluation's folder."""
     from cdlab import evaluate

@@ -1,4 +1,16 @@
-"""Hosting helpers: Hugging Face Spaces detection, the training gate, ``spaces.GPU`` and launch settings."""
+"""Hosting policy: public hosts, the training gate, who may stop what, what is served, ``spaces.GPU``.
+
+A host is *public* on Hugging Face Spaces (``SPACE_ID`` is set) and behind a ``--share`` link. There:
+
+- training is off unless ``CDLAB_ALLOW_TRAINING=1`` (or ``python app.py --allow-training``);
+- a new evaluation is capped at `PUBLIC_EVAL_MAX_PROMPTS` prompts, so it cannot hold the GPU queue
+  for minutes while others wait.
+
+Everywhere, a run started from the app can be stopped or resumed only from the browser session that
+started it (the local CLI aside: ``kill -TERM`` or ``python -m cdlab train --resume``), and the app
+serves previews, metrics, plots and cards, never files from ``runs/`` or the latent cache (no
+checkpoints, no optimiser states): `blocked_paths`.
+"""
 from __future__ import annotations
 
 import os
@@ -14,22 +26,34 @@ MAX_FILE_SIZE = "20mb"
 TRAINING_ENV = "CDLAB_ALLOW_TRAINING"
 
 TRAINING_OFF_MESSAGE = (
-    "Training is disabled on this public host. Training needs dedicated GPU hardware for its whole run "
-    "(ZeroGPU calls are capped at minutes); duplicate the Space on a dedicated GPU and set "
-    f"{TRAINING_ENV}=1 to enable it, or run `python app.py` locally."
+    "Training is disabled on this public host (a Space or a --share link). Training needs dedicated GPU "
+    "hardware for its whole run (ZeroGPU calls are capped at minutes) and is a powerful action; set "
+    f"{TRAINING_ENV}=1 (or start the app with --allow-training) to enable it, or run `python app.py` locally."
 )
 
 
-def is_public_host() -> bool:
-    """True on Hugging Face Spaces (the ``SPACE_ID`` variable is set there)."""
-    return bool(os.environ.get("SPACE_ID"))
+PUBLIC_EVAL_MAX_PROMPTS = 32     # a new evaluation on a public host: at most this many prompts
+LOCAL_EVAL_MAX_PROMPTS = 1024
+LOCAL_EVAL_DEFAULT_PROMPTS = 128  # `cdlab.evaluate`'s own default on the tiny world
 
 
-def training_allowed() -> bool:
-    """Training is on locally; on a public host only when ``CDLAB_ALLOW_TRAINING=1``."""
-    if not is_public_host():
+def is_public_host(share: bool = False) -> bool:
+    """True on Hugging Face Spaces (the ``SPACE_ID`` variable is set there) or behind a ``--share`` link."""
+    return bool(os.environ.get("SPACE_ID")) or bool(share)
+
+
+def training_allowed(share: bool = False) -> bool:
+    """Training is on locally; on a public host (a Space, a ``--share`` link) only when ``CDLAB_ALLOW_TRAINING=1``."""
+    if not is_public_host(share):
         return True
     return os.environ.get(TRAINING_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def eval_prompt_limits(share: bool = False) -> tuple[int, int]:
+    """``(default, maximum)`` prompts of a new evaluation started from the app on this host."""
+    if is_public_host(share):
+        return PUBLIC_EVAL_MAX_PROMPTS, PUBLIC_EVAL_MAX_PROMPTS
+    return LOCAL_EVAL_DEFAULT_PROMPTS, LOCAL_EVAL_MAX_PROMPTS
 
 
 def gpu(fn: Callable | None = None, *, duration: int = 60) -> Any:
@@ -48,9 +72,14 @@ def gpu(fn: Callable | None = None, *, duration: int = 60) -> Any:
     return wrap(fn) if fn is not None else wrap
 
 
-def allowed_paths(runs_dir: Path, adapters_dir: Path) -> list[str]:
-    """The only folders the app may serve files from: training runs and adapters."""
-    return [str(Path(runs_dir).resolve()), str(Path(adapters_dir).resolve())]
+def blocked_paths(runs_dir: Path, cache_dir: Path | None = None) -> list[str]:
+    """Folders the app never serves, even a file an event returned: run folders (checkpoints, optimiser
+    states, logs) and the latent cache. Previews leave ``runs/`` as images the app returns, copied by
+    Gradio into its own cache, so only what the app chose to show is ever served."""
+    paths = [Path(runs_dir)]
+    if cache_dir is not None:
+        paths.append(Path(cache_dir))
+    return [str(p.resolve()) for p in paths]
 
 
 def runs_dir() -> Path:

@@ -7,8 +7,10 @@ timeout; a run is never left "stopping".
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +38,19 @@ class Job:
     started: float
     stop_requested: float | None = None
     killed: bool = False
+    owner: str | None = None  # sha256 of the starting browser session's token (None: no owner given)
+
+
+def owner_digest(token: str | None) -> str | None:
+    """What is stored of a session's owner token: its SHA-256, never the token itself."""
+    if not token:
+        return None
+    return hashlib.sha256(str(token).encode()).hexdigest()
+
+
+def new_owner_token() -> str:
+    """A fresh, unguessable token for one browser session (kept in its browser)."""
+    return secrets.token_urlsafe(24)
 
 
 class JobManager:
@@ -99,12 +114,15 @@ class JobManager:
         return status
 
     # -- actions -----------------------------------------------------------------------------
-    def start(self, config: dict[str, Any], extra_args: list[str] | None = None) -> Job:
+    def start(self, config: dict[str, Any], extra_args: list[str] | None = None, owner: str | None = None) -> Job:
         """Write ``config`` (a resolved trainer config, with ``run_name``) to its run directory and launch
-        ``python -m cdlab train --model M --config FILE`` on it."""
+        ``python -m cdlab train --model M --config FILE`` on it. ``owner`` is the starting session's token:
+        only a request with the same token may stop or resume the run (`stop`, `resume`)."""
+        from cdlab.train.config import RUN_NAME_RE
+
         run_name = str(config.get("run_name") or "")
-        if not run_name:
-            raise JobError("The config has no run_name.")
+        if not RUN_NAME_RE.match(run_name):
+            raise JobError(f"Invalid run name {run_name[:40]!r}.")
         run_dir = self.runs_dir / run_name
         if run_dir.exists() and any(run_dir.iterdir()):
             raise JobError(f"A run named {run_name!r} already exists in {self.runs_dir}; pick another name.")
@@ -114,13 +132,40 @@ class JobManager:
         cfg_path.write_text(json.dumps({**config, "model": self.model}, indent=2))
         cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
                *(extra_args or [])]
-        return self._launch(run_name, run_dir, cmd)
+        return self._launch(run_name, run_dir, cmd, owner_digest(owner))
 
-    def resume(self, run_name: str) -> Job:
-        """Continue ``run_name`` from its newest complete checkpoint."""
+    def run_owner(self, run_name: str) -> str | None:
+        """The owner digest recorded when the app first started ``run_name`` (None: a CLI run, or no owner)."""
+        info = runs_mod.read_json(self.runs_dir / run_name / LAUNCH_NAME) or {}
+        owner = info.get("owner")
+        return owner if isinstance(owner, str) else None
+
+    def check_owner(self, run_name: str, owner: str | None, allow_unowned: bool = True) -> None:
+        """Refuse a stop/resume of ``run_name`` from any session but the one that started it.
+
+        Runs with no recorded owner (started by the CLI) are allowed only when ``allow_unowned``
+        (a local host); a public host passes False.
+        """
+        recorded = self.run_owner(run_name)
+        if recorded is None:
+            if not allow_unowned:
+                raise JobError(f"Run {run_name!r} was not started from this app; on a public host only the "
+                               "browser session that started a run can stop or resume it.")
+            return
+        if owner_digest(owner) != recorded:
+            raise JobError(f"Run {run_name!r} was started from another browser session; only that session "
+                           "can stop or resume it.")
+
+    def resume(self, run_name: str, owner: str | None = None, allow_unowned: bool = True) -> Job:
+        """Continue ``run_name`` from its newest complete checkpoint (owner rules: `check_owner`)."""
+        from cdlab.train.config import RUN_NAME_RE
+
+        if not isinstance(run_name, str) or not RUN_NAME_RE.match(run_name):
+            raise JobError(f"Invalid run name {str(run_name)[:40]!r}.")
         run_dir = self.runs_dir / run_name
         if not run_dir.is_dir():
             raise JobError(f"No run named {run_name!r} in {self.runs_dir}.")
+        self.check_owner(run_name, owner, allow_unowned)
         if runs_mod.latest_checkpoint(run_dir) is None:
             raise JobError(f"Run {run_name!r} has no complete checkpoint to resume from.")
         st = runs_mod.read_status(run_dir)
@@ -128,13 +173,21 @@ class JobManager:
             raise JobError(f"Run {run_name!r} already finished; start a new run to train further.")
         self._check_free()
         cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
-        return self._launch(run_name, run_dir, cmd)
+        return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
 
-    def stop(self, run_name: str | None = None, wait: bool = False) -> None:
-        """SIGTERM the trainer (it checkpoints and exits); SIGKILL its group after ``stop_timeout`` s."""
+    def stop(self, run_name: str | None = None, wait: bool = False, owner: str | None = None,
+             check_owner: bool = False) -> None:
+        """SIGTERM the trainer (it checkpoints and exits); SIGKILL its group after ``stop_timeout`` s.
+
+        With ``check_owner`` (every request from the app) only the session whose token started the run
+        may stop it; the app's own shutdown stops without.
+        """
         j = self._job
         if j is None or (run_name and j.run_name != run_name) or j.proc.poll() is not None:
             raise JobError("No training job of this app is running.")
+        if check_owner and j.owner is not None and owner_digest(owner) != j.owner:
+            raise JobError(f"Run {j.run_name!r} was started from another browser session; only that session "
+                           "can stop it.")
         if j.stop_requested is None:
             j.stop_requested = time.time()
             _signal_group(j.proc, signal.SIGTERM)
@@ -143,7 +196,7 @@ class JobManager:
             j.proc.wait()
             self._reap()
 
-    def _launch(self, run_name: str, run_dir: Path, cmd: list[str]) -> Job:
+    def _launch(self, run_name: str, run_dir: Path, cmd: list[str], owner: str | None = None) -> Job:
         with self._lock:
             self._check_free()
             env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
@@ -155,8 +208,9 @@ class JobManager:
                                         env=env, cwd=str(self.cwd), start_new_session=True)
             finally:
                 log.close()
-            (run_dir / LAUNCH_NAME).write_text(json.dumps({"cmd": cmd, "pid": proc.pid, "started": time.time()}))
-            self._job = Job(run_name, run_dir, proc, time.time())
+            (run_dir / LAUNCH_NAME).write_text(json.dumps({"cmd": cmd, "pid": proc.pid, "started": time.time(),
+                                                           "owner": owner}))
+            self._job = Job(run_name, run_dir, proc, time.time(), owner=owner)
             threading.Thread(target=self._watch_exit, args=(self._job,), daemon=True).start()
             return self._job
 

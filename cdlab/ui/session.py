@@ -32,3 +32,8 @@ def header_line(teacher: Any) -> str:
     if reason:
         line += f" — fell back: {reason}"
     return line
+
+
+# The page's ready signal, written by the page-load event once the lists are fresh: browser tests and
+# scripts wait for ``#cdlab-ready`` (a Gradio page keeps a stream open, so "network idle" may never come).
+READY_HTML = '<span id="cdlab-ready" data-ready="1" style="display:none">ready</span>'

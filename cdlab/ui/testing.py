@@ -20,7 +20,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run ``python app.py --model MODEL`` with runs/adapters/evals under ``workdir``; yield its URL.
+    """Run ``python app.py --model MODEL`` with runs/adapters/evals/data/cache under ``workdir``; yield its URL.
 
     The server's output goes to ``workdir/server.log``; a server that dies or never answers raises
     ``RuntimeError`` with that log's tail.
@@ -28,11 +28,12 @@ def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, 
     from cdlab.ui.hosting import repo_root
 
     workdir = Path(workdir)
-    for d in ("runs", "adapters", "evals"):
+    for d in ("runs", "adapters", "evals", "data"):
         (workdir / d).mkdir(parents=True, exist_ok=True)
     port = free_port()
     full_env = {**os.environ, "CDLAB_RUNS_DIR": str(workdir / "runs"), "CDLAB_ADAPTERS_DIR": str(workdir / "adapters"),
-                "CDLAB_EVALS_DIR": str(workdir / "evals"), "GRADIO_ANALYTICS_ENABLED": "False",
+                "CDLAB_EVALS_DIR": str(workdir / "evals"), "CDLAB_DATA_DIRS": str(workdir / "data"),
+                "CDLAB_CACHE_DIR": str(workdir / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
                 "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:

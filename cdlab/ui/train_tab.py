@@ -1,6 +1,7 @@
 """The Train tab's logic: what one poll of a run shows (status, progress, loss plot, preview)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,19 @@ def poll(jobs: JobManager, run_name: str | None) -> RunView:
     title = f"{run_name} (resumed at step {', '.join(map(str, p.resumes))})" if p.resumes else run_name
     return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), runs_mod.loss_plot(rows, title),
                    prev[0] if prev else None, caption, log, state in runs_mod.ACTIVE_STATES)
+
+
+def read_image(path: Path | None):
+    """A PIL copy of an image file (None if it is gone), so the app returns pixels, not a path under runs/."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        return None
 
 
 def run_choices(jobs: JobManager) -> list[tuple[str, str]]:
@@ -117,12 +131,19 @@ def form_fields(model: str, teacher_resolution: int | None = None) -> list[FormF
     return out
 
 
-def data_value(kind: str, value: str | None) -> str:
+def data_value(kind: str, value: str | None, roots: list[Path] | None = None) -> str:
     """The trainer's ``data`` field from the form's data-set choice; checks what can be checked here.
 
-    Raises ``ValueError`` for a folder that does not exist or has no readable ``metadata.jsonl``, or an
-    HF name without the ``datasets`` package.
+    Folders must lie inside the data folders the host allows (`cdlab.train.config.data_roots`).
+    Raises ``ValueError`` for a folder outside them, one that does not exist or has no readable
+    ``metadata.jsonl``, or an HF name without the ``datasets`` package.
     """
+    from cdlab.train.config import check_data
+
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError(f"config: data set kind must be one of {DATA_KINDS}.")
+    if value is not None and not isinstance(value, str):
+        raise ValueError("config: data set folder or name must be text.")
     value = (value or "").strip()
     if kind == "tiny world":
         return "world"
@@ -131,10 +152,10 @@ def data_value(kind: str, value: str | None) -> str:
             raise ValueError("Give the data-set folder (with images and a metadata.jsonl)."
                              + (" Make one with `python -m cdlab coco --images DIR --captions FILE --out DIR`."
                                 if kind == "COCO recipe folder" else ""))
-        folder = Path(value).expanduser()
+        folder = Path(check_data(value, roots))
         meta = folder / "metadata.jsonl"
         if not folder.is_dir():
-            raise ValueError(f"The data-set folder {str(folder)!r} does not exist.")
+            raise ValueError(f"The data-set folder {value!r} does not exist.")
         try:
             first = next((ln for ln in meta.read_text(encoding="utf-8").splitlines() if ln.strip()), None)
             import json as _json
@@ -142,65 +163,93 @@ def data_value(kind: str, value: str | None) -> str:
             if first is None or not isinstance(_json.loads(first), dict):
                 raise ValueError
         except (OSError, ValueError, UnicodeDecodeError):
-            raise ValueError(f"The data-set folder {str(folder)!r} has no readable metadata.jsonl "
+            raise ValueError(f"The data-set folder {value!r} has no readable metadata.jsonl "
                              "(one JSON object a line: file_name and text).") from None
-        return str(folder.resolve())
+        return str(folder)
     if kind == "HF datasets name":
         if not value:
             raise ValueError("Give a Hugging Face datasets name, e.g. 'user/my-captioned-images'.")
         import importlib.util
 
+        name = check_data(value if value.startswith("hf:") else f"hf:{value}", roots)
         if importlib.util.find_spec("datasets") is None:
             raise ValueError("Training on an HF datasets name needs the `datasets` package (pip install datasets).")
-        return value if value.startswith("hf:") else f"hf:{value}"
-    raise ValueError(f"Unknown data-set kind {kind!r}; choose from {DATA_KINDS}.")
+        return name
+    raise ValueError(f"config: data set kind must be one of {DATA_KINDS}, got {str(kind)[:40]!r}.")
+
+
+MAX_EXTRA_JSON = 10_000  # characters in the form's advanced box
+
+
+def _number(f: FormField, v: Any) -> int | float:
+    """A form number, checked: finite, whole for int fields, inside the field's range; the message names it."""
+    if isinstance(v, bool) or v is None or (isinstance(v, str) and not v.strip()):
+        raise ValueError(f"config: {f.label} is empty.")
+    try:
+        fv = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"config: {f.label} must be a number, got {str(v)[:40]!r}.") from None
+    if not math.isfinite(fv):
+        raise ValueError(f"config: {f.label} must be a finite number, got {v!r}.")
+    if f.kind == "int" and not fv.is_integer():
+        raise ValueError(f"config: {f.label} must be a whole number, got {v!r}.")
+    if f.minimum is not None and not f.minimum <= fv <= f.maximum:
+        raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
+    return int(fv) if f.kind == "int" else fv
 
 
 def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path: str | None,
-                   teacher_resolution: int | None = None, extra_json: str | None = None) -> dict[str, Any]:
-    """Check the form through the trainer's own config code; returns the resolved config as a dict.
+                   teacher_resolution: int | None = None, extra_json: str | None = None, *,
+                   overwrite: bool = False, adapters_root: Path | None = None) -> dict[str, Any]:
+    """Check the form (from the browser or the API: every field hostile) and return the resolved config dict.
 
-    ``extra_json`` (the form's "advanced" box) sets any other `TrainConfig` field, e.g. ``{"log_every": 1}``.
+    ``extra_json`` (the form's "advanced" box) sets other `TrainConfig` fields, e.g. ``{"log_every": 1}``;
+    it goes through `cdlab.train.config.untrusted_overrides` (unknown and host-only keys, types, finite
+    numbers, text, data folders confined). The resolved config is checked by the trainer's own `check`
+    (ranges, names) and `check_destination`: an existing student is replaced only with ``overwrite``, and
+    the students shipped with the repository never.
 
-    Raises ``ValueError`` with the trainer's message naming the bad field.
+    Raises ``ValueError`` whose message names the bad field.
     """
-    from cdlab.students import StudentError, validate_name
     from cdlab.train import config as C
 
+    unknown = sorted(set(values) - {f.key for f in form_fields(model, teacher_resolution)})
+    if unknown:
+        raise ValueError(f"config: unknown form field(s) {unknown}.")
     d: dict[str, Any] = {"model": model}
     for f in form_fields(model, teacher_resolution):
         v = values.get(f.key, f.default)
-        if v is None or (isinstance(v, str) and not v.strip() and f.kind != "text"):
-            raise ValueError(f"config: {f.label} is empty.")
-        if f.kind == "int":
-            fv = float(v)
-            if not fv.is_integer():
-                raise ValueError(f"config: {f.label} must be a whole number, got {v!r}.")
-            v = int(fv)
-        elif f.kind == "float":
-            v = float(v)
-        if f.kind in ("int", "float") and f.minimum is not None and not f.minimum <= v <= f.maximum:
-            raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
-        if f.kind == "text":
-            v = str(v or "").strip()
+        if f.kind in ("int", "float"):
+            v = _number(f, v)
+        elif f.kind == "choice":
+            if v not in f.choices:
+                raise ValueError(f"config: {f.label} must be one of {f.choices}, got {str(v)[:40]!r}.")
+        elif f.kind == "text":
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"config: {f.label} must be text, got {type(v).__name__}.")
+            v = (v or "").strip()
+            if len(v) > C.MAX_TEXT:
+                raise ValueError(f"config: {f.label} is {len(v)} characters long; the limit is {C.MAX_TEXT}.")
         d[f.key] = v
-    if d.get("student_name"):
-        try:
-            validate_name(d["student_name"])
-        except StudentError as e:
-            raise ValueError(f"config: student name: {e}") from None
     if d.get("method") == "cd":
         d["num_boundaries"] = 1
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"config: overwrite must be true or false, got {overwrite!r}.")
+    d["overwrite"] = overwrite
     d["data"] = data_value(data_kind, data_path)
+    if extra_json is not None and not isinstance(extra_json, str):
+        raise ValueError("config: the advanced settings must be JSON text.")
     if extra_json and extra_json.strip():
         import json as _json
 
+        if len(extra_json) > MAX_EXTRA_JSON:
+            raise ValueError(f"config: the advanced settings are {len(extra_json)} characters; the limit is "
+                             f"{MAX_EXTRA_JSON}.")
         try:
-            extra = _json.loads(extra_json)
+            extra = _json.loads(extra_json, parse_constant=lambda c: float(c))
         except ValueError as e:
             raise ValueError(f"config: the advanced settings are not valid JSON ({e}).") from None
-        if not isinstance(extra, dict):
-            raise ValueError("config: the advanced settings must be a JSON object, e.g. {\"log_every\": 1}.")
-        d.update(extra)
+        d.update(C.untrusted_overrides(extra))
     cfg = C.resolve(C.from_dict(d), teacher_resolution)
+    C.check_destination(cfg, adapters_root, allow_shipped=False)
     return cfg.to_dict()

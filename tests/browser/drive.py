@@ -22,25 +22,86 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
 
 
-def open_app(page, url: str) -> None:
-    page.goto(url, wait_until="networkidle")
-    page.locator("#header").wait_for(timeout=30_000)
+def open_app(page, url: str, timeout_ms: int = 60_000) -> None:
+    """Open the app and wait for its own ready signal (``#cdlab-ready``, written by the page-load event once
+    the column, run and evaluation lists are fresh). Never "network idle": a Gradio page keeps a
+    server-sent-events stream open, so the network may never go idle (issue 10: CI failed on that)."""
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    page.locator("#cdlab-ready").wait_for(state="attached", timeout=timeout_ms)
+    page.locator("#header").wait_for(timeout=timeout_ms)
 
 
-def run_compare(page, n_columns: int, timeout_ms: int = 120_000) -> None:
-    """Click Compare and wait until the gallery shows ``n_columns`` images."""
+def _text(page, selector: str) -> str:
+    loc = page.locator(selector)
+    return loc.inner_text() if loc.count() else ""
+
+
+def run_compare(page, n_columns: int, timeout_ms: int = 120_000) -> str:
+    """Click Compare and wait until this click's result is on screen (the info line changes and the gallery
+    shows ``n_columns`` images); returns the gallery's captions."""
     page.get_by_role("tab", name="Compare").click()
+    before = _text(page, "#compare-info")
     page.locator("#compare-btn").click()
     page.wait_for_function(
-        "n => document.querySelectorAll('#compare-gallery img').length >= n", arg=n_columns, timeout=timeout_ms)
+        "([n, before]) => { const i = document.querySelector('#compare-info');"
+        " const t = i ? i.innerText : ''; return /columns in/.test(t) && t !== before"
+        " && document.querySelectorAll('#compare-gallery img').length >= n; }",
+        arg=[n_columns, before], timeout=timeout_ms)
+    return page.locator("#compare-gallery").inner_text()
 
 
-def start_training(page, student: str, timeout_ms: int = 180_000) -> None:
-    """Fill the Train form for a quick run, start it, and wait for a loss point and a preview."""
+def refresh_columns(page) -> list[str]:
+    """Click "↻ columns" and return the column names offered (the checkbox labels)."""
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#refresh-columns").click()
+    page.wait_for_timeout(1500)
+    return [x.strip() for x in page.locator("label:has(input[type=checkbox])").all_inner_texts()]
+
+
+def run_evaluation(page, prompts: int, timeout_ms: int = 240_000) -> str:
+    """On the Evaluate tab, run a new evaluation on ``prompts`` prompts; return its table's text once shown."""
+    page.get_by_role("tab", name="Evaluate").click()
+    before = _text(page, "#eval-table")
+    box = page.locator("#eval-prompts input")
+    box.fill(str(prompts))
+    box.press("Tab")
+    page.locator("#eval-btn").click()
+    page.wait_for_function(
+        "before => { const t = (document.querySelector('#eval-table')||{}).innerText || '';"
+        " return /teacher/.test(t) && t !== before; }", arg=before, timeout=timeout_ms)
+    return page.locator("#eval-table").inner_text()
+
+
+def wait_status(page, pattern: str, timeout_ms: int = 240_000) -> str:
+    """Wait until the Train status line matches the regular expression ``pattern``; return the line."""
+    page.wait_for_function(
+        "p => new RegExp(p).test((document.querySelector('#train-status')||{}).innerText || '')",
+        arg=pattern, timeout=timeout_ms)
+    return page.locator("#train-status").inner_text()
+
+
+def fill_training(page, student: str, extra: str, overwrite: bool = False) -> None:
+    """Fill the Train form (student name, advanced JSON, overwrite) and press Start."""
     page.get_by_role("tab", name="Train").click()
     page.get_by_label("student name").fill(student)
-    page.locator("#extra-config textarea").fill(QUICK_TRAIN)
+    page.locator("#extra-config textarea").fill(extra)
+    box = page.locator("#train-overwrite input")
+    if box.is_checked() != overwrite:
+        box.click()
     page.locator("#train-start").click()
+
+
+def error_toast(page, pattern: str, timeout_ms: int = 30_000) -> str:
+    """Wait for an error toast whose text matches ``pattern``; return its text."""
+    page.wait_for_function(
+        "p => Array.from(document.querySelectorAll('.toast-body, [data-testid=\"toast-body\"]'))"
+        ".some(e => new RegExp(p, 'i').test(e.innerText))", arg=pattern, timeout=timeout_ms)
+    return " | ".join(page.locator(".toast-body, [data-testid='toast-body']").all_inner_texts())
+
+
+def start_training(page, student: str, timeout_ms: int = 180_000, extra: str = QUICK_TRAIN) -> None:
+    """Fill the Train form for a quick run, start it, and wait for a loss point and a preview."""
+    fill_training(page, student, extra)
     page.wait_for_function(
         "() => { const m = (document.querySelector('#train-status')||{}).innerText || '';"
         " const k = m.match(/loss points: (\\d+)/); return k && parseInt(k[1]) >= 1; }", timeout=timeout_ms)
