@@ -47,6 +47,22 @@ def user_errors(fn):
     return wrapper
 
 
+def named_errors(*components):
+    """Prefix Gradio's own input checks (a value out of a slider's range, not among a radio's choices) with
+    the component's label, so every refused field is named; our own checks name theirs already."""
+    for comp in components:
+        original = comp.preprocess
+
+        def preprocess(payload, _original=original, _label=comp.label):
+            try:
+                return _original(payload)
+            except gr.Error as e:
+                raise gr.Error(f"{_label}: {e.message}") from None
+
+        comp.preprocess = preprocess
+    return components
+
+
 def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     runs_dir, adapters_dir, evals_dir = H.runs_dir(), H.adapters_dir(), H.evals_dir()
     comparer = C.Comparer(teacher, adapters_root=adapters_dir)
@@ -155,7 +171,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                         preset = gr.Dropdown(presets, label="Presets", value=None)
                     with gr.Column(scale=2):
                         with gr.Row():
-                            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=C.SEED_MAX)
+                            seed = gr.Number(label="Seed", value=0, precision=0)  # range checked by C.validate_request
                             rand = gr.Button("🎲 random", size="sm")
                         guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5,
                                              label="Teacher guidance (CFG)")
@@ -178,6 +194,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 preset.change(lambda p: p or gr.skip(), preset, prompt, api_visibility="private")
                 rand.click(C.random_seed, None, seed, api_name="random_seed")
                 refresh.click(refresh_columns, None, columns, api_name="refresh_columns")
+                named_errors(prompt, seed, guidance, steps, columns, show_traj)
                 run_btn.click(do_compare, [prompt, seed, guidance, steps, columns, show_traj],
                               [gallery, table, traj, download, info], api_name="compare",
                               concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
@@ -195,8 +212,11 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                                 inputs.append(gr.Textbox(value=f.default or "", label=f.label, info=f.info or None,
                                                          placeholder="automatic"))
                             else:
-                                inputs.append(gr.Number(value=f.default, label=f.label, minimum=f.minimum,
-                                                        maximum=f.maximum, precision=0 if f.kind == "int" else None))
+                                # No minimum/maximum here: Gradio's own range message would not name the
+                                # field; T.form_to_config checks the same range and says which field.
+                                inputs.append(gr.Number(value=f.default, label=f.label,
+                                                        info=f"{f.minimum:g} to {f.maximum:g}",
+                                                        precision=0 if f.kind == "int" else None))
                         data_kind = gr.Radio(list(T.DATA_KINDS), value=T.DATA_KINDS[0], label="Data set")
                         data_path = gr.Textbox(label="Folder or HF datasets name (not for the tiny world)")
                         extra = gr.Textbox(label="Advanced: other config fields as JSON", placeholder='{"log_every": 10}',
@@ -221,6 +241,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                         log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
                 timer = gr.Timer(1.0, active=False)
                 poll_out = [status, bar, plot, preview, preview_cap, log_box, timer]
+                named_errors(*inputs, data_kind, data_path, extra, overwrite)
                 start.click(do_start, [*inputs, data_kind, data_path, extra, overwrite, owner], [run_dd, timer, owner],
                             api_name="train_start")
                 stop.click(do_stop, [run_dd, owner], timer, api_name="train_stop")
@@ -243,6 +264,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 eval_plot = gr.Image(label="Quality against NFE", type="filepath", elem_id="eval-plot")
                 eval_dd.change(show_eval, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
                 eval_refresh.click(refresh_evals, None, eval_dd, api_visibility="private")
+                named_errors(eval_n, eval_dd)
                 eval_btn.click(do_evaluate, eval_n, eval_dd, api_name="evaluate",
                                concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
 

@@ -129,29 +129,12 @@ def _run_student(teacher: Any, col: _Column, x_T: Any, cond: Any, uncond: Any) -
         col.nfe = out.nfe
         return out.latents
     # An external student (e.g. LCM-LoRA) samples with its own diffusers scheduler.
-    import torch
-
-    from cdlab.math import cfg_eps
+    from cdlab.samplers import sample_scheduler
     from cdlab.students import make_scheduler
 
-    sched = make_scheduler(teacher.pipe, card)
-    sched.set_timesteps(col.steps, device=x_T.device)
-    step_kwargs = {"eta": float(card.scheduler_kwargs["eta"])} if "eta" in card.scheduler_kwargs else {}
-    w = float(card.guidance or 1.0)
-    x = x_T * sched.init_noise_sigma
-    nfe = 0
-    for t in sched.timesteps:
-        xin = sched.scale_model_input(x, t)
-        if w > 1.0:
-            e = teacher.unet(torch.cat([xin, xin]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            eps = cfg_eps(*e.chunk(2), w)
-            nfe += 2
-        else:
-            eps = teacher.unet(xin, t, encoder_hidden_states=cond).sample
-            nfe += 1
-        x = sched.step(eps, t, x, **step_kwargs).prev_sample
-    col.nfe = nfe
-    return x
+    out = sample_scheduler(teacher.unet, x_T, cond, uncond, card, col.steps, make_scheduler(teacher.pipe, card))
+    col.nfe = out.nfe
+    return out.latents
 
 
 # ----------------------------------------------------------------------------- the evaluation

@@ -9,6 +9,7 @@ Prints the sampling time in seconds and the number of network evaluations (a CFG
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -53,10 +54,10 @@ def _student_sample(teacher: Any, args: argparse.Namespace, x_T: Any) -> tuple[A
     """Latents, NFE and a label from the student named in ``args.student``."""
     import torch
 
-    from cdlab import students  # written in parallel; imported only when a student is asked for
-    from cdlab.samplers import consistency_timesteps, sample_consistency
+    from cdlab import students  # imported only when a student is asked for
+    from cdlab.samplers import consistency_timesteps, sample_consistency, sample_scheduler
 
-    if args.student in getattr(students, "EXTERNAL_STUDENTS", {}):
+    if args.student in students.EXTERNAL_STUDENTS:
         card = students.load_external_student(teacher, args.student)
     else:
         card = students.load_student(teacher, args.student)
@@ -70,20 +71,13 @@ def _student_sample(teacher: Any, args: argparse.Namespace, x_T: Any) -> tuple[A
         out = sample_consistency(teacher.unet, x_T, cond, ts, teacher.scheduler, stochastic=args.stochastic,
                                  generator=gen)
         return out.latents, out.nfe, f"student {card.name} ({steps} consistency steps {ts})"
-    # A diffusers-scheduler student (LCM, TCD, ...): the plain pipeline with the card's scheduler.
-    kwargs = students.sampling_kwargs(card)
-    kwargs["num_inference_steps"] = steps
+    # A diffusers-scheduler student (LCM, TCD, ...): its card's scheduler, as in Compare (same seed, same image).
     if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
-    pipe = teacher.pipe
-    old = pipe.scheduler
-    try:
-        pipe.scheduler = students.make_scheduler(pipe, card)
-        latents = pipe(args.prompt, latents=x_T, output_type="latent", **kwargs).images
-    finally:
-        pipe.scheduler = old
-    cfg = kwargs["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
-    return latents, steps * (2 if cfg else 1), f"student {card.name} ({steps} steps, {card.scheduler})"
+        card = dataclasses.replace(card, guidance=float(args.guidance))
+    cond, uncond = teacher.encode([args.prompt])
+    out = sample_scheduler(teacher.unet, x_T, cond, uncond, card, steps, students.make_scheduler(teacher.pipe, card),
+                           generator=torch.Generator("cpu").manual_seed(args.seed))
+    return out.latents, out.nfe, f"student {card.name} ({steps} steps, {card.scheduler})"
 
 
 def main(argv: list[str] | None = None) -> int:

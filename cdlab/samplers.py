@@ -24,7 +24,8 @@ import torch
 
 from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
 
-__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_ddim", "sample_consistency"]
+__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_ddim", "sample_consistency",
+           "sample_scheduler"]
 
 # callback(i, t, x0_pred): called after step i at timestep t with that step's x_0 prediction.
 Callback = Callable[[int, int, torch.Tensor], Any]
@@ -198,3 +199,75 @@ def sample_consistency(
         else:
             x = ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), scheduler)
     return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=ts, nfe=len(ts))
+
+
+@torch.no_grad()
+def sample_scheduler(
+    unet: Any,
+    x_T: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    card: Any,
+    steps: int,
+    scheduler: Any,
+    *,
+    return_trajectory: bool = False,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """A student that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD, ...): the
+    denoising loop of ``StableDiffusionPipeline.__call__`` with that scheduler, on given noise and embeddings.
+
+    ``scheduler.set_timesteps(steps)``, ``x = x_T * init_noise_sigma``, then per timestep
+    ``scale_model_input``, one UNet call (two, batched uncond-first and combined by
+    :func:`cdlab.math.cfg_eps`, when ``card.guidance > 1`` and ``uncond`` is given, as diffusers does
+    for ``guidance_scale > 1``) and ``scheduler.step`` with the card's ``eta`` and ``generator`` where
+    the step accepts them. Unlike the other samplers this one steps, so mutates, ``scheduler``: pass a
+    fresh one, ``cdlab.students.make_scheduler(pipe, card)``.
+
+    Args:
+        card: a ``cdlab.students.StudentCard`` (``guidance``, ``scheduler_kwargs["eta"]``).
+        steps (`int`): inference steps.
+        return_trajectory (`bool`): keep the x_0 prediction after each step: the step's ``denoised``
+            (LCM) or ``pred_original_sample``, else the DDIM identity ``(x_t - sigma_t eps) / alpha_t``
+            on the model input (an epsilon model).
+        generator (`torch.Generator`, *optional*): the noise of stochastic steps (LCM, TCD with eta > 0).
+
+    Returns:
+        `SampleOutput` with the scheduler's timesteps and the UNet calls per image as ``nfe``.
+    """
+    import inspect
+
+    steps = _check_steps(steps, int(scheduler.config.num_train_timesteps))
+    scheduler.set_timesteps(steps, device=x_T.device)
+    w = float(getattr(card, "guidance", 1.0) or 1.0)
+    use_cfg = uncond is not None and w > 1.0
+    emb = torch.cat([uncond, cond]) if use_cfg else cond
+    accepts = set(inspect.signature(scheduler.step).parameters)
+    step_kwargs: dict[str, Any] = {}
+    eta = (getattr(card, "scheduler_kwargs", None) or {}).get("eta")
+    if eta is not None and "eta" in accepts:
+        step_kwargs["eta"] = float(eta)
+    if generator is not None and "generator" in accepts:
+        step_kwargs["generator"] = generator
+    x = x_T * scheduler.init_noise_sigma
+    trajectory: list[torch.Tensor] = []
+    nfe = 0
+    for t in scheduler.timesteps:
+        xin = scheduler.scale_model_input(x, t)
+        if use_cfg:
+            eps_u, eps_c = unet(torch.cat([xin, xin]), t, encoder_hidden_states=emb).sample.chunk(2)
+            eps = cfg_eps(eps_u, eps_c, w)
+            nfe += 2
+        else:
+            eps = unet(xin, t, encoder_hidden_states=emb).sample
+            nfe += 1
+        out = scheduler.step(eps, t, x, **step_kwargs)
+        x = out.prev_sample
+        if return_trajectory:
+            x0 = getattr(out, "denoised", None)
+            if x0 is None:
+                x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:
+                x0 = predict_x0(eps, xin, _tvec(int(round(float(t))), xin.shape[0], xin.device), scheduler)
+            trajectory.append(x0)
+    return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=[int(t) for t in scheduler.timesteps], nfe=nfe)

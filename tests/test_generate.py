@@ -80,3 +80,39 @@ def test_missing_model_is_a_clear_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no folder" in err and "Traceback" not in err
     assert not (tmp_path / "a.png").exists()
+
+
+def test_external_student_through_a_fake_hub(tiny_pipe_dir, tmp_path, monkeypatch, capsys):
+    """An external student samples with its card's diffusers scheduler: NFE, CFG, seed-determinism, and the
+    same image as diffusers' own pipeline with that scheduler (Hyper-SD: DDIM trailing, deterministic)."""
+    import dataclasses
+
+    from cdlab import teachers
+    from cdlab.students import SD15_ID, load_external_student, make_scheduler
+    from cdlab.ui.testing import make_random_students
+
+    [name] = make_random_students(SD15_ID, tmp_path / "adapters", n=1)
+    weights = tmp_path / "adapters" / name / "pytorch_lora_weights.safetensors"
+    monkeypatch.setattr("cdlab.students.external._hub_download", lambda repo_id, filename: str(weights))
+    plain_load = teachers.load_teacher
+    monkeypatch.setattr(teachers, "load_teacher",  # the random tiny pipeline, dressed as SD1.5
+                        lambda *a, **kw: dataclasses.replace(plain_load(*a, **kw), base_id=SD15_ID))
+
+    outs = []
+    for key, extra, nfe in (("lcm-lora", [], 4), ("lcm-lora", [], 4), ("tcd", ["--steps", "2"], 2),
+                            ("hyper-sd", ["--guidance", "3"], 8), ("hyper-sd", [], 4)):
+        out = tmp_path / f"{key}-{len(outs)}.png"
+        rc = main(["--model", tiny_pipe_dir, "--student", key, "--prompt", "a red circle", "--seed", "2",
+                   "--out", str(out), *extra])
+        text = capsys.readouterr().out
+        assert rc == 0 and _nfe(text) == nfe and f"student {key}" in text
+        outs.append(list(Image.open(out).getdata()))
+    assert outs[0] == outs[1]  # LCM re-noises between steps: from a generator seeded by --seed
+
+    teacher = teachers.load_teacher(tiny_pipe_dir)
+    card = load_external_student(teacher, "hyper-sd")
+    teacher.pipe.scheduler = make_scheduler(teacher.pipe, card)
+    with torch.no_grad():
+        latents = teacher.pipe("a red circle", latents=teacher.initial_noise(2), output_type="latent",
+                               num_inference_steps=4, guidance_scale=1.0).images
+    assert list(teacher.decode(latents)[0].getdata()) == outs[-1]

@@ -211,7 +211,7 @@ def test_overwrite_replaces_the_student_whole(made, tiny_pipe_dir, tmp_path):
     (root / "s1" / "junk.bin").write_bytes(b"stale")
     _randomize(made.train_unet, 3)
     new = _probe(made.train_unet)
-    S.save_student(made.train_unet, "s1", _card(metrics={"fid": 9.0}), root=root)
+    S.save_student(made.train_unet, "s1", _card(metrics={"fid": 9.0}), root=root, overwrite=True)
     assert sorted(p.name for p in (root / "s1").iterdir()) == ["README.md", "card.json", S.WEIGHT_NAME]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     assert S.read_card("s1", root).metrics == {"fid": 9.0}
@@ -233,6 +233,41 @@ def test_save_refuses_bad_input_and_keeps_the_old_student(made, tiny_pipe_dir, t
         S.save_student(made.train_unet, "../s1", _card(), root=root)
     assert (root / "s1" / S.WEIGHT_NAME).read_bytes() == before
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_an_existing_student_is_replaced_only_with_overwrite(made, tmp_path):
+    root = _copy_root(made, tmp_path)
+    before = {p.name: p.read_bytes() for p in (root / "s1").iterdir()}
+    with pytest.raises(S.StudentError, match=r"student 's1' already exists.*overwrite=True \(CLI: --overwrite\)"):
+        S.save_student(made.train_unet, "s1", _card(metrics={"fid": 1.0}), root=root)
+    assert {p.name: p.read_bytes() for p in (root / "s1").iterdir()} == before  # nothing lost
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    S.save_student(made.train_unet, "s3", _card(), root=root)  # a free name needs no flag
+    assert S.read_card("s3", root).name == "s3"
+
+
+def test_shipped_students(made, tmp_path):
+    root = _copy_root(made, tmp_path)
+    assert S.shipped_students(root) == set() and not S.is_shipped("s1", root)
+    (root / S.SHIPPED_NAME).write_text("# ship with the repository\ns1   # the first\n\n  s2\n")
+    assert S.shipped_students(root) == {"s1", "s2"}
+    assert S.is_shipped("s1", root) and not S.is_shipped("s3", root)
+    assert [c.name for c in S.list_students(root)] == ["s1", "s2"]  # SHIPPED is not a student
+    before = (root / "s1" / S.WEIGHT_NAME).read_bytes()
+    for kwargs in ({}, {"overwrite": True, "allow_shipped": False}, {"allow_shipped": False}):
+        with pytest.raises(S.StudentError, match="'s1'"):
+            S.save_student(made.train_unet, "s1", _card(), root=root, **kwargs)
+    with pytest.raises(S.StudentError, match="ships with the repository"):
+        S.save_student(made.train_unet, "s1", _card(), root=root, overwrite=True, allow_shipped=False)
+    assert (root / "s1" / S.WEIGHT_NAME).read_bytes() == before
+    S.save_student(made.train_unet, "s1", _card(metrics={"fid": 2.0}), root=root, overwrite=True)  # the CLI may
+    assert S.read_card("s1", root).metrics == {"fid": 2.0}
+
+
+def test_the_repository_lists_its_shipped_students():
+    repo_adapters = Path(S.__file__).resolve().parent.parent.parent / "adapters"
+    assert S.shipped_students(repo_adapters) == {"tiny-ct-4", "tiny-cd-4", "tiny-mbcd-4"}
+    assert {c.name for c in S.list_students(repo_adapters)} >= S.shipped_students(repo_adapters)
 
 
 # ------------------------------------------------------------------------------------ names
@@ -398,7 +433,7 @@ def test_make_scheduler_for_our_students_and_unknown_names(tiny_pipe_dir):
 
 @pytest.fixture
 def fake_hub(made, tmp_path, monkeypatch):
-    """Serve s1's weights file as every catalogue file, through a patched ``hf_hub_download``."""
+    """Serve s1's weights file as every catalogue file, through a patched ``_hub_download``."""
     import huggingface_hub
 
     hub, calls = tmp_path / "hub", []
@@ -407,16 +442,15 @@ def fake_hub(made, tmp_path, monkeypatch):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(made.root / "s1" / S.WEIGHT_NAME, dst)
 
-    def fake_download(repo_id, filename, **kwargs):
+    def fake_download(repo_id, filename):
         calls.append((repo_id, filename))
         path = hub / repo_id / filename
         if not path.is_file():
             raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename}")
         return str(path)
 
-    # students.py imports hf_hub_download from huggingface_hub at call time, so this one patch is
-    # what its real code path calls.
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    # load_external_student looks _hub_download up in its module at call time.
+    monkeypatch.setattr("cdlab.students.external._hub_download", fake_download)
     return calls
 
 
@@ -449,9 +483,8 @@ def test_load_external_students_through_the_hub(made, tiny_pipe_dir, fake_hub):
 
 
 def test_external_failures_are_clear(tiny_pipe_dir, fake_hub, monkeypatch):
-    import huggingface_hub
-
     pipe = _pipe(tiny_pipe_dir)
+    assert not hasattr(S, "_hub_download")  # a patch there would silently do nothing: it fails loudly instead
     with pytest.raises(S.StudentError, match="unknown external student 'lcm'.*lcm-lora, tcd, pcm, hyper-sd"):
         S.load_external_student(pipe, "lcm")
     with pytest.raises(S.StudentError, match=f"LoRA for {SD15}; this pipeline is '{TINY}'"):
@@ -460,8 +493,45 @@ def test_external_failures_are_clear(tiny_pipe_dir, fake_hub, monkeypatch):
     def offline(repo_id, filename, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr("cdlab.students.external._hub_download", offline)
     with pytest.raises(S.StudentError, match="Hyper-SD15-4steps-lora.safetensors from the hub repo "
                                              "ByteDance/Hyper-SD.*no network.*HF_HUB_OFFLINE"):
         S.load_external_student(pipe, "hyper-sd")
     assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_hub_download_is_huggingface_hubs_looked_up_when_it_runs(monkeypatch):
+    import huggingface_hub
+
+    from cdlab.students import external
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: f"{repo_id}::{filename}")
+    assert external._hub_download("a/b", "c.safetensors") == "a/b::c.safetensors"
+
+
+def test_a_local_and_an_external_student_of_one_name_replace_each_other(made, tiny_pipe_dir, tmp_path, fake_hub):
+    root = _copy_root(made, tmp_path)
+    shutil.copytree(root / "s2", root / "tcd")
+    (root / "tcd" / "card.json").write_text(json.dumps(_card(name="tcd").to_dict()))
+    pipe = _pipe(tiny_pipe_dir)
+    S.load_student(pipe, "tcd", root)
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s2"], rtol=0, atol=1e-5)
+    S.load_external_student(pipe, "tcd")  # the hub serves s1's weights
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s1"], rtol=0, atol=1e-5)
+    S.load_student(pipe, "tcd", root)
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s2"], rtol=0, atol=1e-5)
+    assert set(pipe.unet.peft_config) == {"tcd"}
+
+
+def test_a_fused_student_changed_on_disk_is_unfused_before_it_is_loaded_again(made, tiny_pipe_dir, tmp_path):
+    root = _copy_root(made, tmp_path)
+    pipe = _pipe(tiny_pipe_dir)
+    S.load_student(pipe, "s1", root)
+    pipe.fuse_lora(components=["unet"], adapter_names=["s1"])
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s1"], rtol=0, atol=1e-5)
+    shutil.copy(root / "s2" / S.WEIGHT_NAME, root / "s1" / "new.safetensors")
+    (root / "s1" / "new.safetensors").replace(root / "s1" / S.WEIGHT_NAME)  # "retrained": another file
+    S.load_student(pipe, "s1", root)
+    torch.testing.assert_close(_probe(pipe.unet), made.out["s2"], rtol=0, atol=1e-5)
+    S.activate_student(pipe, None)
+    torch.testing.assert_close(_probe(pipe.unet), made.base, rtol=0, atol=1e-5)  # no s1 left in the weights

@@ -129,3 +129,48 @@ def test_presets_and_long_prompt_warning(setup):
 
 def test_validate_request_normalises():
     assert C.validate_request("  hi ", 5.0, "2.5", 8.0) == ("hi", 5, 2.5, 8)
+
+
+def test_a_column_that_cannot_be_produced_fails_alone(setup, tmp_path):
+    """An external student offline (or any column's failure) shows its reason in its place; the others render."""
+    teacher, root, _ = setup
+    cmp = C.Comparer(teacher, adapters_root=root, allow_external=True)
+    res = cmp.run(PROMPT, 0, 3.0, 4, [C.TEACHER_4, "lcm-lora (external)", "stu1"])
+    ok4, ext, stu = res.columns
+    assert ok4.error is None and stu.error is None and ok4.nfe == 8 and stu.nfe == 4
+    assert ext.error and "hub" in ext.error and ext.nfe == 0  # offline: no hub here
+    assert ext.image.size == (256, 256) and "failed" in ext.caption()
+    rows = res.table()
+    assert rows[1][3].startswith("failed") and rows[2][2] == 4
+    assert any("lcm-lora" in w for w in res.warnings)
+    assert res.compose().width > 0  # the download image still composes
+    # when every column fails, the request itself is the error
+    with pytest.raises(C.InputError, match="lcm-lora.*hub"):
+        cmp.run(PROMPT, 0, 3.0, 4, ["lcm-lora (external)"])
+
+
+def test_control_characters_and_repeated_columns(setup):
+    _, _, cmp = setup
+    for bad in ("red\x00circle", "a\x1b[31m", "x\x7f"):
+        with pytest.raises(C.InputError, match="control character"):
+            cmp.run(bad, 0, 3.0, 4, [C.TEACHER_4])
+    res = cmp.run("a red circle\non two lines", 0, 3.0, 4, [C.TEACHER_4] * 50)
+    assert len(res.columns) == 1  # a repeated name is one column
+    with pytest.raises(C.InputError, match="limit"):
+        cmp.run(PROMPT, 0, 3.0, 4, [f"c{i}" for i in range(C.MAX_COLUMNS + 1)])
+
+
+def test_sampling_holds_the_teacher_lock(setup):
+    """Adapter switching and sampling run under the teacher's lock: another thread waits for it."""
+    import threading
+    import time
+
+    teacher, _, cmp = setup
+    finished = []
+    with teacher.lock:
+        th = threading.Thread(target=lambda: finished.append(cmp.run(PROMPT, 0, 3.0, 4, [C.TEACHER_4])))
+        th.start()
+        time.sleep(0.5)
+        assert not finished  # blocked on the lock
+    th.join(30)
+    assert finished and len(finished[0].columns) == 1

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from cdlab.train.config import TrainConfig, card_method, resolve, runs_dir, cache_root
+from cdlab.train.config import TrainConfig, cache_root, card_method, check_destination, resolve, runs_dir
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 
@@ -152,6 +152,8 @@ class Trainer:
 
         self.teacher = load_teacher(cfg.model, device=self.device, dtype=weight_dtype)
         cfg = resolve(cfg, self.teacher.resolution)
+        if not self.resume:
+            check_destination(cfg)  # an existing student is replaced only with overwrite; refuse before training
         # One run name for every rank (it holds a timestamp).
         names = [cfg.run_name]
         broadcast_object_list(names)
@@ -159,6 +161,9 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
 
         self.run_dir = self.resume if self.resume else runs_dir() / cfg.run_name
+        if not self.resume and acc.is_main_process and (self.run_dir / "config.json").exists():
+            raise ValueError(f"config: run_name {cfg.run_name!r}: {self.run_dir} already holds a run; resume it "
+                             "(--resume) or pick another run_name")
         if acc.is_main_process:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "previews").mkdir(exist_ok=True)
@@ -482,7 +487,7 @@ class Trainer:
                 signal.signal(sig, h)
 
     def save_student(self) -> Path:
-        from cdlab.students import StudentCard, save_student
+        from cdlab.students import StudentCard, adapters_dir, save_student
 
         cfg = self.cfg
         row = getattr(self, "last_row", {})
@@ -493,7 +498,17 @@ class Trainer:
             metrics={"train_steps": self.step, "final_loss": row.get("loss"), "final_probe_loss": row.get("probe_loss"),
                      "samples_per_s": row.get("samples_per_s"), "train_time_s": round(self.elapsed(), 1),
                      "samples_seen": self.samples_seen, "run_dir": str(self.run_dir)})
-        path = save_student(self.unet, cfg.student_name, card)
+        name = cfg.student_name
+        if not cfg.overwrite and (adapters_dir() / name).exists():
+            # The name was free at the start (checked in setup) and was taken meanwhile, by another run or by
+            # hand: keep both, under a fresh name, rather than replace somebody's work.
+            name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            k = 2
+            while (adapters_dir() / name).exists():
+                name, k = f"{cfg.student_name}-{time.strftime('%Y%m%d-%H%M%S')}-{k}", k + 1
+            self.log(f"student {cfg.student_name!r} appeared during the run; saving this one as {name!r}")
+            card = dataclasses.replace(card, name=name)
+        path = save_student(self.unet, name, card, overwrite=cfg.overwrite)
         self.log(f"student saved to {path}")
         return path
 

@@ -310,44 +310,17 @@ class Comparer:
         return []
 
     def _sample_external(self, col: Column, x_T, cond, uncond, show_trajectory: bool, seed: int = 0):
-        """An external student with its own diffusers scheduler and its card's guidance."""
+        """An external student with its own diffusers scheduler and its card's guidance (`cdlab.samplers.sample_scheduler`)."""
         import torch
 
-        from cdlab.samplers import SampleOutput
+        from cdlab.samplers import sample_scheduler
         from cdlab.students import make_scheduler
 
         t = self.teacher
-        card = col.card
-        scheduler = make_scheduler(t.pipe, card)
-        scheduler.set_timesteps(col.steps, device=x_T.device)
-        g = float(card.guidance or 1.0)
-        x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
-        traj, nfe = [], 0
-        import inspect
-
-        accepts = set(inspect.signature(scheduler.step).parameters)
-        step_kwargs: dict[str, Any] = {}
-        if "eta" in card.scheduler_kwargs and "eta" in accepts:
-            step_kwargs["eta"] = float(card.scheduler_kwargs["eta"])
-        if "generator" in accepts:  # stochastic schedulers (LCM, TCD with eta > 0): reproducible per seed
-            step_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
-        for ts in scheduler.timesteps:
-            xin = scheduler.scale_model_input(x, ts)
-            if g > 1.0:
-                eps_u, eps_c = t.unet(torch.cat([xin, xin]), ts, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-                eps = eps_u + g * (eps_c - eps_u)
-                nfe += 2
-            else:
-                eps = t.unet(xin, ts, encoder_hidden_states=cond).sample
-                nfe += 1
-            step = scheduler.step(eps, ts, x, **step_kwargs)
-            x = step.prev_sample
-            if show_trajectory:
-                x0 = getattr(step, "denoised", None)
-                if x0 is None:
-                    x0 = getattr(step, "pred_original_sample", None)
-                traj.append(x0 if x0 is not None else x)
-        return SampleOutput(latents=x, x0_trajectory=traj, timesteps=[int(s) for s in scheduler.timesteps], nfe=nfe)
+        # stochastic schedulers (LCM, TCD with eta > 0): reproducible per seed
+        return sample_scheduler(t.unet, x_T, cond, uncond, col.card, col.steps, make_scheduler(t.pipe, col.card),
+                                return_trajectory=show_trajectory,
+                                generator=torch.Generator(device="cpu").manual_seed(seed))
 
 
 def _short_reason(e: BaseException, limit: int = 300) -> str:

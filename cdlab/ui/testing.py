@@ -83,6 +83,6 @@ def make_random_students(base_id: str, root: Path, n: int = 3, rank: int = 4) ->
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         name = f"random-{method}-{i}"
         save_student(pipe.unet, name, StudentCard(name=name, base_model=base_id, method=method, num_boundaries=k,
-                                                  steps=4), root=root)
+                                                  steps=4), root=root, overwrite=True)
         names.append(name)
     return names

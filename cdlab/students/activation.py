@@ -1,0 +1,196 @@
+"""Students on a pipeline: loading them as named peft adapters on ONE UNet, and switching between them.
+
+``load_student`` adds adapter ``<name>``, ``activate_student(pipe, name)`` switches to it,
+``activate_student(pipe, None)`` gives back the plain teacher. Switching reloads nothing; a student is
+read again only when its weights file changed on disk (retrained, or another root): each adapter's
+file fingerprint (path, ``st_mtime_ns``, ``st_size``, inode) is recorded on the UNet when it loads.
+
+Adapters are always created as normal tensors, even when the caller samples under
+``torch.inference_mode()`` (the app does): an inference-mode LoRA would make peft's
+``requires_grad_`` in ``set_adapters`` fail once outside inference mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cdlab.students.card import StudentCard, StudentError
+from cdlab.students.lora import WEIGHT_NAME, _unwrap
+from cdlab.students.registry import read_card, student_dir
+
+logger = logging.getLogger(__name__)
+
+# On the (unwrapped) UNet: {adapter name: fingerprint of the file it was loaded from}.
+_FILES_ATTR = "_cdlab_adapter_files"
+
+
+def _pipe_and_base(pipe: Any, base_model: str | None) -> tuple[Any, str | None]:
+    """Accept a pipeline or a cdlab ``Teacher`` (whose ``base_id`` then is the known base)."""
+    if hasattr(pipe, "pipe") and hasattr(pipe.pipe, "unet"):
+        return pipe.pipe, base_model if base_model is not None else getattr(pipe, "base_id", None)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "load_lora_weights"):
+        raise StudentError(f"expected a diffusers pipeline with LoRA support, got {type(pipe).__name__}")
+    return pipe, base_model
+
+
+def _loaded(pipe: Any) -> set[str]:
+    return set(getattr(pipe.unet, "peft_config", None) or {})
+
+
+def _loaded_files(pipe: Any) -> dict[str, tuple]:
+    """The per-adapter file fingerprints recorded on the pipeline's UNet (created empty on first use)."""
+    unet = _unwrap(pipe.unet)
+    files = getattr(unet, _FILES_ATTR, None)
+    if not isinstance(files, dict):
+        files = {}
+        object.__setattr__(unet, _FILES_ATTR, files)
+    return files
+
+
+def _fingerprint(path: Path, origin: str = "local") -> tuple:
+    """What identifies one version of a weights file: where it is, when it was written, its size and inode."""
+    st = os.stat(path)
+    return (origin, str(Path(path).resolve()), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@contextlib.contextmanager
+def _quiet_multi_adapter():
+    """Silence peft's "multiple adapters" warning: several adapters on one UNet is the design here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+        yield
+
+
+def _drop_partial(pipe: Any, name: str) -> None:
+    """Remove a half-injected adapter after a failed load, so a retry starts clean."""
+    _loaded_files(pipe).pop(name, None)
+    if name in _loaded(pipe):
+        try:
+            pipe.delete_adapters(name)
+        except Exception:  # best effort; the original error is what the user needs
+            logger.debug("could not delete partial adapter %r", name, exc_info=True)
+
+
+def _delete_adapter(pipe: Any, name: str) -> None:
+    """Take adapter ``name`` off the UNet (unmerging it first if it is fused), forgetting its file."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in _unwrap(pipe.unet).modules():
+        if isinstance(module, BaseTunerLayer) and name in getattr(module, "merged_adapters", ()):
+            module.unmerge()
+    _loaded_files(pipe).pop(name, None)
+    pipe.delete_adapters(name)
+
+
+def _load_adapter(pipe: Any, path: Path, name: str, fingerprint: tuple, what: str) -> None:
+    """``pipe.load_lora_weights`` of one safetensors file as adapter ``name``, as normal (not inference) tensors."""
+    import torch
+
+    try:
+        # Inference tensors cannot get requires_grad outside inference mode, which peft's
+        # set_adapters does; so the adapter is built as normal tensors whatever mode the caller is in.
+        with torch.inference_mode(False), _quiet_multi_adapter():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name,
+                                   use_safetensors=True)
+    except Exception as e:
+        _drop_partial(pipe, name)
+        raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from e
+    _loaded_files(pipe)[name] = fingerprint
+
+
+def load_student(
+    pipe: Any,
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    base_model: str | None = None,
+) -> StudentCard:
+    """Load student ``name`` as the peft adapter ``name`` on ``pipe.unet`` and make it the active one.
+
+    Idempotent: a student already on the UNet is not read again (only re-activated), unless its
+    weights file changed on disk since it was loaded (another mtime, size or inode, e.g. the student
+    was retrained, or it comes from another root): then the old adapter is deleted and the file
+    loaded again. Works inside and outside ``torch.inference_mode()``; the adapter is normal tensors.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or a cdlab ``Teacher``.
+        name (`str`): the student (folder) name.
+        root: the adapters root (default `adapters_dir()`).
+        base_model (`str`, *optional*): the pipeline's base; a card for another base is refused.
+            Defaults to ``Teacher.base_id`` when a Teacher is passed.
+
+    Raises:
+        StudentError: bad name, missing folder/card/weights, weights not safetensors, a card for
+            another base model, or weights that do not fit this UNet.
+    """
+    pipe, base_model = _pipe_and_base(pipe, base_model)
+    card = read_card(name, root)
+    if base_model is not None and card.base_model != base_model:
+        raise StudentError(
+            f"student {name!r} was distilled from {card.base_model!r}, but this pipeline is {base_model!r}")
+    path = student_dir(name, root) / WEIGHT_NAME
+    try:
+        fingerprint = _fingerprint(path)
+    except OSError as e:
+        raise StudentError(f"student {name!r}: cannot read {path}: {e}") from None
+    if name in _loaded(pipe) and _loaded_files(pipe).get(name) != fingerprint:
+        logger.info("student %r changed on disk (%s); loading it again", name, path)
+        _delete_adapter(pipe, name)
+    if name not in _loaded(pipe):
+        _load_adapter(pipe, path, name, fingerprint, f"student {name!r}")
+    activate_student(pipe, name)
+    return card
+
+
+def _normal_lora_params(pipe: Any) -> int:
+    """Replace LoRA parameters that are inference tensors (an adapter loaded under ``inference_mode`` by
+    code other than ours) by normal copies; return how many were replaced."""
+    import torch
+
+    replaced = 0
+    with torch.inference_mode(False):
+        for mname, module in _unwrap(pipe.unet).named_modules():
+            if "lora_" not in mname:
+                continue
+            for key, p in list(module._parameters.items()):
+                if p is not None and p.is_inference():
+                    module._parameters[key] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    replaced += 1
+    return replaced
+
+
+def activate_student(pipe: Any, name: str | None, weight: float = 1.0) -> None:
+    """Switch the UNet to adapter ``name`` (alone, at ``weight``); ``None`` disables all LoRA (the teacher).
+
+    Switching does not reload anything: adapters stay on the UNet, only the active set changes. Works
+    inside and outside ``torch.inference_mode()``.
+    """
+    import torch
+
+    pipe, _ = _pipe_and_base(pipe, None)
+    if name is None:
+        if _loaded(pipe):
+            pipe.disable_lora()
+        return
+    loaded = _loaded(pipe)
+    if name not in loaded:
+        raise StudentError(
+            f"student {name!r} is not loaded on this pipeline (loaded: {sorted(loaded) or 'none'}); "
+            "call load_student or load_external_student first")
+
+    def switch() -> None:
+        pipe.enable_lora()
+        pipe.set_adapters([name], adapter_weights=[float(weight)])
+
+    with torch.inference_mode(False):
+        try:
+            switch()
+        except RuntimeError as e:
+            # peft sets requires_grad on the active adapter: impossible on inference tensors.
+            if "inference tensor" not in str(e) or not _normal_lora_params(pipe):
+                raise
+            switch()

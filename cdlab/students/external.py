@@ -1,0 +1,173 @@
+"""External students: published few-step LoRAs for SD1.5 (LCM-LoRA, TCD, PCM, Hyper-SD), and the
+diffusers scheduler a card asks for.
+
+External students come from the hub through ``load_external_student``; their adapter name is their
+catalogue key. They sample with their own diffusers scheduler (`make_scheduler`), which
+``cdlab.samplers.sample_scheduler`` runs; `sampling_kwargs` gives the same recipe for ``pipe(...)``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdlab.students.activation import (_delete_adapter, _fingerprint, _load_adapter, _loaded, _loaded_files,
+                                       _pipe_and_base, activate_student)
+from cdlab.students.card import SD15_ID, StudentCard, StudentError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExternalStudent:
+    """A published few-step LoRA for SD1.5, with the sampling recipe from its model card.
+
+    ``filename`` is the path inside the hub repo. ``scheduler_kwargs`` mixes constructor options
+    and the step option ``eta``, as in `StudentCard`. ``adapter_weight`` is the LoRA scale its card
+    uses (1.0 for all four SD1.5 files here).
+    """
+
+    key: str
+    title: str
+    repo_id: str
+    filename: str
+    scheduler: str
+    scheduler_kwargs: dict
+    steps: int
+    guidance: float
+    num_boundaries: int | None
+    adapter_weight: float = 1.0
+    notes: str = ""
+
+
+# guidance: every card runs these without CFG (guidance_scale 0 in their snippets). diffusers
+# applies CFG only for guidance_scale > 1, so 1.0 is the same computation (one UNet call a step)
+# and is how cdlab's samplers and NFE counts spell "no CFG".
+EXTERNAL_STUDENTS: dict[str, ExternalStudent] = {
+    s.key: s for s in (
+        ExternalStudent(
+            key="lcm-lora", title="LCM-LoRA", repo_id="latent-consistency/lcm-lora-sdv1-5",
+            filename="pytorch_lora_weights.safetensors", scheduler="LCMScheduler", scheduler_kwargs={},
+            steps=4, guidance=1.0, num_boundaries=1,
+            notes="Card: LCMScheduler, 2-8 steps, guidance 0 or 1-2. 1.0 = no CFG, the cheapest "
+                  "setting inside the card's range; above 1 CFG doubles the cost and over-saturates."),
+        ExternalStudent(
+            key="tcd", title="TCD", repo_id="h1t/TCD-SD15-LoRA",
+            filename="pytorch_lora_weights.safetensors", scheduler="TCDScheduler",
+            scheduler_kwargs={"eta": 0.3}, steps=4, guidance=1.0, num_boundaries=1,
+            notes="Card: TCDScheduler, 4 steps, guidance 0, eta (gamma) 0.3; higher eta for more steps."),
+        ExternalStudent(
+            key="pcm", title="PCM (4-phase, small CFG)", repo_id="wangfuyun/PCM_Weights",
+            filename="sd15/pcm_sd15_smallcfg_4step_converted.safetensors", scheduler="TCDScheduler",
+            scheduler_kwargs={"timestep_spacing": "trailing", "eta": 0.0}, steps=4, guidance=1.0,
+            num_boundaries=4,
+            notes="PCM's own demos: TCDScheduler with trailing spacing, deterministic (eta 0: PCM "
+                  "samples its phases without fresh noise), 4 steps for the 4-phase file, guidance "
+                  "0-2 for the smallcfg files."),
+        ExternalStudent(
+            key="hyper-sd", title="Hyper-SD (4-step)", repo_id="ByteDance/Hyper-SD",
+            filename="Hyper-SD15-4steps-lora.safetensors", scheduler="DDIMScheduler",
+            scheduler_kwargs={"timestep_spacing": "trailing"}, steps=4, guidance=1.0, num_boundaries=4,
+            adapter_weight=1.0,
+            notes="Card: DDIMScheduler(timestep_spacing='trailing'), guidance 0, fuse_lora() at the "
+                  "default scale 1.0 (the 0.125 scale on the card is for Hyper-FLUX, not SD1.5)."),
+    )
+}
+
+
+def _hub_download(repo_id: str, filename: str) -> str:
+    """``huggingface_hub.hf_hub_download``, imported at call time.
+
+    `load_external_student` looks this name up in this module when it runs, so tests patch
+    ``cdlab.students.external._hub_download`` (or ``huggingface_hub.hf_hub_download``).
+    """
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=repo_id, filename=filename)
+
+
+def _origin(ext: ExternalStudent) -> str:
+    return f"hub:{ext.repo_id}/{ext.filename}"
+
+
+def load_external_student(pipe: Any, key: str, *, base_model: str | None = None) -> StudentCard:
+    """Download (or take from the hub cache) an external student and load it as adapter ``key``.
+
+    Idempotent like `load_student` (no second download once loaded from this hub file; an adapter of
+    that name from anywhere else is replaced), and the adapter becomes the active one at its card's
+    weight. Works inside and outside ``torch.inference_mode()``; the adapter is normal tensors.
+    Returns a `StudentCard` with ``method="external"`` and the card's sampling recipe.
+    """
+    pipe, base_model = _pipe_and_base(pipe, base_model)
+    if key not in EXTERNAL_STUDENTS:
+        raise StudentError(f"unknown external student {key!r}; choose from {', '.join(EXTERNAL_STUDENTS)}")
+    ext = EXTERNAL_STUDENTS[key]
+    if base_model is not None and base_model != SD15_ID:
+        raise StudentError(f"{ext.title} is a LoRA for {SD15_ID}; this pipeline is {base_model!r}")
+    card = StudentCard(
+        name=key, base_model=SD15_ID, method="external", num_boundaries=ext.num_boundaries,
+        steps=ext.steps, guidance=ext.guidance, scheduler=ext.scheduler,
+        scheduler_kwargs=dict(ext.scheduler_kwargs),
+        training_config={"repo_id": ext.repo_id, "filename": ext.filename, "title": ext.title,
+                         "adapter_weight": ext.adapter_weight, "notes": ext.notes},
+    )
+    recorded = _loaded_files(pipe).get(key)
+    if key not in _loaded(pipe) or not recorded or recorded[0] != _origin(ext):
+        try:
+            local = _hub_download(ext.repo_id, ext.filename)  # this module's global: patchable
+        except Exception as e:
+            raise StudentError(
+                f"could not get {ext.filename} from the hub repo {ext.repo_id} ({type(e).__name__}: {e}). "
+                "Connect to the internet once, or put the file in the Hugging Face cache "
+                "(HF_HOME / HF_HUB_CACHE) and set HF_HUB_OFFLINE=1.") from None
+        local = Path(local)
+        if local.suffix != ".safetensors":
+            raise StudentError(f"{ext.title}: {local} is not a .safetensors file; cdlab loads safetensors only")
+        try:
+            fingerprint = _fingerprint(local, _origin(ext))
+        except OSError as e:
+            raise StudentError(f"{ext.title}: cannot read {local}: {e}") from None
+        if key in _loaded(pipe):  # an adapter of that name from elsewhere (e.g. a local student)
+            _delete_adapter(pipe, key)
+        _load_adapter(pipe, local, key, fingerprint, ext.title)
+    activate_student(pipe, key, weight=ext.adapter_weight)
+    return card
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def _scheduler_init_keys(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def make_scheduler(pipe: Any, card: StudentCard):
+    """The diffusers scheduler a card asks for, built from ``pipe.scheduler.config`` plus its kwargs.
+
+    ``"consistency"`` (our own students) gives ``DDIMScheduler`` with trailing spacing and
+    ``set_alpha_to_one=True``: cdlab's ``sample_consistency`` reads only its ``alphas_cumprod``, and in
+    plain diffusers it is the stock scheduler closest to our sampler (deterministic jumps to the
+    clean boundary). The step option ``eta`` is not a constructor option; see `sampling_kwargs`.
+    """
+    import diffusers
+
+    pipe, _ = _pipe_and_base(pipe, None)
+    if card.scheduler == "consistency":
+        return diffusers.DDIMScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    cls = getattr(diffusers, card.scheduler, None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_config") and card.scheduler.endswith("Scheduler")):
+        raise StudentError(f"student {card.name!r}: unknown scheduler {card.scheduler!r}")
+    init_keys = _scheduler_init_keys(cls)
+    kwargs = {k: v for k, v in card.scheduler_kwargs.items() if k in init_keys}
+    return cls.from_config(pipe.scheduler.config, **kwargs)
+
+
+def sampling_kwargs(card: StudentCard) -> dict:
+    """``pipe(...)`` keyword arguments for a card: steps, guidance, and ``eta`` if the card has one."""
+    kwargs: dict[str, Any] = {"num_inference_steps": card.steps, "guidance_scale": float(card.guidance)}
+    if "eta" in card.scheduler_kwargs:
+        kwargs["eta"] = float(card.scheduler_kwargs["eta"])
+    return kwargs
