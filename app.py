@@ -259,7 +259,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                                        scale=1, elem_id="eval-prompts",
                                        info=f"at most {eval_max}" + (" on this public host" if public else ""))
                     eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
-                eval_summary = gr.Markdown()
+                eval_summary = gr.Markdown(elem_id="eval-summary")
                 eval_table = gr.Markdown(elem_id="eval-table")
                 eval_plot = gr.Image(label="Quality against NFE", type="filepath", elem_id="eval-plot")
                 eval_dd.change(show_eval, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")

@@ -109,6 +109,10 @@ class JobManager:
                 status["state"] = "stopping"
             elif float(status.get("updated") or 0) < j.started - 1:
                 status["state"] = "queued"  # no status from this process yet (an old one is from a past attempt)
+            elif status.get("state") in runs_mod.FINAL_STATES:
+                # The trainer wrote its last status but its process is still exiting: the slot is not free
+                # yet, so the page must not say "finished" and then refuse the next Start.
+                status["state"] = "finishing"
         if status.get("state") == "failed":
             status["log_tail"] = runs_mod.tail(run_dir / LOG_NAME, 20)
         return status
@@ -216,6 +220,14 @@ class JobManager:
 
     def _check_free(self) -> None:
         self._reap()
+        j = self.active()
+        if j is not None and (j.stop_requested is not None or
+                              runs_mod.read_status(j.run_dir).get("state") in runs_mod.FINAL_STATES):
+            try:  # a trainer that has saved and said its last word exits within moments
+                j.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            self._reap()
         if self.active() is not None:
             raise JobError(f"A training job is already running ({self._job.run_name}); "
                            "stop it first: one training job at a time.")

@@ -59,16 +59,23 @@ def refresh_columns(page) -> list[str]:
 
 
 def run_evaluation(page, prompts: int, timeout_ms: int = 240_000) -> str:
-    """On the Evaluate tab, run a new evaluation on ``prompts`` prompts; return its table's text once shown."""
+    """On the Evaluate tab, run a new evaluation on ``prompts`` prompts; return its table's text once shown.
+
+    Done means: the evaluations list selects a new name and the table shows that evaluation (no progress
+    timer over it)."""
     page.get_by_role("tab", name="Evaluate").click()
-    before = _text(page, "#eval-table")
+    before = page.locator("#evals input").input_value()
     box = page.locator("#eval-prompts input")
     box.fill(str(prompts))
     box.press("Tab")
     page.locator("#eval-btn").click()
     page.wait_for_function(
-        "before => { const t = (document.querySelector('#eval-table')||{}).innerText || '';"
-        " return /teacher/.test(t) && t !== before; }", arg=before, timeout=timeout_ms)
+        "([before, n]) => { const v = (document.querySelector('#evals input')||{}).value || '';"
+        " const t = (document.querySelector('#eval-table')||{}).innerText || '';"
+        " const m = (document.querySelector('#eval-summary')||{}).innerText || '';"
+        " return v && v !== before && m.includes(v) && /Evaluation of/.test(t) && !/^\\s*[\\d.]+s/.test(t); }",
+        arg=[before, prompts], timeout=timeout_ms)
+    page.wait_for_timeout(500)
     return page.locator("#eval-table").inner_text()
 
 
