@@ -29,25 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# SD1.5's architecture (stable-diffusion-v1-5's unet/vae/text_encoder config.json), for random-weight
-# benchmarks without the hub.
-SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
-)
-SD15_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
-)
-SD15_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-)
+# SD1.5's architecture with random weights lives with the teachers (cdlab.sd15_random); re-exported here.
+from cdlab.sd15_random import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402,F401
+
 SD15_RANDOM = "sd15-random"
 TAESD_ID = "madebyollin/taesd"
 STUDENT_RANK = 64
@@ -64,47 +48,6 @@ Printer = Callable[[str], Any]
 
 # ----------------------------------------------------------------------------- loading
 
-def _tokenizer_dir(max_length: int) -> str:
-    """A CLIP BPE tokenizer written offline (SD's own needs the hub); token ids only index the
-    embedding, so timing does not depend on which tokenizer made them."""
-    from cdlab.tiny.architecture import write_tokenizer
-
-    d = tempfile.mkdtemp(prefix="cdlab-bench-tok-")
-    write_tokenizer(d)
-    cfg_path = Path(d) / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model_max_length"] = max_length
-    cfg_path.write_text(json.dumps(cfg))
-    return d
-
-
-def build_sd15_random(device: str | Any = "cuda", dtype: Any = None, seed: int = 0) -> Any:
-    """A ``Teacher`` over an SD1.5-architecture pipeline with random weights (built on ``device``)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from cdlab.teachers import Teacher
-    from cdlab.tiny.architecture import SCHEDULER_CONFIG
-
-    device = torch.device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_dir(77))
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialise in place: 1B parameters are slow to init on the CPU
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-        vae = AutoencoderKL(**SD15_VAE_CONFIG)
-        text = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            pad_token_id=tokenizer.pad_token_id, **SD15_TEXT_CONFIG))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).to(device, dtype)
-    for m in (unet, vae, text):
-        m.eval().requires_grad_(False)
-    return Teacher(pipe=pipe, name=SD15_RANDOM, device=device, dtype=dtype, base_id=SD15_RANDOM)
-
-
 def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: Any = None) -> Any:
     """The teacher a benchmark runs on (see the module docstring for ``model``)."""
     import torch
@@ -114,8 +57,9 @@ def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: An
     cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if model == "auto":
         model = SD15_RANDOM if cuda else "tiny"
-    if model == SD15_RANDOM:
-        return build_sd15_random(device or ("cuda" if cuda else "cpu"), dtype)
+    if model == SD15_RANDOM:  # 512² on a GPU (the real size), 64² on the CPU
+        return load_teacher(SD15_RANDOM, device=device or ("cuda" if cuda else "cpu"), dtype=dtype,
+                            resolution=512 if cuda else 64)
     try:
         return load_teacher(model, device=device, dtype=dtype)
     except TeacherLoadError:

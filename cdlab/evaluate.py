@@ -88,11 +88,10 @@ def _teacher_guidance(teacher: Any) -> float:
 
 
 def _is_world(teacher: Any) -> bool:
-    """The tiny world's metrics apply to a teacher at the world's resolution (the embedded one, or a
-    pipeline built from its architecture)."""
-    from cdlab.world import IMAGE_SIZE
+    """The tiny world's metrics apply to a tiny-world teacher (the embedded one, or a pipeline of its architecture)."""
+    from cdlab.teachers import is_tiny
 
-    return getattr(teacher, "base_id", "") == "cdlab/tiny-teacher" or int(teacher.resolution) == IMAGE_SIZE
+    return is_tiny(teacher)
 
 
 def _check_steps(steps: Sequence[int], what: str) -> tuple[int, ...]:

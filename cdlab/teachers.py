@@ -1,7 +1,7 @@
 """Teachers: a diffusers ``StableDiffusionPipeline`` behind a thin typed wrapper.
 
     from cdlab.teachers import load_teacher
-    teacher = load_teacher("tiny")                 # or "sd15", or a local diffusers folder
+    teacher = load_teacher("tiny")                 # or "sd15", "sd15-random", or a local diffusers folder
     cond, uncond = teacher.encode(["a red circle"])
     x_T = teacher.initial_noise(seed=0)
 
@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "Teacher", "load_teacher", "load_teacher_with_fallback"]
+__all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "Teacher", "load_teacher",
+           "load_teacher_with_fallback", "is_tiny", "teacher_lock"]
 
 TINY_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-teacher"
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_ID = "cdlab/tiny-teacher"
+SD15_RANDOM_ID = "cdlab/sd15-random"  # cdlab.sd15_random: SD1.5's architecture, random weights
 # Names that mean SD1.5 on the hub; "runwayml/..." is the course notebook's (now removed) repository.
 _SD15_NAMES = {"sd15", "sd1.5", "sd-1.5", SD15_ID, "runwayml/stable-diffusion-v1-5"}
 
@@ -66,8 +68,22 @@ class Teacher:
 
     @property
     def guidance(self) -> float:
-        """The teacher's default CFG scale: 7.5 for SD1.5-sized teachers (the course's), ``TINY_GUIDANCE`` for the tiny one."""
-        return TINY_GUIDANCE if self.resolution <= 64 else SD15_GUIDANCE
+        """The teacher's default CFG scale: ``TINY_GUIDANCE`` for a tiny-world teacher, 7.5 (the course's) otherwise.
+
+        Every entry point (app, train, evaluate, generate, bench) takes its default from here."""
+        return TINY_GUIDANCE if self.is_tiny else SD15_GUIDANCE
+
+    @property
+    def is_sd15_architecture(self) -> bool:
+        """SD1.5's UNet shape (SD1.5 itself, ``sd15-random``, fine-tunes of SD1.5): its LoRAs fit."""
+        from cdlab.sd15_random import is_sd15_architecture
+
+        return is_sd15_architecture(self.unet.config)
+
+    @property
+    def is_tiny(self) -> bool:
+        """A tiny-world teacher (the embedded one, or a pipeline of its architecture): world captions and metrics."""
+        return self.base_id == TINY_ID or (not self.is_sd15_architecture and self.resolution <= 64)
 
     @property
     def unet(self) -> Any:
@@ -135,9 +151,18 @@ class Teacher:
 
     def describe(self) -> str:
         """One line for logs and the UI, e.g. ``"tiny teacher · cpu · float32"``."""
-        label = {"tiny": "tiny teacher", SD15_ID: "SD1.5 teacher"}.get(
+        label = {"tiny": "tiny teacher", SD15_ID: "SD1.5 teacher",
+                 SD15_RANDOM_ID: f"SD1.5 architecture, random weights ({self.resolution} px)"}.get(
             "tiny" if self.base_id == TINY_ID else self.base_id, f"teacher {self.base_id}")
         return f"{label} · {self.device} · {str(self.dtype).replace('torch.', '')}"
+
+
+def is_tiny(teacher: Any) -> bool:
+    """Whether ``teacher`` (a `Teacher`, or a teacher-like object in tests) is a tiny-world teacher."""
+    flag = getattr(teacher, "is_tiny", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(teacher, "base_id", "") == TINY_ID or int(teacher.resolution) <= 64
 
 
 def teacher_lock(teacher: Any):
@@ -244,14 +269,17 @@ def load_teacher(
     name_or_path: str | os.PathLike = "tiny",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    resolution: int | None = None,
 ) -> Teacher:
     """Load a teacher pipeline with a trailing, clean-boundary ``DDIMScheduler``.
 
     Args:
         name_or_path: ``"tiny"`` (the embedded teacher in ``TINY_TEACHER_DIR``), ``"sd15"`` (the hub's
-            ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers pipeline folder.
+            ``stable-diffusion-v1-5/stable-diffusion-v1-5``), ``"sd15-random"`` (SD1.5's architecture with
+            random weights, built once offline: `cdlab.sd15_random`) or a local diffusers pipeline folder.
         device: default ``cuda`` when available, else ``cpu``.
         dtype: default float16 on CUDA, float32 on CPU.
+        resolution: ``sd15-random`` only: the image side in pixels (default 64: 8x8 latents).
 
     Weights are loaded as safetensors only. The safety checker is off (``safety_checker=None,
     requires_safety_checker=False``): the lab shows raw samples for teaching; do not deploy it as a public
@@ -266,6 +294,17 @@ def load_teacher(
     name = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
     if not isinstance(name, str) or not name.strip():
         raise TeacherLoadError(f"teacher name must be 'tiny', 'sd15' or a folder path, got {name_or_path!r}")
+    if name == "sd15-random":
+        from cdlab import sd15_random
+
+        try:
+            res = sd15_random.check_resolution(sd15_random.DEFAULT_RESOLUTION if resolution is None else resolution)
+            folder = sd15_random.ensure(res)
+        except (ValueError, OSError) as e:
+            raise TeacherLoadError(f"teacher 'sd15-random': {e}") from None
+        return _load_local(folder, name, SD15_RANDOM_ID, dev, dtype)
+    if resolution is not None:
+        raise TeacherLoadError(f"teacher {name!r}: resolution is fixed by its weights; only 'sd15-random' takes one")
     if name == "tiny":
         folder = Path(TINY_TEACHER_DIR)
         if not (folder / "model_index.json").is_file():

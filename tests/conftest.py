@@ -48,3 +48,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tw.line(f"{len(ids)} skipped: {reason}")
             for i in ids:
                 tw.line(f"    {i}")
+
+
+@pytest.fixture(scope="session")
+def sd15_teacher():
+    """SD1.5's architecture with random weights at 64 px (8x8 latents), float32 on the CPU: built once into
+    the models cache (``$CDLAB_MODELS_DIR``), then loaded through ``from_pretrained`` like the hub model.
+    Tests that use it must leave it as they found it (no adapter active, nothing fused)."""
+    from cdlab.teachers import load_teacher
+
+    return load_teacher("sd15-random", resolution=64, device="cpu")

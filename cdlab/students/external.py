@@ -17,6 +17,10 @@ from cdlab.students.activation import (_delete_adapter, _fingerprint, _load_adap
                                        _pipe_and_base, activate_student)
 from cdlab.students.card import SD15_ID, StudentCard, StudentError
 
+# Bases an SD1.5 LoRA fits: SD1.5 itself and its architecture with random weights (cdlab.sd15_random),
+# on which the tests load the published files' layouts offline.
+SD15_ARCH_BASES = (SD15_ID, "cdlab/sd15-random")
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,7 +108,7 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
     if key not in EXTERNAL_STUDENTS:
         raise StudentError(f"unknown external student {key!r}; choose from {', '.join(EXTERNAL_STUDENTS)}")
     ext = EXTERNAL_STUDENTS[key]
-    if base_model is not None and base_model != SD15_ID:
+    if base_model is not None and base_model not in SD15_ARCH_BASES:
         raise StudentError(f"{ext.title} is a LoRA for {SD15_ID}; this pipeline is {base_model!r}")
     card = StudentCard(
         name=key, base_model=SD15_ID, method="external", num_boundaries=ext.num_boundaries,

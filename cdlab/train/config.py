@@ -24,7 +24,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 @dataclass
 class TrainConfig:
     # ---- teacher and method
-    model: str = "tiny"                  # "tiny" | "sd15" | a local diffusers pipeline folder
+    model: str = "tiny"                  # "tiny" | "sd15" | "sd15-random" (SD1.5 architecture, random) | a folder
     method: str = "mbcd"                 # "ct" (no teacher) | "cd" (N = 1) | "mbcd" (CD with N > 1)
     num_boundaries: int | None = None    # N; default 4 for ct/mbcd, 1 for cd
     guidance: float | None = None        # teacher CFG w for CD (profile default)
@@ -90,7 +90,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def profile_name(model: str, resolution: int | None = None) -> str:
     """``"sd15"`` for SD1.5 or a pipeline of >= 256 px, else ``"tiny"``."""
-    if model == "sd15":
+    if model in ("sd15", "sd15-random"):
         return "sd15"
     if model == "tiny":
         return "tiny"
@@ -112,7 +112,7 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
     cfg = dataclasses.replace(cfg)
     prof = profile_name(cfg.model, teacher_resolution)
     defaults = dict(PROFILES[prof])
-    if prof == "tiny" and teacher_resolution:
+    if teacher_resolution:  # the teacher's native size (sd15-random: whatever it was built at)
         defaults["resolution"] = teacher_resolution
     for key, value in defaults.items():
         if key == "mixed_precision":

@@ -51,7 +51,9 @@ def prompt_presets(teacher: Any) -> list[str]:
 
 
 def is_tiny(teacher: Any) -> bool:
-    return teacher.resolution <= 64
+    from cdlab.teachers import is_tiny as _is_tiny
+
+    return _is_tiny(teacher)
 
 
 def random_seed() -> int:
@@ -163,7 +165,9 @@ class Comparer:
     def __init__(self, teacher: Any, adapters_root: Path | None = None, allow_external: bool | None = None):
         self.teacher = teacher
         self.adapters_root = adapters_root
-        self.allow_external = (not is_tiny(teacher)) if allow_external is None else allow_external
+        if allow_external is None:  # SD1.5 LoRAs fit SD1.5's architecture (the hub model or sd15-random)
+            allow_external = bool(getattr(teacher, "is_sd15_architecture", not is_tiny(teacher)))
+        self.allow_external = allow_external
 
     # -- columns -----------------------------------------------------------------------------
     def students(self) -> list[Any]:
