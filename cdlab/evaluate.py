@@ -80,10 +80,10 @@ class _Column:
 
 
 def _teacher_guidance(teacher: Any) -> float:
-    for attr in ("guidance", "default_guidance", "guidance_scale"):
-        g = getattr(teacher, attr, None)
-        if isinstance(g, (int, float)) and not isinstance(g, bool):
-            return float(g)
+    """The teacher's own default CFG scale (`cdlab.teachers.Teacher.guidance`)."""
+    g = getattr(teacher, "guidance", None)
+    if isinstance(g, (int, float)) and not isinstance(g, bool):
+        return float(g)
     return DEFAULT_GUIDANCE
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 TEACHER_STEPS = 50   # DDIM steps for the teacher when --steps is not given
-TEACHER_GUIDANCE = 7.5  # CFG scale for the teacher when --guidance is not given
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (teacher default {TEACHER_STEPS}; a student's default is its card's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help=f"CFG scale (teacher default {TEACHER_GUIDANCE}; a student's default is its card's)")
+                   help="CFG scale (default: the teacher's own, 5 for tiny and 7.5 for SD1.5; a student's default is its card's)")
     p.add_argument("--student", default=None, help="a student in adapters/ or an external student key")
     p.add_argument("--stochastic", action="store_true", help="consistency students: Song et al.'s Alg. 1 re-noising")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         steps = args.steps or TEACHER_STEPS
-        guidance = TEACHER_GUIDANCE if args.guidance is None else args.guidance
+        guidance = teacher.guidance if args.guidance is None else args.guidance  # the teacher's own default
         cond, uncond = teacher.encode([args.prompt])
         out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(steps), teacher.scheduler)
         latents, nfe, label = out.latents, out.nfe, f"teacher DDIM {steps} steps, guidance {guidance:g}"

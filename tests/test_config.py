@@ -138,3 +138,15 @@ def test_default_cli_run_leaves_every_student_byte_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     card = json.loads((adapters / "tiny-mbcd-4" / "card.json").read_text())
     assert card["metrics"]["train_steps"] == 1
+
+
+def test_default_guidance_comes_from_the_teacher(tmp_path, capsys):
+    """Every entry point's default CFG scale is the teacher's (`Teacher.guidance`): 5 for tiny, 7.5 for SD1.5."""
+    from cdlab.generate import main as generate
+    from cdlab.teachers import SD15_GUIDANCE, TINY_GUIDANCE
+
+    assert C.PROFILES["tiny"]["guidance"] == TINY_GUIDANCE and C.PROFILES["sd15"]["guidance"] == SD15_GUIDANCE
+    assert generate(["--model", "tiny", "--prompt", "a small red circle at the center on a white background",
+                     "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"guidance {TINY_GUIDANCE:g}" in out and "guidance 7.5" not in out

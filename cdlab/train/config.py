@@ -27,7 +27,7 @@ class TrainConfig:
     model: str = "tiny"                  # "tiny" | "sd15" | "sd15-random" (SD1.5 architecture, random) | a folder
     method: str = "mbcd"                 # "ct" (no teacher) | "cd" (N = 1) | "mbcd" (CD with N > 1)
     num_boundaries: int | None = None    # N; default 4 for ct/mbcd, 1 for cd
-    guidance: float | None = None        # teacher CFG w for CD (profile default)
+    guidance: float | None = None        # teacher CFG w for CD (default: the teacher's own, Teacher.guidance)
     guidance_max: float | None = None    # set: w ~ U[guidance, guidance_max] per example
     step_size: int = 20                  # k on the course grid: t = k*i - 1 (i = 1..T/k), s = t - k
     num_train_timesteps: int = 1000
@@ -59,7 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0           # 0 = no clipping
     use_8bit_adam: bool = True           # bitsandbytes AdamW8bit when importable on CUDA
-    mixed_precision: str = "auto"        # "auto" (fp16 on CUDA, none on CPU) | "no" | "fp16" | "bf16"
+    mixed_precision: str = "auto"        # "auto" (bf16 on CUDA where supported, else fp16; none on CPU) | "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"                 # "auto" | "cpu" | "cuda" (single process; accelerate picks under torchrun)

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -31,9 +30,21 @@ from typing import Any
 
 import torch
 
+from cdlab.train.checkpoints import (  # list_checkpoints, CKPT_RE: re-exported, importable from here
+    BAD_PREFIX,
+    CKPT_RE,
+    OLD_PREFIX,
+    STATE,
+    TMP_PREFIX,
+    CheckpointError,
+    checkpoint_name,
+    file_sizes,
+    fsync_dir,
+    fsync_tree,
+    list_checkpoints,
+    verify_files,
+)
 from cdlab.train.config import TrainConfig, cache_root, card_method, check_destination, resolve, runs_dir
-
-CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 
 
 @dataclass
@@ -46,22 +57,13 @@ class TrainResult:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file, fsync it, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints ``(step, path)``, oldest first (temporary folders are not listed)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in folder.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "state.json").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -135,8 +137,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         mp = cfg.mixed_precision
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if mp == "auto":
-            mp = "fp16" if cuda else "no"
+        if mp == "auto":  # bf16 where the GPU has it (no loss scaling needed), else fp16; none on the CPU
+            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # accelerate keeps one process-wide state; a second in-process run (tests, a notebook) may
             # want another precision. Under torchrun the state belongs to the launch and is kept.
@@ -150,7 +152,10 @@ class Trainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         self.autocast_dtype = None if weight_dtype == torch.float32 else weight_dtype
 
-        self.teacher = load_teacher(cfg.model, device=self.device, dtype=weight_dtype)
+        self.teacher = load_teacher(cfg.model, device=self.device, dtype=weight_dtype,
+                                    resolution=cfg.resolution if cfg.model == "sd15-random" else None)
+        if cfg.guidance is None:  # the teacher's own default CFG scale (Teacher.guidance), as every entry point
+            cfg = dataclasses.replace(cfg, guidance=self.teacher.guidance)
         cfg = resolve(cfg, self.teacher.resolution)
         if not self.resume:
             check_destination(cfg)  # an existing student is replaced only with overwrite; refuse before training
@@ -250,12 +255,16 @@ class Trainer:
     # ------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/ckpt_<step>`` under a temporary name, fsync every file and the folder, then
+        rename it into place and fsync ``checkpoints/``: a published checkpoint is complete and on disk.
+        ``state.json`` lists the other files with their sizes. The last ``keep_checkpoints`` are kept."""
         from safetensors.torch import save_file
 
         acc = self.acc
         folder = self.run_dir / "checkpoints"
-        name = f"ckpt_{self.step:06d}"
-        tmp = folder / f".tmp-{name}"
+        name = checkpoint_name(self.step)
+        tmp = folder / f"{TMP_PREFIX}{name}"
+        final = folder / name
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -277,57 +286,71 @@ class Trainer:
             torch.save(self.lr_sched.state_dict(), tmp / "lr_scheduler.pt")
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            write_json_atomic(tmp / "state.json", {
+            write_json_atomic(tmp / STATE, {
                 "step": self.step, "elapsed_s": self.elapsed(), "samples_seen": self.samples_seen,
-                "world_size": self.world, "saved": time.time()})
-            final = folder / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # the checkpoint exists only once complete
-            for _, old in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                "world_size": self.world, "saved": time.time(),
+                "files": file_sizes(tmp)})  # every rank's rng file is there (the barrier above)
+            fsync_tree(tmp)  # every file, then the folder itself: durable before it is published
+            old = folder / f"{OLD_PREFIX}{name}"
+            if final.exists():  # the same step saved again: move the old one aside, never half-delete it
                 shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)  # the checkpoint exists only once complete
+            fsync_dir(folder)
+            shutil.rmtree(old, ignore_errors=True)
+            # Prune among checkpoints up to this step; newer ones are leftovers a resume found unreadable,
+            # replaced when the run reaches their step again.
+            done = [p for s, p in list_checkpoints(self.run_dir, complete=False) if s <= self.step]
+            for stale in done[:-self.cfg.keep_checkpoints]:
+                trash = folder / f"{OLD_PREFIX}{stale.name}"
+                try:
+                    os.replace(stale, trash)
+                except OSError:
+                    continue
+                shutil.rmtree(trash, ignore_errors=True)
         acc.wait_for_everyone()
-        return folder / name
+        return final
 
     def _load_latest(self) -> None:
-        from safetensors.torch import load_file
-
-        if self.acc.is_main_process:  # leftovers of a save interrupted by a crash
-            for tmp in (self.run_dir / "checkpoints").glob(".tmp-ckpt_*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        ckpts = list_checkpoints(self.run_dir)
+        """Restore the newest readable checkpoint: newest first, an unreadable one (missing, truncated or
+        corrupt files, or files that differ from its ``state.json`` list) is skipped with a log line.
+        Each checkpoint is read and checked whole before anything is applied."""
+        if self.acc.is_main_process:  # leftovers of a save or a deletion interrupted by a crash
+            for pattern in (f"{TMP_PREFIX}ckpt_*", f"{OLD_PREFIX}ckpt_*"):
+                for tmp in (self.run_dir / "checkpoints").glob(pattern):
+                    shutil.rmtree(tmp, ignore_errors=True)
+        ckpts = list_checkpoints(self.run_dir, complete=False)
         if not ckpts:
             self.log(f"resume: no complete checkpoint in {self.run_dir}; starting at step 0")
             return
-        step, path = ckpts[-1]
-        lora = load_file(str(path / "lora.safetensors"))
-        missing = [n for n in self.names if n not in lora]
-        if missing:
-            raise ValueError(f"checkpoint {path} does not match this model's LoRA ({len(missing)} weights missing, "
-                             f"e.g. {missing[0]}); was the config changed?")
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(lora[n].to(p.device, p.dtype))
-        if self.ema is not None and (path / "ema.safetensors").is_file():
-            self.ema = {n: v.to(self.device) for n, v in load_file(str(path / "ema.safetensors")).items()}
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        self.lr_sched.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-        if self.acc.scaler is not None and (path / "scaler.pt").is_file():
-            self.acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        rng_file = path / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
-            self.data_gen.set_state(rng["data_gen"])
-            self.loss_gen.set_state(rng["loss_gen"])
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        state = json.loads((path / "state.json").read_text())
-        self.step = int(state["step"])
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.samples_seen = int(state.get("samples_seen", 0))
+        skipped, bad = [], []
+        for _, path in reversed(ckpts):
+            try:
+                ck, reason = self._read_checkpoint(path), ""
+            except CheckpointError as e:
+                ck, reason = None, str(e)
+            if self.world > 1:  # every rank resumes from the same checkpoint
+                ok = torch.tensor([0.0 if ck is None else 1.0], device=self.device)
+                if float(self.acc.gather(ok).min()) == 0.0 and ck is not None:
+                    ck, reason = None, "unreadable on another rank"
+            if ck is None:
+                self.log(f"resume: skipping checkpoint {path.name}: {reason}")
+                skipped.append(f"{path.name}: {reason}")
+                bad.append(path)
+                continue
+            self._apply_checkpoint(ck)
+            break
+        else:
+            raise CheckpointError(f"resume: none of the {len(ckpts)} checkpoints in {self.run_dir / 'checkpoints'} "
+                                  "is readable (" + "; ".join(skipped) + ")")
         if self.acc.is_main_process:
+            # Unreadable newer checkpoints: kept for inspection but out of the listing, so the run's own
+            # checkpoint logic (pruning, "is the last step saved?") never counts them.
+            for path in bad:
+                aside = path.with_name(f"{BAD_PREFIX}{path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                self.log(f"resume: moved unreadable {path.name} aside to {aside.name}")
             # Metrics after the checkpoint belong to the lost interval: drop them, so the curve is one run.
             mfile = self.run_dir / "metrics.jsonl"
             if mfile.is_file():
@@ -335,7 +358,102 @@ class Trainer:
                 tmp = mfile.with_name(".metrics.jsonl.tmp")
                 tmp.write_text("".join(ln + "\n" for ln in keep))
                 os.replace(tmp, mfile)
-        self.log(f"resume: {path.name} (step {self.step})")
+        self.log(f"resume: {ck['path'].name} (step {self.step})"
+                 + (f", skipped {len(skipped)} unreadable" if skipped else ""))
+        self.acc.wait_for_everyone()
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        """Every file of checkpoint ``path`` this rank needs, read into memory and checked; nothing is applied.
+
+        Raises `CheckpointError` (with the reason) when the checkpoint is unreadable, ValueError when it is
+        readable but does not fit this model (a changed config: an older checkpoint would not fit either)."""
+        from safetensors.torch import load_file
+
+        try:
+            try:
+                state = json.loads((path / STATE).read_text())
+            except FileNotFoundError:
+                raise CheckpointError(f"{STATE} is missing") from None
+            if not isinstance(state, dict) or "step" not in state:
+                raise CheckpointError(f"{STATE} holds no step")
+            if "files" in state:
+                verify_files(path, state["files"])
+            ck = {"path": path, "step": int(state["step"]), "elapsed_s": float(state.get("elapsed_s", 0.0)),
+                  "samples_seen": int(state.get("samples_seen", 0))}
+            if checkpoint_name(ck["step"]) != path.name:
+                raise CheckpointError(f"{STATE} says step {ck['step']}")
+            ck["lora"] = load_file(str(path / "lora.safetensors"))
+            ema_file = path / "ema.safetensors"
+            ck["ema"] = load_file(str(ema_file)) if self.ema is not None and ema_file.is_file() else None
+            ck["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            ck["lr_sched"] = torch.load(path / "lr_scheduler.pt", weights_only=True)
+            scaler_file = path / "scaler.pt"
+            ck["scaler"] = (torch.load(scaler_file, weights_only=True)
+                            if self.acc.scaler is not None and scaler_file.is_file() else None)
+            rng_file = path / f"rng_rank{self.rank}.pt"  # absent when resumed with more ranks than saved
+            ck["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        except CheckpointError:
+            raise
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{Path(e.filename).name if e.filename else e} is missing") from e
+        except Exception as e:  # truncated or corrupt: safetensors, torch.load (zip, pickle), json errors
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"unreadable ({type(e).__name__}: {msg})") from e
+        self._check_checkpoint(ck)
+        return ck
+
+    def _check_checkpoint(self, ck: dict) -> None:
+        path, lora = ck["path"], ck["lora"]
+        missing = [n for n in self.names if n not in lora]
+        if missing:
+            raise ValueError(f"checkpoint {path} does not match this model's LoRA ({len(missing)} weights missing, "
+                             f"e.g. {missing[0]}); was the config changed?")
+        bad = [n for n, p in zip(self.names, self.params) if tuple(lora[n].shape) != tuple(p.shape)]
+        if bad:
+            raise ValueError(f"checkpoint {path} does not match this model's LoRA ({bad[0]} has shape "
+                             f"{tuple(lora[bad[0]].shape)}); was the config changed?")
+        if ck["ema"] is not None and any(n not in ck["ema"] or ck["ema"][n].shape != lora[n].shape for n in self.names):
+            raise CheckpointError("ema.safetensors does not hold the LoRA's weights")
+        opt, current = ck["optimizer"], self.optimizer.state_dict()
+        if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
+                or not isinstance(opt.get("param_groups"), list)
+                or [len(g.get("params", ())) for g in opt["param_groups"]]
+                != [len(g["params"]) for g in current["param_groups"]]):
+            raise CheckpointError("optimizer.pt does not hold this optimizer's state")
+        if not isinstance(ck["lr_sched"], dict) or "last_epoch" not in ck["lr_sched"]:
+            raise CheckpointError("lr_scheduler.pt does not hold a scheduler state")
+        if ck["scaler"] is not None and not isinstance(ck["scaler"], dict):
+            raise CheckpointError("scaler.pt does not hold a scaler state")
+        rng = ck["rng"]
+        if rng is not None:
+            try:  # dry runs on throwaway generators: the states are well formed
+                for key in ("data_gen", "loss_gen", "torch"):
+                    torch.Generator().set_state(rng[key])
+                random.Random().setstate(rng["python"])
+            except Exception as e:
+                raise CheckpointError(f"rng_rank{self.rank}.pt holds a bad state ({type(e).__name__}: {e})") from e
+
+    def _apply_checkpoint(self, ck: dict) -> None:
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(ck["lora"][n].to(p.device, p.dtype))
+        if ck["ema"] is not None:
+            self.ema = {n: v.to(self.device) for n, v in ck["ema"].items()}
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.lr_sched.load_state_dict(ck["lr_sched"])
+        if ck["scaler"] is not None:
+            self.acc.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"]
+        if rng is not None:
+            self.data_gen.set_state(rng["data_gen"])
+            self.loss_gen.set_state(rng["loss_gen"])
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = ck["step"]
+        self.elapsed_before = ck["elapsed_s"]
+        self.samples_seen = ck["samples_seen"]
 
     # ---------------------------------------------------------------------------------- previews
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ACTIVE_STATES = ("queued", "running", "stopping")
+from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
+
+ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
 FINAL_STATES = ("finished", "failed", "stopped")
 _PREVIEW_RE = re.compile(r"step_(\d+)\.png$")
-_CKPT_RE = re.compile(r"ckpt_(\d+)$")
+_CKPT_RE = CKPT_RE  # the one checkpoint-name pattern, from cdlab.train.checkpoints
 
 
 @dataclass
@@ -260,12 +262,6 @@ def latest_preview(run_dir: Path) -> tuple[Path, int] | None:
         if m and (best is None or int(m.group(1)) > best[1]):
             best = (p, int(m.group(1)))
     return best
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temp names written before the atomic rename do not match)."""
-    ckpts = [p for p in (Path(run_dir) / "checkpoints").glob("ckpt_*") if p.is_dir() and _CKPT_RE.search(p.name)]
-    return max(ckpts, key=lambda p: int(_CKPT_RE.search(p.name).group(1)), default=None)
 
 
 def run_info(run_dir: Path) -> RunInfo:

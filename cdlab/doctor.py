@@ -1,0 +1,238 @@
+"""``python -m cdlab doctor``: the first command to run on a new machine. Does the SD1.5 path work here?
+
+    python -m cdlab doctor              # GPU + hub: SD1.5 at 512², the four published students, Compare, 5 CD steps
+    python -m cdlab doctor --offline    # no hub: SD1.5's architecture with random weights at 64² (the CPU is fine)
+
+It runs the product's own code, part by part, and prints for each ``PASS``, ``SKIP`` (with why) or ``FAIL``
+(with the error):
+
+1. teacher: load it (the hub's SD1.5, or ``sd15-random``) and time the load;
+2. external students: LCM-LoRA, TCD, PCM, Hyper-SD through the catalogue (hub download or cache; offline
+   and not cached reads SKIP), each with the number of LoRA layers it put on the UNet;
+3. compare: one Compare request as the app runs it (teacher-50 with CFG, teacher-4, a 4-step LoRA student
+   made for the check, and every external student that loaded), each column's latency and NFE, and the
+   teacher-50 ÷ student-4 latency ratio;
+4. train: 5 consistency-distillation steps (teacher with CFG, target, student forward and backward, AdamW
+   on a rank-64 LoRA) at the teacher's resolution: samples/s, MFU (FLOPs counted over a whole step) and
+   peak memory.
+
+Exit status 0 when no part failed, 1 otherwise. With random weights the numbers say the code runs and how
+fast; they say nothing about image quality.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+PROMPT = "a photo of a cat sitting on a wooden table"
+
+
+@dataclass
+class Part:
+    name: str
+    status: str = "PASS"  # PASS | SKIP | FAIL
+    lines: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+
+def _peak_mem_mb(device: Any) -> float:
+    import resource
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak(device: Any) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def check_teacher(offline: bool, resolution: int | None, device: str | None) -> tuple[Part, Any]:
+    from cdlab.teachers import load_teacher
+
+    part = Part("teacher")
+    t0 = time.perf_counter()
+    if offline:
+        teacher = load_teacher("sd15-random", device=device or "cpu", resolution=resolution or 64)
+    else:
+        teacher = load_teacher("sd15", device=device)
+    part.data["load_s"] = time.perf_counter() - t0
+    part.lines.append(f"{teacher.describe()} loaded in {part.data['load_s']:.1f} s "
+                      f"({teacher.resolution}², latents {tuple(teacher.latent_shape)}, "
+                      f"text {teacher.tokenizer.model_max_length} tokens)")
+    return part, teacher
+
+
+def check_externals(teacher: Any, offline: bool) -> Part:
+    from cdlab.students import EXTERNAL_STUDENTS, StudentError, activate_student, load_external_student
+
+    part = Part("external students")
+    loaded, skipped = [], []
+    for key, ext in EXTERNAL_STUDENTS.items():
+        try:
+            load_external_student(teacher, key)
+            layers = sum(1 for n, _ in teacher.unet.named_modules() if n.endswith(f"lora_A.{key}"))
+            part.lines.append(f"{ext.title}: loaded, {layers} LoRA layers on the UNet ({ext.scheduler})")
+            loaded.append(key)
+        except StudentError as e:
+            if offline and "could not get" in str(e):
+                skipped.append(key)
+                part.lines.append(f"{ext.title}: skipped: offline and not in the Hugging Face cache")
+            else:
+                part.status = "FAIL"
+                part.lines.append(f"{ext.title}: FAILED: {e}")
+    activate_student(teacher.pipe, None)
+    if not loaded and skipped and part.status != "FAIL":
+        part.status = "SKIP"
+    part.data["loaded"] = loaded
+    return part
+
+
+def check_compare(teacher: Any, externals: list[str], teacher_steps: int = 50) -> Part:
+    import torch
+
+    from cdlab.students import StudentCard, attach_lora, save_student
+    from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
+
+    part = Part("compare")
+    root = Path(tempfile.mkdtemp(prefix="cdlab-doctor-adapters-"))
+    name = "doctor-student"
+    attach_lora(teacher.unet, rank=64, adapter_name=name)
+    try:
+        with torch.no_grad():  # a student that changes the output: random LoRA B (A is random already)
+            g = torch.Generator().manual_seed(0)
+            for pname, p in teacher.unet.named_parameters():
+                if f"lora_B.{name}" in pname:
+                    p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
+        save_student(teacher.unet, name, StudentCard(name=name, base_model=teacher.base_id, method="mbcd",
+                                                     num_boundaries=4, steps=4), root=root, adapter_name=name)
+    finally:
+        teacher.unet.delete_adapters(name)
+    cmp = Comparer(teacher, adapters_root=root, allow_external=True)
+    cols = [TEACHER_50, TEACHER_4, name] + [f"{k} (external)" for k in externals]
+    if teacher_steps != 50:  # a shorter teacher for a quick check (tests); the default is the app's
+        import cdlab.ui.compare as C
+
+        cols[0] = TEACHER_50
+        original = C.Comparer._resolve_columns
+
+        def resolve(self, names, guidance, steps, _orig=original):
+            out = _orig(self, names, guidance, steps)
+            for c in out:
+                if c.label == TEACHER_50:
+                    c.steps = teacher_steps
+            return out
+
+        cmp._resolve_columns = resolve.__get__(cmp)
+    _reset_peak(teacher.device)
+    res = cmp.run(PROMPT, 0, teacher.guidance, 4, cols)
+    try:
+        teacher.pipe.delete_adapters(name)
+    except Exception:  # not loaded (it failed) or already gone
+        pass
+    for c in res.columns:
+        if c.error:
+            part.status = "FAIL"
+            part.lines.append(f"{c.label}: FAILED: {c.error}")
+        else:
+            part.lines.append(f"{c.label}: {c.seconds:.2f} s, NFE {c.nfe}")
+    t50 = next((c for c in res.columns if c.label == TEACHER_50 and not c.error), None)
+    s4 = next((c for c in res.columns if c.label.startswith(name) and not c.error), None)
+    if t50 and s4:
+        part.data["ratio"] = t50.seconds / s4.seconds
+        part.lines.append(f"teacher-{teacher_steps} ÷ student-4 latency: {part.data['ratio']:.1f}x "
+                          f"(NFE {t50.nfe} vs {s4.nfe})")
+    part.data["peak_mem_mb"] = _peak_mem_mb(teacher.device)
+    part.lines.append(f"peak memory {part.data['peak_mem_mb']:.0f} MB")
+    return part
+
+
+def check_train(teacher: Any, steps: int = 5, batch: int | None = None) -> Part:
+    from cdlab.bench import bench_train
+
+    part = Part("train")
+    cuda = str(teacher.device).startswith("cuda")
+    batch = batch or (8 if cuda else 1)
+    _reset_peak(teacher.device)
+    r = bench_train(teacher, batch=batch, steps=steps, out=lambda *_: None)
+    part.data.update(r, peak_mem_mb=_peak_mem_mb(teacher.device))
+    part.lines.append(f"{steps} CD steps, batch {batch} at {teacher.resolution}²: {r['samples_per_s']:.2f} samples/s "
+                      f"({r['step_s'] * 1000:.0f} ms/step)")
+    mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "unknown (no peak for this device)"
+    part.lines.append(f"MFU {mfu} of {r['peak_source']}; {r['forwards_per_step']:.2f} UNet forwards a step "
+                      "(counted); peak memory " + f"{part.data['peak_mem_mb']:.0f} MB")
+    return part
+
+
+def _run(name: str, fn: Callable[[], Part]) -> Part:
+    try:
+        return fn()
+    except Exception as e:  # a part fails alone; the report goes on
+        part = Part(name, "FAIL")
+        part.lines.append(f"{type(e).__name__}: {e}")
+        part.lines.append(traceback.format_exc(limit=3).strip().splitlines()[-1])
+        return part
+
+
+def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | None = None,
+               device: str | None = None, teacher_steps: int = 50, train_steps: int = 5,
+               out: Callable[[str], Any] = print) -> list[Part]:
+    """Run every part and print it; returns the parts (``status`` PASS / SKIP / FAIL)."""
+    import torch
+
+    out(f"cdlab doctor ({'offline: SD1.5 architecture, random weights' if offline else 'SD1.5 from the hub'}) · "
+        f"torch {torch.__version__} · CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+        f" · {torch.get_num_threads()} CPU threads")
+    parts: list[Part] = []
+
+    def show(part: Part) -> Part:
+        out(f"[{part.status}] {part.name}")
+        for line in part.lines:
+            out(f"       {line}")
+        parts.append(part)
+        return part
+
+    if teacher is None:
+        try:
+            tpart, teacher = check_teacher(offline, resolution, device)
+        except Exception as e:
+            show(Part("teacher", "FAIL", [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]))
+            for name in ("external students", "compare", "train"):
+                show(Part(name, "SKIP", ["no teacher"]))
+            return parts
+    else:
+        tpart = Part("teacher", "PASS", [f"{teacher.describe()} (given)"])
+    show(tpart)
+    ext = show(_run("external students", lambda: check_externals(teacher, offline)))
+    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), teacher_steps)))
+    show(_run("train", lambda: check_train(teacher, train_steps)))
+    failed = [p.name for p in parts if p.status == "FAIL"]
+    out("RESULT: " + (f"FAIL ({', '.join(failed)})" if failed else "all parts passed"
+                      + (" (some skipped)" if any(p.status == "SKIP" for p in parts) else "")))
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cdlab doctor", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--offline", action="store_true", help="SD1.5's architecture with random weights, no hub")
+    p.add_argument("--resolution", type=int, default=None, help="offline: image side (default 64)")
+    p.add_argument("--device", default=None, help="default: cuda when available (offline: cpu)")
+    a = p.parse_args(argv)
+    parts = run_doctor(a.offline, resolution=a.resolution, device=a.device)
+    return 1 if any(x.status == "FAIL" for x in parts) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
