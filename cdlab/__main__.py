@@ -1,5 +1,6 @@
 """``python -m cdlab <command> ...``: one entry point for every job.
 
+    python -m cdlab doctor [--offline]                     # first run on a new machine: does the SD1.5 path work?
     python -m cdlab generate --model tiny --prompt "..."   # one image from the teacher / a student
     python -m cdlab train --model tiny --config FILE.json --key value ...
     python -m cdlab evaluate --model tiny
@@ -14,6 +15,7 @@ import sys
 
 # command -> module whose main(argv) runs it; imported only when asked for.
 COMMANDS = {
+    "doctor": "cdlab.doctor",
     "generate": "cdlab.generate",
     "train": "cdlab.train.cli",
     "evaluate": "cdlab.evaluate",

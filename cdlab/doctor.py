@@ -99,7 +99,7 @@ def check_externals(teacher: Any, offline: bool) -> Part:
     return part
 
 
-def check_compare(teacher: Any, externals: list[str], teacher_steps: int = 50) -> Part:
+def check_compare(teacher: Any, externals: list[str]) -> Part:
     import torch
 
     from cdlab.students import StudentCard, attach_lora, save_student
@@ -121,20 +121,6 @@ def check_compare(teacher: Any, externals: list[str], teacher_steps: int = 50) -
         teacher.unet.delete_adapters(name)
     cmp = Comparer(teacher, adapters_root=root, allow_external=True)
     cols = [TEACHER_50, TEACHER_4, name] + [f"{k} (external)" for k in externals]
-    if teacher_steps != 50:  # a shorter teacher for a quick check (tests); the default is the app's
-        import cdlab.ui.compare as C
-
-        cols[0] = TEACHER_50
-        original = C.Comparer._resolve_columns
-
-        def resolve(self, names, guidance, steps, _orig=original):
-            out = _orig(self, names, guidance, steps)
-            for c in out:
-                if c.label == TEACHER_50:
-                    c.steps = teacher_steps
-            return out
-
-        cmp._resolve_columns = resolve.__get__(cmp)
     _reset_peak(teacher.device)
     res = cmp.run(PROMPT, 0, teacher.guidance, 4, cols)
     try:
@@ -151,7 +137,7 @@ def check_compare(teacher: Any, externals: list[str], teacher_steps: int = 50) -
     s4 = next((c for c in res.columns if c.label.startswith(name) and not c.error), None)
     if t50 and s4:
         part.data["ratio"] = t50.seconds / s4.seconds
-        part.lines.append(f"teacher-{teacher_steps} ÷ student-4 latency: {part.data['ratio']:.1f}x "
+        part.lines.append(f"teacher-50 ÷ student-4 latency: {part.data['ratio']:.1f}x "
                           f"(NFE {t50.nfe} vs {s4.nfe})")
     part.data["peak_mem_mb"] = _peak_mem_mb(teacher.device)
     part.lines.append(f"peak memory {part.data['peak_mem_mb']:.0f} MB")
@@ -186,7 +172,7 @@ def _run(name: str, fn: Callable[[], Part]) -> Part:
 
 
 def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | None = None,
-               device: str | None = None, teacher_steps: int = 50, train_steps: int = 5,
+               device: str | None = None, train_steps: int = 5,
                out: Callable[[str], Any] = print) -> list[Part]:
     """Run every part and print it; returns the parts (``status`` PASS / SKIP / FAIL)."""
     import torch
@@ -210,12 +196,13 @@ def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | 
             show(Part("teacher", "FAIL", [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]))
             for name in ("external students", "compare", "train"):
                 show(Part(name, "SKIP", ["no teacher"]))
+            out("RESULT: FAIL (teacher)")
             return parts
     else:
         tpart = Part("teacher", "PASS", [f"{teacher.describe()} (given)"])
     show(tpart)
     ext = show(_run("external students", lambda: check_externals(teacher, offline)))
-    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), teacher_steps)))
+    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []))))
     show(_run("train", lambda: check_train(teacher, train_steps)))
     failed = [p.name for p in parts if p.status == "FAIL"]
     out("RESULT: " + (f"FAIL ({', '.join(failed)})" if failed else "all parts passed"
@@ -230,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="offline: image side (default 64)")
     p.add_argument("--device", default=None, help="default: cuda when available (offline: cpu)")
     a = p.parse_args(argv)
+    if a.offline:  # no network retries: the hub is not asked, only its local cache
+        import os
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
     parts = run_doctor(a.offline, resolution=a.resolution, device=a.device)
     return 1 if any(x.status == "FAIL" for x in parts) else 0
 

@@ -86,6 +86,10 @@ def attach_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=present, lora_dropout=dropout,
                         init_lora_weights=True)
     model.add_adapter(config, adapter_name=adapter_name)
+    # The new adapter is the one that trains: active and enabled, even on a UNet whose other adapters were
+    # switched off (``activate_student(pipe, None)`` disables LoRA layers globally).
+    model.enable_adapters()
+    model.set_adapter(adapter_name)
     # Same effect as diffusers.training_utils.cast_training_params, but by name, so it does not
     # depend on which parameters happen to require grad.
     marker = f".{adapter_name}."
