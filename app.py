@@ -2,6 +2,7 @@
 
     python app.py                       # tiny teacher on CPU; SD1.5 on CUDA (falls back to tiny)
     python app.py --model sd15 --host 0.0.0.0 --port 7860 [--share]
+    python app.py --model sd15-random         # SD1.5's architecture with random weights: the SD1.5 path offline
     python app.py --model path/to/diffusers/pipeline
 
 Layout and wiring only: the logic lives in ``cdlab.ui`` (testable without Gradio).
@@ -290,7 +291,8 @@ def launch_kwargs(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="cdlab's Gradio app")
-    p.add_argument("--model", default=None, help="tiny | sd15 | a local diffusers pipeline folder "
+    p.add_argument("--model", default=None, help="tiny | sd15 | sd15-random (SD1.5 architecture, random weights, "
+                   "64 px: the SD1.5 code path offline) | a local diffusers pipeline folder "
                    "(default: sd15 on CUDA, falling back to tiny; tiny elsewhere)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))

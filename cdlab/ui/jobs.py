@@ -203,7 +203,7 @@ class JobManager:
     def _launch(self, run_name: str, run_dir: Path, cmd: list[str], owner: str | None = None) -> Job:
         with self._lock:
             self._check_free()
-            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, **trainer_thread_env(), **self.env, "PYTHONUNBUFFERED": "1"}
             log = open(run_dir / LOG_NAME, "ab")
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
@@ -284,6 +284,23 @@ class JobManager:
                 self.stop(wait=True)
             except JobError:
                 pass
+
+
+def trainer_thread_env() -> dict[str, str]:
+    """On a CPU-only machine the trainer gets all cores but one, so the app keeps answering while it trains
+    (two processes each spinning on every core slow both down many times). A GPU trainer keeps the default;
+    an explicit ``OMP_NUM_THREADS`` is respected."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {}
+    except ImportError:
+        pass
+    n = max(1, (os.cpu_count() or 2) - 1)
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -12,7 +12,7 @@ def default_model() -> str:
 
 
 def load(model: str | None = None) -> Any:
-    """Load the teacher for the app: ``tiny`` | ``sd15`` | a local folder; None picks `default_model`.
+    """Load the teacher for the app: ``tiny`` | ``sd15`` | ``sd15-random`` | a local folder; None picks `default_model`.
 
     SD1.5 (asked for or chosen by default) falls back to the tiny teacher when it cannot load; the
     returned teacher's ``fallback_reason`` says why. Other failures raise ``TeacherLoadError``.
@@ -28,6 +28,9 @@ def load(model: str | None = None) -> Any:
 def header_line(teacher: Any) -> str:
     """The page's header: which teacher, device and dtype are live, and why SD1.5 fell back if it did."""
     line = f"**Teacher:** {teacher.describe()}"
+    if getattr(teacher, "base_id", "") == "cdlab/sd15-random":
+        line += (" — SD1.5's exact architecture with random weights: every column runs the real SD1.5 code "
+                 "path, and every image is noise (nothing here says anything about image quality)")
     reason = getattr(teacher, "fallback_reason", None)
     if reason:
         line += f" — fell back: {reason}"
