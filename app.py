@@ -144,7 +144,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         v = E.load_view(evals_dir, name or None)
         if v is None:
             return "_No evaluation yet: run one below or with `python -m cdlab evaluate`._", None, ""
-        return v.table_md, str(v.plot) if v.plot else None, f"`{v.name}` · {v.summary}"
+        return v.table_md, T.read_image(v.plot), f"`{v.name}` · {v.summary}"
 
     def refresh_evals():
         names = E.list_evaluations(evals_dir)
@@ -173,7 +173,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                     with gr.Column(scale=2):
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=0, precision=0)  # range checked by C.validate_request
-                            rand = gr.Button("🎲 random", size="sm")
+                            rand = gr.Button("random seed", size="sm")  # words: no emoji font needed
                         guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5,
                                              label="Teacher guidance (CFG)")
                         steps = gr.Radio([str(k) for k in C.STUDENT_STEPS], value="4", label="Student steps")
@@ -262,7 +262,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                     eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
                 eval_summary = gr.Markdown(elem_id="eval-summary")
                 eval_table = gr.Markdown(elem_id="eval-table")
-                eval_plot = gr.Image(label="Quality against NFE", type="filepath", elem_id="eval-plot")
+                eval_plot = gr.Image(label="Quality against NFE", type="pil", elem_id="eval-plot")
                 eval_dd.change(show_eval, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
                 eval_refresh.click(refresh_evals, None, eval_dd, api_visibility="private")
                 named_errors(eval_n, eval_dd)

@@ -70,11 +70,16 @@ def test_an_adapter_loaded_in_inference_mode_by_other_code_is_repaired(tiny_pipe
     with torch.inference_mode():  # plain diffusers, not load_student
         pipe.load_lora_weights(str(root / name), weight_name=S.WEIGHT_NAME, adapter_name=name)
         expected = _probe(pipe.unet).clone()
-    assert any(p.is_inference() for p in _lora_params(pipe.unet).values())
+        weights = {n: p.clone() for n, p in _lora_params(pipe.unet).items()}
+    assert any(p.is_inference() for p in weights.values())
     S.activate_student(pipe, None)
     S.activate_student(pipe, name)
-    assert not any(p.is_inference() for p in _lora_params(pipe.unet).values())
-    torch.testing.assert_close(_probe(pipe.unet), expected, rtol=0, atol=0)
+    repaired = _lora_params(pipe.unet)
+    assert not any(p.is_inference() for p in repaired.values())
+    # the repair copies every LoRA tensor bit for bit ...
+    assert set(repaired) == set(weights) and all(torch.equal(repaired[n], weights[n]) for n in weights)
+    # ... so the output is the same up to float kernels (new tensors may take another CPU GEMM path: ~1e-6)
+    torch.testing.assert_close(_probe(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_compare_then_evaluate_on_the_tiny_teacher(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -108,9 +109,10 @@ def test_config_profiles_and_validation():
     assert tiny.student_name.startswith("tiny-mbcd-4-") and len(tiny.preview_prompts) == 8  # + a timestamp
     sd = resolve(TrainConfig(model="sd15", method="cd"), 512)
     assert (sd.resolution, sd.lora_rank, sd.num_boundaries, sd.guidance) == (512, 64, 1, 7.5)
-    assert sd.preview_prompts[0] == "A sad puppy with large eyes." and sd.student_name == "sd15-cd-1"
+    stamp = r"-\d{8}-\d{6}(-\d+)?"  # a default name never collides with an existing student
+    assert sd.preview_prompts[0] == "A sad puppy with large eyes." and re.fullmatch("sd15-cd-1" + stamp, sd.student_name)
     ct = resolve(TrainConfig(method="ct"), 32)
-    assert ct.student_name == "tiny-ct-4"
+    assert re.fullmatch("tiny-ct-4" + stamp, ct.student_name) and ct.run_name == ct.student_name
     cfg = from_dict({"lr": "3e-4", "gradient_checkpointing": "true", "guidance_max": "none", "max_steps": 7})
     assert cfg.lr == 3e-4 and cfg.gradient_checkpointing is True and cfg.guidance_max is None and cfg.max_steps == 7
     with pytest.raises(ValueError, match="unknown field"):

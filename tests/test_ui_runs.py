@@ -304,18 +304,23 @@ def test_runs_and_cache_are_blocked_from_serving(tmp_path):
 
 
 def test_evaluations_newest_first_and_table(tmp_path):
-    assert E.load_view(tmp_path) is None
+    none = tmp_path / "no-shipped"
+    assert E.load_view(tmp_path, shipped=none) is None
+    shipped = E.load_view(tmp_path)  # a fresh clone opens on the evaluation the repository ships
+    assert shipped.name == E.SHIPPED_EVALUATION and "teacher" in shipped.table_md and shipped.plot is not None
     for name in ("20250101-000000", "20250301-000000"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(
             {"teacher": "tiny", "rows": [{"column": "teacher-50", "nfe": 100, "adherence": 0.5}]}))
     (tmp_path / "20250301-000000" / "table.md").write_text("| a |\n|---|\n| 1 |")
     (tmp_path / "20250101-000000" / "quality_vs_nfe.png").write_bytes(b"png")
-    assert E.list_evaluations(tmp_path) == ["20250301-000000", "20250101-000000"]
+    assert E.list_evaluations(tmp_path) == ["20250301-000000", "20250101-000000", E.SHIPPED_EVALUATION]
+    assert E.list_evaluations(tmp_path, shipped=none) == ["20250301-000000", "20250101-000000"]
     v = E.load_view(tmp_path)
     assert v.name == "20250301-000000" and v.table_md.startswith("| a |") and v.plot is None
     old = E.load_view(tmp_path, "20250101-000000")
     assert "| column | nfe | adherence |" in old.table_md and "100" in old.table_md and old.plot is not None
     assert "teacher: tiny" in old.summary
-    with pytest.raises(ValueError, match="No evaluation"):
-        E.load_view(tmp_path, "nope")
+    for bad in ("nope", "../20250101-000000", "/etc", 5):
+        with pytest.raises(ValueError, match="No evaluation"):
+            E.load_view(tmp_path, bad)

@@ -135,9 +135,114 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
             raise StudentError(f"{ext.title}: cannot read {local}: {e}") from None
         if key in _loaded(pipe):  # an adapter of that name from elsewhere (e.g. a local student)
             _delete_adapter(pipe, key)
-        _load_adapter(pipe, local, key, fingerprint, ext.title)
+        _load_external_file(pipe, local, key, fingerprint, ext.title)
     activate_student(pipe, key, weight=ext.adapter_weight)
     return card
+
+
+# ----------------------------------------------------------------------- kohya files with SGM names
+
+_SGM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                 "lora_unet_time_embed_", "lora_unet_out_2.")
+_SGM_RESNET_PARTS = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+                     "skip_connection": "conv_shortcut"}
+
+
+def _sgm_block_names(unet_config: Any) -> dict[str, str]:
+    """SGM/LDM UNet block names -> diffusers ones, underscore-joined as in kohya keys (SD1.x/2.x layout).
+
+    kohya-style SD1.5 LoRAs name modules either by the diffusers UNet (``down_blocks_0_attentions_0_proj_in``,
+    what diffusers loads) or by the original LDM UNet (``input_blocks_1_1_proj_in``), which diffusers maps only
+    for SDXL pipelines: on an SD1.5 pipeline such a file fails to load at all.
+    """
+    lpb = int(unet_config.layers_per_block)
+    down, up = list(unet_config.down_block_types), list(unet_config.up_block_types)
+    names = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+             "time_embed_2": "time_embedding_linear_2", "middle_block_0": "mid_block_resnets_0",
+             "middle_block_1": "mid_block_attentions_0", "middle_block_2": "mid_block_resnets_1"}
+    for b, kind in enumerate(down):
+        for j in range(lpb):
+            i = b * (lpb + 1) + j + 1
+            names[f"input_blocks_{i}_0"] = f"down_blocks_{b}_resnets_{j}"
+            if "CrossAttn" in kind:
+                names[f"input_blocks_{i}_1"] = f"down_blocks_{b}_attentions_{j}"
+        if b < len(down) - 1:
+            names[f"input_blocks_{(b + 1) * (lpb + 1)}_0_op"] = f"down_blocks_{b}_downsamplers_0_conv"
+    for b, kind in enumerate(up):
+        for j in range(lpb + 1):
+            i = b * (lpb + 1) + j
+            names[f"output_blocks_{i}_0"] = f"up_blocks_{b}_resnets_{j}"
+            if "CrossAttn" in kind:
+                names[f"output_blocks_{i}_1"] = f"up_blocks_{b}_attentions_{j}"
+        if b < len(up) - 1:
+            at = 2 if "CrossAttn" in kind else 1
+            names[f"output_blocks_{b * (lpb + 1) + lpb}_{at}_conv"] = f"up_blocks_{b}_upsamplers_0_conv"
+    return names
+
+
+def _sgm_to_diffusers_keys(state_dict: dict, unet_config: Any) -> dict | None:
+    """``state_dict`` with SGM-named ``lora_unet_`` keys renamed to diffusers names, or None when it has none.
+
+    Raises `StudentError` for an SGM name this mapping does not know, rather than letting it be dropped.
+    """
+    if not any(k.startswith(_SGM_PREFIXES) for k in state_dict):
+        return None
+    blocks = sorted(_sgm_block_names(unet_config).items(), key=lambda kv: -len(kv[0]))
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if not key.startswith(_SGM_PREFIXES):
+            out[key] = value
+            continue
+        module, _, suffix = key[len("lora_unet_"):].partition(".")
+        new = None
+        for sgm, diffusers_name in blocks:
+            if module == sgm or module.startswith(sgm + "_"):
+                rest = module[len(sgm) + 1:]
+                if "_resnets_" in diffusers_name and rest:
+                    rest = _SGM_RESNET_PARTS.get(rest)
+                    if rest is None:
+                        break
+                new = diffusers_name + ("_" + rest if rest else "")
+                break
+        if new is None:
+            unknown.append(key)
+        else:
+            out[f"lora_unet_{new}.{suffix}"] = value
+    if unknown:
+        raise StudentError(f"{len(unknown)} LoRA keys name UNet modules this SD1.x UNet does not have, e.g. "
+                           f"{sorted(unknown)[:3]}")
+    return out
+
+
+def _load_external_file(pipe: Any, path: Path, name: str, fingerprint: tuple, what: str) -> None:
+    """`_load_adapter`, renaming SGM/LDM module names (kohya files made on the original UNet) to diffusers'
+    first: diffusers' SD1.5 loader does not, and refuses such a file."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cdlab.students.activation import _drop_partial, _quiet_multi_adapter
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sgm = any(k.startswith(_SGM_PREFIXES) for k in f.keys())
+    except Exception:  # unreadable here: let diffusers' loader say why
+        sgm = False
+    if not sgm:
+        _load_adapter(pipe, path, name, fingerprint, what)
+        return
+    try:
+        state_dict = _sgm_to_diffusers_keys(load_file(str(path)), pipe.unet.config)
+    except StudentError as e:
+        raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from None
+    logger.info("%s: renamed SGM/LDM module names to diffusers' before loading", what)
+    try:
+        with torch.inference_mode(False), _quiet_multi_adapter():
+            pipe.load_lora_weights(state_dict, adapter_name=name)
+    except Exception as e:
+        _drop_partial(pipe, name)
+        raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from e
+    _loaded_files(pipe)[name] = fingerprint
 
 
 # ----------------------------------------------------------------------------------- sampling

@@ -23,26 +23,45 @@ class EvalView:
     summary: str
 
 
-def list_evaluations(evals_dir: Path) -> list[str]:
-    """Evaluation folder names, newest first (timestamps sort as strings; mtime breaks ties)."""
+# The evaluation that ships with the repository (docs/evaluation), listed after the local ones.
+SHIPPED_EVALUATION = "shipped (docs/evaluation)"
+
+
+def shipped_evaluation_dir() -> Path:
+    from cdlab.ui.hosting import repo_root
+
+    return repo_root() / "docs" / "evaluation"
+
+
+def _is_evaluation(d: Path) -> bool:
+    return d.is_dir() and ((d / "results.json").exists() or (d / "table.md").exists())
+
+
+def list_evaluations(evals_dir: Path, shipped: Path | None = None) -> list[str]:
+    """Evaluation names for the page, newest first (timestamps sort as strings; mtime breaks ties), then the
+    shipped one (``shipped``, default docs/evaluation) so a fresh clone opens on a real table."""
     evals_dir = Path(evals_dir)
-    if not evals_dir.is_dir():
-        return []
-    found = [d for d in evals_dir.iterdir()
-             if d.is_dir() and not d.name.startswith(".") and ((d / "results.json").exists() or (d / "table.md").exists())]
-    return [d.name for d in sorted(found, key=lambda d: (d.name, d.stat().st_mtime), reverse=True)]
+    found = []
+    if evals_dir.is_dir():
+        found = [d for d in evals_dir.iterdir() if not d.name.startswith(".") and _is_evaluation(d)]
+    names = [d.name for d in sorted(found, key=lambda d: (d.name, d.stat().st_mtime), reverse=True)]
+    shipped = shipped_evaluation_dir() if shipped is None else shipped
+    if shipped and _is_evaluation(Path(shipped)):
+        names.append(SHIPPED_EVALUATION)
+    return names
 
 
-def load_view(evals_dir: Path, name: str | None = None) -> EvalView | None:
+def load_view(evals_dir: Path, name: str | None = None, shipped: Path | None = None) -> EvalView | None:
     """The evaluation ``name`` (default: the newest), or None when there is none."""
-    names = list_evaluations(evals_dir)
+    names = list_evaluations(evals_dir, shipped)
     if not names:
         return None
     if name is None:
         name = names[0]
-    if name not in names:
-        raise ValueError(f"No evaluation named {name!r} in {evals_dir}.")
-    d = Path(evals_dir) / name
+    if not isinstance(name, str) or name not in names:  # only names the list offers: never a path
+        raise ValueError(f"No evaluation named {str(name)[:80]!r} in {evals_dir}.")
+    d = (shipped_evaluation_dir() if shipped is None else Path(shipped)) if name == SHIPPED_EVALUATION \
+        else Path(evals_dir) / name
     try:
         table = (d / "table.md").read_text()
     except OSError:

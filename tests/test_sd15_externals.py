@@ -1,0 +1,271 @@
+"""The four published SD1.5 few-step LoRAs (LCM-LoRA, TCD, PCM, Hyper-SD) through the app's Compare, offline.
+
+Each file is synthesized in its real key layout (``sd15_lora_layouts``: kohya keys, dtype, ``.alpha``) at
+SD1.5's shapes, served through a patched ``cdlab.students.external._hub_download`` and loaded onto the shared
+``sd15_teacher`` (SD1.5's architecture with random weights). The checks are independent of diffusers' loader:
+every key of the file must land, with its values and alpha/rank scaling, on the module our own name mapping
+says; the column must change the image; and the teacher must be left plain.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sd15_lora_layouts import LAYOUTS, PUBLISHED_MB, VARIANTS, WRITERS, expected_lora, lora_param_count, write_layout
+
+pytestmark = pytest.mark.sd15
+
+PROMPT = "a red apple on a wooden table"
+SEED = 7
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _adapter_layers(pipe, name: str) -> dict:
+    """``{"unet.<path>" | "text_encoder.<path>": layer}`` for every layer that carries adapter ``name``."""
+    out = {}
+    for component in ("unet", "text_encoder"):
+        for path, layer in _tuner_layers(getattr(pipe, component)).items():
+            if name in layer.lora_A:
+                out[f"{component}.{path}"] = layer
+    return out
+
+
+def _enabled_lora_layers(pipe) -> list[str]:
+    return [f"{c}.{n}" for c in ("unet", "text_encoder") for n, m in _tuner_layers(getattr(pipe, c)).items()
+            if not m.disable_adapters and m.active_adapters]
+
+
+def assert_adapter_is_file(pipe, name: str, layout_file) -> int:
+    """Adapter ``name`` is exactly the file: on every module the file targets (and no other), with
+    lora_A = down, lora_B = up (fp16 tolerance) and scaling alpha / rank; no key of the file unused."""
+    from safetensors import safe_open
+
+    expected = expected_lora(layout_file, pipe)  # raises if a key maps to no module
+    with safe_open(str(layout_file), "pt") as f:
+        file_keys = set(f.keys())
+    assert {k for e in expected.values() for k in e.keys} == file_keys
+    got = _adapter_layers(pipe, name)
+    assert set(got) == set(expected), (
+        f"adapter {name}: missing on {sorted(set(expected) - set(got))[:5]}, "
+        f"unexpected on {sorted(set(got) - set(expected))[:5]}")
+    for q, e in expected.items():
+        layer = got[q]
+        a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+        torch.testing.assert_close(a.float(), e.down.float(), rtol=1e-3, atol=1e-5, msg=f"{q} lora_A")
+        torch.testing.assert_close(b.float(), e.up.float(), rtol=1e-3, atol=1e-5, msg=f"{q} lora_B")
+        assert layer.scaling[name] == pytest.approx(e.scaling, rel=1e-3), f"{q}: scaling"
+        assert float(b.abs().max()) > 0 and float(a.abs().max()) > 0, f"{q}: a zero LoRA changes nothing"
+    return len(expected)
+
+
+def _plain_eps(teacher) -> torch.Tensor:
+    """One UNet call on fixed inputs: what the plain teacher computes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *teacher.latent_shape), generator=g)
+    c = torch.randn((1, teacher.tokenizer.model_max_length, teacher.unet.config.cross_attention_dim), generator=g)
+    with torch.inference_mode():
+        return teacher.unet(x, 500, encoder_hidden_states=c).sample.clone()
+
+
+def _external_card(key: str):
+    from cdlab.students import EXTERNAL_STUDENTS, SD15_ID, StudentCard
+
+    ext = EXTERNAL_STUDENTS[key]
+    return StudentCard(name=key, base_model=SD15_ID, method="external", num_boundaries=ext.num_boundaries,
+                       steps=ext.steps, guidance=ext.guidance, scheduler=ext.scheduler,
+                       scheduler_kwargs=dict(ext.scheduler_kwargs))
+
+
+def _plain_with_scheduler(teacher, key: str, steps: int):
+    """The plain teacher (no adapter) sampled exactly as Compare samples external ``key``."""
+    from cdlab.samplers import sample_scheduler
+    from cdlab.students import activate_student, make_scheduler
+
+    card = _external_card(key)
+    with torch.inference_mode():
+        activate_student(teacher.pipe, None)
+        cond, uncond = teacher.encode([PROMPT])
+        out = sample_scheduler(teacher.unet, teacher.initial_noise(SEED), cond, uncond, card, steps,
+                               make_scheduler(teacher.pipe, card),
+                               generator=torch.Generator(device="cpu").manual_seed(SEED))
+        return teacher.decode(out.latents)[0]
+
+
+def _differs(img_a, img_b, min_mean_abs: float = 0.5) -> bool:
+    a = np.asarray(img_a.convert("RGB"), dtype=np.float64)
+    b = np.asarray(img_b.convert("RGB"), dtype=np.float64)
+    return a.shape == b.shape and float(np.abs(a - b).mean()) > min_mean_abs
+
+
+def _drop(pipe, name: str) -> None:
+    from cdlab.students.activation import _delete_adapter, _loaded
+
+    if name in _loaded(pipe):
+        _delete_adapter(pipe, name)
+
+
+@pytest.fixture(scope="module")
+def plain_before(sd15_teacher):
+    """The plain teacher's output before this module's tests (it must be the same after each of them)."""
+    from cdlab.students import activate_student
+
+    activate_student(sd15_teacher.pipe, None)
+    assert not _enabled_lora_layers(sd15_teacher.pipe), "another test left a LoRA active on sd15_teacher"
+    return _plain_eps(sd15_teacher)
+
+
+@pytest.fixture(scope="module")
+def hub(sd15_teacher, tmp_path_factory):
+    """The four files in their published layouts, by (repo_id, filename), like a hub cache."""
+    from cdlab.students import EXTERNAL_STUDENTS
+
+    root = tmp_path_factory.mktemp("fake-hub")
+    files = {}
+    for key, ext in EXTERNAL_STUDENTS.items():
+        files[(ext.repo_id, ext.filename)] = WRITERS[key](sd15_teacher.pipe, root / ext.repo_id / ext.filename)
+    return files
+
+
+@pytest.fixture
+def served(hub, monkeypatch):
+    asked = []
+
+    def download(repo_id: str, filename: str) -> str:
+        asked.append((repo_id, filename))
+        if (repo_id, filename) not in hub:
+            raise FileNotFoundError(f"{repo_id}/{filename} is not on the fake hub")
+        return str(hub[(repo_id, filename)])
+
+    monkeypatch.setattr("cdlab.students.external._hub_download", download)
+    return asked
+
+
+def _assert_plain(teacher, plain_before) -> None:
+    assert not _enabled_lora_layers(teacher.pipe), "a LoRA is still active after Compare"
+    assert torch.equal(_plain_eps(teacher), plain_before), "the plain teacher's output changed"
+
+
+# ------------------------------------------------------------------------------------------- the layouts
+
+
+def test_layout_sizes_match_the_published_files(sd15_teacher):
+    """The layouts are the published files' size: the module set, rank and dtype are right."""
+    for key, mb in PUBLISHED_MB.items():
+        layout = LAYOUTS[key]
+        size = lora_param_count(layout, sd15_teacher.pipe) * torch.finfo(layout.dtype).bits / 8 / 1e6
+        assert size == pytest.approx(mb, rel=0.01), (key, size, mb)
+
+
+def test_catalogue_and_layouts_agree():
+    from cdlab.students import EXTERNAL_STUDENTS
+
+    assert set(LAYOUTS) == set(EXTERNAL_STUDENTS) == set(WRITERS)
+
+
+# ------------------------------------------------------------------------------------------- each student in Compare
+
+
+@pytest.mark.parametrize("key", sorted(LAYOUTS))
+def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_before, tmp_path):
+    from cdlab.students import EXTERNAL_STUDENTS
+    from cdlab.ui.compare import TEACHER_4, Comparer
+
+    t = sd15_teacher
+    ext = EXTERNAL_STUDENTS[key]
+    try:
+        res = Comparer(t, adapters_root=tmp_path / "adapters").run(
+            PROMPT, SEED, 1.0, 4, [TEACHER_4, f"{key} (external)"], show_trajectory=True)
+        naive, col = res.columns
+        assert not naive.error and not col.error, (naive.error, col.error)
+        assert served == [(ext.repo_id, ext.filename)]
+        assert naive.nfe == 4 and col.nfe == 4 and col.steps == 4
+        assert len(col.trajectory) == 4 and col.trajectory_steps == [1, 2, 3, 4]
+        assert all(f.size == col.image.size for f in col.trajectory)
+
+        # every key of the file is on the UNet with its values (a LoRA that loads but changes nothing fails here)
+        assert assert_adapter_is_file(t.pipe, key, hub[(ext.repo_id, ext.filename)]) == 278
+
+        # the LoRA changes the output: against the naive teacher and the plain teacher on the same scheduler
+        assert _differs(col.image, naive.image), "the external column looks like the naive teacher"
+        plain = _plain_with_scheduler(t, key, 4)
+        assert _differs(col.image, plain), f"{key}: the LoRA does not change the image"
+
+        # Compare leaves the teacher plain
+        _assert_plain(t, plain_before)
+    finally:
+        _drop(t.pipe, key)
+    assert not _adapter_layers(t.pipe, key)
+
+
+# ------------------------------------------------------------------------------------------- every column at once
+
+
+@pytest.mark.slow
+def test_compare_with_every_column(sd15_teacher, served, plain_before, tmp_path):
+    from cdlab.students import StudentCard, attach_lora, save_student
+    from cdlab.students.activation import _delete_adapter
+    from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
+
+    t = sd15_teacher
+    root = tmp_path / "adapters"
+    tmp_adapter = "tmp-sd15-local"
+    attach_lora(t.unet, rank=4, adapter_name=tmp_adapter)
+    try:
+        with torch.no_grad():  # a student that is not the teacher: nonzero lora_B
+            for layer in _adapter_layers(t.pipe, tmp_adapter).values():
+                layer.lora_B[tmp_adapter].weight.normal_(0, 0.01)
+        card = StudentCard(name="sd15-local", base_model="cdlab/sd15-random", method="cd", num_boundaries=4, steps=4)
+        save_student(t.unet, "sd15-local", card, root=root, adapter_name=tmp_adapter, overwrite=True)
+    finally:
+        _delete_adapter(t.pipe, tmp_adapter)
+    from cdlab.students import activate_student
+
+    activate_student(t.pipe, None)
+
+    cmp = Comparer(t, adapters_root=root)
+    externals = [f"{k} (external)" for k in ("lcm-lora", "tcd", "pcm", "hyper-sd")]
+    choices = cmp.column_choices()
+    assert choices == [TEACHER_50, TEACHER_4, "sd15-local", *externals]
+    names = ["lcm-lora", "tcd", "pcm", "hyper-sd", "sd15-local"]
+    try:
+        res = cmp.run(PROMPT, SEED, 7.5, 1, choices, show_trajectory=True)
+        assert [c.error for c in res.columns] == [None] * len(choices), res.warnings
+        assert [c.nfe for c in res.columns] == [100, 8, 1, 1, 1, 1, 1]
+        assert [len(c.trajectory) for c in res.columns] == [10, 4, 1, 1, 1, 1, 1]
+        assert res.columns[0].trajectory_steps[-1] == 50
+        assert len(set(served)) == 4  # every external came through the (fake) hub
+        _assert_plain(t, plain_before)
+    finally:
+        for name in names:
+            _drop(t.pipe, name)
+
+
+# ------------------------------------------------------------------------------------------- other layouts
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_sd15_lora_layouts_load_whole(variant, sd15_teacher, tmp_path, monkeypatch, plain_before):
+    """Layouts SD1.5 LoRAs also ship in (SGM/LDM module names, text-encoder keys, diffusers' and peft's
+    formats): served as the LCM-LoRA file, every key must land on its module with its values."""
+    from cdlab.students import activate_student, load_external_student
+
+    t = sd15_teacher
+    path = write_layout(VARIANTS[variant], t.pipe, tmp_path / f"{variant}.safetensors", seed=11)
+    monkeypatch.setattr("cdlab.students.external._hub_download", lambda repo_id, filename: str(path))
+    try:
+        load_external_student(t.pipe, "lcm-lora")
+        n = assert_adapter_is_file(t.pipe, "lcm-lora", path)
+        assert n == (278 + 72 if VARIANTS[variant].te_targets else 278)
+        activate_student(t.pipe, None)
+        _assert_plain(t, plain_before)
+    finally:
+        _drop(t.pipe, "lcm-lora")
