@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cdlab.timing import sync
+
 # SD1.5's architecture with random weights lives with the teachers (cdlab.sd15_random); re-exported here.
 from cdlab.sd15_random import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402,F401
 
@@ -99,23 +101,16 @@ def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
 
 # ----------------------------------------------------------------------------- timing
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timeit(fn: Callable[[], Any], device: Any, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (device-synchronised)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -355,7 +350,7 @@ def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Prin
             s.unet = compiled
             t0 = time.perf_counter()
             fn()  # compilation happens here
-            _sync(teacher.device)
+            sync(teacher.device)
             warm = time.perf_counter() - t0
             with_ = T(fn)
             entry[job] = {"without_s": without, "with_s": with_, "speedup": without / with_, "first_call_s": warm}
@@ -472,11 +467,11 @@ def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = N
     unet.train()
     try:
         step()  # warm-up (allocations, cuDNN autotune)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(dev)
+        sync(dev)
         elapsed = time.perf_counter() - t0
         tt = torch.full((batch,), 500, device=dev, dtype=torch.long)
         with torch.autocast(dev.type, dtype=autocast) if autocast else contextlib.nullcontext():

@@ -54,7 +54,7 @@ def _student_sample(teacher: Any, args: argparse.Namespace, x_T: Any) -> tuple[A
     import torch
 
     from cdlab import students  # imported only when a student is asked for
-    from cdlab.samplers import consistency_timesteps, sample_consistency, sample_scheduler
+    from cdlab.samplers import consistency_timesteps, sample_student
 
     if args.student in students.EXTERNAL_STUDENTS:
         card = students.load_external_student(teacher, args.student)
@@ -64,19 +64,17 @@ def _student_sample(teacher: Any, args: argparse.Namespace, x_T: Any) -> tuple[A
     if card.scheduler == "consistency":
         if args.guidance not in (None, 1.0):
             print(f"note: --guidance is ignored for consistency student {card.name!r} (guidance is distilled in)")
-        cond, _ = teacher.encode([args.prompt])
-        ts = consistency_timesteps(steps, card.num_boundaries or steps)
         gen = torch.Generator("cpu").manual_seed(args.seed + 1) if args.stochastic else None
-        out = sample_consistency(teacher.unet, x_T, cond, ts, teacher.scheduler, stochastic=args.stochastic,
-                                 generator=gen)
-        return out.latents, out.nfe, f"student {card.name} ({steps} consistency steps {ts})"
-    # A diffusers-scheduler student (LCM, TCD, ...): its card's scheduler, as in Compare (same seed, same image).
-    if args.guidance is not None:
-        card = dataclasses.replace(card, guidance=float(args.guidance))
+        label = f"student {card.name} ({steps} consistency steps {consistency_timesteps(steps, card.num_boundaries or steps)})"
+    else:  # a diffusers-scheduler student (LCM, TCD, ...): its card's scheduler, as in Compare (same seed, same image)
+        if args.guidance is not None:
+            card = dataclasses.replace(card, guidance=float(args.guidance))
+        gen = torch.Generator("cpu").manual_seed(args.seed)
+        label = f"student {card.name} ({steps} steps, {card.scheduler})"
     cond, uncond = teacher.encode([args.prompt])
-    out = sample_scheduler(teacher.unet, x_T, cond, uncond, card, steps, students.make_scheduler(teacher.pipe, card),
-                           generator=torch.Generator("cpu").manual_seed(args.seed))
-    return out.latents, out.nfe, f"student {card.name} ({steps} steps, {card.scheduler})"
+    out = sample_student(teacher.unet, x_T, cond, uncond, card, steps, students.make_scheduler(teacher.pipe, card),
+                         stochastic=bool(args.stochastic), generator=gen)
+    return out.latents, out.nfe, label
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import torch
 from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
 
 __all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_ddim", "sample_consistency",
-           "sample_scheduler"]
+           "sample_scheduler", "sample_student"]
 
 # callback(i, t, x0_pred): called after step i at timestep t with that step's x_0 prediction.
 Callback = Callable[[int, int, torch.Tensor], Any]
@@ -271,3 +271,39 @@ def sample_scheduler(
                 x0 = predict_x0(eps, xin, _tvec(int(round(float(t))), xin.shape[0], xin.device), scheduler)
             trajectory.append(x0)
     return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=[int(t) for t in scheduler.timesteps], nfe=nfe)
+
+
+def sample_student(
+    unet: Any,
+    x_T: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    card: Any,
+    steps: int,
+    scheduler: Any,
+    *,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """A student's ``steps``-step sample by its card's recipe: the one place every entry point (Compare,
+    Evaluate, generate, doctor) samples a student.
+
+    ``card.scheduler == "consistency"`` (cdlab's students): :func:`sample_consistency` over
+    ``consistency_timesteps(steps, card.num_boundaries)``, no CFG (it is distilled in); any other scheduler
+    (LCM-LoRA, TCD, PCM, Hyper-SD): :func:`sample_scheduler` with the card's guidance and ``eta``.
+
+    Args:
+        card: a ``cdlab.students.StudentCard``.
+        scheduler: ``cdlab.students.make_scheduler(pipe, card)``, a fresh one per call (a diffusers
+            scheduler steps, so mutates; the consistency sampler only reads its ``alphas_cumprod``).
+        stochastic (`bool`): consistency students only: re-noise between steps (Song et al. 2023, Alg. 1).
+        generator (`torch.Generator`, *optional*): the noise of stochastic steps.
+    """
+    if getattr(card, "scheduler", "consistency") == "consistency":
+        k = int(getattr(card, "num_boundaries", 0) or steps)
+        ts = consistency_timesteps(steps, k, int(scheduler.config.num_train_timesteps))
+        return sample_consistency(unet, x_T, cond, ts, scheduler, stochastic=stochastic, generator=generator,
+                                  return_trajectory=return_trajectory)
+    return sample_scheduler(unet, x_T, cond, uncond, card, steps, scheduler, return_trajectory=return_trajectory,
+                            generator=generator)

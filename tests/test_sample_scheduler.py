@@ -79,3 +79,29 @@ def test_bad_steps_are_refused(pipe):
     x = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="num_steps"):
         sample_scheduler(pipe.unet, x, x, None, card, 0, make_scheduler(pipe, card))
+
+
+def test_sample_student_is_the_cards_recipe():
+    """`sample_student` (the one student sampler of Compare, Evaluate, generate) runs a card's own recipe."""
+    import dataclasses
+
+    from cdlab.samplers import consistency_timesteps, sample_consistency, sample_scheduler, sample_student
+    from cdlab.students import StudentCard, make_scheduler
+    from cdlab.teachers import load_teacher
+
+    t = load_teacher("tiny")
+    cond, uncond = t.encode(["a small red circle at the top left on a blue background"])
+    x_T = t.initial_noise(seed=3)
+    card = StudentCard(name="c", base_model=t.base_id, method="cd", num_boundaries=4, steps=4)
+    out = sample_student(t.unet, x_T, cond, uncond, card, 2, make_scheduler(t.pipe, card), return_trajectory=True)
+    ref = sample_consistency(t.unet, x_T, cond, consistency_timesteps(2, 4), t.scheduler)
+    assert out.timesteps == ref.timesteps == [999, 500] and out.nfe == 2 and len(out.x0_trajectory) == 2
+    assert torch.equal(out.latents, ref.latents)
+    ext = dataclasses.replace(card, scheduler="LCMScheduler", guidance=1.0)
+    out = sample_student(t.unet, x_T, cond, uncond, ext, 4, make_scheduler(t.pipe, ext),
+                         generator=torch.Generator().manual_seed(0))
+    ref = sample_scheduler(t.unet, x_T, cond, uncond, ext, 4, make_scheduler(t.pipe, ext),
+                           generator=torch.Generator().manual_seed(0))
+    assert out.timesteps == ref.timesteps and out.nfe == 4 and torch.equal(out.latents, ref.latents)
+    assert not torch.equal(out.latents, sample_student(t.unet, x_T, cond, uncond, card, 4, make_scheduler(
+        t.pipe, card)).latents)  # the two recipes differ

@@ -60,6 +60,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0           # 0 = no clipping
     use_8bit_adam: bool = True           # bitsandbytes AdamW8bit when importable on CUDA
     mixed_precision: str = "auto"        # "auto" (bf16 on CUDA where supported, else fp16; none on CPU) | "no" | "fp16" | "bf16"
+    loss_scale: float = 65536.0          # fp16 only: the gradient scaler's initial scale (torch's default, 2**16)
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"                 # "auto" | "cpu" | "cuda" (single process; accelerate picks under torchrun)
@@ -154,6 +155,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "data_size": (0, 10_000_000), "data_seed": (0, 2**31 - 1), "resolution": (8, 4096),
     "max_steps": (1, 10_000_000), "batch_size": (1, 4096), "grad_accum": (1, 1024), "lr": (1e-10, 1.0),
     "warmup_steps": (0, 10_000_000), "weight_decay": (0.0, 1.0), "max_grad_norm": (0.0, 1e6),
+    "loss_scale": (1.0, 2.0 ** 100),
     "seed": (0, 2**31 - 1), "threads": (0, 1024),
     "log_every": (1, 10_000_000), "probe_size": (0, 4096), "preview_every": (0, 10_000_000),
     "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),

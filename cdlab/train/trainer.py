@@ -146,8 +146,17 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-        self.acc = acc = Accelerator(mixed_precision=mp, cpu=not cuda)
+        from accelerate.utils import GradScalerKwargs
+
+        self.acc = acc = Accelerator(mixed_precision=mp, cpu=not cuda,
+                                     kwargs_handlers=[GradScalerKwargs(init_scale=cfg.loss_scale)])
         self.mixed_precision = mp
+        # fp16 needs loss scaling. accelerate scales on a GPU; on the CPU it has no scaler, so the run
+        # keeps torch's own (the same GradScaler algorithm): an overflowing step is skipped, the scale halved.
+        self.own_scaler = (torch.amp.GradScaler("cpu", init_scale=cfg.loss_scale)
+                           if mp == "fp16" and acc.scaler is None else None)
+        self.scaler = acc.scaler if acc.scaler is not None else self.own_scaler
+        self.skipped_steps = 0
         self.device = acc.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         self.autocast_dtype = None if weight_dtype == torch.float32 else weight_dtype
@@ -284,10 +293,11 @@ class Trainer:
                 save_file({n: v.float().cpu().contiguous() for n, v in self.ema.items()}, str(tmp / "ema.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_sched.state_dict(), tmp / "lr_scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             write_json_atomic(tmp / STATE, {
                 "step": self.step, "elapsed_s": self.elapsed(), "samples_seen": self.samples_seen,
+                "skipped_steps": self.skipped_steps,
                 "world_size": self.world, "saved": time.time(),
                 "files": file_sizes(tmp)})  # every rank's rng file is there (the barrier above)
             fsync_tree(tmp)  # every file, then the folder itself: durable before it is published
@@ -379,7 +389,8 @@ class Trainer:
             if "files" in state:
                 verify_files(path, state["files"])
             ck = {"path": path, "step": int(state["step"]), "elapsed_s": float(state.get("elapsed_s", 0.0)),
-                  "samples_seen": int(state.get("samples_seen", 0))}
+                  "samples_seen": int(state.get("samples_seen", 0)),
+                  "skipped_steps": int(state.get("skipped_steps", 0))}
             if checkpoint_name(ck["step"]) != path.name:
                 raise CheckpointError(f"{STATE} says step {ck['step']}")
             ck["lora"] = load_file(str(path / "lora.safetensors"))
@@ -389,7 +400,7 @@ class Trainer:
             ck["lr_sched"] = torch.load(path / "lr_scheduler.pt", weights_only=True)
             scaler_file = path / "scaler.pt"
             ck["scaler"] = (torch.load(scaler_file, weights_only=True)
-                            if self.acc.scaler is not None and scaler_file.is_file() else None)
+                            if self.scaler is not None and scaler_file.is_file() else None)
             rng_file = path / f"rng_rank{self.rank}.pt"  # absent when resumed with more ranks than saved
             ck["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
         except CheckpointError:
@@ -442,7 +453,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.lr_sched.load_state_dict(ck["lr_sched"])
         if ck["scaler"] is not None:
-            self.acc.scaler.load_state_dict(ck["scaler"])
+            self.scaler.load_state_dict(ck["scaler"])
         rng = ck["rng"]
         if rng is not None:
             self.data_gen.set_state(rng["data_gen"])
@@ -454,6 +465,7 @@ class Trainer:
         self.step = ck["step"]
         self.elapsed_before = ck["elapsed_s"]
         self.samples_seen = ck["samples_seen"]
+        self.skipped_steps = ck["skipped_steps"]
 
     # ---------------------------------------------------------------------------------- previews
 
@@ -509,14 +521,33 @@ class Trainer:
                 out = consistency_loss(self.student, x0, cond, self.teacher.scheduler, target_model=self.unet,
                                        target_weights=self.ema, sampler_timesteps=self.sampler_timesteps,
                                        sampler_prob=cfg.sampler_prob, generator=self.loss_gen, **kw)
-                acc.backward(out["loss"] / cfg.grad_accum)
+                loss = out["loss"] / cfg.grad_accum
+                if self.own_scaler is not None:
+                    self.own_scaler.scale(loss).backward()
+                else:
+                    acc.backward(loss)  # scales the loss when accelerate holds the scaler
             total += float(out["loss"].detach()) / cfg.grad_accum
+        own = self.own_scaler
+        if own is not None:
+            own.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = float("nan")
         if cfg.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        self.optimizer.step()
-        self.lr_sched.step()
+        if own is not None:
+            scale = own.get_scale()
+            own.step(self.optimizer)  # skips optimizer.step() when a gradient is inf/NaN
+            own.update()
+            skipped = own.get_scale() < scale
+        else:
+            self.optimizer.step()
+            skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
         self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            # The scaler threw the update away (inf/NaN gradients at this scale): the weights did not move,
+            # so neither do the LR schedule nor the EMA. The step still counts toward max_steps.
+            self.skipped_steps += 1
+            return total, grad_norm
+        self.lr_sched.step()
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in zip(self.names, self.params):
@@ -566,13 +597,16 @@ class Trainer:
                     row = {"step": self.step, "loss": float(mean_loss.item()), "lr": self.lr_sched.get_last_lr()[0],
                            "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * self.world / max(step_time, 1e-9),
                            "elapsed_s": round(self.elapsed(), 3), "peak_mem_mb": round(_peak_mem_mb(self.device), 1),
-                           "max_steps": cfg.max_steps, "grad_norm": sum(norms) / len(norms)}
+                           "max_steps": cfg.max_steps, "grad_norm": sum(norms) / len(norms),
+                           "skipped_steps": self.skipped_steps}
                     if acc.is_main_process:
                         row["probe_loss"] = self.probe_loss()
                         with mfile.open("a") as f:
                             f.write(json.dumps(row) + "\n")
-                        self.log(f"step {self.step}/{cfg.max_steps} loss {row['loss']:.5f} probe "
-                                 f"{row['probe_loss']:.5f} lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s")
+                        probe = "" if row["probe_loss"] is None else f" probe {row['probe_loss']:.5f}"
+                        skipped = f" ({self.skipped_steps} skipped by the fp16 scaler)" if self.skipped_steps else ""
+                        self.log(f"step {self.step}/{cfg.max_steps} loss {row['loss']:.5f}{probe} "
+                                 f"lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s{skipped}")
                     self.status("stopping" if stop else "running", f"step {self.step}")
                     self.last_row = row
                     losses, norms, step_time, window_steps = [], [], 0.0, 0

@@ -269,8 +269,9 @@ class Comparer:
         """Activate the column's adapter (loading it if needed) and sample it; the caller holds the teacher lock."""
         import torch
 
-        from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
-        from cdlab.students import activate_student, load_student
+        from cdlab.samplers import ddim_timesteps, sample_ddim, sample_student
+        from cdlab.students import activate_student, load_student, make_scheduler
+        from cdlab.timing import sync
 
         t = self.teacher
         pipe = t.pipe
@@ -284,19 +285,17 @@ class Comparer:
             activate_student(pipe, col.card.name)
         else:
             activate_student(pipe, None)
-        _sync(t.device)
+        sync(t.device)
         t0 = time.perf_counter()
         if col.kind == "teacher":
             out = sample_ddim(t.unet, x_T, cond, uncond, col.guidance, ddim_timesteps(col.steps),
                               t.scheduler, return_trajectory=show_trajectory)
-        elif col.kind == "student":
-            k = int(getattr(col.card, "num_boundaries", 0) or col.steps)
-            out = sample_consistency(t.unet, x_T, cond, consistency_timesteps(col.steps, k), t.scheduler,
-                                     return_trajectory=show_trajectory)
-        else:
-            out = self._sample_external(col, x_T, cond, uncond, show_trajectory, seed)
+        else:  # a local or an external student, by its card (stochastic schedulers: reproducible per seed)
+            out = sample_student(t.unet, x_T, cond, uncond, col.card, col.steps, make_scheduler(t.pipe, col.card),
+                                 return_trajectory=show_trajectory,
+                                 generator=torch.Generator(device="cpu").manual_seed(seed))
         image = t.decode(out.latents)[0]
-        _sync(t.device)
+        sync(t.device)
         seconds = time.perf_counter() - t0
         traj, traj_steps = [], []
         if show_trajectory and out.x0_trajectory:
@@ -312,19 +311,6 @@ class Comparer:
         if n > tok.model_max_length:
             return [f"The prompt is {n} tokens; the text encoder reads the first {tok.model_max_length}."]
         return []
-
-    def _sample_external(self, col: Column, x_T, cond, uncond, show_trajectory: bool, seed: int = 0):
-        """An external student with its own diffusers scheduler and its card's guidance (`cdlab.samplers.sample_scheduler`)."""
-        import torch
-
-        from cdlab.samplers import sample_scheduler
-        from cdlab.students import make_scheduler
-
-        t = self.teacher
-        # stochastic schedulers (LCM, TCD with eta > 0): reproducible per seed
-        return sample_scheduler(t.unet, x_T, cond, uncond, col.card, col.steps, make_scheduler(t.pipe, col.card),
-                                return_trajectory=show_trajectory,
-                                generator=torch.Generator(device="cpu").manual_seed(seed))
 
 
 def _short_reason(e: BaseException, limit: int = 300) -> str:
@@ -344,13 +330,6 @@ def error_image(reason: str, resolution: int = 256, size: int = 256):
     for i, line in enumerate(textwrap.wrap(reason, 38)[:14]):
         d.text((8, 26 + 15 * i), line, fill=(40, 40, 40))
     return img
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _subsample(n: int, k: int) -> list[int]:

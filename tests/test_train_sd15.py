@@ -1,0 +1,143 @@
+"""The trainer on SD1.5's architecture (random weights, 64 px, CPU): the precisions a GPU user runs.
+
+Multi-boundary CD (N=4), 3 steps each, in fp32, under bf16 autocast and in fp16 with a gradient scaler
+(torch's own GradScaler on the CPU, where accelerate has none); a step the scaler skips moves neither the
+LR schedule nor the EMA; a run stopped at a checkpoint resumes to the same weights; the finished student
+loads into the same architecture with plain ``pipe.load_lora_weights(dir)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdlab.train.config import TrainConfig, load_json
+from cdlab.train.trainer import list_checkpoints, train
+
+pytestmark = [pytest.mark.sd15, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("sd15-train")
+
+
+@pytest.fixture
+def env(work, monkeypatch):
+    monkeypatch.setenv("CDLAB_RUNS_DIR", str(work / "runs"))
+    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(work / "adapters"))
+    return work
+
+
+def _cfg(work, **kw) -> TrainConfig:
+    base = dict(model="sd15-random", resolution=64, method="mbcd", num_boundaries=4, data="world", data_size=4,
+                batch_size=1, max_steps=3, log_every=1, checkpoint_every=1, keep_checkpoints=5, preview_every=0,
+                probe_size=0, lora_rank=4, warmup_steps=0, lr=1e-3, cache_dir=str(work / "cache"),
+                save_student=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(msg):
+    pass
+
+
+def _rows(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _last(run_dir, name):
+    return list_checkpoints(run_dir)[-1][1] / name
+
+
+def _lr_epoch(run_dir) -> int:
+    return torch.load(_last(run_dir, "lr_scheduler.pt"), weights_only=True)["last_epoch"]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(work):
+    """The reference run: fp32, 3 steps, saving its student (the other runs do not)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CDLAB_RUNS_DIR", str(work / "runs"))
+    mp.setenv("CDLAB_ADAPTERS_DIR", str(work / "adapters"))
+    try:
+        return train(_cfg(work, run_name="fp32", student_name="sd15r-student", save_student=True,
+                          mixed_precision="no"), log=_quiet)
+    finally:
+        mp.undo()
+
+
+def test_fp32_steps_and_the_student_loads_in_plain_diffusers(fp32_run, work):
+    from diffusers import StableDiffusionPipeline
+
+    from cdlab import sd15_random
+
+    r = fp32_run
+    assert r.state == "finished" and r.step == 3
+    rows = _rows(r.run_dir)
+    assert [x["step"] for x in rows] == [1, 2, 3] and all(x["loss"] > 0 for x in rows)
+    assert rows[-1]["skipped_steps"] == 0 and _lr_epoch(r.run_dir) == 3
+    lora = load_file(str(_last(r.run_dir, "lora.safetensors")))
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd15_random.folder(64)), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        plain = pipe.unet(x, 999, encoder_hidden_states=emb).sample
+        pipe.load_lora_weights(str(r.student_dir))  # the student folder, nothing else
+        student = pipe.unet(x, 999, encoder_hidden_states=emb).sample
+    n_layers = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+    assert n_layers > 0 and 2 * n_layers == len([k for k in load_file(
+        str(r.student_dir / "pytorch_lora_weights.safetensors"))])
+    assert not torch.equal(plain, student)
+
+
+@pytest.mark.parametrize("mp", ["bf16", "fp16"])
+def test_mixed_precision_steps(mp, env):
+    r = train(_cfg(env, run_name=f"mp-{mp}", mixed_precision=mp, ema_decay=0.9), log=_quiet)
+    rows = _rows(r.run_dir)
+    assert r.state == "finished" and [x["step"] for x in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows)
+    lora = load_file(str(_last(r.run_dir, "lora.safetensors")))
+    assert all(v.dtype == torch.float32 for v in lora.values())  # fp32 LoRA under autocast
+    applied = 3 - rows[-1]["skipped_steps"]
+    assert applied >= 1 and _lr_epoch(r.run_dir) == applied  # the schedule counts applied steps only
+    if mp == "fp16":
+        assert (_last(r.run_dir, "scaler.pt")).is_file()
+        assert torch.load(_last(r.run_dir, "scaler.pt"), weights_only=True)["scale"] > 0
+
+
+def test_fp16_steps_the_scaler_skips_move_neither_lr_nor_ema(env):
+    """An initial loss scale of 2**60 overflows fp16: every step is skipped (and the scale halved), so the
+    LoRA, the EMA and the LR schedule stay where they started."""
+    r = train(_cfg(env, run_name="fp16-skip", mixed_precision="fp16", ema_decay=0.9, loss_scale=2.0 ** 60,
+                   warmup_steps=10), log=_quiet)
+    rows = _rows(r.run_dir)
+    assert [x["skipped_steps"] for x in rows] == [1, 2, 3]
+    assert _lr_epoch(r.run_dir) == 0 and rows[-1]["lr"] == rows[0]["lr"]
+    lora = load_file(str(_last(r.run_dir, "lora.safetensors")))
+    ema = load_file(str(_last(r.run_dir, "ema.safetensors")))
+    assert all(float(v.abs().max()) == 0 for k, v in lora.items() if "lora_B" in k)  # peft's zero init, untouched
+    assert lora.keys() == ema.keys() and all(torch.equal(lora[k], ema[k]) for k in lora)
+    scale = torch.load(_last(r.run_dir, "scaler.pt"), weights_only=True)["scale"]
+    assert scale == 2.0 ** 57  # halved once per skipped step
+
+
+def test_stop_then_resume_repeats_the_uninterrupted_run(fp32_run, env):
+    """Stopped after 2 steps (as a SIGTERM or a kill after the step-2 checkpoint leaves it), resumed to 3."""
+    half = train(_cfg(env, run_name="half", max_steps=2, mixed_precision="no"), log=_quiet)
+    assert [s for s, _ in list_checkpoints(half.run_dir)] == [1, 2]
+    # a kill -9 during the next save leaves a half-written folder: resume ignores it
+    (half.run_dir / "checkpoints" / ".tmp-ckpt_000003").mkdir()
+    cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=3)
+    resumed = train(cfg, resume=half.run_dir, log=_quiet)
+    assert resumed.step == 3 and [x["step"] for x in _rows(half.run_dir)] == [1, 2, 3]
+    a = load_file(str(_last(fp32_run.run_dir, "lora.safetensors")))
+    b = load_file(str(_last(half.run_dir, "lora.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
