@@ -2,11 +2,20 @@
 over one fixed prompt/seed set, every column of a prompt starting from the same initial noise.
 
     python -m cdlab evaluate --model tiny --n 128            # the embedded world (adherence, agreement)
-    python -m cdlab evaluate --model sd15 --n 1000 --metadata data/coco/metadata.jsonl   # CLIP, FID-SD, LPIPS
+    python -m cdlab evaluate --model sd15 --n 2048 --prompts data/coco/metadata.jsonl   # CLIP, FID-SD, LPIPS
 
 Writes ``evals/<timestamp>/{results.json, table.md, quality_vs_nfe.png}`` (``CDLAB_EVALS_DIR``
 overrides ``evals/``). ``run_evaluation``, ``list_evaluations`` and ``load_evaluation`` are the
 Python API the app's Evaluate tab uses; nothing here imports Gradio.
+
+``--prompts FILE`` is the caption list of an SD1.5 run: a ``.txt`` (one caption a line; blank lines and
+lines starting with ``#`` skipped), a ``.json`` list of strings, or a COCO ``metadata.jsonl`` (the COCO
+recipe's format; ``--metadata`` is an alias); ``--n`` takes its first n captions. FID-SD needs at least
+``cdlab.metrics.FID_MIN_SAMPLES`` (2048) prompts: below that its cells read ``n/a (n < 2048 samples)``
+and the table says how many are needed; CLIP score and LPIPS are reported at any n.
+
+The teacher is left bit-identical: a student is fused into the UNet only while its own columns
+sample, and its base weights are restored from a copy afterwards (`cdlab.students.activation.fused_student`).
 
 NFE counts network evaluations per image (a CFG step counts 2). Seconds per image are wall time
 over the batch: the prompt encoding share, the UNet steps and the VAE decode.
@@ -14,15 +23,19 @@ over the batch: the prompt encoding share, the UNet steps and the VAE decode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from cdlab.timing import sync
 
 TEACHER_STEPS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 50)
 STUDENT_STEPS: tuple[int, ...] = (1, 2, 4, 8)
@@ -33,12 +46,13 @@ DEFAULT_N = 128
 DEFAULT_GUIDANCE = 7.5        # used only when the teacher carries no default of its own
 PROMPT_SEED = 2024            # the fixed caption draw of the tiny world
 TEACHER_METHOD = "teacher (DDIM+CFG)"
+MAX_CAPTION_CHARS = 1000      # a longer "caption" in a prompt file is a wrong file, not a caption
 
 ProgressFn = Callable[[float, str], Any]
 
 __all__ = [
     "TEACHER_STEPS", "STUDENT_STEPS", "REFERENCE_STEPS", "evals_dir", "run_evaluation", "write_evaluation",
-    "render_table", "plot_quality", "list_evaluations", "load_evaluation", "main",
+    "render_table", "plot_quality", "list_evaluations", "load_evaluation", "read_prompts", "check_prompts", "main",
 ]
 
 
@@ -102,13 +116,6 @@ def _check_steps(steps: Sequence[int], what: str) -> tuple[int, ...]:
     return tuple(sorted(set(steps)))
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _decode(teacher: Any, latents: Any) -> Any:
     """Latents -> float32 images in [0, 1], [B, 3, H, W]."""
     from cdlab.metrics import to_unit
@@ -117,36 +124,147 @@ def _decode(teacher: Any, latents: Any) -> Any:
     return to_unit(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
 
 
-def _run_student(teacher: Any, col: _Column, x_T: Any, cond: Any, uncond: Any) -> Any:
-    """Latents of a student column: the consistency sampler, or the card's diffusers scheduler."""
-    from cdlab.samplers import consistency_timesteps, sample_consistency
+def _run_student(teacher: Any, col: _Column, x_T: Any, cond: Any, uncond: Any, seed: int) -> Any:
+    """Latents of a student column, by its card's recipe (`cdlab.samplers.sample_student`); ``seed`` drives
+    the noise of stochastic schedulers (LCM, TCD), so a column is reproducible."""
+    import torch
 
-    card = col.card
-    if card.scheduler == "consistency":
-        ts = consistency_timesteps(col.steps, card.num_boundaries or col.steps)
-        out = sample_consistency(teacher.unet, x_T, cond, ts, teacher.scheduler)
-        col.nfe = out.nfe
-        return out.latents
-    # An external student (e.g. LCM-LoRA) samples with its own diffusers scheduler.
-    from cdlab.samplers import sample_scheduler
+    from cdlab.samplers import sample_student
     from cdlab.students import make_scheduler
 
-    out = sample_scheduler(teacher.unet, x_T, cond, uncond, card, col.steps, make_scheduler(teacher.pipe, card))
+    out = sample_student(teacher.unet, x_T, cond, uncond, col.card, col.steps, make_scheduler(teacher.pipe, col.card),
+                         generator=torch.Generator(device="cpu").manual_seed(seed))
     col.nfe = out.nfe
     return out.latents
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
+def check_prompts(captions: Sequence[Any], what: str = "prompts",
+                  labels: Sequence[str] | None = None) -> list[str]:
+    """Validate a caption list: at least one, each a non-empty string (surrounding whitespace stripped)
+    of at most ``MAX_CAPTION_CHARS`` characters without control characters.
+
+    Args:
+        captions: the captions.
+        what (`str`): the field or flag named in errors (``"--prompts"`` on the command line).
+        labels: where each caption came from (``"<file>:3"``), for errors; default ``"caption <i>"``.
+
+    Returns:
+        The stripped captions.
+
+    Raises:
+        EvaluationError: one line naming ``what`` and the bad caption.
+    """
+    if isinstance(captions, (str, bytes)) or not isinstance(captions, Sequence):
+        raise EvaluationError(f"{what}: expected a list of caption strings, got {type(captions).__name__}")
+    if not captions:
+        raise EvaluationError(f"{what}: no captions")
+    out = []
+    for i, text in enumerate(captions):
+        where = labels[i] if labels is not None else f"caption {i + 1}"
+        if not isinstance(text, str):
+            raise EvaluationError(f"{what}: {where}: a caption must be a string, got {type(text).__name__}")
+        text = text.strip()
+        if not text:
+            raise EvaluationError(f"{what}: {where}: empty caption")
+        bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise EvaluationError(f"{what}: {where}: caption has a control character (U+{ord(bad):04X})")
+        if len(text) > MAX_CAPTION_CHARS:
+            raise EvaluationError(
+                f"{what}: {where}: caption of {len(text)} characters (at most {MAX_CAPTION_CHARS})")
+        out.append(text)
+    return out
+
+
+def read_prompts(path: str | os.PathLike, n: int | None = None, *, what: str = "prompts") -> list[str]:
+    """The captions of a prompt file, in file order, validated by `check_prompts`.
+
+    Args:
+        path: a ``.txt`` file (one caption a line; blank lines and lines starting with ``#`` skipped), a
+            ``.json`` list of strings, or a ``metadata.jsonl`` (the COCO recipe's format, read by
+            `cdlab.prompts.coco_captions`; a folder holding one works too).
+        n (`int`, *optional*): take the first ``n`` captions (default all); the file must hold that many.
+        what (`str`): the field or flag named in errors (``"--prompts"`` on the command line).
+
+    Raises:
+        EvaluationError: missing or unreadable file, unknown format, no captions, a bad caption, or fewer
+            captions than ``n``; one line naming ``what``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise EvaluationError(f"{what}: no such file: {p}")
+    suffix = p.suffix.lower()
+    labels: list[str] | None = None
+    try:
+        if p.is_dir() or suffix == ".jsonl":
+            from cdlab.prompts import coco_captions
+
+            captions: Any = coco_captions(p)
+            labels = [f"{p.name if p.is_file() else p}: caption {i + 1}" for i in range(len(captions))]
+        elif suffix == ".json":
+            try:
+                captions = json.loads(p.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise EvaluationError(f"{what}: {p} is not valid JSON ({e.msg}, line {e.lineno})") from None
+            if not isinstance(captions, list):
+                raise EvaluationError(
+                    f"{what}: {p} must hold a JSON list of caption strings, got a {type(captions).__name__}")
+            labels = [f"{p.name}[{i}]" for i in range(len(captions))]
+        elif suffix in (".txt", ""):
+            captions, labels = [], []
+            # split("\n"), not splitlines(): a form feed or other control character is an error, not a line break
+            for lineno, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    captions.append(text)
+                    labels.append(f"{p.name}:{lineno}")
+        else:
+            raise EvaluationError(f"{what}: {p}: expected a .txt (one caption a line), a .json list of strings "
+                                  f"or a metadata.jsonl, not {p.suffix!r}")
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{what}: {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (FileNotFoundError, ValueError, TypeError) as e:  # coco_captions: no metadata.jsonl, bad rows
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"{what}: {e}") from None
+    except OSError as e:
+        raise EvaluationError(f"{what}: cannot read {p}: {e.strerror or e}") from None
+    if not captions:
+        raise EvaluationError(f"{what}: {p} holds no captions")
+    captions = check_prompts(captions, what, labels)
+    if n is not None:
+        if n < 1:
+            raise EvaluationError(f"n must be >= 1, got {n}")
+        if n > len(captions):
+            raise EvaluationError(f"{what}: {p} holds {len(captions)} captions, fewer than the {n} asked for")
+        captions = captions[:n]
+    return captions
+
+
 def _prompts(teacher: Any, world: bool, n: int | None, metadata: str | Path | None,
-             seed: int) -> tuple[list[str], list | None, str]:
+             seed: int, prompts: str | os.PathLike | Sequence[str] | None = None,
+             ) -> tuple[list[str], list | None, str]:
     from cdlab.prompts import coco_captions, course_prompts
 
+    if prompts is not None and metadata:
+        raise EvaluationError("give prompts or metadata, not both")
     if world:
+        if prompts is not None:
+            raise EvaluationError("prompts: a caption list is for the SD metrics (suite 'sd'); the tiny world "
+                                  "draws its own captions, which its checker reads")
         from cdlab.world import sample_captions
 
         caps = sample_captions(DEFAULT_N if n is None else n, seed=PROMPT_SEED + seed)
         return [c.text for c in caps], caps, "tiny-world captions"
+    if isinstance(prompts, (str, os.PathLike)):
+        return read_prompts(prompts, n), None, f"captions from {Path(prompts).name}"
+    if prompts is not None:
+        texts = check_prompts(prompts, "prompts")
+        if n is not None and n > len(texts):
+            raise EvaluationError(f"prompts: {len(texts)} captions given, fewer than the {n} asked for")
+        return texts[:n], None, "given captions"
     if metadata:
         texts = coco_captions(metadata, n, seed=seed)
         return texts, None, f"COCO captions ({Path(metadata).name})"
@@ -171,6 +289,7 @@ def run_evaluation(
     adapters_root: str | Path | None = None,
     write: bool = True,
     fuse_lora: bool = True,
+    prompts: str | os.PathLike | Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Evaluate a loaded teacher and its fitting students; write and return the results.
 
@@ -178,7 +297,8 @@ def run_evaluation(
         teacher (`cdlab.teachers.Teacher`): the loaded teacher (its pipeline keeps its adapters; the
             plain teacher is active again on return).
         n (`int`, *optional*): prompts (one seed each: ``seed + i``). Default: 128 world captions, or
-            all COCO captions / the 8 course prompts once.
+            all of ``prompts`` / all COCO captions / the 8 course prompts once. FID-SD is reported only
+            from ``sd_metrics.fid_min_samples`` prompts on (2048 with InceptionV3).
         steps: teacher DDIM step counts (guided; NFE = 2 x steps).
         student_steps: student step counts.
         students: student names to include; default every student whose ``base_model`` is the teacher's.
@@ -188,22 +308,28 @@ def run_evaluation(
             8 at 512 px.
         seed: first noise seed; also the COCO draw.
         guidance: CFG scale of the teacher; default the teacher's own (``teacher.guidance``) or 7.5.
-        metadata: a COCO ``metadata.jsonl`` for SD prompts.
+        metadata: a COCO ``metadata.jsonl`` for SD prompts, ``n`` of them drawn by ``seed``.
         sd_metrics (`cdlab.metrics.SDMetrics`, *optional*): the SD metric models (default: the real ones).
         suite: ``"world"`` or ``"sd"``; default from the teacher (the world's resolution -> ``"world"``).
         adapters_root: students' folder (default ``cdlab.students.ADAPTERS_DIR``).
         write: write the three files (else only return the dict).
-        fuse_lora: fuse each student's LoRA into the UNet while its columns run (unfused after).
+        fuse_lora: fuse each student's LoRA into the UNet while its columns run; the teacher's base
+            weights are restored exactly after (`cdlab.students.activation.fused_student`).
+        prompts: the SD captions: a prompt file (`read_prompts`: ``.txt``, ``.json`` list, ``metadata.jsonl``;
+            its first ``n``) or a list of caption strings. Not for the tiny world.
 
     Returns:
         The results dict (also ``results.json``): metadata and one row per column, each with
         ``method, kind, student, steps, nfe, seconds_per_image, speedup`` and the suite's metrics;
-        ``out_dir`` when written.
+        ``out_dir`` when written. SD rows also carry ``fid_sd_samples`` and ``fid_sd_min_samples``;
+        a refused FID-SD is ``None`` with ``fid_sd_note`` (``"n/a (8 < 2048 samples)"``), and
+        ``notes`` (lines under the table) says how many prompts it needs.
     """
     import torch
 
     from cdlab.samplers import ddim_timesteps, sample_ddim
     from cdlab.students import activate_student, list_students, load_student
+    from cdlab.students.activation import fused_student
 
     t_start = time.perf_counter()
     steps = _check_steps(steps, "steps")
@@ -215,17 +341,16 @@ def run_evaluation(
         raise EvaluationError(f"suite must be 'world' or 'sd', got {suite!r}")
     world = suite == "world"
     guidance = _teacher_guidance(teacher) if guidance is None else float(guidance)
-    prompts, captions, source = _prompts(teacher, world, n, metadata, seed)
-    n = len(prompts)
+    texts, captions, source = _prompts(teacher, world, n, metadata, seed, prompts)
+    n = len(texts)
     if batch_size is None:
         batch_size = n if teacher.resolution <= 64 else 8
     batch_size = max(1, min(int(batch_size), n))
-    if not world and n < 2:
-        raise EvaluationError("FID needs at least 2 prompts")
     if not world and sd_metrics is None:
         from cdlab.metrics import SDMetrics
 
         sd_metrics = SDMetrics()
+    fid_min = None if world else int(sd_metrics.fid_min_samples)
 
     from cdlab.teachers import teacher_lock
 
@@ -262,15 +387,20 @@ def run_evaluation(
                 progress(min(done / units, 1.0), msg)
 
         if progress is not None:
-            progress(0.0, f"evaluating {len(columns)} columns on {n} prompts")
+            start = f"evaluating {len(columns)} columns on {n} prompts"
+            if fid_min is not None and n < fid_min:
+                start += f" (FID-SD needs {fid_min}: it will read n/a)"
+            progress(0.0, start)
         try:
-            with torch.inference_mode():
+            # `fused` holds the active student's fusion; closing it unfuses and restores the teacher exactly,
+            # also when a column raises.
+            with torch.inference_mode(), contextlib.ExitStack() as fused:
                 for bi, idx in enumerate(batches):
-                    bp = [prompts[i] for i in idx]
-                    _sync(teacher.device)
+                    bp = [texts[i] for i in idx]
+                    sync(teacher.device)
                     t0 = time.perf_counter()
                     cond, uncond = teacher.encode(bp)
-                    _sync(teacher.device)
+                    sync(teacher.device)
                     enc_s = time.perf_counter() - t0
                     x_T = torch.cat([teacher.initial_noise(seed + i, 1) for i in idx])
                     activate_student(pipe, None)
@@ -289,23 +419,22 @@ def run_evaluation(
                     ref_feats = None
                     for col in order:
                         if col.student != active:
-                            if active is not None and fuse_lora:
-                                pipe.unfuse_lora(components=["unet"])
+                            fused.close()
                             activate_student(pipe, col.student)
                             if col.student is not None and fuse_lora:
                                 # Fused LoRA is the fast path (1.9x on the tiny student, bench sampling).
-                                pipe.fuse_lora(components=["unet"], adapter_names=[col.student])
+                                fused.enter_context(fused_student(pipe, col.student))
                             active = col.student
-                        _sync(teacher.device)
+                        sync(teacher.device)
                         t0 = time.perf_counter()
                         if col.kind == "teacher":
                             out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
                                               ddim_timesteps(col.steps), teacher.scheduler)
                             col.nfe, latents = out.nfe, out.latents
                         else:
-                            latents = _run_student(teacher, col, x_T, cond, uncond)
+                            latents = _run_student(teacher, col, x_T, cond, uncond, seed + int(idx[0]))
                         images = _decode(teacher, latents)
-                        _sync(teacher.device)
+                        sync(teacher.device)
                         col.seconds += time.perf_counter() - t0 + enc_s
                         col.n += len(idx)
                         if ref is None:  # this is the reference column
@@ -314,15 +443,8 @@ def run_evaluation(
                             ref_feats = sd_metrics.features(ref)
                         _score(col, images, ref, ref_feats, bp, world)
                         tick(f"batch {bi + 1}/{len(batches)}: {col.method}, {col.steps} steps")
-                    if active is not None and fuse_lora:
-                        pipe.unfuse_lora(components=["unet"])
+                    fused.close()
         finally:
-            if fuse_lora and cards:  # an error mid-column must not leave a student fused into the teacher
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Already unmerged")
-                    pipe.unfuse_lora(components=["unet"])
             activate_student(pipe, None)
 
     rows = [_row(col, world, captions) for col in columns]
@@ -346,10 +468,12 @@ def run_evaluation(
         "guidance": guidance,
         "reference_steps": REFERENCE_STEPS,
         "prompt_source": source,
+        "fid_min_samples": fid_min,
         "teacher_steps": list(steps),
         "student_steps": list(student_steps),
         "students": [c.to_dict() if hasattr(c, "to_dict") else {"name": c.name} for c in cards],
         "rows": rows,
+        "notes": _notes(rows, n),
         "elapsed_s": time.perf_counter() - t_start,
     })
     if write:
@@ -367,6 +491,16 @@ def _score(col: _Column, images: Any, ref: Any, ref_feats: Any, prompts: list[st
         col.images.append(images.float().cpu())
     else:
         col.sd.update(images, prompts, ref, reference_features=ref_feats)
+
+
+def _notes(rows: list[dict], n: int) -> list[str]:
+    """Lines under the table: why a metric is missing and what would give it."""
+    refused = [r for r in rows if r.get("fid_sd_note")]
+    if not refused:
+        return []
+    need = max(int(r["fid_sd_min_samples"]) for r in refused)
+    return [f"FID-SD needs at least {need} samples (prompts); this run had {n}. "
+            f"Run with --n {need} or more (--prompts FILE with a caption list)."]
 
 
 def _row(col: _Column, world: bool, captions: list | None) -> dict:
@@ -388,6 +522,8 @@ def _row(col: _Column, world: bool, captions: list | None) -> dict:
         col.images.clear()
     else:
         row.update(col.sd.compute())
+        if math.isnan(row["fid_sd"]):  # refused (fid_sd_note says why); JSON has no NaN
+            row["fid_sd"] = None
     return row
 
 
@@ -399,9 +535,9 @@ _COLUMNS = {
 }
 
 
-def _fmt(v: Any, f: str) -> str:
+def _fmt(v: Any, f: str, note: str | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
+        return note or "—"
     return f.format(v)
 
 
@@ -419,10 +555,13 @@ def render_table(results: dict) -> str:
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
     ]
     for r in results["rows"]:
-        cells = [r["method"], str(r["steps"]), str(r["nfe"]), *(_fmt(r.get(k), f) for k, _, f in metrics),
+        cells = [r["method"], str(r["steps"]), str(r["nfe"]),
+                 *(_fmt(r.get(k), f, r.get(f"{k}_note")) for k, _, f in metrics),
                  f"{r['seconds_per_image'] * 1000:.2f} ms" if r["seconds_per_image"] < 1 else
                  f"{r['seconds_per_image']:.2f} s", _fmt(r.get("speedup"), "{:.1f}×")]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("notes"):
+        lines += ["", *results["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -437,15 +576,21 @@ def plot_quality(results: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
     for ax, (key, label, _) in zip(axes[0], metrics):
+        plotted = False
         for m in methods:
             rows = sorted((r for r in results["rows"] if r["method"] == m), key=lambda r: r["nfe"])
-            pts = [(r["nfe"], r[key]) for r in rows if r.get(key) is not None and not math.isnan(r[key])]
-            if not pts:
+            rows = [r for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+            if not rows:
                 continue
+            plotted = True
             style = dict(color="black", linestyle="--", marker="s") if m == TEACHER_METHOD else dict(marker="o")
-            ax.plot(*zip(*pts), label=m, **style)
-            for (x, y), r in zip(pts, rows):
-                ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+            ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], label=m, **style)
+            for r in rows:
+                ax.annotate(str(r["steps"]), (r["nfe"], r[key]), textcoords="offset points", xytext=(3, 4),
+                            fontsize=7)
+        note = next((r[f"{key}_note"] for r in results["rows"] if r.get(f"{key}_note")), None)
+        if not plotted and note:  # e.g. FID-SD refused below its minimum sample count
+            ax.text(0.5, 0.5, f"{label}: {note}", transform=ax.transAxes, ha="center", va="center", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE per image (CFG step = 2)")
         ax.set_ylabel(label)
@@ -541,7 +686,9 @@ def _int_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cdlab evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny | sd15 | a local pipeline folder (default tiny)")
-    parser.add_argument("--n", type=int, default=None, help=f"prompts (default {DEFAULT_N} for the tiny world)")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"prompts (default {DEFAULT_N} for the tiny world, all of --prompts, or the course's 8); "
+                             "FID-SD needs 2048 or more")
     parser.add_argument("--out", default=None, help="output folder (default evals/<timestamp>)")
     parser.add_argument("--steps", type=_int_list, default=list(TEACHER_STEPS), help="teacher steps, e.g. 1,2,4,50")
     parser.add_argument("--student-steps", type=_int_list, default=list(STUDENT_STEPS))
@@ -549,10 +696,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--metadata", default=None, help="COCO metadata.jsonl for SD prompts")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="SD captions: a .txt (one a line, # comments), a .json list of strings or a COCO "
+                             "metadata.jsonl; --n takes the first n")
+    parser.add_argument("--metadata", default=None, metavar="FILE", help="alias of --prompts (a COCO metadata.jsonl)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
     args = parser.parse_args(argv)
+    if args.prompts and args.metadata:
+        print("error: --prompts and --metadata (its alias): give one, not both", file=sys.stderr)
+        return 1
+    flag, prompt_file = ("--metadata", args.metadata) if args.metadata else ("--prompts", args.prompts)
+    if prompt_file:  # checked before the (slow) teacher load
+        try:
+            read_prompts(prompt_file, args.n, what=flag)
+        except EvaluationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     from cdlab.teachers import TeacherLoadError, load_teacher
 
@@ -574,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_evaluation(
             teacher, n=args.n, steps=args.steps, student_steps=args.student_steps, students=students,
             out_dir=args.out, progress=progress, batch_size=args.batch_size, seed=args.seed,
-            guidance=args.guidance, metadata=args.metadata)
+            guidance=args.guidance, prompts=prompt_file)
     except (EvaluationError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,11 @@ SD1.5, as distillation papers report them, through torchmetrics' own code:
 * **CLIP score** (Hessel et al. 2021): torchmetrics' ``CLIPScore`` with ``openai/clip-vit-large-patch14``;
 * **FID-SD**: Fréchet distance (Heusel et al. 2017) to the teacher's own 50-step samples, as PCM
   (Wang et al. 2024) reports it; torchmetrics' ``FrechetInceptionDistance`` state and formula,
-  with InceptionV3 pool features (needs ``torch-fidelity``);
+  with InceptionV3 pool features (needs ``torch-fidelity``). It is refused (NaN, with the sample
+  count) below ``FID_MIN_SAMPLES`` = 2048 samples, InceptionV3's pool3 width: with fewer samples than
+  features each covariance has rank below its dimension (at most n - 1 of 2048), its matrix square
+  root is ill-posed and the distance is strongly biased, by an amount that depends on n, so such
+  numbers compare neither across runs nor with papers (which use 10k-30k samples);
 * **LPIPS** (Zhang et al. 2018) to the 50-step teacher: torchmetrics' LPIPS network (AlexNet; needs
   ``torchvision``).
 
@@ -17,7 +21,8 @@ Every model is a constructor argument, so tests pass small local stand-ins the s
 real ones are passed: a local CLIP folder (or a ``() -> (model, processor)`` callable) for
 ``clip_model``, any ``nn.Module`` mapping images in [0, 1] to ``[B, D]`` features for
 ``fid_feature``, and any ``nn.Module`` with LPIPS' ``forward(in0, in1, normalize)`` for ``lpips_net``
-(``LPIPSNet`` builds one from a feature pyramid).
+(``LPIPSNet`` builds one from a feature pyramid). So is the FID minimum (``fid_min_samples``,
+default the feature width), which tests lower to exercise both the refused and the computed FID.
 
 Images everywhere here are float tensors ``[B, 3, H, W]`` in [0, 1].
 """
@@ -31,10 +36,11 @@ from torch import Tensor, nn
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 FID_FEATURES = 2048  # InceptionV3 pool3, the standard FID feature
+FID_MIN_SAMPLES = FID_FEATURES  # fewer samples than features: rank-deficient covariances, biased FID
 
 __all__ = [
-    "CLIP_MODEL", "agreement_error", "world_adherence", "to_unit", "LPIPSNet", "SDMetrics", "ColumnMetrics",
-    "clip_score", "fid", "lpips",
+    "CLIP_MODEL", "FID_FEATURES", "FID_MIN_SAMPLES", "agreement_error", "world_adherence", "to_unit", "LPIPSNet",
+    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_refusal", "lpips",
 ]
 
 
@@ -232,6 +238,12 @@ def fid(images: Tensor, reference: Tensor, feature: nn.Module | None = None) -> 
     return float(m.compute())
 
 
+def fid_refusal(n: int, minimum: int) -> str | None:
+    """Why an FID over ``n`` samples is not reported, as the table's cell says it
+    (``"n/a (8 < 2048 samples)"``); None when ``n`` reaches ``minimum``."""
+    return None if n >= minimum else f"n/a ({n} < {minimum} samples)"
+
+
 # ----------------------------------------------------------------------------- SD1.5 suite
 
 class ColumnMetrics:
@@ -260,11 +272,25 @@ class ColumnMetrics:
         self._fid.update(self.suite.features(images), real=False)
         self.n += b
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, Any]:
+        """The column's means and its FID-SD.
+
+        Returns:
+            ``clip_score``, ``lpips`` (means over the images), ``fid_sd`` (NaN when the column has fewer
+            than ``suite.fid_min_samples`` images), ``fid_sd_samples`` (the images it is over),
+            ``fid_sd_min_samples``, and ``fid_sd_note`` (`fid_refusal`'s reason) only when it is refused.
+        """
         if self.n == 0:
             raise RuntimeError("no images were added to this column")
-        out = {"clip_score": self._clip_sum / self.n, "lpips": self._lpips_sum / self.n}
-        out["fid_sd"] = float(self._fid.compute()) if self.n >= 2 else float("nan")
+        minimum = self.suite.fid_min_samples
+        out: dict[str, Any] = {"clip_score": self._clip_sum / self.n, "lpips": self._lpips_sum / self.n,
+                               "fid_sd_samples": self.n, "fid_sd_min_samples": minimum}
+        note = fid_refusal(self.n, minimum)
+        if note is None:
+            out["fid_sd"] = float(self._fid.compute())
+        else:
+            out["fid_sd"] = float("nan")
+            out["fid_sd_note"] = note
         return out
 
 
@@ -279,14 +305,28 @@ class SDMetrics:
         lpips_net (`nn.Module`, *optional*): LPIPS network, ``forward(in0, in1, normalize)``. Default:
             torchmetrics' AlexNet LPIPS.
         device: where the metric models run (default: CUDA when present).
+        fid_min_samples (`int`, *optional*): the fewest images a column's FID-SD is reported over; below
+            it the column's ``fid_sd`` is NaN with the reason. Default: the feature width
+            (``fid_feature.num_features``; 2048, ``FID_MIN_SAMPLES``, for InceptionV3). At least 2.
+
+    Raises:
+        ValueError: ``fid_min_samples`` is not an integer >= 2, or ``fid_feature`` has no ``num_features``.
     """
 
     def __init__(self, clip_model: Any = CLIP_MODEL, fid_feature: nn.Module | None = None,
-                 lpips_net: nn.Module | None = None, device: str | torch.device | None = None) -> None:
+                 lpips_net: nn.Module | None = None, device: str | torch.device | None = None,
+                 fid_min_samples: int | None = None) -> None:
+        if fid_min_samples is not None and (isinstance(fid_min_samples, bool) or not isinstance(fid_min_samples, int)
+                                            or fid_min_samples < 2):
+            raise ValueError(f"fid_min_samples must be an integer >= 2 (a covariance needs two samples), "
+                             f"got {fid_min_samples!r}")
+        if fid_feature is not None:
+            _num_features(fid_feature)  # before loading CLIP: a bad stand-in fails fast
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.clip_metric = _make_clip_metric(clip_model).to(self.device)
         self.fid_feature = (_InceptionFeatures() if fid_feature is None else fid_feature).to(self.device).eval()
         self.num_features = _num_features(self.fid_feature)
+        self.fid_min_samples = self.num_features if fid_min_samples is None else int(fid_min_samples)
         self.lpips_net = (_real_lpips_net() if lpips_net is None else lpips_net).to(self.device).eval()
 
     @torch.no_grad()

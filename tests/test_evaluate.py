@@ -1,7 +1,10 @@
-"""cdlab.evaluate on the random tiny pipeline: columns, NFE, same-noise agreement, files, listing, CLI."""
+"""cdlab.evaluate on the random tiny pipeline: columns, NFE, same-noise agreement, files, listing, CLI,
+the SD metrics path with offline stand-ins (FID refused below its minimum), prompt files, and a teacher
+left bit-identical by fused students."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,46 +161,85 @@ def test_bad_arguments_are_clear(setup):
         run_evaluation(teacher, n=2, students=["nobody"], adapters_root=root, write=False)
     with pytest.raises(EvaluationError, match="n must be"):
         run_evaluation(teacher, n=0, adapters_root=root, write=False)
+    with pytest.raises(EvaluationError, match="prompts: a caption list is for the SD metrics"):
+        run_evaluation(teacher, n=2, prompts=["a cat", "a dog"], adapters_root=root, write=False)
 
 
-def test_sd_suite_with_offline_stand_ins(setup, tmp_path):
-    """The SD1.5 path (course prompts; CLIP, FID-SD, LPIPS) on the tiny pipeline with stand-in metric models."""
-    from test_metrics import TinyFeatures, TinyPyramid  # noqa: E402  (tests/ is on sys.path under pytest)
+@pytest.fixture(scope="module")
+def sd_suite(tiny_pipe_dir):
+    """The SD metric models as offline stand-ins at the real models' input sizes (see test_metrics): CLIP at
+    224x224 and 77 tokens (the teacher's BPE tokenizer), FID features of 299x299 inputs, 2048 wide (so the
+    default minimum is 2048 samples), LPIPS on the images as given."""
+    from test_metrics import InceptionSizedFeatures, TinyPyramid, clip_stand_in  # noqa: E402 (tests/ is on sys.path)
 
     from cdlab import metrics
-    from cdlab.prompts import COURSE_PROMPTS
 
-    teacher, root = setup
     seen = []
 
-    def fake_clip():
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-        torch.manual_seed(0)
-        tok = teacher.tokenizer
-        model = CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, max_position_embeddings=tok.model_max_length,
-                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=32, patch_size=8), projection_dim=16))
+    def load_clip():
         seen.append(True)
-        proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                crop_size={"height": 32, "width": 32}), tokenizer=tok)
-        return model, proc
+        return clip_stand_in(str(Path(tiny_pipe_dir) / "tokenizer"))
 
-    suite = metrics.SDMetrics(clip_model=fake_clip, fid_feature=TinyFeatures(),
+    suite = metrics.SDMetrics(clip_model=load_clip, fid_feature=InceptionSizedFeatures(),
                               lpips_net=metrics.LPIPSNet(TinyPyramid(), (8, 12)), device="cpu")
-    res = run_evaluation(teacher, n=4, steps=(2, 50), student_steps=(2,), students=["mb2"], suite="sd",
-                         sd_metrics=suite, adapters_root=root, out_dir=tmp_path / "sd")
-    assert seen and res["suite"] == "sd" and res["prompt_source"] == "the course's 8 prompts"
+    assert seen and suite.fid_min_samples == 2048
+    return suite
+
+
+def _sd_eval(setup, suite, out, fid_min_samples=None, **kwargs):
+    teacher, root = setup
+    suite.fid_min_samples = fid_min_samples or suite.num_features
+    try:
+        return run_evaluation(teacher, n=4, steps=(2, 50), student_steps=(2,), students=["mb2"], suite="sd",
+                              sd_metrics=suite, adapters_root=root, out_dir=out, **kwargs)
+    finally:
+        suite.fid_min_samples = suite.num_features
+
+
+def test_sd_suite_with_offline_stand_ins(setup, sd_suite, tmp_path):
+    """The SD1.5 path (course prompts; CLIP, FID-SD, LPIPS) on the tiny pipeline with stand-in metric models;
+    4 samples: the FID is refused (2048 needed), and computed once a test lowers the minimum to 4."""
+    from cdlab.prompts import COURSE_PROMPTS
+
+    calls = []
+    res = _sd_eval(setup, sd_suite, tmp_path / "sd", progress=lambda f, m: calls.append(m))
+    assert res["suite"] == "sd" and res["prompt_source"] == "the course's 8 prompts"
     assert [(r["method"], r["steps"]) for r in res["rows"]] == [(evaluate.TEACHER_METHOD, 2),
                                                                  (evaluate.TEACHER_METHOD, 50), ("mb2", 2)]
+    # The stand-ins got the generated images at 32 px; FID's resized them to Inception's 299.
+    assert sd_suite.fid_feature.seen[-1] == (4, 3, 32, 32) and sd_suite.fid_feature.resized == (4, 3, 299, 299)
     ref = res["rows"][1]
-    assert ref["lpips"] == pytest.approx(0.0, abs=1e-7) and ref["fid_sd"] == pytest.approx(0.0, abs=1e-5)
+    assert ref["lpips"] == pytest.approx(0.0, abs=1e-7)
     for r in (res["rows"][0], res["rows"][2]):
-        assert r["lpips"] > 0 and r["fid_sd"] > 0 and r["clip_score"] >= 0
-    assert "FID-SD" in (tmp_path / "sd" / "table.md").read_text()
-    assert "mb2" in (tmp_path / "sd" / "table.md").read_text()
+        assert r["lpips"] > 0 and r["clip_score"] >= 0
+    # FID from 4 samples of 2048 features is refused, saying why, in the rows, the table and results.json.
+    assert "FID-SD needs 2048" in calls[0]
+    note = ("FID-SD needs at least 2048 samples (prompts); this run had 4. "
+            "Run with --n 2048 or more (--prompts FILE with a caption list).")
+    assert res["fid_min_samples"] == 2048 and res["notes"] == [note]
+    for r in res["rows"]:
+        assert r["fid_sd"] is None and r["fid_sd_note"] == "n/a (4 < 2048 samples)"
+        assert r["fid_sd_samples"] == 4 and r["fid_sd_min_samples"] == 2048
+    table = (tmp_path / "sd" / "table.md").read_text()
+    assert "| mb2 | 2 | 2 | " in table and "FID-SD" in table
+    assert table.count("| n/a (4 < 2048 samples) |") == 3
+    assert table.rstrip().endswith(note)
+    saved = json.loads((tmp_path / "sd" / "results.json").read_text())
+    assert saved["rows"][0]["fid_sd"] is None and saved["rows"][0]["fid_sd_note"] == "n/a (4 < 2048 samples)"
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))  # strict JSON: null, not NaN
+
+    # The minimum lowered to the run's 4 samples: FID-SD is a finite number in every cell.
+    low = _sd_eval(setup, sd_suite, tmp_path / "sd-low", fid_min_samples=4)
+    assert low["notes"] == [] and low["fid_min_samples"] == 4
+    lref = low["rows"][1]
+    assert lref["fid_sd"] == pytest.approx(0.0, abs=1e-5) and "fid_sd_note" not in lref
+    for r in (low["rows"][0], low["rows"][2]):
+        assert r["fid_sd"] > 0 and r["fid_sd"] < float("inf")
+        assert r["clip_score"] == pytest.approx(next(x for x in res["rows"] if x["method"] == r["method"]
+                                                     and x["steps"] == r["steps"])["clip_score"], rel=1e-5)
+    ltable = (tmp_path / "sd-low" / "table.md").read_text()
+    assert "n/a" not in ltable and "needs at least" not in ltable
+    assert f"| {low['rows'][2]['fid_sd']:.2f} |" in ltable
     assert COURSE_PROMPTS[0] == "A sad puppy with large eyes."
 
 
@@ -238,3 +280,175 @@ def test_prompts_from_coco_metadata(tmp_path):
     with pytest.raises(ValueError, match="no caption field"):
         coco_captions(meta)
     assert len(COURSE_PROMPTS) == 8 and course_prompts(10)[8] == COURSE_PROMPTS[0]
+
+
+# ----------------------------------------------------------------------------- --prompts FILE
+
+def _write_prompt_files(d: Path) -> dict[str, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    txt = d / "captions.txt"
+    txt.write_bytes("# COCO val captions\r\n\r\nA cat on a sofa.\r\n  A dog in the snow.  \r\n\r\n"
+                    "# a comment\r\nA red bus, parked.\r\n".encode("utf-8"))
+    js = d / "captions.json"
+    js.write_text(json.dumps(["A cat on a sofa.", "A dog in the snow.", "A red bus, parked."]))
+    jsonl = d / "metadata.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"file_name": f"{i}.jpg", "text": t})
+                               for i, t in enumerate(["A cat on a sofa.", "A dog in the snow.", "A red bus, parked."])))
+    return {"txt": txt, "json": js, "jsonl": jsonl}
+
+
+def test_read_prompts_takes_txt_json_and_metadata_jsonl_first_n(tmp_path):
+    files = _write_prompt_files(tmp_path)
+    expect = ["A cat on a sofa.", "A dog in the snow.", "A red bus, parked."]
+    for f in files.values():
+        assert evaluate.read_prompts(f) == expect
+        assert evaluate.read_prompts(f, 2) == expect[:2]
+    assert evaluate.read_prompts(tmp_path) == expect  # a folder holding metadata.jsonl, as --metadata took
+    assert evaluate.check_prompts(("  a  ", "b")) == ["a", "b"]
+
+
+@pytest.mark.parametrize("name, content, n, message", [
+    ("missing.txt", None, None, "no such file"),
+    ("only_comments.txt", "# nothing\n\n   \n", None, "holds no captions"),
+    ("empty.json", "[]", None, "holds no captions"),
+    ("dict.json", '{"text": "a cat"}', None, "must hold a JSON list of caption strings, got a dict"),
+    ("numbers.json", '["a cat", 5]', None, r"numbers.json\[1\]: a caption must be a string, got int"),
+    ("blank.json", '["a cat", "  "]', None, r"blank.json\[1\]: empty caption"),
+    ("broken.json", '["a cat",', None, "is not valid JSON"),
+    ("tab.txt", "a cat\nA dog\tin the snow\n", None, r"tab.txt:2: caption has a control character \(U\+0009\)"),
+    ("bell.json", '["a \\u0007 cat"]', None, r"control character \(U\+0007\)"),
+    ("long.txt", "x" * 1001 + "\n", None, "caption of 1001 characters \\(at most 1000\\)"),
+    ("few.txt", "a cat\na dog\n", 3, "holds 2 captions, fewer than the 3 asked for"),
+    ("captions.csv", "a cat\n", None, "expected a .txt"),
+    ("nofield.jsonl", '{"file_name": "x.jpg"}\n', None, "no caption field"),
+    ("latin1.txt", b"caf\xe9\n", None, "is not UTF-8 text"),
+])
+def test_read_prompts_errors_are_one_line_and_name_the_flag(tmp_path, name, content, n, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(EvaluationError, match=message) as e:
+        evaluate.read_prompts(path, n, what="--prompts")
+    assert str(e.value).startswith("--prompts: ") and "\n" not in str(e.value)
+
+
+def test_cli_prompts_file_error_is_one_line_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not load for a bad --prompts")
+
+    monkeypatch.setattr("cdlab.teachers.load_teacher", no_teacher)
+    (tmp_path / "bad.txt").write_text("a cat\n\x1b[31mred\n")
+    for argv, flag in ((["--prompts", str(tmp_path / "nope.txt")], "--prompts"),
+                       (["--prompts", str(tmp_path / "bad.txt")], "--prompts"),
+                       (["--metadata", str(tmp_path / "nope.jsonl")], "--metadata"),
+                       (["--prompts", str(tmp_path / "bad.txt"), "--metadata", "x"], "--prompts and --metadata")):
+        assert evaluate.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_prompts_file_runs_the_sd_metrics_on_its_first_n(setup, sd_suite, tiny_pipe_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """``python -m cdlab evaluate --prompts FILE --n 3`` (and ``--metadata`` as its alias), with the SD suite's
+    stand-ins put in place of the real metric models."""
+    _, root = setup
+    files = _write_prompt_files(tmp_path / "prompts")
+    real = evaluate.run_evaluation
+    got = []
+
+    def sd_run(teacher, **kwargs):
+        res = real(teacher, suite="sd", sd_metrics=sd_suite, adapters_root=root, write=False, **kwargs)
+        got.append(res)
+        return evaluate.EvaluationResult(res, out_dir=str(tmp_path / "unwritten"))
+
+    monkeypatch.setattr(evaluate, "run_evaluation", sd_run)
+    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 1)  # the 1-step column is the reference: no 50-step run
+    for flag, f in (("--prompts", files["txt"]), ("--metadata", files["jsonl"])):
+        rc = evaluate.main(["--model", tiny_pipe_dir, flag, str(f), "--n", "2", "--steps", "1",
+                            "--student-steps", "1", "--students", "mb4"])
+        assert rc == 0
+        res = got[-1]
+        assert res["n"] == 2 and res["prompt_source"] == f"captions from {f.name}"
+        out = capsys.readouterr().out
+        assert "| n/a (2 < 2048 samples) |" in out and "this run had 2. Run with --n 2048 or more" in out
+    # Without --n: all of the file's captions.
+    assert evaluate.main(["--model", tiny_pipe_dir, "--prompts", str(files["json"]), "--steps", "1",
+                          "--student-steps", "1", "--students", "mb4"]) == 0
+    assert got[-1]["n"] == 3
+
+
+# ----------------------------------------------------------------------------- the teacher after fused students
+
+def _base_weights(unet) -> dict[str, torch.Tensor]:
+    """The UNet's non-LoRA tensors under their plain names (peft renames a wrapped ``x.weight`` to
+    ``x.base_layer.weight``), copied."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+
+
+def _changed(before: dict, unet) -> list[str]:
+    after = _base_weights(unet)
+    assert after.keys() == before.keys()
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_path, monkeypatch):
+    """Each student is fused while its columns sample; on an fp16 pipeline a fuse + unfuse rounds the base
+    weights, so `fused_student` restores them from a copy: every non-LoRA tensor is equal after."""
+    from cdlab.students import StudentError, load_student
+    from cdlab.students.activation import fused_student
+    from cdlab.teachers import load_teacher
+    from cdlab.ui.testing import make_random_students
+
+    teacher = load_teacher(tiny_pipe_dir, device="cpu", dtype=torch.float16)
+    pipe = teacher.pipe
+    names = make_random_students(teacher.base_id, tmp_path / "adapters", n=2)
+    before = _base_weights(teacher.unet)
+    # The 1-step teacher column is the reference, so no 50-step run in fp16 on the CPU (slow there).
+    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 1)
+    # One batch: the teacher column, then each student fused in turn (the switch unfuses and restores the first).
+    res = run_evaluation(teacher, n=2, steps=(1,), student_steps=(1,), adapters_root=tmp_path / "adapters",
+                         write=False)
+    assert [r["method"] for r in res["rows"]] == [evaluate.TEACHER_METHOD, *names]
+    assert all(r["agreement_error"] > 0 for r in res["rows"][1:])  # the students did sample (fused)
+    assert set(pipe.unet.peft_config) == set(names)
+    assert _changed(before, teacher.unet) == []
+    assert not pipe._merged_adapters and not any(m.merged for m in _lora_layers(pipe.unet))
+
+    # A student column that fails mid-evaluation (fused at that moment) leaves the teacher as it was too.
+    def failing(*args, **kwargs):
+        assert pipe._merged_adapters == {names[0]}
+        raise RuntimeError("student sampler failed")
+
+    monkeypatch.setattr(evaluate, "_run_student", failing)
+    with pytest.raises(RuntimeError, match="student sampler failed"):
+        run_evaluation(teacher, n=1, steps=(1,), student_steps=(1,), students=[names[0]],
+                       adapters_root=tmp_path / "adapters", write=False)
+    assert _changed(before, teacher.unet) == [] and not pipe._merged_adapters
+
+    # An error inside the block: unfused and restored all the same.
+    load_student(pipe, names[0], root=tmp_path / "adapters", base_model=teacher.base_id)
+    with pytest.raises(RuntimeError, match="mid-column"):
+        with torch.inference_mode(), fused_student(pipe, names[0]) as fused:
+            assert fused > 0 and _changed(before, teacher.unet)  # fused: the weights do move
+            raise RuntimeError("mid-column")
+    assert _changed(before, teacher.unet) == [] and not any(m.merged for m in _lora_layers(pipe.unet))
+    with pytest.raises(StudentError, match="not loaded"):
+        with fused_student(pipe, "nobody"):
+            pass
+    pipe.fuse_lora(components=["unet"], adapter_names=[names[1]])
+    with pytest.raises(StudentError, match=r"already fused into the UNet"):
+        with fused_student(pipe, names[0]):
+            pass
+
+    # The sanity check that this test can fail: a raw fp16 fuse + unfuse does drift the base weights.
+    pipe.unfuse_lora(components=["unet"])
+    drifted = _changed(before, teacher.unet)
+    assert drifted, "fp16 fuse_lora + unfuse_lora left every base weight bit-identical on this machine"
+
+
+def _lora_layers(unet) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]

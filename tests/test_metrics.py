@@ -1,5 +1,10 @@
 """cdlab.metrics: the SD1.5 metrics run through torchmetrics' code with small local stand-in models,
-checked against the formulas they implement."""
+checked against the formulas they implement.
+
+The stand-ins of the SD suite take what the real models take: CLIP at 224x224 pixels (its image
+processor's resize and centre crop) and 77 tokens, an FID extractor that quantises to 8 bits and resizes
+to 299x299 like torch-fidelity's InceptionV3 and returns its 2048 pool3-wide features, LPIPS on the
+images as given. ``TinyFeatures`` (16 features) is kept for the Fréchet formula check alone."""
 from __future__ import annotations
 
 import pytest
@@ -26,40 +31,88 @@ class TinyFeatures(nn.Module):
         return self.net(x)
 
 
+class InceptionSizedFeatures(nn.Module):
+    """FID's stand-in at InceptionV3's sizes: images in [0, 1] at any size are quantised to 8 bits and
+    resized bilinearly to 299x299, then scaled to [-1, 1] (what torch-fidelity's FeatureExtractorInceptionV3
+    does to its uint8 input), and come out ``[B, 2048]``, pool3's width.
+
+    Only the first ``VARYING`` of the 2048 features vary (a small random conv net's); the others are 0.
+    The FID state and formula are the real ones (2048x2048 covariances), and LAPACK's balancing deflates
+    the zero rows and columns, so the 2048x2048 eigenvalue solve of torchmetrics' FID takes about a
+    second on two CPU cores instead of 30-100 s with 2048 varying features.
+    """
+
+    num_features = 2048
+    VARYING = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 13, 13), nn.Tanh(), nn.Conv2d(16, self.VARYING, 3, 2, 1), nn.Tanh(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.seen: list[tuple[int, ...]] = []   # the shapes it was given
+        self.resized: tuple[int, ...] | None = None
+
+    def forward(self, images):
+        assert images.dtype == torch.float32 and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+        self.seen.append(tuple(images.shape))
+        x = (images * 255).round()
+        x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        self.resized = tuple(x.shape)
+        f = self.net((x - 128) / 128)
+        return torch.cat([f, f.new_zeros(f.shape[0], self.num_features - self.VARYING)], dim=1)
+
+
 class TinyPyramid(nn.Module):
+    """LPIPS' feature pyramid stand-in; it takes the images as given (it records their shapes)."""
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(1)
         self.a = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU())
         self.b = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.seen: list[tuple[int, ...]] = []
 
     def forward(self, x):
+        self.seen.append(tuple(x.shape))
         fa = self.a(x)
         return [fa, self.b(fa)]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    """A random tiny CLIPModel + CLIPProcessor saved with save_pretrained (the layout of openai/clip-*)."""
+CLIP_IMAGE_SIZE = 224   # openai/clip-vit-large-patch14's processor: resize and centre-crop to 224
+CLIP_TEXT_TOKENS = 77   # and its text model's positions
+
+
+def clip_stand_in(tokenizer_dir: str):
+    """A random tiny CLIPModel and its CLIPProcessor at the real model's input sizes: 224x224 pixels and
+    77-token text, with the CLIP BPE tokenizer saved in ``tokenizer_dir``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=CLIP_TEXT_TOKENS)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=CLIP_TEXT_TOKENS,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=CLIP_IMAGE_SIZE, patch_size=32),
+        projection_dim=16,
+    )
+    size = CLIP_IMAGE_SIZE
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                            crop_size={"height": size, "width": size}), tokenizer=tok)
+    return CLIPModel(config), proc
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> str:
+    """`clip_stand_in` saved with save_pretrained (the layout of openai/clip-*)."""
     from cdlab.tiny.architecture import write_tokenizer
 
     d = tmp_path_factory.mktemp("tiny-clip")
     write_tokenizer(str(d / "tok"))
-    tok = CLIPTokenizer.from_pretrained(str(d / "tok"))
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(str(d / "clip"))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    model, proc = clip_stand_in(str(d / "tok"))
+    model.save_pretrained(str(d / "clip"))
     proc.save_pretrained(str(d / "clip"))
     return str(d / "clip")
 
@@ -112,8 +165,10 @@ def test_clip_score_matches_cosine_of_clip_features(clip_dir):
     model, proc = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
     with torch.no_grad():
         pix = proc(images=[im for im in (images * 255).round().to(torch.uint8)], return_tensors="pt")["pixel_values"]
+        assert pix.shape == (3, 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)  # 32 px images, seen at CLIP's 224
         fi = model.get_image_features(pixel_values=pix)
         tx = proc(text=prompts, return_tensors="pt", padding=True)
+        assert proc.tokenizer.model_max_length == model.config.text_config.max_position_embeddings == 77
         ft = model.get_text_features(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"])
     fi = getattr(fi, "pooler_output", fi)
     ft = getattr(ft, "pooler_output", ft)
@@ -185,16 +240,25 @@ def test_lpips_rejects_out_of_range_images():
 
 # ----------------------------------------------------------------------------- the SD suite
 
+def _suite(clip_dir, **kwargs):
+    return metrics.SDMetrics(clip_model=clip_dir, fid_feature=InceptionSizedFeatures(),
+                             lpips_net=metrics.LPIPSNet(TinyPyramid(), (8, 12)), device="cpu", **kwargs)
+
+
 def test_sd_metrics_columns_accumulate_over_batches(clip_dir):
-    suite = metrics.SDMetrics(clip_model=clip_dir, fid_feature=TinyFeatures(),
-                              lpips_net=metrics.LPIPSNet(TinyPyramid(), (8, 12)), device="cpu")
+    suite = _suite(clip_dir, fid_min_samples=4)  # lowered from 2048, so 8 images get an FID
     prompts = ["a small red circle in the center on a blue background"] * 8
     ref, imgs = _images(0, n=8), _images(1, n=8, shift=0.1)
     col = suite.column()
     col.update(imgs[:5], prompts[:5], ref[:5])
     col.update(imgs[5:], prompts[5:], ref[5:])
     got = col.compute()
+    # The stand-ins saw what the real models see: FID's at 299x299, LPIPS' at the images' own 32x32.
+    assert suite.fid_feature.seen[0] == (5, 3, 32, 32) and suite.fid_feature.resized == (3, 3, 299, 299)
+    assert set(suite.lpips_net.features.seen) == {(5, 3, 32, 32), (3, 3, 32, 32)}
+    assert got["fid_sd_samples"] == 8 and got["fid_sd_min_samples"] == 4 and "fid_sd_note" not in got
     assert got["lpips"] == pytest.approx(float(metrics.lpips(imgs, ref, net=suite.lpips_net).mean()), rel=1e-5)
+    assert got["fid_sd"] > 0
     assert got["fid_sd"] == pytest.approx(metrics.fid(imgs, ref, feature=suite.fid_feature), rel=1e-4)
     assert got["clip_score"] == pytest.approx(metrics.clip_score(imgs, prompts, metric=suite.clip_metric), rel=1e-4)
     same = suite.column()
@@ -203,3 +267,31 @@ def test_sd_metrics_columns_accumulate_over_batches(clip_dir):
     assert same.compute()["fid_sd"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="prompts"):
         col.update(imgs, prompts[:2], ref)
+
+
+def test_fid_is_refused_below_its_minimum_sample_count(clip_dir):
+    """Fewer samples than InceptionV3's 2048 features: the FID is NaN with the count, not a number."""
+    assert metrics.FID_MIN_SAMPLES == metrics.FID_FEATURES == 2048
+    suite = _suite(clip_dir)
+    assert suite.num_features == 2048 and suite.fid_min_samples == 2048  # the default: the feature width
+    prompts = ["a small red circle in the center on a blue background"] * 8
+    ref, imgs = _images(0, n=8), _images(1, n=8, shift=0.1)
+    col = suite.column()
+    col.update(imgs, prompts, ref)
+    got = col.compute()
+    assert got["fid_sd"] != got["fid_sd"]  # NaN
+    assert got["fid_sd_samples"] == 8 and got["fid_sd_min_samples"] == 2048
+    assert got["fid_sd_note"] == "n/a (8 < 2048 samples)" == metrics.fid_refusal(8, 2048)
+    assert got["clip_score"] >= 0 and got["lpips"] > 0  # the other metrics are reported at any n
+    assert metrics.fid_refusal(2048, 2048) is None
+    # At exactly the minimum it is a number.
+    suite.fid_min_samples = 8
+    assert col.compute()["fid_sd"] > 0
+    suite.fid_min_samples = 9
+    assert col.compute()["fid_sd_note"] == "n/a (8 < 9 samples)"
+
+
+@pytest.mark.parametrize("bad", [1, 0, -5, 2.5, True, "8"])
+def test_fid_min_samples_must_be_an_integer_of_at_least_two(bad):
+    with pytest.raises(ValueError, match="fid_min_samples"):
+        metrics.SDMetrics(clip_model="unused", fid_feature=InceptionSizedFeatures(), fid_min_samples=bad)

@@ -1,9 +1,11 @@
 """Students on a pipeline: loading them as named peft adapters on ONE UNet, and switching between them.
 
 ``load_student`` adds adapter ``<name>``, ``activate_student(pipe, name)`` switches to it,
-``activate_student(pipe, None)`` gives back the plain teacher. Switching reloads nothing; a student is
-read again only when its weights file changed on disk (retrained, or another root): each adapter's
-file fingerprint (path, ``st_mtime_ns``, ``st_size``, inode) is recorded on the UNet when it loads.
+``activate_student(pipe, None)`` gives back the plain teacher, and ``with fused_student(pipe, name):``
+fuses a student into the UNet for a block, then restores the teacher's base weights bit for bit.
+Switching reloads nothing; a student is read again only when its weights file changed on disk
+(retrained, or another root): each adapter's file fingerprint (path, ``st_mtime_ns``, ``st_size``,
+inode) is recorded on the UNet when it loads.
 
 Adapters are always created as normal tensors, even when the caller samples under
 ``torch.inference_mode()`` (the app does): an inference-mode LoRA would make peft's
@@ -16,7 +18,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cdlab.students.card import StudentCard, StudentError
 from cdlab.students.lora import WEIGHT_NAME, _unwrap
@@ -194,3 +196,68 @@ def activate_student(pipe: Any, name: str | None, weight: float = 1.0) -> None:
             if "inference tensor" not in str(e) or not _normal_lora_params(pipe):
                 raise
             switch()
+
+
+@contextlib.contextmanager
+def fused_student(pipe: Any, name: str, lora_scale: float = 1.0) -> Iterator[int]:
+    """Fuse student ``name`` into the UNet's base weights for the ``with`` block, and give the base back
+    bit for bit afterwards.
+
+    ``pipe.fuse_lora`` adds the LoRA delta into each wrapped layer's base weight and ``unfuse_lora``
+    subtracts it again; in float16/bfloat16, ``(W + dW) - dW`` rounds, so a plain fuse + unfuse drifts the
+    teacher that every other column and student shares. Here the base parameters (``weight``, ``bias``)
+    of every LoRA layer that carries adapter ``name`` are copied first; on exit, normal or by an
+    exception, the adapter is unfused and the copies are written back, so the base is exactly what it
+    was whatever the dtype. The copies live on the weights' device: about the size of the wrapped layers.
+
+    Fusing does not change which adapter is active; call `activate_student` for that (a fused layer
+    runs only its base layer, so fusing the active student is the fast path of the same model).
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or a cdlab ``Teacher``.
+        name (`str`): a loaded adapter (`load_student`, `load_external_student`).
+        lora_scale (`float`): the scale the delta is fused at (``pipe.fuse_lora``'s ``lora_scale``).
+
+    Yields:
+        `int`: how many LoRA layers were fused.
+
+    Raises:
+        StudentError: ``name`` is not loaded, or some adapter is already fused into the UNet (its base
+            weights are then not the teacher's, so there is nothing exact to restore).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe, _ = _pipe_and_base(pipe, None)
+    loaded = _loaded(pipe)
+    if name not in loaded:
+        raise StudentError(
+            f"student {name!r} is not loaded on this pipeline (loaded: {sorted(loaded) or 'none'}); "
+            "call load_student or load_external_student first")
+    layers = [m for m in _unwrap(pipe.unet).modules() if isinstance(m, BaseTunerLayer)]
+    merged = sorted({a for m in layers for a in m.merged_adapters})
+    if merged:
+        raise StudentError(
+            f"cannot fuse student {name!r}: adapter(s) {merged} are already fused into the UNet; "
+            "call pipe.unfuse_lora() first")
+    carrying = [m for m in layers if any(name in getattr(m, attr, {}) for attr in m.adapter_layer_names)]
+    # (the parameter, a view of its current tensor, a copy of its values) for each base parameter.
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for layer in carrying:
+            for p in layer.get_base_layer().parameters(recurse=False):
+                saved.append((p, p.detach(), p.detach().clone()))
+    try:
+        pipe.fuse_lora(components=["unet"], lora_scale=float(lora_scale), adapter_names=[name])
+        yield len(carrying)
+    finally:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already unmerged")
+                pipe.unfuse_lora(components=["unet"])
+        finally:
+            with torch.no_grad():
+                for p, original, copy in saved:
+                    original.copy_(copy)
+                    if p.data_ptr() != original.data_ptr():  # a merge that swapped the tensor (safe fusing)
+                        p.data = original

@@ -41,7 +41,7 @@ class TrainConfig:
     lora_alpha: float | None = None      # None: = rank
     # ---- data
     data: str = "world"                  # "world" | image folder with metadata.jsonl | "hf:NAME" (datasets)
-    data_size: int = 4096                # world: images rendered; folder/hf: at most this many (0 = all)
+    data_size: int | None = None         # profile default (4096; sd15-random: 32). world: images rendered; folder/hf: at most this many (0 = all)
     data_seed: int = 0                   # world captions and jitter
     image_column: str = "image"          # hf datasets columns
     caption_column: str = "text"
@@ -71,7 +71,7 @@ class TrainConfig:
     save_student: bool = True            # write adapters/<student_name> at the end
     overwrite: bool = False              # replace an existing adapters/<student_name> (else refused at start)
     log_every: int = 10                  # metrics.jsonl and status.json cadence (steps)
-    probe_size: int = 16                 # fixed batch (fixed t, noise) whose loss is logged: a smooth curve
+    probe_size: int | None = None        # profile default (16; sd15-random: 2): fixed batch (fixed t, noise) whose loss is logged
     preview_every: int = 250             # 0 = previews off (one is still written at the end if > 0)
     preview_prompts: list[str] | None = None  # profile default: tiny captions / the course's 8 prompts
     checkpoint_every: int = 100
@@ -83,10 +83,15 @@ class TrainConfig:
 
 # Per-teacher defaults for the fields left as None.
 PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=32, batch_size=64, lr=1e-3, lora_rank=16, guidance=5.0, mixed_precision="no"),  # w: teachers.TINY_GUIDANCE
+    "tiny": dict(resolution=32, batch_size=64, lr=1e-3, lora_rank=16, guidance=5.0, mixed_precision="no",  # w: teachers.TINY_GUIDANCE
+                 data_size=4096, probe_size=16),
     # LCM-LoRA's SD1.5 recipe (rank 64, lr 1e-4) with the course's teacher guidance 7.5.
-    "sd15": dict(resolution=512, batch_size=8, lr=1e-4, lora_rank=64, guidance=7.5),
+    "sd15": dict(resolution=512, batch_size=8, lr=1e-4, lora_rank=64, guidance=7.5, data_size=4096, probe_size=16),
 }
+# sd15-random (SD1.5's architecture, random weights) is a smoke test of the SD1.5 path, usually on a CPU: the
+# sd15 profile with a data set and batch that run in a minute (its weights are random: more data teaches nothing).
+SD15_RANDOM_OVERRIDES: dict[str, Any] = dict(batch_size=2, data_size=32, probe_size=2)
+SD15_RANDOM_PREVIEWS = 2  # preview prompts
 
 
 def profile_name(model: str, resolution: int | None = None) -> str:
@@ -113,6 +118,8 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
     cfg = dataclasses.replace(cfg)
     prof = profile_name(cfg.model, teacher_resolution)
     defaults = dict(PROFILES[prof])
+    if cfg.model == "sd15-random":
+        defaults.update(SD15_RANDOM_OVERRIDES)
     if teacher_resolution:  # the teacher's native size (sd15-random: whatever it was built at)
         defaults["resolution"] = teacher_resolution
     for key, value in defaults.items():
@@ -127,7 +134,7 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
     if cfg.lora_alpha is None:
         cfg.lora_alpha = float(cfg.lora_rank)
     if cfg.preview_prompts is None:
-        cfg.preview_prompts = default_preview_prompts(prof)
+        cfg.preview_prompts = default_preview_prompts(prof, SD15_RANDOM_PREVIEWS if cfg.model == "sd15-random" else 8)
     if not cfg.student_name:
         cfg.student_name, auto = default_student_name(cfg), True
     else:
