@@ -1,6 +1,6 @@
 """Train the embedded tiny teacher from a seed and save it where ``load_teacher("tiny")`` finds it.
 
-    python -m cdlab build-teacher                       # full recipe (the shipped weights)
+    python -m cdlab build-teacher --overwrite           # full recipe (the shipped weights), replacing them
     python -m cdlab build-teacher --unet_steps 200 --out /tmp/t   # a quick smoke run
 
 Two stages, as Stable Diffusion was built:
@@ -54,6 +54,7 @@ class TeacherConfig:
     decoder_lr: float = 5e-4
     stages: str = "vae,unet,decoder"  # "decoder" alone fine-tunes the decoder of an existing --out
     out: str = str(DEFAULT_OUT)
+    overwrite: bool = False         # replace an existing --out (the shipped teacher is one): refused without it
     log_every: int = 100
 
 
@@ -268,8 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TeacherConfig()
     ap = argparse.ArgumentParser(prog="python -m cdlab build-teacher", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(cfg):
-        ap.add_argument(f"--{f.name}", type=type(getattr(cfg, f.name)), default=getattr(cfg, f.name))
+        if f.type in (bool, "bool"):
+            ap.add_argument(f"--{f.name}", action="store_true")
+        else:
+            ap.add_argument(f"--{f.name}", type=type(getattr(cfg, f.name)), default=getattr(cfg, f.name))
     cfg = TeacherConfig(**vars(ap.parse_args(argv)))
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:  # nothing lost by default: the shipped teacher lives at the default --out
+        print(f"error: --out {out} already exists; pass --overwrite to replace it, or another --out", flush=True)
+        return 2
 
     import torch
 
@@ -277,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
     t_start = time.time()
 
     def log(msg: str) -> None:
