@@ -147,14 +147,14 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         return v.table_md, T.read_image(v.plot), f"`{v.name}` · {v.summary}"
 
     def refresh_evals():
-        names = E.list_evaluations(evals_dir)
+        names = E.evaluation_choices(evals_dir)
         return gr.Dropdown(choices=names, value=names[0] if names else None)
 
     @user_errors
     def do_evaluate(prompts, progress=gr.Progress()):
         n = E.check_prompt_count(prompts, eval_max)
         path = E.run_new_evaluation(teacher, n=n, progress=lambda f, d="": progress(f, desc=d))
-        names = E.list_evaluations(evals_dir)
+        names = E.evaluation_choices(evals_dir)
         return gr.Dropdown(choices=names, value=path.name if path.name in names else (names[0] if names else None))
 
     do_evaluate = H.gpu(do_evaluate, duration=600)
@@ -253,7 +253,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
 
             with gr.Tab("Evaluate", id="evaluate"):
                 with gr.Row():
-                    eval_dd = gr.Dropdown(E.list_evaluations(evals_dir), label="Evaluations (newest first)", scale=4,
+                    eval_dd = gr.Dropdown(E.evaluation_choices(evals_dir), label="Evaluations (newest first)", scale=4,
                                           elem_id="evals")
                     eval_refresh = gr.Button("↻", size="sm", scale=1)
                     eval_n = gr.Number(eval_default, label="Prompts", precision=0, minimum=1, maximum=eval_max,

@@ -314,8 +314,8 @@ def test_evaluations_newest_first_and_table(tmp_path):
             {"teacher": "tiny", "rows": [{"column": "teacher-50", "nfe": 100, "adherence": 0.5}]}))
     (tmp_path / "20250301-000000" / "table.md").write_text("| a |\n|---|\n| 1 |")
     (tmp_path / "20250101-000000" / "quality_vs_nfe.png").write_bytes(b"png")
-    assert E.list_evaluations(tmp_path) == ["20250301-000000", "20250101-000000", E.SHIPPED_EVALUATION]
-    assert E.list_evaluations(tmp_path, shipped=none) == ["20250301-000000", "20250101-000000"]
+    assert E.evaluation_choices(tmp_path) == ["20250301-000000", "20250101-000000", E.SHIPPED_EVALUATION]
+    assert E.evaluation_choices(tmp_path, shipped=none) == ["20250301-000000", "20250101-000000"]
     v = E.load_view(tmp_path)
     assert v.name == "20250301-000000" and v.table_md.startswith("| a |") and v.plot is None
     old = E.load_view(tmp_path, "20250101-000000")

@@ -37,14 +37,12 @@ def _is_evaluation(d: Path) -> bool:
     return d.is_dir() and ((d / "results.json").exists() or (d / "table.md").exists())
 
 
-def list_evaluations(evals_dir: Path, shipped: Path | None = None) -> list[str]:
-    """Evaluation names for the page, newest first (timestamps sort as strings; mtime breaks ties), then the
-    shipped one (``shipped``, default docs/evaluation) so a fresh clone opens on a real table."""
-    evals_dir = Path(evals_dir)
-    found = []
-    if evals_dir.is_dir():
-        found = [d for d in evals_dir.iterdir() if not d.name.startswith(".") and _is_evaluation(d)]
-    names = [d.name for d in sorted(found, key=lambda d: (d.name, d.stat().st_mtime), reverse=True)]
+def evaluation_choices(evals_dir: Path, shipped: Path | None = None) -> list[str]:
+    """The Evaluate tab's dropdown: `cdlab.evaluate.list_evaluations` names (newest first), then the shipped
+    one (``shipped``, default docs/evaluation) so a fresh clone opens on a real table."""
+    from cdlab.evaluate import list_evaluations
+
+    names = [e["name"] for e in list_evaluations(evals_dir) if not e["name"].startswith(".")]
     shipped = shipped_evaluation_dir() if shipped is None else shipped
     if shipped and _is_evaluation(Path(shipped)):
         names.append(SHIPPED_EVALUATION)
@@ -53,7 +51,7 @@ def list_evaluations(evals_dir: Path, shipped: Path | None = None) -> list[str]:
 
 def load_view(evals_dir: Path, name: str | None = None, shipped: Path | None = None) -> EvalView | None:
     """The evaluation ``name`` (default: the newest), or None when there is none."""
-    names = list_evaluations(evals_dir, shipped)
+    names = evaluation_choices(evals_dir, shipped)
     if not names:
         return None
     if name is None:
