@@ -75,6 +75,7 @@ class JobManager:
         self.cwd = Path(cwd) if cwd else _repo_root()
         self._job: Job | None = None
         self._lock = threading.Lock()
+        self._finalise_lock = threading.Lock()  # the exit watcher, the stop watcher and _reap may all finalise
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -255,7 +256,12 @@ class JobManager:
             self._finalise(j)
 
     def _finalise(self, j: Job) -> None:
-        """After the process ended: make sure status.json holds a final state."""
+        """After the process ended: make sure status.json holds a final state. Serialised: several threads
+        see the same exit (one once raced another's rename of the temporary file)."""
+        with self._finalise_lock:
+            self._finalise_locked(j)
+
+    def _finalise_locked(self, j: Job) -> None:
         path = j.run_dir / "status.json"
         status = runs_mod.read_json(path) or {}
         if status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1:
@@ -273,7 +279,7 @@ class JobManager:
             state, msg = "failed", f"the trainer exited with code {rc}" + (
                 " (killed: out of memory?)" if rc in (-9, 137) else "")
         status.update(state=state, message=msg, updated=time.time(), pid=j.proc.pid)
-        tmp = path.with_suffix(".json.ui-tmp")
+        tmp = path.with_name(f".status.json.ui-tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(status))
         os.replace(tmp, path)
 
