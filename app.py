@@ -21,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from cdlab.ui import compare as C
+from cdlab.ui import compare_view as V
 from cdlab.ui import evaluate_tab as E
 from cdlab.ui import hosting as H
 from cdlab.ui import session as S
@@ -28,7 +29,7 @@ from cdlab.ui import train_tab as T
 from cdlab.ui.jobs import JobError, JobManager, new_owner_token
 
 log = logging.getLogger("cdlab.app")
-CSS = ".cdlab-header {font-size: 0.95em} #compare-gallery img {image-rendering: pixelated}"
+CSS = ".cdlab-header {font-size: 0.95em} #compare-gallery img {image-rendering: pixelated}" + V.CSS
 USER_ERRORS = (ValueError, JobError, FileNotFoundError, KeyError)  # InputError, StudentError: ValueErrors
 
 
@@ -66,7 +67,7 @@ def named_errors(*components):
 
 def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     runs_dir, adapters_dir, evals_dir = H.runs_dir(), H.adapters_dir(), H.evals_dir()
-    comparer = C.Comparer(teacher, adapters_root=adapters_dir)
+    comparer = C.Comparer(teacher, adapters_root=adapters_dir, batching=H.batching_allowed())
     jobs = JobManager(runs_dir, model=model_arg)
     presets = C.prompt_presets(teacher)
     fields = T.form_fields(model_arg, teacher.resolution)
@@ -75,19 +76,26 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     eval_default, eval_max = H.eval_prompt_limits(share)
 
     @user_errors
-    def do_compare(prompt, seed, guidance, steps, columns, show_traj, progress=gr.Progress()):
-        res = comparer.run(prompt, seed, guidance, steps, columns, bool(show_traj),
+    def do_compare(prompt, seed, guidance, steps, columns, show_trajectory, progress=gr.Progress()):
+        """Sample the ticked columns from one noise and one prompt; returns the columns (HTML, one row), their
+        images with captions, the timings table, the aligned trajectory grid (HTML), the PNG and a summary."""
+        res = comparer.run(prompt, seed, guidance, steps, columns, bool(show_trajectory),
                            progress=lambda f, d: progress(f, desc=d))
         for w in res.warnings:
             gr.Warning(w)
-        gallery = [(C.upscale(c.image), c.caption()) for c in res.columns]
-        strips = [(C.trajectory_strip(c.trajectory, c.trajectory_steps), f"x0 after each step: {c.label}")
-                  for c in res.columns if c.trajectory]
+        images = [(c.image, c.caption()) for c in res.columns]
+        traj = V.trajectory_html(res)
         path = Path(tempfile.mkdtemp(prefix="cdlab-compare-")) / f"compare_seed{res.seed}.png"
         res.compose().save(path)
+        shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
         info = (f"{len(res.columns)} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, "
-                "one initial noise")
-        return gallery, res.table(), gr.Gallery(value=strips, visible=bool(strips)), str(path), info
+                f"one initial noise{shared}")
+        return (V.columns_html(res), images, res.table(), gr.HTML(traj, visible=bool(traj)), str(path), info)
+
+    def prompt_notice(prompt):
+        text, nearest = comparer.prompt_notice(prompt)
+        return (gr.Markdown(f"⚠ {text}" if text else "", visible=bool(text)),
+                gr.Button(visible=bool(nearest)), nearest or "")
 
     do_compare = H.gpu(do_compare, duration=120)
 
@@ -184,21 +192,31 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 with gr.Row():
                     show_traj = gr.Checkbox(label="Show trajectory (x0 prediction after each step)")
                     run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+                with gr.Row():
+                    notice = gr.Markdown(visible=False, elem_id="prompt-notice")
+                    use_nearest = gr.Button("use the nearest caption", size="sm", visible=False, scale=0,
+                                            elem_id="use-nearest")
+                nearest = gr.State("")
+                gr.Markdown(V.LEGEND, elem_id="compare-legend", elem_classes=["cdlab-header"])
                 info = gr.Markdown(elem_id="compare-info")
-                gallery = gr.Gallery(label="Columns", columns=4, height="auto", elem_id="compare-gallery",
-                                     object_fit="contain")
-                table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
-                                     label="Timings", interactive=False)
-                traj = gr.Gallery(label="Trajectories (x0 after each step)", columns=1, visible=False, height="auto",
-                                  object_fit="contain", elem_id="trajectory-gallery")
+                row = gr.HTML(elem_id="compare-row", padding=False)
+                traj = gr.HTML(visible=False, elem_id="trajectory", padding=False)
+                with gr.Accordion("Images and timings (as the API returns them)", open=False):
+                    gallery = gr.Gallery(label="Columns", height="auto", elem_id="compare-gallery", object_fit="contain")
+                    table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
+                                         label="Timings", interactive=False)
                 download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
                 preset.change(lambda p: p or gr.skip(), preset, prompt, api_visibility="private")
                 rand.click(C.random_seed, None, seed, api_name="random_seed")
                 refresh.click(refresh_columns, None, columns, api_name="refresh_columns")
+                prompt.change(prompt_notice, prompt, [notice, use_nearest, nearest], api_visibility="private")
                 named_errors(prompt, seed, guidance, steps, columns, show_traj)
-                run_btn.click(do_compare, [prompt, seed, guidance, steps, columns, show_traj],
-                              [gallery, table, traj, download, info], api_name="compare",
-                              concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
+                compare_inputs = [prompt, seed, guidance, steps, columns, show_traj]
+                compare_outputs = [row, gallery, table, traj, download, info]
+                compare_kw = dict(concurrency_id=H.COMPARE_CONCURRENCY_ID, concurrency_limit=H.COMPARE_CONCURRENCY_LIMIT)
+                run_btn.click(do_compare, compare_inputs, compare_outputs, api_name="compare", **compare_kw)
+                use_nearest.click(lambda n: n or gr.skip(), nearest, prompt, api_visibility="private").then(
+                    do_compare, compare_inputs, compare_outputs, api_visibility="private", **compare_kw)
 
             with gr.Tab("Train", id="train"):
                 if not training_on:
@@ -272,9 +290,20 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         # Fresh lists on every page load (a student or run that appeared since start shows up), then the
         # page's ready signal: tests and scripts wait for #cdlab-ready, never for network idle.
         def on_load():
-            return refresh_columns(), refresh_runs(), refresh_evals(), S.READY_HTML
+            return refresh_columns(), refresh_runs(), refresh_evals()
 
-        demo.load(on_load, None, [columns, run_dd, eval_dd, ready], api_visibility="private")
+        # The page opens with a result: the default preset compared (its teacher columns cached after the
+        # first visitor), then the ready signal.
+        def on_load_compare(*args):
+            try:
+                return do_compare(*args)
+            except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
+                return ("", [], [], gr.HTML(visible=False), None, "")
+
+        demo.load(on_load, None, [columns, run_dd, eval_dd], api_visibility="private").then(
+            prompt_notice, prompt, [notice, use_nearest, nearest], api_visibility="private").then(
+            on_load_compare, compare_inputs, compare_outputs, api_visibility="private", **compare_kw).then(
+            lambda: S.READY_HTML, None, ready, api_visibility="private")
     demo.cdlab_jobs = jobs  # for shutdown
     return demo
 

@@ -38,12 +38,15 @@ class SampleOutput:
     Args:
         latents (`torch.Tensor`): the final sample, in the UNet's (scaled) latent space.
         x0_trajectory (`list[torch.Tensor]`): the x_0 prediction after every step (empty unless asked).
+        xt_trajectory (`list[torch.Tensor]`): the latent x_t each step was evaluated at (empty unless asked);
+            ``xt_trajectory[i]`` and ``x0_trajectory[i]`` belong to ``timesteps[i]``.
         timesteps (`list[int]`): the timesteps at which the network was evaluated.
         nfe (`int`): network evaluations per image; a CFG step counts 2.
     """
 
     latents: torch.Tensor
     x0_trajectory: list[torch.Tensor] = field(default_factory=list)
+    xt_trajectory: list[torch.Tensor] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
     nfe: int = 0
 
@@ -108,7 +111,7 @@ def sample_ddim(
     x_T: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    guidance: float,
+    guidance: float | torch.Tensor,
     timesteps: list[int],
     scheduler: Any,
     *,
@@ -124,18 +127,25 @@ def sample_ddim(
             runs the conditional model only (1 NFE per step). Otherwise cond and uncond go through ONE batched
             UNet call of 2B (uncond first, as in diffusers) and the step counts 2 NFE. Unlike the diffusers
             pipeline, ``guidance < 1`` is honoured (0 = unconditional).
-        guidance (`float`): the CFG scale w.
+        guidance (`float` or `torch.Tensor`): the CFG scale w, or one per example (``[B]``: a batch of
+            requests with their own guidance; CFG runs when any of them is not 1).
         timesteps (`list[int]`): strictly decreasing, e.g. :func:`ddim_timesteps`; the step after the last goes to 0.
         scheduler: the schedule (``alphas_cumprod``).
     """
     ts = _check_timesteps(timesteps, scheduler)
-    use_cfg = uncond is not None and float(guidance) != 1.0
+    if isinstance(guidance, torch.Tensor) and guidance.ndim > 0:
+        use_cfg = uncond is not None and bool((guidance != 1.0).any())
+    else:
+        use_cfg = uncond is not None and float(guidance) != 1.0
     x = x_T
     b = x.shape[0]
     emb = torch.cat([uncond, cond]) if use_cfg else cond
     trajectory: list[torch.Tensor] = []
+    xts: list[torch.Tensor] = []
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else 0
+        if return_trajectory:
+            xts.append(x)
         if use_cfg:
             eps_u, eps_c = unet(torch.cat([x, x]), _tvec(t, 2 * b, x.device), encoder_hidden_states=emb).sample.chunk(2)
             eps = cfg_eps(eps_u, eps_c, guidance)
@@ -149,7 +159,8 @@ def sample_ddim(
             if callback is not None:
                 callback(i, t, x0)
         x = ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), scheduler)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=ts, nfe=len(ts) * (2 if use_cfg else 1))
+    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts, timesteps=ts,
+                        nfe=len(ts) * (2 if use_cfg else 1))
 
 
 @torch.no_grad()
@@ -180,6 +191,7 @@ def sample_consistency(
     x = x_T
     b = x.shape[0]
     trajectory: list[torch.Tensor] = []
+    xts: list[torch.Tensor] = []
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else 0
         tv = _tvec(t, b, x.device)
@@ -187,6 +199,7 @@ def sample_consistency(
         x0 = predict_x0(eps, x, tv, scheduler)
         if return_trajectory:
             trajectory.append(x0)
+            xts.append(x)
         if callback is not None:
             callback(i, t, x0)
         if stochastic:
@@ -198,7 +211,7 @@ def sample_consistency(
                 x = q_sample(x0, _tvec(s, b, x.device), scheduler, noise=noise)
         else:
             x = ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), scheduler)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=ts, nfe=len(ts))
+    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts, timesteps=ts, nfe=len(ts))
 
 
 @torch.no_grad()
@@ -251,8 +264,11 @@ def sample_scheduler(
         step_kwargs["generator"] = generator
     x = x_T * scheduler.init_noise_sigma
     trajectory: list[torch.Tensor] = []
+    xts: list[torch.Tensor] = []
     nfe = 0
     for t in scheduler.timesteps:
+        if return_trajectory:
+            xts.append(x)
         xin = scheduler.scale_model_input(x, t)
         if use_cfg:
             eps_u, eps_c = unet(torch.cat([xin, xin]), t, encoder_hidden_states=emb).sample.chunk(2)
@@ -270,7 +286,8 @@ def sample_scheduler(
             if x0 is None:
                 x0 = predict_x0(eps, xin, _tvec(int(round(float(t))), xin.shape[0], xin.device), scheduler)
             trajectory.append(x0)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, timesteps=[int(t) for t in scheduler.timesteps], nfe=nfe)
+    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts,
+                        timesteps=[int(t) for t in scheduler.timesteps], nfe=nfe)
 
 
 def sample_student(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -48,9 +49,14 @@ def test_compare_same_noise_nfe_and_speedup(setup):
     assert all(c.image.size == (teacher.resolution, teacher.resolution) for c in res.columns)
     assert res.columns[0].speedup == pytest.approx(1.0)
     assert all(c.speedup > 1 and not c.speedup_estimated for c in res.columns[1:])
-    # trajectories: teacher-50 subsampled to 10 frames ending at step 50; students one frame per step
-    assert res.columns[0].trajectory_steps[-1] == 50 and len(res.columns[0].trajectory) == C.MAX_TRAJECTORY_FRAMES
-    assert [len(c.trajectory) for c in res.columns[1:]] == [4, 2, 2]
+    # trajectories on one grid: the naive teacher's 4 steps set it (999, 750, 500, 250); teacher-50 shows its
+    # step nearest each; the 2-step students fill the cells of their own timesteps (999, 500) only
+    assert res.grid == [999, 750, 500, 250]
+    assert res.columns[0].trajectory_timesteps == [999, 759, 499, 259]
+    assert res.columns[1].trajectory_timesteps == [999, 749, 499, 249]
+    assert [c.trajectory_timesteps for c in res.columns[2:]] == [[999, None, 500, None]] * 2
+    assert all(len(c.trajectory) == len(c.trajectory_xt) == 4 for c in res.columns)
+    assert res.columns[2].trajectory[1] is None and res.columns[2].trajectory[0].size == res.columns[2].image.size
     # the teacher-4 column is exactly the sampler run on seed 7's noise: same noise for every column
     with torch.inference_mode():
         cond, uncond = teacher.encode([PROMPT])
@@ -63,6 +69,11 @@ def test_compare_same_noise_nfe_and_speedup(setup):
     assert [r[0] for r in table][:2] == [C.TEACHER_50, C.TEACHER_4] and [r[2] for r in table] == [100, 8, 2, 2]
     png = res.compose()
     assert png.width >= 4 * 256 and png.height > 256 + 100  # header, cells, captions, strips
+    from cdlab.ui.compare_view import columns_html, trajectory_html
+
+    row, grid = columns_html(res), trajectory_html(res)
+    assert row.count("<figure") == 4 and "NFE 100" in row and "speed-up vs teacher-50" in row
+    assert grid.count("<tr>") == 1 + 4 and "t = 750" in grid and grid.count("no step here") == 4
 
 
 def test_speedup_estimated_without_teacher_50(setup):
@@ -174,3 +185,114 @@ def test_sampling_holds_the_teacher_lock(setup):
         assert not finished  # blocked on the lock
     th.join(30)
     assert finished and len(finished[0].columns) == 1
+
+
+def test_align_to_grid():
+    assert C.align_to_grid([999, 749, 499, 249], [999, 750, 500, 250]) == [0, 1, 2, 3]
+    assert C.align_to_grid([999, 500], [999, 750, 500, 250]) == [0, None, 1, None]
+    from cdlab.samplers import ddim_timesteps
+
+    t50 = ddim_timesteps(50)
+    assert [t50[j] for j in C.align_to_grid(t50, [999, 750, 500, 250])] == [999, 759, 499, 259]
+    assert C.align_to_grid([], [999]) == [None]
+
+
+def test_concurrent_requests_are_batched_and_equal_their_solo_runs(setup):
+    """Requests that arrive while one samples are served together: one batched UNet call per column, and
+    each request's images are its solo run's (its own noise, prompt, seed and guidance)."""
+    import threading
+
+    import numpy as np
+
+    teacher, root, _ = setup
+    solo = C.Comparer(teacher, adapters_root=root, batching=False, cache_size=0)
+    cmp = C.Comparer(teacher, adapters_root=root, cache_size=0)
+    cols = solo.column_choices()
+    reqs = [(PROMPT, 3, 3.0), ("a large green cross in the center on a black background", 11, 5.0),
+            ("a small blue square at the top left on a yellow background", 12, 1.0), (PROMPT, 4, 3.0)]
+    want = [solo.run(p, s, g, 2, cols) for p, s, g in reqs]
+    results: dict[int, C.CompareResult] = {}
+    with teacher.lock:  # hold the worker until every request is queued: they form one batch
+        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, cmp.run(*r, 2, cols)))
+                   for i, r in enumerate(reqs)]
+        for th in threads:
+            th.start()
+        deadline = time.time() + 20
+        while len(cmp.batcher._queue) < len(reqs) - 1 and time.time() < deadline:
+            time.sleep(0.05)  # the first request is taken at once and waits for the lock; the rest queue
+    for th in threads:
+        th.join(60)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert max(r.batch for r in results.values()) >= 3 and cmp.batcher.rounds <= 2
+    for i, w in enumerate(want):
+        got = results[i]
+        assert [c.label for c in got.columns] == [c.label for c in w.columns]
+        assert [c.nfe for c in got.columns] == [c.nfe for c in w.columns]  # guidance 1: no CFG, 50 NFE
+        for a, b in zip(got.columns, w.columns):
+            diff = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, a.label, diff.max())
+    assert want[2].columns[0].nfe == 50 and want[0].columns[0].nfe == 100
+
+
+def test_teacher_columns_are_cached_per_prompt_seed_and_guidance(setup):
+    teacher, root, _ = setup
+    cmp = C.Comparer(teacher, adapters_root=root, batching=False)
+    cols = cmp.column_choices()
+    first = cmp.run(PROMPT, 21, 3.0, 4, cols)
+    again = cmp.run(PROMPT, 21, 3.0, 2, cols)  # only the student steps changed
+    assert [c.cached for c in first.columns] == [False] * 4
+    assert [c.cached for c in again.columns] == [True, True, False, False]
+    assert list(again.columns[0].image.getdata()) == list(first.columns[0].image.getdata())
+    assert again.columns[0].seconds == first.columns[0].seconds  # the time it was measured with
+    assert "cached" in again.columns[0].caption()
+    other = cmp.run(PROMPT, 21, 4.0, 4, cols[:1])  # another guidance: sampled again
+    assert not other.columns[0].cached
+    traj = cmp.run(PROMPT, 21, 3.0, 4, cols[:1], show_trajectory=True)  # a cached entry without a trajectory
+    assert not traj.columns[0].cached and traj.columns[0].trajectory
+
+
+def test_students_run_fused_and_leave_the_teacher_untouched(setup):
+    """A student column runs with its LoRA fused (a plain UNet's cost); its image is the unfused student's up to
+    float rounding, and the teacher's base weights are bit for bit what they were."""
+    import numpy as np
+
+    teacher, root, _ = setup
+    base = {k: v.clone() for k, v in teacher.unet.state_dict().items() if "lora" not in k}
+    fused = C.Comparer(teacher, adapters_root=root, batching=False).run(PROMPT, 5, 3.0, 4, ["stu1", C.TEACHER_4])
+    plain = C.Comparer(teacher, adapters_root=root, batching=False, fuse=False, cache_size=0).run(
+        PROMPT, 5, 3.0, 4, ["stu1", C.TEACHER_4])
+    d = np.abs(np.asarray(fused.columns[0].image, dtype=int) - np.asarray(plain.columns[0].image, dtype=int))
+    assert d.max() <= 1
+    assert list(fused.columns[1].image.getdata()) == list(plain.columns[1].image.getdata())
+    after = {k: v for k, v in teacher.unet.state_dict().items() if "lora" not in k}
+    assert all(torch.equal(base[k], after[k]) for k in base)
+
+
+def test_prompt_notice_names_unknown_words_and_offers_the_nearest_caption(setup):
+    _, _, cmp = setup
+    text, nearest = cmp.prompt_notice("a photo of a cat")
+    assert "“photo”" in text and "“cat”" in text and nearest == "a large red circle in the center on a white background"
+    text, nearest = cmp.prompt_notice("a yellow cros at the top right on a blue backgrond")
+    assert nearest == "a large yellow cross at the top right on a blue background" and "caption order" in text
+    assert cmp.prompt_notice(PROMPT) == ("", None)
+    assert cmp.prompt_notice("") == ("", None)
+    from cdlab.world import parse_caption
+
+    for t in ("big red box on grey", "green", "☃ 🐈 \u200b", "x" * 500):
+        _, n = cmp.prompt_notice(t)
+        assert parse_caption(n)  # always a caption of the grammar
+
+
+@pytest.mark.slow
+def test_the_default_preset_shows_naive_sampling_fail():
+    """The page opens on presets[0] at seed 0: the checker reads teacher-50 and every shipped student right and
+    the naive 4-step teacher wrong (what the lab exists to show, at a glance)."""
+    from cdlab.teachers import load_teacher
+    from cdlab.world import check
+
+    teacher = load_teacher("tiny")
+    cmp = C.Comparer(teacher, batching=False)
+    prompt = C.prompt_presets(teacher)[0]
+    res = cmp.run(prompt, 0, teacher.guidance, 4, cmp.column_choices())
+    ok = {c.label: all(check(c.image, prompt).values()) for c in res.columns}
+    assert len(ok) >= 5 and not ok.pop(C.TEACHER_4) and all(ok.values()), ok

@@ -7,6 +7,7 @@ noise are computed once per request.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -20,23 +21,24 @@ STUDENT_STEPS = (1, 2, 4, 8)
 MAX_PROMPT_CHARS = 500
 SEED_MAX = 2**32 - 1
 GUIDANCE_RANGE = (1.0, 20.0)
-MAX_TRAJECTORY_FRAMES = 10
-MAX_COLUMNS = 32  # teacher-50's strip is subsampled to this many x0 predictions
-
-
+MAX_COLUMNS = 32
 
 class InputError(ValueError):
     """A request the app refuses with a message for the user (the server stays up)."""
 
 
 def tiny_prompts(n: int = 8, seed: int = 0) -> list[str]:
-    """A fixed, varied set of tiny-world captions (every shape, both sizes, several positions)."""
+    """A fixed, varied set of tiny-world captions (every shape, both sizes, several positions).
+
+    The first is the page's default: at seed 0 and the teacher's guidance the naive 4-step teacher draws it
+    white on cyan while teacher-50 and every shipped student draw it right (checked by
+    tests/test_ui_compare.py::test_the_default_preset_shows_naive_sampling_fail)."""
     from cdlab.world import Caption, sample_captions
 
     fixed = [
+        Caption("large", "yellow", "triangle", "top right", "gray"),
         Caption("large", "red", "circle", "center", "white"),
         Caption("small", "blue", "square", "top left", "yellow"),
-        Caption("large", "green", "triangle", "bottom right", "black"),
         Caption("small", "yellow", "cross", "top right", "blue"),
     ]
     rest = [c for c in sample_captions(n, seed=seed) if c not in fixed] if n > len(fixed) else []
@@ -71,9 +73,28 @@ class Column:
     student: str | None = None
     card: Any = None
 
+    def method(self) -> str:
+        """What the column is, in words (the caption's first line)."""
+        if self.kind == "teacher":
+            return (f"teacher · DDIM {self.steps} steps" + (f" · CFG {self.guidance:g}" if self.guidance != 1 else "")
+                    + (" (naive)" if self.steps < 50 else ""))
+        m = str(getattr(self.card, "method", "") or "").upper()
+        if self.kind == "external":
+            return f"{self.student} · published LoRA · {getattr(self.card, 'scheduler', '') or 'own scheduler'}"
+        n = getattr(self.card, "num_boundaries", None)
+        return f"student · {m}" + (f" · N={n}" if n else "")
+
 
 @dataclass
 class ColumnResult:
+    """One column's image, numbers and (optionally) its trajectory, aligned to the request's timestep grid.
+
+    ``seconds`` is the wall time of the work that produced the column: when the micro-batcher served
+    ``batch`` requests together, that call made all ``batch`` images, and ``seconds_per_image`` is
+    ``seconds / batch``. A teacher column served from the cache (same prompt, seed and guidance as an
+    earlier request) keeps the time it was measured with and has ``cached=True``.
+    """
+
     label: str
     image: Any  # PIL.Image
     seconds: float
@@ -81,15 +102,43 @@ class ColumnResult:
     steps: int
     speedup: float | None = None
     speedup_estimated: bool = False
-    trajectory: list[Any] = field(default_factory=list)  # PIL images of x0 after each (shown) step
-    trajectory_steps: list[int] = field(default_factory=list)
+    method: str = ""
+    batch: int = 1
+    cached: bool = False
+    timesteps: list[int] = field(default_factory=list)  # where the network was evaluated
+    # The trajectory on the request's grid (`CompareResult.grid`): one entry per grid timestep, None where
+    # this column has no step near it. x0: the prediction at that step; xt: the latent it was made from.
+    trajectory: list[Any] = field(default_factory=list)
+    trajectory_xt: list[Any] = field(default_factory=list)
+    trajectory_timesteps: list[int | None] = field(default_factory=list)  # the column's own timestep per cell
     error: str | None = None  # set when this column could not be produced (its image says why)
 
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, self.batch)
+
+    def speedup_text(self) -> str:
+        return "–" if self.speedup is None else f"{'≈' if self.speedup_estimated else ''}{self.speedup:.1f}×"
+
+    def timing_text(self) -> str:
+        if self.cached:
+            return f"{self.seconds:.2f} s (cached)"
+        if self.batch > 1:
+            return f"{self.seconds:.2f} s for {self.batch} requests at once"
+        return f"{self.seconds:.2f} s"
+
     def caption(self) -> str:
+        """The column's full label in one line (the gallery caption, the API)."""
         if self.error:
             return f"{self.label} · failed: {self.error}"
-        sp = "–" if self.speedup is None else f"{'≈' if self.speedup_estimated else ''}{self.speedup:.1f}x"
-        return f"{self.label} · {self.seconds:.2f} s · NFE {self.nfe} · speedup {sp}"
+        return f"{self.label} · {self.timing_text()} · NFE {self.nfe} · speed-up {self.speedup_text()}"
+
+    def caption_lines(self) -> list[str]:
+        """The column's label in full, line by line (under its image)."""
+        if self.error:
+            return [self.label, f"failed: {self.error}"]
+        return [self.label, self.method, f"{self.steps} steps · NFE {self.nfe}", self.timing_text(),
+                f"speed-up vs teacher-50: {self.speedup_text()}"]
 
 
 @dataclass
@@ -102,6 +151,8 @@ class CompareResult:
     columns: list[ColumnResult]
     warnings: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
+    grid: list[int] = field(default_factory=list)  # the trajectory's timesteps, high to low (empty: none)
+    batch: int = 1  # requests served together with this one (1: alone)
 
     def table(self) -> list[list[Any]]:
         """Rows ``[column, seconds, NFE, speedup]`` for a table."""
@@ -110,12 +161,13 @@ class CompareResult:
             if c.error:
                 rows.append([c.label, None, None, f"failed: {c.error}"])
                 continue
-            sp = "–" if c.speedup is None else f"{'≈' if c.speedup_estimated else ''}{c.speedup:.1f}x"
-            rows.append([c.label, round(c.seconds, 3), c.nfe, sp])
+            rows.append([c.label, round(c.seconds, 3), c.nfe, c.speedup_text()])
         return rows
 
     def compose(self, cell: int = 256, with_trajectory: bool | None = None):
         """The whole comparison as one captioned PIL image (the "Download" PNG)."""
+        from cdlab.ui.compare_view import compose_comparison
+
         return compose_comparison(self, cell=cell, with_trajectory=with_trajectory)
 
 
@@ -153,21 +205,102 @@ def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) 
     return prompt, int(seed_f), g, steps
 
 
+def trajectory_grid(student_steps: int, columns: list[Column]) -> list[int]:
+    """The timesteps a trajectory is shown at: the students' own (``consistency_timesteps(k, k)``: 999, 750,
+    500, 250 for 4 steps), and at least the naive teacher's 4 when that column is shown, so every step of
+    every few-step column has its cell."""
+    from cdlab.samplers import consistency_timesteps
+
+    k = max([student_steps] + [c.steps for c in columns if c.kind == "teacher" and c.steps < 50])
+    return consistency_timesteps(k, k)
+
+
+def align_to_grid(timesteps: list[int], grid: list[int]) -> list[int | None]:
+    """For each grid timestep, the index of the column's step nearest to it, or None when the column has no
+    step within half a grid spacing (a 4-step column on an 8-step grid fills every other cell). A column with
+    many steps (teacher-50: every 20) contributes its step nearest each grid point, ties to the noisier one."""
+    if not timesteps:
+        return [None] * len(grid)
+    spacing = (grid[0] - grid[1]) if len(grid) > 1 else grid[0]
+    out: list[int | None] = []
+    for g in grid:
+        j = min(range(len(timesteps)), key=lambda i: (abs(timesteps[i] - g), -timesteps[i]))
+        out.append(j if abs(timesteps[j] - g) <= spacing / 2 else None)
+    return out
+
+
+@dataclass
+class _Request:
+    """One validated Compare request, as the batcher holds it."""
+
+    prompt: str
+    seed: int
+    guidance: float
+    student_steps: int
+    columns: list[Column]
+    show_trajectory: bool
+    warnings: list[str]
+    t_submit: float = 0.0
+
+
+@dataclass
+class _Sampled:
+    """A column's raw output for one request, before decoding the trajectory onto the grid."""
+
+    latents_image: Any  # PIL image
+    seconds: float
+    nfe: int
+    timesteps: list[int]
+    x0: list[Any]  # latents per step (empty unless a trajectory was asked)
+    xt: list[Any]
+    batch: int = 1
+    cached: bool = False
+
+
 class Comparer:
     """Runs comparisons on one loaded teacher.
+
+    Requests go through a `cdlab.batching.MicroBatcher`: requests that arrive while one is sampling are
+    served together, each column's UNet calls batched across them (each request keeps its own prompt,
+    seed, noise and guidance, so its images are the ones it would get alone, up to float rounding of a
+    larger batch). Teacher columns are cached by (prompt, seed, guidance, steps): changing only the
+    student steps or the student columns does not sample the teacher again. Student columns run with the
+    student fused into the UNet (`cdlab.students.fused_student`), so they cost what a plain UNet costs.
 
     Args:
         teacher: a `cdlab.teachers.Teacher`.
         adapters_root: where local students live (default: `cdlab.students.ADAPTERS_DIR`).
         allow_external: offer the external students (LCM-LoRA, TCD, ...); only meaningful on SD1.5 with the hub.
+        batching (`bool`): serve concurrent requests together (default on).
+        max_batch_requests (`int`): the most requests one batch takes.
+        max_rows (`int`, *optional*): the most rows one UNet call gets (a CFG request counts 2); default 128
+            on the tiny teacher, 8 on CUDA, 4 elsewhere.
+        cache_size (`int`): teacher columns kept (least recently used dropped).
+        fuse (`bool`): fuse students for their columns (default on).
     """
 
-    def __init__(self, teacher: Any, adapters_root: Path | None = None, allow_external: bool | None = None):
+    def __init__(self, teacher: Any, adapters_root: Path | None = None, allow_external: bool | None = None,
+                 *, batching: bool = True, max_batch_requests: int = 32, max_rows: int | None = None,
+                 cache_size: int = 64, fuse: bool = True):
+        import threading
+        from collections import OrderedDict
+
+        from cdlab.batching import MicroBatcher
+
         self.teacher = teacher
         self.adapters_root = adapters_root
         if allow_external is None:  # SD1.5 LoRAs fit SD1.5's architecture (the hub model or sd15-random)
             allow_external = bool(getattr(teacher, "is_sd15_architecture", not is_tiny(teacher)))
         self.allow_external = allow_external
+        if max_rows is None:
+            dev = str(getattr(teacher, "device", "cpu"))
+            max_rows = 128 if is_tiny(teacher) else (8 if dev.startswith("cuda") else 4)
+        self.max_rows = max(2, int(max_rows))
+        self.fuse = fuse
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[tuple, _Sampled] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.batcher = MicroBatcher(self._serve, max_items=max_batch_requests) if batching else None
 
     # -- columns -----------------------------------------------------------------------------
     def students(self) -> list[Any]:
@@ -216,6 +349,22 @@ class Comparer:
                 )
         return cols
 
+    def prompt_notice(self, prompt: str) -> tuple[str, str | None]:
+        """For the tiny teacher: a notice when ``prompt`` is not a caption of its grammar, naming the words it
+        does not know, and the nearest caption (offered in one click). ``("", None)`` for a caption of the
+        grammar and for SD1.5 (which takes any prompt)."""
+        if not is_tiny(self.teacher) or not isinstance(prompt, str) or not prompt.strip():
+            return "", None
+        from cdlab.world.grammar import nearest_caption
+
+        caption, unknown = nearest_caption(prompt)
+        if caption.text == " ".join(prompt.lower().split()).rstrip("."):
+            return "", None
+        words = ", ".join(f"“{w}”" for w in unknown[:8]) + (" …" if len(unknown) > 8 else "")
+        why = f"it does not know {words}" if unknown else "the words are not in its caption order"
+        return (f"The tiny teacher only knows its world's captions (size, colour, shape, position, background): "
+                f"{why}, so expect shapeless colour. Nearest caption: “{caption.text}”.", caption.text)
+
     # -- sampling ----------------------------------------------------------------------------
     def run(
         self,
@@ -227,54 +376,134 @@ class Comparer:
         show_trajectory: bool = False,
         progress: Callable[[float, str], None] | None = None,
     ) -> CompareResult:
-        """Sample every selected column from the same noise and text embeddings."""
+        """Sample every selected column from the same noise and text embeddings (validated first)."""
+        prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
+        cols = self._resolve_columns(list(columns or []), guidance, student_steps)
+        req = _Request(prompt, seed, guidance, student_steps, cols, bool(show_trajectory),
+                       self._prompt_warnings(prompt), time.perf_counter())
+        if self.batcher is None:
+            out = self._serve([req])[0]
+        else:
+            def on_wait(ticket) -> None:
+                if progress:
+                    ahead = self.batcher.waiting_ahead(ticket)
+                    progress(0.0, f"waiting: {ahead} request{'s' * (ahead != 1)} ahead" if ticket.status == "waiting"
+                             else f"sampling, {ticket.status}")
+            try:
+                out = self.batcher.submit(req, on_wait=on_wait)
+            except _AllColumnsFailed as e:
+                raise InputError(str(e)) from None
+            return self._finish(out, progress)
+        if isinstance(out, BaseException):
+            raise InputError(str(out)) if isinstance(out, _AllColumnsFailed) else out
+        return self._finish(out, progress)
+
+    @staticmethod
+    def _finish(res: CompareResult, progress) -> CompareResult:
+        if progress:
+            progress(1.0, "done")
+        return res
+
+    def _serve(self, reqs: list[_Request]) -> list[CompareResult | BaseException]:
+        """One batch: encode every prompt at once, sample each column for all the requests that asked for it,
+        decode, and assemble each request's result (in its own column order)."""
         import torch
 
         from cdlab.students import activate_student
-
-        prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
-        cols = self._resolve_columns(list(columns or []), guidance, student_steps)
-        t = self.teacher
-        pipe = t.pipe
-        warnings = self._prompt_warnings(prompt)
-        t_start = time.perf_counter()
-        results: list[ColumnResult] = []
-        # One lock per teacher: switching adapters and sampling are one unit, whatever the queue's
-        # concurrency; Evaluate takes the same lock.
         from cdlab.teachers import teacher_lock
 
+        t = self.teacher
+        out: list[CompareResult | BaseException] = []
         with teacher_lock(t), torch.inference_mode():
-            cond, uncond = t.encode([prompt])  # once for all columns
-            x_T = t.initial_noise(seed)  # the same noise for every column
-            for i, col in enumerate(cols):
-                if progress:
-                    progress(i / len(cols), f"sampling {col.label}")
+            t0 = time.perf_counter()
+            prompts = list(dict.fromkeys(r.prompt for r in reqs))
+            cond_all, uncond_all = t.encode(prompts)  # one text-encoder call for the whole batch
+            index = {p: i for i, p in enumerate(prompts)}
+            conds = [cond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
+            unconds = [uncond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
+            noises = [t.initial_noise(r.seed) for r in reqs]  # the same noise for every column of a request
+            done: list[dict[str, _Sampled | str]] = [{} for _ in reqs]
+            units: dict[tuple, list[tuple[int, Column]]] = {}
+            for ri, r in enumerate(reqs):
+                for col in r.columns:
+                    if col.kind == "teacher":
+                        hit = self._cache_get(self._cache_key(r, col), r.show_trajectory)
+                        if hit is not None:
+                            done[ri][col.label] = hit
+                            continue
+                    units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
+            for key, members in units.items():
                 try:
-                    results.append(self._sample_column(col, x_T, cond, uncond, show_trajectory, seed))
-                except Exception as e:  # this column fails alone; the others render
+                    sampled = self._sample_unit(members, reqs, noises, conds, unconds)
+                except Exception as e:  # this column fails alone (for every request in it); the others render
                     reason = _short_reason(e)
-                    warnings.append(f"{col.label}: {reason}")
-                    results.append(ColumnResult(col.label, error_image(reason, t.resolution), 0.0, 0, col.steps,
-                                                error=reason))
-            activate_student(pipe, None)
-        if results and all(r.error for r in results):
-            raise InputError("; ".join(f"{r.label}: {r.error}" for r in results))
-        _fill_speedups(results)
-        if progress:
-            progress(1.0, "done")
-        return CompareResult(prompt, seed, guidance, student_steps, t.describe(), results, warnings,
-                             time.perf_counter() - t_start)
+                    for ri, _ in members:
+                        done[ri][members[0][1].label] = reason
+                    continue
+                for (ri, col), s in zip(members, sampled):
+                    done[ri][col.label] = s
+                    if col.kind == "teacher":
+                        self._cache_put(self._cache_key(reqs[ri], col), s)
+            activate_student(t.pipe, None)
+            for ri, r in enumerate(reqs):
+                try:
+                    out.append(self._assemble(r, done[ri], len(reqs), t0))
+                except BaseException as e:
+                    out.append(e)
+        return out
 
-    def _sample_column(self, col: Column, x_T, cond, uncond, show_trajectory: bool, seed: int) -> ColumnResult:
-        """Activate the column's adapter (loading it if needed) and sample it; the caller holds the teacher lock."""
+    @staticmethod
+    def _unit_key(col: Column, r: _Request, ri: int) -> tuple:
+        """Columns with the same key are sampled in one batch across requests. External students step a
+        diffusers scheduler whose noise comes from one generator per call: batched, a request's noise would
+        depend on its neighbours, so each request's external column is its own unit."""
+        if col.kind == "teacher":
+            return ("teacher", col.steps, col.guidance != 1.0)
+        if col.kind == "external":
+            return ("external", col.student, col.steps, ri)
+        return ("student", col.student, col.steps)
+
+    def _cache_key(self, r: _Request, col: Column) -> tuple:
+        return (self.teacher.base_id, r.prompt, r.seed, float(col.guidance), col.steps)
+
+    def _cache_get(self, key: tuple, need_trajectory: bool) -> _Sampled | None:
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is None or (need_trajectory and not hit.x0):
+                return None
+            self._cache.move_to_end(key)
+        return _Sampled(hit.latents_image, hit.seconds, hit.nfe, hit.timesteps, hit.x0, hit.xt, hit.batch, True)
+
+    def _cache_put(self, key: tuple, s: _Sampled) -> None:
+        if self.cache_size <= 0:
+            return
+        with self._cache_lock:
+            self._cache[key] = s
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    def _sample_unit(self, members: list[tuple[int, Column]], reqs: list[_Request], noises, conds,
+                     unconds) -> list[_Sampled]:
+        """Sample one column for every request in ``members`` (in row chunks of at most ``max_rows``); the
+        caller holds the teacher lock. The time is the unit's wall time, activation and decoding included."""
         import torch
 
         from cdlab.samplers import ddim_timesteps, sample_ddim, sample_student
         from cdlab.students import activate_student, load_student, make_scheduler
+        from cdlab.students.activation import fused_student
         from cdlab.timing import sync
 
         t = self.teacher
         pipe = t.pipe
+        col = members[0][1]
+        want_traj = any(reqs[ri].show_trajectory for ri, _ in members)
+        sync(t.device)
+        t0 = time.perf_counter()
         if col.kind == "student":
             load_student(pipe, col.student, root=self.adapters_root)
             activate_student(pipe, col.student)
@@ -285,25 +514,76 @@ class Comparer:
             activate_student(pipe, col.card.name)
         else:
             activate_student(pipe, None)
-        sync(t.device)
-        t0 = time.perf_counter()
-        if col.kind == "teacher":
-            out = sample_ddim(t.unet, x_T, cond, uncond, col.guidance, ddim_timesteps(col.steps),
-                              t.scheduler, return_trajectory=show_trajectory)
-        else:  # a local or an external student, by its card (stochastic schedulers: reproducible per seed)
-            out = sample_student(t.unet, x_T, cond, uncond, col.card, col.steps, make_scheduler(t.pipe, col.card),
-                                 return_trajectory=show_trajectory,
-                                 generator=torch.Generator(device="cpu").manual_seed(seed))
-        image = t.decode(out.latents)[0]
+        card = col.card
+        for _, c in members:
+            c.card = card
+        rows_per = 2 if (col.kind == "teacher" and col.guidance != 1.0) else 1
+        chunk = max(1, self.max_rows // rows_per)
+        fuse = contextlib.nullcontext()
+        if col.kind != "teacher" and self.fuse:
+            fuse = fused_student(pipe, card.name if col.kind == "external" else col.student)
+        outs = []
+        with fuse:
+            for lo in range(0, len(members), chunk):
+                part = members[lo:lo + chunk]
+                x_T = torch.cat([noises[ri] for ri, _ in part])
+                cond = torch.cat([conds[ri] for ri, _ in part])
+                uncond = torch.cat([unconds[ri] for ri, _ in part])
+                if col.kind == "teacher":
+                    w = torch.tensor([c.guidance for _, c in part], device=x_T.device, dtype=x_T.dtype)
+                    o = sample_ddim(t.unet, x_T, cond, uncond, w if len(part) > 1 else float(part[0][1].guidance),
+                                    ddim_timesteps(col.steps), t.scheduler, return_trajectory=want_traj)
+                else:  # stochastic schedulers: one request per unit, its own seed (see _unit_key)
+                    seed = reqs[part[0][0]].seed
+                    o = sample_student(t.unet, x_T, cond, uncond, card, col.steps, make_scheduler(pipe, card),
+                                       return_trajectory=want_traj,
+                                       generator=torch.Generator(device="cpu").manual_seed(seed))
+                outs.append((part, o, t.decode(o.latents)))
         sync(t.device)
         seconds = time.perf_counter() - t0
-        traj, traj_steps = [], []
-        if show_trajectory and out.x0_trajectory:
-            idx = _subsample(len(out.x0_trajectory), MAX_TRAJECTORY_FRAMES)
-            frames = torch.cat([out.x0_trajectory[j] for j in idx])
-            traj, traj_steps = t.decode(frames), [j + 1 for j in idx]
-        return ColumnResult(col.label, image, seconds, int(out.nfe), col.steps,
-                            trajectory=traj, trajectory_steps=traj_steps)
+        result: list[_Sampled] = []
+        for part, o, images in outs:
+            per_image_nfe = int(o.nfe)
+            for j, (ri, _) in enumerate(part):
+                x0 = [f[j:j + 1] for f in o.x0_trajectory] if reqs[ri].show_trajectory or col.kind == "teacher" else []
+                xt = [f[j:j + 1] for f in o.xt_trajectory] if x0 else []
+                result.append(_Sampled(images[j], seconds, per_image_nfe, list(o.timesteps), x0, xt,
+                                       batch=len(members)))
+        return result
+
+    def _assemble(self, r: _Request, done: dict[str, _Sampled | str], batch: int, t0: float) -> CompareResult:
+        t = self.teacher
+        grid = trajectory_grid(r.student_steps, r.columns) if r.show_trajectory else []
+        results: list[ColumnResult] = []
+        warnings = list(r.warnings)
+        for col in r.columns:
+            s = done.get(col.label, "not sampled")
+            if isinstance(s, str):
+                warnings.append(f"{col.label}: {s}")
+                results.append(ColumnResult(col.label, _error_image(s), 0.0, 0, col.steps, method=col.method(),
+                                            error=s))
+                continue
+            cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(),
+                              batch=s.batch, cached=s.cached, timesteps=s.timesteps)
+            if grid and s.x0:
+                idx = align_to_grid(s.timesteps, grid)
+                picked = [j for j in idx if j is not None]
+                if picked:
+                    import torch
+
+                    with torch.inference_mode():
+                        frames = t.decode(torch.cat([s.x0[j] for j in picked] + [s.xt[j] for j in picked]))
+                    x0f, xtf = frames[:len(picked)], frames[len(picked):]
+                    it0, itt = iter(x0f), iter(xtf)
+                    cr.trajectory = [next(it0) if j is not None else None for j in idx]
+                    cr.trajectory_xt = [next(itt) if j is not None else None for j in idx]
+                    cr.trajectory_timesteps = [s.timesteps[j] if j is not None else None for j in idx]
+            results.append(cr)
+        if results and all(c.error for c in results):
+            raise _AllColumnsFailed("; ".join(f"{c.label}: {c.error}" for c in results))
+        _fill_speedups(results)
+        return CompareResult(r.prompt, r.seed, r.guidance, r.student_steps, t.describe(), results, warnings,
+                             time.perf_counter() - r.t_submit, grid=grid, batch=batch)
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         tok = self.teacher.tokenizer
@@ -313,105 +593,29 @@ class Comparer:
         return []
 
 
-def _short_reason(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class _AllColumnsFailed(ValueError):
+    """Every column of a request failed: the request itself is the error."""
 
 
-def error_image(reason: str, resolution: int = 256, size: int = 256):
-    """A grey square that says why a column could not be produced (shown in the column's place)."""
-    import textwrap
+def _error_image(reason: str):
+    from cdlab.ui.compare_view import error_image
 
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), (235, 235, 235))
-    d = ImageDraw.Draw(img)
-    d.text((8, 8), "column failed:", fill=(160, 0, 0))
-    for i, line in enumerate(textwrap.wrap(reason, 38)[:14]):
-        d.text((8, 26 + 15 * i), line, fill=(40, 40, 40))
-    return img
-
-
-def _subsample(n: int, k: int) -> list[int]:
-    """``k`` evenly spread indices of ``range(n)``, always including the last."""
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+    return error_image(reason)
 
 
 def _fill_speedups(results: list[ColumnResult]) -> None:
-    """Speedup against teacher-50: measured when that column ran, else estimated from NFE (marked ≈)."""
+    """Speed-up against teacher-50, per image: measured when that column ran in this request (cached or not),
+    else estimated from NFE (marked ≈)."""
     ref = next((r for r in results if r.label == TEACHER_50 and not r.error), None)
     for r in results:
         if r.error:
             continue
         if ref is not None and r.seconds > 0:
-            r.speedup = ref.seconds / r.seconds
+            r.speedup = ref.seconds_per_image / r.seconds_per_image
         elif r.nfe > 0:
             r.speedup, r.speedup_estimated = 100 / r.nfe, True  # teacher-50 with CFG: 100 NFE
 
 
-def upscale(image, size: int = 256):
-    """Enlarge a small image with nearest-neighbour so pixels stay crisp (tiny teacher: 32 px)."""
-    from PIL import Image
-
-    if image.width >= size:
-        return image
-    f = max(1, size // image.width)
-    return image.resize((image.width * f, image.height * f), Image.NEAREST)
-
-
-def trajectory_strip(frames: list[Any], steps: list[int], cell: int = 96):
-    """Frames side by side, each labelled with the step after which it was predicted."""
-    from PIL import Image, ImageDraw
-
-    if not frames:
-        return None
-    strip = Image.new("RGB", (cell * len(frames), cell + 14), "white")
-    d = ImageDraw.Draw(strip)
-    for i, (f, s) in enumerate(zip(frames, steps)):
-        strip.paste(f.convert("RGB").resize((cell, cell), Image.NEAREST if f.width < cell else Image.BICUBIC), (i * cell, 0))
-        d.text((i * cell + 3, cell + 1), f"step {s}", fill="black")
-    return strip
-
-
-def compose_comparison(result: CompareResult, cell: int = 256, with_trajectory: bool | None = None):
-    """One captioned PNG: a header, then per column the image, its numbers and (optionally) its x0 strip."""
-    from PIL import Image, ImageDraw
-
-    if with_trajectory is None:
-        with_trajectory = any(c.trajectory for c in result.columns)
-    n = max(1, len(result.columns))
-    line = 14
-    header_h = 3 * line + 8
-    caption_h = 3 * line + 6
-    strips = [trajectory_strip(c.trajectory, c.trajectory_steps, cell=max(32, cell // 4)) if with_trajectory else None
-              for c in result.columns]
-    strip_h = max((s.height for s in strips if s is not None), default=0)
-    strip_w = max((s.width for s in strips if s is not None), default=0)
-    width = max(n * (cell + 8) + 8, strip_w + 8 + 8, 480)
-    height = header_h + cell + caption_h + (len(result.columns) * (strip_h + line + 4) if strip_h else 0) + 8
-    canvas = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(canvas)
-    prompt = result.prompt if len(result.prompt) <= 90 else result.prompt[:87] + "..."
-    d.text((8, 4), f"prompt: {prompt}", fill="black")
-    d.text((8, 4 + line), f"seed {result.seed} · guidance {result.guidance:g} · student steps {result.student_steps}", fill="black")
-    d.text((8, 4 + 2 * line), f"teacher: {result.teacher}", fill="black")
-    for i, c in enumerate(result.columns):
-        x = 8 + i * (cell + 8)
-        img = c.image.convert("RGB")
-        img = img.resize((cell, cell), Image.NEAREST if img.width < cell else Image.BICUBIC)
-        canvas.paste(img, (x, header_h))
-        sp = "–" if c.speedup is None else f"{'≈' if c.speedup_estimated else ''}{c.speedup:.1f}x"
-        y = header_h + cell + 2
-        d.text((x, y), c.label[:40], fill="black")
-        d.text((x, y + line), f"{c.seconds:.2f} s · NFE {c.nfe}", fill="black")
-        d.text((x, y + 2 * line), f"speedup {sp}", fill="black")
-    y = header_h + cell + caption_h
-    for c, s in zip(result.columns, strips):
-        if s is None:
-            continue
-        d.text((8, y), f"x0 predictions: {c.label}", fill="black")
-        canvas.paste(s, (8, y + line))
-        y += s.height + line + 4
-    return canvas
+def _short_reason(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

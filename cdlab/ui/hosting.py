@@ -20,7 +20,12 @@ from typing import Any, Callable
 # One queue for everything that touches the GPU, so Compare, Evaluate and previews never overlap.
 GPU_CONCURRENCY_ID = "gpu"
 GPU_CONCURRENCY_LIMIT = 1
-QUEUE_MAX_SIZE = 32
+QUEUE_MAX_SIZE = 64
+# Compare requests all enter the function at once and wait in cdlab's micro-batcher, which serves
+# the ones waiting together (one batched UNet call per column); the teacher's lock keeps them and
+# Evaluate apart.
+COMPARE_CONCURRENCY_ID = "compare"
+COMPARE_CONCURRENCY_LIMIT = 48
 DEFAULT_CONCURRENCY_LIMIT = 2
 MAX_FILE_SIZE = "20mb"
 TRAINING_ENV = "CDLAB_ALLOW_TRAINING"
@@ -70,6 +75,16 @@ def gpu(fn: Callable | None = None, *, duration: int = 60) -> Any:
         return spaces.GPU(duration=duration)(f)
 
     return wrap(fn) if fn is not None else wrap
+
+
+def batching_allowed() -> bool:
+    """Whether Compare may batch concurrent requests on a worker thread: not under ZeroGPU (``spaces``
+    importable), where the GPU exists only inside each decorated call."""
+    try:
+        import spaces  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def blocked_paths(runs_dir: Path, cache_dir: Path | None = None) -> list[str]:

@@ -94,3 +94,81 @@ def all_words() -> list[str]:
     words = {"a", "an", "at", "the", "in", "on", "background", "top", "bottom", "left", "right", "center"}
     words.update(COLORS, BACKGROUNDS, SHAPES, SIZES, PALETTE)
     return sorted(words)
+
+
+_FUNCTION_WORDS = {"a", "an", "at", "the", "in", "on"}
+_FILLER = {"of", "with", "and", "is", "its", "it", "there"}  # harmless: dropped without a notice
+_DEFAULT = Caption("large", "red", "circle", "center", "white")
+_SYNONYMS = {"grey": "gray", "centre": "center", "big": "large", "little": "small", "tiny": "small",
+             "box": "square", "rectangle": "square", "plus": "cross", "x": "cross", "ball": "circle",
+             "dot": "circle", "disc": "circle", "disk": "circle", "violet": "purple", "middle": "center"}
+
+
+def nearest_caption(text: str) -> tuple[Caption, list[str]]:
+    """The caption of the grammar closest to free text, and the words of ``text`` the world does not know.
+
+    Reads the text word by word: a known word (or a close misspelling of a content word of 4 letters or
+    more, by ``difflib`` at ratio 0.8, or a
+    common synonym such as "grey", "big", "box") fills its attribute: the first colour is the object's and a
+    colour after "on" is the background's; "top"/"bottom" with "left"/"right" give the position. Every
+    attribute the text leaves open keeps the default caption's value ("a large red circle in the center on
+    a white background"), and an object colour equal to the background moves the background to the next
+    allowed one, so the result is always a valid caption.
+
+    Returns:
+        ``(caption, unknown)``: ``unknown`` lists the words that are neither caption words nor close to one,
+        in order, without repeats; empty when ``text`` is already a caption of the grammar.
+    """
+    import difflib
+
+    try:
+        return parse_caption(text), []
+    except ValueError:
+        pass
+    vocab = all_words()
+    content = [v for v in vocab if v not in _FUNCTION_WORDS]
+    words = re.findall(r"[a-zA-Z]+", (text or "").lower())
+    found: dict[str, str] = {}
+    unknown: list[str] = []
+    vert = horiz = None
+    after_on = False
+    for raw in words:
+        w = _SYNONYMS.get(raw, raw)
+        if w in _FILLER:
+            continue
+        if w not in vocab:
+            close = difflib.get_close_matches(w, content, n=1, cutoff=0.8) if len(w) >= 4 else []
+            if close:
+                w = close[0]
+            else:
+                if raw not in unknown:
+                    unknown.append(raw)
+                continue
+        if w == "on":
+            after_on = True
+        elif w in SIZES:
+            found.setdefault("size", w)
+        elif w in SHAPES:
+            found.setdefault("shape", w)
+        elif w in ("top", "bottom"):
+            vert = vert or w
+        elif w in ("left", "right"):
+            horiz = horiz or w
+        elif w == "center":
+            found.setdefault("position", "center")
+        elif w in COLORS or w in BACKGROUNDS:
+            if after_on and w in BACKGROUNDS:
+                found.setdefault("background", w)
+            elif w in COLORS and "color" not in found:
+                found["color"] = w
+            elif w in BACKGROUNDS:
+                found.setdefault("background", w)
+    if vert and horiz and "position" not in found:
+        found["position"] = f"{vert} {horiz}"
+    values = {**_DEFAULT.as_dict(), **found}
+    if values["color"] == values["background"]:
+        if "background" in found and "color" not in found:
+            values["color"] = next(c for c in COLORS if c != values["background"])
+        else:
+            values["background"] = next(b for b in BACKGROUNDS if b != values["color"])
+    return Caption(**values), unknown
