@@ -1,8 +1,10 @@
 """Students on a pipeline: loading them as named peft adapters on ONE UNet, and switching between them.
 
 ``load_student`` adds adapter ``<name>``, ``activate_student(pipe, name)`` switches to it,
-``activate_student(pipe, None)`` gives back the plain teacher, and ``with fused_student(pipe, name):``
-fuses a student into the UNet for a block, then restores the teacher's base weights bit for bit.
+``activate_student(pipe, None)`` gives back the plain teacher, ``with fused_student(pipe, name):``
+fuses a student into the UNet for a block, then restores the teacher's base weights bit for bit, and
+``with swapped_student(pipe, name):`` runs the student at a plain UNet's cost by swapping in fused
+weights computed once (what Compare uses).
 Switching reloads nothing; a student is read again only when its weights file changed on disk
 (retrained, or another root): each adapter's file fingerprint (path, ``st_mtime_ns``, ``st_size``,
 inode) is recorded on the UNet when it loads.
@@ -70,6 +72,7 @@ def _quiet_multi_adapter():
 def _drop_partial(pipe: Any, name: str) -> None:
     """Remove a half-injected adapter after a failed load, so a retry starts clean."""
     _loaded_files(pipe).pop(name, None)
+    forget_swapped(pipe, name)
     if name in _loaded(pipe):
         try:
             pipe.delete_adapters(name)
@@ -85,6 +88,7 @@ def _delete_adapter(pipe: Any, name: str) -> None:
         if isinstance(module, BaseTunerLayer) and name in getattr(module, "merged_adapters", ()):
             module.unmerge()
     _loaded_files(pipe).pop(name, None)
+    forget_swapped(pipe, name)
     pipe.delete_adapters(name)
 
 
@@ -110,6 +114,7 @@ def load_student(
     root: str | os.PathLike | None = None,
     *,
     base_model: str | None = None,
+    activate: bool = True,
 ) -> StudentCard:
     """Load student ``name`` as the peft adapter ``name`` on ``pipe.unet`` and make it the active one.
 
@@ -124,6 +129,8 @@ def load_student(
         root: the adapters root (default `adapters_dir()`).
         base_model (`str`, *optional*): the pipeline's base; a card for another base is refused.
             Defaults to ``Teacher.base_id`` when a Teacher is passed.
+        activate (`bool`): make it the active adapter (default); False leaves the active set as it is
+            (`swapped_student` does not need it).
 
     Raises:
         StudentError: bad name, missing folder/card/weights, weights not safetensors, a card for
@@ -144,7 +151,8 @@ def load_student(
         _delete_adapter(pipe, name)
     if name not in _loaded(pipe):
         _load_adapter(pipe, path, name, fingerprint, f"student {name!r}")
-    activate_student(pipe, name)
+    if activate:
+        activate_student(pipe, name)
     return card
 
 
@@ -261,3 +269,87 @@ def fused_student(pipe: Any, name: str, lora_scale: float = 1.0) -> Iterator[int
                     original.copy_(copy)
                     if p.data_ptr() != original.data_ptr():  # a merge that swapped the tensor (safe fusing)
                         p.data = original
+
+
+# On the (unwrapped) UNet: {adapter name: (file fingerprint, [(parameter, fused tensor), ...])}, newest last.
+_SWAP_ATTR = "_cdlab_fused_weights"
+SWAP_CACHE_BYTES = 2 * 1024**3  # fused weight sets kept across requests (least recently used dropped)
+
+
+def _fused_tensors(pipe: Any, name: str) -> list[tuple[Any, Any]] | None:
+    """``[(base weight parameter, W + ΔW of adapter name), ...]`` for every layer carrying ``name``, or None when
+    some layer is not vanilla LoRA (DoRA or another variant, a LoRA bias): those go through `fused_student`."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = []
+    with torch.no_grad(), torch.inference_mode(False):
+        for m in _unwrap(pipe.unet).modules():
+            if not isinstance(m, BaseTunerLayer) or name not in getattr(m, "lora_A", {}):
+                continue
+            if name in (getattr(m, "lora_variant", None) or {}) or (getattr(m, "lora_bias", None) or {}).get(name):
+                return None
+            if not hasattr(m, "get_delta_weight"):
+                return None
+            w = m.get_base_layer().weight
+            out.append((w, (w.detach() + m.get_delta_weight(name).to(w.dtype)).detach()))
+    return out
+
+
+@contextlib.contextmanager
+def swapped_student(pipe: Any, name: str) -> Iterator[int]:
+    """Run the UNet as student ``name`` at a plain UNet's cost: every LoRA is disabled and each layer carrying
+    the student gets its fused weight ``W + ΔW`` swapped in (a pointer swap; the tensors are computed once per
+    version of the student's file and kept, up to `SWAP_CACHE_BYTES` in all). On exit the teacher's own
+    weight tensors are put back (the same tensors, so bit for bit) and LoRA stays disabled.
+
+    The same model as ``activate_student(pipe, name)`` (peft's merge computes the same ``W + ΔW``), without
+    a merge and unmerge per use. Students that are not vanilla LoRA fall back to `fused_student`.
+
+    Yields:
+        `int`: how many layers were swapped.
+    """
+    pipe, _ = _pipe_and_base(pipe, None)
+    if name not in _loaded(pipe):
+        raise StudentError(
+            f"student {name!r} is not loaded on this pipeline (loaded: {sorted(_loaded(pipe)) or 'none'}); "
+            "call load_student or load_external_student first")
+    unet = _unwrap(pipe.unet)
+    cache = getattr(unet, _SWAP_ATTR, None)
+    if not isinstance(cache, dict):
+        cache = {}
+        object.__setattr__(unet, _SWAP_ATTR, cache)
+    fp = _loaded_files(pipe).get(name)
+    entry = cache.pop(name, None)
+    if entry is None or entry[0] != fp:
+        tensors = _fused_tensors(pipe, name)
+        if tensors is None:
+            activate_student(pipe, name)
+            with fused_student(pipe, name) as n:
+                yield n
+            return
+        entry = (fp, tensors)
+    cache[name] = entry  # newest last
+    total = 0
+    for key in list(cache)[::-1]:
+        total += sum(t.numel() * t.element_size() for _, t in cache[key][1])
+        if total > SWAP_CACHE_BYTES and key != name:
+            cache.pop(key)
+    pairs = entry[1]
+    if _loaded(pipe):
+        pipe.disable_lora()
+    originals = [p.data for p, _ in pairs]
+    try:
+        for p, fused in pairs:
+            p.data = fused
+        yield len(pairs)
+    finally:
+        for (p, _), orig in zip(pairs, originals):
+            p.data = orig
+
+
+def forget_swapped(pipe: Any, name: str | None = None) -> None:
+    """Drop the kept fused weights of ``name`` (all students when None), e.g. after deleting the adapter."""
+    cache = getattr(_unwrap(pipe.unet), _SWAP_ATTR, None)
+    if isinstance(cache, dict):
+        cache.clear() if name is None else cache.pop(name, None)

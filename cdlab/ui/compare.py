@@ -153,6 +153,7 @@ class CompareResult:
     total_seconds: float = 0.0
     grid: list[int] = field(default_factory=list)  # the trajectory's timesteps, high to low (empty: none)
     batch: int = 1  # requests served together with this one (1: alone)
+    result_id: str = field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])  # tells results apart
 
     def table(self) -> list[list[Any]]:
         """Rows ``[column, seconds, NFE, speedup]`` for a table."""
@@ -276,7 +277,7 @@ class Comparer:
         max_rows (`int`, *optional*): the most rows one UNet call gets (a CFG request counts 2); default 128
             on the tiny teacher, 8 on CUDA, 4 elsewhere.
         cache_size (`int`): teacher columns kept (least recently used dropped).
-        fuse (`bool`): fuse students for their columns (default on).
+        fuse (`bool`): run students with fused weights (default on); off: peft's unfused LoRA layers.
     """
 
     def __init__(self, teacher: Any, adapters_root: Path | None = None, allow_external: bool | None = None,
@@ -495,7 +496,7 @@ class Comparer:
 
         from cdlab.samplers import ddim_timesteps, sample_ddim, sample_student
         from cdlab.students import activate_student, load_student, make_scheduler
-        from cdlab.students.activation import fused_student
+        from cdlab.students.activation import swapped_student
         from cdlab.timing import sync
 
         t = self.teacher
@@ -505,23 +506,20 @@ class Comparer:
         sync(t.device)
         t0 = time.perf_counter()
         if col.kind == "student":
-            load_student(pipe, col.student, root=self.adapters_root)
-            activate_student(pipe, col.student)
+            load_student(pipe, col.student, root=self.adapters_root, activate=not self.fuse)
         elif col.kind == "external":
             from cdlab.students import load_external_student
 
             col.card = load_external_student(pipe, col.student)
-            activate_student(pipe, col.card.name)
-        else:
-            activate_student(pipe, None)
+        adapter = None if col.kind == "teacher" else (col.card.name if col.kind == "external" else col.student)
+        if adapter is None or not self.fuse:
+            activate_student(pipe, adapter)
         card = col.card
         for _, c in members:
             c.card = card
         rows_per = 2 if (col.kind == "teacher" and col.guidance != 1.0) else 1
         chunk = max(1, self.max_rows // rows_per)
-        fuse = contextlib.nullcontext()
-        if col.kind != "teacher" and self.fuse:
-            fuse = fused_student(pipe, card.name if col.kind == "external" else col.student)
+        fuse = swapped_student(pipe, adapter) if adapter is not None and self.fuse else contextlib.nullcontext()
         outs = []
         with fuse:
             for lo in range(0, len(members), chunk):

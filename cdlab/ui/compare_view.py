@@ -72,7 +72,8 @@ def columns_html(result: Any) -> str:
         cls = "cdlab-col cdlab-col-failed" if c.error else "cdlab-col"
         cells.append(f'<figure class="{cls}" data-label="{html.escape(c.label)}">'
                      f'{_img(c.image, c.label, "cdlab-col-img")}<figcaption>{cap}</figcaption></figure>')
-    return f'<div class="cdlab-row" id="compare-columns" data-columns="{len(result.columns)}">{"".join(cells)}</div>'
+    return (f'<div class="cdlab-row" id="compare-columns" data-columns="{len(result.columns)}" '
+            f'data-result="{html.escape(str(getattr(result, "result_id", "")))}">{"".join(cells)}</div>')
 
 
 def trajectory_html(result: Any) -> str:

@@ -36,18 +36,30 @@ def _text(page, selector: str) -> str:
     return loc.inner_text() if loc.count() else ""
 
 
-def run_compare(page, n_columns: int, timeout_ms: int = 120_000) -> str:
-    """Click Compare and wait until this click's result is on screen (the info line changes and the gallery
-    shows ``n_columns`` images); returns the gallery's captions."""
-    page.get_by_role("tab", name="Compare").click()
-    before = _text(page, "#compare-info")
-    page.locator("#compare-btn").click()
+def compare_result_id(page) -> str:
+    """The id of the Compare result on screen ('' when none): every result has its own."""
+    loc = page.locator("#compare-columns")
+    return (loc.get_attribute("data-result") or "") if loc.count() else ""
+
+
+def wait_compare_result(page, n_columns: int, before: str = "", timeout_ms: int = 120_000) -> str:
+    """Wait until a Compare result other than ``before`` shows ``n_columns`` labelled columns; return their text."""
     page.wait_for_function(
-        "([n, before]) => { const i = document.querySelector('#compare-info');"
-        " const t = i ? i.innerText : ''; return /columns in/.test(t) && t !== before"
-        " && document.querySelectorAll('#compare-gallery img').length >= n; }",
+        "([n, before]) => { const r = document.querySelector('#compare-columns');"
+        " return r && r.dataset.result && r.dataset.result !== before"
+        " && r.querySelectorAll('figure img').length >= n"
+        " && /columns in/.test((document.querySelector('#compare-info')||{}).innerText || ''); }",
         arg=[n_columns, before], timeout=timeout_ms)
-    return page.locator("#compare-gallery").inner_text()
+    return page.locator("#compare-columns").inner_text()
+
+
+def run_compare(page, n_columns: int, timeout_ms: int = 120_000) -> str:
+    """Click Compare and wait until this click's result is on screen (a new result id, ``n_columns`` labelled
+    columns in the row); returns the columns' labels (method, steps, NFE, seconds, speed-up)."""
+    page.get_by_role("tab", name="Compare").click()
+    before = compare_result_id(page)
+    page.locator("#compare-btn").click()
+    return wait_compare_result(page, n_columns, before, timeout_ms)
 
 
 def refresh_columns(page) -> list[str]:

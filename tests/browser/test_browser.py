@@ -45,8 +45,7 @@ def test_page_opens_with_header_and_tabs(page):
 
 def test_compare_shows_every_column(page, served):
     n = 2 + len(served[2])
-    run_compare(page, n)
-    captions = page.locator("#compare-gallery").inner_text()
+    captions = run_compare(page, n)
     assert captions.count("NFE") >= n and "teacher-50" in captions and served[2][0] in captions
 
 
