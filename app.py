@@ -237,13 +237,11 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                             runs_refresh = gr.Button("↻ runs", size="sm", scale=1)
                         status = gr.Markdown(elem_id="train-status")
                         bar = gr.HTML()
-                        plot = gr.LinePlot(T.empty_view().loss, x="step", y="loss", color="series", label="Loss",
-                                           x_title="step", y_title="loss", color_title="", height=300,
-                                           elem_id="loss-plot")
+                        plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", x_title="step",
+                                           y_title="loss", color_title="", elem_id="loss-plot")
                         log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
                 # Full width: the captions above the rows stay readable at 1280 px.
-                preview = gr.Image(label="Previews: the teacher's reference, the student before and now", type="pil",
-                                   elem_id="preview", show_label=True, buttons=["download", "fullscreen"])
+                preview = gr.Image(label="Previews", type="pil", elem_id="preview", buttons=["download", "fullscreen"])
                 preview_cap = gr.Markdown(elem_id="preview-caption")
                 timer = gr.Timer(1.0, active=False)
                 poll_out = [run_dd, status, bar, plot, preview, preview_cap, log_box, timer]

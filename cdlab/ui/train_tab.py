@@ -19,7 +19,8 @@ class RunView:
     state: str
     status_md: str
     progress_html: str
-    loss: Any  # pandas DataFrame for the LinePlot (`cdlab.ui.runs.loss_frame`): step, loss, series
+    loss: Any  # pandas DataFrame for the LinePlot (`cdlab.ui.runs.loss_frame`): step, loss, series; None before
+    #            the first loss point (Gradio 6.31's LinePlot fails to draw later data after an empty frame)
     plot_title: str
     preview: Any  # PIL image: the labelled, composed preview (`cdlab.ui.previews.compose`), or None
     preview_caption: str
@@ -36,8 +37,8 @@ class RunView:
 
 def empty_view() -> RunView:
     """The view with no run selected."""
-    return RunView("", "", "_No run selected. Start one, or pick a run from the list._", "",
-                   runs_mod.loss_frame([]), "", None, "", "", False)
+    return RunView("", "", "_No run selected. Start one, or pick a run from the list._", "", None, "", None, "", "",
+                   False)
 
 
 def _signature(ps: previews_mod.PreviewSet) -> tuple:
@@ -73,8 +74,8 @@ def poll(jobs: JobManager, run_name: str | None) -> RunView:
         return empty_view()
     run_dir = jobs.runs_dir / run_name
     if not run_dir.is_dir():
-        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "",
-                       runs_mod.loss_frame([]), "", None, "", "", False)
+        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "", None, "", None,
+                       "", "", False)
     st = jobs.state(run_name)
     state = str(st.get("state", "queued"))
     rows = runs_mod.read_metrics(run_dir)
@@ -89,7 +90,8 @@ def poll(jobs: JobManager, run_name: str | None) -> RunView:
         status_md += "  \nThe trainer failed; the last lines of its log are below."
     image, caption = composed_preview(run_dir)
     title = f"{run_name} (resumed at step {', '.join(map(str, p.resumes))})" if p.resumes else run_name
-    return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), runs_mod.loss_frame(rows), title,
+    loss = runs_mod.loss_frame(rows) if rows else None
+    return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), loss, title,
                    image, caption, log, state in runs_mod.ACTIVE_STATES, step=p.step, max_steps=p.max_steps)
 
 
