@@ -7,7 +7,7 @@
 One step: a batch of cached latents and text embeddings -> `cdlab.loss.consistency_loss` (the teacher is the
 same UNet with its LoRA disabled) -> backward through the LoRA weights only (fp32, under fp16/bf16 autocast
 when asked) -> clip -> AdamW. The run directory (``$CDLAB_RUNS_DIR`` or ``<repo>/runs``) holds
-``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/step_*.png`` and ``checkpoints/ckpt_*``
+``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/`` (``reference.png``, ``step_*.png``) and ``checkpoints/ckpt_*``
 (written under a temporary name and renamed, the last ``keep_checkpoints`` kept). SIGTERM / SIGINT save
 a checkpoint and stop cleanly; ``--resume`` continues from the newest complete checkpoint with the LoRA,
 optimiser, LR schedule, step and RNG states restored, so a resumed run repeats an uninterrupted one.
