@@ -137,9 +137,10 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     @user_errors
     def do_poll(run_name):
         v = T.poll(jobs, run_name)
-        # The preview leaves runs/ as an image (runs/ itself is never served).
-        preview = T.read_image(v.preview) if v.preview else None
-        return (v.status_md, v.progress_html, v.plot, preview, v.preview_caption,
+        # The preview leaves runs/ as pixels (runs/ itself is never served). The runs list is relabelled from
+        # the same view as the status line; no value is sent, so a pick made while this poll ran is kept.
+        return (gr.Dropdown(choices=T.run_choices(jobs, v)), v.status_md, v.progress_html,
+                gr.LinePlot(value=v.loss, title=v.plot_title or None), v.preview, v.preview_caption,
                 gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
 
     def refresh_runs(current=None):
@@ -254,12 +255,14 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                             runs_refresh = gr.Button("↻ runs", size="sm", scale=1)
                         status = gr.Markdown(elem_id="train-status")
                         bar = gr.HTML()
-                        plot = gr.Image(label="Loss", type="pil", elem_id="loss-plot")
-                        preview = gr.Image(label="Latest preview", type="pil", elem_id="preview")
-                        preview_cap = gr.Markdown(elem_id="preview-caption")
+                        plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", x_title="step",
+                                           y_title="loss", color_title="", elem_id="loss-plot")
                         log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
+                # Full width: the captions above the rows stay readable at 1280 px.
+                preview = gr.Image(label="Previews", type="pil", elem_id="preview", buttons=["download", "fullscreen"])
+                preview_cap = gr.Markdown(elem_id="preview-caption")
                 timer = gr.Timer(1.0, active=False)
-                poll_out = [status, bar, plot, preview, preview_cap, log_box, timer]
+                poll_out = [run_dd, status, bar, plot, preview, preview_cap, log_box, timer]
                 named_errors(*inputs, data_kind, data_path, extra, overwrite)
                 start.click(do_start, [*inputs, data_kind, data_path, extra, overwrite, owner], [run_dd, timer, owner],
                             api_name="train_start")
@@ -287,10 +290,18 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 eval_btn.click(do_evaluate, eval_n, eval_dd, api_name="evaluate",
                                concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
 
-        # Fresh lists on every page load (a student or run that appeared since start shows up), then the
-        # page's ready signal: tests and scripts wait for #cdlab-ready, never for network idle.
+        # Fresh lists on every page load (a student or run that appeared since start shows up), the newest
+        # evaluation's table and plot shown (no click needed: the dropdown's change may not fire when its value
+        # is already the newest), the default Compare, then the page's ready signal: tests and scripts wait for
+        # #cdlab-ready, never for network idle.
         def on_load():
-            return refresh_columns(), refresh_runs(), refresh_evals()
+            names = E.evaluation_choices(evals_dir)
+            newest = names[0] if names else None
+            try:
+                shown = show_eval(newest)
+            except gr.Error:  # an unreadable evaluation: the list still loads; picking one says what is wrong
+                shown = (gr.skip(),) * 3
+            return (refresh_columns(), refresh_runs(), gr.Dropdown(choices=names, value=newest), *shown)
 
         # The page opens with a result: the default preset compared (its teacher columns cached after the
         # first visitor), then the ready signal.
@@ -300,7 +311,8 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
             except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
                 return ("", [], [], gr.HTML(visible=False), None, "")
 
-        demo.load(on_load, None, [columns, run_dd, eval_dd], api_visibility="private").then(
+        demo.load(on_load, None, [columns, run_dd, eval_dd, eval_table, eval_plot, eval_summary],
+                  api_visibility="private").then(
             prompt_notice, prompt, [notice, use_nearest, nearest], api_visibility="private").then(
             on_load_compare, compare_inputs, compare_outputs, api_visibility="private", **compare_kw).then(
             lambda: S.READY_HTML, None, ready, api_visibility="private")

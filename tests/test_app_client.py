@@ -123,8 +123,8 @@ def test_unreadable_dataset_folder_errors(client, app):
     (folder / "metadata.jsonl").write_bytes(b"\x00\xff\xfe")
     with pytest.raises(AppError, match="metadata.jsonl"):
         client.predict(*_form(data_kind="image folder", data_path=str(folder)), api_name="/train_start")
-    status = client.predict(None, api_name="/train_status")
-    assert "No run selected" in status[0]
+    status = client.predict(None, api_name="/train_status")  # (runs list, status line, bar, loss chart, ...)
+    assert "No run selected" in status[1] and status[3]["value"] is None and status[4] is None
 
 
 @pytest.mark.slow

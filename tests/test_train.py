@@ -79,9 +79,10 @@ def test_run_directory_student_and_card(tiny_pipe_dir, cache_dir, env):
     assert [s for s, _ in list_checkpoints(run)] == [4, 6]  # the last K = 2
     assert (list_checkpoints(run)[-1][1] / "ema.safetensors").is_file()
     previews = sorted(p.name for p in (run / "previews").glob("*.png"))
-    assert previews == ["step_000000.png", "step_000003.png", "step_000006.png"]
-    with Image.open(run / "previews" / "step_000006.png") as im:
-        assert im.size == (2 * 32 * 4, 32 * 4)  # 2 prompts in a row, 32 px upscaled 4x
+    assert previews == ["reference.png", "step_000000.png", "step_000003.png", "step_000006.png"]
+    for name in previews:
+        with Image.open(run / "previews" / name) as im:
+            assert im.size == (2 * 32 * 4, 32 * 4)  # one row: 2 prompts side by side, 32 px upscaled 4x
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 6 and status["student"] == "tiny-test"
     card = json.loads((env / "adapters" / "tiny-test" / "card.json").read_text())
@@ -121,7 +122,8 @@ def test_config_profiles_and_validation():
         from_dict({"max_steps": "ten"})
     for bad, match in (({"method": "dmd"}, "method"), ({"method": "mbcd", "num_boundaries": 1}, "num_boundaries"),
                        ({"step_size": 30}, "step_size"), ({"guidance": 5.0, "guidance_max": 2.0}, "guidance_max"),
-                       ({"loss_type": "l1"}, "loss_type")):
+                       ({"loss_type": "l1"}, "loss_type"), ({"preview_reference_steps": 1001}, "preview_reference_steps"),
+                       ({"preview_reference_steps": -1}, "preview_reference_steps")):
         with pytest.raises(ValueError, match=match):
             resolve(from_dict(bad), 32)
 
@@ -158,3 +160,50 @@ def test_gradient_checkpointing_same_result_and_bf16_accumulation_runs(tiny_pipe
     c = load_file(str(list_checkpoints(bf.run_dir)[-1][1] / "lora.safetensors"))
     assert all(v.dtype == torch.float32 for v in c.values())  # fp32 LoRA under bf16 autocast
     assert not all(torch.equal(c[k], a[k]) for k in a)
+
+
+def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_pipe_dir, cache_dir, env):
+    """previews/reference.png: the teacher, DDIM 50 with CFG at the run's guidance, from the student rows' noise;
+    written once (a resume keeps it byte for byte); the composed preview shows it above the student's rows."""
+    import numpy as np
+
+    from cdlab.samplers import ddim_timesteps, sample_ddim
+    from cdlab.teachers import load_teacher
+    from cdlab.train.trainer import preview_noise, preview_row
+    from cdlab.ui import previews as P
+
+    prompts = ["a small red circle in the center on a blue background",
+               "a large green square at the top left on a white background"]
+    cfg = _cfg(tiny_pipe_dir, cache_dir, run_name="ref", max_steps=2, checkpoint_every=2, preview_every=2,
+               guidance=3.0, guidance_max=3.0, preview_prompts=prompts, save_student=False)
+    run = train(cfg, log=_quiet).run_dir
+    ref = run / "previews" / "reference.png"
+    meta = json.loads((run / "previews" / "reference.json").read_text())
+    assert (meta["steps"], meta["guidance"], meta["nfe"], meta["prompts"]) == (50, 3.0, 100, prompts)
+    assert meta["seconds"] < 20  # a few seconds on a 2-core CPU
+    before = (ref.read_bytes(), ref.stat().st_mtime_ns)
+    resumed = train(dataclasses.replace(load_json(run / "config.json"), max_steps=4), resume=run, log=_quiet)
+    assert resumed.step == 4 and (ref.read_bytes(), ref.stat().st_mtime_ns) == before  # not recomputed
+    assert sorted(p.name for p in (run / "previews").glob("step_*.png")) == [
+        "step_000000.png", "step_000002.png", "step_000004.png"]
+
+    teacher = load_teacher(tiny_pipe_dir, device="cpu")  # the plain teacher, no LoRA, on its own
+    cond, uncond = teacher.encode(prompts)
+    x_T = preview_noise(2, teacher.unet.config.in_channels, 32 // teacher.pipe.vae_scale_factor)
+    out = sample_ddim(teacher.unet, x_T, cond, uncond, 3.0, ddim_timesteps(50), teacher.scheduler)
+    solo = np.asarray(preview_row(teacher.decode(out.latents)), dtype=np.int16)
+    with Image.open(ref) as im:
+        got = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert got.shape == solo.shape == (128, 256, 3) and np.abs(got - solo).max() <= 1
+    with Image.open(run / "previews" / "step_000000.png") as im:
+        student0 = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(student0 - got).mean() > 1  # 4 student steps are not the teacher's 50
+
+    ps = P.read_previews(run)
+    assert [r.label for r in ps.rows] == ["teacher-50 (CFG), reference", "student, 4 steps, at step 0",
+                                          "student, 4 steps, at step 4"]
+    img = P.compose(ps)
+    header = img.height - 3 * (128 + P.PAD) - P.PAD
+    assert img.width == P.LABEL_WIDTH + 256 + P.PAD and header > 2 * P.CAPTION_FONT
+    cells = np.asarray(img.convert("RGB"), dtype=np.int16)
+    assert np.array_equal(cells[header:header + 128, P.LABEL_WIDTH:P.LABEL_WIDTH + 256], got)

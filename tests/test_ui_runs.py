@@ -38,8 +38,31 @@ def test_read_metrics_dedupes_resumed_steps_and_skips_bad_lines(tmp_path):
     p = R.progress(rows, {"state": "running", "max_steps": 100})
     assert (p.step, p.max_steps, p.points) == (40, 100, 4)
     assert p.eta_s == pytest.approx(60.0)  # 1 step/s after the resume
-    img = R.loss_plot(rows, "r")
-    assert img.size[0] > 300
+
+    df = R.loss_frame(rows)  # the LinePlot's data: each series a function of the step, resumes marked
+    assert list(df.columns) == ["step", "loss", "series"]
+    assert df[df.series == "loss"].step.tolist() == [10, 20, 30, 40]
+    assert df[df.series == "loss"].loss.tolist() == pytest.approx([0.1, 0.1, 2 / 30, 0.05])
+    ema = df[df.series == "loss (EMA)"]
+    assert ema.step.tolist() == [10, 20, 30, 40] and ema.loss.iloc[0] == pytest.approx(0.1)
+    assert "probe loss" not in set(df.series)  # these metrics have none
+    mark = df[df.series == "resumed at step 20"]
+    assert mark.step.tolist() == [20, 20] and mark.loss.tolist() == pytest.approx([0.05, 0.1])
+    dup = df[df.duplicated(["step", "series"], keep=False)]  # only the resume mark has two rows at one step
+    assert set(dup.series) == {"resumed at step 20"} and len(dup) == 2
+
+
+def test_loss_frame_probe_series_and_long_runs_thinned():
+    rows = [{"step": s, "loss": 1.0 + (s % 7), "probe_loss": 1.0 / s if s % 2 else None} for s in range(1, 5001)]
+    df = R.loss_frame(rows, max_points=500)
+    loss, probe = df[df.series == "loss"], df[df.series == "probe loss"]
+    assert len(loss) == 500 and loss.step.iloc[0] == 1 and loss.step.iloc[-1] == 5000
+    assert loss.step.is_monotonic_increasing and loss.step.is_unique
+    assert len(probe) == 500 and probe.step.iloc[0] == 1 and probe.step.iloc[-1] == 4999
+    assert probe.loss.iloc[0] == pytest.approx(1.0) and (probe.step % 2 == 1).all()
+    assert set(df.series) == {"loss", "loss (EMA)", "probe loss"}  # no resume in these rows
+    empty = R.loss_frame([])
+    assert len(empty) == 0 and list(empty.columns) == ["step", "loss", "series"]
 
 
 def test_ema_is_debiased_and_smooths():
@@ -324,3 +347,105 @@ def test_evaluations_newest_first_and_table(tmp_path):
     for bad in ("nope", "../20250101-000000", "/etc", 5):
         with pytest.raises(ValueError, match="No evaluation"):
             E.load_view(tmp_path, bad)
+
+
+# ------------------------------------------------------------------------------------ the Train previews
+
+def _row_png(path, colors, size=128):
+    from PIL import Image
+
+    row = Image.new("RGB", (size * len(colors), size), "white")
+    for k, c in enumerate(colors):
+        row.paste(Image.new("RGB", (size, size), c), (k * size, 0))
+    row.save(path)
+
+
+PROMPTS = ["a small red circle at the top left on a blue background",
+           "a large green square in the center on a white background", "a triangle"]
+
+
+def _preview_run(tmp_path, student_steps=(0, 5, 10), reference=True):
+    run = tmp_path / "run"
+    (run / "previews").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"preview_prompts": PROMPTS, "sample_steps": 4}))
+    if reference:
+        _row_png(run / "previews" / "reference.png", [(255, 0, 0)] * 3)
+        (run / "previews" / "reference.json").write_text(json.dumps(
+            {"steps": 50, "guidance": 5.0, "nfe": 100, "prompts": PROMPTS}))
+    for s, c in zip(student_steps, [(0, 255, 0), (0, 0, 0), (0, 0, 255)]):
+        _row_png(run / "previews" / f"step_{s:06d}.png", [c] * 3)
+    return run
+
+
+def test_composed_preview_rows_labels_and_sizes(tmp_path):
+    import numpy as np
+
+    from cdlab.ui import previews as P
+
+    run = _preview_run(tmp_path)
+    ps = P.read_previews(run)
+    assert ps.prompts == PROMPTS and ps.student_steps == [0, 10]  # step 0 and the newest; step 5 is not shown
+    assert [r.label for r in ps.rows] == ["teacher-50 (CFG), reference", "student, 4 steps, at step 0",
+                                          "student, 4 steps, at step 10"]
+    img = P.compose(ps)
+    a = np.asarray(img.convert("RGB")).astype(int)
+    header = img.height - 3 * (128 + P.PAD) - P.PAD
+    assert img.width == P.LABEL_WIDTH + 3 * 128 + P.PAD
+    assert 2 * P.CAPTION_FONT < header < 8 * P.CAPTION_FONT  # the longest caption wraps onto a few lines
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):  # reference, step 0, step 10
+        y = header + i * (128 + P.PAD) + 64
+        for k in range(3):
+            assert tuple(a[y, P.LABEL_WIDTH + k * 128 + 64]) == color
+        label = a[y - 40:y + 40, :P.LABEL_WIDTH]
+        assert (label.sum(axis=2) < 300).sum() > 50  # text in the label column of every row
+    for k in range(3):  # each caption written above its own column
+        cap = a[:header, P.LABEL_WIDTH + k * 128:P.LABEL_WIDTH + (k + 1) * 128]
+        assert (cap.sum(axis=2) < 300).sum() > 30
+    assert (a[:header, :P.LABEL_WIDTH].sum(axis=2) < 300).sum() == 0  # the header's label corner stays blank
+    text = P.caption(ps)
+    assert text.startswith("preview at step 10") and "step 0 and step 10" in text and "DDIM 50 steps, CFG 5" in text
+    from PIL import Image, ImageDraw
+
+    fnt = P.font(P.CAPTION_FONT)
+    lines = P.wrap(PROMPTS[0], 120, fnt)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert len(lines) >= 3 and " ".join(lines) == PROMPTS[0]
+    assert all(draw.textlength(line, font=fnt) <= 120 for line in lines)
+
+
+def test_composed_preview_without_reference_or_later_step_and_large_rows(tmp_path):
+    from cdlab.ui import previews as P
+
+    run = _preview_run(tmp_path, student_steps=(0,), reference=False)
+    ps = P.read_previews(run)
+    assert [r.label for r in ps.rows] == ["student, 4 steps, at step 0"]
+    assert "no teacher reference" in P.caption(ps)
+    big = _preview_run(tmp_path / "big", student_steps=(0, 3))
+    for f in (big / "previews").glob("*.png"):
+        _row_png(f, [(9, 9, 9)] * 3, size=512)  # SD1.5's 512 px previews are shown at MAX_CELL
+    img = P.compose(P.read_previews(big))
+    assert img.width == P.LABEL_WIDTH + 3 * P.MAX_CELL + P.PAD
+    empty = tmp_path / "empty"
+    (empty / "previews").mkdir(parents=True)
+    assert P.compose(P.read_previews(empty)) is None and P.caption(P.read_previews(empty)) == "no preview yet"
+
+
+def test_poll_and_runs_list_agree(tmp_path):
+    runs = tmp_path / "runs"
+    run = _preview_run(runs)  # runs/run
+    (run / "status.json").write_text(json.dumps(
+        {"state": "running", "step": 3, "max_steps": 300, "pid": os.getpid(), "updated": time.time()}))
+    _metrics(run, [{"step": s, "loss": 1.0, "max_steps": 300} for s in range(1, 51)])
+    other = runs / "older"
+    other.mkdir()
+    (other / "status.json").write_text(json.dumps({"state": "finished", "step": 9, "max_steps": 9, "updated": 1.0}))
+    jobs = JobManager(runs, model="tiny")
+    v = T.poll(jobs, "run")
+    assert "**running** · step 50/300" in v.status_md and (v.step, v.max_steps) == (50, 300)
+    labels = dict((n, lab) for lab, n in T.run_choices(jobs, v))
+    assert labels["run"].startswith("run · running · step 50/300 · ")  # status.json says step 3: the view wins
+    assert labels["older"].startswith("older · finished · step 9/9")
+    assert dict((n, lab) for lab, n in T.run_choices(jobs))["run"].startswith("run · running · step 3/300")
+    assert v.preview is not None and v.preview.width == T.previews_mod.LABEL_WIDTH + 3 * 128 + T.previews_mod.PAD
+    assert v.preview_caption.startswith("preview at step 10") and list(v.loss.columns) == ["step", "loss", "series"]
+    assert T.poll(jobs, "run").preview is v.preview  # unchanged files: not composed again

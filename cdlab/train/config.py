@@ -74,6 +74,7 @@ class TrainConfig:
     probe_size: int | None = None        # profile default (16; sd15-random: 2): fixed batch (fixed t, noise) whose loss is logged
     preview_every: int = 250             # 0 = previews off (one is still written at the end if > 0)
     preview_prompts: list[str] | None = None  # profile default: tiny captions / the course's 8 prompts
+    preview_reference_steps: int = 50    # the teacher's DDIM steps (with CFG) for previews/reference.png; 0 = none
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
 
@@ -165,6 +166,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "loss_scale": (1.0, 2.0 ** 100),
     "seed": (0, 2**31 - 1), "threads": (0, 1024),
     "log_every": (1, 10_000_000), "probe_size": (0, 4096), "preview_every": (0, 10_000_000),
+    "preview_reference_steps": (0, 1000),
     "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -7,7 +7,7 @@
 One step: a batch of cached latents and text embeddings -> `cdlab.loss.consistency_loss` (the teacher is the
 same UNet with its LoRA disabled) -> backward through the LoRA weights only (fp32, under fp16/bf16 autocast
 when asked) -> clip -> AdamW. The run directory (``$CDLAB_RUNS_DIR`` or ``<repo>/runs``) holds
-``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/step_*.png`` and ``checkpoints/ckpt_*``
+``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/`` (``reference.png``, ``step_*.png``) and ``checkpoints/ckpt_*``
 (written under a temporary name and renamed, the last ``keep_checkpoints`` kept). SIGTERM / SIGINT save
 a checkpoint and stop cleanly; ``--resume`` continues from the newest complete checkpoint with the LoRA,
 optimiser, LR schedule, step and RNG states restored, so a resumed run repeats an uninterrupted one.
@@ -92,6 +92,29 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: 
         except ImportError:
             log("optimizer: bitsandbytes not installed, using torch AdamW")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+REFERENCE_NAME = "reference.png"  # previews/: the teacher's reference row, beside step_XXXXXX.png
+
+
+def preview_noise(n: int, channels: int, size: int) -> torch.Tensor:
+    """The fixed initial noise of a run's ``n`` previews, ``[n, channels, size, size]`` on the CPU: image ``i``
+    from ``torch.Generator().manual_seed(i)``, the same for the teacher's reference and every student row."""
+    return torch.cat([torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(i))
+                      for i in range(n)])
+
+
+def preview_row(images: list) -> Any:
+    """One preview row: the images side by side, upscaled 4x (nearest) when they are under 128 px wide."""
+    from PIL import Image
+
+    w, h = images[0].size
+    row = Image.new("RGB", (len(images) * w, h), "white")
+    for k, im in enumerate(images):
+        row.paste(im, (k * w, 0))
+    if w < 128:  # tiny images: upscale so the row is readable
+        row = row.resize((row.width * 4, row.height * 4), Image.Resampling.NEAREST)
+    return row
 
 
 class Trainer:
@@ -469,36 +492,64 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- previews
 
+    def _preview_inputs(self) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The run's fixed preview captions, their (cond, uncond) embeddings and their fixed initial noise."""
+        prompts = list(self.cfg.preview_prompts)
+        cond, uncond = self.teacher.encode(prompts)
+        x_T = preview_noise(len(prompts), self.teacher.pipe.unet.config.in_channels,
+                            self.cfg.resolution // self.teacher.pipe.vae_scale_factor)
+        return prompts, cond, uncond, x_T.to(self.device, self.teacher.pipe.unet.dtype)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else torch.no_grad()
+
+    def _write_row(self, images: list, name: str) -> Path:
+        path = self.run_dir / "previews" / name
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        preview_row(images).save(tmp)
+        os.replace(tmp, path)
+        return path
+
     @torch.no_grad()
     def preview(self) -> Path | None:
+        """The student's row at this step, ``previews/step_<step>.png``: one image per preview caption, from the
+        run's fixed noise, with the student's own sampler timesteps."""
         if not self.acc.is_main_process or not self.cfg.preview_prompts:
             return None
-        from PIL import Image
-
         from cdlab.samplers import sample_consistency
 
-        cfg, pipe = self.cfg, self.teacher.pipe
-        prompts = list(cfg.preview_prompts)
-        cond = self.teacher.encode(prompts)[0]
-        h = cfg.resolution // pipe.vae_scale_factor
-        x_T = torch.cat([torch.randn((1, pipe.unet.config.in_channels, h, h), generator=torch.Generator().manual_seed(i))
-                         for i in range(len(prompts))]).to(self.device, pipe.unet.dtype)
-        ctx = torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else torch.no_grad()
-        with ctx:
+        _, cond, _, x_T = self._preview_inputs()
+        with self._autocast():
             out = sample_consistency(self.unet, x_T, cond, self.sampler_timesteps, self.teacher.scheduler)
+        return self._write_row(self.teacher.decode(out.latents), f"step_{self.step:06d}.png")
+
+    @torch.no_grad()
+    def preview_reference(self) -> Path | None:
+        """The teacher's reference row, ``previews/reference.png``: DDIM with ``preview_reference_steps`` steps and
+        CFG at the run's guidance, LoRA off, from the same noise as the student's rows. Written once per run:
+        an existing one (a resumed run) is kept. ``previews/reference.json`` says how it was made."""
+        cfg = self.cfg
+        if not self.acc.is_main_process or not cfg.preview_prompts or not cfg.preview_reference_steps:
+            return None
+        path = self.run_dir / "previews" / REFERENCE_NAME
+        if path.is_file():
+            return path
+        from cdlab.loss import adapters_disabled
+        from cdlab.samplers import ddim_timesteps, sample_ddim
+
+        t0 = time.perf_counter()
+        prompts, cond, uncond, x_T = self._preview_inputs()
+        with self._autocast(), adapters_disabled(self.unet):
+            out = sample_ddim(self.unet, x_T, cond, uncond, float(cfg.guidance),
+                              ddim_timesteps(cfg.preview_reference_steps, cfg.num_train_timesteps),
+                              self.teacher.scheduler)
         images = self.teacher.decode(out.latents)
-        cols = min(4, len(images))
-        rows = math.ceil(len(images) / cols)
-        w, hh = images[0].size
-        grid = Image.new("RGB", (cols * w, rows * hh), "white")
-        for k, im in enumerate(images):
-            grid.paste(im, ((k % cols) * w, (k // cols) * hh))
-        if w < 128:  # tiny images: upscale so the grid is readable
-            grid = grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST)
-        path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        grid.save(tmp)
-        os.replace(tmp, path)
+        write_json_atomic(path.with_suffix(".json"), {
+            "steps": cfg.preview_reference_steps, "guidance": float(cfg.guidance), "nfe": out.nfe,
+            "prompts": prompts, "seconds": round(time.perf_counter() - t0, 3)})
+        path = self._write_row(images, REFERENCE_NAME)
+        self.log(f"preview reference: teacher-{cfg.preview_reference_steps} (CFG {cfg.guidance:g}) in "
+                 f"{time.perf_counter() - t0:.1f} s")
         return path
 
     # -------------------------------------------------------------------------------------- loop
@@ -576,8 +627,10 @@ class Trainer:
         state = "finished"
         try:
             self.status("running", f"step {self.step}")
+            if cfg.preview_every:
+                self.preview_reference()  # once per run: kept across resumes
             if self.step == 0 and cfg.preview_every:
-                self.preview()
+                self.preview()  # "before": the student at step 0, before any update
             losses, norms, step_time, window_steps = [], [], 0.0, 0
             mfile = self.run_dir / "metrics.jsonl"
             while self.step < cfg.max_steps:

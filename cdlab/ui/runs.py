@@ -1,13 +1,12 @@
-"""Reading training run directories (written by ``cdlab.train``): metrics, status, previews, the loss plot.
+"""Reading training run directories (written by ``cdlab.train``): metrics, status, previews, the loss chart's data.
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per line with ``step``,
-``loss``, ``lr``, ``samples_per_s``, ``elapsed_s``, ``peak_mem_mb``, ``max_steps``),
-``previews/step_XXXXXX.png``, ``checkpoints/ckpt_XXXXXX/`` and ``status.json``. Runs started from
-the CLI and from the app look the same, so the app lists both.
+``loss``, ``lr``, ``samples_per_s``, ``elapsed_s``, ``peak_mem_mb``, ``max_steps``), ``previews/``
+(``reference.png`` and ``step_XXXXXX.png``: see `cdlab.ui.previews`), ``checkpoints/ckpt_XXXXXX/`` and
+``status.json``. Runs started from the CLI and from the app look the same, so the app lists both.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -218,40 +217,53 @@ def progress_html(p: Progress, state: str) -> str:
     )
 
 
-def loss_plot(rows: list[dict[str, Any]], title: str = ""):
-    """The loss curve against step as a PIL image: raw points faint, EMA-smoothed line, resumes dashed."""
-    import matplotlib
+LOSS_SERIES = ("loss", "loss (EMA)", "probe loss")
+MAX_PLOT_POINTS = 1500  # raw points per series sent to the browser each poll (the EMA is over every row)
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from PIL import Image
 
-    fig = Figure(figsize=(6, 3.2), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    if rows:
-        steps = [int(r["step"]) for r in rows]
-        loss = [float(r["loss"]) for r in rows]
-        ax.plot(steps, loss, "o", ms=2.5, alpha=0.35, color="C0", label="loss")
-        ax.plot(steps, ema(loss), "-", lw=2, color="C0", label="smoothed")
-        probe = [(int(r["step"]), float(r["probe_loss"])) for r in rows if r.get("probe_loss") is not None]
-        if probe:  # the trainer's fixed probe batch: a low-noise curve of the same loss
-            ax.plot([s for s, _ in probe], [v for _, v in probe], "-", lw=1.2, color="C1", label="probe loss")
+def _thin(idx: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of the indices ``idx``, evenly spread, the first and the last kept."""
+    if len(idx) <= limit:
+        return idx
+    k = (len(idx) - 1) / (limit - 1)
+    return sorted({idx[round(i * k)] for i in range(limit)})
+
+
+def loss_frame(rows: list[dict[str, Any]], max_points: int = MAX_PLOT_POINTS):
+    """The loss chart's data as a long pandas DataFrame: columns ``step`` (int), ``loss`` (float), ``series``.
+
+    Series: ``"loss"`` (each logged point), ``"loss (EMA)"`` (`ema` of it), ``"probe loss"`` (the trainer's
+    fixed probe batch, when logged) and, for each resume point S, ``"resumed at step S"``: two rows at step S
+    spanning the loss range, drawn as a vertical line. ``rows`` come from `read_metrics`, one per step (a
+    resumed run's replayed steps appear once), so every series is a function of the step. Long runs are
+    thinned to ``max_points`` rows per series (first and last kept)."""
+    import pandas as pd
+
+    cols = {"step": [], "loss": [], "series": []}
+
+    def add(series: str, steps: list[int], values: list[float]) -> None:
+        cols["step"] += steps
+        cols["loss"] += values
+        cols["series"] += [series] * len(steps)
+
+    steps = [int(r["step"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    keep = _thin(list(range(len(rows))), max_points)
+    smooth = ema(loss)
+    add("loss", [steps[i] for i in keep], [loss[i] for i in keep])
+    add("loss (EMA)", [steps[i] for i in keep], [smooth[i] for i in keep])
+    probe = [i for i, r in enumerate(rows) if r.get("probe_loss") is not None and math.isfinite(float(r["probe_loss"]))]
+    if probe:
+        probe = _thin(probe, max_points)
+        add("probe loss", [steps[i] for i in probe], [float(rows[i]["probe_loss"]) for i in probe])
+    finite = [v for v in cols["loss"] if math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
         for s in resume_points(rows):
-            ax.axvline(s, ls="--", lw=1, color="gray")
-        if all(v > 0 for v in loss) and max(loss) / max(min(loss), 1e-12) > 30:
-            ax.set_yscale("log")
-        ax.legend(loc="upper right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no loss points yet", ha="center", va="center", transform=ax.transAxes, color="gray")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+            add(f"resumed at step {s}", [s, s], [lo, hi])
+    return pd.DataFrame({"step": pd.Series(cols["step"], dtype="int64"),
+                         "loss": pd.Series(cols["loss"], dtype="float64"),
+                         "series": pd.Series(cols["series"], dtype="object")})
 
 
 def latest_preview(run_dir: Path) -> tuple[Path, int] | None:

@@ -1,4 +1,4 @@
-"""The Train tab's logic: what one poll of a run shows (status, progress, loss plot, preview)."""
+"""The Train tab's logic: what one poll of a run shows (status, progress, loss chart data, labelled preview)."""
 from __future__ import annotations
 
 import math
@@ -6,37 +6,76 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdlab.ui import previews as previews_mod
 from cdlab.ui import runs as runs_mod
 from cdlab.ui.jobs import JobManager
 
 
 @dataclass
 class RunView:
-    """Everything the Train tab displays for one run."""
+    """Everything the Train tab displays for one run (one poll)."""
 
     run_name: str
     state: str
     status_md: str
     progress_html: str
-    plot: Any  # PIL image of the loss curve
-    preview: Path | None
+    loss: Any  # pandas DataFrame for the LinePlot (`cdlab.ui.runs.loss_frame`): step, loss, series; None before
+    #            the first loss point (Gradio 6.31's LinePlot fails to draw later data after an empty frame)
+    plot_title: str
+    preview: Any  # PIL image: the labelled, composed preview (`cdlab.ui.previews.compose`), or None
     preview_caption: str
     log_tail: str
     active: bool  # keep polling
+    step: int = 0
+    max_steps: int = 0
+
+    def label(self, updated: float = 0.0) -> str:
+        """The runs dropdown's label for this run: the same state and step as the status line."""
+        return runs_mod.RunInfo(self.run_name, Path(self.run_name), self.state, self.step, self.max_steps,
+                                updated=updated).label()
 
 
 def empty_view() -> RunView:
-    return RunView("", "", "_No run selected. Start one, or pick a run from the list._", "", None, None, "", "", False)
+    """The view with no run selected."""
+    return RunView("", "", "_No run selected. Start one, or pick a run from the list._", "", None, "", None, "", "",
+                   False)
+
+
+def _signature(ps: previews_mod.PreviewSet) -> tuple:
+    sig = []
+    for r in ps.rows:
+        try:
+            st = r.path.stat()
+            sig.append((r.label, str(r.path), st.st_mtime_ns, st.st_size))
+        except OSError:
+            sig.append((r.label, str(r.path), 0, 0))
+    return tuple(ps.prompts), tuple(sig)
+
+
+_COMPOSED: dict[tuple, Any] = {}  # signature -> composed image: a poll a second re-composes only on change
+
+
+def composed_preview(run_dir: Path) -> tuple[Any, str]:
+    """The run's labelled preview (PIL image or None) and its caption, re-composed only when a file changed."""
+    ps = previews_mod.read_previews(run_dir)
+    if not ps.rows:
+        return None, previews_mod.caption(ps)
+    sig = _signature(ps)
+    if sig not in _COMPOSED:
+        if len(_COMPOSED) > 16:
+            _COMPOSED.clear()
+        _COMPOSED[sig] = previews_mod.compose(ps)
+    return _COMPOSED[sig], previews_mod.caption(ps)
 
 
 def poll(jobs: JobManager, run_name: str | None) -> RunView:
-    """Read a run directory once: its state (with this app's process knowledge), metrics and newest preview."""
+    """Read a run directory once: its state (with this app's process knowledge), metrics and previews."""
     if not run_name:
         return empty_view()
     run_dir = jobs.runs_dir / run_name
     if not run_dir.is_dir():
-        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "", None, None, "",
-                       "", False)
+        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "", None, "", None,
+                       "", "", False)
     st = jobs.state(run_name)
     state = str(st.get("state", "queued"))
     rows = runs_mod.read_metrics(run_dir)
@@ -49,11 +88,11 @@ def poll(jobs: JobManager, run_name: str | None) -> RunView:
     log = str(st.get("log_tail") or "")
     if state == "failed" and log:
         status_md += "  \nThe trainer failed; the last lines of its log are below."
-    prev = runs_mod.latest_preview(run_dir)
-    caption = f"preview at step {prev[1]}" if prev else "no preview yet"
+    image, caption = composed_preview(run_dir)
     title = f"{run_name} (resumed at step {', '.join(map(str, p.resumes))})" if p.resumes else run_name
-    return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), runs_mod.loss_plot(rows, title),
-                   prev[0] if prev else None, caption, log, state in runs_mod.ACTIVE_STATES)
+    loss = runs_mod.loss_frame(rows) if rows else None
+    return RunView(run_name, state, status_md, runs_mod.progress_html(p, state), loss, title,
+                   image, caption, log, state in runs_mod.ACTIVE_STATES, step=p.step, max_steps=p.max_steps)
 
 
 def read_image(path: Path | None):
@@ -69,9 +108,18 @@ def read_image(path: Path | None):
         return None
 
 
-def run_choices(jobs: JobManager) -> list[tuple[str, str]]:
-    """(label, name) pairs for the runs dropdown: every run directory, the CLI's included, newest first."""
-    return [(r.label(), r.name) for r in runs_mod.list_runs(jobs.runs_dir)]
+def run_choices(jobs: JobManager, current: RunView | None = None) -> list[tuple[str, str]]:
+    """(label, name) pairs for the runs dropdown: every run directory, the CLI's included, newest first.
+
+    ``current`` (the view a poll just built) relabels its run with the state and step of the status line,
+    so the list and the status always agree."""
+    out = []
+    for r in runs_mod.list_runs(jobs.runs_dir):
+        if current is not None and r.name == current.run_name and current.state not in ("", "missing"):
+            out.append((current.label(r.updated), r.name))
+        else:
+            out.append((r.label(), r.name))
+    return out
 
 
 # ------------------------------------------------------------------------------ the form

@@ -129,6 +129,50 @@ def start_training(page, student: str, timeout_ms: int = 180_000, extra: str = Q
         " && document.querySelector('#preview img') !== null", timeout=timeout_ms)
 
 
+# The status line and the selected run's label in the runs list, read in one go (one DOM snapshot):
+# [status state, status step, list state, list step], or null while either is not there yet.
+_STATUS_AND_LIST = """() => {
+  const s = (document.querySelector('#train-status') || {}).innerText || '';
+  const d = (document.querySelector('#runs input') || {}).value || '';
+  const a = s.match(/\\b(queued|running|stopping|finishing|finished|failed|stopped)\\b[^\\n]*?step (\\d+)\\//);
+  const b = d.match(/ · (\\w+) · step (\\d+)\\//);
+  return a && b ? [a[1], parseInt(a[2]), b[1], parseInt(b[2])] : null; }"""
+
+
+def status_and_list(page) -> list | None:
+    """[state, step] of the status line and of the selected run's label in the runs list, read at once."""
+    return page.evaluate(_STATUS_AND_LIST)
+
+
+def wait_status_and_list_agree(page, state: str, min_step: int = 1, timeout_ms: int = 60_000) -> list:
+    """Wait until the status line and the runs list both say ``state`` at the same step (>= ``min_step``)."""
+    page.wait_for_function(
+        f"([st, k]) => {{ const r = ({_STATUS_AND_LIST})(); return r && r[0] === st && r[2] === st"
+        " && r[1] === r[3] && r[1] >= k; }", arg=[state, min_step], timeout=timeout_ms)
+    return status_and_list(page)
+
+
+def wait_preview_rows(page, min_step: int = 1, timeout_ms: int = 120_000) -> str:
+    """Wait until the preview caption says the student is shown at step 0 and at a step >= ``min_step`` under the
+    teacher's reference, and the composed image is on the page; returns the caption."""
+    page.wait_for_function(
+        "k => { const t = (document.querySelector('#preview-caption')||{}).innerText || '';"
+        " const m = t.match(/at step 0 and step (\\d+), under the teacher's reference/);"
+        " const i = document.querySelector('#preview img');"
+        " return m && parseInt(m[1]) >= k && i && i.complete && i.naturalWidth > 0; }",
+        arg=min_step, timeout=timeout_ms)
+    return page.locator("#preview-caption").inner_text()
+
+
+def wait_loss_chart(page, timeout_ms: int = 60_000) -> int:
+    """Wait until the loss LinePlot has drawn lines (svg paths) with a y axis; returns the number of paths."""
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#loss-plot svg');"
+        " return s && s.querySelectorAll('path.mark-line, g.mark-line path, path[aria-roledescription=\"line mark\"]').length >= 2"
+        " && /loss/.test(s.textContent || ''); }", timeout=timeout_ms)
+    return page.locator("#loss-plot svg path").count()
+
+
 def stop_training(page, timeout_ms: int = 120_000) -> str:
     """Click Stop and wait until the status settles on a final state; returns it."""
     page.locator("#train-stop").click()

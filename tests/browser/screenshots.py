@@ -3,7 +3,8 @@
     python tests/browser/screenshots.py [--model tiny] [--out docs/screenshots]
 
 Serves the app on a scratch runs/adapters folder (two random students, a short training run), runs a
-Compare with trajectories, and saves compare.png, train.png and evaluate.png.
+Compare with trajectories, and saves compare.png, train.png (at 1280x800, once the labelled preview shows the
+student at step 0 and a later step under the teacher's reference) and evaluate.png.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from drive import launch_browser, open_app, run_compare, start_training  # noqa: E402
+from drive import (launch_browser, open_app, run_compare, start_training, wait_loss_chart,  # noqa: E402
+                   wait_preview_rows)
 
 
 def main(argv=None) -> int:
@@ -53,9 +55,15 @@ def main(argv=None) -> int:
         page.get_by_label("Show trajectory").check()
         run_compare(page, 2 + len(students))
         page.screenshot(path=str(out / "compare.png"), full_page=True)
+        # Train at 1280x800 (issue 11): the labelled preview (teacher reference, student at step 0 and now) and
+        # the loss chart drawn in the browser.
+        page.set_viewport_size({"width": 1280, "height": 800})
         start_training(page, "screenshot-student")
-        page.wait_for_timeout(4000)
+        wait_preview_rows(page, min_step=6)
+        wait_loss_chart(page)
+        page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "train.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 1100})
         page.locator("#train-stop").click()
         page.get_by_role("tab", name="Evaluate").click()
         page.wait_for_timeout(1500)
