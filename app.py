@@ -29,7 +29,9 @@ from cdlab.ui import train_tab as T
 from cdlab.ui.jobs import JobError, JobManager, new_owner_token
 
 log = logging.getLogger("cdlab.app")
-CSS = ".cdlab-header {font-size: 0.95em} #compare-gallery img {image-rendering: pixelated}" + V.CSS
+CSS = (".cdlab-header {font-size: 0.95em} .cdlab-header h2 {margin: 0 0 2px 0} "
+       "#compare-legend {font-size: 0.8em; opacity: 0.85} #compare-info {font-size: 0.85em} "
+       "#compare-gallery img {image-rendering: pixelated}" + V.CSS)
 USER_ERRORS = (ValueError, JobError, FileNotFoundError, KeyError)  # InputError, StudentError: ValueErrors
 
 
@@ -169,44 +171,48 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     do_evaluate = H.gpu(do_evaluate, duration=600)
 
     with gr.Blocks(title="cdlab: consistency distillation lab") as demo:
-        gr.Markdown("# cdlab · consistency distillation lab")
-        gr.Markdown(S.header_line(teacher), elem_classes=["cdlab-header"], elem_id="header")
+        gr.Markdown("**cdlab** · consistency distillation lab · " + S.header_line(teacher), elem_classes=["cdlab-header"],
+                    elem_id="header")
         ready = gr.HTML("", elem_id="app-ready", padding=False)
         owner = gr.BrowserState("", storage_key="cdlab-owner")  # this browser's token: stop/resume own runs
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
+                # Controls on the left, the result on the right: at 1280x800 the default comparison's columns
+                # and their labels are on screen when the page opens.
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=1, min_width=330):
                         prompt = gr.Textbox(label="Prompt", value=presets[0], lines=2, max_lines=4, elem_id="prompt")
-                        preset = gr.Dropdown(presets, label="Presets", value=None)
-                    with gr.Column(scale=2):
                         with gr.Row():
-                            seed = gr.Number(label="Seed", value=0, precision=0)  # range checked by C.validate_request
-                            rand = gr.Button("random seed", size="sm")  # words: no emoji font needed
+                            notice = gr.Markdown(visible=False, elem_id="prompt-notice")
+                        use_nearest = gr.Button("use the nearest caption", size="sm", visible=False,
+                                                elem_id="use-nearest")
+                        preset = gr.Dropdown(presets, label="Presets", value=None)
+                        run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+                        with gr.Row(equal_height=True):
+                            seed = gr.Number(label="Seed", value=0, precision=0, scale=2, min_width=90)  # C.validate_request
+                            rand = gr.Button("random seed", size="sm", scale=1, min_width=90)  # words: no emoji font
                         guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5,
                                              label="Teacher guidance (CFG)")
                         steps = gr.Radio([str(k) for k in C.STUDENT_STEPS], value="4", label="Student steps")
-                choices = comparer.column_choices()
-                with gr.Row():
-                    columns = gr.CheckboxGroup(choices, value=choices, label="Columns", scale=5)
-                    refresh = gr.Button("↻ columns", size="sm", scale=1, elem_id="refresh-columns")
-                with gr.Row():
-                    show_traj = gr.Checkbox(label="Show trajectory (x0 prediction after each step)")
-                    run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
-                with gr.Row():
-                    notice = gr.Markdown(visible=False, elem_id="prompt-notice")
-                    use_nearest = gr.Button("use the nearest caption", size="sm", visible=False, scale=0,
-                                            elem_id="use-nearest")
+                        choices = comparer.column_choices()
+                        columns = gr.CheckboxGroup(choices, value=choices, label="Columns")
+                        with gr.Row(equal_height=True):
+                            show_traj = gr.Checkbox(label="Show trajectory (x_t, x̂0 per step)", scale=3,
+                                                    elem_id="show-trajectory")
+                            refresh = gr.Button("↻ columns", size="sm", scale=1, min_width=90,
+                                                elem_id="refresh-columns")
+                    with gr.Column(scale=3):
+                        info = gr.Markdown(elem_id="compare-info")
+                        row = gr.HTML(elem_id="compare-row", padding=False)
+                        gr.Markdown(V.LEGEND, elem_id="compare-legend")
+                        traj = gr.HTML(visible=False, elem_id="trajectory", padding=False)
+                        with gr.Accordion("Images and timings (as the API returns them)", open=False):
+                            gallery = gr.Gallery(label="Columns", height="auto", elem_id="compare-gallery",
+                                                 object_fit="contain")
+                            table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
+                                                 label="Timings", interactive=False)
+                        download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
                 nearest = gr.State("")
-                gr.Markdown(V.LEGEND, elem_id="compare-legend", elem_classes=["cdlab-header"])
-                info = gr.Markdown(elem_id="compare-info")
-                row = gr.HTML(elem_id="compare-row", padding=False)
-                traj = gr.HTML(visible=False, elem_id="trajectory", padding=False)
-                with gr.Accordion("Images and timings (as the API returns them)", open=False):
-                    gallery = gr.Gallery(label="Columns", height="auto", elem_id="compare-gallery", object_fit="contain")
-                    table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
-                                         label="Timings", interactive=False)
-                download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
                 preset.change(lambda p: p or gr.skip(), preset, prompt, api_visibility="private")
                 rand.click(C.random_seed, None, seed, api_name="random_seed")
                 refresh.click(refresh_columns, None, columns, api_name="refresh_columns")

@@ -72,7 +72,7 @@ def test_compare_same_noise_nfe_and_speedup(setup):
     from cdlab.ui.compare_view import columns_html, trajectory_html
 
     row, grid = columns_html(res), trajectory_html(res)
-    assert row.count("<figure") == 4 and "NFE 100" in row and "speed-up vs teacher-50" in row
+    assert row.count("<figure") == 4 and "NFE 100" in row and "vs teacher-50" in row
     assert grid.count("<tr>") == 1 + 4 and "t = 750" in grid and grid.count("no step here") == 4
 
 

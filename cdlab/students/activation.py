@@ -314,28 +314,13 @@ def swapped_student(pipe: Any, name: str) -> Iterator[int]:
         raise StudentError(
             f"student {name!r} is not loaded on this pipeline (loaded: {sorted(_loaded(pipe)) or 'none'}); "
             "call load_student or load_external_student first")
-    unet = _unwrap(pipe.unet)
-    cache = getattr(unet, _SWAP_ATTR, None)
-    if not isinstance(cache, dict):
-        cache = {}
-        object.__setattr__(unet, _SWAP_ATTR, cache)
-    fp = _loaded_files(pipe).get(name)
-    entry = cache.pop(name, None)
-    if entry is None or entry[0] != fp:
-        tensors = _fused_tensors(pipe, name)
-        if tensors is None:
-            activate_student(pipe, name)
-            with fused_student(pipe, name) as n:
-                yield n
-            return
-        entry = (fp, tensors)
-    cache[name] = entry  # newest last
-    total = 0
-    for key in list(cache)[::-1]:
-        total += sum(t.numel() * t.element_size() for _, t in cache[key][1])
-        if total > SWAP_CACHE_BYTES and key != name:
-            cache.pop(key)
-    pairs = entry[1]
+    entry = fused_weights(pipe, name)
+    if entry is None:
+        activate_student(pipe, name)
+        with fused_student(pipe, name) as n:
+            yield n
+        return
+    pairs = entry
     if _loaded(pipe):
         pipe.disable_lora()
     originals = [p.data for p, _ in pairs]
@@ -346,6 +331,32 @@ def swapped_student(pipe: Any, name: str) -> Iterator[int]:
     finally:
         for (p, _), orig in zip(pairs, originals):
             p.data = orig
+
+
+def fused_weights(pipe: Any, name: str) -> list[tuple[Any, Any]] | None:
+    """The fused weights `swapped_student` swaps in for loaded adapter ``name``: computed on first use and kept
+    per version of its file (up to `SWAP_CACHE_BYTES` in all, least recently used dropped); None when the
+    student is not vanilla LoRA. Call it ahead of time to keep the computation out of a timed block."""
+    pipe, _ = _pipe_and_base(pipe, None)
+    unet = _unwrap(pipe.unet)
+    cache = getattr(unet, _SWAP_ATTR, None)
+    if not isinstance(cache, dict):
+        cache = {}
+        object.__setattr__(unet, _SWAP_ATTR, cache)
+    fp = _loaded_files(pipe).get(name)
+    entry = cache.pop(name, None)
+    if entry is None or entry[0] != fp:
+        tensors = _fused_tensors(pipe, name)
+        if tensors is None:
+            return None
+        entry = (fp, tensors)
+    cache[name] = entry  # newest last
+    total = 0
+    for key in list(cache)[::-1]:
+        total += sum(t.numel() * t.element_size() for _, t in cache[key][1])
+        if total > SWAP_CACHE_BYTES and key != name:
+            cache.pop(key)
+    return entry[1]
 
 
 def forget_swapped(pipe: Any, name: str | None = None) -> None:

@@ -89,7 +89,8 @@ class Column:
 class ColumnResult:
     """One column's image, numbers and (optionally) its trajectory, aligned to the request's timestep grid.
 
-    ``seconds`` is the wall time of the work that produced the column: when the micro-batcher served
+    ``seconds`` is the wall time of the sampling that produced the column (activation, the sampler and
+    decoding; loading an adapter the first time is ``load_seconds``, shown apart): when the micro-batcher served
     ``batch`` requests together, that call made all ``batch`` images, and ``seconds_per_image`` is
     ``seconds / batch``. A teacher column served from the cache (same prompt, seed and guidance as an
     earlier request) keeps the time it was measured with and has ``cached=True``.
@@ -105,6 +106,7 @@ class ColumnResult:
     method: str = ""
     batch: int = 1
     cached: bool = False
+    load_seconds: float = 0.0  # reading the adapter / preparing its weights (first use only), not in ``seconds``
     timesteps: list[int] = field(default_factory=list)  # where the network was evaluated
     # The trajectory on the request's grid (`CompareResult.grid`): one entry per grid timestep, None where
     # this column has no step near it. x0: the prediction at that step; xt: the latent it was made from.
@@ -122,10 +124,14 @@ class ColumnResult:
 
     def timing_text(self) -> str:
         if self.cached:
-            return f"{self.seconds:.2f} s (cached)"
-        if self.batch > 1:
-            return f"{self.seconds:.2f} s for {self.batch} requests at once"
-        return f"{self.seconds:.2f} s"
+            text = f"{self.seconds:.2f} s (cached)"
+        elif self.batch > 1:
+            text = f"{self.seconds:.2f} s for {self.batch} requests at once"
+        else:
+            text = f"{self.seconds:.2f} s"
+        if self.load_seconds >= 0.05:
+            text += f" (+{self.load_seconds:.2f} s loading, first use)"
+        return text
 
     def caption(self) -> str:
         """The column's full label in one line (the gallery caption, the API)."""
@@ -138,7 +144,7 @@ class ColumnResult:
         if self.error:
             return [self.label, f"failed: {self.error}"]
         return [self.label, self.method, f"{self.steps} steps · NFE {self.nfe}", self.timing_text(),
-                f"speed-up vs teacher-50: {self.speedup_text()}"]
+                f"speed-up {self.speedup_text()} vs teacher-50"]
 
 
 @dataclass
@@ -256,6 +262,7 @@ class _Sampled:
     xt: list[Any]
     batch: int = 1
     cached: bool = False
+    load_seconds: float = 0.0
 
 
 class Comparer:
@@ -496,15 +503,14 @@ class Comparer:
 
         from cdlab.samplers import ddim_timesteps, sample_ddim, sample_student
         from cdlab.students import activate_student, load_student, make_scheduler
-        from cdlab.students.activation import swapped_student
+        from cdlab.students.activation import fused_weights, swapped_student
         from cdlab.timing import sync
 
         t = self.teacher
         pipe = t.pipe
         col = members[0][1]
         want_traj = any(reqs[ri].show_trajectory for ri, _ in members)
-        sync(t.device)
-        t0 = time.perf_counter()
+        t_load = time.perf_counter()
         if col.kind == "student":
             load_student(pipe, col.student, root=self.adapters_root, activate=not self.fuse)
         elif col.kind == "external":
@@ -512,6 +518,11 @@ class Comparer:
 
             col.card = load_external_student(pipe, col.student)
         adapter = None if col.kind == "teacher" else (col.card.name if col.kind == "external" else col.student)
+        if adapter is not None and self.fuse:
+            fused_weights(pipe, adapter)  # computed once per version of the student: load time, not sampling
+        load_seconds = time.perf_counter() - t_load
+        sync(t.device)
+        t0 = time.perf_counter()
         if adapter is None or not self.fuse:
             activate_student(pipe, adapter)
         card = col.card
@@ -546,7 +557,7 @@ class Comparer:
                 x0 = [f[j:j + 1] for f in o.x0_trajectory] if reqs[ri].show_trajectory or col.kind == "teacher" else []
                 xt = [f[j:j + 1] for f in o.xt_trajectory] if x0 else []
                 result.append(_Sampled(images[j], seconds, per_image_nfe, list(o.timesteps), x0, xt,
-                                       batch=len(members)))
+                                       batch=len(members), load_seconds=load_seconds))
         return result
 
     def _assemble(self, r: _Request, done: dict[str, _Sampled | str], batch: int, t0: float) -> CompareResult:
@@ -562,7 +573,8 @@ class Comparer:
                                             error=s))
                 continue
             cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(),
-                              batch=s.batch, cached=s.cached, timesteps=s.timesteps)
+                              batch=s.batch, cached=s.cached, timesteps=s.timesteps,
+                              load_seconds=0.0 if s.cached else s.load_seconds)
             if grid and s.x0:
                 idx = align_to_grid(s.timesteps, grid)
                 picked = [j for j in idx if j is not None]

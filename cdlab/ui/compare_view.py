@@ -12,11 +12,9 @@ import io
 from typing import Any
 
 LEGEND = (
-    "**teacher-50**: the reference, the teacher with DDIM at 50 steps and classifier-free guidance (100 network "
-    "evaluations, NFE) · **teacher-4 (naive)**: the same teacher at 4 steps, no distillation · **students**: "
-    "LoRAs distilled from the teacher to sample in few steps (CT: consistency training, no teacher; CD: "
-    "consistency distillation; MBCD: multi-boundary CD with N segments) · **speed-up**: teacher-50's time per "
-    "image ÷ the column's, all from the same noise and prompt."
+    "**teacher-50**: DDIM, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
+    "**students**: LoRAs distilled to few steps (CT, CD, MBCD) · **NFE**: network evaluations · **speed-up**: "
+    "teacher-50's time per image ÷ the column's"
 )
 
 
@@ -109,15 +107,15 @@ CSS = """
 .cdlab-row {display: flex; flex-wrap: nowrap; gap: 10px; width: 100%; align-items: flex-start}
 .cdlab-col {flex: 1 1 0; min-width: 0; margin: 0}
 .cdlab-col-img {width: 100%; aspect-ratio: 1 / 1; object-fit: contain; display: block; border-radius: 4px}
-.cdlab-col figcaption {font-size: 0.85em; line-height: 1.3; margin-top: 4px; overflow-wrap: anywhere}
+.cdlab-col figcaption {font-size: 0.8em; line-height: 1.3; margin-top: 4px; overflow-wrap: anywhere}
 .cdlab-col figcaption span {display: block}
 .cdlab-cap-name {font-weight: 600}
 .cdlab-col-failed figcaption {color: #a00}
-.cdlab-traj {border-collapse: collapse; font-size: 0.8em}
+.cdlab-traj {border-collapse: collapse; font-size: 0.75em}
 .cdlab-traj td, .cdlab-traj th {padding: 3px 6px; text-align: center; vertical-align: middle}
 .cdlab-traj-label {text-align: right !important; max-width: 180px; overflow-wrap: anywhere}
 .cdlab-traj-pair {display: flex; gap: 2px}
-.cdlab-traj-img {width: 64px; height: 64px; display: block}
+.cdlab-traj-img {width: 56px; height: 56px; display: block}
 .cdlab-traj-empty {color: #999}
 """
 

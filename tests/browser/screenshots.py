@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         browser = launch_browser(pw)
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         open_app(page, url)
-        page.get_by_label("Show trajectory").check()
+        page.locator("#show-trajectory input").check()
         run_compare(page, 2 + len(students))
         page.screenshot(path=str(out / "compare.png"), full_page=True)
         # Train at 1280x800 (issue 11): the labelled preview (teacher reference, student at step 0 and now) and
