@@ -51,19 +51,30 @@ def user_errors(fn):
     return wrapper
 
 
+_NAMED_CLASSES: dict[type, type] = {}
+
+
+def _named_class(cls: type) -> type:
+    """A subclass of component class ``cls``, with the same name (the page picks a component's code by its
+    class name), whose ``preprocess`` prefixes Gradio's own input errors with the component's label."""
+    if cls not in _NAMED_CLASSES:
+        def preprocess(self, payload):
+            try:
+                return cls.preprocess(self, payload)
+            except gr.Error as e:
+                raise gr.Error(f"{self.label}: {e.message}") from None
+
+        _NAMED_CLASSES[cls] = type(cls.__name__, (cls,), {"preprocess": preprocess, "__module__": cls.__module__})
+    return _NAMED_CLASSES[cls]
+
+
 def named_errors(*components):
     """Prefix Gradio's own input checks (a value out of a slider's range, not among a radio's choices) with
-    the component's label, so every refused field is named; our own checks name theirs already."""
+    the component's label, so every refused field is named; our own checks name theirs already. Done on the
+    class (a same-named subclass), so it holds for the per-session copies Gradio builds when an update
+    changes a component (new choices in a dropdown)."""
     for comp in components:
-        original = comp.preprocess
-
-        def preprocess(payload, _original=original, _label=comp.label):
-            try:
-                return _original(payload)
-            except gr.Error as e:
-                raise gr.Error(f"{_label}: {e.message}") from None
-
-        comp.preprocess = preprocess
+        comp.__class__ = _named_class(type(comp))
     return components
 
 
@@ -92,7 +103,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
         info = (f"{len(res.columns)} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, "
                 f"one initial noise{shared}")
-        return (V.columns_html(res), images, res.table(), gr.HTML(traj, visible=bool(traj)), str(path), info)
+        return V.columns_html(res), images, res.table(), traj, str(path), info
 
     def prompt_notice(prompt):
         text, nearest = comparer.prompt_notice(prompt)
@@ -118,14 +129,14 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                                overwrite=overwrite, adapters_root=adapters_dir)
         owner = owner if isinstance(owner, str) and owner else new_owner_token()
         job = jobs.start(cfg, owner=owner)
-        return gr.Dropdown(choices=T.run_choices(jobs), value=job.run_name), gr.Timer(active=True), owner
+        return gr.Dropdown(choices=T.run_choices(jobs), value=job.run_name), owner
 
     assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
 
     @user_errors
     def do_stop(run_name, owner):
-        jobs.stop(run_name or None, owner=owner, check_owner=True)
-        return gr.Timer(active=True)
+        name = jobs.stop(run_name or None, owner=owner, check_owner=True)
+        return f"Stop requested for run `{name or run_name}`; it saves a checkpoint and stops."
 
     @user_errors
     def do_resume(run_name, owner):
@@ -134,7 +145,16 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         if not run_name:
             raise gr.Error("Pick a run to resume.")
         jobs.resume(run_name, owner=owner, allow_unowned=not public)
-        return gr.Timer(active=True)
+        return f"Run `{run_name}` resumes from its newest complete checkpoint."
+
+    def poll_timer(run_name):
+        """Keep polling while the run is active (the page's timer; not part of the API)."""
+        return gr.Timer(active=T.poll(jobs, run_name).active)
+
+    @user_errors
+    def do_status(run_name):
+        """What the Train tab shows for one run: the runs list, status, progress, loss, previews, log."""
+        return do_poll(run_name)[:-1]
 
     @user_errors
     def do_poll(run_name):
@@ -202,12 +222,12 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                             refresh = gr.Button("↻ columns", size="sm", scale=1, min_width=90,
                                                 elem_id="refresh-columns")
                     with gr.Column(scale=3):
-                        info = gr.Markdown(elem_id="compare-info")
-                        row = gr.HTML(elem_id="compare-row", padding=False)
+                        info = gr.Markdown(elem_id="compare-info", label="summary")
+                        row = gr.HTML(elem_id="compare-row", padding=False, label="columns html")
                         gr.Markdown(V.LEGEND, elem_id="compare-legend")
-                        traj = gr.HTML(visible=False, elem_id="trajectory", padding=False)
+                        traj = gr.HTML("", elem_id="trajectory", padding=False, label="trajectory html")
                         with gr.Accordion("Images and timings (as the API returns them)", open=False):
-                            gallery = gr.Gallery(label="Columns", height="auto", elem_id="compare-gallery",
+                            gallery = gr.Gallery(label="Images", height="auto", elem_id="compare-gallery",
                                                  object_fit="contain")
                             table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"],
                                                  label="Timings", interactive=False)
@@ -244,9 +264,9 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                                                         info=f"{f.minimum:g} to {f.maximum:g}",
                                                         precision=0 if f.kind == "int" else None))
                         data_kind = gr.Radio(list(T.DATA_KINDS), value=T.DATA_KINDS[0], label="Data set")
-                        data_path = gr.Textbox(label="Folder or HF datasets name (not for the tiny world)")
-                        extra = gr.Textbox(label="Advanced: other config fields as JSON", placeholder='{"log_every": 10}',
-                                           elem_id="extra-config")
+                        data_path = gr.Textbox("", label="Folder or HF datasets name (not for the tiny world)")
+                        extra = gr.Textbox("", label="Advanced: other config fields as JSON",
+                                           placeholder='{"log_every": 10}', elem_id="extra-config")
                         overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
                                                 info="Off: a name in use is refused. Shipped students are never "
                                                      "replaced.", elem_id="train-overwrite")
@@ -259,22 +279,28 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                             run_dd = gr.Dropdown(T.run_choices(jobs), label="Runs (app and CLI)", scale=5,
                                                  elem_id="runs")
                             runs_refresh = gr.Button("↻ runs", size="sm", scale=1)
-                        status = gr.Markdown(elem_id="train-status")
-                        bar = gr.HTML()
+                        status = gr.Markdown(elem_id="train-status", label="status")
+                        bar = gr.HTML(label="progress")
                         plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", x_title="step",
                                            y_title="loss", color_title="", elem_id="loss-plot")
                         log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
                 # Full width: the captions above the rows stay readable at 1280 px.
                 preview = gr.Image(label="Previews", type="pil", elem_id="preview", buttons=["download", "fullscreen"])
-                preview_cap = gr.Markdown(elem_id="preview-caption")
+                preview_cap = gr.Markdown(elem_id="preview-caption", label="preview caption")
                 timer = gr.Timer(1.0, active=False)
                 poll_out = [run_dd, status, bar, plot, preview, preview_cap, log_box, timer]
-                named_errors(*inputs, data_kind, data_path, extra, overwrite)
-                start.click(do_start, [*inputs, data_kind, data_path, extra, overwrite, owner], [run_dd, timer, owner],
-                            api_name="train_start")
-                stop.click(do_stop, [run_dd, owner], timer, api_name="train_stop")
-                resume.click(do_resume, [run_dd, owner], timer, api_name="train_resume")
-                run_dd.change(do_poll, run_dd, poll_out, api_name="train_status")
+                named_errors(*inputs, data_kind, data_path, extra, overwrite, run_dd)
+                start_polling = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=timer,
+                                     api_visibility="private")
+                # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
+                owner_out = gr.Textbox(visible=False, label="owner")
+                start.click(do_start, [*inputs, data_kind, data_path, extra, overwrite, owner], [run_dd, owner_out],
+                            api_name="train_start").success(lambda o: o, owner_out, owner, api_visibility="private"
+                                                            ).success(**start_polling)
+                stop.click(do_stop, [run_dd, owner], status, api_name="train_stop").success(**start_polling)
+                resume.click(do_resume, [run_dd, owner], status, api_name="train_resume").success(**start_polling)
+                run_dd.change(do_status, run_dd, poll_out[:-1], api_name="train_status").then(
+                    poll_timer, run_dd, timer, api_visibility="private")
                 timer.tick(do_poll, run_dd, poll_out, api_visibility="private")
                 runs_refresh.click(refresh_runs, run_dd, run_dd, api_name="refresh_runs")
 
@@ -287,8 +313,8 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                                        scale=1, elem_id="eval-prompts",
                                        info=f"at most {eval_max}" + (" on this public host" if public else ""))
                     eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
-                eval_summary = gr.Markdown(elem_id="eval-summary")
-                eval_table = gr.Markdown(elem_id="eval-table")
+                eval_summary = gr.Markdown(elem_id="eval-summary", label="summary")
+                eval_table = gr.Markdown(elem_id="eval-table", label="table")
                 eval_plot = gr.Image(label="Quality against NFE", type="pil", elem_id="eval-plot")
                 eval_dd.change(show_eval, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
                 eval_refresh.click(refresh_evals, None, eval_dd, api_visibility="private")
@@ -315,7 +341,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
             try:
                 return do_compare(*args)
             except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
-                return ("", [], [], gr.HTML(visible=False), None, "")
+                return ("", [], [], "", None, "")
 
         demo.load(on_load, None, [columns, run_dd, eval_dd, eval_table, eval_plot, eval_summary],
                   api_visibility="private").then(

@@ -43,11 +43,13 @@ def test_page_loads_fast_with_header(app):
 def test_compare_returns_every_column_with_timings(client, app):
     students = app[3]
     cols = ["teacher-50 (CFG)", "teacher-4 (naive)", *students]
-    gallery, table, traj, png, info = client.predict(PROMPT, 3, 3.0, "2", cols, True, api_name="/compare")
+    row, gallery, table, traj, png, info = client.predict(
+        prompt=PROMPT, seed=3, guidance=3.0, steps="2", columns=cols, show_trajectory=True, api_name="/compare")
     assert len(gallery) == 4 and all(Path(g["image"]).is_file() for g in gallery)
     assert [row[2] for row in table["data"]] == [100, 8, 2, 2]
     assert all(row[1] > 0 for row in table["data"])
-    assert "NFE 100" in gallery[0]["caption"] and "speedup" in gallery[2]["caption"]
+    assert "NFE 100" in gallery[0]["caption"] and "speed-up" in gallery[2]["caption"]
+    assert row.count("<figure") == 4 and 'id="trajectory-grid"' in traj and "4 columns in" in info
     assert Path(png).is_file() and Path(png).suffix == ".png"
     from PIL import Image
 
@@ -62,7 +64,7 @@ def test_bad_compare_inputs_give_errors_and_server_stays_up(client, args):
 
     with pytest.raises(AppError):
         client.predict(*args, ["teacher-4 (naive)"], False, api_name="/compare")
-    gallery, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)"], False, api_name="/compare")
+    _, gallery, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)"], False, api_name="/compare")
     assert len(gallery) == 1
 
 
@@ -79,7 +81,7 @@ def test_new_student_appears_without_restart_and_broken_one_errors(client, app):
     update = client.predict(api_name="/refresh_columns")
     choices = [c[0] if isinstance(c, (list, tuple)) else c for c in update["choices"]]
     assert "late-student" in choices
-    gallery, *_ = client.predict(PROMPT, 0, 3.0, "1", ["late-student"], False, api_name="/compare")
+    _, gallery, *_ = client.predict(PROMPT, 0, 3.0, "1", ["late-student"], False, api_name="/compare")
     assert len(gallery) == 1
     # now break it: the weights are not safetensors any more (it is already loaded on the UNet, so remove
     # it from disk entirely and ask again: a clear error, then the next request works)
@@ -88,30 +90,87 @@ def test_new_student_appears_without_restart_and_broken_one_errors(client, app):
     shutil.rmtree(root / "late-student")
     with pytest.raises(AppError, match="late-student"):
         client.predict(PROMPT, 0, 3.0, "1", ["late-student"], False, api_name="/compare")
-    gallery, *_ = client.predict(PROMPT, 0, 3.0, "1", ["teacher-4 (naive)"], False, api_name="/compare")
+    _, gallery, *_ = client.predict(PROMPT, 0, 3.0, "1", ["teacher-4 (naive)"], False, api_name="/compare")
     assert len(gallery) == 1
+
+
+# What each endpoint takes and returns, by name, as view_api documents it (issue 11: a clean API).
+ENDPOINTS = {
+    "/random_seed": ([], ["seed"]),
+    "/refresh_columns": ([], ["columns"]),
+    "/compare": (["prompt", "seed", "guidance", "steps", "columns", "show_trajectory"],
+                 ["columns_html", "images", "timings", "trajectory_html", "download_comparison_png", "summary"]),
+    "/train_start": (["method", "num_boundaries", "lora_rank", "lr", "max_steps", "batch_size", "guidance",
+                      "guidance_max", "preview_every", "student_name", "data_kind", "data_path", "extra_config",
+                      "overwrite", "owner"], ["runs_app_and_cli", "owner"]),
+    "/train_stop": (["run_name", "owner"], ["status"]),
+    "/train_resume": (["run_name", "owner"], ["status"]),
+    "/train_status": (["run_name"], ["runs_app_and_cli", "status", "progress", "loss", "previews",
+                                     "preview_caption", "last_lines_of_the_trainers_log"]),
+    "/refresh_runs": (["current"], ["runs_app_and_cli"]),
+    "/show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
+    "/evaluate": (["prompts"], ["evaluations_newest_first"]),
+}
+
+
+def test_every_endpoint_is_documented_with_named_parameters_and_returns(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert sorted(api) == sorted(ENDPOINTS)
+    for name, (params, returns) in ENDPOINTS.items():
+        assert [p["parameter_name"] for p in api[name]["parameters"]] == params, name
+        assert [r["label"].lower().replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
+                for r in api[name]["returns"]] == returns, name
+        # every parameter with a default is optional, and only the owner token is required of training calls
+        required = [p["parameter_name"] for p in api[name]["parameters"] if not p["parameter_has_default"]]
+        assert set(required) <= {"owner", "run_name"}, (name, required)
+
+
+def test_each_endpoint_called_as_documented(client, app):
+    """Every endpoint, called with its documented parameter names and the documented types of value
+    (``steps`` as the string ``"4"``, columns as names): each answers, none with an error."""
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    steps_type = api["/compare"]["parameters"][3]["python_type"]["type"]
+    assert "'4'" in steps_type  # documented as a string literal ...
+    row, gallery, table, traj, png, summary = client.predict(  # ... and accepted as one
+        prompt=PROMPT, seed=1, guidance=5.0, steps="4", columns=["teacher-4 (naive)"], show_trajectory=False,
+        api_name="/compare")
+    assert len(gallery) == 1 and traj == "" and row.count("<figure") == 1 and "1 columns in" in summary
+    assert isinstance(client.predict(api_name="/random_seed"), (int, float))
+    assert client.predict(current=None, api_name="/refresh_runs")["choices"] == []
+    status = client.predict(run_name=None, api_name="/train_status")
+    assert "No run selected" in status[1]
+    table_md, plot, summ = client.predict(name=None, api_name="/show_evaluation")
+    assert "No evaluation" in table_md or "Evaluation" in table_md
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Runs .app and CLI.: .*not in the list"):  # the field is named
+        client.predict(run_name="nothing-here", owner="", api_name="/train_stop")
+    with pytest.raises(AppError, match="No training job"):
+        client.predict(run_name=None, owner="", api_name="/train_stop")
+    with pytest.raises(AppError, match="Pick a run"):
+        client.predict(run_name=None, owner="", api_name="/train_resume")
 
 
 def _form(**change):
     values = dict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=10, batch_size=8,
                   guidance=3.0, guidance_max=3.0, preview_every=5, student_name="", data_kind="tiny world",
-                  data_path="", extra="", overwrite=False, owner="")
+                  data_path="", extra_config="", overwrite=False, owner="")
     values.update(change)
-    return list(values.values())
+    return values
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(lr=0.0), "learning rate|minimum"),
     (dict(guidance=5.0, guidance_max=2.0), "guidance_max"),
     (dict(student_name="no spaces allowed"), "student name"),
-    (dict(extra="{broken"), "JSON"),
+    (dict(extra_config="{broken"), "JSON"),
     (dict(data_kind="image folder", data_path="/definitely/not/here"), "outside the allowed folder"),
 ])
 def test_training_config_errors(client, app, change, match):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=match):
-        client.predict(*_form(**change), api_name="/train_start")
+        client.predict(**_form(**change), api_name="/train_start")
     assert not any((app[1] / "runs").iterdir())  # nothing was launched
 
 
@@ -122,8 +181,8 @@ def test_unreadable_dataset_folder_errors(client, app):
     folder.mkdir()
     (folder / "metadata.jsonl").write_bytes(b"\x00\xff\xfe")
     with pytest.raises(AppError, match="metadata.jsonl"):
-        client.predict(*_form(data_kind="image folder", data_path=str(folder)), api_name="/train_start")
-    status = client.predict(None, api_name="/train_status")  # (runs list, status line, bar, loss chart, ...)
+        client.predict(**_form(data_kind="image folder", data_path=str(folder)), api_name="/train_start")
+    status = client.predict(run_name=None, api_name="/train_status")  # (runs list, status line, bar, loss chart, ...)
     assert "No run selected" in status[1] and status[3]["value"] is None and status[4] is None
 
 

@@ -135,7 +135,7 @@ def test_hostile_compare_requests_are_refused(client, app, case):
     from gradio_client.exceptions import AppError
 
     name, change, expect = case
-    args = dict(prompt=PROMPT, seed=0, guidance=3.0, steps="4", columns=["teacher-4 (naive)"], show_traj=False)
+    args = dict(prompt=PROMPT, seed=0, guidance=3.0, steps="4", columns=["teacher-4 (naive)"], show_trajectory=False)
     args.update(change)
     with pytest.raises((AppError, ValueError)) as e:
         client.predict(**args, api_name="/compare")
@@ -143,7 +143,7 @@ def test_hostile_compare_requests_are_refused(client, app, case):
 
 
 def test_server_still_serves_after_the_hostile_requests(client, app):
-    gallery, table, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)", app[2][1]], False,
+    _, gallery, table, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)", app[2][1]], False,
                                         api_name="/compare")
     assert len(gallery) == 2 and [row[2] for row in table["data"]] == [8, 4]
     assert math.isfinite(table["data"][0][1])

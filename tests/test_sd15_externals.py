@@ -188,8 +188,9 @@ def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_befor
         assert not naive.error and not col.error, (naive.error, col.error)
         assert served == [(ext.repo_id, ext.filename)]
         assert naive.nfe == 4 and col.nfe == 4 and col.steps == 4
-        assert len(col.trajectory) == 4 and col.trajectory_steps == [1, 2, 3, 4]
-        assert all(f.size == col.image.size for f in col.trajectory)
+        assert res.grid == [999, 750, 500, 250] and len(col.trajectory) == 4  # one cell per step, aligned
+        assert None not in col.trajectory_timesteps and col.trajectory_timesteps[0] == col.timesteps[0]
+        assert all(f.size == col.image.size for f in col.trajectory + col.trajectory_xt)
 
         # every key of the file is on the UNet with its values (a LoRA that loads but changes nothing fails here)
         assert assert_adapter_is_file(t.pipe, key, hub[(ext.repo_id, ext.filename)]) == 278
@@ -240,8 +241,10 @@ def test_compare_with_every_column(sd15_teacher, served, plain_before, tmp_path)
         res = cmp.run(PROMPT, SEED, 7.5, 1, choices, show_trajectory=True)
         assert [c.error for c in res.columns] == [None] * len(choices), res.warnings
         assert [c.nfe for c in res.columns] == [100, 8, 1, 1, 1, 1, 1]
-        assert [len(c.trajectory) for c in res.columns] == [10, 4, 1, 1, 1, 1, 1]
-        assert res.columns[0].trajectory_steps[-1] == 50
+        # one grid (the naive teacher's 4 steps); one-step columns fill the first cell only
+        assert res.grid == [999, 750, 500, 250]
+        assert [sum(f is not None for f in c.trajectory) for c in res.columns] == [4, 4, 1, 1, 1, 1, 1]
+        assert res.columns[0].trajectory_timesteps == [999, 759, 499, 259]
         assert len(set(served)) == 4  # every external came through the (fake) hub
         _assert_plain(t, plain_before)
     finally:

@@ -181,8 +181,9 @@ class JobManager:
         return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
 
     def stop(self, run_name: str | None = None, wait: bool = False, owner: str | None = None,
-             check_owner: bool = False) -> None:
-        """SIGTERM the trainer (it checkpoints and exits); SIGKILL its group after ``stop_timeout`` s.
+             check_owner: bool = False) -> str:
+        """SIGTERM the trainer (it checkpoints and exits); SIGKILL its group after ``stop_timeout`` s. Returns
+        the run's name.
 
         With ``check_owner`` (every request from the app) only the session whose token started the run
         may stop it; the app's own shutdown stops without.
@@ -200,6 +201,7 @@ class JobManager:
         if wait:
             j.proc.wait()
             self._reap()
+        return j.run_name
 
     def _launch(self, run_name: str, run_dir: Path, cmd: list[str], owner: str | None = None) -> Job:
         with self._lock:
