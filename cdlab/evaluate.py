@@ -2,6 +2,7 @@
 over one fixed prompt/seed set, every column of a prompt starting from the same initial noise.
 
     python -m cdlab evaluate --model tiny --n 128            # the embedded world (adherence, agreement)
+    python -m cdlab evaluate --edit [--n 128]                # the edits of cdlab.edit (cdlab.edit_eval)
     python -m cdlab evaluate --model sd15 --n 2048 --prompts data/coco/metadata.jsonl   # CLIP, FID-SD, LPIPS
 
 Writes ``evals/<timestamp>/{results.json, table.md, quality_vs_nfe.png}`` (``CDLAB_EVALS_DIR``
@@ -702,7 +703,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", default=None, metavar="FILE", help="alias of --prompts (a COCO metadata.jsonl)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
+    parser.add_argument("--edit", action="store_true",
+                        help="measure the edits of cdlab.edit (SDEdit, inpainting, sketches, anagrams, hybrids) "
+                             "on the tiny world instead (cdlab.edit_eval; --n cases per technique, default 128)")
+    parser.add_argument("--techniques", default=None,
+                        help="with --edit: comma-separated subset of sdedit,inpaint,sketch,sketch_text,anagram,hybrid")
     args = parser.parse_args(argv)
+    if args.edit:
+        from cdlab import edit_eval
+
+        students = [s for s in args.students.split(",") if s] if args.students else None
+        techniques = [t for t in args.techniques.split(",") if t] if args.techniques else None
+        return edit_eval.main(model=args.model, n=args.n, seed=args.seed, out=args.out, students=students,
+                              guidance=args.guidance, device=args.device, techniques=techniques)
     if args.prompts and args.metadata:
         print("error: --prompts and --metadata (its alias): give one, not both", file=sys.stderr)
         return 1

@@ -1,0 +1,644 @@
+"""Image editing with the teacher and its students: SDEdit, inpainting, visual anagrams, hybrid images.
+
+The course (project 5A, sections 1.7-1.9) builds four edits on one denoising loop; here each is a small pure
+function over the same DDIM jump the samplers use (:func:`cdlab.math.ddim_solver_step`), k-diffusion style:
+a *model* ``eps(x_t, t, cond)``, an initial noise, the conditionings, a list of timesteps and the schedule.
+All four share ONE signature::
+
+    technique(model, x_T, conds, timesteps, scheduler, *, x0=None, mask=None, strength=1.0,
+              sigma=LATENT_BLUR_SIGMA, return_trajectory=False) -> SampleOutput
+
+and differ only in where the loop starts, which eps it uses and what it does after each step:
+
+=============  ===============================================================================================
+``sdedit``     §1.7 (SDEdit, Meng et al. 2022). Start from the image noised to ``t_0``:
+               ``x_{t_0} = alpha_{t_0} x_0 + sigma_{t_0} eps``, then denoise.  §1.7.1 (a hand-drawn sketch)
+               is SDEdit of the sketch; §1.7.3 (text-conditional image-to-image) is SDEdit with a new prompt.
+``inpaint``    §1.7.2 (RePaint, Lugmayr et al. 2022): after every step to ``s``,
+               ``x_s <- m * x_s + (1 - m) * (alpha_s x_0 + sigma_s eps)``: outside the mask (m = 0) the
+               sample is replaced by the original noised to ``s`` with the *known* noise ``eps`` (the x_T
+               given), inside (m = 1) it is generated.
+``anagram``    §1.8 (visual anagrams, Geng et al. 2024):
+               ``eps = (eps(x_t, t, p_up) + flip(eps(flip(x_t), t, p_flipped))) / 2``, a vertical flip.
+``hybrid``     §1.9 (factorized diffusion, Geng et al. 2024):
+               ``eps = f_lowpass(eps(x_t, t, p_low)) + f_highpass(eps(x_t, t, p_high))``, with a Gaussian
+               blur as the low-pass and ``f_highpass = id - f_lowpass`` (so low + high is the identity).
+=============  ===============================================================================================
+
+A *model* is a :class:`Denoiser`: the teacher with classifier-free guidance (``eps_u + w (eps_c - eps_u)``,
+2 NFE a call) or a student (its conditional eps, guidance distilled in, 1 NFE a call). Each step of the loop
+is the DDIM jump of that eps to the next timestep, which is :func:`cdlab.samplers.sample_ddim` for the
+teacher and the deterministic :func:`cdlab.samplers.sample_consistency` for a student (tests/test_edit.py
+checks both equalities bit for bit).
+
+**Latent space, not pixel space.** The course runs DeepFloyd IF's stage 1, a *pixel* model at 64 px; the
+teachers here are latent models (a VAE: the tiny teacher 32 px -> 4 x 8 x 8, SD1.5 512 px -> 4 x 64 x 64).
+So the image is encoded once (``x_0 = vae.encode(img).mean * scaling_factor``), every operation acts on
+latents, and the result is decoded:
+
+* the inpainting mask is downsampled to the latent grid by **max-pooling** over each ``f x f`` cell
+  (``f = vae_scale_factor``): a latent cell is regenerated when any of its pixels is in the mask, so the
+  masked pixels are always inside the regenerated region, and the known region shrinks by up to one cell;
+* the anagram's flip and the hybrid's blur are applied to the latent eps, where the seed applies them to the
+  pixel eps. A flip commutes with a convolutional VAE only approximately, and a latent blur of ``sigma``
+  cells is roughly a pixel blur of ``sigma * f`` pixels; both are what "the same operation" means for a
+  latent model, and the evaluation reads them off the *decoded* images.
+
+**Strength and the start timestep.** ``strength`` s in [0, 1] sets the noise level of SDEdit/inpainting.
+The teacher columns follow diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: of the N trailing
+DDIM timesteps the last ``min(int(N s), N)`` are run and the image is noised to the first of them. A student
+starts at the **boundary at or above** ``t_start = s T``: with boundaries B (for N = 4: 999/750/500/250) its
+consistency timesteps are restricted to those ``<= min{b in B : b >= t_start}`` (:func:`start_timesteps`),
+because its consistency jumps are only trained from its boundaries. ``s = 0`` runs no step (0 NFE) and
+returns the image (up to the VAE round trip); ``s = 1`` starts from pure noise, ``x = x_T`` exactly (the
+trained schedule's ``alpha_999 = 0.068`` would otherwise keep 7 % of the image, as diffusers'
+img2img does at strength 1), so SDEdit at strength 1 IS text-to-image from the same noise.
+
+The user-level entry point is :func:`edit`: PIL images (or tensors in [-1, 1]) in, one :class:`EditResult`
+per column out (images, x_0 trajectory, NFE, seconds), every column from the same initial noise, as the
+Compare tab's columns are. Inputs are validated with ``ValueError`` messages that name the field.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
+from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps
+
+__all__ = [
+    "TECHNIQUES", "LATENT_BLUR_SIGMA", "Column", "Denoiser", "EditResult", "sdedit", "inpaint", "anagram",
+    "hybrid", "denoise", "flip", "lowpass", "highpass", "gaussian_kernel", "start_timesteps", "mask_to_latent",
+    "teacher_columns", "student_column", "image_to_tensor", "mask_to_tensor", "check_strength", "encode_image",
+    "decode_unit", "edit",
+]
+
+TEACHER_50 = "teacher-50 (CFG)"
+TEACHER_4 = "teacher-4 (naive)"
+# The hybrid's latent low-pass: a Gaussian of sigma 1 latent cell (4 px on the tiny teacher's 8x8 grid; the
+# seed's sigma 2 at 64 px is the same fraction, 1/32, of the image side as 0.25 cells of 8: one cell is the
+# smallest blur that still separates a world object's edges from its colour blob on an 8x8 grid).
+LATENT_BLUR_SIGMA = 1.0
+
+# eps(x_t, t, cond) -> eps; cond is one prompt's (cond, uncond) embeddings.
+Cond = tuple[torch.Tensor, "torch.Tensor | None"]
+Project = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Denoiser:
+    """One column's epsilon model, ``model(x_t, t, cond) -> eps``, counting its network evaluations.
+
+    Args:
+        unet: ``unet(x, t, encoder_hidden_states=emb).sample`` (the teacher's UNet, a student active on it).
+        guidance (`float`, *optional*): the CFG scale w of a teacher column: ``eps = eps_u + w (eps_c - eps_u)``
+            from ONE batched call of 2B (uncond first, as :func:`cdlab.samplers.sample_ddim`), 2 NFE. ``None``
+            or 1 (a student, guidance distilled in): the conditional eps only, 1 NFE.
+
+    ``nfe`` counts network evaluations per image (a CFG call counts 2), as :class:`SampleOutput` does.
+    """
+
+    def __init__(self, unet: Any, guidance: float | None = None) -> None:
+        self.unet = unet
+        self.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: int, cond: Cond) -> torch.Tensor:
+        c, u = cond
+        b = x.shape[0]
+        if self.guidance is not None and u is not None:
+            tv = torch.full((2 * b,), int(t), dtype=torch.long, device=x.device)
+            eps_u, eps_c = self.unet(torch.cat([x, x]), tv, encoder_hidden_states=torch.cat([u, c])).sample.chunk(2)
+            self.nfe += 2
+            return cfg_eps(eps_u, eps_c, self.guidance)
+        self.nfe += 1
+        return self.unet(x, torch.full((b,), int(t), dtype=torch.long, device=x.device), encoder_hidden_states=c).sample
+
+
+# ----------------------------------------------------------------------------- latent operations
+
+def flip(x: torch.Tensor) -> torch.Tensor:
+    """The anagram's view change: a vertical flip (upside down) of ``[B, C, H, W]``, ``torch.flip(x, [-2])``."""
+    return torch.flip(x, dims=[-2])
+
+
+def gaussian_kernel(sigma: float, device: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A normalised 1-D Gaussian of ``2 ceil(3 sigma) + 1`` taps (sums to 1)."""
+    radius = max(1, int(math.ceil(3.0 * float(sigma))))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (k / k.sum()).to(dtype)
+
+
+def lowpass(x: torch.Tensor, sigma: float = LATENT_BLUR_SIGMA) -> torch.Tensor:
+    """Gaussian blur of ``[B, C, H, W]`` (separable, per channel, replicate padding): the hybrid's ``f_lowpass``
+    (§1.9; the seed blurs with kernel 33, sigma 2 at 64 px). ``sigma == 0`` is the identity."""
+    if sigma == 0:
+        return x
+    k = gaussian_kernel(sigma, x.device, x.dtype)
+    r = (k.numel() - 1) // 2
+    c = x.shape[1]
+    y = F.pad(x, (r, r, 0, 0), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.pad(y, (0, 0, r, r), mode="replicate")
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def highpass(x: torch.Tensor, sigma: float = LATENT_BLUR_SIGMA) -> torch.Tensor:
+    """``f_highpass = x - f_lowpass(x)``: so ``lowpass(x) + highpass(x) == x`` (to float rounding)."""
+    return x - lowpass(x, sigma)
+
+
+def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel mask ``[H, W]`` or ``[B, 1, H, W]`` (1 = regenerate) -> the latent mask ``[B, 1, H/f, W/f]`` by
+    max-pooling each ``f x f`` cell: a latent cell is regenerated when any of its pixels is masked."""
+    m = mask.float()
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None]
+    if m.shape[-1] % factor or m.shape[-2] % factor:
+        raise ValueError(f"mask: size {tuple(m.shape[-2:])} is not a multiple of the VAE factor {factor}")
+    return F.max_pool2d(m, kernel_size=factor, stride=factor)
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+@dataclass(frozen=True)
+class Column:
+    """One column: the teacher at ``steps`` DDIM+CFG steps, or a student at ``steps`` consistency steps.
+
+    Args:
+        name (`str`): the label (``TEACHER_50``, ``TEACHER_4`` or the student's name).
+        kind (`str`): ``"teacher"`` or ``"student"``.
+        steps (`int`): sampling steps at strength 1.
+        guidance (`float`): the teacher's CFG scale (students: 1, distilled in).
+        num_boundaries (`int`, *optional*): a student's N (its card's ``num_boundaries``).
+        student (`str`, *optional*): the adapter to activate.
+    """
+
+    name: str
+    kind: str
+    steps: int
+    guidance: float = 1.0
+    num_boundaries: int | None = None
+    student: str | None = None
+
+
+def teacher_columns(guidance: float) -> list[Column]:
+    """The two teacher columns of Compare: 50 DDIM+CFG steps and naively 4."""
+    return [Column(TEACHER_50, "teacher", 50, float(guidance)), Column(TEACHER_4, "teacher", 4, float(guidance))]
+
+
+def student_column(card: Any, steps: int = 4) -> Column:
+    """A consistency student's column from its card; other schedulers (LCM, TCD, ...) are refused."""
+    if getattr(card, "scheduler", "consistency") != "consistency":
+        raise ValueError(f"student {card.name!r}: editing supports consistency students (scheduler 'consistency'); "
+                         f"it samples with {card.scheduler}")
+    return Column(card.name, "student", int(steps), 1.0, int(card.num_boundaries), card.name)
+
+
+def check_strength(strength: Any, what: str = "strength") -> float:
+    """A finite number in [0, 1], or ``ValueError`` naming the field."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise ValueError(f"{what}: expected a number in [0, 1], got {strength!r}")
+    s = float(strength)
+    if not math.isfinite(s) or not 0.0 <= s <= 1.0:
+        raise ValueError(f"{what}: must be a finite number in [0, 1], got {strength!r}")
+    return s
+
+
+def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: int = 1000) -> list[int]:
+    """The timesteps a column runs at ``strength`` (the first is where the image is noised to; [] = no step).
+
+    Teacher (diffusers' img2img ``get_timesteps``): the last ``min(int(N s), N)`` of ``ddim_timesteps(N)``;
+    50 steps at s = 0.5 -> 25 steps from 499. Student (its boundaries B = ``consistency_timesteps(N, N)``,
+    999/750/500/250 for N = 4): ``consistency_timesteps(k, N)`` restricted to ``<= min{b in B : b >= s T}``;
+    k = N = 4 at s = 0.5 -> [500, 250], at s = 0.6 -> [750, 500, 250]; an N = 1 student always starts at 999.
+    """
+    s = check_strength(strength)
+    T = int(num_train_timesteps)
+    if s == 0.0:
+        return []
+    if column.kind == "teacher":
+        ts = ddim_timesteps(column.steps, T)
+        k = min(int(column.steps * s), column.steps)
+        return ts[len(ts) - k:] if k > 0 else []
+    n = int(column.num_boundaries or column.steps)
+    boundaries = consistency_timesteps(n, n, T)
+    t_start = min(int(round(s * T)), T - 1)
+    top = min(b for b in boundaries if b >= t_start)
+    return [t for t in consistency_timesteps(column.steps, n, T) if t <= top]
+
+
+# ----------------------------------------------------------------------------- the loop and the techniques
+
+def _tvec(t: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
+
+
+@torch.no_grad()
+def denoise(
+    eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    scheduler: Any,
+    *,
+    project: Project | None = None,
+    show: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The DDIM-jump loop of :func:`cdlab.samplers.sample_ddim` / ``sample_consistency``: at each ``t_i``,
+    ``x <- ddim_solver_step(eps_fn(x, t_i), x, t_i, t_{i+1})`` (0 after the last), then ``project(x, t_{i+1})``.
+
+    Args:
+        eps_fn: ``eps_fn(x_t, t) -> eps`` (a technique's combined eps).
+        project: RePaint's replacement after each step (inpainting), ``project(x_s, s) -> x_s``.
+        show: what the trajectory keeps of each x_0 prediction (inpainting: the known region pasted in).
+
+    Returns:
+        ``(x_0, x0_trajectory)``.
+    """
+    ts = [int(t) for t in timesteps]
+    trajectory: list[torch.Tensor] = []
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else 0
+        eps = eps_fn(x, t)
+        tv = _tvec(t, x)
+        if return_trajectory:
+            x0 = predict_x0(eps, x, tv, scheduler)
+            trajectory.append(show(x0) if show is not None else x0)
+        x = ddim_solver_step(eps, x, tv, _tvec(s, x), scheduler)
+        if project is not None:
+            x = project(x, s)
+    return x, trajectory
+
+
+def _start(x_T: torch.Tensor, x0: torch.Tensor | None, timesteps: list[int], strength: float,
+           scheduler: Any) -> torch.Tensor:
+    """SDEdit's start: ``q_sample(x0, t_0, x_T)``; pure noise ``x_T`` at strength 1 or without an image."""
+    if x0 is None or strength >= 1.0:
+        return x_T
+    if not timesteps:
+        return x0
+    return q_sample(x0, _tvec(timesteps[0], x0), scheduler, noise=x_T)
+
+
+def _check_common(x_T: torch.Tensor, conds: Sequence[Cond], n_conds: int, what: str, x0: Any = None,
+                  need_x0: bool = False) -> None:
+    if len(conds) != n_conds:
+        raise ValueError(f"{what}: needs {n_conds} prompt conditioning(s), got {len(conds)}")
+    if need_x0 and x0 is None:
+        raise ValueError(f"{what}: image: no image given")
+    if x0 is not None and tuple(x0.shape) != tuple(x_T.shape):
+        raise ValueError(f"{what}: image latents {tuple(x0.shape)} do not match the noise {tuple(x_T.shape)}")
+
+
+def _out(x: torch.Tensor, traj: list, timesteps: list[int], model: Denoiser, nfe0: int) -> SampleOutput:
+    return SampleOutput(latents=x, x0_trajectory=traj, timesteps=list(timesteps), nfe=model.nfe - nfe0)
+
+
+@torch.no_grad()
+def sdedit(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+           x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+    """SDEdit (§1.7; Meng et al. 2022): ``x_{t_0} = alpha_{t_0} x0 + sigma_{t_0} x_T``, then denoise with
+    ``conds[0]`` over ``timesteps`` (from :func:`start_timesteps`). With the source image's prompt it projects
+    onto the image manifold (§1.7, §1.7.1 for a sketch); with a new prompt it is text-conditional
+    image-to-image (§1.7.3). ``timesteps == []`` returns ``x0``; ``strength == 1`` starts from ``x_T``.
+    (``mask`` and ``sigma`` are unused: the techniques share one signature.)"""
+    _check_common(x_T, conds, 1, "sdedit", x0, need_x0=True)
+    ts = [int(t) for t in timesteps]
+    nfe0 = model.nfe
+    x = _start(x_T, x0, ts, strength, scheduler)
+    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, return_trajectory=return_trajectory)
+    return _out(x, traj, ts, model, nfe0)
+
+
+@torch.no_grad()
+def inpaint(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+    """RePaint-style inpainting (§1.7.2; Lugmayr et al. 2022), without RePaint's resampling jumps.
+
+    Start as SDEdit (strength 1 = from the noise ``x_T``); after each step to ``s``
+    ``x_s <- m x_s + (1 - m) q_sample(x0, s, x_T)``: outside the latent mask ``m`` (1 = generate, see
+    :func:`mask_to_latent`) the sample is the original noised to ``s`` with the known noise ``x_T``, so the
+    last step (s = 0) returns ``x0`` exactly there. An all-ones mask is plain sampling.
+    """
+    _check_common(x_T, conds, 1, "inpaint", x0, need_x0=True)
+    if mask is None:
+        raise ValueError("inpaint: mask: no mask given")
+    m = mask.to(x_T.dtype)
+    if m.ndim != 4 or m.shape[-2:] != x_T.shape[-2:]:
+        raise ValueError(f"inpaint: mask: expected a latent mask [B, 1, {x_T.shape[-2]}, {x_T.shape[-1]}], "
+                         f"got {tuple(m.shape)} (downsample a pixel mask with mask_to_latent)")
+    ts = [int(t) for t in timesteps]
+
+    def known(s: int) -> torch.Tensor:
+        return q_sample(x0, _tvec(s, x0), scheduler, noise=x_T)
+
+    def project(x: torch.Tensor, s: int) -> torch.Tensor:
+        return m * x + (1 - m) * known(s)
+
+    nfe0 = model.nfe
+    x = _start(x_T, x0, ts, strength, scheduler)
+    if ts:
+        x = m * x + (1 - m) * known(ts[0])
+    else:
+        x = x0
+    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, project=project,
+                      show=lambda p: m * p + (1 - m) * x0, return_trajectory=return_trajectory)
+    return _out(x, traj, ts, model, nfe0)
+
+
+@torch.no_grad()
+def anagram(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+    """Visual anagram (§1.8; Geng et al. 2024): ``conds = (p_up, p_flipped)``,
+    ``eps = (eps(x_t, t, p_up) + flip(eps(flip(x_t), t, p_flipped))) / 2`` with a vertical :func:`flip`; the
+    result reads as ``p_up`` upright and as ``p_flipped`` upside down. Two model calls a step. Given ``x0``
+    and ``strength < 1`` it starts from the noised image, as SDEdit does."""
+    _check_common(x_T, conds, 2, "anagram", x0)
+    c_up, c_flip = conds
+    ts = [int(t) for t in timesteps]
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        return 0.5 * (model(x, t, c_up) + flip(model(flip(x), t, c_flip)))
+
+    nfe0 = model.nfe
+    x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
+                      return_trajectory=return_trajectory)
+    return _out(x, traj, ts, model, nfe0)
+
+
+@torch.no_grad()
+def hybrid(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+           x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+    """Hybrid image (§1.9; Geng et al. 2024, factorized diffusion): ``conds = (p_low, p_high)``,
+    ``eps = lowpass(eps(x_t, t, p_low)) + highpass(eps(x_t, t, p_high))`` with a Gaussian :func:`lowpass` of
+    ``sigma`` latent cells and ``highpass = id - lowpass``: from afar (blurred) it reads as ``p_low``, up close
+    as ``p_high``. Two model calls a step; ``hybrid(p, p)`` is plain sampling."""
+    _check_common(x_T, conds, 2, "hybrid", x0)
+    c_low, c_high = conds
+    ts = [int(t) for t in timesteps]
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        return lowpass(model(x, t, c_low), sigma) + highpass(model(x, t, c_high), sigma)
+
+    nfe0 = model.nfe
+    x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
+                      return_trajectory=return_trajectory)
+    return _out(x, traj, ts, model, nfe0)
+
+
+TECHNIQUES: dict[str, Callable[..., SampleOutput]] = {
+    "sdedit": sdedit, "inpaint": inpaint, "anagram": anagram, "hybrid": hybrid}
+# How many prompts each technique takes, and their names in messages.
+PROMPT_FIELDS = {"sdedit": ("prompt",), "inpaint": ("prompt",), "anagram": ("prompt_up", "prompt_flipped"),
+                 "hybrid": ("prompt_low", "prompt_high")}
+
+
+# ----------------------------------------------------------------------------- images in and out
+
+def image_to_tensor(image: Any, size: int, what: str = "image", resize: bool = True) -> torch.Tensor:
+    """A PIL image or a tensor in [-1, 1] (``[3, H, W]`` or ``[B, 3, H, W]``) -> ``[B, 3, size, size]`` float32.
+
+    A PIL image of another size is resized (bicubic) when ``resize``; a tensor of another size is refused
+    (resizing it is the caller's choice). ``ValueError`` names ``what``."""
+    import numpy as np
+
+    if image is None:
+        raise ValueError(f"{what}: no image given")
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        from PIL import Image
+
+        im = image.convert("RGB")
+        if im.size != (size, size):
+            if not resize:
+                raise ValueError(f"{what}: {im.size[0]}x{im.size[1]} px, expected {size}x{size}")
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)[None]
+        return arr / 127.5 - 1.0
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{what}: expected a PIL image or a tensor in [-1, 1], got {type(image).__name__}")
+    x = image.detach().float().cpu()
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{what}: expected a tensor [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+    if tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"{what}: {x.shape[-1]}x{x.shape[-2]} px, expected {size}x{size} "
+                         "(resize the tensor, or pass a PIL image, which is resized)")
+    if not torch.isfinite(x).all() or x.min() < -1.0 - 1e-4 or x.max() > 1.0 + 1e-4:
+        raise ValueError(f"{what}: tensor values must be finite and in [-1, 1]")
+    return x.clamp(-1, 1)
+
+
+def mask_to_tensor(mask: Any, size: int, what: str = "mask", *, allow_full: bool = False) -> torch.Tensor:
+    """A mask (PIL, numpy or tensor ``[H, W]`` / ``[B, 1, H, W]``; > 0.5 = regenerate) -> ``[B, 1, size, size]``
+    in {0, 1}. A PIL mask of another size is resized (nearest). Refuses an empty mask (nothing to inpaint)
+    and, unless ``allow_full``, one covering every pixel (that is text-to-image)."""
+    import numpy as np
+
+    if mask is None:
+        raise ValueError(f"{what}: no mask given")
+    if hasattr(mask, "convert") and hasattr(mask, "size"):
+        from PIL import Image
+
+        m = mask.convert("L")
+        if m.size != (size, size):
+            m = m.resize((size, size), Image.Resampling.NEAREST)
+        t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        t = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask.detach().cpu()).float()
+    else:
+        raise ValueError(f"{what}: expected a PIL image, an array or a tensor, got {type(mask).__name__}")
+    if t.ndim == 2:
+        t = t[None, None]
+    elif t.ndim == 3:
+        t = t[:, None] if t.shape[0] != 1 else t[None]
+    if t.ndim != 4 or t.shape[1] != 1:
+        raise ValueError(f"{what}: expected [H, W] or [B, 1, H, W], got {tuple(t.shape)}")
+    if tuple(t.shape[-2:]) != (size, size):
+        raise ValueError(f"{what}: {t.shape[-1]}x{t.shape[-2]}, expected {size}x{size}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what}: has non-finite values")
+    t = (t > 0.5).float()
+    if not t.flatten(1).any(1).all():
+        raise ValueError(f"{what}: empty (no pixel > 0.5): nothing to inpaint")
+    if not allow_full and t.flatten(1).all(1).any():
+        raise ValueError(f"{what}: covers the whole image: that is text-to-image, not inpainting")
+    return t
+
+
+@torch.no_grad()
+def encode_image(teacher: Any, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents ``vae.encode(x).latent_dist.mean * scaling_factor`` (deterministic)."""
+    vae = teacher.vae
+    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    return z.to(teacher.device, teacher.dtype)
+
+
+@torch.no_grad()
+def decode_unit(teacher: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> float32 images in [0, 1], ``[B, 3, H, W]``."""
+    vae = teacher.vae
+    img = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- the columns
+
+@dataclass
+class EditResult:
+    """One column of an edit, like a Compare column.
+
+    Args:
+        column (`str`): the column's label.
+        technique (`str`): ``sdedit`` | ``inpaint`` | ``anagram`` | ``hybrid``.
+        images (`list[PIL.Image.Image]`): the results.
+        pixels (`torch.Tensor`): the same in [0, 1], ``[B, 3, H, W]`` (for metrics).
+        latents (`torch.Tensor`): the final latents.
+        x0_trajectory (`list[PIL.Image.Image]`): the decoded x_0 prediction after every step (of image 0).
+        timesteps (`list[int]`): where the network was evaluated.
+        nfe (`int`): network evaluations per image (a CFG call counts 2; anagram/hybrid call twice a step).
+        seconds (`float`): wall time of the column (encode, steps, decode).
+    """
+
+    column: str
+    technique: str
+    images: list
+    pixels: torch.Tensor
+    latents: torch.Tensor
+    x0_trajectory: list = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    nfe: int = 0
+    seconds: float = 0.0
+
+
+def _check_prompts(technique: str, prompts: Sequence[str]) -> list[str]:
+    names = PROMPT_FIELDS[technique]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if len(prompts) != len(names):
+        raise ValueError(f"{technique}: expected {len(names)} prompt(s) ({', '.join(names)}), got {len(prompts)}")
+    for name, p in zip(names, prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"{name}: expected a string, got {type(p).__name__}")
+    return prompts
+
+
+@torch.no_grad()
+def edit(
+    teacher: Any,
+    technique: str,
+    prompts: Sequence[str] | str,
+    columns: Sequence[Column],
+    *,
+    image: Any = None,
+    mask: Any = None,
+    strength: float | None = None,
+    seed: int = 0,
+    sigma: float = LATENT_BLUR_SIGMA,
+    noise: torch.Tensor | None = None,
+    return_trajectory: bool = False,
+    adapters_root: Any = None,
+    fuse: bool = True,
+) -> list[EditResult]:
+    """Run one edit in every column from the same initial noise and text encoding.
+
+    Args:
+        teacher (`cdlab.teachers.Teacher`): the teacher; student columns are activated (and fused) on its UNet
+            and the plain teacher is active again on return.
+        technique (`str`): a key of :data:`TECHNIQUES`.
+        prompts: sdedit/inpaint ``[prompt]`` (or a string); anagram ``[prompt_up, prompt_flipped]``; hybrid
+            ``[prompt_low, prompt_high]``. An empty prompt is the unconditional projection of §1.7.
+        columns: :func:`teacher_columns` and :func:`student_column` entries.
+        image: PIL or tensor in [-1, 1] (a batch ``[B, 3, H, W]`` too); required by sdedit and inpaint.
+        mask: inpaint only; 1 = regenerate (see :func:`mask_to_tensor`); downsampled by :func:`mask_to_latent`.
+        strength (`float`, *optional*): noise level in [0, 1]; default 0.6 for sdedit, 1 for the others.
+        seed (`int`): the initial noise (``teacher.initial_noise(seed + i)`` per image), unless ``noise`` is given.
+
+    Raises:
+        ValueError: a message naming the field (``image``, ``mask``, ``strength``, a prompt, ``technique``).
+    """
+    from cdlab.students import activate_student, load_student
+    from cdlab.students.activation import fused_student
+    from cdlab.teachers import teacher_lock
+    from cdlab.timing import sync
+
+    if technique not in TECHNIQUES:
+        raise ValueError(f"technique: expected one of {sorted(TECHNIQUES)}, got {technique!r}")
+    prompts = _check_prompts(technique, prompts)
+    strength = check_strength((0.6 if technique == "sdedit" else 1.0) if strength is None else strength)
+    if not math.isfinite(float(sigma)) or float(sigma) < 0:
+        raise ValueError(f"sigma: expected a finite number >= 0, got {sigma!r}")
+    if not columns:
+        raise ValueError("columns: no column to run")
+    size = int(teacher.resolution)
+    x_img = None
+    if technique in ("sdedit", "inpaint") or image is not None:
+        x_img = image_to_tensor(image, size)
+    b = 1 if x_img is None else x_img.shape[0]
+    m_lat = None
+    if technique == "inpaint":
+        m = mask_to_tensor(mask, size)
+        if m.shape[0] not in (1, b):
+            raise ValueError(f"mask: {m.shape[0]} masks for {b} images")
+        m_lat = mask_to_latent(m, int(teacher.pipe.vae_scale_factor)).expand(b, -1, -1, -1)
+    if noise is None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        noise = torch.cat([teacher.initial_noise(seed + i, 1) for i in range(b)])
+    fn = TECHNIQUES[technique]
+    results: list[EditResult] = []
+    with teacher_lock(teacher):
+        t0 = time.perf_counter()
+        embs = [teacher.encode([p] * b) for p in prompts]
+        x0 = encode_image(teacher, x_img) if x_img is not None else None
+        shared_s = time.perf_counter() - t0
+        m_lat = m_lat.to(teacher.device, teacher.dtype) if m_lat is not None else None
+        for col in columns:
+            if col.student is not None:
+                load_student(teacher.pipe, col.student, root=adapters_root, base_model=teacher.base_id)
+        try:
+            for col in columns:
+                activate_student(teacher.pipe, col.student)
+                with (fused_student(teacher.pipe, col.student) if (col.student and fuse) else _null()):
+                    model = Denoiser(teacher.unet, col.guidance if col.kind == "teacher" else None)
+                    ts = start_timesteps(col, strength, int(teacher.scheduler.config.num_train_timesteps))
+                    sync(teacher.device)
+                    t1 = time.perf_counter()
+                    out = fn(model, noise, embs, ts, teacher.scheduler, x0=x0, mask=m_lat, strength=strength,
+                             sigma=float(sigma), return_trajectory=return_trajectory)
+                    pixels = decode_unit(teacher, out.latents)
+                    sync(teacher.device)
+                    seconds = time.perf_counter() - t1 + shared_s
+                    traj = [_to_pil(decode_unit(teacher, z[:1]))[0] for z in out.x0_trajectory]
+                results.append(EditResult(col.name, technique, _to_pil(pixels), pixels, out.latents, traj,
+                                          out.timesteps, out.nfe, seconds))
+        finally:
+            activate_student(teacher.pipe, None)
+    return results
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _to_pil(pixels: torch.Tensor) -> list:
+    from cdlab.metrics import tensor_to_pil
+
+    return tensor_to_pil(pixels)
