@@ -1,0 +1,119 @@
+"""The Compare page as an instructor projects it (issue 11), in Debian's Chromium at 1280x800 on the tiny
+teacher and its shipped students: it opens with a result, every column in one row with its full label,
+a legend, the off-grammar notice with the nearest caption in one click, and trajectories aligned by
+timestep. Each check leaves a screenshot (``$CDLAB_SCREENSHOT_DIR``, else the test's temporary folder)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cdlab.ui.testing import serve_app
+from drive import compare_result_id, launch_browser, open_app, run_compare, wait_compare_result
+
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from cdlab.students import list_students
+    from cdlab.teachers import TINY_ID, TINY_TEACHER_DIR
+    from cdlab.ui.hosting import repo_root
+
+    if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
+        pytest.skip("the embedded tiny teacher is not in this checkout")
+    shipped = [c.name for c in list_students(root=repo_root() / "adapters", base_model=TINY_ID)]
+    work = tmp_path_factory.mktemp("compare-page")
+    shutil.copytree(repo_root() / "adapters", work / "adapters", dirs_exist_ok=True)
+    with serve_app("tiny", work) as url:
+        yield url, shipped
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    d = Path(os.environ.get("CDLAB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport=VIEWPORT)
+        open_app(page, served[0])
+        yield page
+        browser.close()
+
+
+def _geometry(page) -> list[dict]:
+    return page.evaluate(
+        "() => [...document.querySelectorAll('#compare-columns figure')].map(f => { const r = f.getBoundingClientRect();"
+        " const c = f.querySelector('figcaption'); const i = f.querySelector('img').getBoundingClientRect();"
+        " return {top: r.top, left: r.left, right: r.right, bottom: r.bottom, imgw: i.width,"
+        " text: c.innerText, clipped: [...c.querySelectorAll('span')].some(s => s.scrollWidth > s.clientWidth + 1)}; })")
+
+
+def test_opens_with_a_result_in_one_row_with_full_labels(page, served, shots):
+    """No click: the default preset's comparison is on screen, five columns side by side within 1280 px and
+    above the fold, each labelled in full (method, steps, NFE, seconds, speed-up), with the legend."""
+    n = 2 + len(served[1])
+    assert n >= 5
+    wait_compare_result(page, n)  # the page-load comparison, before any click
+    page.screenshot(path=str(shots / "compare-open.png"))
+    cells = _geometry(page)
+    assert len(cells) == n
+    assert max(c["top"] for c in cells) - min(c["top"] for c in cells) < 1  # one row
+    assert max(c["right"] for c in cells) <= VIEWPORT["width"] and min(c["imgw"] for c in cells) >= 120
+    assert max(c["bottom"] for c in cells) <= VIEWPORT["height"]  # labels included, no scrolling
+    for c in cells:
+        assert not c["clipped"] and "NFE" in c["text"] and " s" in c["text"] and "speed-up" in c["text"], c
+    assert "teacher-50" in cells[0]["text"] and "NFE 100" in cells[0]["text"]
+    legend = page.locator("#compare-legend").inner_text()
+    assert "teacher-50" in legend and "students" in legend and "speed-up" in legend
+    assert page.locator("#compare-legend").is_visible()
+
+
+def test_off_grammar_prompt_gets_a_notice_and_the_nearest_caption_in_one_click(page, served, shots):
+    n = 2 + len(served[1])
+    box = page.locator("#prompt textarea")
+    box.fill("a photo of a cat")
+    notice = page.locator("#prompt-notice")
+    notice.wait_for(state="visible", timeout=30_000)
+    text = notice.inner_text()
+    assert "“photo”" in text and "“cat”" in text and "Nearest caption" in text
+    page.screenshot(path=str(shots / "compare-notice.png"))
+    before = compare_result_id(page)
+    page.locator("#use-nearest").click()
+    wait_compare_result(page, n, before)
+    assert box.input_value() == "a large red circle in the center on a white background"
+    page.wait_for_function("() => { const e = document.querySelector('#prompt-notice');"
+                           " return !e || e.offsetParent === null || !e.innerText.trim(); }", timeout=30_000)
+    assert not page.locator("#use-nearest").is_visible()
+
+
+def test_trajectories_are_aligned_by_timestep_without_empty_space(page, served, shots):
+    n = 2 + len(served[1])
+    page.locator("#prompt textarea").fill("a large yellow triangle at the top right on a gray background")
+    page.locator("#show-trajectory input").check()
+    run_compare(page, n)
+    grid = page.locator("#trajectory-grid")
+    grid.wait_for(timeout=30_000)
+    heads = [h.strip() for h in grid.locator("thead th").all_inner_texts()]
+    assert heads == ["", "t = 999", "t = 750", "t = 500", "t = 250", "final"]
+    rows = grid.locator("tbody tr")
+    assert rows.count() == n
+    first = rows.nth(0).inner_text()
+    assert "teacher-50" in first and "t=759" in first  # its step nearest 750, from its own 50
+    assert "t=749" in rows.nth(1).inner_text()  # the naive teacher's own timesteps
+    # no tall empty box: the trajectory block is as tall as its table
+    box = page.locator("#trajectory").bounding_box()
+    table = grid.bounding_box()
+    assert box["height"] <= table["height"] + 40
+    grid.scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "compare-trajectory.png"), full_page=True)
+    page.locator("#show-trajectory input").uncheck()
