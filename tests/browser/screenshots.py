@@ -2,9 +2,10 @@
 
     python tests/browser/screenshots.py [--model tiny] [--out docs/screenshots]
 
-Serves the app on a scratch runs/adapters folder (two random students, a short training run), runs a
-Compare with trajectories, and saves compare.png, train.png (at 1280x800, once the labelled preview shows the
-student at step 0 and a later step under the teacher's reference) and evaluate.png.
+Serves the app on a scratch runs/adapters folder (the shipped students, a short training run) in a
+1280x800 window and saves compare.png (as the page opens), compare-trajectory.png (with trajectories),
+train.png (once the labelled preview shows the student at step 0 and a later step under the teacher's
+reference) and evaluate.png.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from drive import (launch_browser, open_app, run_compare, start_training, wait_loss_chart,  # noqa: E402
-                   wait_preview_rows)
+from drive import (launch_browser, open_app, run_compare, start_training, wait_compare_result,  # noqa: E402
+                   wait_loss_chart, wait_preview_rows)
 
 
 def main(argv=None) -> int:
@@ -50,26 +51,27 @@ def main(argv=None) -> int:
         env["CDLAB_EVALS_DIR"] = str(evals_dir())  # show the real evaluations when there are some
     with serve_app(args.model, work, env=env) as url, sync_playwright() as pw:
         browser = launch_browser(pw)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         open_app(page, url)
+        # Compare at 1280x800 as the page opens (the default comparison, no click), then with trajectories.
+        wait_compare_result(page, 2 + len(students))
+        page.screenshot(path=str(out / "compare.png"))
         page.locator("#show-trajectory input").check()
         run_compare(page, 2 + len(students))
-        page.screenshot(path=str(out / "compare.png"), full_page=True)
+        page.screenshot(path=str(out / "compare-trajectory.png"), full_page=True)
         # Train at 1280x800 (issue 11): the labelled preview (teacher reference, student at step 0 and now) and
         # the loss chart drawn in the browser.
-        page.set_viewport_size({"width": 1280, "height": 800})
         start_training(page, "screenshot-student")
         wait_preview_rows(page, min_step=6)
         wait_loss_chart(page)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "train.png"), full_page=True)
-        page.set_viewport_size({"width": 1280, "height": 1100})
         page.locator("#train-stop").click()
         page.get_by_role("tab", name="Evaluate").click()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "evaluate.png"), full_page=True)
         browser.close()
-    print("\n".join(str(out / f"{t}.png") for t in ("compare", "train", "evaluate")))
+    print("\n".join(str(out / f"{t}.png") for t in ("compare", "compare-trajectory", "train", "evaluate")))
     return 0
 
 
