@@ -53,6 +53,7 @@ class MicroBatcher(Generic[T, R]):
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._name = name
+        self._running = 0  # items of the round now running
         self.rounds = 0  # how many batches ran (for tests and benchmarks)
         self.sizes: list[int] = []  # the size of each round, newest last (bounded)
 
@@ -69,6 +70,11 @@ class MicroBatcher(Generic[T, R]):
             self._ensure_worker()
             self._cv.notify()
         return ticket
+
+    def pending(self) -> int:
+        """Items submitted and not yet served: the queued ones and those of the round now running."""
+        with self._cv:
+            return len(self._queue) + self._running
 
     def waiting_ahead(self, ticket: Ticket[T]) -> int:
         """How many queued items are ahead of ``ticket`` (0 once it runs)."""
@@ -100,6 +106,7 @@ class MicroBatcher(Generic[T, R]):
                         self._thread = None  # idle: the next submit starts a new worker
                         return
                 batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
+                self._running = len(batch)
             for t in batch:
                 t.status, t.batch_size = f"running (batch of {len(batch)})", len(batch)
             try:
@@ -108,6 +115,8 @@ class MicroBatcher(Generic[T, R]):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             except BaseException as e:  # every item of this round fails with it; the worker goes on
                 results = [e] * len(batch)
+            with self._cv:
+                self._running = 0
             self.rounds += 1
             self.sizes = (self.sizes + [len(batch)])[-1000:]
             for t, r in zip(batch, results):

@@ -104,10 +104,10 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
             boss = Client(url, verbose=False)
             extra = ('{"max_steps": %d, "data_size": 32, "log_every": 5, "preview_every": 0, "batch_size": 8, '
                      '"checkpoint_every": 1000, "probe_size": 4}' % train_steps)
-            _, _, owner = boss.predict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=train_steps,
-                                       batch_size=8, guidance=3.0, guidance_max=3.0, preview_every=0,
-                                       student_name="load-student", data_kind="tiny world", data_path="",
-                                       extra_config=extra, overwrite=False, owner="", api_name="/train_start")
+            _, owner = boss.predict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=train_steps,
+                                    batch_size=8, guidance=3.0, guidance_max=3.0, preview_every=0,
+                                    student_name="load-student", data_kind="tiny world", data_path="",
+                                    extra_config=extra, overwrite=False, owner="", api_name="/train_start")
             run = next((work / "runs").iterdir())
             end = time.time() + 120
             while time.time() < end:  # until the trainer is really stepping
