@@ -1,4 +1,4 @@
-"""cdlab's Gradio app: Compare the teacher with its students, Train a student, read Evaluations.
+"""cdlab's Gradio app: Compare the teacher with its students, Edit with them, Train a student, read Evaluations.
 
     python app.py                       # tiny teacher on CPU; SD1.5 on CUDA (falls back to tiny)
     python app.py --model sd15 --host 0.0.0.0 --port 7860 [--share]
@@ -22,6 +22,7 @@ import gradio as gr
 
 from cdlab.ui import compare as C
 from cdlab.ui import compare_view as V
+from cdlab.ui import edit_tab as ED
 from cdlab.ui import evaluate_tab as E
 from cdlab.ui import hosting as H
 from cdlab.ui import session as S
@@ -31,7 +32,8 @@ from cdlab.ui.jobs import JobError, JobManager, new_owner_token
 log = logging.getLogger("cdlab.app")
 CSS = (".cdlab-header {font-size: 0.95em} .cdlab-header h2 {margin: 0 0 2px 0} "
        "#compare-legend {font-size: 0.8em; opacity: 0.85} #compare-info {font-size: 0.85em} "
-       "#compare-gallery img {image-rendering: pixelated}" + V.CSS)
+       "#compare-gallery img, #edit-gallery img, #edit-image canvas {image-rendering: pixelated} "
+       "#edit-info {font-size: 0.85em}" + V.CSS)
 USER_ERRORS = (ValueError, JobError, FileNotFoundError, KeyError)  # InputError, StudentError: ValueErrors
 
 
@@ -114,6 +116,45 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
 
     def refresh_columns():
         choices = comparer.column_choices()
+        return gr.CheckboxGroup(choices=choices, value=choices)
+
+    edit_presets = ED.presets(teacher)
+
+    @user_errors
+    def do_edit(technique, image, prompt, prompt_2, strength, seed, student_steps, columns):
+        """Run one edit (sdedit | inpaint | anagram | hybrid) in every ticked column from one noise; returns the
+        columns (HTML, one row, the input first), their images with captions, the timings table and a summary."""
+        v = ED.run_edit(teacher, comparer, technique, image, prompt, prompt_2, strength, seed, student_steps,
+                        columns)
+        for note in v.notes:
+            gr.Info(note)
+        return v.html(), v.gallery(), v.table, v.summary
+
+    do_edit = H.gpu(do_edit, duration=120)
+
+    def edit_technique_changed(technique):
+        """Labels and visibility follow the technique: two prompts for anagrams and hybrids, no image there."""
+        technique = technique if technique in ED.TECHNIQUES else "sdedit"
+        first, second = ED.PROMPTS[technique]
+        return (gr.Textbox(label=first), gr.Textbox(label=second or "second prompt", visible=second is not None),
+                gr.Slider(visible=ED.USES_STRENGTH[technique]), gr.ImageEditor(visible=ED.USES_IMAGE[technique]))
+
+    def edit_preset_picked(name):
+        p = next((p for p in edit_presets if p.name == name), None)
+        if p is None:
+            return (gr.skip(),) * 6
+        return (p.technique, p.editor_value() if p.background is not None else gr.skip(), p.prompt, p.prompt_2,
+                p.strength, p.seed)
+
+    def edit_first_visit(row):
+        """The tab opens with a result: on the first visit (nothing shown yet) the first preset is loaded."""
+        return edit_preset_picked(edit_presets[0].name) if not row and edit_presets else (gr.skip(),) * 6
+
+    def edit_if_empty(row, *inputs):
+        return do_edit(*inputs) if not row else (gr.skip(),) * 4
+
+    def refresh_edit_columns():
+        choices = ED.edit_column_choices(comparer)
         return gr.CheckboxGroup(choices=choices, value=choices)
 
     @user_errors
@@ -245,6 +286,56 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 use_nearest.click(lambda n: n or gr.skip(), nearest, prompt, api_visibility="private").then(
                     do_compare, compare_inputs, compare_outputs, api_visibility="private", **compare_kw)
 
+            with gr.Tab("Edit", id="edit") as edit_tab:
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=330):
+                        e_preset = gr.Dropdown([p.name for p in edit_presets], value=None, elem_id="edit-preset",
+                                               label="Presets (one click: the inputs, then the edit)")
+                        e_tech = gr.Radio([(ED.TECHNIQUE_LABELS[k], k) for k in ED.TECHNIQUES], value="sdedit",
+                                          label="Technique", elem_id="edit-technique")
+                        canvas = int(teacher.resolution)
+                        e_image = gr.ImageEditor(
+                            type="pil", image_mode="RGBA", canvas_size=(canvas, canvas), fixed_canvas=True,
+                            sources=("upload", "clipboard"), transforms=(), height=360, elem_id="edit-image",
+                            label=f"Image ({canvas}×{canvas}): upload or draw; for inpainting, paint the region "
+                                  "to regenerate",
+                            brush=gr.Brush(default_size=max(2, canvas // 10), color_mode="defaults"),
+                            layers=gr.LayerOptions(allow_additional_layers=False))
+                        e_prompt = gr.Textbox(label=ED.PROMPTS["sdedit"][0], lines=2, max_lines=4, elem_id="edit-prompt")
+                        e_prompt2 = gr.Textbox(label="second prompt", visible=False, lines=2, max_lines=4,
+                                               elem_id="edit-prompt-2")
+                        e_strength = gr.Slider(0.0, 1.0, value=ED.DEFAULT_STRENGTH["sdedit"], step=0.05,
+                                               label="Strength (noise level the edit starts from)", elem_id="edit-strength")
+                        with gr.Row(equal_height=True):
+                            e_seed = gr.Number(label="Seed", value=0, precision=0, min_width=90)
+                            e_steps = gr.Radio([str(k) for k in ED.STUDENT_STEPS], value="4", label="Student steps")
+                        e_choices = ED.edit_column_choices(comparer)
+                        e_columns = gr.CheckboxGroup(e_choices, value=e_choices, label="Columns (teacher and "
+                                                     "consistency students)", elem_id="edit-columns-pick")
+                        e_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                    with gr.Column(scale=3):
+                        e_info = gr.Markdown(elem_id="edit-info", label="summary")
+                        e_row = gr.HTML(elem_id="edit-row", padding=False, label="columns html")
+                        gr.Markdown(ED.LEGEND, elem_id="edit-legend")
+                        with gr.Accordion("Images and timings (as the API returns them)", open=False):
+                            e_gallery = gr.Gallery(label="Images", height="auto", elem_id="edit-gallery",
+                                                   object_fit="contain")
+                            e_table = gr.Dataframe(headers=["column", "seconds", "NFE", "steps"], label="Timings",
+                                                   interactive=False)
+                named_errors(e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed, e_steps, e_columns)
+                edit_inputs = [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed, e_steps, e_columns]
+                edit_outputs = [e_row, e_gallery, e_table, e_info]
+                edit_kw = dict(concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
+                e_tech.change(edit_technique_changed, e_tech, [e_prompt, e_prompt2, e_strength, e_image],
+                              api_visibility="private")
+                e_btn.click(do_edit, edit_inputs, edit_outputs, api_name="edit", **edit_kw)
+                edit_tab.select(edit_first_visit, e_row, [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed],
+                                api_visibility="private").then(
+                    edit_if_empty, [e_row, *edit_inputs], edit_outputs, api_visibility="private", **edit_kw)
+                e_preset.input(edit_preset_picked, e_preset, [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed],
+                               api_visibility="private").then(
+                    do_edit, edit_inputs, edit_outputs, api_visibility="private", **edit_kw)
+
             with gr.Tab("Train", id="train"):
                 if not training_on:
                     gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
@@ -333,7 +424,8 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 shown = show_eval(newest)
             except gr.Error:  # an unreadable evaluation: the list still loads; picking one says what is wrong
                 shown = (gr.skip(),) * 3
-            return (refresh_columns(), refresh_runs(), gr.Dropdown(choices=names, value=newest), *shown)
+            return (refresh_columns(), refresh_edit_columns(), refresh_runs(), gr.Dropdown(choices=names, value=newest),
+                    *shown)
 
         # The page opens with a result: the default preset compared (its teacher columns cached after the
         # first visitor), then the ready signal.
@@ -343,7 +435,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
             except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
                 return ("", [], [], "", None, "")
 
-        demo.load(on_load, None, [columns, run_dd, eval_dd, eval_table, eval_plot, eval_summary],
+        demo.load(on_load, None, [columns, e_columns, run_dd, eval_dd, eval_table, eval_plot, eval_summary],
                   api_visibility="private").then(
             prompt_notice, prompt, [notice, use_nearest, nearest], api_visibility="private").then(
             on_load_compare, compare_inputs, compare_outputs, api_visibility="private", **compare_kw).then(

@@ -60,18 +60,34 @@ def _img(image, alt: str, cls: str) -> str:
     return f'<img class="{cls}" src="{data_uri(image)}" alt="{html.escape(alt)}"{pixel}>'
 
 
-def columns_html(result: Any) -> str:
-    """Every column in ONE row (flex, no wrapping), each image with its full label underneath."""
-    cells = []
-    for c in result.columns:
-        lines = c.caption_lines()
+def row_html(cells: list[dict], row_id: str, **data: Any) -> str:
+    """Labelled images in ONE row (flex, no wrapping), each label written out in full underneath.
+
+    Each cell: ``label`` (`str`), ``images`` (`list[tuple[PIL.Image, str]]`: image and alt text; several sit side
+    by side, e.g. an anagram upright and flipped), ``lines`` (`list[str]`: the caption, first line bold),
+    ``failed`` (`bool`). ``data`` become ``data-*`` attributes of the row (tests read them)."""
+    out = []
+    for c in cells:
         cap = "".join(f'<span class="cdlab-cap-{"name" if i == 0 else "line"}">{html.escape(x)}</span>'
-                      for i, x in enumerate(lines))
-        cls = "cdlab-col cdlab-col-failed" if c.error else "cdlab-col"
-        cells.append(f'<figure class="{cls}" data-label="{html.escape(c.label)}">'
-                     f'{_img(c.image, c.label, "cdlab-col-img")}<figcaption>{cap}</figcaption></figure>')
-    return (f'<div class="cdlab-row" id="compare-columns" data-columns="{len(result.columns)}" '
-            f'data-result="{html.escape(str(getattr(result, "result_id", "")))}">{"".join(cells)}</div>')
+                      for i, x in enumerate(c["lines"]))
+        cls = "cdlab-col cdlab-col-failed" if c.get("failed") else "cdlab-col"
+        if len(c["images"]) > 1:  # several views of one result: each with its name under it
+            imgs = "".join(f'<div class="cdlab-col-view">{_img(im, alt, "cdlab-col-img")}'
+                           f'<span class="cdlab-col-view-name">{html.escape(alt)}</span></div>' for im, alt in c["images"])
+            imgs = f'<div class="cdlab-col-pair">{imgs}</div>'
+        else:
+            imgs = "".join(_img(im, alt, "cdlab-col-img") for im, alt in c["images"])
+        out.append(f'<figure class="{cls}" data-label="{html.escape(c["label"])}">{imgs}'
+                   f'<figcaption>{cap}</figcaption></figure>')
+    attrs = "".join(f' data-{k.replace("_", "-")}="{html.escape(str(v))}"' for k, v in data.items())
+    return f'<div class="cdlab-row" id="{html.escape(row_id)}"{attrs}>{"".join(out)}</div>'
+
+
+def columns_html(result: Any) -> str:
+    """Every Compare column in ONE row, each image with its full label underneath."""
+    cells = [{"label": c.label, "images": [(c.image, c.label)], "lines": c.caption_lines(), "failed": bool(c.error)}
+             for c in result.columns]
+    return row_html(cells, "compare-columns", columns=len(result.columns), result=getattr(result, "result_id", ""))
 
 
 def trajectory_html(result: Any) -> str:
@@ -107,6 +123,9 @@ CSS = """
 .cdlab-row {display: flex; flex-wrap: nowrap; gap: 10px; width: 100%; align-items: flex-start}
 .cdlab-col {flex: 1 1 0; min-width: 0; margin: 0}
 .cdlab-col-img {width: 100%; aspect-ratio: 1 / 1; object-fit: contain; display: block; border-radius: 4px}
+.cdlab-col-pair {display: flex; gap: 3px}
+.cdlab-col-view {flex: 1 1 0; min-width: 0}
+.cdlab-col-view-name {display: block; font-size: 0.7em; opacity: 0.7; text-align: center}
 .cdlab-col figcaption {font-size: 0.8em; line-height: 1.3; margin-top: 4px; overflow-wrap: anywhere}
 .cdlab-col figcaption span {display: block}
 .cdlab-cap-name {font-weight: 600}
