@@ -65,6 +65,8 @@ def _named_class(cls: type) -> type:
                 return cls.preprocess(self, payload)
             except gr.Error as e:
                 raise gr.Error(f"{self.label}: {e.message}") from None
+            except Exception as e:  # e.g. an upload that is not an image: refused by name, the server goes on
+                raise gr.Error(f"{self.label}: could not read the value ({type(e).__name__}: {str(e)[:120]})") from None
 
         _NAMED_CLASSES[cls] = type(cls.__name__, (cls,), {"preprocess": preprocess, "__module__": cls.__module__})
     return _NAMED_CLASSES[cls]
@@ -133,25 +135,32 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     do_edit = H.gpu(do_edit, duration=120)
 
     def edit_technique_changed(technique):
-        """Labels and visibility follow the technique: two prompts for anagrams and hybrids, no image there."""
+        """Labels and visibility follow the technique: two prompts for anagrams and hybrids, no strength there (the
+        image editor stays: re-rendering it would drop a drawing; anagrams and hybrids ignore it)."""
         technique = technique if technique in ED.TECHNIQUES else "sdedit"
         first, second = ED.PROMPTS[technique]
-        return (gr.Textbox(label=first), gr.Textbox(label=second or "second prompt", visible=second is not None),
-                gr.Slider(visible=ED.USES_STRENGTH[technique]), gr.ImageEditor(visible=ED.USES_IMAGE[technique]))
+        return (gr.Textbox(info=first), gr.Textbox(info=second, visible=second is not None),
+                gr.Slider(visible=ED.USES_STRENGTH[technique]))
 
-    def edit_preset_picked(name):
+    @user_errors
+    def edit_preset_run(name, student_steps, columns):
+        """Fill the inputs from a preset AND run its edit from the preset's own values, in one event (a second
+        event reading the inputs back from the page could read them before the page applied them)."""
         p = next((p for p in edit_presets if p.name == name), None)
         if p is None:
-            return (gr.skip(),) * 6
-        return (p.technique, p.editor_value() if p.background is not None else gr.skip(), p.prompt, p.prompt_2,
-                p.strength, p.seed)
+            return (gr.skip(),) * 10
+        editor = p.editor_value()
+        fill = (p.technique, editor if editor is not None else gr.skip(), p.prompt, p.prompt_2, p.strength, p.seed)
+        return (*fill, *do_edit(p.technique, editor, p.prompt, p.prompt_2, p.strength, p.seed, student_steps, columns))
 
-    def edit_first_visit(row):
-        """The tab opens with a result: on the first visit (nothing shown yet) the first preset is loaded."""
-        return edit_preset_picked(edit_presets[0].name) if not row and edit_presets else (gr.skip(),) * 6
+    def edit_preset_selected(student_steps, columns, evt: gr.SelectData):
+        return edit_preset_run(evt.value, student_steps, columns)
 
-    def edit_if_empty(row, *inputs):
-        return do_edit(*inputs) if not row else (gr.skip(),) * 4
+    def edit_first_visit(row, student_steps, columns):
+        """The tab opens with a result: on the first visit (nothing shown yet) the first preset is run."""
+        if row or not edit_presets:
+            return (gr.skip(),) * 10
+        return edit_preset_run(edit_presets[0].name, student_steps, columns)
 
     def refresh_edit_columns():
         choices = ED.edit_column_choices(comparer)
@@ -294,24 +303,29 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                         e_tech = gr.Radio([(ED.TECHNIQUE_LABELS[k], k) for k in ED.TECHNIQUES], value="sdedit",
                                           label="Technique", elem_id="edit-technique")
                         canvas = int(teacher.resolution)
+                        gr.Markdown(f"**Image** ({canvas}×{canvas} px): upload or draw. SDEdit edits the picture as "
+                                    "drawn; for inpainting, paint over the region to regenerate (the paint is the "
+                                    "mask).", elem_id="edit-image-help")
                         e_image = gr.ImageEditor(
-                            type="pil", image_mode="RGBA", canvas_size=(canvas, canvas), fixed_canvas=True,
+                            type="pil", image_mode="RGBA", canvas_size=(canvas, canvas), fixed_canvas=True, format="png",
                             sources=("upload", "clipboard"), transforms=(), height=360, elem_id="edit-image",
-                            label=f"Image ({canvas}×{canvas}): upload or draw; for inpainting, paint the region "
-                                  "to regenerate",
+                            label="Image",
                             brush=gr.Brush(default_size=max(2, canvas // 10), color_mode="defaults"),
                             layers=gr.LayerOptions(allow_additional_layers=False))
-                        e_prompt = gr.Textbox(label=ED.PROMPTS["sdedit"][0], lines=2, max_lines=4, elem_id="edit-prompt")
-                        e_prompt2 = gr.Textbox(label="second prompt", visible=False, lines=2, max_lines=4,
+                        e_prompt = gr.Textbox("", label="Prompt", info=ED.PROMPTS["sdedit"][0], lines=2, max_lines=4,
+                                              elem_id="edit-prompt")
+                        e_prompt2 = gr.Textbox("", label="Prompt 2", visible=False, lines=2, max_lines=4,
                                                elem_id="edit-prompt-2")
-                        e_strength = gr.Slider(0.0, 1.0, value=ED.DEFAULT_STRENGTH["sdedit"], step=0.05,
-                                               label="Strength (noise level the edit starts from)", elem_id="edit-strength")
+                        e_strength = gr.Slider(0.0, 1.0, value=ED.DEFAULT_STRENGTH["sdedit"], step=0.05, label="Strength",
+                                               info="the noise level the edit starts from (1: pure noise)",
+                                               elem_id="edit-strength")
                         with gr.Row(equal_height=True):
                             e_seed = gr.Number(label="Seed", value=0, precision=0, min_width=90)
                             e_steps = gr.Radio([str(k) for k in ED.STUDENT_STEPS], value="4", label="Student steps")
                         e_choices = ED.edit_column_choices(comparer)
-                        e_columns = gr.CheckboxGroup(e_choices, value=e_choices, label="Columns (teacher and "
-                                                     "consistency students)", elem_id="edit-columns-pick")
+                        e_columns = gr.CheckboxGroup(e_choices, value=e_choices, label="Columns",
+                                                     info="the teacher and the consistency students",
+                                                     elem_id="edit-columns-pick")
                         e_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
                     with gr.Column(scale=3):
                         e_info = gr.Markdown(elem_id="edit-info", label="summary")
@@ -326,15 +340,16 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                 edit_inputs = [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed, e_steps, e_columns]
                 edit_outputs = [e_row, e_gallery, e_table, e_info]
                 edit_kw = dict(concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
-                e_tech.change(edit_technique_changed, e_tech, [e_prompt, e_prompt2, e_strength, e_image],
+                e_tech.change(edit_technique_changed, e_tech, [e_prompt, e_prompt2, e_strength],
                               api_visibility="private")
                 e_btn.click(do_edit, edit_inputs, edit_outputs, api_name="edit", **edit_kw)
-                edit_tab.select(edit_first_visit, e_row, [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed],
-                                api_visibility="private").then(
-                    edit_if_empty, [e_row, *edit_inputs], edit_outputs, api_visibility="private", **edit_kw)
-                e_preset.input(edit_preset_picked, e_preset, [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed],
-                               api_visibility="private").then(
-                    do_edit, edit_inputs, edit_outputs, api_visibility="private", **edit_kw)
+                preset_outputs = [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed, *edit_outputs]
+                edit_tab.select(edit_first_visit, [e_row, e_steps, e_columns], preset_outputs,
+                                api_visibility="private", **edit_kw)
+                # .select carries the option picked (the dropdown's value as read by an .input event can be the
+                # previous one); picking the same preset again runs it again.
+                e_preset.select(edit_preset_selected, [e_steps, e_columns], preset_outputs,
+                               api_visibility="private", **edit_kw)
 
             with gr.Tab("Train", id="train"):
                 if not training_on:

@@ -109,6 +109,8 @@ ENDPOINTS = {
                                      "preview_caption", "last_lines_of_the_trainers_log"]),
     "/refresh_runs": (["current"], ["runs_app_and_cli"]),
     "/show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
+    "/edit": (["technique", "image", "prompt", "prompt_2", "strength", "seed", "student_steps", "columns"],
+              ["columns_html", "images", "timings", "summary"]),
     "/evaluate": (["prompts"], ["evaluations_newest_first"]),
 }
 
@@ -122,7 +124,7 @@ def test_every_endpoint_is_documented_with_named_parameters_and_returns(client):
                 for r in api[name]["returns"]] == returns, name
         # every parameter with a default is optional, and only the owner token is required of training calls
         required = [p["parameter_name"] for p in api[name]["parameters"] if not p["parameter_has_default"]]
-        assert set(required) <= {"owner", "run_name"}, (name, required)
+        assert set(required) <= {"owner", "run_name", "image"}, (name, required)  # image: /edit's picture
 
 
 def test_each_endpoint_called_as_documented(client, app):
@@ -196,3 +198,74 @@ def test_twenty_concurrent_compares_beside_a_training_run(tmp_path):
     assert r["served"] == 20 and r["failed"] == 0, r["errors"]
     assert r["training_state"] == "running" and r["training_step"] >= 1  # it trained the whole time
     assert r["p50_s"] <= r["p95_s"] <= r["max_s"]
+
+
+def _editor(tmp_path, background=None, layers=()):
+    """An ImageEditor value as gradio_client sends it: files for the background and the paint layers."""
+    from gradio_client import handle_file
+
+    return {"background": handle_file(str(background)) if background else None,
+            "layers": [handle_file(str(p)) for p in layers], "composite": None, "id": None}
+
+
+def test_edit_runs_each_technique_as_documented(client, app, tmp_path):
+    """/edit with named parameters, as view_api documents them: SDEdit and inpainting from an uploaded world
+    image (the paint layer is the mask), anagrams and hybrids from two prompts and no image."""
+    import numpy as np
+    from PIL import Image
+
+    from cdlab.world import Caption, render
+
+    students = app[3]
+    src = tmp_path / "src.png"
+    render(Caption("large", "red", "circle", "center", "white"), 1, 32).save(src)
+    paint = np.zeros((32, 32, 4), dtype=np.uint8)
+    paint[8:24, 8:24] = (255, 0, 255, 150)
+    layer = tmp_path / "paint.png"
+    Image.fromarray(paint, "RGBA").save(layer)
+    cols = ["teacher-50 (CFG)", "teacher-4 (naive)", students[0]]
+    cases = [("sdedit", _editor(tmp_path, src), "a large blue circle in the center on a white background", "", 0.6),
+             ("inpaint", _editor(tmp_path, src, [layer]), "a large red cross in the center on a white background", "", 1.0),
+             ("anagram", None, "a large red square at the top left on a white background",
+              "a large red square at the bottom left on a white background", 1.0),
+             ("hybrid", None, "a large blue circle in the center on a white background",
+              "a large blue cross in the center on a white background", 1.0)]
+    for technique, image, p1, p2, strength in cases:
+        row, gallery, table, info = client.predict(technique=technique, image=image, prompt=p1, prompt_2=p2,
+                                                   strength=strength, seed=2, student_steps="2", columns=cols,
+                                                   api_name="/edit")
+        n_input = 1 if image else 0
+        assert row.count("<figure") == n_input + 3 and f'data-technique="{technique}"' in row, technique
+        assert [r[0] for r in table["data"]] == cols and all(r[1] > 0 for r in table["data"])
+        nfe = {r[0]: r[2] for r in table["data"]}
+        per_step = 2 if technique in ("anagram", "hybrid") else 1
+        assert nfe["teacher-50 (CFG)"] == 2 * per_step * (30 if technique == "sdedit" else 50), technique
+        assert nfe[students[0]] <= 2 * per_step
+        assert all(Path(g["image"]).is_file() for g in gallery) and "3 columns in" in info
+
+
+def test_edit_refuses_bad_uploads_by_name_and_keeps_serving(client, tmp_path):
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 40), "red").save(wide)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (32, 32), "white").save(plain)
+    full = tmp_path / "full.png"
+    Image.new("RGBA", (32, 32), (255, 0, 255, 255)).save(full)
+    bad = [("sdedit", None, "no image"), ("sdedit", _editor(tmp_path, text), "Image"),
+           ("sdedit", _editor(tmp_path, wide), "not square"), ("inpaint", _editor(tmp_path, plain), "mask: empty"),
+           ("inpaint", _editor(tmp_path, plain, [full]), "covers the whole image")]
+    for technique, image, match in bad:
+        with pytest.raises(AppError, match=match):
+            client.predict(technique=technique, image=image, prompt="", prompt_2="", strength=0.5, seed=0,
+                           student_steps="4", columns=["teacher-4 (naive)"], api_name="/edit")
+    with pytest.raises(AppError, match="prompt_2"):
+        client.predict(technique="hybrid", image=None, prompt="a", prompt_2="", strength=1.0, seed=0,
+                       student_steps="4", columns=["teacher-4 (naive)"], api_name="/edit")
+    row, *_ = client.predict(technique="sdedit", image=_editor(tmp_path, plain), prompt="", prompt_2="", strength=0.5,
+                             seed=0, student_steps="4", columns=["teacher-4 (naive)"], api_name="/edit")
+    assert row.count("<figure") == 2

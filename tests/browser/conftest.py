@@ -1,6 +1,10 @@
 """Browser tests: skipped, with the reason, when Chromium or Playwright is missing (CI installs both)."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 
 from drive import chromium_path
@@ -19,3 +23,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.browser)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """The app on the embedded tiny teacher with the shipped students (a copy), shared by the page tests."""
+    from cdlab.students import list_students
+    from cdlab.teachers import TINY_ID, TINY_TEACHER_DIR
+    from cdlab.ui.hosting import repo_root
+
+    if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
+        pytest.skip("the embedded tiny teacher is not in this checkout")
+    shipped = [c.name for c in list_students(root=repo_root() / "adapters", base_model=TINY_ID)]
+    work = tmp_path_factory.mktemp("tiny-app")
+    shutil.copytree(repo_root() / "adapters", work / "adapters", dirs_exist_ok=True)
+    from cdlab.ui.testing import serve_app
+
+    with serve_app("tiny", work) as url:
+        yield url, shipped
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory):
+    d = Path(os.environ.get("CDLAB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -181,3 +181,38 @@ def stop_training(page, timeout_ms: int = 120_000) -> str:
         timeout=timeout_ms)
     text = page.locator("#train-status").inner_text()
     return re.search(r"\b(stopped|finished|failed)\b", text).group(1)
+
+
+def edit_result_id(page) -> str:
+    """The id of the Edit result on screen ('' when none)."""
+    loc = page.locator("#edit-columns")
+    return (loc.get_attribute("data-result") or "") if loc.count() else ""
+
+
+def wait_edit_result(page, technique: str, n_figures: int, before: str = "", timeout_ms: int = 120_000) -> str:
+    """Wait until an Edit result other than ``before``, of ``technique``, shows ``n_figures`` labelled
+    figures (the input, then the columns); return its text."""
+    try:
+        page.wait_for_function(
+            "([tech, n, before]) => { const r = document.querySelector('#edit-columns');"
+            " return r && r.dataset.result && r.dataset.result !== before && r.dataset.technique === tech"
+            " && r.querySelectorAll('figure').length === n"
+            " && /columns in/.test((document.querySelector('#edit-info')||{}).innerText || ''); }",
+            arg=[technique, n_figures, before], timeout=timeout_ms)
+    except Exception as e:  # say what IS on screen: the result's id, technique, figures, any toast
+        seen = page.evaluate(
+            "() => { const r = document.querySelector('#edit-columns');"
+            " const t = [...document.querySelectorAll('.toast-body, .toast-text')].map(x => x.innerText).join(' | ');"
+            " return {result: r && r.dataset.result, technique: r && r.dataset.technique,"
+            " figures: r ? r.querySelectorAll('figure').length : 0, toasts: t}; }")
+        raise AssertionError(f"no new {technique} result with {n_figures} figures (before {before!r}); on screen: "
+                             f"{seen}") from e
+    return page.locator("#edit-columns").inner_text()
+
+
+def pick_edit_preset(page, name: str, technique: str, n_figures: int, timeout_ms: int = 120_000) -> str:
+    """Pick an Edit preset (it fills the inputs and runs the edit) and wait for its result."""
+    before = edit_result_id(page)
+    page.locator("#edit-preset input").click()
+    page.get_by_role("option", name=name).click()
+    return wait_edit_result(page, technique, n_figures, before, timeout_ms)

@@ -4,38 +4,11 @@ a legend, the off-grammar notice with the nearest caption in one click, and traj
 timestep. Each check leaves a screenshot (``$CDLAB_SCREENSHOT_DIR``, else the test's temporary folder)."""
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
-from cdlab.ui.testing import serve_app
 from drive import compare_result_id, launch_browser, open_app, run_compare, wait_compare_result
 
 VIEWPORT = {"width": 1280, "height": 800}
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from cdlab.students import list_students
-    from cdlab.teachers import TINY_ID, TINY_TEACHER_DIR
-    from cdlab.ui.hosting import repo_root
-
-    if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
-        pytest.skip("the embedded tiny teacher is not in this checkout")
-    shipped = [c.name for c in list_students(root=repo_root() / "adapters", base_model=TINY_ID)]
-    work = tmp_path_factory.mktemp("compare-page")
-    shutil.copytree(repo_root() / "adapters", work / "adapters", dirs_exist_ok=True)
-    with serve_app("tiny", work) as url:
-        yield url, shipped
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    d = Path(os.environ.get("CDLAB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="module")

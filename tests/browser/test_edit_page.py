@@ -1,0 +1,76 @@
+"""The Edit tab in Debian's Chromium at 1280x800 on the tiny teacher and its shipped students (issue 12): it
+opens with a result, each technique runs from its preset in one click, a stroke drawn with the mouse is part
+of the edited picture, and an upload is edited. Screenshots go to ``$CDLAB_SCREENSHOT_DIR`` (else a
+temporary folder)."""
+from __future__ import annotations
+
+import pytest
+
+from drive import edit_result_id, launch_browser, open_app, pick_edit_preset, wait_edit_result
+
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport=VIEWPORT)
+        open_app(page, served[0])
+        page.get_by_role("tab", name="Edit").click()
+        yield page
+        browser.close()
+
+
+def _input_src(page) -> str:
+    return page.locator('#edit-columns figure[data-label="input"] img').first.get_attribute("src")
+
+
+def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, served, shots):
+    from cdlab.teachers import load_teacher
+    from cdlab.ui.edit_tab import presets
+
+    n_cols = 2 + len(served[1])
+    text = wait_edit_result(page, "sdedit", 1 + n_cols)  # the first visit loads the first preset
+    assert "teacher-50 (CFG)" in text and "reads:" in text and "NFE" in text
+    page.screenshot(path=str(shots / "edit.png"))
+    for p in presets(load_teacher("tiny", device="cpu"))[1:]:
+        uses_image = p.technique in ("sdedit", "inpaint")
+        text = pick_edit_preset(page, p.name, p.technique, n_cols + (1 if uses_image else 0))
+        assert "teacher-4 (naive)" in text and all(s in text for s in served[1]), p.name
+        if p.technique == "anagram":
+            assert "flipped" in text and "reads upright" in text
+        if p.technique == "inpaint":
+            assert "mask" in text
+        page.screenshot(path=str(shots / f"edit-{p.technique}.png"))
+
+
+def test_a_stroke_drawn_on_the_canvas_is_edited(page):
+    pick_edit_preset(page, "SDEdit: a red circle becomes blue", "sdedit", 3 + 3)  # 3 shipped students
+    before_id, before_src = edit_result_id(page), _input_src(page)
+    page.locator('#edit-image button[aria-label="Brush"]').click()
+    box = page.locator("#edit-image canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.3, steps=12)
+    page.mouse.up()
+    page.locator("#edit-btn").click()
+    wait_edit_result(page, "sdedit", 6, before_id)
+    assert _input_src(page) != before_src  # the stroke is in the picture the columns start from
+
+
+def test_an_uploaded_image_is_edited(page, tmp_path):
+    from cdlab.world import Caption, render
+
+    path = tmp_path / "upload.png"
+    render(Caption("large", "green", "square", "center", "black"), 3, 128).save(path)
+    page.get_by_label("SDEdit: image or sketch → prompt").check()
+    before = edit_result_id(page)
+    page.locator('#edit-image input[type="file"]').set_input_files(str(path))
+    page.wait_for_timeout(1500)
+    page.locator("#edit-prompt textarea").fill("a large yellow square in the center on a black background")
+    page.locator("#edit-btn").click()
+    text = wait_edit_result(page, "sdedit", 6, before)
+    assert "reads:" in text
