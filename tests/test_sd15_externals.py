@@ -234,17 +234,19 @@ def test_compare_with_every_column(sd15_teacher, served, plain_before, tmp_path)
 
     cmp = Comparer(t, adapters_root=root)
     externals = [f"{k} (external)" for k in ("lcm-lora", "tcd", "pcm", "hyper-sd")]
-    choices = cmp.column_choices()
-    assert choices == [TEACHER_50, TEACHER_4, "sd15-local", *externals]
+    assert cmp.column_choices() == [TEACHER_50, TEACHER_4, "sd15-local", *externals]
+    # every column but teacher-50 (100 UNet passes, 90 s here; the doctor test runs it on this architecture):
+    # the naive teacher, the local student and the four externals in ONE request, swapped on one UNet
+    choices = [TEACHER_4, "sd15-local", *externals]
     names = ["lcm-lora", "tcd", "pcm", "hyper-sd", "sd15-local"]
     try:
         res = cmp.run(PROMPT, SEED, 7.5, 1, choices, show_trajectory=True)
         assert [c.error for c in res.columns] == [None] * len(choices), res.warnings
-        assert [c.nfe for c in res.columns] == [100, 8, 1, 1, 1, 1, 1]
+        assert [c.nfe for c in res.columns] == [8, 1, 1, 1, 1, 1]
         # one grid (the naive teacher's 4 steps); one-step columns fill the first cell only
         assert res.grid == [999, 750, 500, 250]
-        assert [sum(f is not None for f in c.trajectory) for c in res.columns] == [4, 4, 1, 1, 1, 1, 1]
-        assert res.columns[0].trajectory_timesteps == [999, 759, 499, 259]
+        assert [sum(f is not None for f in c.trajectory) for c in res.columns] == [4, 1, 1, 1, 1, 1]
+        assert res.columns[0].trajectory_timesteps == [999, 750, 500, 250]
         assert len(set(served)) == 4  # every external came through the (fake) hub
         _assert_plain(t, plain_before)
     finally:
