@@ -4,8 +4,8 @@
 
 Serves the app on a scratch runs/adapters folder (the shipped students, a short training run) in a
 1280x800 window and saves compare.png (as the page opens), compare-trajectory.png (with trajectories),
-train.png (once the labelled preview shows the student at step 0 and a later step under the teacher's
-reference) and evaluate.png.
+edit.png and edit-inpaint.png (the Edit tab as it opens, and the inpainting preset), train.png (once the
+labelled preview shows the student at step 0 and a later step under the teacher's reference) and evaluate.png.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from drive import (launch_browser, open_app, run_compare, start_training, wait_compare_result,  # noqa: E402
-                   wait_loss_chart, wait_preview_rows)
+from drive import (launch_browser, open_app, pick_edit_preset, run_compare, start_training,  # noqa: E402
+                   wait_compare_result, wait_edit_result, wait_loss_chart, wait_preview_rows)
 
 
 def main(argv=None) -> int:
@@ -59,6 +59,14 @@ def main(argv=None) -> int:
         page.locator("#show-trajectory input").check()
         run_compare(page, 2 + len(students))
         page.screenshot(path=str(out / "compare-trajectory.png"), full_page=True)
+        # Edit as it opens (the first preset runs by itself), then the inpainting preset.
+        page.get_by_role("tab", name="Edit").click()
+        wait_edit_result(page, "sdedit", 3 + len(students))
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(out / "edit.png"))
+        pick_edit_preset(page, "Inpaint: the triangle becomes a cross", "inpaint", 3 + len(students))
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(out / "edit-inpaint.png"))
         # Train at 1280x800 (issue 11): the labelled preview (teacher reference, student at step 0 and now) and
         # the loss chart drawn in the browser.
         start_training(page, "screenshot-student")
@@ -71,7 +79,8 @@ def main(argv=None) -> int:
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "evaluate.png"), full_page=True)
         browser.close()
-    print("\n".join(str(out / f"{t}.png") for t in ("compare", "compare-trajectory", "train", "evaluate")))
+    print("\n".join(str(out / f"{t}.png") for t in ("compare", "compare-trajectory", "edit", "edit-inpaint", "train",
+                                                       "evaluate")))
     return 0
 
 
