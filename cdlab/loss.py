@@ -43,10 +43,12 @@ from typing import Any
 import torch
 
 from cdlab.math import (
+    cfg_eps,
     get_multi_boundary_timesteps,
     get_xs_from_xt_naive,
     get_xs_from_xt_teacher,
     predict_boundary,
+    predict_x0,
     q_sample,
 )
 
@@ -277,3 +279,234 @@ def consistency_loss(
         "boundary": b,
         "guidance": w,
     }
+
+
+# ============================================================================================ DMD / DMD2
+#
+# Distribution matching distillation (Yin et al. 2024, arXiv 2311.18828; DMD2, arXiv 2405.14867), in LoRA form
+# on ONE UNet, with three roles:
+#
+#   real score   the frozen base UNet (every adapter off) with CFG:   eps_real = eps_u + w (eps_c - eps_u)
+#   fake score   a second LoRA adapter (``fake_adapter``), fitted to the generator's own samples
+#   generator    the student's LoRA (``generator_adapter``): G(x, t) = x0-prediction of its eps at (x, t)
+#
+# A K-step generator runs on the timesteps tau = consistency_timesteps(K, K) (999/750/500/250 for K = 4), the
+# same deterministic multistep sampler as the consistency students (cdlab.samplers.sample_consistency): from
+# x_{tau_0} = z ~ N(0, I), x_{tau_{i+1}} = DDIM jump of eps_G(x_{tau_i}, tau_i) to tau_{i+1}, image = G at the
+# last. Training uses DMD2's *backward simulation*: draw j ~ U{0..K-1}, run the generator itself (no grad) from
+# z to x_{tau_j}, and train its output there, x_g = G(x_{tau_j}, tau_j) (with grad). K = 1: x_g = G(z, 999).
+#
+# Distribution matching (the generator's loss). Diffuse x_g: t ~ U[t_min, t_max], x_t = alpha_t x_g + sigma_t n.
+# The KL gradient of DMD is E[(s_fake(x_t) - s_real(x_t)) dG/dtheta]; with s = -(x_t - alpha_t x0_hat)/sigma_t^2
+# that is, per pixel and up to the positive factor alpha_t / sigma_t^2, proportional to
+#
+#     grad = (x0_fake - x0_real) / mean_{CHW} |x_g - x0_real|          (DMD eq. 8's normaliser)
+#
+# and it is applied through the surrogate  loss_dm = 0.5 * mean (x_g - sg[x_g - grad])^2, whose gradient with
+# respect to x_g is grad / numel: descending it moves x_g towards what the real score denoises to and away from
+# what the fake one does. Where the generator's distribution IS the data's, x0_fake = x0_real and grad = 0.
+#
+# The fake score's loss: the ordinary denoising loss on the generator's samples (detached),
+#     t ~ U{0..T-1}, x_t = alpha_t sg[x_g] + sigma_t n,   loss_fake = mean (eps_fake(x_t, t, c) - n)^2,
+# taken ``fake_steps`` times per generator step (DMD2's two time-scale update rule; 5 there).
+#
+# DMD2 drops DMD's regression loss by default; ``regression_weight > 0`` adds it back for comparison:
+# loss_reg = mean (G(z, 999) - y)^2 on pairs (z, y) of the teacher's own ODE (DDIM with CFG from noise z).
+
+__all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "generator_sample", "adapter_active",
+            "DMD_T_RANGE"]
+
+DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
+
+
+@contextlib.contextmanager
+def adapter_active(module: torch.nn.Module, name: str) -> Iterator[torch.nn.Module]:
+    """Run ``module`` with LoRA adapter ``name`` the only active one (peft's per-layer ``set_adapter``); the
+    previously active adapter is active again afterwards. Every parameter's ``requires_grad`` is kept as it was
+    (peft's switch would make only the active adapter trainable): each role's optimiser owns its adapter, and
+    a pass reaches only the adapter active in it, so the roles of one UNet's adapters never mix."""
+    layers = _tuner_layers(module)
+    if not layers:
+        raise ValueError(f"adapter_active: the module has no LoRA adapters (wanted {name!r})")
+    if name not in getattr(layers[0], "lora_A", {}):
+        raise ValueError(f"adapter_active: no adapter {name!r} on the module")
+    before = [list(layer.active_adapters) for layer in layers]
+    grad_flags = [(p, p.requires_grad) for p in module.parameters()]
+
+    def restore_flags():
+        for p, flag in grad_flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+    try:
+        for layer in layers:
+            layer.set_adapter(name)
+        restore_flags()
+        yield module
+    finally:
+        for layer, names in zip(layers, before):
+            layer.set_adapter(names if len(names) != 1 else names[0])
+        restore_flags()
+
+
+def dmd_gradient(x_g: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DMD's per-sample gradient on the generator's output (module notes above): ``(x0_fake - x0_real)``
+    divided by ``mean_CHW |x_g - x0_real|``. Returns ``grad`` and the ``normalizer`` ``[B, 1, 1, 1]``."""
+    x_g, x0_real, x0_fake = x_g.float(), x0_real.float(), x0_fake.float()
+    dims = tuple(range(1, x_g.ndim))
+    normalizer = (x_g - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    return {"grad": (x0_fake - x0_real) / normalizer, "normalizer": normalizer}
+
+
+def generator_sample(
+    unet: Any,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    scheduler: Any,
+    *,
+    gen_timesteps: Sequence[int],
+    steps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    grad: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The generator's output with DMD2's backward simulation (module notes above).
+
+    ``unet`` runs with the generator's adapter active (the caller's :func:`adapter_active`). Each example draws
+    its step j (``steps``, or ``U{0..K-1}`` with ``generator``), is carried from ``noise`` to ``x_{tau_j}`` by the
+    generator's own deterministic jumps without gradient, and returns ``x_g = G(x_{tau_j}, tau_j)`` (with
+    gradient when ``grad``). Returns ``x_g``, ``x_start`` (``x_{tau_j}``) and ``t_start`` (``tau_j``) ``[B]``.
+    """
+    device, bsz = noise.device, noise.shape[0]
+    taus = [int(t) for t in gen_timesteps]
+    if not taus or any(b >= a for a, b in zip(taus, taus[1:])):
+        raise ValueError(f"gen_timesteps must be decreasing, got {taus}")
+    k = len(taus)
+    if steps is None:
+        steps = torch.randint(0, k, (bsz,), generator=generator)
+    steps = steps.to(device).long()
+    x = noise.float()
+    with torch.no_grad():
+        for i in range(k - 1):  # carry every example still below its own step one jump further
+            move = steps > i
+            if not bool(move.any()):
+                break
+            t = torch.full((bsz,), taus[i], device=device, dtype=torch.long)
+            s = torch.full((bsz,), taus[i + 1], device=device, dtype=torch.long)
+            eps = _eps(unet, x, t, cond, autocast_dtype)
+            nxt = predict_boundary(eps, x, t, s, scheduler)
+            x = torch.where(move.view(-1, *([1] * (x.ndim - 1))), nxt, x)
+    t_start = torch.as_tensor(taus, device=device)[steps]
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    with ctx:
+        eps = _eps(unet, x, t_start, cond, autocast_dtype)
+        x_g = predict_x0(eps, x, t_start, scheduler)
+    return {"x_g": x_g, "x_start": x.detach(), "t_start": t_start}
+
+
+def dmd_generator_loss(
+    unet: Any,
+    cond: torch.Tensor,
+    scheduler: Any,
+    *,
+    uncond: torch.Tensor,
+    guidance: float = 1.0,
+    generator_adapter: str = "default",
+    fake_adapter: str = "fake",
+    gen_timesteps: Sequence[int] = (999,),
+    t_range: tuple[int, int] = DMD_T_RANGE,
+    noise: torch.Tensor | None = None,
+    latent_shape: Sequence[int] | None = None,
+    regression: tuple[torch.Tensor, torch.Tensor] | None = None,
+    regression_weight: float = 0.0,
+    steps: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The generator's DMD2 loss on one batch of conditions (module notes above for the equations).
+
+    Args:
+        unet: the UNet carrying both adapters; gradients reach the generator's adapter only (the real and fake
+            passes run without gradient, through the surrogate's stop-gradient target).
+        cond / uncond: text embeddings ``[B, L, D]`` and the unconditional ``[1 or B, L, D]`` (real score CFG).
+        guidance (`float`): the real score's CFG scale w.
+        gen_timesteps: the generator's timesteps tau (``[999]``: one step).
+        t_range: the diffusion timesteps of the matching, ``U[t_min, t_max]``.
+        noise / latent_shape: the generator's input z, or the shape to draw it (``[C, H, W]``).
+        regression: optional ``(z, y)`` teacher ODE pairs; with ``regression_weight > 0`` adds
+            ``weight * mean (G(z, 999) - y)^2``.
+        steps / timesteps: the backward-simulation step per example and the matching t (tests).
+
+    Returns:
+        dict: ``loss`` (differentiable: ``loss_dm + regression_weight * loss_reg``), ``loss_dm``, ``loss_reg``,
+        and detached ``x_g``, ``grad``, ``normalizer``, ``x0_real``, ``x0_fake``, ``t``, ``t_start``.
+    """
+    device, bsz = cond.device, cond.shape[0]
+    if noise is None:
+        if latent_shape is None:
+            raise ValueError("dmd_generator_loss: give noise or latent_shape")
+        noise = torch.randn((bsz, *latent_shape), generator=generator).to(device)
+    with adapter_active(unet, generator_adapter):
+        sim = generator_sample(unet, noise, cond, scheduler, gen_timesteps=gen_timesteps, steps=steps,
+                               generator=generator, autocast_dtype=autocast_dtype)
+    x_g = sim["x_g"]
+    lo, hi = int(t_range[0]), int(t_range[1])
+    if timesteps is None:
+        t = torch.randint(lo, hi + 1, (bsz,), generator=generator).to(device)
+    else:
+        t = torch.as_tensor(timesteps, device=device).long().expand(bsz).contiguous()
+    n = torch.randn(x_g.shape, generator=generator).to(device)
+    with torch.no_grad():
+        x_t = q_sample(x_g.detach(), t, scheduler, noise=n)
+        u = uncond.to(device=device, dtype=cond.dtype).expand(bsz, *cond.shape[1:])
+        with adapters_disabled(unet):  # the real score: the frozen base, every adapter off
+            eps_u, eps_c = _eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([u, cond]),
+                                autocast_dtype).chunk(2)
+        x0_real = predict_x0(cfg_eps(eps_u, eps_c, guidance), x_t, t, scheduler)
+        with adapter_active(unet, fake_adapter):
+            x0_fake = predict_x0(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, scheduler)
+        g = dmd_gradient(x_g.detach(), x0_real, x0_fake)
+    loss_dm = 0.5 * (x_g - (x_g.detach() - g["grad"])).pow(2).mean()
+    loss_reg = torch.zeros((), device=device)
+    if regression is not None and regression_weight > 0:
+        z, y = regression
+        with adapter_active(unet, generator_adapter):
+            one = torch.full((z.shape[0],), int(gen_timesteps[0]), device=device, dtype=torch.long)
+            c = cond[: z.shape[0]]
+            y_hat = predict_x0(_eps(unet, z.to(device).float(), one, c, autocast_dtype), z.to(device).float(),
+                               one, scheduler)
+        loss_reg = (y_hat - y.to(device).float()).pow(2).mean()
+    return {
+        "loss": loss_dm + float(regression_weight) * loss_reg,
+        "loss_dm": loss_dm, "loss_reg": loss_reg,
+        "x_g": x_g.detach(), "grad": g["grad"], "normalizer": g["normalizer"],
+        "x0_real": x0_real, "x0_fake": x0_fake, "x_t": x_t, "t": t, "t_start": sim["t_start"],
+    }
+
+
+def dmd_fake_loss(
+    unet: Any,
+    x_g: torch.Tensor,
+    cond: torch.Tensor,
+    scheduler: Any,
+    *,
+    fake_adapter: str = "fake",
+    num_train_timesteps: int = 1000,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The fake score's denoising loss on the generator's samples (detached): ``mean (eps_fake(x_t) - n)^2``
+    with ``t ~ U{0..T-1}``; gradients reach the fake adapter only. Returns ``loss``, ``t``, ``x_t``."""
+    device, bsz = x_g.device, x_g.shape[0]
+    x0 = x_g.detach().float()
+    t = (torch.randint(0, num_train_timesteps, (bsz,), generator=generator).to(device) if timesteps is None
+         else torch.as_tensor(timesteps, device=device).long().expand(bsz).contiguous())
+    n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
+    x_t = q_sample(x0, t, scheduler, noise=n)
+    with adapter_active(unet, fake_adapter):
+        eps = _eps(unet, x_t, t, cond, autocast_dtype)
+    loss = (eps - n).pow(2).mean()
+    return {"loss": loss, "t": t, "x_t": x_t.detach()}
