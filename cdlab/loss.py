@@ -417,7 +417,7 @@ def dmd_generator_loss(
     t_range: tuple[int, int] = DMD_T_RANGE,
     noise: torch.Tensor | None = None,
     latent_shape: Sequence[int] | None = None,
-    regression: tuple[torch.Tensor, torch.Tensor] | None = None,
+    regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     regression_weight: float = 0.0,
     steps: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
@@ -434,8 +434,8 @@ def dmd_generator_loss(
         gen_timesteps: the generator's timesteps tau (``[999]``: one step).
         t_range: the diffusion timesteps of the matching, ``U[t_min, t_max]``.
         noise / latent_shape: the generator's input z, or the shape to draw it (``[C, H, W]``).
-        regression: optional ``(z, y)`` teacher ODE pairs; with ``regression_weight > 0`` adds
-            ``weight * mean (G(z, 999) - y)^2``.
+        regression: optional ``(z, y, c)`` teacher ODE pairs (noise, the teacher's image latents from it, the
+            caption embeddings); with ``regression_weight > 0`` adds ``weight * mean (G(z, 999, c) - y)^2``.
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
 
     Returns:
@@ -470,10 +470,10 @@ def dmd_generator_loss(
     loss_dm = 0.5 * (x_g - (x_g.detach() - g["grad"])).pow(2).mean()
     loss_reg = torch.zeros((), device=device)
     if regression is not None and regression_weight > 0:
-        z, y = regression
+        z, y, c = regression
         with adapter_active(unet, generator_adapter):
             one = torch.full((z.shape[0],), int(gen_timesteps[0]), device=device, dtype=torch.long)
-            c = cond[: z.shape[0]]
+            c = c.to(device=device, dtype=cond.dtype)
             y_hat = predict_x0(_eps(unet, z.to(device).float(), one, c, autocast_dtype), z.to(device).float(),
                                one, scheduler)
         loss_reg = (y_hat - y.to(device).float()).pow(2).mean()

@@ -207,3 +207,46 @@ def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_
     assert img.width == P.LABEL_WIDTH + 256 + P.PAD and header > 2 * P.CAPTION_FONT
     cells = np.asarray(img.convert("RGB"), dtype=np.int16)
     assert np.array_equal(cells[header:header + 128, P.LABEL_WIDTH:P.LABEL_WIDTH + 256], got)
+
+
+def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, cache_dir, env):
+    """method "dmd": the fake score trains beside the generator (its loss logged, its adapter and optimiser
+    checkpointed), a stopped-and-resumed run repeats an uninterrupted one exactly, and the student saved is
+    the generator's adapter alone, on a card that samples it as the consistency sampler does."""
+    kw = dict(method="dmd", num_boundaries=4, dmd_fake_steps=2, probe_size=0)
+    full = train(_cfg(tiny_pipe_dir, cache_dir, run_name="dmd-full", student_name="dmd-whole", **kw), log=_quiet)
+    assert full.state == "finished" and full.step == 6
+    ck = list_checkpoints(full.run_dir)[-1][1]
+    assert {"fake.safetensors", "fake_optimizer.pt", "lora.safetensors"} <= {p.name for p in ck.iterdir()}
+    half = train(_cfg(tiny_pipe_dir, cache_dir, run_name="dmd-half", student_name="dmd-halfway", max_steps=3, **kw),
+                 log=_quiet)
+    cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=6)
+    resumed = train(cfg, resume=half.run_dir, log=_quiet)
+    assert resumed.step == 6
+    for name in ("lora.safetensors", "fake.safetensors"):
+        a = load_file(str(list_checkpoints(full.run_dir)[-1][1] / name))
+        b = load_file(str(list_checkpoints(half.run_dir)[-1][1] / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), name  # both roles trained
+    ra, rb = _metrics(full.run_dir), _metrics(half.run_dir)
+    assert [r["fake_loss"] for r in ra] == pytest.approx([r["fake_loss"] for r in rb], rel=1e-6)
+    assert all(r["fake_loss"] > 0 and r["probe_loss"] is None for r in ra)
+    card = json.loads((env / "adapters" / "dmd-whole" / "card.json").read_text())
+    assert (card["method"], card["num_boundaries"], card["steps"], card["scheduler"]) == ("dmd", 4, 4, "consistency")
+    saved = load_file(str(env / "adapters" / "dmd-whole" / "pytorch_lora_weights.safetensors"))
+    assert saved and not any("fake" in k for k in saved)
+    # the saved student IS the generator: its weights are the checkpoint's generator LoRA (no fake score in it)
+    gen = load_file(str(list_checkpoints(full.run_dir)[-1][1] / "lora.safetensors"))
+    assert len(saved) == len(gen)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(dmd_t_min=500, dmd_t_max=400), "dmd_t_max"), (dict(mixed_precision="fp16"), "mixed_precision"),
+    (dict(guidance=3.0, guidance_max=5.0), "guidance_max"), (dict(dmd_fake_steps=0), "dmd_fake_steps"),
+    (dict(dmd_fake_lr=float("nan")), "dmd_fake_lr"),
+])
+def test_dmd_config_errors_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        resolve(TrainConfig(model="tiny", method="dmd", **change), 32)
+    assert resolve(TrainConfig(model="tiny", method="dmd"), 32).num_boundaries == 1  # one step by default
+    assert resolve(TrainConfig(model="tiny", method="dmd", num_boundaries=4), 32).sample_steps == 4

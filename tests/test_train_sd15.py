@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -156,3 +157,15 @@ def test_stop_then_resume_repeats_the_uninterrupted_run(fp32_run, env):
     a = load_file(str(_last(fp32_run.run_dir, "lora.safetensors")))
     b = load_file(str(_last(half.run_dir, "lora.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dmd_three_steps(env):
+    """DMD on SD1.5's architecture: the real score (CFG, every adapter off), the fake score and the generator
+    on one UNet at 64 px, 3 steps with a fake update each."""
+    r = train(_cfg(env, run_name="dmd", method="dmd", num_boundaries=1, dmd_fake_steps=1, mixed_precision="no"),
+              log=_quiet)
+    rows = _rows(r.run_dir)
+    assert r.state == "finished" and [x["step"] for x in rows] == [1, 2, 3]
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["fake_loss"]) for x in rows)
+    fake = load_file(str(_last(r.run_dir, "fake.safetensors")))
+    assert any(float(v.abs().max()) > 0 for k, v in fake.items() if "lora_B" in k)

@@ -16,7 +16,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ct", "cd", "mbcd", "external")
+METHODS = ("ct", "cd", "mbcd", "dmd", "external")
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_ID = "cdlab/tiny-teacher"
 
@@ -57,7 +57,8 @@ class StudentCard:
         name (`str`): folder and peft adapter name.
         base_model (`str`): the teacher it was distilled from (``Teacher.base_id``), e.g.
             ``"cdlab/tiny-teacher"`` or ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
-        method (`str`): ``"ct"`` | ``"cd"`` | ``"mbcd"`` (multi-boundary CD) | ``"external"``.
+        method (`str`): ``"ct"`` | ``"cd"`` | ``"mbcd"`` (multi-boundary CD) | ``"dmd"`` (distribution matching)
+            | ``"external"``.
         num_boundaries (`int`, *optional*): N, the consistency segments it was trained with
             (4 -> boundaries 0, 250, 500, 750). For external students, informational only.
         steps (`int`): recommended sampling steps k.
@@ -169,7 +170,8 @@ def render_readme(card: StudentCard) -> str:
         sched_import = card.scheduler
     call = ", ".join(f"{k}={v!r}" for k, v in sampling_kwargs(card).items())
     method = {"ct": "consistency training", "cd": "consistency distillation",
-              "mbcd": "multi-boundary consistency distillation", "external": "external"}[card.method]
+              "mbcd": "multi-boundary consistency distillation", "dmd": "distribution matching distillation (DMD2)",
+              "external": "external"}[card.method]
     rows = [
         ("base model", f"`{card.base_model}`"),
         ("method", f"{card.method} ({method})"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-METHODS = ("ct", "cd", "mbcd")
+METHODS = ("ct", "cd", "mbcd", "dmd")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
@@ -25,8 +25,8 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 class TrainConfig:
     # ---- teacher and method
     model: str = "tiny"                  # "tiny" | "sd15" | "sd15-random" (SD1.5 architecture, random) | a folder
-    method: str = "mbcd"                 # "ct" (no teacher) | "cd" (N = 1) | "mbcd" (CD with N > 1)
-    num_boundaries: int | None = None    # N; default 4 for ct/mbcd, 1 for cd
+    method: str = "mbcd"                 # "ct" (no teacher) | "cd" (N = 1) | "mbcd" (CD with N > 1) | "dmd" (DMD2)
+    num_boundaries: int | None = None    # N; default 4 for ct/mbcd, 1 for cd; dmd: the generator's steps (default 1)
     guidance: float | None = None        # teacher CFG w for CD (default: the teacher's own, Teacher.guidance)
     guidance_max: float | None = None    # set: w ~ U[guidance, guidance_max] per example
     step_size: int = 20                  # k on the course grid: t = k*i - 1 (i = 1..T/k), s = t - k
@@ -36,6 +36,13 @@ class TrainConfig:
     loss_type: str = "l2"                # "l2" | "pseudo_huber"
     huber_c: float = 0.001               # pseudo-Huber c (LCM's default)
     ema_decay: float = 0.0               # > 0: the target uses an EMA of the LoRA weights; 0: online, no_grad
+    # ---- DMD (method "dmd"; cdlab.loss's DMD notes). The real score is the teacher with CFG at `guidance`.
+    dmd_fake_steps: int = 5              # fake-score updates per generator update (DMD2's two time-scale rule: 5)
+    dmd_fake_lr: float | None = None     # the fake score's learning rate (None: = lr)
+    dmd_t_min: int = 20                  # distribution matching at t ~ U[t_min, t_max] (DMD2: 0.02 T .. 0.98 T)
+    dmd_t_max: int = 980
+    dmd_regression_weight: float = 0.0   # DMD's regression loss on teacher ODE pairs (DMD2: off, 0)
+    dmd_regression_pairs: int = 64       # with a weight > 0: pairs (noise, teacher-50 DDIM+CFG image), made at start
     # ---- LoRA
     lora_rank: int | None = None         # profile default
     lora_alpha: float | None = None      # None: = rank
@@ -131,7 +138,9 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.num_boundaries is None:
-        cfg.num_boundaries = 1 if cfg.method == "cd" else 4
+        cfg.num_boundaries = 1 if cfg.method in ("cd", "dmd") else 4
+    if cfg.method == "dmd":  # the generator's sampler IS its training steps (backward simulation)
+        cfg.sample_steps = cfg.num_boundaries
     if cfg.lora_alpha is None:
         cfg.lora_alpha = float(cfg.lora_rank)
     if cfg.preview_prompts is None:
@@ -147,9 +156,9 @@ def resolve(cfg: TrainConfig, teacher_resolution: int | None = None) -> TrainCon
 
 
 def card_method(cfg: TrainConfig) -> str:
-    """The student card's method: ``ct``, ``cd`` (one boundary) or ``mbcd`` (CD, several)."""
-    if cfg.method == "ct":
-        return "ct"
+    """The student card's method: ``ct``, ``cd`` (one boundary), ``mbcd`` (CD, several) or ``dmd``."""
+    if cfg.method in ("ct", "dmd"):
+        return cfg.method
     return "mbcd" if (cfg.num_boundaries or 1) > 1 else "cd"
 
 
@@ -167,6 +176,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1), "threads": (0, 1024),
     "log_every": (1, 10_000_000), "probe_size": (0, 4096), "preview_every": (0, 10_000_000),
     "preview_reference_steps": (0, 1000),
+    "dmd_fake_steps": (1, 100), "dmd_fake_lr": (1e-10, 1.0), "dmd_t_min": (0, 9999), "dmd_t_max": (0, 9999),
+    "dmd_regression_weight": (0.0, 1e6), "dmd_regression_pairs": (1, 100_000),
     "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -185,7 +196,7 @@ def check(cfg: TrainConfig) -> None:
     types = _field_types()
     for name, (lo, hi) in BOUNDS.items():
         v = getattr(cfg, name)
-        if v is None and name in ("guidance_max",):
+        if v is None and name in ("guidance_max", "dmd_fake_lr"):
             continue
         want_int = _base_type(types[name]) is int
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (want_int and not isinstance(v, int)):
@@ -197,6 +208,13 @@ def check(cfg: TrainConfig) -> None:
             raise bad(name, f"one of {choices}")
     if cfg.method == "mbcd" and cfg.num_boundaries == 1:
         raise bad("num_boundaries", "> 1 for mbcd (use method cd for one boundary)")
+    if cfg.method == "dmd":
+        if not cfg.dmd_t_min < cfg.dmd_t_max < cfg.num_train_timesteps:
+            raise bad("dmd_t_max", f"> dmd_t_min ({cfg.dmd_t_min}) and < num_train_timesteps ({cfg.num_train_timesteps})")
+        if cfg.mixed_precision == "fp16":
+            raise bad("mixed_precision", "'no' or 'bf16' for dmd (fp16 loss scaling of two optimisers: not done)")
+        if cfg.guidance_max is not None and cfg.guidance_max != cfg.guidance:
+            raise bad("guidance_max", "unset for dmd (the real score has one CFG scale: guidance)")
     if cfg.num_train_timesteps % cfg.step_size:
         raise bad("step_size", f"a divisor of num_train_timesteps ({cfg.num_train_timesteps})")
     if cfg.num_boundaries > cfg.num_train_timesteps // cfg.step_size:

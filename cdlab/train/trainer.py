@@ -1,6 +1,7 @@
-"""The consistency-distillation trainer: LoRA on the teacher's UNet, on accelerate, crash-safe.
+"""The distillation trainer: LoRA on the teacher's UNet, on accelerate, crash-safe (CT, CD, MBCD and DMD).
 
     python -m cdlab train --model tiny --method mbcd --max_steps 600           # one process
+    python -m cdlab train --model tiny --method dmd --num_boundaries 1         # DMD2, a one-step generator
     torchrun --nproc_per_node 2 -m cdlab train --model tiny ...               # data parallel, same code
     python -m cdlab train --resume runs/<run_name>                            # continue a run
 
@@ -11,6 +12,11 @@ when asked) -> clip -> AdamW. The run directory (``$CDLAB_RUNS_DIR`` or ``<repo>
 (written under a temporary name and renamed, the last ``keep_checkpoints`` kept). SIGTERM / SIGINT save
 a checkpoint and stop cleanly; ``--resume`` continues from the newest complete checkpoint with the LoRA,
 optimiser, LR schedule, step and RNG states restored, so a resumed run repeats an uninterrupted one.
+
+``method="dmd"`` (`cdlab.loss`'s DMD notes): a second adapter ``fake`` on the same UNet is the fake score, with
+its own optimiser; a step is one generator update (`cdlab.loss.dmd_generator_loss`) then ``dmd_fake_steps``
+fake-score updates (`cdlab.loss.dmd_fake_loss`). Checkpoints add ``fake.safetensors`` and
+``fake_optimizer.pt``; the student saved is the generator's adapter alone.
 """
 from __future__ import annotations
 
@@ -221,16 +227,32 @@ class Trainer:
         unet = pipe.unet
         torch.manual_seed(cfg.seed)  # the LoRA init: the same on every rank and in every run of this seed
         attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        self.dmd = cfg.method == "dmd"
+        if self.dmd:  # the fake score: a second adapter, initialised (B = 0) as the teacher, as in DMD2
+            attach_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, adapter_name=FAKE_ADAPTER)
+            unet.set_adapter("default")
+            for n, p in unet.named_parameters():  # both roles trainable, each by its own optimiser
+                p.requires_grad_(".default." in n or f".{FAKE_ADAPTER}." in n)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
         self.unet = unet
-        self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
-        self.params = [p for p in unet.parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+        self.names = [n for n, p in trainable if f".{FAKE_ADAPTER}." not in n]
+        self.params = [p for n, p in trainable if f".{FAKE_ADAPTER}." not in n]
+        self.fake_names = [n for n, p in trainable if f".{FAKE_ADAPTER}." in n]
+        self.fake_params = [p for n, p in trainable if f".{FAKE_ADAPTER}." in n]
         optimizer = _make_optimizer(self.params, cfg, self.device, self.log)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
         # The scheduler is stepped by hand, once per optimiser step (accelerate would step it per process).
-        self.student, self.optimizer = acc.prepare(unet, optimizer)
+        if self.dmd:
+            fake_cfg = dataclasses.replace(cfg, lr=cfg.dmd_fake_lr or cfg.lr)
+            fake_opt = _make_optimizer(self.fake_params, fake_cfg, self.device, self.log)
+            self.student, self.optimizer, self.fake_optimizer = acc.prepare(unet, optimizer, fake_opt)
+        else:
+            self.student, self.optimizer = acc.prepare(unet, optimizer)
+            self.fake_optimizer = None
+        self.fake_loss: float | None = None
         self.ema = ({n: p.detach().clone() for n, p in zip(self.names, self.params)} if cfg.ema_decay > 0 else None)
 
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
@@ -242,6 +264,9 @@ class Trainer:
         from cdlab.samplers import consistency_timesteps
 
         self.sampler_timesteps = consistency_timesteps(cfg.sample_steps, cfg.num_boundaries, cfg.num_train_timesteps)
+        vae_f = int(getattr(pipe, "vae_scale_factor", 8))
+        self.latent_shape = (unet.config.in_channels, cfg.resolution // vae_f, cfg.resolution // vae_f)
+        self.regression = self._regression_pairs() if self.dmd and cfg.dmd_regression_weight > 0 else None
         self._make_probe()
         if self.resume:
             self._load_latest()
@@ -276,7 +301,7 @@ class Trainer:
     def probe_loss(self) -> float | None:
         from cdlab.loss import consistency_loss
 
-        if self.probe is None:
+        if self.probe is None or self.dmd:  # DMD logs its fake score's loss instead (``fake_loss``)
             return None
         kw = self._loss_kwargs()
         kw["guidance"] = self.cfg.guidance
@@ -315,6 +340,10 @@ class Trainer:
             if self.ema is not None:
                 save_file({n: v.float().cpu().contiguous() for n, v in self.ema.items()}, str(tmp / "ema.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.dmd:
+                save_file({n: p.detach().float().cpu().contiguous() for n, p in zip(self.fake_names, self.fake_params)},
+                          str(tmp / "fake.safetensors"))
+                torch.save(self.fake_optimizer.state_dict(), tmp / "fake_optimizer.pt")
             torch.save(self.lr_sched.state_dict(), tmp / "lr_scheduler.pt")
             if self.scaler is not None:
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
@@ -420,6 +449,9 @@ class Trainer:
             ema_file = path / "ema.safetensors"
             ck["ema"] = load_file(str(ema_file)) if self.ema is not None and ema_file.is_file() else None
             ck["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            if self.dmd:
+                ck["fake"] = load_file(str(path / "fake.safetensors"))
+                ck["fake_optimizer"] = torch.load(path / "fake_optimizer.pt", map_location="cpu", weights_only=True)
             ck["lr_sched"] = torch.load(path / "lr_scheduler.pt", weights_only=True)
             scaler_file = path / "scaler.pt"
             ck["scaler"] = (torch.load(scaler_file, weights_only=True)
@@ -448,6 +480,13 @@ class Trainer:
                              f"{tuple(lora[bad[0]].shape)}); was the config changed?")
         if ck["ema"] is not None and any(n not in ck["ema"] or ck["ema"][n].shape != lora[n].shape for n in self.names):
             raise CheckpointError("ema.safetensors does not hold the LoRA's weights")
+        if self.dmd:
+            fake = ck["fake"]
+            if any(n not in fake or tuple(fake[n].shape) != tuple(p.shape) for n, p in zip(self.fake_names, self.fake_params)):
+                raise CheckpointError("fake.safetensors does not hold the fake score's LoRA weights")
+            fo = ck["fake_optimizer"]
+            if not isinstance(fo, dict) or not isinstance(fo.get("state"), dict):
+                raise CheckpointError("fake_optimizer.pt does not hold an optimizer state")
         opt, current = ck["optimizer"], self.optimizer.state_dict()
         if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
                 or not isinstance(opt.get("param_groups"), list)
@@ -474,6 +513,11 @@ class Trainer:
         if ck["ema"] is not None:
             self.ema = {n: v.to(self.device) for n, v in ck["ema"].items()}
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.dmd:
+            with torch.no_grad():
+                for n, p in zip(self.fake_names, self.fake_params):
+                    p.copy_(ck["fake"][n].to(p.device, p.dtype))
+            self.fake_optimizer.load_state_dict(ck["fake_optimizer"])
         self.lr_sched.load_state_dict(ck["lr_sched"])
         if ck["scaler"] is not None:
             self.scaler.load_state_dict(ck["scaler"])
@@ -560,6 +604,8 @@ class Trainer:
     def _train_step(self) -> tuple[float, float]:
         from cdlab.loss import consistency_loss
 
+        if self.dmd:
+            return self._train_step_dmd()
         cfg, acc = self.cfg, self.acc
         total = 0.0
         kw = self._loss_kwargs()
@@ -604,6 +650,92 @@ class Trainer:
                 for n, p in zip(self.names, self.params):
                     self.ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
         return total, grad_norm
+
+    def _dmd_kwargs(self) -> dict:
+        cfg = self.cfg
+        return dict(uncond=self.uncond, guidance=float(cfg.guidance), generator_adapter="default",
+                    fake_adapter=FAKE_ADAPTER, gen_timesteps=self.sampler_timesteps,
+                    t_range=(cfg.dmd_t_min, cfg.dmd_t_max), latent_shape=self.latent_shape,
+                    generator=self.loss_gen, autocast_dtype=self.autocast_dtype)
+
+    def _train_step_dmd(self) -> tuple[float, float]:
+        """One generator update (distribution matching, + regression when weighted), then ``dmd_fake_steps``
+        fake-score updates on the generator's samples (the first on this step's own, detached)."""
+        from cdlab.loss import adapter_active, dmd_fake_loss, dmd_generator_loss, generator_sample
+
+        cfg, acc, sched = self.cfg, self.acc, self.teacher.scheduler
+        total, kw = 0.0, self._dmd_kwargs()
+        samples = None
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.data_gen)
+            _, cond = self.data.batch(idx, self.data_gen, self.device)  # DMD needs the captions, not the images
+            reg = None
+            if self.regression is not None:
+                j = torch.randint(0, self.regression[0].shape[0], (cfg.batch_size,), generator=self.data_gen)
+                reg = tuple(v[j] for v in self.regression)
+            sync = micro == cfg.grad_accum - 1
+            ctx = acc.no_sync(self.student) if not sync and self.world > 1 else _null()
+            with ctx:
+                out = dmd_generator_loss(self.student, cond, sched, regression=reg,
+                                         regression_weight=cfg.dmd_regression_weight, **kw)
+                acc.backward(out["loss"] / cfg.grad_accum)
+            total += float(out["loss"].detach()) / cfg.grad_accum
+            samples = (out["x_g"], cond)
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_sched.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    self.ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        fake_total = 0.0
+        for k in range(cfg.dmd_fake_steps):
+            if k == 0:
+                x_g, cond = samples
+            else:
+                idx = torch.randint(0, len(self.data), (cfg.batch_size,), generator=self.data_gen)
+                _, cond = self.data.batch(idx, self.data_gen, self.device)
+                z = torch.randn((cfg.batch_size, *self.latent_shape), generator=self.loss_gen).to(self.device)
+                with torch.no_grad(), adapter_active(self.student, "default"):
+                    x_g = generator_sample(self.student, z, cond, sched, gen_timesteps=self.sampler_timesteps,
+                                           generator=self.loss_gen, autocast_dtype=self.autocast_dtype,
+                                           grad=False)["x_g"]
+            fl = dmd_fake_loss(self.student, x_g, cond, sched, fake_adapter=FAKE_ADAPTER,
+                               num_train_timesteps=cfg.num_train_timesteps, generator=self.loss_gen,
+                               autocast_dtype=self.autocast_dtype)
+            acc.backward(fl["loss"])
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.fake_params, cfg.max_grad_norm)
+            self.fake_optimizer.step()
+            self.fake_optimizer.zero_grad(set_to_none=True)
+            fake_total += float(fl["loss"].detach())
+        self.fake_loss = fake_total / cfg.dmd_fake_steps
+        return total, grad_norm
+
+    @torch.no_grad()
+    def _regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DMD's regression pairs: ``dmd_regression_pairs`` fixed noises z, the teacher's DDIM (50 steps, CFG at
+        ``guidance``, every adapter off) image latents y from them, and their captions' embeddings."""
+        from cdlab.loss import adapters_disabled
+        from cdlab.samplers import ddim_timesteps, sample_ddim
+
+        cfg = self.cfg
+        n = min(cfg.dmd_regression_pairs, len(self.data))
+        g = torch.Generator().manual_seed(cfg.seed * 31 + 7)
+        _, cond = self.data.batch(torch.arange(n), g, self.device)
+        z = torch.randn((n, *self.latent_shape), generator=g).to(self.device)
+        t0 = time.perf_counter()
+        ys = []
+        with adapters_disabled(self.unet):
+            for i in range(0, n, 64):
+                out = sample_ddim(self.unet, z[i:i + 64], cond[i:i + 64], self.uncond.expand(len(cond[i:i + 64]), -1, -1),
+                                  float(cfg.guidance), ddim_timesteps(50, cfg.num_train_timesteps), self.teacher.scheduler)
+                ys.append(out.latents.float())
+        self.log(f"dmd: {n} regression pairs (teacher-50, CFG {cfg.guidance:g}) in {time.perf_counter() - t0:.1f} s")
+        return z, torch.cat(ys), cond
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
@@ -652,12 +784,16 @@ class Trainer:
                            "elapsed_s": round(self.elapsed(), 3), "peak_mem_mb": round(_peak_mem_mb(self.device), 1),
                            "max_steps": cfg.max_steps, "grad_norm": sum(norms) / len(norms),
                            "skipped_steps": self.skipped_steps}
+                    if self.dmd:
+                        row["fake_loss"] = self.fake_loss
                     if acc.is_main_process:
                         row["probe_loss"] = self.probe_loss()
                         with mfile.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         probe = "" if row["probe_loss"] is None else f" probe {row['probe_loss']:.5f}"
                         skipped = f" ({self.skipped_steps} skipped by the fp16 scaler)" if self.skipped_steps else ""
+                        if self.dmd:
+                            probe = f" fake {row['fake_loss']:.5f}"
                         self.log(f"step {self.step}/{cfg.max_steps} loss {row['loss']:.5f}{probe} "
                                  f"lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s{skipped}")
                     self.status("stopping" if stop else "running", f"step {self.step}")
@@ -716,6 +852,9 @@ class Trainer:
         path = save_student(self.unet, name, card, overwrite=cfg.overwrite)
         self.log(f"student saved to {path}")
         return path
+
+
+FAKE_ADAPTER = "fake"  # DMD's fake score, beside the student's "default" adapter on the same UNet
 
 
 class _null:

@@ -142,8 +142,9 @@ DATA_KINDS = ("tiny world", "image folder", "HF datasets name", "COCO recipe fol
 
 # The TrainConfig fields the form shows, with their bounds; every other field keeps the trainer's default.
 _FORM = [
-    ("method", "mode", "choice", {"choices": ("ct", "cd", "mbcd"),
-                                  "info": "ct: no teacher · cd: one boundary · mbcd: multi-boundary CD"}),
+    ("method", "mode", "choice", {"choices": ("ct", "cd", "mbcd", "dmd"),
+                                  "info": "ct: no teacher · cd: one boundary · mbcd: multi-boundary CD · "
+                                          "dmd: distribution matching (N = generator steps)"}),
     ("num_boundaries", "boundaries N", "int", {"minimum": 1, "maximum": 8}),
     ("lora_rank", "LoRA rank", "int", {"minimum": 1, "maximum": 256}),
     ("lr", "learning rate", "float", {"minimum": 1e-7, "maximum": 1.0}),
