@@ -166,6 +166,14 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
         choices = ED.edit_column_choices(comparer)
         return gr.CheckboxGroup(choices=choices, value=choices)
 
+    def edit_columns_on_select(current, known):
+        """On every visit of the tab: students that appeared since (a finished training run) are offered and
+        ticked; the user's other ticks are kept."""
+        choices = ED.edit_column_choices(comparer)
+        known = known or []
+        value = [c for c in (current or []) if c in choices] + [c for c in choices if c not in known]
+        return gr.CheckboxGroup(choices=choices, value=value), choices
+
     @user_errors
     def do_start(method, num_boundaries, lora_rank, lr, max_steps, batch_size, guidance, guidance_max,
                  preview_every, student_name, data_kind, data_path, extra_config, overwrite, owner):
@@ -344,8 +352,10 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
                               api_visibility="private")
                 e_btn.click(do_edit, edit_inputs, edit_outputs, api_name="edit", **edit_kw)
                 preset_outputs = [e_tech, e_image, e_prompt, e_prompt2, e_strength, e_seed, *edit_outputs]
-                edit_tab.select(edit_first_visit, [e_row, e_steps, e_columns], preset_outputs,
-                                api_visibility="private", **edit_kw)
+                e_known = gr.State(e_choices)  # the columns offered so far
+                edit_tab.select(edit_columns_on_select, [e_columns, e_known], [e_columns, e_known],
+                                api_visibility="private").then(
+                    edit_first_visit, [e_row, e_steps, e_columns], preset_outputs, api_visibility="private", **edit_kw)
                 # .select carries the option picked (the dropdown's value as read by an .input event can be the
                 # previous one); picking the same preset again runs it again.
                 e_preset.select(edit_preset_selected, [e_steps, e_columns], preset_outputs,

@@ -174,7 +174,9 @@ def test_catalogue_and_layouts_agree():
 # ------------------------------------------------------------------------------------------- each student in Compare
 
 
-@pytest.mark.parametrize("key", sorted(LAYOUTS))
+# One per scheduler (LCM, TCD, DDIM); PCM (TCD, trailing) runs with the others in test_compare_with_every_column,
+# which also checks every external's file is on the UNet whole.
+@pytest.mark.parametrize("key", ["lcm-lora", "tcd", "hyper-sd"])
 def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_before, tmp_path):
     from cdlab.students import EXTERNAL_STUDENTS
     from cdlab.ui.compare import TEACHER_4, Comparer
@@ -211,7 +213,7 @@ def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_befor
 
 
 @pytest.mark.slow
-def test_compare_with_every_column(sd15_teacher, served, plain_before, tmp_path):
+def test_compare_with_every_column(sd15_teacher, served, hub, plain_before, tmp_path):
     from cdlab.students import StudentCard, attach_lora, save_student
     from cdlab.students.activation import _delete_adapter
     from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
@@ -246,8 +248,15 @@ def test_compare_with_every_column(sd15_teacher, served, plain_before, tmp_path)
         # one grid (the naive teacher's 4 steps); one-step columns fill the first cell only
         assert res.grid == [999, 750, 500, 250]
         assert [sum(f is not None for f in c.trajectory) for c in res.columns] == [4, 1, 1, 1, 1, 1]
-        assert res.columns[0].trajectory_timesteps == [999, 750, 500, 250]
+        assert res.columns[0].trajectory_timesteps == [999, 749, 499, 249]  # its own DDIM steps, one a cell
         assert len(set(served)) == 4  # every external came through the (fake) hub
+        from cdlab.students import EXTERNAL_STUDENTS
+
+        for k in ("lcm-lora", "tcd", "pcm", "hyper-sd"):  # each file whole on the UNet, and it changes the image
+            ext = EXTERNAL_STUDENTS[k]
+            assert assert_adapter_is_file(t.pipe, k, hub[(ext.repo_id, ext.filename)]) == 278, k
+        naive = res.columns[0].image
+        assert all(_differs(c.image, naive) for c in res.columns[1:])
         _assert_plain(t, plain_before)
     finally:
         for name in names:

@@ -14,7 +14,7 @@ import pytest
 
 from cdlab.ui.testing import make_random_students, serve_app
 from drive import (error_toast, fill_training, launch_browser, open_app, refresh_columns, run_compare,
-                   run_evaluation, wait_status)
+                   run_evaluation, wait_edit_result, wait_status)
 
 # Finishes in a few seconds on 2 cores; a loss point every step.
 SHORT = '{"max_steps": 30, "data_size": 32, "log_every": 1, "preview_every": 10, "probe_size": 4, ' \
@@ -72,6 +72,11 @@ def test_one_persons_whole_session(browser, served):
     assert "journey-student" in refresh_columns(page)
     captions = run_compare(page, 3 + len(students))
     assert "journey-student" in captions
+
+    # 4b. Edit, first visit: its first preset runs by itself, with the new student among the columns.
+    page.get_by_role("tab", name="Edit").click()
+    edited = wait_edit_result(page, "sdedit", 1 + 3 + len(students))
+    assert "journey-student" in edited and "teacher-50" in edited
 
     # 5. Evaluate includes it.
     table = run_evaluation(page, prompts=4)
