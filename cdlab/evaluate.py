@@ -92,6 +92,7 @@ class _Column:
     err_sum: float = 0.0           # tiny world: summed per-image agreement error
     images: list = field(default_factory=list)   # tiny world: [0, 1] tensors, for the checker
     sd: Any = None                 # SD1.5: cdlab.metrics.ColumnMetrics
+    diversity: float | None = None  # tiny world: mean pixel distance between one caption's samples (seeds)
 
 
 def _teacher_guidance(teacher: Any) -> float:
@@ -291,6 +292,8 @@ def run_evaluation(
     write: bool = True,
     fuse_lora: bool = True,
     prompts: str | os.PathLike | Sequence[str] | None = None,
+    diversity_captions: int = 16,
+    diversity_seeds: int = 8,
 ) -> EvaluationResult:
     """Evaluate a loaded teacher and its fitting students; write and return the results.
 
@@ -318,6 +321,10 @@ def run_evaluation(
             weights are restored exactly after (`cdlab.students.activation.fused_student`).
         prompts: the SD captions: a prompt file (`read_prompts`: ``.txt``, ``.json`` list, ``metadata.jsonl``;
             its first ``n``) or a list of caption strings. Not for the tiny world.
+        diversity_captions / diversity_seeds: the tiny world's diversity, per column: the mean pixel distance
+            (mean |a - b| in [0, 1]) between the samples of one caption under ``diversity_seeds`` seeds
+            (every pair), averaged over the first ``diversity_captions`` captions (0: not measured). A
+            collapsed generator (one image per caption, whatever the noise) scores 0.
 
     Returns:
         The results dict (also ``results.json``): metadata and one row per column, each with
@@ -445,6 +452,9 @@ def run_evaluation(
                         _score(col, images, ref, ref_feats, bp, world)
                         tick(f"batch {bi + 1}/{len(batches)}: {col.method}, {col.steps} steps")
                     fused.close()
+                if world and diversity_captions > 0 and diversity_seeds > 1:
+                    _diversity(teacher, columns, texts[:diversity_captions], diversity_seeds, guidance, seed,
+                               fuse_lora, fused)
         finally:
             activate_student(pipe, None)
 
@@ -484,6 +494,43 @@ def run_evaluation(
     return results
 
 
+def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidance: float, seed: int,
+               fuse_lora: bool, fused: Any) -> None:
+    """Each column's ``diversity``: ``seeds`` samples of each caption (seeds ``10_000 + seed + j``, the same
+    noise for every column), the mean |a - b| over every pair of one caption's samples, averaged."""
+    import torch
+
+    from cdlab.samplers import ddim_timesteps, sample_ddim
+    from cdlab.students import activate_student
+    from cdlab.students.activation import fused_student
+
+    rep = [p for p in texts for _ in range(seeds)]
+    cond, uncond = teacher.encode(rep)
+    x_T = torch.cat([teacher.initial_noise(10_000 + seed + j, 1) for _ in texts for j in range(seeds)])
+    active = None
+    for col in sorted(columns, key=lambda c: c.student or ""):
+        if col.student != active:
+            fused.close()
+            activate_student(teacher.pipe, col.student)
+            if col.student is not None and fuse_lora:
+                fused.enter_context(fused_student(teacher.pipe, col.student))
+            active = col.student
+        if col.kind == "teacher":
+            latents = sample_ddim(teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(col.steps),
+                                  teacher.scheduler).latents
+        else:
+            nfe = col.nfe
+            latents = _run_student(teacher, col, x_T, cond, uncond, 10_000 + seed)
+            col.nfe = nfe
+        img = _decode(teacher, latents).float()
+        img = img.view(len(texts), seeds, *img.shape[1:])
+        d = (img[:, :, None] - img[:, None, :]).abs().flatten(3).mean(-1)  # [captions, seeds, seeds]
+        off = ~torch.eye(seeds, dtype=torch.bool)
+        col.diversity = float(d[:, off].mean())
+    fused.close()
+    activate_student(teacher.pipe, None)
+
+
 def _score(col: _Column, images: Any, ref: Any, ref_feats: Any, prompts: list[str], world: bool) -> None:
     from cdlab.metrics import agreement_error
 
@@ -520,6 +567,7 @@ def _row(col: _Column, world: bool, captions: list | None) -> dict:
         row["adherence"] = adh.pop("all")
         row["adherence_by_attribute"] = adh
         row["agreement_error"] = col.err_sum / max(col.n, 1)
+        row["diversity"] = col.diversity
         col.images.clear()
     else:
         row.update(col.sd.compute())
@@ -531,7 +579,8 @@ def _row(col: _Column, world: bool, captions: list | None) -> dict:
 # ----------------------------------------------------------------------------- outputs
 
 _COLUMNS = {
-    "world": [("adherence", "adherence ↑", "{:.3f}"), ("agreement_error", "agreement err ↓", "{:.4f}")],
+    "world": [("adherence", "adherence ↑", "{:.3f}"), ("agreement_error", "agreement err ↓", "{:.4f}"),
+              ("diversity", "diversity (8 seeds) ↑", "{:.4f}")],
     "sd": [("clip_score", "CLIP ↑", "{:.2f}"), ("fid_sd", "FID-SD ↓", "{:.2f}"), ("lpips", "LPIPS ↓", "{:.4f}")],
 }
 
