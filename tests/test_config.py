@@ -25,7 +25,7 @@ def _resolved(**kw):
     ("lr", float("nan")), ("lr", float("inf")), ("lr", 1e30), ("lr", -1.0),
     ("max_steps", 0), ("max_steps", 10**12), ("batch_size", -3), ("guidance", 1e308),
     ("warmup_steps", -1), ("seed", -5), ("sampler_prob", 1.5), ("ema_decay", 1.0),
-    ("resolution", 30), ("threads", 10**6), ("keep_checkpoints", 0), ("method", "dmd"),
+    ("resolution", 30), ("threads", 10**6), ("keep_checkpoints", 0), ("method", "gan"),
     ("loss_type", "l1"), ("device", "tpu"), ("run_name", "../../x"), ("run_name", "/abs"),
     ("run_name", "a b"), ("student_name", "x/y"), ("student_name", ".hidden"),
 ])

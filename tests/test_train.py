@@ -120,7 +120,7 @@ def test_config_profiles_and_validation():
         from_dict({"learning_rate": 1})
     with pytest.raises(ValueError, match="max_steps expects int"):
         from_dict({"max_steps": "ten"})
-    for bad, match in (({"method": "dmd"}, "method"), ({"method": "mbcd", "num_boundaries": 1}, "num_boundaries"),
+    for bad, match in (({"method": "gan"}, "method"), ({"method": "mbcd", "num_boundaries": 1}, "num_boundaries"),
                        ({"step_size": 30}, "step_size"), ({"guidance": 5.0, "guidance_max": 2.0}, "guidance_max"),
                        ({"loss_type": "l1"}, "loss_type"), ({"preview_reference_steps": 1001}, "preview_reference_steps"),
                        ({"preview_reference_steps": -1}, "preview_reference_steps")):
