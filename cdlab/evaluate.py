@@ -337,7 +337,6 @@ def run_evaluation(
 
     from cdlab.samplers import ddim_timesteps, sample_ddim
     from cdlab.students import activate_student, list_students, load_student
-    from cdlab.students.activation import fused_student
 
     t_start = time.perf_counter()
     steps = _check_steps(steps, "steps")
@@ -427,11 +426,7 @@ def run_evaluation(
                     ref_feats = None
                     for col in order:
                         if col.student != active:
-                            fused.close()
-                            activate_student(pipe, col.student)
-                            if col.student is not None and fuse_lora:
-                                # Fused LoRA is the fast path (1.9x on the tiny student, bench sampling).
-                                fused.enter_context(fused_student(pipe, col.student))
+                            _switch_student(pipe, col.student, fused, fuse_lora)
                             active = col.student
                         sync(teacher.device)
                         t0 = time.perf_counter()
@@ -494,6 +489,18 @@ def run_evaluation(
     return results
 
 
+def _switch_student(pipe: Any, student: str | None, fused: Any, fuse_lora: bool) -> None:
+    """Make ``student`` (None: the plain teacher) the active adapter, fused into the UNet when ``fuse_lora``;
+    ``fused`` (an ExitStack) holds the fusion, and closing it unfuses and restores the teacher exactly."""
+    from cdlab.students import activate_student
+    from cdlab.students.activation import fused_student
+
+    fused.close()
+    activate_student(pipe, student)
+    if student is not None and fuse_lora:  # fused LoRA is the fast path (1.9x on the tiny student, bench sampling)
+        fused.enter_context(fused_student(pipe, student))
+
+
 def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidance: float, seed: int,
                fuse_lora: bool, fused: Any) -> None:
     """Each column's ``diversity``: ``seeds`` samples of each caption (seeds ``10_000 + seed + j``, the same
@@ -502,18 +509,14 @@ def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidan
 
     from cdlab.samplers import ddim_timesteps, sample_ddim
     from cdlab.students import activate_student
-    from cdlab.students.activation import fused_student
 
     rep = [p for p in texts for _ in range(seeds)]
     cond, uncond = teacher.encode(rep)
     x_T = torch.cat([teacher.initial_noise(10_000 + seed + j, 1) for _ in texts for j in range(seeds)])
-    active = None
+    active: Any = _switch_student  # none yet: the first column always switches (the last student may be active)
     for col in sorted(columns, key=lambda c: c.student or ""):
         if col.student != active:
-            fused.close()
-            activate_student(teacher.pipe, col.student)
-            if col.student is not None and fuse_lora:
-                fused.enter_context(fused_student(teacher.pipe, col.student))
+            _switch_student(teacher.pipe, col.student, fused, fuse_lora)
             active = col.student
         if col.kind == "teacher":
             latents = sample_ddim(teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(col.steps),

@@ -68,6 +68,21 @@ def test_columns_nfe_and_metrics(world_eval):
     assert one["speedup"] > 1.0
 
 
+def test_diversity_is_per_column_and_the_teachers_does_not_depend_on_the_students(setup, world_eval):
+    """Each column's diversity (mean pixel distance between one caption's samples under 8 seeds) is measured with
+    that column's own weights: the teacher's is the same whether students ran before it or not (the last
+    student of the main loop must not stay active), and a deterministic sampler from different noise is > 0."""
+    res, _ = world_eval
+    teacher, root = setup
+    alone = run_evaluation(teacher, n=6, steps=(1, 4, 50), students=[], adapters_root=root, batch_size=4,
+                           write=False)
+    for a, b in zip(res["rows"][:3], alone["rows"]):
+        assert (a["method"], a["steps"]) == (b["method"], b["steps"])
+        assert a["diversity"] == pytest.approx(b["diversity"], rel=1e-5), a["steps"]
+    assert all(r["diversity"] > 0 for r in res["rows"])
+    assert "diversity" in evaluate.render_table(res)
+
+
 def test_columns_match_unbatched_samplers_from_the_same_noise(setup, world_eval):
     """Batching must not change anything: image i of a column equals a direct single-prompt run from
     teacher.initial_noise(seed + i)."""
