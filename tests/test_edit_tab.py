@@ -48,6 +48,16 @@ def test_sdedit_takes_the_composite_and_strokes_alone_are_a_sketch_on_white():
     assert np.asarray(only.image)[2, 2].tolist() == [255, 0, 255] and np.asarray(only.image)[20, 20].tolist() == [255] * 3
 
 
+def test_strokes_of_different_sizes_are_drawn_on_one_paper():
+    """Only strokes, in layers of two sizes: each is scaled to the paper (the first layer's size), then the
+    sketch to the teacher's size."""
+    big, small = _layer((0, 16, 0, 16), size=64, alpha=255), _layer((16, 32, 16, 32), size=32, alpha=255)
+    v = ET.editor_inputs({"background": None, "layers": [big, small], "composite": None}, "sdedit", 32)
+    arr = np.asarray(v.image)
+    assert v.image.size == (32, 32) and arr[2, 2].tolist() == [255, 0, 255] and arr[28, 28].tolist() == [255, 0, 255]
+    assert arr[2, 28].tolist() == [255, 255, 255]
+
+
 def test_an_upload_of_another_square_size_is_resized_with_a_note():
     v = ET.editor_inputs(Image.new("RGB", (300, 310), "red"), "sdedit", 32)
     assert v.image.size == (32, 32) and "300×310" in v.notes[0] and "32×32" in v.notes[0]

@@ -220,8 +220,10 @@ def editor_inputs(value: Any, technique: str, size: int) -> EditInputs:
     if base is None:  # only strokes: a sketch on white paper
         base = Image.new("RGBA", ref.size, (255, 255, 255, 255))
         for layer in layers:
-            base = Image.alpha_composite(base, fit(layer.convert("RGBA"), Image.Resampling.NEAREST)
-                                        if layer.size != base.size else layer.convert("RGBA"))
+            stroke = layer.convert("RGBA")
+            if stroke.size != base.size:
+                stroke = stroke.resize(base.size, Image.Resampling.NEAREST)
+            base = Image.alpha_composite(base, stroke)
     out.image = fit(_flatten(base), Image.Resampling.BICUBIC)
     return out
 
@@ -342,9 +344,11 @@ class EditView:
         return [(im, f"{c.label} · {alt}") for c in self.columns for im, alt in c.images]
 
 
-def edit_column_choices(comparer: Any) -> list[str]:
-    """The columns the Edit tab offers: both teacher columns and the local consistency students."""
-    names = [s.name for s in comparer.students() if getattr(s, "scheduler", "consistency") == "consistency"]
+def edit_column_choices(comparer: Any, cards: list | None = None) -> list[str]:
+    """The columns the Edit tab offers: both teacher columns and the local consistency students (``cards``:
+    the students already read from disk; default ``comparer.students()``)."""
+    cards = comparer.students() if cards is None else cards
+    names = [s.name for s in cards if getattr(s, "scheduler", "consistency") == "consistency"]
     return [TEACHER_50, TEACHER_4] + names
 
 
@@ -371,7 +375,9 @@ def _reading(teacher: Any, image, technique: str, prompts: list[str]) -> str:
         flipped = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
         return f"reads upright{mark(ok(image, prompts[0]))} · flipped{mark(ok(flipped, prompts[1]))}"
     if technique == "hybrid":
-        far = image.filter(ImageFilter.GaussianBlur(2.0))
+        from cdlab.edit_eval import FAR_SIGMA_PX
+
+        far = image.filter(ImageFilter.GaussianBlur(FAR_SIGMA_PX))
         try:
             far_ok = read(far).shape == parse_caption(prompts[0]).shape
         except ValueError:
@@ -400,6 +406,7 @@ def run_edit(
     from PIL import Image, ImageFilter
 
     from cdlab.edit import TEACHER_50 as E50, edit, student_column, teacher_columns
+    from cdlab.edit_eval import FAR_SIGMA_PX
     from cdlab.ui.compare_view import upscale
 
     technique = check_technique(technique)
@@ -415,14 +422,15 @@ def run_edit(
         raise InputError("columns: tick at least one column.")
     if len(columns) > 32 or not all(isinstance(c, str) for c in columns):
         raise InputError("columns: a list of at most 32 column names.")
-    allowed = edit_column_choices(comparer)
+    student_cards = comparer.students()
+    allowed = edit_column_choices(comparer, student_cards)
     unknown = [c for c in columns if c not in allowed]
     if unknown:
         raise InputError(f"columns: unknown or not editable {unknown[0][:60]!r} (editing takes the teacher and "
                          f"consistency students: {', '.join(allowed)}).")
     size = int(teacher.resolution)
     inputs = editor_inputs(editor_value, technique, size)
-    cards = {c.name: c for c in comparer.students()}
+    cards = {c.name: c for c in student_cards}
     t50, t4 = teacher_columns(float(teacher.guidance))
     cols = []
     for name in dict.fromkeys(columns):
@@ -450,7 +458,8 @@ def run_edit(
         if technique == "anagram":
             shown.append((upscale(im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)), "flipped"))
         elif technique == "hybrid":
-            shown.append((upscale(im.filter(ImageFilter.GaussianBlur(2.0 * size / 32))), "from afar (blurred)"))
+            far = im.filter(ImageFilter.GaussianBlur(FAR_SIGMA_PX * size / 32))  # the checker's far view, to scale
+            shown.append((upscale(far), "from afar (blurred)"))
         start = f" from t={r.timesteps[0]}" if r.timesteps else " (no step)"
         speed = f" · {t_ref / r.seconds:.1f}× teacher-50's speed" if t_ref and r.seconds > 0 and r.column != E50 else ""
         lines = [r.column, f"{len(r.timesteps)} steps{start} · NFE {r.nfe}", f"{r.seconds:.2f} s{speed}"]
