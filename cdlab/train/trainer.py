@@ -645,11 +645,15 @@ class Trainer:
             self.skipped_steps += 1
             return total, grad_norm
         self.lr_sched.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for n, p in zip(self.names, self.params):
-                    self.ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        self._update_ema()
         return total, grad_norm
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """After an applied optimiser step: the EMA of the student's LoRA weights moves towards them."""
+        if self.ema is not None:
+            for n, p in zip(self.names, self.params):
+                self.ema[n].lerp_(p.detach(), 1.0 - self.cfg.ema_decay)
 
     def _dmd_kwargs(self) -> dict:
         cfg = self.cfg
@@ -687,10 +691,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_sched.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for n, p in zip(self.names, self.params):
-                    self.ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        self._update_ema()
         fake_total = 0.0
         for k in range(cfg.dmd_fake_steps):
             if k == 0:

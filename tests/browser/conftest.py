@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drive import chromium_path
+from drive import VIEWPORT, chromium_path, launch_browser, open_app
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,3 +48,16 @@ def shots(tmp_path_factory):
     d = Path(os.environ.get("CDLAB_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    """One Chromium page per test module on the shared app, at 1280x800, opened to the app's ready signal."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport=VIEWPORT)
+        open_app(page, served[0])
+        yield page
+        browser.close()

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+VIEWPORT = {"width": 1280, "height": 800}  # a laptop on a projector: the page tests' window
 CHROMIUM = os.environ.get("CDLAB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -4,23 +4,7 @@ a legend, the off-grammar notice with the nearest caption in one click, and traj
 timestep. Each check leaves a screenshot (``$CDLAB_SCREENSHOT_DIR``, else the test's temporary folder)."""
 from __future__ import annotations
 
-import pytest
-
-from drive import compare_result_id, launch_browser, open_app, run_compare, wait_compare_result
-
-VIEWPORT = {"width": 1280, "height": 800}
-
-
-@pytest.fixture(scope="module")
-def page(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport=VIEWPORT)
-        open_app(page, served[0])
-        yield page
-        browser.close()
+from drive import VIEWPORT, compare_result_id, run_compare, wait_compare_result
 
 
 def _geometry(page) -> list[dict]:

@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from drive import edit_result_id, launch_browser, open_app, pick_edit_preset, wait_edit_result
-
-VIEWPORT = {"width": 1280, "height": 800}
+from drive import edit_result_id, pick_edit_preset, wait_edit_result
 
 
 @pytest.fixture(scope="module")
-def page(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport=VIEWPORT)
-        open_app(page, served[0])
-        page.get_by_role("tab", name="Edit").click()
-        yield page
-        browser.close()
+def page(page):
+    """The module's page (conftest), on the Edit tab: the first visit runs the first preset."""
+    page.get_by_role("tab", name="Edit").click()
+    return page
 
 
 def _input_src(page) -> str:
