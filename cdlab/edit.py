@@ -6,9 +6,11 @@ a *model* ``eps(x_t, t, cond)``, an initial noise, the conditionings, a list of 
 All four share ONE signature::
 
     technique(model, x_T, conds, timesteps, scheduler, *, x0=None, mask=None, strength=1.0,
-              sigma=LATENT_BLUR_SIGMA, return_trajectory=False) -> SampleOutput
+              sigma=LATENT_BLUR_SIGMA, return_trajectory=False, step=None) -> SampleOutput
 
-and differ only in where the loop starts, which eps it uses and what it does after each step:
+and differ only in where the loop starts, which eps it uses and what it does after each step (``step`` is
+the column's sampler step: the DDIM jump by default, an external student's own diffusers scheduler with
+:class:`SchedulerStep`):
 
 =============  ===============================================================================================
 ``sdedit``     §1.7 (SDEdit, Meng et al. 2022). Start from the image noised to ``t_0``:
@@ -44,6 +46,11 @@ latents, and the result is decoded:
   cells is roughly a pixel blur of ``sigma * f`` pixels; both are what "the same operation" means for a
   latent model, and the evaluation reads them off the *decoded* images.
 
+**External students** (LCM-LoRA, TCD, PCM, Hyper-SD on SD1.5) step with their own diffusers scheduler, on the
+timesteps diffusers' ``StableDiffusionImg2ImgPipeline`` runs at that strength (:func:`scheduler_timesteps`),
+the combined eps of the technique passed to ``scheduler.step`` (tests/test_edit.py checks SDEdit and
+inpainting against diffusers' img2img and inpainting pipelines).
+
 **Strength and the start timestep.** ``strength`` s in [0, 1] sets the noise level of SDEdit/inpainting.
 The teacher columns follow diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: of the N trailing
 DDIM timesteps the last ``min(int(N s), N)`` are run and the image is noised to the first of them. A student
@@ -74,6 +81,7 @@ from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps
 __all__ = [
     "TECHNIQUES", "LATENT_BLUR_SIGMA", "Column", "Denoiser", "EditResult", "sdedit", "inpaint", "anagram",
     "hybrid", "denoise", "flip", "lowpass", "highpass", "gaussian_kernel", "start_timesteps", "mask_to_latent",
+    "scheduler_timesteps", "SchedulerStep", "ddim_step",
     "teacher_columns", "student_column", "image_to_tensor", "mask_to_tensor", "check_strength", "encode_image",
     "decode_unit", "edit",
 ]
@@ -172,15 +180,19 @@ def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Column:
-    """One column: the teacher at ``steps`` DDIM+CFG steps, or a student at ``steps`` consistency steps.
+    """One column: the teacher at ``steps`` DDIM+CFG steps, a consistency student at ``steps`` consistency
+    steps, or an external student (LCM-LoRA, TCD, PCM, Hyper-SD) at ``steps`` steps of its own scheduler.
 
     Args:
         name (`str`): the label (``TEACHER_50``, ``TEACHER_4`` or the student's name).
-        kind (`str`): ``"teacher"`` or ``"student"``.
+        kind (`str`): ``"teacher"``, ``"student"`` (a consistency student) or ``"external"`` (a student with its
+            own diffusers scheduler, its card's ``scheduler``).
         steps (`int`): sampling steps at strength 1.
-        guidance (`float`): the teacher's CFG scale (students: 1, distilled in).
+        guidance (`float`): the CFG scale (teacher: its own; consistency students: 1, distilled in; external
+            students: their card's, 1 for the four published ones).
         num_boundaries (`int`, *optional*): a student's N (its card's ``num_boundaries``).
-        student (`str`, *optional*): the adapter to activate.
+        student (`str`, *optional*): the adapter to activate (an external student: its catalogue key).
+        card (*optional*): an external student's card (its scheduler and ``eta``).
     """
 
     name: str
@@ -189,6 +201,7 @@ class Column:
     guidance: float = 1.0
     num_boundaries: int | None = None
     student: str | None = None
+    card: Any = field(default=None, compare=False, repr=False)
 
 
 def teacher_columns(guidance: float) -> list[Column]:
@@ -197,11 +210,13 @@ def teacher_columns(guidance: float) -> list[Column]:
 
 
 def student_column(card: Any, steps: int = 4) -> Column:
-    """A consistency student's column from its card; other schedulers (LCM, TCD, ...) are refused."""
-    if getattr(card, "scheduler", "consistency") != "consistency":
-        raise ValueError(f"student {card.name!r}: editing supports consistency students (scheduler 'consistency'); "
-                         f"it samples with {card.scheduler}")
-    return Column(card.name, "student", int(steps), 1.0, int(card.num_boundaries), card.name)
+    """A student's column from its card: ``"student"`` for a consistency student (cdlab's own), ``"external"``
+    for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``)."""
+    if getattr(card, "scheduler", "consistency") == "consistency":
+        return Column(card.name, "student", int(steps), 1.0, int(card.num_boundaries), card.name)
+    nb = getattr(card, "num_boundaries", None)
+    return Column(card.name, "external", int(steps), float(getattr(card, "guidance", 1.0) or 1.0),
+                  int(nb) if nb else None, card.name, card)
 
 
 def check_strength(strength: Any, what: str = "strength") -> float:
@@ -214,22 +229,48 @@ def check_strength(strength: Any, what: str = "strength") -> float:
     return s
 
 
-def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: int = 1000) -> list[int]:
+def _img2img_tail(timesteps: Sequence[int], steps: int, strength: float) -> list[int]:
+    """diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: the last ``min(int(N s), N)`` of N."""
+    k = min(int(steps * strength), steps)
+    ts = [int(t) for t in timesteps]
+    return ts[len(ts) - k:] if k > 0 else []
+
+
+def scheduler_timesteps(scheduler: Any, steps: int, strength: float = 1.0) -> list[int]:
+    """An external student's timesteps at ``strength``, as diffusers' ``StableDiffusionImg2ImgPipeline`` runs
+    them with that scheduler (the pipeline LCM-LoRA's, TCD's, PCM's and Hyper-SD's img2img snippets use):
+    ``scheduler.set_timesteps(steps)``, then the last ``min(int(N s), N)``, and ``set_begin_index`` where the
+    scheduler has it. This sets (mutates) ``scheduler``: pass a fresh one
+    (``cdlab.students.make_scheduler``) and step it over exactly these timesteps (:class:`SchedulerStep`)."""
+    s = check_strength(strength)
+    scheduler.set_timesteps(int(steps))
+    all_ts = [int(t) for t in scheduler.timesteps]
+    ts = _img2img_tail(all_ts, len(all_ts), s)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(len(all_ts) - len(ts))
+    return ts
+
+
+def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: int = 1000,
+                    scheduler: Any = None) -> list[int]:
     """The timesteps a column runs at ``strength`` (the first is where the image is noised to; [] = no step).
 
     Teacher (diffusers' img2img ``get_timesteps``): the last ``min(int(N s), N)`` of ``ddim_timesteps(N)``;
     50 steps at s = 0.5 -> 25 steps from 499. Student (its boundaries B = ``consistency_timesteps(N, N)``,
     999/750/500/250 for N = 4): ``consistency_timesteps(k, N)`` restricted to ``<= min{b in B : b >= s T}``;
     k = N = 4 at s = 0.5 -> [500, 250], at s = 0.6 -> [750, 500, 250]; an N = 1 student always starts at 999.
+    External student: :func:`scheduler_timesteps` of its fresh ``scheduler`` (required), diffusers' rule.
     """
     s = check_strength(strength)
     T = int(num_train_timesteps)
+    if column.kind == "external":
+        if scheduler is None:
+            raise ValueError(f"column {column.name!r}: an external student's timesteps need its scheduler")
+        return scheduler_timesteps(scheduler, column.steps, s)
     if s == 0.0:
         return []
     if column.kind == "teacher":
-        ts = ddim_timesteps(column.steps, T)
-        k = min(int(column.steps * s), column.steps)
-        return ts[len(ts) - k:] if k > 0 else []
+        return _img2img_tail(ddim_timesteps(column.steps, T), column.steps, s)
     n = int(column.num_boundaries or column.steps)
     boundaries = consistency_timesteps(n, n, T)
     t_start = min(int(round(s * T)), T - 1)
@@ -243,6 +284,56 @@ def _tvec(t: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
 
 
+# step(eps, x_t, t, s) -> (x_s, x0_prediction): one step of a column's sampler.
+Step = Callable[[torch.Tensor, torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def ddim_step(scheduler: Any) -> Step:
+    """The teacher's and the consistency students' step: the DDIM jump of eps from t to s
+    (:func:`cdlab.math.ddim_solver_step`), and the x_0 prediction ``(x_t - sigma_t eps) / alpha_t``."""
+
+    def step(eps: torch.Tensor, x: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tv = _tvec(t, x)
+        return ddim_solver_step(eps, x, tv, _tvec(s, x), scheduler), predict_x0(eps, x, tv, scheduler)
+
+    return step
+
+
+class SchedulerStep:
+    """An external student's step: its own diffusers scheduler's ``step(eps, t, x, eta=..., generator=...)``,
+    as ``StableDiffusionPipeline`` calls it (LCM and TCD re-noise with ``generator``; DDIM is deterministic).
+
+    Call it over exactly the timesteps :func:`scheduler_timesteps` set, in order (the scheduler keeps its
+    step index). The x_0 prediction is the step's ``denoised`` (LCM) or ``pred_original_sample``.
+    The four published students' schedulers (LCM, TCD, DDIM) share the teachers' ``alphas_cumprod`` and
+    ``add_noise`` is ``alpha_t x_0 + sigma_t eps``, so SDEdit's start and RePaint's replacement are the same
+    :func:`cdlab.math.q_sample` as in the other columns (diffusers' img2img and inpainting pipelines do the same).
+    """
+
+    def __init__(self, scheduler: Any, *, eta: float | None = None, generator: torch.Generator | None = None):
+        import inspect
+
+        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(f"{type(scheduler).__name__}: editing needs a scheduler on the x_t = alpha_t x_0 + "
+                             "sigma_t eps parameterisation (init_noise_sigma 1), as LCM, TCD and DDIM are")
+        self.scheduler = scheduler
+        accepts = set(inspect.signature(scheduler.step).parameters)
+        self.kwargs: dict[str, Any] = {}
+        if eta is not None and "eta" in accepts:
+            self.kwargs["eta"] = float(eta)
+        if generator is not None and "generator" in accepts:
+            self.kwargs["generator"] = generator
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.scheduler.step(eps, int(t), x, **self.kwargs)
+        x0 = getattr(out, "denoised", None)
+        if x0 is None:
+            x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = predict_x0(eps, x, _tvec(t, x), self.scheduler)
+        return out.prev_sample, x0
+
+
 @torch.no_grad()
 def denoise(
     eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
@@ -253,6 +344,7 @@ def denoise(
     project: Project | None = None,
     show: Callable[[torch.Tensor], torch.Tensor] | None = None,
     return_trajectory: bool = False,
+    step: Step | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The DDIM-jump loop of :func:`cdlab.samplers.sample_ddim` / ``sample_consistency``: at each ``t_i``,
     ``x <- ddim_solver_step(eps_fn(x, t_i), x, t_i, t_{i+1})`` (0 after the last), then ``project(x, t_{i+1})``.
@@ -261,20 +353,19 @@ def denoise(
         eps_fn: ``eps_fn(x_t, t) -> eps`` (a technique's combined eps).
         project: RePaint's replacement after each step (inpainting), ``project(x_s, s) -> x_s``.
         show: what the trajectory keeps of each x_0 prediction (inpainting: the known region pasted in).
+        step: the column's sampler step (default :func:`ddim_step`; an external student's :class:`SchedulerStep`).
 
     Returns:
         ``(x_0, x0_trajectory)``.
     """
+    step = ddim_step(scheduler) if step is None else step
     ts = [int(t) for t in timesteps]
     trajectory: list[torch.Tensor] = []
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else 0
-        eps = eps_fn(x, t)
-        tv = _tvec(t, x)
+        x, x0 = step(eps_fn(x, t), x, t, s)
         if return_trajectory:
-            x0 = predict_x0(eps, x, tv, scheduler)
             trajectory.append(show(x0) if show is not None else x0)
-        x = ddim_solver_step(eps, x, tv, _tvec(s, x), scheduler)
         if project is not None:
             x = project(x, s)
     return x, trajectory
@@ -307,7 +398,7 @@ def _out(x: torch.Tensor, traj: list, timesteps: list[int], model: Denoiser, nfe
 @torch.no_grad()
 def sdedit(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
     """SDEdit (§1.7; Meng et al. 2022): ``x_{t_0} = alpha_{t_0} x0 + sigma_{t_0} x_T``, then denoise with
     ``conds[0]`` over ``timesteps`` (from :func:`start_timesteps`). With the source image's prompt it projects
     onto the image manifold (§1.7, §1.7.1 for a sketch); with a new prompt it is text-conditional
@@ -317,14 +408,15 @@ def sdedit(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps:
     ts = [int(t) for t in timesteps]
     nfe0 = model.nfe
     x = _start(x_T, x0, ts, strength, scheduler)
-    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, return_trajectory=return_trajectory)
+    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, return_trajectory=return_trajectory,
+                      step=step)
     return _out(x, traj, ts, model, nfe0)
 
 
 @torch.no_grad()
 def inpaint(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
             x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
     """RePaint-style inpainting (§1.7.2; Lugmayr et al. 2022), without RePaint's resampling jumps.
 
     Start as SDEdit (strength 1 = from the noise ``x_T``); after each step to ``s``
@@ -354,14 +446,14 @@ def inpaint(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps
     else:
         x = x0
     x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, project=project,
-                      show=lambda p: m * p + (1 - m) * x0, return_trajectory=return_trajectory)
+                      show=lambda p: m * p + (1 - m) * x0, return_trajectory=return_trajectory, step=step)
     return _out(x, traj, ts, model, nfe0)
 
 
 @torch.no_grad()
 def anagram(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
             x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
     """Visual anagram (§1.8; Geng et al. 2024): ``conds = (p_up, p_flipped)``,
     ``eps = (eps(x_t, t, p_up) + flip(eps(flip(x_t), t, p_flipped))) / 2`` with a vertical :func:`flip`; the
     result reads as ``p_up`` upright and as ``p_flipped`` upside down. Two model calls a step. Given ``x0``
@@ -375,14 +467,14 @@ def anagram(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps
 
     nfe0 = model.nfe
     x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
-                      return_trajectory=return_trajectory)
+                      return_trajectory=return_trajectory, step=step)
     return _out(x, traj, ts, model, nfe0)
 
 
 @torch.no_grad()
 def hybrid(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False) -> SampleOutput:
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
     """Hybrid image (§1.9; Geng et al. 2024, factorized diffusion): ``conds = (p_low, p_high)``,
     ``eps = lowpass(eps(x_t, t, p_low)) + highpass(eps(x_t, t, p_high))`` with a Gaussian :func:`lowpass` of
     ``sigma`` latent cells and ``highpass = id - lowpass``: from afar (blurred) it reads as ``p_low``, up close
@@ -396,7 +488,7 @@ def hybrid(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps:
 
     nfe0 = model.nfe
     x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
-                      return_trajectory=return_trajectory)
+                      return_trajectory=return_trajectory, step=step)
     return _out(x, traj, ts, model, nfe0)
 
 
@@ -563,16 +655,18 @@ def edit(
         technique (`str`): a key of :data:`TECHNIQUES`.
         prompts: sdedit/inpaint ``[prompt]`` (or a string); anagram ``[prompt_up, prompt_flipped]``; hybrid
             ``[prompt_low, prompt_high]``. An empty prompt is the unconditional projection of §1.7.
-        columns: :func:`teacher_columns` and :func:`student_column` entries.
+        columns: :func:`teacher_columns` and :func:`student_column` entries (an external student's column is
+            loaded from the hub cache by its catalogue key, ``load_external_student``).
         image: PIL or tensor in [-1, 1] (a batch ``[B, 3, H, W]`` too); required by sdedit and inpaint.
         mask: inpaint only; 1 = regenerate (see :func:`mask_to_tensor`); downsampled by :func:`mask_to_latent`.
         strength (`float`, *optional*): noise level in [0, 1]; default 0.6 for sdedit, 1 for the others.
-        seed (`int`): the initial noise (``teacher.initial_noise(seed + i)`` per image), unless ``noise`` is given.
+        seed (`int`): the initial noise (``teacher.initial_noise(seed + i)`` per image), unless ``noise`` is given;
+            also the seed of stochastic external schedulers (LCM, TCD), so every column is reproducible.
 
     Raises:
         ValueError: a message naming the field (``image``, ``mask``, ``strength``, a prompt, ``technique``).
     """
-    from cdlab.students import activate_student, load_student
+    from cdlab.students import activate_student, load_external_student, load_student, make_scheduler
     from cdlab.students.activation import fused_student
     from cdlab.teachers import teacher_lock
     from cdlab.timing import sync
@@ -609,18 +703,25 @@ def edit(
         shared_s = time.perf_counter() - t0
         m_lat = m_lat.to(teacher.device, teacher.dtype) if m_lat is not None else None
         for col in columns:
-            if col.student is not None:
+            if col.kind == "external":
+                load_external_student(teacher.pipe, col.student, base_model=teacher.base_id)
+            elif col.student is not None:
                 load_student(teacher.pipe, col.student, root=adapters_root, base_model=teacher.base_id)
         try:
             for col in columns:
                 activate_student(teacher.pipe, col.student)
                 with (fused_student(teacher.pipe, col.student) if (col.student and fuse) else _null()):
-                    model = Denoiser(teacher.unet, col.guidance if col.kind == "teacher" else None)
-                    ts = start_timesteps(col, strength, int(teacher.scheduler.config.num_train_timesteps))
+                    sched, step = teacher.scheduler, None
+                    if col.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
+                        sched = make_scheduler(teacher.pipe, col.card)
+                        step = SchedulerStep(sched, eta=(col.card.scheduler_kwargs or {}).get("eta"),
+                                             generator=torch.Generator().manual_seed(seed))
+                    model = Denoiser(teacher.unet, None if col.kind == "student" else col.guidance)
+                    ts = start_timesteps(col, strength, int(teacher.scheduler.config.num_train_timesteps), sched)
                     sync(teacher.device)
                     t1 = time.perf_counter()
-                    out = fn(model, noise, embs, ts, teacher.scheduler, x0=x0, mask=m_lat, strength=strength,
-                             sigma=float(sigma), return_trajectory=return_trajectory)
+                    out = fn(model, noise, embs, ts, sched, x0=x0, mask=m_lat, strength=strength,
+                             sigma=float(sigma), return_trajectory=return_trajectory, step=step)
                     pixels = decode_unit(teacher, out.latents)
                     sync(teacher.device)
                     seconds = time.perf_counter() - t1 + shared_s

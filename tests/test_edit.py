@@ -129,6 +129,62 @@ def test_hybrid_filters_sum_to_identity_and_hybrid_of_one_prompt_is_plain_sampli
     assert (out.latents - ref.latents).abs().max() < 1e-5 and out.nfe == 16
 
 
+@pytest.mark.parametrize("scheduler, kwargs", [("LCMScheduler", {}), ("TCDScheduler", {"eta": 0.3}),
+                                               ("DDIMScheduler", {"timestep_spacing": "trailing"})])
+def test_external_scheduler_column_equals_diffusers_img2img(teacher, scheduler, kwargs):
+    """An external student's column (its own scheduler: LCM-LoRA's, TCD's and PCM's, Hyper-SD's) steps exactly as
+    diffusers' StableDiffusionImg2ImgPipeline does with that scheduler: the same timesteps at each strength,
+    the same noised start, the same scheduler steps (LCM and TCD re-noise with the same generator). On the tiny
+    teacher's UNet itself, with a card that asks for that scheduler (the published LoRAs are SD1.5's)."""
+    import diffusers
+
+    from cdlab.students import StudentCard, make_scheduler
+
+    card = StudentCard(name="ext", base_model=teacher.base_id, method="external", num_boundaries=1, steps=4,
+                       guidance=1.0, scheduler=scheduler, scheduler_kwargs=kwargs)
+    col = E.student_column(card)
+    assert col.kind == "external" and col.card is card
+    cond, _, x0 = _setup(teacher)
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**teacher.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    for strength, want_ts in ((0.6, 2), (0.8, 3)):
+        sched = make_scheduler(teacher.pipe, card)
+        ts = E.start_timesteps(col, strength, 1000, sched)
+        assert len(ts) == want_ts and ts[0] <= strength * 1000
+        g = torch.Generator().manual_seed(5)
+        noise = torch.randn(x0.shape, generator=g)  # as the pipeline draws it; its steps then use g on
+        out = E.sdedit(E.Denoiser(teacher.unet), noise, [cond], ts, sched, x0=x0, strength=strength,
+                       step=E.SchedulerStep(sched, eta=kwargs.get("eta"), generator=g), return_trajectory=True)
+        assert out.nfe == want_ts and len(out.x0_trajectory) == want_ts
+        pipe.scheduler = make_scheduler(teacher.pipe, card)
+        ref = pipe(prompt_embeds=cond[0], image=x0, strength=strength, num_inference_steps=4, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(5), output_type="latent",
+                   **({"eta": kwargs["eta"]} if "eta" in kwargs else {})).images
+        assert torch.allclose(out.latents, ref, atol=1e-5), (scheduler, strength, (out.latents - ref).abs().max())
+    # without its scheduler an external column has no timesteps
+    with pytest.raises(ValueError, match="scheduler"):
+        E.start_timesteps(col, 0.5)
+
+
+def test_external_columns_inpaint_keep_the_outside(teacher):
+    """RePaint with an external scheduler (LCM: stochastic steps): outside the mask the result is the
+    original's latents exactly (diffusers' inpainting pipeline pastes them back after the last step too)."""
+    from cdlab.students import StudentCard, make_scheduler
+
+    card = StudentCard(name="ext", base_model=teacher.base_id, method="external", num_boundaries=1, steps=4,
+                       guidance=1.0, scheduler="LCMScheduler", scheduler_kwargs={})
+    cond, x_T, x0 = _setup(teacher)
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., 2:6, 2:6] = 1
+    sched = make_scheduler(teacher.pipe, card)
+    ts = E.start_timesteps(E.student_column(card), 1.0, 1000, sched)
+    out = E.inpaint(E.Denoiser(teacher.unet), x_T, [cond], ts, sched, x0=x0, mask=m,
+                    step=E.SchedulerStep(sched, generator=torch.Generator().manual_seed(0)))
+    assert ts == [999, 759, 499, 259] and out.nfe == 4
+    assert torch.equal(out.latents * (1 - m), x0 * (1 - m))
+    assert (out.latents - x0).abs().mul(m).sum() > 0
+
+
 def test_start_rule():
     t50 = E.Column("t", "teacher", 50, 5.0)
     assert E.start_timesteps(t50, 0.5) == ddim_timesteps(50)[25:] and E.start_timesteps(t50, 0.5)[0] == 499

@@ -284,3 +284,59 @@ def test_other_sd15_lora_layouts_load_whole(variant, sd15_teacher, tmp_path, mon
         _assert_plain(t, plain_before)
     finally:
         _drop(t.pipe, "lcm-lora")
+
+
+# ------------------------------------------------------------------------------------------- the Edit tab
+
+
+@pytest.mark.slow
+def test_edit_tab_with_the_published_students(sd15_teacher, served, hub, plain_before, monkeypatch):
+    """The Edit tab on SD1.5's architecture offers the four published students as Compare names them; each
+    edits on its own scheduler (SDEdit of the SD1.5 sketch preset at strength 0.5: the last 2 of its 4 steps,
+    diffusers' img2img rule), its LoRA changes the result, and one that cannot be fetched fails alone."""
+    from cdlab.edit import TEACHER_4, TEACHER_50
+    from cdlab.ui import edit_tab as ET
+    from cdlab.ui.compare import Comparer
+
+    t = sd15_teacher
+    keys = ["lcm-lora", "tcd", "pcm", "hyper-sd"]
+    externals = [f"{k} (external)" for k in keys]
+    cmp = Comparer(t, adapters_root=None)
+    monkeypatch.setattr(cmp, "students", lambda: [])  # the repository's students are the tiny teacher's
+    assert ET.edit_column_choices(cmp) == [TEACHER_50, TEACHER_4, *externals]
+    sketch = next(p for p in ET.presets(t) if p.technique == "sdedit")
+    try:
+        v = ET.run_edit(t, cmp, "sdedit", sketch.editor_value(), sketch.prompt, "", 0.5, 3, "4",
+                        [TEACHER_4, *externals])
+        assert [c.label for c in v.columns] == ["input", TEACHER_4, *keys]
+        assert not any(c.failed for c in v.columns)
+        by = {c.label: c for c in v.columns}
+        assert by[TEACHER_4].nfe == 4  # 2 of its 4 DDIM steps, with CFG
+        for k in keys:
+            assert by[k].nfe == 2, k
+            assert "2 steps from t=4" in by[k].lines[1], by[k].lines  # 499 (LCM, TCD) or 499 (trailing DDIM)
+        assert len(set(served)) == 4
+        results = {c.label: np.asarray(c.images[0][0], dtype=np.float32) for c in v.columns[1:]}
+        assert all(np.abs(results[k] - results[TEACHER_4]).mean() > 1.0 for k in keys)
+        _assert_plain(t, plain_before)
+
+        # a published student that cannot be fetched fails alone, with the reason in its column
+        _drop(t.pipe, "pcm")
+
+        def offline(repo_id, filename):
+            raise OSError("offline")
+
+        monkeypatch.setattr("cdlab.students.external._hub_download", offline)
+        from PIL import Image
+
+        layer = Image.new("RGBA", sketch.background.size, (0, 0, 0, 0))
+        layer.paste((255, 255, 255, 255), (16, 16, 48, 48))  # the brush: regenerate the middle
+        value = {"background": sketch.background, "layers": [layer], "composite": sketch.background}
+        v = ET.run_edit(t, cmp, "inpaint", value, sketch.prompt, "", 1.0, 3, "1",
+                        ["lcm-lora (external)", "pcm (external)"])
+        assert v.columns[0].label == "input"
+        assert [(c.label, c.failed) for c in v.columns[1:]] == [("lcm-lora", False), ("pcm", True)]
+        assert "offline" in v.columns[2].lines[1]
+    finally:
+        for k in keys:
+            _drop(t.pipe, k)

@@ -23,8 +23,8 @@ The package, by job (everything below is importable from ``cdlab.students``):
 ``registry``       on disk: `adapters_dir`, `student_dir`, `save_student`, `read_card`, `list_students`,
                    `is_shipped`, `shipped_students` (``adapters/SHIPPED``)
 ``activation``     on a pipeline: `load_student`, `activate_student`
-``external``       `ExternalStudent`, `EXTERNAL_STUDENTS`, `load_external_student`, `make_scheduler`,
-                   `sampling_kwargs`
+``external``       `ExternalStudent`, `EXTERNAL_STUDENTS`, `external_card`, `load_external_student`,
+                   `make_scheduler`, `sampling_kwargs`
 =================  ==================================================================================
 
 Tests that fake the hub patch ``cdlab.students.external._hub_download``.
@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from cdlab.students.activation import activate_student, load_student
 from cdlab.students.card import METHODS, SD15_ID, TINY_ID, StudentCard, StudentError, render_readme, validate_name
-from cdlab.students.external import (EXTERNAL_STUDENTS, ExternalStudent, load_external_student, make_scheduler,
-                                     sampling_kwargs)
+from cdlab.students.external import (EXTERNAL_STUDENTS, ExternalStudent, external_card, load_external_student,
+                                     make_scheduler, sampling_kwargs)
 from cdlab.students.lora import DEFAULT_TARGET_MODULES, WEIGHT_NAME, attach_lora
 from cdlab.students.registry import (ADAPTERS_DIR, CARD_NAME, REPO_ROOT, SHIPPED_NAME, adapters_dir, is_shipped,
                                      list_students, read_card, save_student, shipped_students, student_dir)
@@ -63,6 +63,7 @@ __all__ = [
     "shipped_students",
     "load_student",
     "activate_student",
+    "external_card",
     "load_external_student",
     "make_scheduler",
     "sampling_kwargs",

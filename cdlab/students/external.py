@@ -96,6 +96,21 @@ def _origin(ext: ExternalStudent) -> str:
     return f"hub:{ext.repo_id}/{ext.filename}"
 
 
+def external_card(key: str) -> StudentCard:
+    """The `StudentCard` of catalogue entry ``key`` (``method="external"``, its scheduler and sampling recipe),
+    without loading anything."""
+    if key not in EXTERNAL_STUDENTS:
+        raise StudentError(f"unknown external student {key!r}; choose from {', '.join(EXTERNAL_STUDENTS)}")
+    ext = EXTERNAL_STUDENTS[key]
+    return StudentCard(
+        name=key, base_model=SD15_ID, method="external", num_boundaries=ext.num_boundaries,
+        steps=ext.steps, guidance=ext.guidance, scheduler=ext.scheduler,
+        scheduler_kwargs=dict(ext.scheduler_kwargs),
+        training_config={"repo_id": ext.repo_id, "filename": ext.filename, "title": ext.title,
+                         "adapter_weight": ext.adapter_weight, "notes": ext.notes},
+    )
+
+
 def load_external_student(pipe: Any, key: str, *, base_model: str | None = None) -> StudentCard:
     """Download (or take from the hub cache) an external student and load it as adapter ``key``.
 
@@ -105,18 +120,10 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
     Returns a `StudentCard` with ``method="external"`` and the card's sampling recipe.
     """
     pipe, base_model = _pipe_and_base(pipe, base_model)
-    if key not in EXTERNAL_STUDENTS:
-        raise StudentError(f"unknown external student {key!r}; choose from {', '.join(EXTERNAL_STUDENTS)}")
+    card = external_card(key)
     ext = EXTERNAL_STUDENTS[key]
     if base_model is not None and base_model not in SD15_ARCH_BASES:
         raise StudentError(f"{ext.title} is a LoRA for {SD15_ID}; this pipeline is {base_model!r}")
-    card = StudentCard(
-        name=key, base_model=SD15_ID, method="external", num_boundaries=ext.num_boundaries,
-        steps=ext.steps, guidance=ext.guidance, scheduler=ext.scheduler,
-        scheduler_kwargs=dict(ext.scheduler_kwargs),
-        training_config={"repo_id": ext.repo_id, "filename": ext.filename, "title": ext.title,
-                         "adapter_weight": ext.adapter_weight, "notes": ext.notes},
-    )
     recorded = _loaded_files(pipe).get(key)
     if key not in _loaded(pipe) or not recorded or recorded[0] != _origin(ext):
         try:

@@ -344,12 +344,16 @@ class EditView:
         return [(im, f"{c.label} · {alt}") for c in self.columns for im, alt in c.images]
 
 
+EXTERNAL_SUFFIX = " (external)"  # as Compare names them
+
+
 def edit_column_choices(comparer: Any, cards: list | None = None) -> list[str]:
-    """The columns the Edit tab offers: both teacher columns and the local consistency students (``cards``:
-    the students already read from disk; default ``comparer.students()``)."""
+    """The columns the Edit tab offers, as Compare names them: both teacher columns, the local consistency
+    students (``cards``: the students already read from disk; default ``comparer.students()``) and, on SD1.5's
+    architecture, the published students (``"lcm-lora (external)"``, ...), each on its own scheduler."""
     cards = comparer.students() if cards is None else cards
     names = [s.name for s in cards if getattr(s, "scheduler", "consistency") == "consistency"]
-    return [TEACHER_50, TEACHER_4] + names
+    return [TEACHER_50, TEACHER_4] + names + [f"{k}{EXTERNAL_SUFFIX}" for k in comparer.external_keys()]
 
 
 def _reading(teacher: Any, image, technique: str, prompts: list[str]) -> str:
@@ -406,6 +410,8 @@ def run_edit(
     from PIL import Image, ImageFilter
 
     from cdlab.edit import TEACHER_50 as E50, edit, student_column, teacher_columns
+    from cdlab.students import StudentError, external_card, load_external_student
+    from cdlab.teachers import teacher_lock
     from cdlab.edit_eval import FAR_SIGMA_PX
     from cdlab.ui.compare_view import upscale
 
@@ -426,18 +432,31 @@ def run_edit(
     allowed = edit_column_choices(comparer, student_cards)
     unknown = [c for c in columns if c not in allowed]
     if unknown:
-        raise InputError(f"columns: unknown or not editable {unknown[0][:60]!r} (editing takes the teacher and "
-                         f"consistency students: {', '.join(allowed)}).")
+        raise InputError(f"columns: unknown or not editable {unknown[0][:60]!r} (this teacher's columns: "
+                         f"{', '.join(allowed)}).")
     size = int(teacher.resolution)
     inputs = editor_inputs(editor_value, technique, size)
     cards = {c.name: c for c in student_cards}
     t50, t4 = teacher_columns(float(teacher.guidance))
     cols = []
     for name in dict.fromkeys(columns):
-        cols.append(t50 if name == TEACHER_50 else t4 if name == TEACHER_4 else student_column(cards[name], steps))
+        if name in (TEACHER_50, TEACHER_4):
+            cols.append(t50 if name == TEACHER_50 else t4)
+        elif name.endswith(EXTERNAL_SUFFIX):
+            cols.append(student_column(external_card(name[:-len(EXTERNAL_SUFFIX)]), steps))
+        else:
+            cols.append(student_column(cards[name], steps))
+    failed: list[EditColumnView] = []
+    for col in [c for c in cols if c.kind == "external"]:  # a published student that cannot load fails alone
+        try:
+            with teacher_lock(teacher):
+                load_external_student(teacher.pipe, col.student, base_model=teacher.base_id)
+        except StudentError as e:
+            cols.remove(col)
+            failed.append(EditColumnView(col.name, [], [col.name, f"not run: {e}"], failed=True))
     try:
-        results = edit(teacher, technique, prompts, cols, image=inputs.image,
-                       mask=inputs.mask, strength=s, seed=seed, adapters_root=adapters_root or comparer.adapters_root)
+        results = edit(teacher, technique, prompts, cols, image=inputs.image, mask=inputs.mask, strength=s,
+                       seed=seed, adapters_root=adapters_root or comparer.adapters_root) if cols else []
     except ValueError as e:
         raise InputError(str(e)) from None
     views: list[EditColumnView] = []
@@ -468,6 +487,7 @@ def run_edit(
             lines.append(reading)
         views.append(EditColumnView(r.column, shown, lines, r.seconds, r.nfe))
         table.append([r.column, round(r.seconds, 3), r.nfe, len(r.timesteps)])
+    views.extend(failed)
     total = sum(r.seconds for r in results)
     summary = (f"{TECHNIQUE_LABELS[technique]} · {len(results)} columns in {total:.2f} s · seed {seed} · "
                f"one initial noise for every column")
