@@ -240,6 +240,27 @@ def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, cac
     assert len(saved) == len(gen)
 
 
+def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, cache_dir, env):
+    """DMD's regression pairs (teacher-50 with CFG, 100 NFE each) are cached beside the latents: a second run
+    with the same recipe reads the same tensors back instead of sampling them again, and a different
+    guidance (other targets) makes new ones."""
+    from cdlab.train.config import cache_root
+
+    kw = dict(method="dmd", dmd_fake_steps=1, probe_size=0, max_steps=1, dmd_regression_weight=1.0,
+              dmd_regression_pairs=4, save_student=False)
+    logs: list[list[str]] = []
+    for run, g in (("pairs-a", 3.0), ("pairs-b", 3.0), ("pairs-c", 2.0)):
+        lines: list[str] = []
+        train(_cfg(tiny_pipe_dir, cache_dir, run_name=run, guidance=g, **kw), log=lines.append)
+        logs.append([ln for ln in lines if "regression pairs" in ln])
+    assert "in " in logs[0][0] and "read from" in logs[1][0] and "read from" not in logs[2][0], logs
+    files = sorted(cache_root(_cfg(tiny_pipe_dir, cache_dir)).glob("dmd-pairs-*.safetensors"))
+    assert len(files) == 2
+    a, b = (load_file(str(f)) for f in files)
+    assert a["z"].shape[0] == a["y"].shape[0] == a["cond"].shape[0] == 4
+    assert torch.equal(a["z"], b["z"]) and not torch.equal(a["y"], b["y"])  # same noise, other guidance
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(dmd_t_min=500, dmd_t_max=400), "dmd_t_max"), (dict(mixed_precision="fp16"), "mixed_precision"),
     (dict(guidance=3.0, guidance_max=5.0), "guidance_max"), (dict(dmd_fake_steps=0), "dmd_fake_steps"),

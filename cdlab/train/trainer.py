@@ -21,6 +21,7 @@ fake-score updates (`cdlab.loss.dmd_fake_loss`). Checkpoints add ``fake.safetens
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -121,6 +122,17 @@ def preview_row(images: list) -> Any:
     if w < 128:  # tiny images: upscale so the row is readable
         row = row.resize((row.width * 4, row.height * 4), Image.Resampling.NEAREST)
     return row
+
+
+def _base_fingerprint(unet: torch.nn.Module) -> str:
+    """A hash of a UNet's base weights (per-tensor sums; LoRA tensors skipped): what the teacher computes."""
+    h = hashlib.sha256()
+    for n, p in unet.state_dict().items():
+        if "lora_" in n:
+            continue
+        x = p.detach().double()
+        h.update(f"{n}:{tuple(p.shape)}:{x.sum().item():.10e}".encode())
+    return h.hexdigest()
 
 
 class Trainer:
@@ -719,12 +731,32 @@ class Trainer:
     @torch.no_grad()
     def _regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DMD's regression pairs: ``dmd_regression_pairs`` fixed noises z, the teacher's DDIM (50 steps, CFG at
-        ``guidance``, every adapter off) image latents y from them, and their captions' embeddings."""
+        ``guidance``, every adapter off) image latents y from them, and their captions' embeddings.
+
+        They cost 100 NFE each (2048 pairs: about 15 min on one CPU thread for the tiny teacher), so they are
+        cached beside the latents (``dmd-pairs-<key>.safetensors``, written atomically), keyed by the teacher's
+        weights (VAE, text encoder and UNet), the data, the count, the seed and the guidance: a resume or a
+        second run with the same recipe reads them back (with ``cache_latents``; without it they are made each time)."""
+        from safetensors.torch import load_file, save_file
+
         from cdlab.loss import adapters_disabled
         from cdlab.samplers import ddim_timesteps, sample_ddim
+        from cdlab.train.data import model_fingerprint
 
         cfg = self.cfg
         n = min(cfg.dmd_regression_pairs, len(self.data))
+        h = hashlib.sha256(f"v1|{model_fingerprint(self.teacher.pipe)}|{_base_fingerprint(self.unet)}|"
+                           f"{getattr(self.data, 'cache_path', '') or cfg.data}|{cfg.data_seed}|{cfg.data_size}|{n}|"
+                           f"{cfg.seed}|{float(cfg.guidance)!r}|{cfg.num_train_timesteps}|"
+                           f"{tuple(self.latent_shape)}".encode()).hexdigest()[:20]
+        path = cache_root(cfg) / f"dmd-pairs-{h}.safetensors" if cfg.cache_latents else None
+        if path is not None and path.is_file():
+            try:
+                t = load_file(str(path))
+                self.log(f"dmd: {n} regression pairs read from {path}")
+                return t["z"].to(self.device), t["y"].to(self.device), t["cond"].to(self.device)
+            except Exception as e:  # unreadable: make them again
+                self.log(f"dmd: cached pairs {path} unreadable ({e}); making them again")
         g = torch.Generator().manual_seed(cfg.seed * 31 + 7)
         _, cond = self.data.batch(torch.arange(n), g, self.device)
         z = torch.randn((n, *self.latent_shape), generator=g).to(self.device)
@@ -732,11 +764,22 @@ class Trainer:
         ys = []
         with adapters_disabled(self.unet):
             for i in range(0, n, 64):
+                self.status("running", f"loading data: DMD regression pairs {i}/{n} (teacher-50 with CFG)")
                 out = sample_ddim(self.unet, z[i:i + 64], cond[i:i + 64], self.uncond.expand(len(cond[i:i + 64]), -1, -1),
                                   float(cfg.guidance), ddim_timesteps(50, cfg.num_train_timesteps), self.teacher.scheduler)
                 ys.append(out.latents.float())
+        y = torch.cat(ys)
         self.log(f"dmd: {n} regression pairs (teacher-50, CFG {cfg.guidance:g}) in {time.perf_counter() - t0:.1f} s")
-        return z, torch.cat(ys), cond
+        if path is not None and self.acc.is_main_process:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+                save_file({"z": z.cpu().contiguous(), "y": y.cpu().contiguous(), "cond": cond.float().cpu().contiguous()},
+                          str(tmp))
+                os.replace(tmp, path)
+            except OSError as e:
+                self.log(f"dmd: could not cache the pairs in {path}: {e}")
+        return z, y, cond
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
