@@ -14,9 +14,14 @@ inpaint    §1.7.2: a rendered caption; the mask is the latent-aligned box aroun
            on the result; error: mean |result - original| in [0, 1] pixels outside the mask (and the share of
            cases within ``INPAINT_TOL``).
 sketch     §1.7.1: a programmatic scribble (a jittered outline and hatching of the object's colour, at its
-           place, on its background) projected by SDEdit at ``SKETCH_STRENGTH`` with the EMPTY prompt (the
-           course's unconditional projection). success: the checker reads the sketch's caption.
-sketch_text  the same sketches projected with their caption as the prompt (§1.7.1 with §1.7.3's text guidance).
+           place, on its background) projected by SDEdit at ``PROJECTION_STRENGTH`` with the EMPTY prompt (the
+           course's projection; its "a high quality photo" has no counterpart in the world's grammar, so the
+           projection here is unconditional). success: the checker reads the sketch's caption. The strength is
+           0.25, a student boundary, so every column starts from the same noise level (at 0.6 an N = 4 student
+           starts from 750 while the teacher starts from 600: without a prompt to say what to draw, that extra
+           noise alone decides the row).
+sketch_text  the same sketches projected with their caption as the prompt (§1.7.1 with §1.7.3's text guidance),
+           at ``SKETCH_STRENGTH``.
 anagram    §1.8: ``(p_up, p_flipped)`` = a caption without a triangle (a flipped triangle is not a world shape)
            and the same caption mirrored top <-> bottom. success: the result reads as p_up AND its vertical flip
            as p_flipped. In a one-object world the two readings are geometrically coupled, so this measures that
@@ -48,7 +53,8 @@ from cdlab import edit as E
 DEFAULT_N = 128
 CASE_SEED = 4242
 SDEDIT_STRENGTH = 0.6
-SKETCH_STRENGTH = 0.6
+SKETCH_STRENGTH = 0.6      # sketch_text: the sketch and its caption
+PROJECTION_STRENGTH = 0.25  # sketch (no prompt): a boundary of the N = 4 students, where every column starts alike
 INPAINT_BOX = 12          # half-side in px of the inpainting box around the object centre, snapped to the latent grid
 INPAINT_TOL = 0.05        # a case "keeps" the outside when its mean abs error there is at most this
 FAR_SIGMA_PX = 2.0        # the hybrid's far view: Gaussian blur of this many pixels
@@ -227,7 +233,8 @@ def _inputs(technique: str, cases: list[dict], teacher: Any) -> dict:
                                    for c in cases])}
     if technique in ("sketch", "sketch_text"):
         prompts = [""] * len(cases) if technique == "sketch" else [c["target"].text for c in cases]
-        return {"prompts": [prompts], "strength": SKETCH_STRENGTH,
+        strength = SKETCH_STRENGTH if technique == "sketch_text" else PROJECTION_STRENGTH
+        return {"prompts": [prompts], "strength": strength,
                 "images": [scribble(c["source"], 7919 + c["render_seed"], size) for c in cases]}
     if technique == "anagram":
         return {"prompts": [[c["up"].text for c in cases], [c["flipped"].text for c in cases]], "strength": 1.0}
@@ -360,6 +367,7 @@ def run_edit_evaluation(
         "kind": "edit", "created": datetime.now().isoformat(timespec="seconds"),
         "model": getattr(teacher, "name", "teacher"), "describe": teacher.describe(), "n": n, "seed": seed,
         "guidance": guidance, "sdedit_strength": SDEDIT_STRENGTH, "sketch_strength": SKETCH_STRENGTH,
+        "projection_strength": PROJECTION_STRENGTH,
         "inpaint_tolerance": INPAINT_TOL, "far_sigma_px": FAR_SIGMA_PX, "latent_blur_sigma": E.LATENT_BLUR_SIGMA,
         "students": [c.name for c in cards], "rows": rows, "goal": _goal(rows, [c.name for c in cards]),
         "elapsed_s": time.perf_counter() - t_start,
@@ -392,7 +400,8 @@ def render_edit_table(results: dict) -> str:
 
     lines = [f"Edit evaluation of **{results['model']}** ({results['describe']}), {results['n']} cases per "
              f"technique, guidance {results['guidance']:g}, SDEdit strength {results['sdedit_strength']}, sketch "
-             f"strength {results['sketch_strength']}, inpainting tolerance {results['inpaint_tolerance']}. "
+             f"strength {results['sketch_strength']} (with its caption) and {results.get('projection_strength', "
+             f"results['sketch_strength'])} (without a prompt), inpainting tolerance {results['inpaint_tolerance']}. "
              f"{results['created']}.", "",
              "| technique | column | success ↑ | preservation ↑ | outside MAE ↓ (≤ tol) | detail | NFE | s / image |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
