@@ -400,8 +400,8 @@ def render_edit_table(results: dict) -> str:
 
     lines = [f"Edit evaluation of **{results['model']}** ({results['describe']}), {results['n']} cases per "
              f"technique, guidance {results['guidance']:g}, SDEdit strength {results['sdedit_strength']}, sketch "
-             f"strength {results['sketch_strength']} (with its caption) and {results.get('projection_strength', "
-             f"results['sketch_strength'])} (without a prompt), inpainting tolerance {results['inpaint_tolerance']}. "
+             f"strength {results['sketch_strength']} (with its caption) and "
+             f"{results.get('projection_strength', results['sketch_strength'])} (without a prompt), inpainting tolerance {results['inpaint_tolerance']}. "
              f"{results['created']}.", "",
              "| technique | column | success ↑ | preservation ↑ | outside MAE ↓ (≤ tol) | detail | NFE | s / image |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
