@@ -48,8 +48,8 @@ latents, and the result is decoded:
 
 **External students** (LCM-LoRA, TCD, PCM, Hyper-SD on SD1.5) step with their own diffusers scheduler, on the
 timesteps diffusers' ``StableDiffusionImg2ImgPipeline`` runs at that strength (:func:`scheduler_timesteps`),
-the combined eps of the technique passed to ``scheduler.step`` (tests/test_edit.py checks SDEdit and
-inpainting against diffusers' img2img and inpainting pipelines).
+the combined eps of the technique passed to ``scheduler.step`` (tests/test_edit.py checks SDEdit against
+diffusers' img2img pipeline, and that inpainting keeps the outside of the mask exactly).
 
 **Strength and the start timestep.** ``strength`` s in [0, 1] sets the noise level of SDEdit/inpainting.
 The teacher columns follow diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: of the N trailing
