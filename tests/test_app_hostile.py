@@ -1,6 +1,6 @@
 """Every field from the browser or the API is hostile until validated (issue 10).
 
-Hostile values go through the real ``/train_start`` and ``/compare`` endpoints of a launched app
+Hostile values go through the real ``/train_start``, ``/compare`` and ``/edit`` endpoints of a launched app
 (gradio_client, the embedded tiny teacher). For each: a clear error that names the field, nothing
 written outside the allowed roots (no run launched, no folder above ``runs/``), and the server still
 serving. Also: files under ``runs/`` are never served (checkpoints, optimiser states).
@@ -139,6 +139,42 @@ def test_hostile_compare_requests_are_refused(client, app, case):
     args.update(change)
     with pytest.raises((AppError, ValueError)) as e:
         client.predict(**args, api_name="/compare")
+    assert expect.lower() in str(e.value).lower(), str(e.value)
+
+
+EDIT_CASES = [
+    ("technique-unknown", dict(technique="../../etc/passwd"), "technique"),
+    ("prompt-10k", dict(prompt="x" * 10_000), "prompt"),
+    ("prompt-control", dict(prompt="a red\x00 circle"), "control"),
+    ("prompt2-missing", dict(technique="hybrid", image=None, prompt="a red circle", prompt_2=""), "prompt_2"),
+    ("strength-huge", dict(strength=1e30), "strength"),
+    ("strength-negative", dict(strength=-0.5), "strength"),
+    ("seed-huge", dict(seed=1e30), "seed"),
+    ("seed-negative", dict(seed=-1), "seed"),
+    ("steps-unknown", dict(student_steps="3"), "student steps"),  # Gradio refuses it by the field's label
+    ("column-traversal", dict(columns=["../../etc/passwd"]), "columns"),
+    ("column-none", dict(columns=[]), "columns"),
+    ("columns-many", dict(columns=[f"c{i}" for i in range(100)]), "columns"),
+]
+
+
+@pytest.mark.parametrize("case", EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
+def test_hostile_edit_requests_are_refused(client, app, case, tmp_path):
+    """/edit (the Edit tab's API): each hostile field is refused with a message naming it; no image reaches
+    the samplers. (Hostile uploads: tests/test_app_client.py::test_edit_refuses_bad_uploads_by_name_and_keeps_serving.)"""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    src = tmp_path / "white.png"
+    Image.new("RGB", (32, 32), "white").save(src)
+    args = dict(technique="sdedit", image={"background": handle_file(str(src)), "layers": [], "composite": None,
+                                           "id": None},
+                prompt=PROMPT, prompt_2="", strength=0.5, seed=0, student_steps="4", columns=["teacher-4 (naive)"])
+    name, change, expect = case
+    args.update(change)
+    with pytest.raises((AppError, ValueError)) as e:
+        client.predict(**args, api_name="/edit")
     assert expect.lower() in str(e.value).lower(), str(e.value)
 
 

@@ -240,6 +240,27 @@ def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, cac
     assert len(saved) == len(gen)
 
 
+def _sums(tensors) -> list[float]:
+    return sorted(round(float(v.double().sum()), 6) for v in tensors.values())
+
+
+def test_dmd_with_ema_saves_the_generators_average(tiny_pipe_dir, cache_dir, env):
+    """DMD with ``ema_decay > 0`` saves the generator's EMA as the student (the checkpoint's ``ema.safetensors``),
+    not the online weights; without it, the online generator (``lora.safetensors``) is what is saved."""
+    kw = dict(method="dmd", dmd_fake_steps=1, probe_size=0, max_steps=4, checkpoint_every=4)
+    for name, decay in (("dmd-ema", 0.5), ("dmd-online", 0.0)):
+        res = train(_cfg(tiny_pipe_dir, cache_dir, run_name=name, student_name=name, ema_decay=decay, **kw),
+                    log=_quiet)
+        ck = list_checkpoints(res.run_dir)[-1][1]
+        saved = _sums(load_file(str(env / "adapters" / name / "pytorch_lora_weights.safetensors")))
+        online = _sums(load_file(str(ck / "lora.safetensors")))
+        if decay:
+            ema = _sums(load_file(str(ck / "ema.safetensors")))
+            assert saved == pytest.approx(ema, abs=1e-5) and saved != pytest.approx(online, abs=1e-5)
+        else:
+            assert not (ck / "ema.safetensors").exists() and saved == pytest.approx(online, abs=1e-5)
+
+
 def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, cache_dir, env):
     """DMD's regression pairs (teacher-50 with CFG, 100 NFE each) are cached beside the latents: a second run
     with the same recipe reads the same tensors back instead of sampling them again, and a different

@@ -35,7 +35,7 @@ class TrainConfig:
     sampler_prob: float = 0.1            # chance an example takes one of those sampler timesteps
     loss_type: str = "l2"                # "l2" | "pseudo_huber"
     huber_c: float = 0.001               # pseudo-Huber c (LCM's default)
-    ema_decay: float = 0.0               # > 0: the target uses an EMA of the LoRA weights; 0: online, no_grad
+    ema_decay: float = 0.0               # > 0: the target uses an EMA of the LoRA weights; 0: online, no_grad (dmd: the saved student is the generator's EMA)
     # ---- DMD (method "dmd"; cdlab.loss's DMD notes). The real score is the teacher with CFG at `guidance`.
     dmd_fake_steps: int = 5              # fake-score updates per generator update (DMD2's two time-scale rule: 5)
     dmd_fake_lr: float | None = None     # the fake score's learning rate (None: = lr)

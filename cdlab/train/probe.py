@@ -2,6 +2,7 @@
 
     python -m cdlab.train.probe runs/<run>                       # the newest checkpoint, at the run's own steps
     python -m cdlab.train.probe runs/<run> --step 150 --steps 1  # checkpoint 150, sampled in one step
+    python -m cdlab.train.probe runs/<run> --ema                 # the checkpoint's EMA (ema.safetensors) instead
     python -m cdlab.train.probe --plain --steps 1                # the plain teacher on the same sampler
 
 The checkpoint's student LoRA (``lora.safetensors``: for DMD the generator, never the fake score) is loaded on
@@ -45,8 +46,9 @@ def _diversity(images: torch.Tensor, captions: int, seeds: int) -> float:
 
 @torch.no_grad()
 def probe(run: str | Path | None, *, step: int | None = None, steps: int | None = None, n: int = 128,
-          teacher_50: bool = False, div_captions: int = 8, div_seeds: int = 8) -> dict:
-    """Adherence and diversity of a run's checkpoint (``run=None``: the plain teacher) at ``steps`` steps."""
+          teacher_50: bool = False, ema: bool = False, div_captions: int = 8, div_seeds: int = 8) -> dict:
+    """Adherence and diversity of a run's checkpoint (``run=None``: the plain teacher) at ``steps`` steps;
+    ``ema``: its ``ema.safetensors`` (a run with ``ema_decay > 0``) instead of ``lora.safetensors``."""
     from safetensors.torch import load_file
 
     from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
@@ -64,15 +66,17 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
         if cfg.get("model", "tiny") != "tiny":
             raise ValueError(f"run: {run} trained on {cfg.get('model')!r}; the probe reads tiny-world runs only")
         ck = run / "checkpoints" / checkpoint_name(step) if step is not None else latest_checkpoint(run, complete=True)
-        if ck is None or not (ck / "lora.safetensors").is_file():
-            raise ValueError(f"run: no complete checkpoint{'' if step is None else f' at step {step}'} in {run}")
+        weights = "ema.safetensors" if ema else "lora.safetensors"
+        if ck is None or not (ck / weights).is_file():
+            raise ValueError(f"run: no complete checkpoint with {weights}{'' if step is None else f' at step {step}'}"
+                             f" in {run}")
         attach_lora(teacher.unet, rank=int(cfg["lora_rank"]), alpha=cfg.get("lora_alpha"))
-        result = teacher.unet.load_state_dict(load_file(str(ck / "lora.safetensors")), strict=False)
+        result = teacher.unet.load_state_dict(load_file(str(ck / weights)), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{ck}: keys that are not this LoRA's, e.g. {result.unexpected_keys[:2]}")
         num_boundaries = int(cfg["num_boundaries"])
         steps = steps or int(cfg.get("sample_steps") or num_boundaries)
-        label = f"{run.name} {ck.name}"
+        label = f"{run.name} {ck.name}" + (" (EMA)" if ema else "")
     steps = int(steps or num_boundaries)
     texts = [c.text for c in sample_captions(n, seed=999)]
     rep = [c for c in texts[:div_captions] for _ in range(div_seeds)]
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample_steps)")
     p.add_argument("--n", type=int, default=128, help="captions (default 128)")
     p.add_argument("--teacher", action="store_true", help="also the teacher at 50 DDIM steps with CFG")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (runs with ema_decay > 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     a = p.parse_args(argv)
     if bool(a.run) == a.plain:
@@ -119,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--n: between 8 and 4096")
     if a.threads:
         torch.set_num_threads(a.threads)
-    r = probe(None if a.plain else a.run, step=a.step, steps=a.steps, n=a.n, teacher_50=a.teacher)
+    if a.ema and a.plain:
+        p.error("--ema: a run's checkpoint only")
+    r = probe(None if a.plain else a.run, step=a.step, steps=a.steps, n=a.n, teacher_50=a.teacher, ema=a.ema)
     line = f"{r['label']}: {r['steps']} steps, n={r['n']}: adherence {r['adherence']:.3f}, diversity {r['diversity']:.4f}"
     if "teacher50_adherence" in r:
         line += f"; teacher-50: adherence {r['teacher50_adherence']:.3f}, diversity {r['teacher50_diversity']:.4f}"

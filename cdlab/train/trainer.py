@@ -20,6 +20,7 @@ fake-score updates (`cdlab.loss.dmd_fake_loss`). Checkpoints add ``fake.safetens
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -893,9 +894,29 @@ class Trainer:
                 name, k = f"{cfg.student_name}-{time.strftime('%Y%m%d-%H%M%S')}-{k}", k + 1
             self.log(f"student {cfg.student_name!r} appeared during the run; saving this one as {name!r}")
             card = dataclasses.replace(card, name=name)
-        path = save_student(self.unet, name, card, overwrite=cfg.overwrite)
-        self.log(f"student saved to {path}")
+        with self._generator_weights():
+            path = save_student(self.unet, name, card, overwrite=cfg.overwrite)
+        self.log(f"student saved to {path}" + (" (the generator's EMA)" if self.dmd and self.ema is not None else ""))
         return path
+
+    @contextlib.contextmanager
+    def _generator_weights(self):
+        """DMD with ``ema_decay > 0``: the student LoRA holds the generator's EMA inside the block (the saved
+        student is the average, as GAN generators are evaluated), the online weights after. Otherwise a no-op:
+        a consistency student is saved as trained (its EMA is the target network, not the student)."""
+        if not (self.dmd and self.ema is not None):
+            yield
+            return
+        online = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    p.copy_(self.ema[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, online):
+                    p.copy_(v)
 
 
 FAKE_ADAPTER = "fake"  # DMD's fake score, beside the student's "default" adapter on the same UNet
