@@ -118,8 +118,8 @@ def _check_steps(steps: Sequence[int], what: str) -> tuple[int, ...]:
     return tuple(sorted(set(steps)))
 
 
-def _decode(teacher: Any, latents: Any) -> Any:
-    """Latents -> float32 images in [0, 1], [B, 3, H, W]."""
+def decode_latents(teacher: Any, latents: Any) -> Any:
+    """Latents -> float32 images in [0, 1], [B, 3, H, W] (the teacher's VAE)."""
     from cdlab.metrics import to_unit
 
     vae = teacher.vae
@@ -413,12 +413,12 @@ def run_evaluation(
                     activate_student(pipe, None)
                     if bi == 0:  # warm-up (allocator, oneDNN/cuDNN primitives), so no column pays for it
                         sample_ddim(teacher.unet, x_T, cond, uncond, guidance, [999], teacher.scheduler)
-                        _decode(teacher, x_T)
+                        decode_latents(teacher, x_T)
                     ref = None
                     if not has_ref_col:
                         out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance,
                                           ddim_timesteps(REFERENCE_STEPS), teacher.scheduler)
-                        ref = _decode(teacher, out.latents)
+                        ref = decode_latents(teacher, out.latents)
                         tick(f"batch {bi + 1}/{len(batches)}: reference, teacher {REFERENCE_STEPS} steps")
                     # The reference column first, so every other column can be compared as it is made.
                     order = sorted(columns, key=lambda c: (c.kind != "teacher", c.steps != REFERENCE_STEPS))
@@ -436,7 +436,7 @@ def run_evaluation(
                             col.nfe, latents = out.nfe, out.latents
                         else:
                             latents = _run_student(teacher, col, x_T, cond, uncond, seed + int(idx[0]))
-                        images = _decode(teacher, latents)
+                        images = decode_latents(teacher, latents)
                         sync(teacher.device)
                         col.seconds += time.perf_counter() - t0 + enc_s
                         col.n += len(idx)
@@ -507,6 +507,7 @@ def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidan
     noise for every column), the mean |a - b| over every pair of one caption's samples, averaged."""
     import torch
 
+    from cdlab.metrics import seed_diversity
     from cdlab.samplers import ddim_timesteps, sample_ddim
     from cdlab.students import activate_student
 
@@ -525,11 +526,8 @@ def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidan
             nfe = col.nfe
             latents = _run_student(teacher, col, x_T, cond, uncond, 10_000 + seed)
             col.nfe = nfe
-        img = _decode(teacher, latents).float()
-        img = img.view(len(texts), seeds, *img.shape[1:])
-        d = (img[:, :, None] - img[:, None, :]).abs().flatten(3).mean(-1)  # [captions, seeds, seeds]
-        off = ~torch.eye(seeds, dtype=torch.bool)
-        col.diversity = float(d[:, off].mean())
+        img = decode_latents(teacher, latents).float()
+        col.diversity = seed_diversity(img, seeds)
     fused.close()
     activate_student(teacher.pipe, None)
 

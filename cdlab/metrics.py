@@ -40,7 +40,7 @@ FID_MIN_SAMPLES = FID_FEATURES  # fewer samples than features: rank-deficient co
 
 __all__ = [
     "CLIP_MODEL", "FID_FEATURES", "FID_MIN_SAMPLES", "agreement_error", "world_adherence", "to_unit", "LPIPSNet",
-    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_refusal", "lpips",
+    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_refusal", "lpips", "seed_diversity",
 ]
 
 
@@ -60,6 +60,18 @@ def agreement_error(images: Tensor, reference: Tensor, reduction: str = "mean") 
         raise ValueError(f"agreement_error: shapes differ, {tuple(images.shape)} vs {tuple(reference.shape)}")
     per_image = (images.float() - reference.float()).abs().flatten(1).mean(1)
     return per_image if reduction == "none" else per_image.mean()
+
+
+def seed_diversity(images: Tensor, seeds: int) -> float:
+    """Diversity: ``images`` are ``captions x seeds`` samples, caption-major (``[C * S, 3, H, W]`` in [0, 1]);
+    the mean |a - b| over every pair of one caption's samples, averaged over the captions (0: every seed draws
+    the same picture; mode collapse shows as a value far below the teacher's)."""
+    if seeds < 2 or images.shape[0] % seeds:
+        raise ValueError(f"seed_diversity: {images.shape[0]} images are not captions x {seeds} seeds (seeds >= 2)")
+    x = images.float().reshape(images.shape[0] // seeds, seeds, -1)
+    d = (x[:, :, None] - x[:, None, :]).abs().mean(-1)  # [captions, seeds, seeds]
+    off = ~torch.eye(seeds, dtype=torch.bool, device=d.device)
+    return float(d[:, off].mean())
 
 
 def world_adherence(images: Tensor, captions: Sequence[Any]) -> dict[str, float]:

@@ -295,3 +295,16 @@ def test_fid_is_refused_below_its_minimum_sample_count(clip_dir):
 def test_fid_min_samples_must_be_an_integer_of_at_least_two(bad):
     with pytest.raises(ValueError, match="fid_min_samples"):
         metrics.SDMetrics(clip_model="unused", fid_feature=InceptionSizedFeatures(), fid_min_samples=bad)
+
+
+def test_seed_diversity_is_the_mean_pairwise_distance_within_a_caption():
+    from cdlab.metrics import seed_diversity
+
+    same = torch.full((6, 3, 4, 4), 0.3)
+    assert seed_diversity(same, 3) == 0.0  # every seed drew the same picture
+    # one caption, seeds at 0, 0.5 and 1: pairwise |a - b| = 0.5, 1, 0.5 -> mean 2/3; a second caption with
+    # all seeds equal adds 0, so the average over captions is 1/3
+    a = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.5, 1.0, 0.2, 0.2, 0.2)])
+    assert seed_diversity(a, 3) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="seeds"):
+        seed_diversity(a, 4)

@@ -30,20 +30,6 @@ import torch
 __all__ = ["probe", "main"]
 
 
-def _images(teacher: Any, latents: torch.Tensor) -> torch.Tensor:
-    from cdlab.metrics import to_unit
-
-    vae = teacher.vae
-    return to_unit(vae.decode(latents / vae.config.scaling_factor).sample).float()
-
-
-def _diversity(images: torch.Tensor, captions: int, seeds: int) -> float:
-    x = images.view(captions, seeds, -1)
-    d = (x[:, :, None] - x[:, None, :]).abs().mean(-1)  # [captions, seeds, seeds]
-    off = ~torch.eye(seeds, dtype=torch.bool)
-    return float(d[:, off].mean())
-
-
 @torch.no_grad()
 def probe(run: str | Path | None, *, step: int | None = None, steps: int | None = None, n: int = 128,
           teacher_50: bool = False, ema: bool = False, div_captions: int = 8, div_seeds: int = 8) -> dict:
@@ -51,6 +37,8 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
     ``ema``: its ``ema.safetensors`` (a run with ``ema_decay > 0``) instead of ``lora.safetensors``."""
     from safetensors.torch import load_file
 
+    from cdlab.evaluate import decode_latents
+    from cdlab.metrics import seed_diversity, tensor_to_pil
     from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
     from cdlab.students import attach_lora
     from cdlab.teachers import load_teacher
@@ -68,7 +56,7 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
         ck = run / "checkpoints" / checkpoint_name(step) if step is not None else latest_checkpoint(run, complete=True)
         weights = "ema.safetensors" if ema else "lora.safetensors"
         if ck is None or not (ck / weights).is_file():
-            raise ValueError(f"run: no complete checkpoint with {weights}{'' if step is None else f' at step {step}'}"
+            raise ValueError(f"run: no complete checkpoint{'' if step is None else f' at step {step}'} with {weights}"
                              f" in {run}")
         attach_lora(teacher.unet, rank=int(cfg["lora_rank"]), alpha=cfg.get("lora_alpha"))
         result = teacher.unet.load_state_dict(load_file(str(ck / weights)), strict=False)
@@ -86,13 +74,11 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
 
     def score(sample) -> tuple[float, float]:
         cond, uncond = teacher.encode(texts)
-        imgs = _images(teacher, sample(x, cond, uncond))
-        from cdlab.metrics import tensor_to_pil
-
+        imgs = decode_latents(teacher, sample(x, cond, uncond)).float()
         adh = adherence(tensor_to_pil(imgs), texts)
         out.setdefault("attributes", []).append({k: round(v, 3) for k, v in adh.items() if k != "all"})
         c2, u2 = teacher.encode(rep)
-        return adh["all"], _diversity(_images(teacher, sample(x_div, c2, u2)), div_captions, div_seeds)
+        return adh["all"], seed_diversity(decode_latents(teacher, sample(x_div, c2, u2)), div_seeds)
 
     ts = consistency_timesteps(steps, num_boundaries)
     out["adherence"], out["diversity"] = score(lambda z, c, u: sample_consistency(teacher.unet, z, c, ts,

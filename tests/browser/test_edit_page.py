@@ -39,8 +39,9 @@ def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, serv
         page.screenshot(path=str(shots / f"edit-{p.technique}.png"))
 
 
-def test_a_stroke_drawn_on_the_canvas_is_edited(page):
-    pick_edit_preset(page, "SDEdit: a red circle becomes blue", "sdedit", 3 + 3)  # 3 shipped students
+def test_a_stroke_drawn_on_the_canvas_is_edited(page, served):
+    n = 1 + 2 + len(served[1])  # the input, the two teacher columns, every shipped student
+    pick_edit_preset(page, "SDEdit: a red circle becomes blue", "sdedit", n)
     before_id, before_src = edit_result_id(page), _input_src(page)
     page.locator('#edit-image button[aria-label="Brush"]').click()
     box = page.locator("#edit-image canvas").first.bounding_box()
@@ -49,11 +50,11 @@ def test_a_stroke_drawn_on_the_canvas_is_edited(page):
     page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.3, steps=12)
     page.mouse.up()
     page.locator("#edit-btn").click()
-    wait_edit_result(page, "sdedit", 6, before_id)
+    wait_edit_result(page, "sdedit", n, before_id)
     assert _input_src(page) != before_src  # the stroke is in the picture the columns start from
 
 
-def test_an_uploaded_image_is_edited(page, tmp_path):
+def test_an_uploaded_image_is_edited(page, served, tmp_path):
     from cdlab.world import Caption, render
 
     path = tmp_path / "upload.png"
@@ -64,5 +65,5 @@ def test_an_uploaded_image_is_edited(page, tmp_path):
     page.wait_for_timeout(1500)
     page.locator("#edit-prompt textarea").fill("a large yellow square in the center on a black background")
     page.locator("#edit-btn").click()
-    text = wait_edit_result(page, "sdedit", 6, before)
+    text = wait_edit_result(page, "sdedit", 1 + 2 + len(served[1]), before)
     assert "reads:" in text
