@@ -419,6 +419,7 @@ def dmd_generator_loss(
     latent_shape: Sequence[int] | None = None,
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     regression_weight: float = 0.0,
+    dm_weight: float = 1.0,
     steps: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -436,10 +437,12 @@ def dmd_generator_loss(
         noise / latent_shape: the generator's input z, or the shape to draw it (``[C, H, W]``).
         regression: optional ``(z, y, c)`` teacher ODE pairs (noise, the teacher's image latents from it, the
             caption embeddings); with ``regression_weight > 0`` adds ``weight * mean (G(z, 999, c) - y)^2``.
+        dm_weight (`float`): the distribution-matching term's weight (1; 0 with a regression weight is the
+            regression-only ablation: the same generator, sampler and pairs without DMD).
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
 
     Returns:
-        dict: ``loss`` (differentiable: ``loss_dm + regression_weight * loss_reg``), ``loss_dm``, ``loss_reg``,
+        dict: ``loss`` (differentiable: ``dm_weight * loss_dm + regression_weight * loss_reg``), ``loss_dm``, ``loss_reg``,
         and detached ``x_g``, ``grad``, ``normalizer``, ``x0_real``, ``x0_fake``, ``t``, ``t_start``.
     """
     device, bsz = cond.device, cond.shape[0]
@@ -478,7 +481,7 @@ def dmd_generator_loss(
                                one, scheduler)
         loss_reg = (y_hat - y.to(device).float()).pow(2).mean()
     return {
-        "loss": loss_dm + float(regression_weight) * loss_reg,
+        "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg,
         "loss_dm": loss_dm, "loss_reg": loss_reg,
         "x_g": x_g.detach(), "grad": g["grad"], "normalizer": g["normalizer"],
         "x0_real": x0_real, "x0_fake": x0_fake, "x_t": x_t, "t": t, "t_start": sim["t_start"],

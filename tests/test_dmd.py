@@ -177,3 +177,33 @@ def test_the_fake_scores_denoising_loss_falls(roles):
         opt.step()
     after = fixed()
     assert after < 0.9 * before, (before, after)
+
+
+def test_the_loss_weighs_its_terms_and_dm_weight_zero_is_regression_alone(roles):
+    """``loss = dm_weight * loss_dm + regression_weight * loss_reg`` for the same draws; with ``dm_weight=0``
+    (the regression-only ablation) the generator's gradient is the regression term's alone."""
+    t, _, cond, uncond = roles
+    unet, sched = t.unet, t.scheduler
+    z = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    reg = (torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(6)),
+           torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * 0.5, cond)
+
+    def run(dm_weight, regression_weight):
+        unet.zero_grad(set_to_none=True)
+        out = dmd_generator_loss(unet, cond, sched, uncond=uncond, guidance=5.0, noise=z, timesteps=torch.tensor(600),
+                                 generator=torch.Generator().manual_seed(4), regression=reg,
+                                 regression_weight=regression_weight, dm_weight=dm_weight)
+        out["loss"].backward()
+        grads = [g.clone() for g in _grads(unet, "default") if g is not None]
+        unet.zero_grad(set_to_none=True)
+        return out, grads
+
+    both, g_both = run(0.5, 3.0)
+    assert float(both["loss_dm"]) > 0 and float(both["loss_reg"]) > 0
+    assert float(both["loss"]) == pytest.approx(0.5 * float(both["loss_dm"]) + 3.0 * float(both["loss_reg"]), rel=1e-5)
+    reg_only, g_reg = run(0.0, 3.0)
+    dm_only, g_dm = run(0.5, 0.0)
+    assert float(reg_only["loss"]) == pytest.approx(3.0 * float(reg_only["loss_reg"]), rel=1e-6)
+    for a, b, c in zip(g_both, g_reg, g_dm):  # the gradients add: each term reaches the generator
+        torch.testing.assert_close(a, b + c, rtol=1e-4, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in g_dm) > 0 and sum(float(g.abs().sum()) for g in g_reg) > 0

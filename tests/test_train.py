@@ -270,16 +270,20 @@ def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, cache_d
     kw = dict(method="dmd", dmd_fake_steps=1, probe_size=0, max_steps=1, dmd_regression_weight=1.0,
               dmd_regression_pairs=4, save_student=False)
     logs: list[list[str]] = []
-    for run, g in (("pairs-a", 3.0), ("pairs-b", 3.0), ("pairs-c", 2.0)):
+    for run, g, steps in (("pairs-a", 3.0, 50), ("pairs-b", 3.0, 50), ("pairs-c", 2.0, 50), ("pairs-d", 3.0, 8)):
         lines: list[str] = []
-        train(_cfg(tiny_pipe_dir, cache_dir, run_name=run, guidance=g, **kw), log=lines.append)
+        train(_cfg(tiny_pipe_dir, cache_dir, run_name=run, guidance=g, dmd_regression_steps=steps, **kw),
+              log=lines.append)
         logs.append([ln for ln in lines if "regression pairs" in ln])
     assert "in " in logs[0][0] and "read from" in logs[1][0] and "read from" not in logs[2][0], logs
+    assert "teacher-8," in logs[3][0] and "read from" not in logs[3][0], logs  # other steps: other targets
     files = sorted(cache_root(_cfg(tiny_pipe_dir, cache_dir)).glob("dmd-pairs-*.safetensors"))
-    assert len(files) == 2
-    a, b = (load_file(str(f)) for f in files)
+    assert len(files) == 3
+    pairs = [load_file(str(f)) for f in files]
+    a = pairs[0]
     assert a["z"].shape[0] == a["y"].shape[0] == a["cond"].shape[0] == 4
-    assert torch.equal(a["z"], b["z"]) and not torch.equal(a["y"], b["y"])  # same noise, other guidance
+    assert all(torch.equal(a["z"], b["z"]) for b in pairs)  # the same noise ...
+    assert len({float(b["y"].sum()) for b in pairs}) == 3   # ... three sets of targets
 
 
 @pytest.mark.parametrize("change, match", [

@@ -42,7 +42,9 @@ class TrainConfig:
     dmd_t_min: int = 20                  # distribution matching at t ~ U[t_min, t_max] (DMD2: 0.02 T .. 0.98 T)
     dmd_t_max: int = 980
     dmd_regression_weight: float = 0.0   # DMD's regression loss on teacher ODE pairs (DMD2: off, 0)
-    dmd_regression_pairs: int = 64       # with a weight > 0: pairs (noise, teacher-50 DDIM+CFG image), made at start
+    dmd_regression_pairs: int = 64       # with a weight > 0: pairs (noise, the teacher's DDIM+CFG image), made at start
+    dmd_regression_steps: int = 50       # the teacher's DDIM steps (with CFG) for each pair (tiny: 16 reads as well as 50)
+    dmd_weight: float = 1.0              # the distribution-matching term's weight (0 + a regression weight: ablation)
     # ---- LoRA
     lora_rank: int | None = None         # profile default
     lora_alpha: float | None = None      # None: = rank
@@ -177,7 +179,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "log_every": (1, 10_000_000), "probe_size": (0, 4096), "preview_every": (0, 10_000_000),
     "preview_reference_steps": (0, 1000),
     "dmd_fake_steps": (1, 100), "dmd_fake_lr": (1e-10, 1.0), "dmd_t_min": (0, 9999), "dmd_t_max": (0, 9999),
-    "dmd_regression_weight": (0.0, 1e6), "dmd_regression_pairs": (1, 100_000),
+    "dmd_regression_weight": (0.0, 1e6), "dmd_regression_pairs": (1, 100_000), "dmd_regression_steps": (1, 1000),
+    "dmd_weight": (0.0, 1e6),
     "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -694,7 +694,7 @@ class Trainer:
             ctx = acc.no_sync(self.student) if not sync and self.world > 1 else _null()
             with ctx:
                 out = dmd_generator_loss(self.student, cond, sched, regression=reg,
-                                         regression_weight=cfg.dmd_regression_weight, **kw)
+                                         regression_weight=cfg.dmd_regression_weight, dm_weight=cfg.dmd_weight, **kw)
                 acc.backward(out["loss"] / cfg.grad_accum)
             total += float(out["loss"].detach()) / cfg.grad_accum
             samples = (out["x_g"], cond)
@@ -731,12 +731,12 @@ class Trainer:
 
     @torch.no_grad()
     def _regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DMD's regression pairs: ``dmd_regression_pairs`` fixed noises z, the teacher's DDIM (50 steps, CFG at
+        """DMD's regression pairs: ``dmd_regression_pairs`` fixed noises z, the teacher's DDIM (``dmd_regression_steps``, CFG at
         ``guidance``, every adapter off) image latents y from them, and their captions' embeddings.
 
-        They cost 100 NFE each (2048 pairs: about 15 min on one CPU thread for the tiny teacher), so they are
+        At 50 steps they cost 100 NFE each (2048 pairs: about 15 min on one CPU thread for the tiny teacher), so they are
         cached beside the latents (``dmd-pairs-<key>.safetensors``, written atomically), keyed by the teacher's
-        weights (VAE, text encoder and UNet), the data, the count, the seed and the guidance: a resume or a
+        weights (VAE, text encoder and UNet), the data, the count, the seed, the guidance and the steps: a resume or a
         second run with the same recipe reads them back (with ``cache_latents``; without it they are made each time)."""
         from safetensors.torch import load_file, save_file
 
@@ -749,7 +749,10 @@ class Trainer:
         h = hashlib.sha256(f"v1|{model_fingerprint(self.teacher.pipe)}|{_base_fingerprint(self.unet)}|"
                            f"{getattr(self.data, 'cache_path', '') or cfg.data}|{cfg.data_seed}|{cfg.data_size}|{n}|"
                            f"{cfg.seed}|{float(cfg.guidance)!r}|{cfg.num_train_timesteps}|"
-                           f"{tuple(self.latent_shape)}".encode()).hexdigest()[:20]
+                           f"{tuple(self.latent_shape)}"
+                           # 50 steps keep the key they had before the field existed (caches stay valid)
+                           f"{'' if cfg.dmd_regression_steps == 50 else f'|steps{cfg.dmd_regression_steps}'}"
+                           .encode()).hexdigest()[:20]
         path = cache_root(cfg) / f"dmd-pairs-{h}.safetensors" if cfg.cache_latents else None
         if path is not None and path.is_file():
             try:
@@ -765,12 +768,14 @@ class Trainer:
         ys = []
         with adapters_disabled(self.unet):
             for i in range(0, n, 64):
-                self.status("running", f"loading data: DMD regression pairs {i}/{n} (teacher-50 with CFG)")
+                self.status("running", f"loading data: DMD regression pairs {i}/{n} "
+                                       f"(teacher-{cfg.dmd_regression_steps} with CFG)")
                 out = sample_ddim(self.unet, z[i:i + 64], cond[i:i + 64], self.uncond.expand(len(cond[i:i + 64]), -1, -1),
-                                  float(cfg.guidance), ddim_timesteps(50, cfg.num_train_timesteps), self.teacher.scheduler)
+                                  float(cfg.guidance), ddim_timesteps(cfg.dmd_regression_steps, cfg.num_train_timesteps),
+                                  self.teacher.scheduler)
                 ys.append(out.latents.float())
         y = torch.cat(ys)
-        self.log(f"dmd: {n} regression pairs (teacher-50, CFG {cfg.guidance:g}) in {time.perf_counter() - t0:.1f} s")
+        self.log(f"dmd: {n} regression pairs (teacher-{cfg.dmd_regression_steps}, CFG {cfg.guidance:g}) in {time.perf_counter() - t0:.1f} s")
         if path is not None and self.acc.is_main_process:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
