@@ -74,7 +74,7 @@ def test_repository_ships_its_students_in_the_list():
     from cdlab.students import list_students, shipped_students
 
     shipped = shipped_students(REPO / "adapters")
-    assert {"tiny-ct-4", "tiny-cd-4", "tiny-mbcd-4"} <= shipped
+    assert {"tiny-ct-4", "tiny-cd-4", "tiny-mbcd-4", "tiny-dmd-1", "tiny-dmd-4"} <= shipped
     assert shipped <= {c.name for c in list_students(REPO / "adapters")}
 
 

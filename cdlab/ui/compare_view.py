@@ -13,7 +13,7 @@ from typing import Any
 
 LEGEND = (
     "**teacher-50**: DDIM, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
-    "**students**: LoRAs distilled to few steps (CT, CD, MBCD) · **NFE**: network evaluations · **speed-up**: "
+    "**students**: LoRAs distilled to few steps (CT, CD, MBCD, DMD) · **NFE**: network evaluations · **speed-up**: "
     "teacher-50's time per image ÷ the column's"
 )
 

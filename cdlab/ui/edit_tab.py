@@ -46,8 +46,8 @@ MAX_ASPECT = 1.25           # the teachers are square: a clearly non-square uplo
 STUDENT_STEPS = (1, 2, 4, 8)
 LEGEND = (
     "**input**: what SDEdit and inpainting start from (noised to the strength's timestep) · **teacher-50**: DDIM, "
-    "50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: consistency LoRAs from "
-    "the boundary at or above the strength's timestep · anagrams show the image and its flip, hybrids the image "
+    "50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: distilled LoRAs (CT, CD, "
+    "MBCD, DMD) from the boundary at or above the strength's timestep · anagrams show the image and its flip, hybrids the image "
     "and its far (blurred) view · **reads** (tiny world): what the checker sees, ✓ when it is what was asked"
 )
 
