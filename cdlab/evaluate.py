@@ -526,7 +526,7 @@ def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidan
             nfe = col.nfe
             latents = _run_student(teacher, col, x_T, cond, uncond, 10_000 + seed)
             col.nfe = nfe
-        img = decode_latents(teacher, latents).float()
+        img = decode_latents(teacher, latents)
         col.diversity = seed_diversity(img, seeds)
     fused.close()
     activate_student(teacher.pipe, None)

@@ -74,7 +74,7 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
 
     def score(sample) -> tuple[float, float]:
         cond, uncond = teacher.encode(texts)
-        imgs = decode_latents(teacher, sample(x, cond, uncond)).float()
+        imgs = decode_latents(teacher, sample(x, cond, uncond))
         adh = adherence(tensor_to_pil(imgs), texts)
         out.setdefault("attributes", []).append({k: round(v, 3) for k, v in adh.items() if k != "all"})
         c2, u2 = teacher.encode(rep)
