@@ -8,6 +8,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs two workers (pytest-xdist, one per core): one CPU thread each, for torch in the workers
+    # and in what they start (the app servers, training subprocesses), instead of four threads on two cores.
+    # Set before anything imports torch, which reads these once.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 @pytest.fixture(scope="session")
