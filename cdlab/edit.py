@@ -650,8 +650,9 @@ def edit(
     """Run one edit in every column from the same initial noise and text encoding.
 
     Args:
-        teacher (`cdlab.teachers.Teacher`): the teacher; student columns are activated (and fused) on its UNet
-            and the plain teacher is active again on return.
+        teacher (`cdlab.teachers.Teacher`): the teacher; a student column runs on its UNet with the student's fused
+            weights swapped in (`cdlab.students.activation.swapped_student`, computed once and kept, as Compare
+            does; ``fuse=False``: peft's unfused LoRA layers) and the plain teacher is active again on return.
         technique (`str`): a key of :data:`TECHNIQUES`.
         prompts: sdedit/inpaint ``[prompt]`` (or a string); anagram ``[prompt_up, prompt_flipped]``; hybrid
             ``[prompt_low, prompt_high]``. An empty prompt is the unconditional projection of §1.7.
@@ -667,7 +668,7 @@ def edit(
         ValueError: a message naming the field (``image``, ``mask``, ``strength``, a prompt, ``technique``).
     """
     from cdlab.students import activate_student, load_external_student, load_student, make_scheduler
-    from cdlab.students.activation import fused_student
+    from cdlab.students.activation import swapped_student
     from cdlab.teachers import teacher_lock
     from cdlab.timing import sync
 
@@ -709,8 +710,12 @@ def edit(
                 load_student(teacher.pipe, col.student, root=adapters_root, base_model=teacher.base_id)
         try:
             for col in columns:
-                activate_student(teacher.pipe, col.student)
-                with (fused_student(teacher.pipe, col.student) if (col.student and fuse) else _null()):
+                if col.student and fuse:  # the student's W + ΔW swapped in, as Compare runs it (kept across calls)
+                    run_as = swapped_student(teacher.pipe, col.student)
+                else:
+                    activate_student(teacher.pipe, col.student)
+                    run_as = _null()
+                with run_as:
                     sched, step = teacher.scheduler, None
                     if col.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
                         sched = make_scheduler(teacher.pipe, col.card)

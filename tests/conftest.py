@@ -26,6 +26,38 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+# Work units (pytest.ini: two pytest-xdist workers). A unit goes whole to one worker: a test file (its module
+# fixtures, such as a launched app, built once), except that every test on SD1.5's architecture is one unit
+# "sd15": one SD1.5-sized model in memory (about 10 GB with its training states), not one per worker; two
+# did not fit in 24 GB. xdist's own --dist loadgroup cannot do this under pytest 9 (it renames node ids, which
+# pytest 9 no longer allows), so the scheduler below splits by this function, and a test marked sd15 must say
+# sd15 in its node id (its file's or its own name), which collection checks.
+FIRST_UNITS = ("tests/browser/test_journey.py", "sd15")  # the longest units, sent first; the rest keep their order
+
+
+def xdist_unit(nodeid: str) -> str:
+    return "sd15" if "sd15" in nodeid else nodeid.split("::")[0]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_unit(nodeid)
+
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    unnamed = [item.nodeid for item in items if item.get_closest_marker("sd15") and "sd15" not in item.nodeid]
+    if unnamed:
+        raise pytest.UsageError("tests marked sd15 must say sd15 in their file's or their own name (they are "
+                                "scheduled on one worker by name, tests/conftest.py): " + ", ".join(unnamed))
+    rank = {u: i for i, u in enumerate(FIRST_UNITS)}
+    items.sort(key=lambda item: rank.get(xdist_unit(item.nodeid), len(rank)))  # stable
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say which tests ran (per file, with outcomes) and which were skipped and why: CI prints this."""
     from collections import Counter, defaultdict

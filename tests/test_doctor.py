@@ -6,7 +6,7 @@ import pytest
 
 @pytest.mark.sd15
 @pytest.mark.slow
-def test_doctor_runs_every_part_offline(sd15_teacher, monkeypatch):
+def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch):
     from cdlab import doctor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

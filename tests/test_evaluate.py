@@ -44,8 +44,9 @@ def world_eval(setup, tmp_path_factory):
     teacher, root = setup
     calls = []
     out = tmp_path_factory.mktemp("evals") / "run1"
+    # diversity on 2 of the 6 captions (8 seeds each): the default, every caption up to 16, costs 8 runs of the suite
     res = run_evaluation(teacher, n=6, steps=(1, 4, 50), student_steps=(1, 2, 4), adapters_root=root,
-                         out_dir=out, batch_size=4, progress=lambda f, m: calls.append((f, m)))
+                         out_dir=out, batch_size=4, progress=lambda f, m: calls.append((f, m)), diversity_captions=2)
     return res, calls
 
 
@@ -75,7 +76,7 @@ def test_diversity_is_per_column_and_the_teachers_does_not_depend_on_the_student
     res, _ = world_eval
     teacher, root = setup
     alone = run_evaluation(teacher, n=6, steps=(1, 4, 50), students=[], adapters_root=root, batch_size=4,
-                           write=False)
+                           write=False, diversity_captions=2)
     for a, b in zip(res["rows"][:3], alone["rows"]):
         assert (a["method"], a["steps"]) == (b["method"], b["steps"])
         assert a["diversity"] == pytest.approx(b["diversity"], rel=1e-5), a["steps"]
