@@ -15,8 +15,9 @@ recipe's format; ``--metadata`` is an alias); ``--n`` takes its first n captions
 ``cdlab.metrics.FID_MIN_SAMPLES`` (2048) prompts: below that its cells read ``n/a (n < 2048 samples)``
 and the table says how many are needed; CLIP score and LPIPS are reported at any n.
 
-The teacher is left bit-identical: a student is fused into the UNet only while its own columns
-sample, and its base weights are restored from a copy afterwards (`cdlab.students.activation.fused_student`).
+The teacher is left bit-identical: a student runs as its fused weights ``W + ΔW`` swapped into the UNet only
+while its own columns sample, and the teacher's own weight tensors are put back afterwards
+(`cdlab.students.activation.swapped_student`, as Compare and Edit run students).
 
 NFE counts network evaluations per image (a CFG step counts 2). Seconds per image are wall time
 over the batch: the prompt encoding share, the UNet steps and the VAE decode.
@@ -317,8 +318,9 @@ def run_evaluation(
         suite: ``"world"`` or ``"sd"``; default from the teacher (the world's resolution -> ``"world"``).
         adapters_root: students' folder (default ``cdlab.students.ADAPTERS_DIR``).
         write: write the three files (else only return the dict).
-        fuse_lora: fuse each student's LoRA into the UNet while its columns run; the teacher's base
-            weights are restored exactly after (`cdlab.students.activation.fused_student`).
+        fuse_lora: run each student as its fused weights while its columns sample; the teacher's base
+            weights are restored exactly after (`cdlab.students.activation.swapped_student`). False: the
+            LoRA layers run unfused (the active adapter), the slow path of the same model.
         prompts: the SD captions: a prompt file (`read_prompts`: ``.txt``, ``.json`` list, ``metadata.jsonl``;
             its first ``n``) or a list of caption strings. Not for the tiny world.
         diversity_captions / diversity_seeds: the tiny world's diversity, per column: the mean pixel distance
@@ -399,7 +401,7 @@ def run_evaluation(
                 start += f" (FID-SD needs {fid_min}: it will read n/a)"
             progress(0.0, start)
         try:
-            # `fused` holds the active student's fusion; closing it unfuses and restores the teacher exactly,
+            # `fused` holds the active student's swapped-in weights; closing it restores the teacher exactly,
             # also when a column raises.
             with torch.inference_mode(), contextlib.ExitStack() as fused:
                 for bi, idx in enumerate(batches):
@@ -490,15 +492,17 @@ def run_evaluation(
 
 
 def _switch_student(pipe: Any, student: str | None, fused: Any, fuse_lora: bool) -> None:
-    """Make ``student`` (None: the plain teacher) the active adapter, fused into the UNet when ``fuse_lora``;
-    ``fused`` (an ExitStack) holds the fusion, and closing it unfuses and restores the teacher exactly."""
+    """Make ``student`` (None: the plain teacher) the model the UNet runs: with ``fuse_lora`` its fused weights
+    swapped in (`swapped_student`, computed once per version of its file and kept, as Compare and Edit do), else
+    its adapter active. ``fused`` (an ExitStack) holds the swap, and closing it restores the teacher exactly."""
     from cdlab.students import activate_student
-    from cdlab.students.activation import fused_student
+    from cdlab.students.activation import swapped_student
 
     fused.close()
-    activate_student(pipe, student)
-    if student is not None and fuse_lora:  # fused LoRA is the fast path (1.9x on the tiny student, bench sampling)
-        fused.enter_context(fused_student(pipe, student))
+    if student is not None and fuse_lora:  # fused weights are the fast path (1.9x on the tiny student, bench sampling)
+        fused.enter_context(swapped_student(pipe, student))
+    else:
+        activate_student(pipe, student)
 
 
 def _diversity(teacher: Any, columns: list, texts: list[str], seeds: int, guidance: float, seed: int,

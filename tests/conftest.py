@@ -39,6 +39,7 @@ def xdist_unit(nodeid: str) -> str:
     return "sd15" if "sd15" in nodeid else nodeid.split("::")[0]
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` (one process) has no such hook
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 

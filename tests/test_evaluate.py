@@ -410,8 +410,10 @@ def _changed(before: dict, unet) -> list[str]:
 
 
 def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_path, monkeypatch):
-    """Each student is fused while its columns sample; on an fp16 pipeline a fuse + unfuse rounds the base
-    weights, so `fused_student` restores them from a copy: every non-LoRA tensor is equal after."""
+    """Each student runs as its fused weights swapped in while its columns sample (`swapped_student`); the
+    teacher's own tensors go back after, so every non-LoRA tensor is equal after, also on an fp16 pipeline
+    where a fuse + unfuse would round them (`fused_student`, the fallback for LoRA variants, restores them
+    from a copy: checked here too)."""
     from cdlab.students import StudentError, load_student
     from cdlab.students.activation import fused_student
     from cdlab.teachers import load_teacher
@@ -423,7 +425,7 @@ def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_p
     before = _base_weights(teacher.unet)
     # The 1-step teacher column is the reference, so no 50-step run in fp16 on the CPU (slow there).
     monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 1)
-    # One batch: the teacher column, then each student fused in turn (the switch unfuses and restores the first).
+    # One batch: the teacher column, then each student swapped in turn (the switch restores the first).
     res = run_evaluation(teacher, n=2, steps=(1,), student_steps=(1,), adapters_root=tmp_path / "adapters",
                          write=False)
     assert [r["method"] for r in res["rows"]] == [evaluate.TEACHER_METHOD, *names]
@@ -432,9 +434,9 @@ def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_p
     assert _changed(before, teacher.unet) == []
     assert not pipe._merged_adapters and not any(m.merged for m in _lora_layers(pipe.unet))
 
-    # A student column that fails mid-evaluation (fused at that moment) leaves the teacher as it was too.
+    # A student column that fails mid-evaluation (swapped in at that moment) leaves the teacher as it was too.
     def failing(*args, **kwargs):
-        assert pipe._merged_adapters == {names[0]}
+        assert _changed(before, teacher.unet) and not pipe._merged_adapters  # swapped in, not merged
         raise RuntimeError("student sampler failed")
 
     monkeypatch.setattr(evaluate, "_run_student", failing)
@@ -468,3 +470,22 @@ def _lora_layers(unet) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def test_swapped_students_score_as_their_active_adapters(tiny_pipe_dir, tmp_path, monkeypatch):
+    """The fast path (fused weights swapped in) is the same model as the adapter run unfused: on an fp32 teacher
+    every student row's numbers agree to float rounding, and the images differ from the teacher's."""
+    from cdlab.teachers import load_teacher
+    from cdlab.ui.testing import make_random_students
+
+    teacher = load_teacher(tiny_pipe_dir, device="cpu")
+    names = make_random_students(teacher.base_id, tmp_path / "adapters", n=2)
+    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 2)
+    kw = dict(n=3, steps=(2,), student_steps=(1, 2), adapters_root=tmp_path / "adapters", write=False,
+              diversity_captions=1, diversity_seeds=2)
+    fast, slow = (run_evaluation(teacher, fuse_lora=f, **kw) for f in (True, False))
+    assert [r["student"] for r in fast["rows"]] == [r["student"] for r in slow["rows"]] == [None, *[n for n in names for _ in (1, 2)]]
+    for a, b in zip(fast["rows"][1:], slow["rows"][1:]):
+        assert a["agreement_error"] > 1e-4
+        assert a["agreement_error"] == pytest.approx(b["agreement_error"], rel=1e-4, abs=1e-6)
+        assert a["diversity"] == pytest.approx(b["diversity"], rel=1e-4, abs=1e-6)

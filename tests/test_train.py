@@ -296,3 +296,11 @@ def test_dmd_config_errors_name_the_field(change, match):
         resolve(TrainConfig(model="tiny", method="dmd", **change), 32)
     assert resolve(TrainConfig(model="tiny", method="dmd"), 32).num_boundaries == 1  # one step by default
     assert resolve(TrainConfig(model="tiny", method="dmd", num_boundaries=4), 32).sample_steps == 4
+
+
+def test_the_card_records_a_run_inside_the_repository_by_its_relative_path(tmp_path):
+    from cdlab.train.config import REPO_ROOT
+    from cdlab.train.trainer import _shown_path
+
+    assert _shown_path(REPO_ROOT / "runs" / "r1") == "runs/r1"  # no machine's folders in a shipped card
+    assert _shown_path(tmp_path / "r1") == str(tmp_path / "r1")  # outside: as given

@@ -888,7 +888,7 @@ class Trainer:
             training_config=cfg.to_dict(),
             metrics={"train_steps": self.step, "final_loss": row.get("loss"), "final_probe_loss": row.get("probe_loss"),
                      "samples_per_s": row.get("samples_per_s"), "train_time_s": round(self.elapsed(), 1),
-                     "samples_seen": self.samples_seen, "run_dir": str(self.run_dir)})
+                     "samples_seen": self.samples_seen, "run_dir": _shown_path(self.run_dir)})
         name = cfg.student_name
         if not cfg.overwrite and (adapters_dir() / name).exists():
             # The name was free at the start (checked in setup) and was taken meanwhile, by another run or by
@@ -925,6 +925,17 @@ class Trainer:
 
 
 FAKE_ADAPTER = "fake"  # DMD's fake score, beside the student's "default" adapter on the same UNet
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` as a card records it: relative to the repository when inside it (a card that ships does not carry
+    the trainer's machine's folders), else as given."""
+    from cdlab.train.config import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)
 
 
 class _null:
