@@ -253,6 +253,7 @@ def run_edit_evaluation(
     out_dir: str | Path | None = None,
     write: bool = True,
     progress: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Measure every technique in every column (see the module doc); return (and write) the results.
 
@@ -261,11 +262,15 @@ def run_edit_evaluation(
             technique or student.
     """
     from cdlab.students import activate_student, list_students, load_student
-    from cdlab.students.activation import fused_student
+    from cdlab.students.activation import swapped_student
     from cdlab.teachers import is_tiny, teacher_lock
     from cdlab.timing import sync
     from cdlab.metrics import tensor_to_pil
 
+    if write:  # before any sampling: an --out holding an edit evaluation is replaced only with overwrite
+        from cdlab.evaluate import check_out_dir
+
+        check_out_dir(out_dir, "edit_results.json", overwrite)
     if not is_tiny(teacher):
         raise ValueError("evaluate --edit: the edit metrics read images with the tiny world's checker; "
                          "load the tiny teacher (--model tiny)")
@@ -327,8 +332,8 @@ def run_edit_evaluation(
             load_student(teacher.pipe, cd.name, root=adapters_root, base_model=teacher.base_id)
         try:
             for col in columns:
-                activate_student(teacher.pipe, col.student)
-                with (fused_student(teacher.pipe, col.student) if col.student else E._null()):
+                activate_student(teacher.pipe, None)  # the teacher; a student runs as its fused weights swapped in
+                with (swapped_student(teacher.pipe, col.student) if col.student else E._null()):
                     for tech in techniques:
                         cases, inp = prepared[tech]
                         embs, x_img, x0, m_lat, enc_s = shared[tech]
@@ -373,7 +378,7 @@ def run_edit_evaluation(
         "elapsed_s": time.perf_counter() - t_start,
     }
     if write:
-        results["out_dir"] = str(write_edit_evaluation(results, out_dir))
+        results["out_dir"] = str(write_edit_evaluation(results, out_dir, overwrite))
     return results
 
 
@@ -426,9 +431,10 @@ def render_edit_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_edit_evaluation(results: dict, out_dir: str | Path | None = None) -> Path:
-    """``edit_results.json`` and ``edit_table.md`` under a new ``evals/edit-<timestamp>`` (never overwritten)."""
-    from cdlab.evaluate import evals_dir
+def write_edit_evaluation(results: dict, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """``edit_results.json`` and ``edit_table.md`` under a new ``evals/edit-<timestamp>``, or in ``out_dir``: one
+    that holds an edit evaluation is replaced only with ``overwrite``."""
+    from cdlab.evaluate import check_out_dir, evals_dir
 
     if out_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -438,8 +444,7 @@ def write_edit_evaluation(results: dict, out_dir: str | Path | None = None) -> P
             out_dir = evals_dir() / f"edit-{stamp}-{k}"
             k += 1
     out = Path(out_dir)
-    if (out / "edit_results.json").exists():
-        raise FileExistsError(f"{out} already holds an edit evaluation; choose another --out")
+    check_out_dir(out, "edit_results.json", overwrite)
     out.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in results.items() if k != "out_dir"}
     (out / "edit_results.json").write_text(json.dumps(payload, indent=2, default=str))
@@ -449,12 +454,18 @@ def write_edit_evaluation(results: dict, out_dir: str | Path | None = None) -> P
 
 def main(argv: Sequence[str] | None = None, *, model: str = "tiny", n: int | None = None, seed: int = 0,
          out: str | None = None, students: Sequence[str] | None = None, guidance: float | None = None,
-         device: str | None = None, techniques: Sequence[str] | None = None) -> int:
+         device: str | None = None, techniques: Sequence[str] | None = None, overwrite: bool = False) -> int:
     """The CLI body of ``python -m cdlab evaluate --edit`` (argparse lives in `cdlab.evaluate.main`)."""
     import sys
 
+    from cdlab.evaluate import check_out_dir
     from cdlab.teachers import TeacherLoadError, load_teacher
 
+    try:  # before the teacher loads
+        check_out_dir(out, "edit_results.json", overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         teacher = load_teacher(model, device=device)
     except TeacherLoadError as e:
@@ -467,7 +478,7 @@ def main(argv: Sequence[str] | None = None, *, model: str = "tiny", n: int | Non
 
     try:
         results = run_edit_evaluation(teacher, n=n, seed=seed, out_dir=out, students=students, guidance=guidance,
-                                      techniques=techniques or TECHNIQUES, progress=progress)
+                                      techniques=techniques or TECHNIQUES, progress=progress, overwrite=overwrite)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

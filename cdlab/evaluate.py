@@ -294,6 +294,7 @@ def run_evaluation(
     fuse_lora: bool = True,
     prompts: str | os.PathLike | Sequence[str] | None = None,
     diversity_captions: int = 16,
+    overwrite: bool = False,
     diversity_seeds: int = 8,
 ) -> EvaluationResult:
     """Evaluate a loaded teacher and its fitting students; write and return the results.
@@ -307,7 +308,8 @@ def run_evaluation(
         steps: teacher DDIM step counts (guided; NFE = 2 x steps).
         student_steps: student step counts.
         students: student names to include; default every student whose ``base_model`` is the teacher's.
-        out_dir: where to write; default ``evals/<timestamp>``.
+        out_dir: where to write; default ``evals/<timestamp>``. One that holds an evaluation is refused
+            before any sampling unless ``overwrite``.
         progress: ``progress(fraction, message)``, called after each unit of work (``gr.Progress`` fits).
         batch_size: prompts per UNet call (CFG doubles it). Default: all of them at the world's 32 px,
             8 at 512 px.
@@ -341,6 +343,8 @@ def run_evaluation(
     from cdlab.students import activate_student, list_students, load_student
 
     t_start = time.perf_counter()
+    if write:
+        check_out_dir(out_dir, "results.json", overwrite)
     steps = _check_steps(steps, "steps")
     student_steps = _check_steps(student_steps, "student_steps")
     if n is not None and n < 1:
@@ -485,7 +489,7 @@ def run_evaluation(
         "elapsed_s": time.perf_counter() - t_start,
     })
     if write:
-        results["out_dir"] = str(write_evaluation(results, out_dir))
+        results["out_dir"] = str(write_evaluation(results, out_dir, overwrite))
     if progress is not None:
         progress(1.0, "done")
     return results
@@ -660,8 +664,18 @@ def plot_quality(results: dict, path: str | Path) -> Path:
     return path
 
 
-def write_evaluation(results: dict, out_dir: str | Path | None = None) -> Path:
-    """Write results.json, table.md and quality_vs_nfe.png; return the folder."""
+def check_out_dir(out_dir: str | Path | None, marker: str, overwrite: bool = False) -> None:
+    """Refuse an ``out_dir`` that already holds an evaluation (its ``marker`` file) unless ``overwrite``: an
+    evaluation is somebody's work, and replacing it is an explicit choice (``--overwrite``). Called before any
+    sampling, so a refused run costs nothing."""
+    if out_dir is not None and not overwrite and (Path(out_dir) / marker).exists():
+        raise FileExistsError(f"--out: {out_dir} already holds an evaluation ({marker}); choose another folder "
+                              "or pass --overwrite to replace it")
+
+
+def write_evaluation(results: dict, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write results.json, table.md and quality_vs_nfe.png; return the folder. A given ``out_dir`` that holds
+    an evaluation is refused unless ``overwrite`` (`check_out_dir`)."""
     if out_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = evals_dir() / stamp
@@ -669,6 +683,7 @@ def write_evaluation(results: dict, out_dir: str | Path | None = None) -> Path:
         while out_dir.exists():
             out_dir = evals_dir() / f"{stamp}-{k}"
             k += 1
+    check_out_dir(out_dir, "results.json", overwrite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in results.items() if k != "out_dir"}
@@ -744,7 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None,
                         help=f"prompts (default {DEFAULT_N} for the tiny world, all of --prompts, or the course's 8); "
                              "FID-SD needs 2048 or more")
-    parser.add_argument("--out", default=None, help="output folder (default evals/<timestamp>)")
+    parser.add_argument("--out", default=None, help="output folder (default evals/<timestamp>); one that holds an "
+                                                    "evaluation is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the evaluation in --out")
     parser.add_argument("--steps", type=_int_list, default=list(TEACHER_STEPS), help="teacher steps, e.g. 1,2,4,50")
     parser.add_argument("--student-steps", type=_int_list, default=list(STUDENT_STEPS))
     parser.add_argument("--students", default=None, help="comma-separated student names (default: all fitting)")
@@ -769,11 +786,17 @@ def main(argv: list[str] | None = None) -> int:
         students = [s for s in args.students.split(",") if s] if args.students else None
         techniques = [t for t in args.techniques.split(",") if t] if args.techniques else None
         return edit_eval.main(model=args.model, n=args.n, seed=args.seed, out=args.out, students=students,
-                              guidance=args.guidance, device=args.device, techniques=techniques)
+                              guidance=args.guidance, device=args.device, techniques=techniques,
+                              overwrite=args.overwrite)
     if args.prompts and args.metadata:
         print("error: --prompts and --metadata (its alias): give one, not both", file=sys.stderr)
         return 1
     flag, prompt_file = ("--metadata", args.metadata) if args.metadata else ("--prompts", args.prompts)
+    try:  # checked before the (slow) teacher load
+        check_out_dir(args.out, "results.json", args.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if prompt_file:  # checked before the (slow) teacher load
         try:
             read_prompts(prompt_file, args.n, what=flag)
@@ -801,8 +824,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_evaluation(
             teacher, n=args.n, steps=args.steps, student_steps=args.student_steps, students=students,
             out_dir=args.out, progress=progress, batch_size=args.batch_size, seed=args.seed,
-            guidance=args.guidance, prompts=prompt_file)
-    except (EvaluationError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
+            guidance=args.guidance, prompts=prompt_file, overwrite=args.overwrite)
+    except (EvaluationError, FileNotFoundError, FileExistsError, ModuleNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(render_table(results))

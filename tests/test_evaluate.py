@@ -489,3 +489,33 @@ def test_swapped_students_score_as_their_active_adapters(tiny_pipe_dir, tmp_path
         assert a["agreement_error"] > 1e-4
         assert a["agreement_error"] == pytest.approx(b["agreement_error"], rel=1e-4, abs=1e-6)
         assert a["diversity"] == pytest.approx(b["diversity"], rel=1e-4, abs=1e-6)
+
+
+def test_an_evaluation_in_out_is_replaced_only_with_overwrite(tmp_path, monkeypatch, capsys):
+    """`--out` holding an evaluation is refused before the teacher loads or anything samples (nothing lost by
+    default, no minutes spent on a run that cannot be written); `--overwrite` is the explicit choice."""
+    from cdlab import edit_eval
+    from cdlab import teachers
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "edit_results.json").write_text("{}")
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded before the destination was checked")
+
+    monkeypatch.setattr(teachers, "load_teacher", no_load)
+    assert evaluate.main(["--out", str(out)]) == 1
+    assert "--out" in capsys.readouterr().err
+    assert evaluate.main(["--edit", "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="--out"):  # the API checks first too (no teacher needed to refuse)
+        run_evaluation(None, out_dir=out)
+    with pytest.raises(FileExistsError, match="--out"):
+        edit_eval.run_edit_evaluation(None, out_dir=out)
+    with pytest.raises(FileExistsError):
+        evaluate.write_evaluation({"rows": []}, out)
+    assert (out / "results.json").read_text() == "{}" and (out / "edit_results.json").read_text() == "{}"
+    evaluate.check_out_dir(out, "results.json", overwrite=True)  # the explicit choice passes
+    evaluate.check_out_dir(tmp_path / "new", "results.json")  # a free folder passes

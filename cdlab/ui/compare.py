@@ -273,7 +273,8 @@ class Comparer:
     seed, noise and guidance, so its images are the ones it would get alone, up to float rounding of a
     larger batch). Teacher columns are cached by (prompt, seed, guidance, steps): changing only the
     student steps or the student columns does not sample the teacher again. Student columns run with the
-    student fused into the UNet (`cdlab.students.fused_student`), so they cost what a plain UNet costs.
+    student's fused weights swapped into the UNet (`cdlab.students.activation.swapped_student`), so they cost
+    what a plain UNet costs.
 
     Args:
         teacher: a `cdlab.teachers.Teacher`.
