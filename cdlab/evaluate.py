@@ -294,8 +294,8 @@ def run_evaluation(
     fuse_lora: bool = True,
     prompts: str | os.PathLike | Sequence[str] | None = None,
     diversity_captions: int = 16,
-    overwrite: bool = False,
     diversity_seeds: int = 8,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Evaluate a loaded teacher and its fitting students; write and return the results.
 
