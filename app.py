@@ -20,6 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from cdlab import paths as P
 from cdlab.ui import compare as C
 from cdlab.ui import compare_view as V
 from cdlab.ui import edit_tab as ED
@@ -83,7 +84,7 @@ def named_errors(*components):
 
 
 def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
-    runs_dir, adapters_dir, evals_dir = H.runs_dir(), H.adapters_dir(), H.evals_dir()
+    runs_dir, adapters_dir, evals_dir = P.runs_dir(), P.adapters_dir(), P.evals_dir()
     comparer = C.Comparer(teacher, adapters_root=adapters_dir, batching=H.batching_allowed())
     jobs = JobManager(runs_dir, model=model_arg)
     presets = C.prompt_presets(teacher)
@@ -474,7 +475,7 @@ def launch_kwargs(args) -> dict:
 
     return dict(
         server_name=args.host, server_port=args.port, share=args.share,
-        blocked_paths=H.blocked_paths(H.runs_dir(), cache_root(TrainConfig())), max_file_size=H.MAX_FILE_SIZE,
+        blocked_paths=H.blocked_paths(P.runs_dir(), cache_root(TrainConfig())), max_file_size=H.MAX_FILE_SIZE,
         theme=gr.themes.Soft(), css=CSS, show_error=True,
     )
 

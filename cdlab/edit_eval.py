@@ -434,7 +434,8 @@ def render_edit_table(results: dict) -> str:
 def write_edit_evaluation(results: dict, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """``edit_results.json`` and ``edit_table.md`` under a new ``evals/edit-<timestamp>``, or in ``out_dir``: one
     that holds an edit evaluation is replaced only with ``overwrite``."""
-    from cdlab.evaluate import check_out_dir, evals_dir
+    from cdlab.evaluate import check_out_dir
+    from cdlab.paths import evals_dir
 
     if out_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cdlab.timing import sync
+from cdlab.paths import evals_dir
 
 TEACHER_STEPS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 50)
 STUDENT_STEPS: tuple[int, ...] = (1, 2, 4, 8)
@@ -68,12 +69,6 @@ class EvaluationResult(dict):
     @property
     def path(self) -> Path | None:
         return Path(self["out_dir"]) if self.get("out_dir") else None
-
-
-def evals_dir() -> Path:
-    """Where evaluations go: ``$CDLAB_EVALS_DIR`` or ``<repo>/evals``."""
-    env = os.environ.get("CDLAB_EVALS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "evals"
 
 
 # ----------------------------------------------------------------------------- columns

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cdlab.paths import models_dir
+
 SD15_RANDOM = "sd15-random"
 SD15_RANDOM_ID = "cdlab/sd15-random"
 DEFAULT_RESOLUTION = 64
@@ -43,12 +45,6 @@ SD15_TEXT_CONFIG = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )
-
-
-def models_dir() -> Path:
-    """Where generated stand-in models live: ``$CDLAB_MODELS_DIR``, else ``<repo>/cache/models`` (git-ignored)."""
-    env = os.environ.get("CDLAB_MODELS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "cache" / "models"
 
 
 def is_sd15_architecture(unet_config) -> bool:

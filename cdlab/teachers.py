@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from cdlab.paths import SD15_ID, TINY_ID, assets_dir
+
 __all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "Teacher", "load_teacher",
            "load_teacher_with_fallback", "is_tiny", "teacher_lock"]
 
-TINY_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-teacher"
-SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY_ID = "cdlab/tiny-teacher"
+TINY_TEACHER_DIR = assets_dir() / "tiny-teacher"
 SD15_RANDOM_ID = "cdlab/sd15-random"  # cdlab.sd15_random: SD1.5's architecture, random weights
 # Names that mean SD1.5 on the hub; "runwayml/..." is the course notebook's (now removed) repository.
 _SD15_NAMES = {"sd15", "sd1.5", "sd-1.5", SD15_ID, "runwayml/stable-diffusion-v1-5"}

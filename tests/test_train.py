@@ -299,8 +299,8 @@ def test_dmd_config_errors_name_the_field(change, match):
 
 
 def test_the_card_records_a_run_inside_the_repository_by_its_relative_path(tmp_path):
-    from cdlab.train.config import REPO_ROOT
-    from cdlab.train.trainer import _shown_path
+    from cdlab.paths import REPO_ROOT
+    from cdlab.paths import shown_path
 
-    assert _shown_path(REPO_ROOT / "runs" / "r1") == "runs/r1"  # no machine's folders in a shipped card
-    assert _shown_path(tmp_path / "r1") == str(tmp_path / "r1")  # outside: as given
+    assert shown_path(REPO_ROOT / "runs" / "r1") == "runs/r1"  # no machine's folders in a shipped card
+    assert shown_path(tmp_path / "r1") == str(tmp_path / "r1")  # outside: as given

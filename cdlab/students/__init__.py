@@ -36,11 +36,11 @@ from cdlab.students.card import METHODS, SD15_ID, TINY_ID, StudentCard, StudentE
 from cdlab.students.external import (EXTERNAL_STUDENTS, ExternalStudent, external_card, load_external_student,
                                      make_scheduler, sampling_kwargs)
 from cdlab.students.lora import DEFAULT_TARGET_MODULES, WEIGHT_NAME, attach_lora
-from cdlab.students.registry import (ADAPTERS_DIR, CARD_NAME, REPO_ROOT, SHIPPED_NAME, adapters_dir, is_shipped,
+from cdlab.paths import adapters_dir
+from cdlab.students.registry import (CARD_NAME, SHIPPED_NAME, is_shipped,
                                      list_students, read_card, save_student, shipped_students, student_dir)
 
 __all__ = [
-    "ADAPTERS_DIR",
     "WEIGHT_NAME",
     "CARD_NAME",
     "SHIPPED_NAME",

@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdlab.paths import SD15_ID, TINY_ID
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("ct", "cd", "mbcd", "dmd", "external")
-SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY_ID = "cdlab/tiny-teacher"
 
 # Letters, digits, "_" and "-": a name is both a folder and a peft adapter name, and peft keeps
 # adapters in nn.ModuleDicts, whose keys cannot contain ".". No leading "." or "-": hidden / flag-like.

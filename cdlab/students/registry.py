@@ -25,23 +25,12 @@ from typing import Any
 
 from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
 from cdlab.students.lora import WEIGHT_NAME, _adapter_metadata, _lora_state_dict
+from cdlab.paths import adapters_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-ADAPTERS_DIR = Path(os.environ.get("CDLAB_ADAPTERS_DIR", REPO_ROOT / "adapters"))
 CARD_NAME = "card.json"
 SHIPPED_NAME = "SHIPPED"  # <root>/SHIPPED: the students that ship with the repository
-
-
-def adapters_dir() -> Path:
-    """The adapters root: ``$CDLAB_ADAPTERS_DIR`` if set (read at call time), else ``cdlab.students.ADAPTERS_DIR``
-    (``<repo>/adapters``; the package attribute is read at call time, so patching it works)."""
-    env = os.environ.get("CDLAB_ADAPTERS_DIR")
-    if env:
-        return Path(env)
-    package = sys.modules.get("cdlab.students")
-    return Path(getattr(package, "ADAPTERS_DIR", None) or ADAPTERS_DIR)
 
 
 def _root(root: str | os.PathLike | None) -> Path:

@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny-teacher"
+from cdlab.paths import assets_dir
+
+DEFAULT_OUT = assets_dir() / "tiny-teacher"
 
 
 @dataclass

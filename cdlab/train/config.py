@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+from cdlab.paths import adapters_dir, cache_dir, confine, data_roots, runs_dir
+
 METHODS = ("ct", "cd", "mbcd", "dmd")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -242,7 +243,6 @@ def default_student_name(cfg: TrainConfig, root: str | os.PathLike | None = None
     A default name never collides with an existing student, so a run with nothing filled in never
     replaces anybody's work.
     """
-    from cdlab.students import adapters_dir
 
     base = cfg.model if cfg.model in ("tiny", "sd15", "sd15-random") else Path(str(cfg.model).rstrip("/")).name
     base = re.sub(r"[^A-Za-z0-9_-]", "-", base).strip("-_") or "student"
@@ -262,7 +262,7 @@ def check_destination(cfg: TrainConfig, root: str | os.PathLike | None = None, *
     """
     if not cfg.save_student:
         return
-    from cdlab.students import adapters_dir, is_shipped
+    from cdlab.students import is_shipped
 
     folder = Path(root) if root is not None else adapters_dir()
     if not (folder / cfg.student_name).exists():
@@ -284,14 +284,6 @@ MAX_PROMPTS = 16          # preview prompts from the app
 _HF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
-def data_roots() -> list[Path]:
-    """Folders the app may read data sets from: ``$CDLAB_DATA_DIRS`` (``os.pathsep``-separated), else ``<repo>/data``."""
-    env = os.environ.get("CDLAB_DATA_DIRS")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return [REPO_ROOT / "data"]
-
-
 def _check_text(name: str, value: str) -> str:
     if len(value) > MAX_TEXT:
         raise ValueError(f"config: {name} is {len(value)} characters long; the limit is {MAX_TEXT}")
@@ -303,7 +295,6 @@ def _check_text(name: str, value: str) -> str:
 
 def check_data(value: Any, roots: list[Path] | None = None) -> str:
     """The ``data`` field from the app: ``world``, ``hf:NAME`` or a folder inside `data_roots`."""
-    from cdlab.paths import confine
 
     if not isinstance(value, str) or not value.strip():
         raise ValueError("config: data must be 'world', 'hf:NAME' or a data-set folder")
@@ -441,16 +432,10 @@ def load_json(path: str | os.PathLike, base: TrainConfig | None = None) -> Train
     return from_dict(d, base)
 
 
-def runs_dir() -> Path:
-    env = os.environ.get("CDLAB_RUNS_DIR")
-    return Path(env) if env else REPO_ROOT / "runs"
-
-
 def cache_root(cfg: TrainConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    env = os.environ.get("CDLAB_CACHE_DIR")
-    return Path(env) if env else REPO_ROOT / "cache"
+    return cache_dir()
 
 
 __all__ = ["TrainConfig", "PROFILES", "BOUNDS", "CHOICES", "resolve", "check", "check_destination",

@@ -52,7 +52,8 @@ from cdlab.train.checkpoints import (  # list_checkpoints, CKPT_RE: re-exported,
     list_checkpoints,
     verify_files,
 )
-from cdlab.train.config import TrainConfig, cache_root, card_method, check_destination, resolve, runs_dir
+from cdlab.paths import adapters_dir, runs_dir, shown_path, write_json_atomic
+from cdlab.train.config import TrainConfig, cache_root, card_method, check_destination, resolve
 
 
 @dataclass
@@ -62,16 +63,6 @@ class TrainResult:
     run_dir: Path
     student_dir: Path | None
     metrics: dict
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -878,7 +869,7 @@ class Trainer:
                 signal.signal(sig, h)
 
     def save_student(self) -> Path:
-        from cdlab.students import StudentCard, adapters_dir, save_student
+        from cdlab.students import StudentCard, save_student
 
         cfg = self.cfg
         row = getattr(self, "last_row", {})
@@ -888,7 +879,7 @@ class Trainer:
             training_config=cfg.to_dict(),
             metrics={"train_steps": self.step, "final_loss": row.get("loss"), "final_probe_loss": row.get("probe_loss"),
                      "samples_per_s": row.get("samples_per_s"), "train_time_s": round(self.elapsed(), 1),
-                     "samples_seen": self.samples_seen, "run_dir": _shown_path(self.run_dir)})
+                     "samples_seen": self.samples_seen, "run_dir": shown_path(self.run_dir)})
         name = cfg.student_name
         if not cfg.overwrite and (adapters_dir() / name).exists():
             # The name was free at the start (checked in setup) and was taken meanwhile, by another run or by
@@ -925,17 +916,6 @@ class Trainer:
 
 
 FAKE_ADAPTER = "fake"  # DMD's fake score, beside the student's "default" adapter on the same UNet
-
-
-def _shown_path(path: Path) -> str:
-    """``path`` as a card records it: relative to the repository when inside it (a card that ships does not carry
-    the trainer's machine's folders), else as given."""
-    from cdlab.train.config import REPO_ROOT
-
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT.resolve()))
-    except ValueError:
-        return str(path)
 
 
 class _null:

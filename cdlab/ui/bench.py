@@ -90,7 +90,7 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
 
     from cdlab.teachers import TINY_ID
     from cdlab.ui.compare import TEACHER_4, TEACHER_50, tiny_prompts
-    from cdlab.ui.runs import read_json
+    from cdlab.paths import read_json
     from cdlab.ui.testing import make_random_students, serve_app
 
     work = Path(workdir or tempfile.mkdtemp(prefix="cdlab-load-"))

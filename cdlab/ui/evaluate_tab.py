@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cdlab.paths import REPO_ROOT
+
 
 @dataclass
 class EvalView:
@@ -28,9 +30,7 @@ SHIPPED_EVALUATION = "shipped (docs/evaluation)"
 
 
 def shipped_evaluation_dir() -> Path:
-    from cdlab.ui.hosting import repo_root
-
-    return repo_root() / "docs" / "evaluation"
+    return REPO_ROOT / "docs" / "evaluation"
 
 
 def _is_evaluation(d: Path) -> bool:

@@ -97,25 +97,3 @@ def blocked_paths(runs_dir: Path, cache_dir: Path | None = None) -> list[str]:
     return [str(p.resolve()) for p in paths]
 
 
-def runs_dir() -> Path:
-    """``runs/`` under the repository root, or ``$CDLAB_RUNS_DIR``."""
-    env = os.environ.get("CDLAB_RUNS_DIR")
-    return Path(env) if env else repo_root() / "runs"
-
-
-def adapters_dir() -> Path:
-    """``adapters/`` under the repository root, or ``$CDLAB_ADAPTERS_DIR``."""
-    env = os.environ.get("CDLAB_ADAPTERS_DIR")
-    return Path(env) if env else repo_root() / "adapters"
-
-
-def evals_dir() -> Path:
-    """``evals/`` under the repository root, or ``$CDLAB_EVALS_DIR``."""
-    env = os.environ.get("CDLAB_EVALS_DIR")
-    return Path(env) if env else repo_root() / "evals"
-
-
-def repo_root() -> Path:
-    import cdlab
-
-    return Path(cdlab.__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cdlab.ui import runs as runs_mod
+from cdlab.paths import REPO_ROOT, read_json
 
 LOG_NAME = "train.log"
 LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time (the trainer never reads it)
@@ -72,7 +73,7 @@ class JobManager:
         self.python = python or sys.executable
         self.stop_timeout = stop_timeout
         self.env = dict(env or {})
-        self.cwd = Path(cwd) if cwd else _repo_root()
+        self.cwd = Path(cwd) if cwd else REPO_ROOT
         self._job: Job | None = None
         self._lock = threading.Lock()
         self._finalise_lock = threading.Lock()  # the exit watcher, the stop watcher and _reap may all finalise
@@ -141,7 +142,7 @@ class JobManager:
 
     def run_owner(self, run_name: str) -> str | None:
         """The owner digest recorded when the app first started ``run_name`` (None: a CLI run, or no owner)."""
-        info = runs_mod.read_json(self.runs_dir / run_name / LAUNCH_NAME) or {}
+        info = read_json(self.runs_dir / run_name / LAUNCH_NAME) or {}
         owner = info.get("owner")
         return owner if isinstance(owner, str) else None
 
@@ -265,7 +266,7 @@ class JobManager:
 
     def _finalise_locked(self, j: Job) -> None:
         path = j.run_dir / "status.json"
-        status = runs_mod.read_json(path) or {}
+        status = read_json(path) or {}
         if status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1:
             return
         rc = j.proc.returncode
@@ -321,7 +322,3 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def _repo_root() -> Path:
-    from cdlab.ui.hosting import repo_root
-
-    return repo_root()

@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from cdlab.paths import read_json
+
 REFERENCE = "reference.png"  # = cdlab.train.trainer.REFERENCE_NAME (not imported: that module imports torch)
 _STEP_RE = re.compile(r"^step_(\d+)\.png$")
 
@@ -54,14 +56,6 @@ class PreviewSet:
         return any(r.step is None for r in self.rows)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def student_previews(run_dir: Path) -> list[tuple[int, Path]]:
     """Every ``previews/step_XXXXXX.png`` of a run as (step, path), oldest first."""
     out = []
@@ -79,9 +73,9 @@ def read_previews(run_dir: Path) -> PreviewSet:
     Captions and the student's step count come from the run's ``config.json`` (``preview_prompts``,
     ``sample_steps``); the reference's steps from ``previews/reference.json`` (default 50)."""
     run_dir = Path(run_dir)
-    cfg = _read_json(run_dir / "config.json") or {}
+    cfg = read_json(run_dir / "config.json") or {}
     prompts = cfg.get("preview_prompts") if isinstance(cfg.get("preview_prompts"), list) else []
-    ref_meta = _read_json(run_dir / "previews" / "reference.json")
+    ref_meta = read_json(run_dir / "previews" / "reference.json")
     if ref_meta and isinstance(ref_meta.get("prompts"), list):
         prompts = ref_meta["prompts"]
     try:

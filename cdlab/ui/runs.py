@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
+from cdlab.paths import read_json
 
 ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
 FINAL_STATES = ("finished", "failed", "stopped")
@@ -76,15 +77,6 @@ def pid_alive(pid: int | None) -> bool:
             return f.read().split(") ")[-1][:1] != "Z"
     except OSError:
         return True
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``, or None when it is missing, half-written or not an object."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, 
     The server's output goes to ``workdir/server.log``; a server that dies or never answers raises
     ``RuntimeError`` with that log's tail.
     """
-    from cdlab.ui.hosting import repo_root
+    from cdlab.paths import REPO_ROOT
 
     workdir = Path(workdir)
     for d in ("runs", "adapters", "evals", "data"):
@@ -37,9 +37,9 @@ def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, 
                 "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(repo_root() / "app.py"), "--model", model, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--model", model, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
-                                cwd=str(repo_root()), start_new_session=True)
+                                cwd=str(REPO_ROOT), start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         end = time.time() + timeout

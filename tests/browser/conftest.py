@@ -30,13 +30,13 @@ def served(tmp_path_factory):
     """The app on the embedded tiny teacher with the shipped students (a copy), shared by the page tests."""
     from cdlab.students import list_students
     from cdlab.teachers import TINY_ID, TINY_TEACHER_DIR
-    from cdlab.ui.hosting import repo_root
+    from cdlab.paths import REPO_ROOT
 
     if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
         pytest.skip("the embedded tiny teacher is not in this checkout")
-    shipped = [c.name for c in list_students(root=repo_root() / "adapters", base_model=TINY_ID)]
+    shipped = [c.name for c in list_students(root=REPO_ROOT / "adapters", base_model=TINY_ID)]
     work = tmp_path_factory.mktemp("tiny-app")
-    shutil.copytree(repo_root() / "adapters", work / "adapters", dirs_exist_ok=True)
+    shutil.copytree(REPO_ROOT / "adapters", work / "adapters", dirs_exist_ok=True)
     from cdlab.ui.testing import serve_app
 
     with serve_app("tiny", work) as url:

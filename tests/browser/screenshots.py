@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     from cdlab.teachers import TINY_ID
-    from cdlab.ui.hosting import evals_dir, repo_root
+    from cdlab.paths import REPO_ROOT, evals_dir
     from cdlab.ui.testing import make_random_students, serve_app
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny")
-    p.add_argument("--out", default=str(repo_root() / "docs" / "screenshots"))
+    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "screenshots"))
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     base = TINY_ID if args.model == "tiny" else str(Path(args.model).resolve())
     from cdlab.students import list_students
 
-    shipped = list_students(repo_root() / "adapters", base_model=base)
+    shipped = list_students(REPO_ROOT / "adapters", base_model=base)
     if shipped:  # the real students when the repo has them, so the pictures show what users get
         import shutil
 
-        shutil.copytree(repo_root() / "adapters", work / "adapters")
+        shutil.copytree(REPO_ROOT / "adapters", work / "adapters")
         students = [c.name for c in shipped]
     else:
         students = make_random_students(base, work / "adapters", n=2)
