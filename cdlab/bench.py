@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import platform
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdlab.columns import TEACHER_50, Column, initial_noise, sample_column
+from cdlab.loss import consistency_loss
+from cdlab.prompts import COURSE_PROMPTS
+from cdlab.students import StudentCard, activate_student, attach_lora, load_student, save_student
+from cdlab.teachers import TeacherLoadError, load_teacher
 from cdlab.timing import sync
+from cdlab.tiny.architecture import build_pipeline
+from cdlab.world import IMAGE_SIZE
 
 # SD1.5's architecture with random weights lives with the teachers (cdlab.sd15_random); re-exported here.
 from cdlab.sd15_random import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG  # noqa: E402,F401
@@ -52,10 +63,6 @@ Printer = Callable[[str], Any]
 
 def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: Any = None) -> Any:
     """The teacher a benchmark runs on (see the module docstring for ``model``)."""
-    import torch
-
-    from cdlab.teachers import TeacherLoadError, load_teacher
-
     cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if model == "auto":
         model = SD15_RANDOM if cuda else "tiny"
@@ -68,11 +75,7 @@ def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: An
         if model != "tiny":
             raise
         # The embedded teacher is not built yet: its architecture with random weights times the same.
-        import tempfile as _t
-
-        from cdlab.tiny.architecture import build_pipeline
-
-        d = _t.mkdtemp(prefix="cdlab-bench-tiny-")
+        d = tempfile.mkdtemp(prefix="cdlab-bench-tiny-")
         build_pipeline(seed=0).save_pretrained(d, safe_serialization=True)
         teacher = load_teacher(d, device=device, dtype=dtype)
         teacher.name = "tiny (random weights: the embedded teacher is not built)"
@@ -81,10 +84,6 @@ def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: An
 
 def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
     """Save a random LoRA student of the teacher's UNet and load it the way trained students are loaded."""
-    import torch
-
-    from cdlab.students import StudentCard, attach_lora, load_student, save_student
-
     root = Path(tempfile.mkdtemp(prefix="cdlab-bench-adapters-"))
     unet = teacher.unet
     attach_lora(unet, rank=rank, adapter_name="bench-tmp")
@@ -122,38 +121,34 @@ def _fmt_s(s: float | None) -> str:
 
 
 def _bench_prompt(teacher: Any) -> str:
-    from cdlab.world import IMAGE_SIZE
-
     if teacher.resolution == IMAGE_SIZE:
         return "a small red circle at the top left on a blue background"
-    from cdlab.prompts import COURSE_PROMPTS
-
     return COURSE_PROMPTS[0]
 
 
 # ----------------------------------------------------------------------------- sampling
 
 class _Sampling:
-    """The two end-to-end jobs (teacher-50 + CFG, student-4) and their parts, on one prompt and seed."""
+    """The two end-to-end jobs (teacher-50 + CFG, student-4: `cdlab.columns` columns, sampled by
+    `sample_column` on ``self.unet``) and their parts, on one prompt and the seeding rule's noise."""
 
     def __init__(self, teacher: Any, student: str, guidance: float, batch: int = 1) -> None:
         self.t = teacher
         self.student = student
         self.guidance = guidance
+        self.teacher_column = Column(TEACHER_50, "teacher", 50, guidance)
+        card = StudentCard(name=student, base_model=teacher.base_id, method="mbcd", num_boundaries=4, steps=4)
+        self.student_column = Column(student, "student", 4, num_boundaries=4, student=student, card=card)
         self.prompts = [_bench_prompt(teacher)] * batch
-        self.x_T = teacher.initial_noise(0, batch)
+        self.x_T = initial_noise(teacher, range(batch))
         self.cond, self.uncond = teacher.encode(self.prompts)
         self.unet = teacher.unet      # may be swapped for a compiled module
         self.decoder: Callable[[Any], Any] | None = None  # may be swapped for a tiny VAE
 
     def teacher_mode(self) -> None:
-        from cdlab.students import activate_student
-
         activate_student(self.t.pipe, None)
 
     def student_mode(self) -> None:
-        from cdlab.students import activate_student
-
         activate_student(self.t.pipe, self.student)
 
     def encode(self) -> Any:
@@ -166,30 +161,23 @@ class _Sampling:
         return vae.decode(latents / vae.config.scaling_factor).sample
 
     def unet_cfg_step(self) -> Any:
-        import torch
-
         x = torch.cat([self.x_T, self.x_T])
         t = torch.full((x.shape[0],), 999, device=x.device, dtype=torch.long)
         return self.unet(x, t, encoder_hidden_states=torch.cat([self.uncond, self.cond])).sample
 
     def unet_step(self) -> Any:
-        import torch
-
         t = torch.full((self.x_T.shape[0],), 999, device=self.x_T.device, dtype=torch.long)
         return self.unet(self.x_T, t, encoder_hidden_states=self.cond).sample
 
     def teacher50(self) -> Any:
-        from cdlab.samplers import ddim_timesteps, sample_ddim
-
         cond, uncond = self.encode()
-        out = sample_ddim(self.unet, self.x_T, cond, uncond, self.guidance, ddim_timesteps(50), self.t.scheduler)
+        out = sample_column(self.t, self.teacher_column, self.x_T, cond, uncond, unet=self.unet)
         return self.decode(out.latents)
 
     def student4(self) -> Any:
-        from cdlab.samplers import consistency_timesteps, sample_consistency
-
         cond, _ = self.encode()
-        out = sample_consistency(self.unet, self.x_T, cond, consistency_timesteps(4, 4), self.t.scheduler)
+        out = sample_column(self.t, self.student_column, self.x_T, cond, None, unet=self.unet,
+                            scheduler=self.t.scheduler)
         return self.decode(out.latents)
 
 
@@ -219,10 +207,6 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
         guidance: the teacher's CFG scale (default ``teacher.guidance``, else 7.5).
         out: where the report lines go.
     """
-    import torch
-
-    from cdlab.students import activate_student
-
     if quick:
         repeats = 1
     compile = (not quick) if compile is None else compile
@@ -236,110 +220,125 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
 
     out(f"# sampling benchmark · {res['device']} · {teacher.describe()} · {teacher.resolution}² · batch 1")
     with torch.inference_mode():
-        s.teacher_mode()
-        t50 = T(s.teacher50)
-        enc = T(s.encode)
-        cfg_step = T(s.unet_cfg_step)
-        lat = s.x_T
-        dec = T(lambda: s.decode(lat))
-        s.student_mode()
-        s4 = T(s.student4)
-        st_step = T(s.unet_step)
-        ratio = t50 / s4
-        res.update(teacher50_s=t50, student4_s=s4, ratio=ratio,
-                   breakdown={"text_encoder_s": enc, "unet_cfg_step_s": cfg_step, "unet_student_step_s": st_step,
-                              "vae_decode_s": dec})
-        out(f"teacher 50 steps + CFG (100 NFE): {_fmt_s(t50)}")
-        out(f"student 4 steps (4 NFE):          {_fmt_s(s4)}")
-        out(f"ratio teacher-50 / student-4:     {ratio:.2f}x")
-        out("breakdown:")
-        out(f"  text encoder (prompt + empty): {_fmt_s(enc)}")
-        out(f"  UNet step with CFG (batch 2):  {_fmt_s(cfg_step)}  x 50 = {_fmt_s(50 * cfg_step)}")
-        out(f"  UNet step, student (LoRA):     {_fmt_s(st_step)}  x 4 = {_fmt_s(4 * st_step)}")
-        out(f"  VAE decode:                    {_fmt_s(dec)}")
-        parts50, parts4 = enc + 50 * cfg_step + dec, enc + 4 * st_step + dec
-        out(f"  sum of parts: teacher {_fmt_s(parts50)}, student {_fmt_s(parts4)}, ratio {parts50 / parts4:.2f}x")
-        res["breakdown"]["ratio_from_parts"] = parts50 / parts4
-
+        _bench_end_to_end(s, res, T, out)
         out("fast paths (median latency without -> with; 'wins' = at least 3% faster):")
-
-        def measure(label: str, on: Callable[[], Any], off: Callable[[], Any], teacher_too: bool = True) -> None:
-            jobs = [("student4", s.student_mode, s.student4)]
-            if teacher_too and not quick:
-                jobs.insert(0, ("teacher50", s.teacher_mode, s.teacher50))
-            entry: dict[str, Any] = {}
-            for job, mode, fn in jobs:
-                mode()
-                without = T(fn)
-                try:
-                    on()
-                    mode()
-                    with_ = T(fn)
-                finally:
-                    off()
-                entry[job] = {"without_s": without, "with_s": with_, "speedup": without / with_}
-                out(f"  {label:<28} {job:<10} {_fmt_s(without)} -> {_fmt_s(with_)}  ({without / with_:.2f}x)")
-            entry["wins"] = all(v["speedup"] >= 1.03 for v in entry.values() if isinstance(v, dict))
-            out(f"  {label:<28} -> {'wins' if entry['wins'] else 'does not win'}")
-            res["fast_paths"][label] = entry
-
-        # 1. SDPA vs the vanilla attention processor (diffusers' default is SDPA).
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-        mods = [teacher.unet, teacher.vae]
-        measure("SDPA attention",
-                on=lambda: [m.set_attn_processor(AttnProcessor2_0()) for m in mods],
-                off=lambda: [m.set_attn_processor(AttnProcessor()) for m in mods])
-        for m in mods:  # restore diffusers' default
-            m.set_attn_processor(AttnProcessor2_0())
-
-        # 2. channels_last memory format for the convolutions.
-        measure("channels_last",
-                on=lambda: [m.to(memory_format=torch.channels_last) for m in mods],
-                off=lambda: [m.to(memory_format=torch.contiguous_format) for m in mods])
-
-        # 3. The student's LoRA fused into the weights (no extra low-rank matmuls per layer).
-        s.student_mode()
-        ref = s.student4()
-        teacher.pipe.fuse_lora(components=["unet"], adapter_names=[student])
-        fused_diff = float((s.student4().float() - ref.float()).abs().max())
-        teacher.pipe.unfuse_lora(components=["unet"])
-        out(f"  fused LoRA max |difference| of the student-4 image: {fused_diff:.2e}")
-        measure("fused LoRA",
-                on=lambda: teacher.pipe.fuse_lora(components=["unet"], adapter_names=[student]),
-                off=lambda: teacher.pipe.unfuse_lora(components=["unet"]), teacher_too=False)
-        res["fast_paths"]["fused LoRA"]["max_abs_diff"] = fused_diff
-        activate_student(teacher.pipe, student)
-
-        # 4. torch.compile of the UNet.
-        if compile:
-            _bench_compile(s, teacher, res, T, out, compile_mode)
-        else:
-            out("  torch.compile                skipped: --quick / --no-compile")
-            res["fast_paths"]["torch.compile"] = {"skipped": "quick / no-compile"}
-
-        # 5. A tiny VAE decoder for previews.
-        taesd, why = _tiny_vae(teacher)
-        if taesd is None:
-            out(f"  tiny VAE decoder (TAESD)     {why}")
-            res["fast_paths"]["tiny VAE"] = {"skipped": why}
-        else:
-            tiny_dec = lambda z: taesd.decode(z / taesd.config.scaling_factor).sample  # noqa: E731
-            d_full, d_tiny = T(lambda: s.decode(lat)), T(lambda: tiny_dec(lat))
-            out(f"  tiny VAE decoder (TAESD)     decode {_fmt_s(d_full)} -> {_fmt_s(d_tiny)} ({d_full / d_tiny:.2f}x)")
-            measure("tiny VAE decoder", on=lambda: setattr(s, "decoder", tiny_dec),
-                    off=lambda: setattr(s, "decoder", None))
-            res["fast_paths"]["tiny VAE decoder"]["decode"] = {"without_s": d_full, "with_s": d_tiny}
+        _bench_fast_paths(s, res, T, out, quick=quick, compile=compile, compile_mode=compile_mode)
         s.teacher_mode()
 
-    out(f"RESULT ratio teacher-50/student-4 = {ratio:.2f}x on {res['device']} "
-        f"({_fmt_s(t50)} vs {_fmt_s(s4)})")
+    out(f"RESULT ratio teacher-50/student-4 = {res['ratio']:.2f}x on {res['device']} "
+        f"({_fmt_s(res['teacher50_s'])} vs {_fmt_s(res['student4_s'])})")
     return res
 
 
-def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Printer, mode: str | None) -> None:
-    import torch
+def _bench_end_to_end(s: _Sampling, res: dict, T: Callable, out: Printer) -> None:
+    """teacher-50 and student-4 end to end, their ratio, and the breakdown into encoder, UNet steps and decoder."""
+    s.teacher_mode()
+    t50 = T(s.teacher50)
+    enc = T(s.encode)
+    cfg_step = T(s.unet_cfg_step)
+    lat = s.x_T
+    dec = T(lambda: s.decode(lat))
+    s.student_mode()
+    s4 = T(s.student4)
+    st_step = T(s.unet_step)
+    ratio = t50 / s4
+    res.update(teacher50_s=t50, student4_s=s4, ratio=ratio,
+               breakdown={"text_encoder_s": enc, "unet_cfg_step_s": cfg_step, "unet_student_step_s": st_step,
+                          "vae_decode_s": dec})
+    out(f"teacher 50 steps + CFG (100 NFE): {_fmt_s(t50)}")
+    out(f"student 4 steps (4 NFE):          {_fmt_s(s4)}")
+    out(f"ratio teacher-50 / student-4:     {ratio:.2f}x")
+    out("breakdown:")
+    out(f"  text encoder (prompt + empty): {_fmt_s(enc)}")
+    out(f"  UNet step with CFG (batch 2):  {_fmt_s(cfg_step)}  x 50 = {_fmt_s(50 * cfg_step)}")
+    out(f"  UNet step, student (LoRA):     {_fmt_s(st_step)}  x 4 = {_fmt_s(4 * st_step)}")
+    out(f"  VAE decode:                    {_fmt_s(dec)}")
+    parts50, parts4 = enc + 50 * cfg_step + dec, enc + 4 * st_step + dec
+    out(f"  sum of parts: teacher {_fmt_s(parts50)}, student {_fmt_s(parts4)}, ratio {parts50 / parts4:.2f}x")
+    res["breakdown"]["ratio_from_parts"] = parts50 / parts4
 
+
+def _measure(s: _Sampling, res: dict, T: Callable, out: Printer, label: str, on: Callable[[], Any],
+             off: Callable[[], Any], teacher_too: bool) -> None:
+    """One fast path: each job's median latency without and with it (``on`` / ``off`` switch it)."""
+    jobs = [("student4", s.student_mode, s.student4)]
+    if teacher_too:
+        jobs.insert(0, ("teacher50", s.teacher_mode, s.teacher50))
+    entry: dict[str, Any] = {}
+    for job, mode, fn in jobs:
+        mode()
+        without = T(fn)
+        try:
+            on()
+            mode()
+            with_ = T(fn)
+        finally:
+            off()
+        entry[job] = {"without_s": without, "with_s": with_, "speedup": without / with_}
+        out(f"  {label:<28} {job:<10} {_fmt_s(without)} -> {_fmt_s(with_)}  ({without / with_:.2f}x)")
+    entry["wins"] = all(v["speedup"] >= 1.03 for v in entry.values() if isinstance(v, dict))
+    out(f"  {label:<28} -> {'wins' if entry['wins'] else 'does not win'}")
+    res["fast_paths"][label] = entry
+
+
+def _bench_fast_paths(s: _Sampling, res: dict, T: Callable, out: Printer, *, quick: bool, compile: bool,
+                      compile_mode: str | None) -> None:
+    """SDPA, channels_last, the fused LoRA, ``torch.compile`` and a tiny VAE decoder, each without and with."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    teacher, student = s.t, s.student
+
+    def measure(label: str, on: Callable[[], Any], off: Callable[[], Any], teacher_too: bool = True) -> None:
+        _measure(s, res, T, out, label, on, off, teacher_too and not quick)
+
+    # 1. SDPA vs the vanilla attention processor (diffusers' default is SDPA).
+    mods = [teacher.unet, teacher.vae]
+    measure("SDPA attention",
+            on=lambda: [m.set_attn_processor(AttnProcessor2_0()) for m in mods],
+            off=lambda: [m.set_attn_processor(AttnProcessor()) for m in mods])
+    for m in mods:  # restore diffusers' default
+        m.set_attn_processor(AttnProcessor2_0())
+
+    # 2. channels_last memory format for the convolutions.
+    measure("channels_last",
+            on=lambda: [m.to(memory_format=torch.channels_last) for m in mods],
+            off=lambda: [m.to(memory_format=torch.contiguous_format) for m in mods])
+
+    # 3. The student's LoRA fused into the weights (no extra low-rank matmuls per layer).
+    s.student_mode()
+    ref = s.student4()
+    teacher.pipe.fuse_lora(components=["unet"], adapter_names=[student])
+    fused_diff = float((s.student4().float() - ref.float()).abs().max())
+    teacher.pipe.unfuse_lora(components=["unet"])
+    out(f"  fused LoRA max |difference| of the student-4 image: {fused_diff:.2e}")
+    measure("fused LoRA",
+            on=lambda: teacher.pipe.fuse_lora(components=["unet"], adapter_names=[student]),
+            off=lambda: teacher.pipe.unfuse_lora(components=["unet"]), teacher_too=False)
+    res["fast_paths"]["fused LoRA"]["max_abs_diff"] = fused_diff
+    activate_student(teacher.pipe, student)
+
+    # 4. torch.compile of the UNet.
+    if compile:
+        _bench_compile(s, teacher, res, T, out, compile_mode)
+    else:
+        out("  torch.compile                skipped: --quick / --no-compile")
+        res["fast_paths"]["torch.compile"] = {"skipped": "quick / no-compile"}
+
+    # 5. A tiny VAE decoder for previews.
+    taesd, why = _tiny_vae(teacher)
+    if taesd is None:
+        out(f"  tiny VAE decoder (TAESD)     {why}")
+        res["fast_paths"]["tiny VAE"] = {"skipped": why}
+        return
+    lat = s.x_T
+    tiny_dec = lambda z: taesd.decode(z / taesd.config.scaling_factor).sample  # noqa: E731
+    d_full, d_tiny = T(lambda: s.decode(lat)), T(lambda: tiny_dec(lat))
+    out(f"  tiny VAE decoder (TAESD)     decode {_fmt_s(d_full)} -> {_fmt_s(d_tiny)} ({d_full / d_tiny:.2f}x)")
+    measure("tiny VAE decoder", on=lambda: setattr(s, "decoder", tiny_dec), off=lambda: setattr(s, "decoder", None))
+    res["fast_paths"]["tiny VAE decoder"]["decode"] = {"without_s": d_full, "with_s": d_tiny}
+
+
+def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Printer, mode: str | None) -> None:
     entry: dict[str, Any] = {}
     try:
         compiled = torch.compile(teacher.unet, mode=mode)
@@ -370,10 +369,6 @@ def _bench_compile(s: _Sampling, teacher: Any, res: dict, T: Callable, out: Prin
 # ----------------------------------------------------------------------------- training
 
 def _device_name(device: Any) -> str:
-    import platform
-
-    import torch
-
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -389,8 +384,6 @@ def cuda_peak_flops(name: str) -> float | None:
 
 def measure_cpu_peak_flops(n: int = 1024, seconds: float = 1.0, dtype: Any = None) -> float:
     """Best achieved FLOP/s of an ``n x n`` float32 matmul on this CPU (its practical peak)."""
-    import torch
-
     dtype = dtype or torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -404,9 +397,6 @@ def measure_cpu_peak_flops(n: int = 1024, seconds: float = 1.0, dtype: Any = Non
 
 def unet_forward_flops(unet: Any, x: Any, t: Any, cond: Any) -> int:
     """FLOPs of one UNet forward on this batch, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         unet(x, t, encoder_hidden_states=cond)
@@ -415,8 +405,6 @@ def unet_forward_flops(unet: Any, x: Any, t: Any, cond: Any) -> int:
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (forward and backward), counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -436,11 +424,6 @@ def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = N
     target (1), student forward (1) and backward (~1). The old rule of 6 overstated MFU by about 20%;
     both are printed.
     """
-    import torch
-
-    from cdlab.loss import consistency_loss
-    from cdlab.students import attach_lora
-
     dev = teacher.device
     cuda = str(dev).startswith("cuda")
     batch = batch or (2 if quick else (16 if cuda else 32))
@@ -520,8 +503,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed training steps")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
-
-    import torch
 
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -22,6 +22,8 @@ fast; they say nothing about image quality.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -29,6 +31,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
+
+# The modules that import diffusers / huggingface_hub are imported in the functions: ``--offline`` sets
+# HF_HUB_OFFLINE in main(), and huggingface_hub reads it when it is first imported.
 
 PROMPT = "a photo of a cat sitting on a wooden table"
 
@@ -42,18 +49,12 @@ class Part:
 
 
 def _peak_mem_mb(device: Any) -> float:
-    import resource
-
-    import torch
-
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _reset_peak(device: Any) -> None:
-    import torch
-
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -99,15 +100,11 @@ def check_externals(teacher: Any, offline: bool) -> Part:
     return part
 
 
-def check_compare(teacher: Any, externals: list[str], guidance: float | None = None) -> Part:
-    import torch
-
+def _random_student(teacher: Any, name: str) -> Path:
+    """Save a rank-64 LoRA student of the teacher that changes the output (random LoRA B); its adapters root."""
     from cdlab.students import StudentCard, attach_lora, save_student
-    from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
 
-    part = Part("compare")
     root = Path(tempfile.mkdtemp(prefix="cdlab-doctor-adapters-"))
-    name = "doctor-student"
     attach_lora(teacher.unet, rank=64, adapter_name=name)
     try:
         with torch.no_grad():  # a student that changes the output: random LoRA B (A is random already)
@@ -119,22 +116,35 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
                                                      num_boundaries=4, steps=4), root=root, adapter_name=name)
     finally:
         teacher.unet.delete_adapters(name)
-    cmp = Comparer(teacher, adapters_root=root, allow_external=True)
-    cols = [TEACHER_50, TEACHER_4, name] + [f"{k} (external)" for k in externals]
+    return root
+
+
+def check_compare(teacher: Any, externals: list[str], guidance: float | None = None) -> Part:
+    """Compare's columns (teacher-50, teacher-4, a 4-step student, the externals that loaded) through the column
+    runner as Compare runs them: fused students, each column failing alone."""
+    from cdlab.columns import TEACHER_50, Column, run_columns, short_reason, teacher_columns
+
+    part = Part("compare")
+    name = "doctor-student"
+    root = _random_student(teacher, name)
+    cols = teacher_columns(teacher.guidance if guidance is None else float(guidance))
+    cols += [Column(k, kind, 4, student=k, label=f"{k} (4 steps)")
+             for k, kind in [(name, "student")] + [(k, "external") for k in externals]]
     _reset_peak(teacher.device)
-    res = cmp.run(PROMPT, 0, teacher.guidance if guidance is None else float(guidance), 4, cols)
+    with torch.inference_mode():
+        runs = run_columns(teacher, cols, [PROMPT], [0], adapters_root=root, check_base=False, capture_errors=True)
     try:
         teacher.pipe.delete_adapters(name)
     except Exception:  # not loaded (it failed) or already gone
         pass
-    for c in res.columns:
-        if c.error:
+    for r in runs:
+        if r.error is not None:
             part.status = "FAIL"
-            part.lines.append(f"{c.label}: FAILED: {c.error}")
+            part.lines.append(f"{r.column.label}: FAILED: {short_reason(r.error)}")
         else:
-            part.lines.append(f"{c.label}: {c.seconds:.2f} s, NFE {c.nfe}")
-    t50 = next((c for c in res.columns if c.label == TEACHER_50 and not c.error), None)
-    s4 = next((c for c in res.columns if c.label.startswith(name) and not c.error), None)
+            part.lines.append(f"{r.column.label}: {r.seconds:.2f} s, NFE {r.nfe}")
+    t50 = next((r for r in runs if r.column.label == TEACHER_50 and r.error is None), None)
+    s4 = next((r for r in runs if r.column.label.startswith(name) and r.error is None), None)
     if t50 and s4:
         part.data["ratio"] = t50.seconds / s4.seconds
         part.lines.append(f"teacher-50 ÷ student-4 latency: {part.data['ratio']:.1f}x "
@@ -178,8 +188,6 @@ def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | 
 
     ``guidance``: the teacher columns' CFG scale in the compare part (default: the teacher's; 1 turns CFG off,
     which halves teacher-50's cost on a CPU)."""
-    import torch
-
     out(f"cdlab doctor ({'offline: SD1.5 architecture, random weights' if offline else 'SD1.5 from the hub'}) · "
         f"torch {torch.__version__} · CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
         f" · {torch.get_num_threads()} CPU threads")
@@ -223,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="CFG scale of the teacher columns (default: the teacher's, 7.5; 1: no CFG, half the time)")
     a = p.parse_args(argv)
     if a.offline:  # no network retries: the hub is not asked, only its local cache
-        import os
-
         os.environ["HF_HUB_OFFLINE"] = "1"
     parts = run_doctor(a.offline, resolution=a.resolution, device=a.device, guidance=a.guidance)
     return 1 if any(x.status == "FAIL" for x in parts) else 0

@@ -67,6 +67,7 @@ Compare tab's columns are. Inputs are validated with ``ValueError`` messages tha
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -76,18 +77,22 @@ import torch
 import torch.nn.functional as F
 
 from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
-from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps
+from cdlab.samplers import SampleOutput
+# The user-level part: columns (what to sample, how strength sets the start), images in and out, the runner.
+from cdlab.columns import (TEACHER_4, TEACHER_50, Column, check_strength, encode_prompts, run_columns,
+                           scheduler_timesteps, start_timesteps, student_column, teacher_columns)
+from cdlab.images import decode_unit, encode_image, image_to_tensor, mask_to_tensor, to_pil
+from cdlab.students import make_scheduler
+from cdlab.teachers import teacher_lock
 
 __all__ = [
     "TECHNIQUES", "LATENT_BLUR_SIGMA", "Column", "Denoiser", "EditResult", "sdedit", "inpaint", "anagram",
     "hybrid", "denoise", "flip", "lowpass", "highpass", "gaussian_kernel", "start_timesteps", "mask_to_latent",
     "scheduler_timesteps", "SchedulerStep", "ddim_step",
     "teacher_columns", "student_column", "image_to_tensor", "mask_to_tensor", "check_strength", "encode_image",
-    "decode_unit", "edit",
+    "decode_unit", "edit", "EditTechnique", "TEACHER_50", "TEACHER_4",
 ]
 
-TEACHER_50 = "teacher-50 (CFG)"
-TEACHER_4 = "teacher-4 (naive)"
 # The hybrid's latent low-pass: a Gaussian of sigma 1 latent cell (4 px on the tiny teacher's 8x8 grid; the
 # seed's sigma 2 at 64 px is the same fraction, 1/32, of the image side as 0.25 cells of 8: one cell is the
 # smallest blur that still separates a world object's edges from its colour blob on an 8x8 grid).
@@ -174,108 +179,6 @@ def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
     if m.shape[-1] % factor or m.shape[-2] % factor:
         raise ValueError(f"mask: size {tuple(m.shape[-2:])} is not a multiple of the VAE factor {factor}")
     return F.max_pool2d(m, kernel_size=factor, stride=factor)
-
-
-# ----------------------------------------------------------------------------- timesteps
-
-@dataclass(frozen=True)
-class Column:
-    """One column: the teacher at ``steps`` DDIM+CFG steps, a consistency student at ``steps`` consistency
-    steps, or an external student (LCM-LoRA, TCD, PCM, Hyper-SD) at ``steps`` steps of its own scheduler.
-
-    Args:
-        name (`str`): the label (``TEACHER_50``, ``TEACHER_4`` or the student's name).
-        kind (`str`): ``"teacher"``, ``"student"`` (a consistency student) or ``"external"`` (a student with its
-            own diffusers scheduler, its card's ``scheduler``).
-        steps (`int`): sampling steps at strength 1.
-        guidance (`float`): the CFG scale (teacher: its own; consistency students: 1, distilled in; external
-            students: their card's, 1 for the four published ones).
-        num_boundaries (`int`, *optional*): a student's N (its card's ``num_boundaries``).
-        student (`str`, *optional*): the adapter to activate (an external student: its catalogue key).
-        card (*optional*): an external student's card (its scheduler and ``eta``).
-    """
-
-    name: str
-    kind: str
-    steps: int
-    guidance: float = 1.0
-    num_boundaries: int | None = None
-    student: str | None = None
-    card: Any = field(default=None, compare=False, repr=False)
-
-
-def teacher_columns(guidance: float) -> list[Column]:
-    """The two teacher columns of Compare: 50 DDIM+CFG steps and naively 4."""
-    return [Column(TEACHER_50, "teacher", 50, float(guidance)), Column(TEACHER_4, "teacher", 4, float(guidance))]
-
-
-def student_column(card: Any, steps: int = 4) -> Column:
-    """A student's column from its card: ``"student"`` for a consistency student (cdlab's own), ``"external"``
-    for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``)."""
-    if getattr(card, "scheduler", "consistency") == "consistency":
-        return Column(card.name, "student", int(steps), 1.0, int(card.num_boundaries), card.name)
-    nb = getattr(card, "num_boundaries", None)
-    return Column(card.name, "external", int(steps), float(getattr(card, "guidance", 1.0) or 1.0),
-                  int(nb) if nb else None, card.name, card)
-
-
-def check_strength(strength: Any, what: str = "strength") -> float:
-    """A finite number in [0, 1], or ``ValueError`` naming the field."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise ValueError(f"{what}: expected a number in [0, 1], got {strength!r}")
-    s = float(strength)
-    if not math.isfinite(s) or not 0.0 <= s <= 1.0:
-        raise ValueError(f"{what}: must be a finite number in [0, 1], got {strength!r}")
-    return s
-
-
-def _img2img_tail(timesteps: Sequence[int], steps: int, strength: float) -> list[int]:
-    """diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: the last ``min(int(N s), N)`` of N."""
-    k = min(int(steps * strength), steps)
-    ts = [int(t) for t in timesteps]
-    return ts[len(ts) - k:] if k > 0 else []
-
-
-def scheduler_timesteps(scheduler: Any, steps: int, strength: float = 1.0) -> list[int]:
-    """An external student's timesteps at ``strength``, as diffusers' ``StableDiffusionImg2ImgPipeline`` runs
-    them with that scheduler (the pipeline LCM-LoRA's, TCD's, PCM's and Hyper-SD's img2img snippets use):
-    ``scheduler.set_timesteps(steps)``, then the last ``min(int(N s), N)``, and ``set_begin_index`` where the
-    scheduler has it. This sets (mutates) ``scheduler``: pass a fresh one
-    (``cdlab.students.make_scheduler``) and step it over exactly these timesteps (:class:`SchedulerStep`)."""
-    s = check_strength(strength)
-    scheduler.set_timesteps(int(steps))
-    all_ts = [int(t) for t in scheduler.timesteps]
-    ts = _img2img_tail(all_ts, len(all_ts), s)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(len(all_ts) - len(ts))
-    return ts
-
-
-def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: int = 1000,
-                    scheduler: Any = None) -> list[int]:
-    """The timesteps a column runs at ``strength`` (the first is where the image is noised to; [] = no step).
-
-    Teacher (diffusers' img2img ``get_timesteps``): the last ``min(int(N s), N)`` of ``ddim_timesteps(N)``;
-    50 steps at s = 0.5 -> 25 steps from 499. Student (its boundaries B = ``consistency_timesteps(N, N)``,
-    999/750/500/250 for N = 4): ``consistency_timesteps(k, N)`` restricted to ``<= min{b in B : b >= s T}``;
-    k = N = 4 at s = 0.5 -> [500, 250], at s = 0.6 -> [750, 500, 250]; an N = 1 student always starts at 999.
-    External student: :func:`scheduler_timesteps` of its fresh ``scheduler`` (required), diffusers' rule.
-    """
-    s = check_strength(strength)
-    T = int(num_train_timesteps)
-    if column.kind == "external":
-        if scheduler is None:
-            raise ValueError(f"column {column.name!r}: an external student's timesteps need its scheduler")
-        return scheduler_timesteps(scheduler, column.steps, s)
-    if s == 0.0:
-        return []
-    if column.kind == "teacher":
-        return _img2img_tail(ddim_timesteps(column.steps, T), column.steps, s)
-    n = int(column.num_boundaries or column.steps)
-    boundaries = consistency_timesteps(n, n, T)
-    t_start = min(int(round(s * T)), T - 1)
-    top = min(b for b in boundaries if b >= t_start)
-    return [t for t in consistency_timesteps(column.steps, n, T) if t <= top]
 
 
 # ----------------------------------------------------------------------------- the loop and the techniques
@@ -499,95 +402,6 @@ PROMPT_FIELDS = {"sdedit": ("prompt",), "inpaint": ("prompt",), "anagram": ("pro
                  "hybrid": ("prompt_low", "prompt_high")}
 
 
-# ----------------------------------------------------------------------------- images in and out
-
-def image_to_tensor(image: Any, size: int, what: str = "image", resize: bool = True) -> torch.Tensor:
-    """A PIL image or a tensor in [-1, 1] (``[3, H, W]`` or ``[B, 3, H, W]``) -> ``[B, 3, size, size]`` float32.
-
-    A PIL image of another size is resized (bicubic) when ``resize``; a tensor of another size is refused
-    (resizing it is the caller's choice). ``ValueError`` names ``what``."""
-    import numpy as np
-
-    if image is None:
-        raise ValueError(f"{what}: no image given")
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        from PIL import Image
-
-        im = image.convert("RGB")
-        if im.size != (size, size):
-            if not resize:
-                raise ValueError(f"{what}: {im.size[0]}x{im.size[1]} px, expected {size}x{size}")
-            im = im.resize((size, size), Image.Resampling.BICUBIC)
-        arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)[None]
-        return arr / 127.5 - 1.0
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"{what}: expected a PIL image or a tensor in [-1, 1], got {type(image).__name__}")
-    x = image.detach().float().cpu()
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{what}: expected a tensor [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
-    if tuple(x.shape[-2:]) != (size, size):
-        raise ValueError(f"{what}: {x.shape[-1]}x{x.shape[-2]} px, expected {size}x{size} "
-                         "(resize the tensor, or pass a PIL image, which is resized)")
-    if not torch.isfinite(x).all() or x.min() < -1.0 - 1e-4 or x.max() > 1.0 + 1e-4:
-        raise ValueError(f"{what}: tensor values must be finite and in [-1, 1]")
-    return x.clamp(-1, 1)
-
-
-def mask_to_tensor(mask: Any, size: int, what: str = "mask", *, allow_full: bool = False) -> torch.Tensor:
-    """A mask (PIL, numpy or tensor ``[H, W]`` / ``[B, 1, H, W]``; > 0.5 = regenerate) -> ``[B, 1, size, size]``
-    in {0, 1}. A PIL mask of another size is resized (nearest). Refuses an empty mask (nothing to inpaint)
-    and, unless ``allow_full``, one covering every pixel (that is text-to-image)."""
-    import numpy as np
-
-    if mask is None:
-        raise ValueError(f"{what}: no mask given")
-    if hasattr(mask, "convert") and hasattr(mask, "size"):
-        from PIL import Image
-
-        m = mask.convert("L")
-        if m.size != (size, size):
-            m = m.resize((size, size), Image.Resampling.NEAREST)
-        t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
-    elif isinstance(mask, (np.ndarray, torch.Tensor)):
-        t = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask.detach().cpu()).float()
-    else:
-        raise ValueError(f"{what}: expected a PIL image, an array or a tensor, got {type(mask).__name__}")
-    if t.ndim == 2:
-        t = t[None, None]
-    elif t.ndim == 3:
-        t = t[:, None] if t.shape[0] != 1 else t[None]
-    if t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"{what}: expected [H, W] or [B, 1, H, W], got {tuple(t.shape)}")
-    if tuple(t.shape[-2:]) != (size, size):
-        raise ValueError(f"{what}: {t.shape[-1]}x{t.shape[-2]}, expected {size}x{size}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what}: has non-finite values")
-    t = (t > 0.5).float()
-    if not t.flatten(1).any(1).all():
-        raise ValueError(f"{what}: empty (no pixel > 0.5): nothing to inpaint")
-    if not allow_full and t.flatten(1).all(1).any():
-        raise ValueError(f"{what}: covers the whole image: that is text-to-image, not inpainting")
-    return t
-
-
-@torch.no_grad()
-def encode_image(teacher: Any, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents ``vae.encode(x).latent_dist.mean * scaling_factor`` (deterministic)."""
-    vae = teacher.vae
-    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-    return z.to(teacher.device, teacher.dtype)
-
-
-@torch.no_grad()
-def decode_unit(teacher: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> float32 images in [0, 1], ``[B, 3, H, W]``."""
-    vae = teacher.vae
-    img = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
 # ----------------------------------------------------------------------------- the columns
 
 @dataclass
@@ -617,6 +431,34 @@ class EditResult:
     seconds: float = 0.0
 
 
+@dataclass
+class EditTechnique:
+    """What an edit adds to a column's sampling: the ``technique`` hook of :func:`cdlab.columns.run_columns`.
+
+    For each column it builds the column's model (:class:`Denoiser`: CFG for a teacher or an external student,
+    the conditional eps for a consistency student), its step (the DDIM jump, or an external student's own
+    fresh diffusers scheduler, :class:`SchedulerStep`, whose noise is the runner's generator) and its
+    timesteps at ``strength`` (:func:`start_timesteps`), then runs ``fn`` (a value of :data:`TECHNIQUES`).
+    """
+
+    fn: Callable[..., SampleOutput]
+    x0: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    strength: float = 1.0
+    sigma: float = LATENT_BLUR_SIGMA
+
+    def __call__(self, teacher: Any, column: Column, card: Any, x_T: torch.Tensor, conds: Sequence[Cond], *,
+                 generator: torch.Generator | None = None, return_trajectory: bool = False) -> SampleOutput:
+        sched, step = teacher.scheduler, None
+        if column.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
+            sched = make_scheduler(teacher.pipe, card)
+            step = SchedulerStep(sched, eta=(card.scheduler_kwargs or {}).get("eta"), generator=generator)
+        model = Denoiser(teacher.unet, None if column.kind == "student" else column.guidance)
+        ts = start_timesteps(column, self.strength, int(teacher.scheduler.config.num_train_timesteps), sched)
+        return self.fn(model, x_T, conds, ts, sched, x0=self.x0, mask=self.mask, strength=self.strength,
+                       sigma=self.sigma, return_trajectory=return_trajectory, step=step)
+
+
 def _check_prompts(technique: str, prompts: Sequence[str]) -> list[str]:
     names = PROMPT_FIELDS[technique]
     if isinstance(prompts, str):
@@ -628,6 +470,26 @@ def _check_prompts(technique: str, prompts: Sequence[str]) -> list[str]:
         if not isinstance(p, str):
             raise ValueError(f"{name}: expected a string, got {type(p).__name__}")
     return prompts
+
+
+def _check_inputs(teacher: Any, technique: str, image: Any, mask: Any, sigma: float, columns: Sequence[Column]):
+    """The image ``[B, 3, H, W]`` (or None) and the latent mask ``[B, 1, h, w]`` (or None), checked."""
+    if not math.isfinite(float(sigma)) or float(sigma) < 0:
+        raise ValueError(f"sigma: expected a finite number >= 0, got {sigma!r}")
+    if not columns:
+        raise ValueError("columns: no column to run")
+    size = int(teacher.resolution)
+    x_img = None
+    if technique in ("sdedit", "inpaint") or image is not None:
+        x_img = image_to_tensor(image, size)
+    b = 1 if x_img is None else x_img.shape[0]
+    m_lat = None
+    if technique == "inpaint":
+        m = mask_to_tensor(mask, size)
+        if m.shape[0] not in (1, b):
+            raise ValueError(f"mask: {m.shape[0]} masks for {b} images")
+        m_lat = mask_to_latent(m, int(teacher.pipe.vae_scale_factor)).expand(b, -1, -1, -1)
+    return x_img, m_lat
 
 
 @torch.no_grad()
@@ -649,10 +511,13 @@ def edit(
 ) -> list[EditResult]:
     """Run one edit in every column from the same initial noise and text encoding.
 
+    The columns are sampled by :func:`cdlab.columns.run_columns` (the seeding rule, the student switch, the
+    timing), with the technique as its hook (:class:`EditTechnique`).
+
     Args:
         teacher (`cdlab.teachers.Teacher`): the teacher; a student column runs on its UNet with the student's fused
-            weights swapped in (`cdlab.students.activation.swapped_student`, computed once and kept, as Compare
-            does; ``fuse=False``: peft's unfused LoRA layers) and the plain teacher is active again on return.
+            weights swapped in (the student switch of `cdlab.columns`, computed once and kept, as Compare does;
+            ``fuse=False``: peft's unfused LoRA layers) and the plain teacher is active again on return.
         technique (`str`): a key of :data:`TECHNIQUES`.
         prompts: sdedit/inpaint ``[prompt]`` (or a string); anagram ``[prompt_up, prompt_flipped]``; hybrid
             ``[prompt_low, prompt_high]``. An empty prompt is the unconditional projection of §1.7.
@@ -667,84 +532,30 @@ def edit(
     Raises:
         ValueError: a message naming the field (``image``, ``mask``, ``strength``, a prompt, ``technique``).
     """
-    from cdlab.students import activate_student, load_external_student, load_student, make_scheduler
-    from cdlab.students.activation import swapped_student
-    from cdlab.teachers import teacher_lock
-    from cdlab.timing import sync
-
     if technique not in TECHNIQUES:
         raise ValueError(f"technique: expected one of {sorted(TECHNIQUES)}, got {technique!r}")
     prompts = _check_prompts(technique, prompts)
     strength = check_strength((0.6 if technique == "sdedit" else 1.0) if strength is None else strength)
-    if not math.isfinite(float(sigma)) or float(sigma) < 0:
-        raise ValueError(f"sigma: expected a finite number >= 0, got {sigma!r}")
-    if not columns:
-        raise ValueError("columns: no column to run")
-    size = int(teacher.resolution)
-    x_img = None
-    if technique in ("sdedit", "inpaint") or image is not None:
-        x_img = image_to_tensor(image, size)
+    x_img, m_lat = _check_inputs(teacher, technique, image, mask, sigma, columns)
     b = 1 if x_img is None else x_img.shape[0]
-    m_lat = None
-    if technique == "inpaint":
-        m = mask_to_tensor(mask, size)
-        if m.shape[0] not in (1, b):
-            raise ValueError(f"mask: {m.shape[0]} masks for {b} images")
-        m_lat = mask_to_latent(m, int(teacher.pipe.vae_scale_factor)).expand(b, -1, -1, -1)
-    if noise is None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-        noise = torch.cat([teacher.initial_noise(seed + i, 1) for i in range(b)])
-    fn = TECHNIQUES[technique]
-    results: list[EditResult] = []
+    if noise is None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    seeds = [int(seed) + i for i in range(b)]
+    rows = [tuple(prompts)] * b
     with teacher_lock(teacher):
         t0 = time.perf_counter()
-        embs = [teacher.encode([p] * b) for p in prompts]
+        embs = encode_prompts(teacher, rows)
         x0 = encode_image(teacher, x_img) if x_img is not None else None
         shared_s = time.perf_counter() - t0
         m_lat = m_lat.to(teacher.device, teacher.dtype) if m_lat is not None else None
-        for col in columns:
-            if col.kind == "external":
-                load_external_student(teacher.pipe, col.student, base_model=teacher.base_id)
-            elif col.student is not None:
-                load_student(teacher.pipe, col.student, root=adapters_root, base_model=teacher.base_id)
-        try:
-            for col in columns:
-                if col.student and fuse:  # the student's W + ΔW swapped in, as Compare runs it (kept across calls)
-                    run_as = swapped_student(teacher.pipe, col.student)
-                else:
-                    activate_student(teacher.pipe, col.student)
-                    run_as = _null()
-                with run_as:
-                    sched, step = teacher.scheduler, None
-                    if col.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
-                        sched = make_scheduler(teacher.pipe, col.card)
-                        step = SchedulerStep(sched, eta=(col.card.scheduler_kwargs or {}).get("eta"),
-                                             generator=torch.Generator().manual_seed(seed))
-                    model = Denoiser(teacher.unet, None if col.kind == "student" else col.guidance)
-                    ts = start_timesteps(col, strength, int(teacher.scheduler.config.num_train_timesteps), sched)
-                    sync(teacher.device)
-                    t1 = time.perf_counter()
-                    out = fn(model, noise, embs, ts, sched, x0=x0, mask=m_lat, strength=strength,
-                             sigma=float(sigma), return_trajectory=return_trajectory, step=step)
-                    pixels = decode_unit(teacher, out.latents)
-                    sync(teacher.device)
-                    seconds = time.perf_counter() - t1 + shared_s
-                    traj = [_to_pil(decode_unit(teacher, z[:1]))[0] for z in out.x0_trajectory]
-                results.append(EditResult(col.name, technique, _to_pil(pixels), pixels, out.latents, traj,
-                                          out.timesteps, out.nfe, seconds))
-        finally:
-            activate_student(teacher.pipe, None)
-    return results
+        hook = EditTechnique(TECHNIQUES[technique], x0, m_lat, strength, float(sigma))
+        runs = run_columns(teacher, columns, rows, seeds, noise=noise, embeddings=embs, technique=hook,
+                           return_trajectory=return_trajectory, decode=lambda z: decode_unit(teacher, z),
+                           fuse=fuse, adapters_root=adapters_root)
+        return [EditResult(r.column.name, technique, to_pil(r.images), r.images, r.latents,
+                           [to_pil(decode_unit(teacher, z[:1]))[0] for z in r.x0_trajectory], r.timesteps, r.nfe,
+                           r.seconds + shared_s) for r in runs]
 
 
 def _null():
-    import contextlib
-
     return contextlib.nullcontext()
-
-
-def _to_pil(pixels: torch.Tensor) -> list:
-    from cdlab.metrics import tensor_to_pil
-
-    return tensor_to_pil(pixels)

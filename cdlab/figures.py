@@ -9,35 +9,26 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from PIL import Image, ImageDraw
+
+from cdlab.columns import Column, run_columns
+from cdlab.prompts import tiny_prompts
+from cdlab.students import list_students
+from cdlab.teachers import load_teacher
+
 TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
 
 
 def comparison_grid(teacher: Any, prompts: Sequence[str], seeds: Sequence[int], *,
                     teacher_steps: Sequence[int] = TEACHER_STEPS, students: Sequence[str] = (),
                     student_steps: int = 4, guidance: float | None = None, cell: int = 96):
-    """A captioned PIL grid: one row per (prompt, seed), one column per sampler."""
-    import torch
-    from PIL import Image, ImageDraw
-
-    from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
-    from cdlab.students import activate_student, load_student
-
+    """A captioned PIL grid: one row per (prompt, seed), one column per sampler (`cdlab.columns.run_columns`:
+    the seeding rule, students as peft's active adapter)."""
     w = teacher.guidance if guidance is None else guidance
-    cond, uncond = teacher.encode(list(prompts))
-    x_T = torch.cat([teacher.initial_noise(s) for s in seeds])
-    columns: list[tuple[str, list]] = []
-    with torch.no_grad():
-        activate_student(teacher.pipe, None)
-        for k in teacher_steps:
-            out = sample_ddim(teacher.unet, x_T, cond, uncond, w, ddim_timesteps(k), teacher.scheduler)
-            columns.append((f"teacher {k}", teacher.decode(out.latents)))
-        for name in students:
-            card = load_student(teacher.pipe, name)
-            activate_student(teacher.pipe, name)
-            ts = consistency_timesteps(student_steps, card.num_boundaries)
-            out = sample_consistency(teacher.unet, x_T, cond, ts, teacher.scheduler)
-            columns.append((f"{name} {student_steps}", teacher.decode(out.latents)))
-        activate_student(teacher.pipe, None)
+    cols = [Column(f"teacher {k}", "teacher", k, w) for k in teacher_steps]
+    cols += [Column(name, "student", student_steps, student=name, label=f"{name} {student_steps}") for name in students]
+    runs = run_columns(teacher, cols, list(prompts), list(seeds), fuse=False, check_base=False)
+    columns = [(r.column.label, r.images) for r in runs]
     head = 18
     grid = Image.new("RGB", (cell * len(columns), head + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
@@ -54,10 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=6)
     ap.add_argument("--out", default="docs/grid.png")
     args = ap.parse_args(argv)
-
-    from cdlab.students import list_students
-    from cdlab.teachers import load_teacher
-    from cdlab.ui.compare import tiny_prompts
 
     teacher = load_teacher(args.model)
     prompts = tiny_prompts(args.rows)

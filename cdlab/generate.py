@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cdlab.columns import Column, run_columns, student_column
+from cdlab.samplers import consistency_timesteps
+from cdlab.students import EXTERNAL_STUDENTS, external_card, read_card
+from cdlab import teachers
+
 TEACHER_STEPS = 50   # DDIM steps for the teacher when --steps is not given
 
 
@@ -49,32 +54,28 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _student_sample(teacher: Any, args: argparse.Namespace, x_T: Any) -> tuple[Any, int, str]:
-    """Latents, NFE and a label from the student named in ``args.student``."""
-    import torch
-
-    from cdlab import students  # imported only when a student is asked for
-    from cdlab.samplers import consistency_timesteps, sample_student
-
-    if args.student in students.EXTERNAL_STUDENTS:
-        card = students.load_external_student(teacher, args.student)
-    else:
-        card = students.load_student(teacher, args.student)
+def _column(teacher: Any, args: argparse.Namespace) -> tuple[Column, str, str | None]:
+    """The column ``args`` asks for, its label, and a note for the user (or None)."""
+    if not args.student:
+        steps = args.steps or TEACHER_STEPS
+        guidance = teacher.guidance if args.guidance is None else args.guidance  # the teacher's own default
+        return (Column(f"teacher-{steps}", "teacher", steps, guidance),
+                f"teacher DDIM {steps} steps, guidance {guidance:g}", None)
+    external = args.student in EXTERNAL_STUDENTS
+    card = external_card(args.student) if external else read_card(args.student)
     steps = args.steps or card.steps
+    note = None
     if card.scheduler == "consistency":
         if args.guidance not in (None, 1.0):
-            print(f"note: --guidance is ignored for consistency student {card.name!r} (guidance is distilled in)")
-        gen = torch.Generator("cpu").manual_seed(args.seed + 1) if args.stochastic else None
+            note = f"note: --guidance is ignored for consistency student {card.name!r} (guidance is distilled in)"
         label = f"student {card.name} ({steps} consistency steps {consistency_timesteps(steps, card.num_boundaries or steps)})"
     else:  # a diffusers-scheduler student (LCM, TCD, ...): its card's scheduler, as in Compare (same seed, same image)
         if args.guidance is not None:
             card = dataclasses.replace(card, guidance=float(args.guidance))
-        gen = torch.Generator("cpu").manual_seed(args.seed)
         label = f"student {card.name} ({steps} steps, {card.scheduler})"
-    cond, uncond = teacher.encode([args.prompt])
-    out = sample_student(teacher.unet, x_T, cond, uncond, card, steps, students.make_scheduler(teacher.pipe, card),
-                         stochastic=bool(args.stochastic), generator=gen)
-    return out.latents, out.nfe, label
+    if external:  # its card travels with the column (its guidance may be --guidance)
+        return student_column(card, steps), label, note
+    return Column(card.name, "student", steps, num_boundaries=card.num_boundaries, student=card.name), label, note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,29 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
-    from cdlab.samplers import ddim_timesteps, sample_ddim
-    from cdlab.teachers import TeacherLoadError, load_teacher
-
     try:
-        teacher = load_teacher(args.model, device=args.device)
-    except TeacherLoadError as e:
+        teacher = teachers.load_teacher(args.model, device=args.device)  # looked up now: tests patch it
+    except teachers.TeacherLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    x_T = teacher.initial_noise(args.seed)
     start = time.perf_counter()
-    if args.student:
-        try:
-            latents, nfe, label = _student_sample(teacher, args, x_T)
-        except ValueError as e:  # StudentError is a ValueError
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    else:
-        steps = args.steps or TEACHER_STEPS
-        guidance = teacher.guidance if args.guidance is None else args.guidance  # the teacher's own default
-        cond, uncond = teacher.encode([args.prompt])
-        out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(steps), teacher.scheduler)
-        latents, nfe, label = out.latents, out.nfe, f"teacher DDIM {steps} steps, guidance {guidance:g}"
-    image = teacher.decode(latents)[0]
+    try:  # students run as peft's active adapter (fuse=False), on the seeding rule of cdlab.columns
+        column, label, note = _column(teacher, args)
+        run = run_columns(teacher, [column], [args.prompt], [args.seed], stochastic=bool(args.stochastic),
+                          fuse=False)[0]
+    except ValueError as e:  # StudentError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if note:
+        print(note)
+    image, nfe = run.images[0], run.nfe
     seconds = time.perf_counter() - start
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

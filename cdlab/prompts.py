@@ -1,10 +1,12 @@
-"""Fixed evaluation prompts: the course's 8 sampling prompts, or COCO captions when a dataset is given."""
+"""Fixed prompts: the course's 8 sampling prompts, a fixed set of tiny-world captions, or COCO captions when a
+dataset is given."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
 from cdlab.jsonl import iter_jsonl
+from cdlab.world import Caption, sample_captions
 
 # The course's sampling prompts (the final project's "Sampling Prompts").
 COURSE_PROMPTS: tuple[str, ...] = (
@@ -51,3 +53,19 @@ def course_prompts(n: int | None = None) -> list[str]:
     """The course's 8 prompts, cycled to ``n`` (each repeat gets its own seed in the evaluation)."""
     n = len(COURSE_PROMPTS) if n is None else n
     return [COURSE_PROMPTS[i % len(COURSE_PROMPTS)] for i in range(n)]
+
+
+def tiny_prompts(n: int = 8, seed: int = 0) -> list[str]:
+    """A fixed, varied set of tiny-world captions (every shape, both sizes, several positions).
+
+    The first is the Compare page's default: at seed 0 and the teacher's guidance the naive 4-step teacher
+    draws it white on cyan while teacher-50 and every shipped student draw it right (checked by
+    tests/test_ui_compare.py::test_the_default_preset_shows_naive_sampling_fail)."""
+    fixed = [
+        Caption("large", "yellow", "triangle", "top right", "gray"),
+        Caption("large", "red", "circle", "center", "white"),
+        Caption("small", "blue", "square", "top left", "yellow"),
+        Caption("small", "yellow", "cross", "top right", "blue"),
+    ]
+    rest = [c for c in sample_captions(n, seed=seed) if c not in fixed] if n > len(fixed) else []
+    return [c.text for c in (fixed + rest)[:n]]

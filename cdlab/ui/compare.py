@@ -7,17 +7,31 @@ noise are computed once per request.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
+import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-TEACHER_50 = "teacher-50 (CFG)"
-TEACHER_4 = "teacher-4 (naive)"
-STUDENT_STEPS = (1, 2, 4, 8)
+import torch
+
+from cdlab.batching import MicroBatcher
+from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason
+from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
+from cdlab.samplers import consistency_timesteps
+from cdlab.students import EXTERNAL_STUDENTS, list_students
+from cdlab.teachers import is_tiny, teacher_lock
+from cdlab.ui.compare_view import compose_comparison, error_image
+from cdlab.world.grammar import nearest_caption
+
+__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
+           "Comparer", "tiny_prompts", "prompt_presets", "is_tiny", "random_seed", "validate_request",
+           "trajectory_grid", "align_to_grid"]
+
 MAX_PROMPT_CHARS = 500
 SEED_MAX = 2**32 - 1
 GUIDANCE_RANGE = (1.0, 20.0)
@@ -27,62 +41,13 @@ class InputError(ValueError):
     """A request the app refuses with a message for the user (the server stays up)."""
 
 
-def tiny_prompts(n: int = 8, seed: int = 0) -> list[str]:
-    """A fixed, varied set of tiny-world captions (every shape, both sizes, several positions).
-
-    The first is the page's default: at seed 0 and the teacher's guidance the naive 4-step teacher draws it
-    white on cyan while teacher-50 and every shipped student draw it right (checked by
-    tests/test_ui_compare.py::test_the_default_preset_shows_naive_sampling_fail)."""
-    from cdlab.world import Caption, sample_captions
-
-    fixed = [
-        Caption("large", "yellow", "triangle", "top right", "gray"),
-        Caption("large", "red", "circle", "center", "white"),
-        Caption("small", "blue", "square", "top left", "yellow"),
-        Caption("small", "yellow", "cross", "top right", "blue"),
-    ]
-    rest = [c for c in sample_captions(n, seed=seed) if c not in fixed] if n > len(fixed) else []
-    return [c.text for c in (fixed + rest)[:n]]
-
-
 def prompt_presets(teacher: Any) -> list[str]:
     """The presets for the loaded teacher: tiny-world captions for the tiny teacher, else the course's prompts."""
-    from cdlab.prompts import COURSE_PROMPTS
-
     return tiny_prompts() if is_tiny(teacher) else list(COURSE_PROMPTS)
-
-
-def is_tiny(teacher: Any) -> bool:
-    from cdlab.teachers import is_tiny as _is_tiny
-
-    return _is_tiny(teacher)
 
 
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
-
-
-@dataclass
-class Column:
-    """One column of the comparison: what to sample and how."""
-
-    label: str
-    kind: str  # "teacher" | "student" | "external"
-    steps: int
-    guidance: float = 1.0  # > 1 means CFG (two UNet calls per step)
-    student: str | None = None
-    card: Any = None
-
-    def method(self) -> str:
-        """What the column is, in words (the caption's first line)."""
-        if self.kind == "teacher":
-            return (f"teacher · DDIM {self.steps} steps" + (f" · CFG {self.guidance:g}" if self.guidance != 1 else "")
-                    + (" (naive)" if self.steps < 50 else ""))
-        m = str(getattr(self.card, "method", "") or "").upper()
-        if self.kind == "external":
-            return f"{self.student} · published LoRA · {getattr(self.card, 'scheduler', '') or 'own scheduler'}"
-        n = getattr(self.card, "num_boundaries", None)
-        return f"student · {m}" + (f" · N={n}" if n else "")
 
 
 @dataclass
@@ -159,7 +124,7 @@ class CompareResult:
     total_seconds: float = 0.0
     grid: list[int] = field(default_factory=list)  # the trajectory's timesteps, high to low (empty: none)
     batch: int = 1  # requests served together with this one (1: alone)
-    result_id: str = field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])  # tells results apart
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells results apart
 
     def table(self) -> list[list[Any]]:
         """Rows ``[column, seconds, NFE, speedup]`` for a table."""
@@ -173,8 +138,6 @@ class CompareResult:
 
     def compose(self, cell: int = 256, with_trajectory: bool | None = None):
         """The whole comparison as one captioned PIL image (the "Download" PNG)."""
-        from cdlab.ui.compare_view import compose_comparison
-
         return compose_comparison(self, cell=cell, with_trajectory=with_trajectory)
 
 
@@ -216,8 +179,6 @@ def trajectory_grid(student_steps: int, columns: list[Column]) -> list[int]:
     """The timesteps a trajectory is shown at: the students' own (``consistency_timesteps(k, k)``: 999, 750,
     500, 250 for 4 steps), and at least the naive teacher's 4 when that column is shown, so every step of
     every few-step column has its cell."""
-    from cdlab.samplers import consistency_timesteps
-
     k = max([student_steps] + [c.steps for c in columns if c.kind == "teacher" and c.steps < 50])
     return consistency_timesteps(k, k)
 
@@ -272,9 +233,9 @@ class Comparer:
     served together, each column's UNet calls batched across them (each request keeps its own prompt,
     seed, noise and guidance, so its images are the ones it would get alone, up to float rounding of a
     larger batch). Teacher columns are cached by (prompt, seed, guidance, steps): changing only the
-    student steps or the student columns does not sample the teacher again. Student columns run with the
-    student's fused weights swapped into the UNet (`cdlab.students.activation.swapped_student`), so they cost
-    what a plain UNet costs.
+    student steps or the student columns does not sample the teacher again. Columns are sampled by
+    `cdlab.columns.run_columns`: students with their fused weights swapped into the UNet, so they cost what a
+    plain UNet costs.
 
     Args:
         teacher: a `cdlab.teachers.Teacher`.
@@ -291,11 +252,6 @@ class Comparer:
     def __init__(self, teacher: Any, adapters_root: Path | None = None, allow_external: bool | None = None,
                  *, batching: bool = True, max_batch_requests: int = 32, max_rows: int | None = None,
                  cache_size: int = 64, fuse: bool = True):
-        import threading
-        from collections import OrderedDict
-
-        from cdlab.batching import MicroBatcher
-
         self.teacher = teacher
         self.adapters_root = adapters_root
         if allow_external is None:  # SD1.5 LoRAs fit SD1.5's architecture (the hub model or sd15-random)
@@ -314,15 +270,11 @@ class Comparer:
     # -- columns -----------------------------------------------------------------------------
     def students(self) -> list[Any]:
         """Local students that fit the teacher, read fresh from disk (a new one shows up at once)."""
-        from cdlab.students import list_students
-
         return list_students(root=self.adapters_root, base_model=self.teacher.base_id)
 
     def external_keys(self) -> list[str]:
         if not self.allow_external:
             return []
-        from cdlab.students import EXTERNAL_STUDENTS
-
         return list(EXTERNAL_STUDENTS)
 
     def column_choices(self) -> list[str]:
@@ -348,9 +300,11 @@ class Comparer:
                 cols.append(Column(TEACHER_4, "teacher", 4, guidance))
             elif name in students:
                 card = students[name]
-                cols.append(Column(f"{name} ({steps} steps)", "student", steps, 1.0, student=name, card=card))
+                cols.append(Column(name, "student", steps, 1.0, student=name, card=card,
+                                   label=f"{name} ({steps} steps)"))
             elif name in externals:
-                cols.append(Column(f"{externals[name]} ({steps} steps)", "external", steps, student=externals[name]))
+                key = externals[name]
+                cols.append(Column(key, "external", steps, student=key, label=f"{key} ({steps} steps)"))
             else:
                 raise InputError(
                     f"Unknown column {name[:80]!r}: the student may have been deleted or does not fit the loaded "
@@ -364,8 +318,6 @@ class Comparer:
         grammar and for SD1.5 (which takes any prompt)."""
         if not is_tiny(self.teacher) or not isinstance(prompt, str) or not prompt.strip():
             return "", None
-        from cdlab.world.grammar import nearest_caption
-
         caption, unknown = nearest_caption(prompt)
         if caption.text == " ".join(prompt.lower().split()).rstrip("."):
             return "", None
@@ -416,11 +368,6 @@ class Comparer:
     def _serve(self, reqs: list[_Request]) -> list[CompareResult | BaseException]:
         """One batch: encode every prompt at once, sample each column for all the requests that asked for it,
         decode, and assemble each request's result (in its own column order)."""
-        import torch
-
-        from cdlab.students import activate_student
-        from cdlab.teachers import teacher_lock
-
         t = self.teacher
         out: list[CompareResult | BaseException] = []
         with teacher_lock(t), torch.inference_mode():
@@ -430,7 +377,6 @@ class Comparer:
             index = {p: i for i, p in enumerate(prompts)}
             conds = [cond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
             unconds = [uncond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
-            noises = [t.initial_noise(r.seed) for r in reqs]  # the same noise for every column of a request
             done: list[dict[str, _Sampled | str]] = [{} for _ in reqs]
             units: dict[tuple, list[tuple[int, Column]]] = {}
             for ri, r in enumerate(reqs):
@@ -443,9 +389,9 @@ class Comparer:
                     units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
             for key, members in units.items():
                 try:
-                    sampled = self._sample_unit(members, reqs, noises, conds, unconds)
+                    sampled = self._sample_unit(members, reqs, conds, unconds)
                 except Exception as e:  # this column fails alone (for every request in it); the others render
-                    reason = _short_reason(e)
+                    reason = short_reason(e)
                     for ri, _ in members:
                         done[ri][members[0][1].label] = reason
                     continue
@@ -453,7 +399,6 @@ class Comparer:
                     done[ri][col.label] = s
                     if col.kind == "teacher":
                         self._cache_put(self._cache_key(reqs[ri], col), s)
-            activate_student(t.pipe, None)
             for ri, r in enumerate(reqs):
                 try:
                     out.append(self._assemble(r, done[ri], len(reqs), t0))
@@ -496,69 +441,26 @@ class Comparer:
         with self._cache_lock:
             self._cache.clear()
 
-    def _sample_unit(self, members: list[tuple[int, Column]], reqs: list[_Request], noises, conds,
-                     unconds) -> list[_Sampled]:
-        """Sample one column for every request in ``members`` (in row chunks of at most ``max_rows``); the
-        caller holds the teacher lock. The time is the unit's wall time, activation and decoding included."""
-        import torch
-
-        from cdlab.samplers import ddim_timesteps, sample_ddim, sample_student
-        from cdlab.students import activate_student, load_student, make_scheduler
-        from cdlab.students.activation import fused_weights, swapped_student
-        from cdlab.timing import sync
-
-        t = self.teacher
-        pipe = t.pipe
+    def _sample_unit(self, members: list[tuple[int, Column]], reqs: list[_Request], conds, unconds) -> list[_Sampled]:
+        """Sample one column for every request in ``members`` through `cdlab.columns.run_columns` (each request
+        from its own seed's noise, in row chunks of at most ``max_rows``); the caller holds the teacher lock. The
+        time is the unit's wall time, activation and decoding included; loading is ``load_seconds``."""
         col = members[0][1]
-        want_traj = any(reqs[ri].show_trajectory for ri, _ in members)
-        t_load = time.perf_counter()
-        if col.kind == "student":
-            load_student(pipe, col.student, root=self.adapters_root, activate=not self.fuse)
-        elif col.kind == "external":
-            from cdlab.students import load_external_student
-
-            col.card = load_external_student(pipe, col.student)
-        adapter = None if col.kind == "teacher" else (col.card.name if col.kind == "external" else col.student)
-        if adapter is not None and self.fuse:
-            fused_weights(pipe, adapter)  # computed once per version of the student: load time, not sampling
-        load_seconds = time.perf_counter() - t_load
-        sync(t.device)
-        t0 = time.perf_counter()
-        if adapter is None or not self.fuse:
-            activate_student(pipe, adapter)
-        card = col.card
+        rows = [ri for ri, _ in members]
+        emb = (torch.cat([conds[ri] for ri in rows]), torch.cat([unconds[ri] for ri in rows]))
+        run = run_columns(self.teacher, [col], [reqs[ri].prompt for ri in rows], [reqs[ri].seed for ri in rows],
+                          embeddings=[emb], guidance=[c.guidance for _, c in members],
+                          return_trajectory=any(reqs[ri].show_trajectory for ri in rows), fuse=self.fuse,
+                          adapters_root=self.adapters_root, check_base=False, max_rows=self.max_rows)[0]
         for _, c in members:
-            c.card = card
-        rows_per = 2 if (col.kind == "teacher" and col.guidance != 1.0) else 1
-        chunk = max(1, self.max_rows // rows_per)
-        fuse = swapped_student(pipe, adapter) if adapter is not None and self.fuse else contextlib.nullcontext()
-        outs = []
-        with fuse:
-            for lo in range(0, len(members), chunk):
-                part = members[lo:lo + chunk]
-                x_T = torch.cat([noises[ri] for ri, _ in part])
-                cond = torch.cat([conds[ri] for ri, _ in part])
-                uncond = torch.cat([unconds[ri] for ri, _ in part])
-                if col.kind == "teacher":
-                    w = torch.tensor([c.guidance for _, c in part], device=x_T.device, dtype=x_T.dtype)
-                    o = sample_ddim(t.unet, x_T, cond, uncond, w if len(part) > 1 else float(part[0][1].guidance),
-                                    ddim_timesteps(col.steps), t.scheduler, return_trajectory=want_traj)
-                else:  # stochastic schedulers: one request per unit, its own seed (see _unit_key)
-                    seed = reqs[part[0][0]].seed
-                    o = sample_student(t.unet, x_T, cond, uncond, card, col.steps, make_scheduler(pipe, card),
-                                       return_trajectory=want_traj,
-                                       generator=torch.Generator(device="cpu").manual_seed(seed))
-                outs.append((part, o, t.decode(o.latents)))
-        sync(t.device)
-        seconds = time.perf_counter() - t0
+            c.card = run.card
         result: list[_Sampled] = []
-        for part, o, images in outs:
-            per_image_nfe = int(o.nfe)
-            for j, (ri, _) in enumerate(part):
-                x0 = [f[j:j + 1] for f in o.x0_trajectory] if reqs[ri].show_trajectory or col.kind == "teacher" else []
-                xt = [f[j:j + 1] for f in o.xt_trajectory] if x0 else []
-                result.append(_Sampled(images[j], seconds, per_image_nfe, list(o.timesteps), x0, xt,
-                                       batch=len(members), load_seconds=load_seconds))
+        for j, ri in enumerate(rows):
+            keep = reqs[ri].show_trajectory or col.kind == "teacher"  # a cached teacher column can show it later
+            x0 = [f[j:j + 1] for f in run.x0_trajectory] if keep else []
+            xt = [f[j:j + 1] for f in run.xt_trajectory] if x0 else []
+            result.append(_Sampled(run.images[j], run.seconds, run.nfe, run.timesteps, x0, xt, batch=len(members),
+                                   load_seconds=run.load_seconds))
         return result
 
     def _assemble(self, r: _Request, done: dict[str, _Sampled | str], batch: int, t0: float) -> CompareResult:
@@ -580,8 +482,6 @@ class Comparer:
                 idx = align_to_grid(s.timesteps, grid)
                 picked = [j for j in idx if j is not None]
                 if picked:
-                    import torch
-
                     with torch.inference_mode():
                         frames = t.decode(torch.cat([s.x0[j] for j in picked] + [s.xt[j] for j in picked]))
                     x0f, xtf = frames[:len(picked)], frames[len(picked):]
@@ -609,8 +509,6 @@ class _AllColumnsFailed(ValueError):
 
 
 def _error_image(reason: str):
-    from cdlab.ui.compare_view import error_image
-
     return error_image(reason)
 
 
@@ -625,8 +523,3 @@ def _fill_speedups(results: list[ColumnResult]) -> None:
             r.speedup = ref.seconds_per_image / r.seconds_per_image
         elif r.nfe > 0:
             r.speedup, r.speedup_estimated = 100 / r.nfe, True  # teacher-50 with CFG: 100 NFE
-
-
-def _short_reason(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdlab.ui.compare import TEACHER_4, TEACHER_50, InputError, is_tiny, validate_request
+from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50
+from cdlab.ui.compare import InputError, is_tiny, validate_request
 
 TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")
 TECHNIQUE_LABELS = {
@@ -43,7 +44,6 @@ DEFAULT_STRENGTH = {"sdedit": 0.6, "inpaint": 1.0, "anagram": 1.0, "hybrid": 1.0
 MAX_UPLOAD_SIDE = 4096      # px; a larger upload is refused before anything is resized
 MIN_UPLOAD_SIDE = 8
 MAX_ASPECT = 1.25           # the teachers are square: a clearly non-square upload is refused (crop it first)
-STUDENT_STEPS = (1, 2, 4, 8)
 LEGEND = (
     "**input**: what SDEdit and inpainting start from (noised to the strength's timestep) · **teacher-50**: DDIM, "
     "50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: distilled LoRAs (CT, CD, "
