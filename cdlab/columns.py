@@ -23,17 +23,15 @@ weights ``W + dW`` swapped into the UNet (computed once, outside the timed sampl
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps, sample_ddim, sample_student
-from cdlab.students import activate_student, load_external_student, load_student, make_scheduler
-from cdlab.students.activation import fused_weights, swapped_student
+from cdlab.students import load_external_student, load_student, make_scheduler, prepare_student, use_student
 from cdlab.teachers import teacher_lock
 from cdlab.timing import sync
 
@@ -195,36 +193,20 @@ def encode_prompts(teacher: Any, prompts: Sequence[str | Sequence[str]]) -> list
 
 # ----------------------------------------------------------------------------- the student switch
 
-@contextlib.contextmanager
-def _use_student(pipe: Any, name: str | None, *, fuse: bool = True) -> Iterator[None]:
-    """Run the UNet as student ``name`` (None: the plain teacher) for the block: its fused weights swapped in
-    when ``fuse`` (`swapped_student`), else peft's adapter active (`activate_student`); the plain teacher is
-    active again on exit. (Until ``cdlab.students.use_student`` exists: the same contract.)"""
-    if name is not None and fuse:
-        with swapped_student(pipe, name):
-            yield
-        return
-    activate_student(pipe, name)
-    try:
-        yield
-    finally:
-        activate_student(pipe, None)
-
-
 def _load(teacher: Any, col: Column, root: Any, check_base: bool, fuse: bool) -> tuple[Any, str | None]:
     """Load ``col``'s student (idempotent) and, when ``fuse``, compute its fused weights: ``(card, adapter)``."""
     pipe = teacher.pipe
     base = teacher.base_id if check_base else None
     card = col.card
     if col.kind == "student":
-        loaded = load_student(pipe, col.student, root=root, base_model=base, activate=not fuse)
+        loaded = load_student(pipe, col.student, root=root, base_model=base, activate=False)
         card = loaded if card is None else card
     elif col.kind == "external":
         loaded = load_external_student(pipe, col.student, base_model=base)
         card = loaded if card is None else card
     adapter = None if col.kind == "teacher" else col.student
     if adapter is not None and fuse:
-        fused_weights(pipe, adapter)  # computed once per version of the student: load time, not sampling
+        prepare_student(pipe, adapter)  # computed once per version of the student: load time, not sampling
     return card, adapter
 
 
@@ -325,7 +307,7 @@ def _run_one(teacher: Any, col: Column, card: Any, adapter: str | None, x_T: tor
     sync(teacher.device)
     t0 = time.perf_counter()
     outs, images = [], []
-    with _use_student(teacher.pipe, adapter, fuse=fuse):
+    with use_student(teacher.pipe, adapter, fuse=fuse):
         for rows in _chunks(x_T.shape[0], col, guidance, max_rows):
             x = x_T[rows] if rows != slice(0, x_T.shape[0]) else x_T
             part = [(c[rows], None if u is None else u[rows]) if x is not x_T else (c, u) for c, u in conds]
@@ -426,5 +408,6 @@ def run_columns(
                                           return_trajectory=return_trajectory, decode=decode, fuse=fuse,
                                           max_rows=None if technique is not None else max_rows))
         finally:
-            activate_student(teacher.pipe, None)  # loading an external student activates it: the teacher again
+            with use_student(teacher.pipe, None):  # loading an external student activates it: the teacher again
+                pass
     return runs

@@ -1,16 +1,16 @@
 """Image editing with the teacher and its students: SDEdit, inpainting, visual anagrams, hybrid images.
 
-The course (project 5A, sections 1.7-1.9) builds four edits on one denoising loop; here each is a small pure
-function over the same DDIM jump the samplers use (:func:`cdlab.math.ddim_solver_step`), k-diffusion style:
-a *model* ``eps(x_t, t, cond)``, an initial noise, the conditionings, a list of timesteps and the schedule.
-All four share ONE signature::
+The course (project 5A, sections 1.7-1.9) builds four edits on one denoising loop; here each is a set of hooks
+on the samplers' one loop (:func:`cdlab.samplers.sample_loop`), k-diffusion style: a *model*
+(:class:`cdlab.models.EpsModel`, ``model(x_t, t, cond, uncond) -> eps``), an initial noise, the conditionings,
+a list of timesteps and the schedule. All four share ONE signature::
 
     technique(model, x_T, conds, timesteps, scheduler, *, x0=None, mask=None, strength=1.0,
               sigma=LATENT_BLUR_SIGMA, return_trajectory=False, step=None) -> SampleOutput
 
 and differ only in where the loop starts, which eps it uses and what it does after each step (``step`` is
-the column's sampler step: the DDIM jump by default, an external student's own diffusers scheduler with
-:class:`SchedulerStep`):
+the column's step rule: :class:`cdlab.samplers.DDIMStep` by default, an external student's own diffusers
+scheduler with :class:`cdlab.samplers.SchedulerStep`):
 
 =============  ===============================================================================================
 ``sdedit``     §1.7 (SDEdit, Meng et al. 2022). Start from the image noised to ``t_0``:
@@ -27,8 +27,9 @@ the column's sampler step: the DDIM jump by default, an external student's own d
                blur as the low-pass and ``f_highpass = id - f_lowpass`` (so low + high is the identity).
 =============  ===============================================================================================
 
-A *model* is a :class:`Denoiser`: the teacher with classifier-free guidance (``eps_u + w (eps_c - eps_u)``,
-2 NFE a call) or a student (its conditional eps, guidance distilled in, 1 NFE a call). Each step of the loop
+A *model* is an :class:`~cdlab.models.EpsModel`: the teacher with classifier-free guidance
+(``eps_u + w (eps_c - eps_u)``, 2 NFE a call) or a student (its conditional eps, guidance distilled in, 1 NFE
+a call). Each step of the loop
 is the DDIM jump of that eps to the next timestep, which is :func:`cdlab.samplers.sample_ddim` for the
 teacher and the deterministic :func:`cdlab.samplers.sample_consistency` for a student (tests/test_edit.py
 checks both equalities bit for bit).
@@ -76,8 +77,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
-from cdlab.samplers import SampleOutput
+from cdlab.math import q_sample
+from cdlab.models import EpsModel
+from cdlab.samplers import DDIMStep, SampleOutput, SchedulerStep, StepRule, sample_loop
 # The user-level part: columns (what to sample, how strength sets the start), images in and out, the runner.
 from cdlab.columns import (TEACHER_4, TEACHER_50, Column, check_strength, encode_prompts, run_columns,
                            scheduler_timesteps, start_timesteps, student_column, teacher_columns)
@@ -86,9 +88,9 @@ from cdlab.students import make_scheduler
 from cdlab.teachers import teacher_lock
 
 __all__ = [
-    "TECHNIQUES", "LATENT_BLUR_SIGMA", "Column", "Denoiser", "EditResult", "sdedit", "inpaint", "anagram",
-    "hybrid", "denoise", "flip", "lowpass", "highpass", "gaussian_kernel", "start_timesteps", "mask_to_latent",
-    "scheduler_timesteps", "SchedulerStep", "ddim_step",
+    "TECHNIQUES", "LATENT_BLUR_SIGMA", "Column", "EditResult", "sdedit", "inpaint", "anagram",
+    "hybrid", "flip", "lowpass", "highpass", "gaussian_kernel", "start_timesteps", "mask_to_latent",
+    "scheduler_timesteps",
     "teacher_columns", "student_column", "image_to_tensor", "mask_to_tensor", "check_strength", "encode_image",
     "decode_unit", "edit", "EditTechnique", "TEACHER_50", "TEACHER_4",
 ]
@@ -98,40 +100,8 @@ __all__ = [
 # smallest blur that still separates a world object's edges from its colour blob on an 8x8 grid).
 LATENT_BLUR_SIGMA = 1.0
 
-# eps(x_t, t, cond) -> eps; cond is one prompt's (cond, uncond) embeddings.
+# One prompt's (cond, uncond) embeddings: ``model(x_t, t, *cond) -> eps``.
 Cond = tuple[torch.Tensor, "torch.Tensor | None"]
-Project = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- the model
-
-class Denoiser:
-    """One column's epsilon model, ``model(x_t, t, cond) -> eps``, counting its network evaluations.
-
-    Args:
-        unet: ``unet(x, t, encoder_hidden_states=emb).sample`` (the teacher's UNet, a student active on it).
-        guidance (`float`, *optional*): the CFG scale w of a teacher column: ``eps = eps_u + w (eps_c - eps_u)``
-            from ONE batched call of 2B (uncond first, as :func:`cdlab.samplers.sample_ddim`), 2 NFE. ``None``
-            or 1 (a student, guidance distilled in): the conditional eps only, 1 NFE.
-
-    ``nfe`` counts network evaluations per image (a CFG call counts 2), as :class:`SampleOutput` does.
-    """
-
-    def __init__(self, unet: Any, guidance: float | None = None) -> None:
-        self.unet = unet
-        self.guidance = None if guidance is None or float(guidance) == 1.0 else float(guidance)
-        self.nfe = 0
-
-    def __call__(self, x: torch.Tensor, t: int, cond: Cond) -> torch.Tensor:
-        c, u = cond
-        b = x.shape[0]
-        if self.guidance is not None and u is not None:
-            tv = torch.full((2 * b,), int(t), dtype=torch.long, device=x.device)
-            eps_u, eps_c = self.unet(torch.cat([x, x]), tv, encoder_hidden_states=torch.cat([u, c])).sample.chunk(2)
-            self.nfe += 2
-            return cfg_eps(eps_u, eps_c, self.guidance)
-        self.nfe += 1
-        return self.unet(x, torch.full((b,), int(t), dtype=torch.long, device=x.device), encoder_hidden_states=c).sample
 
 
 # ----------------------------------------------------------------------------- latent operations
@@ -181,97 +151,10 @@ def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return F.max_pool2d(m, kernel_size=factor, stride=factor)
 
 
-# ----------------------------------------------------------------------------- the loop and the techniques
+# ----------------------------------------------------------------------------- the techniques (hooks on the loop)
 
 def _tvec(t: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
-
-
-# step(eps, x_t, t, s) -> (x_s, x0_prediction): one step of a column's sampler.
-Step = Callable[[torch.Tensor, torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-def ddim_step(scheduler: Any) -> Step:
-    """The teacher's and the consistency students' step: the DDIM jump of eps from t to s
-    (:func:`cdlab.math.ddim_solver_step`), and the x_0 prediction ``(x_t - sigma_t eps) / alpha_t``."""
-
-    def step(eps: torch.Tensor, x: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tv = _tvec(t, x)
-        return ddim_solver_step(eps, x, tv, _tvec(s, x), scheduler), predict_x0(eps, x, tv, scheduler)
-
-    return step
-
-
-class SchedulerStep:
-    """An external student's step: its own diffusers scheduler's ``step(eps, t, x, eta=..., generator=...)``,
-    as ``StableDiffusionPipeline`` calls it (LCM and TCD re-noise with ``generator``; DDIM is deterministic).
-
-    Call it over exactly the timesteps :func:`scheduler_timesteps` set, in order (the scheduler keeps its
-    step index). The x_0 prediction is the step's ``denoised`` (LCM) or ``pred_original_sample``.
-    The four published students' schedulers (LCM, TCD, DDIM) share the teachers' ``alphas_cumprod`` and
-    ``add_noise`` is ``alpha_t x_0 + sigma_t eps``, so SDEdit's start and RePaint's replacement are the same
-    :func:`cdlab.math.q_sample` as in the other columns (diffusers' img2img and inpainting pipelines do the same).
-    """
-
-    def __init__(self, scheduler: Any, *, eta: float | None = None, generator: torch.Generator | None = None):
-        import inspect
-
-        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            raise ValueError(f"{type(scheduler).__name__}: editing needs a scheduler on the x_t = alpha_t x_0 + "
-                             "sigma_t eps parameterisation (init_noise_sigma 1), as LCM, TCD and DDIM are")
-        self.scheduler = scheduler
-        accepts = set(inspect.signature(scheduler.step).parameters)
-        self.kwargs: dict[str, Any] = {}
-        if eta is not None and "eta" in accepts:
-            self.kwargs["eta"] = float(eta)
-        if generator is not None and "generator" in accepts:
-            self.kwargs["generator"] = generator
-
-    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.scheduler.step(eps, int(t), x, **self.kwargs)
-        x0 = getattr(out, "denoised", None)
-        if x0 is None:
-            x0 = getattr(out, "pred_original_sample", None)
-        if x0 is None:
-            x0 = predict_x0(eps, x, _tvec(t, x), self.scheduler)
-        return out.prev_sample, x0
-
-
-@torch.no_grad()
-def denoise(
-    eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
-    x: torch.Tensor,
-    timesteps: Sequence[int],
-    scheduler: Any,
-    *,
-    project: Project | None = None,
-    show: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    return_trajectory: bool = False,
-    step: Step | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The DDIM-jump loop of :func:`cdlab.samplers.sample_ddim` / ``sample_consistency``: at each ``t_i``,
-    ``x <- ddim_solver_step(eps_fn(x, t_i), x, t_i, t_{i+1})`` (0 after the last), then ``project(x, t_{i+1})``.
-
-    Args:
-        eps_fn: ``eps_fn(x_t, t) -> eps`` (a technique's combined eps).
-        project: RePaint's replacement after each step (inpainting), ``project(x_s, s) -> x_s``.
-        show: what the trajectory keeps of each x_0 prediction (inpainting: the known region pasted in).
-        step: the column's sampler step (default :func:`ddim_step`; an external student's :class:`SchedulerStep`).
-
-    Returns:
-        ``(x_0, x0_trajectory)``.
-    """
-    step = ddim_step(scheduler) if step is None else step
-    ts = [int(t) for t in timesteps]
-    trajectory: list[torch.Tensor] = []
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else 0
-        x, x0 = step(eps_fn(x, t), x, t, s)
-        if return_trajectory:
-            trajectory.append(show(x0) if show is not None else x0)
-        if project is not None:
-            x = project(x, s)
-    return x, trajectory
 
 
 def _start(x_T: torch.Tensor, x0: torch.Tensor | None, timesteps: list[int], strength: float,
@@ -285,49 +168,56 @@ def _start(x_T: torch.Tensor, x0: torch.Tensor | None, timesteps: list[int], str
 
 
 def _check_common(x_T: torch.Tensor, conds: Sequence[Cond], n_conds: int, what: str, x0: Any = None,
-                  need_x0: bool = False) -> None:
+                  need_x0: bool = False, step: StepRule | None = None) -> None:
     if len(conds) != n_conds:
         raise ValueError(f"{what}: needs {n_conds} prompt conditioning(s), got {len(conds)}")
     if need_x0 and x0 is None:
         raise ValueError(f"{what}: image: no image given")
     if x0 is not None and tuple(x0.shape) != tuple(x_T.shape):
         raise ValueError(f"{what}: image latents {tuple(x0.shape)} do not match the noise {tuple(x_T.shape)}")
+    sched = getattr(step, "scheduler", None)
+    if isinstance(step, SchedulerStep) and float(getattr(sched, "init_noise_sigma", 1.0)) != 1.0:
+        raise ValueError(f"{type(sched).__name__}: editing needs a scheduler on the x_t = alpha_t x_0 + "
+                         "sigma_t eps parameterisation (init_noise_sigma 1), as LCM, TCD and DDIM are")
 
 
-def _out(x: torch.Tensor, traj: list, timesteps: list[int], model: Denoiser, nfe0: int) -> SampleOutput:
-    return SampleOutput(latents=x, x0_trajectory=traj, timesteps=list(timesteps), nfe=model.nfe - nfe0)
+def _loop(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int], scheduler: Any, step: StepRule | None,
+          return_trajectory: bool, **hooks: Any) -> SampleOutput:
+    """:func:`cdlab.samplers.sample_loop` over the technique's timesteps, the DDIM jump unless a ``step`` is given."""
+    step = DDIMStep(scheduler) if step is None else step
+    return sample_loop(model, x, [int(t) for t in timesteps], step, return_trajectory=return_trajectory, **hooks)
 
 
 @torch.no_grad()
-def sdedit(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+def sdedit(model: EpsModel, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False,
+           step: StepRule | None = None) -> SampleOutput:
     """SDEdit (§1.7; Meng et al. 2022): ``x_{t_0} = alpha_{t_0} x0 + sigma_{t_0} x_T``, then denoise with
     ``conds[0]`` over ``timesteps`` (from :func:`start_timesteps`). With the source image's prompt it projects
     onto the image manifold (§1.7, §1.7.1 for a sketch); with a new prompt it is text-conditional
     image-to-image (§1.7.3). ``timesteps == []`` returns ``x0``; ``strength == 1`` starts from ``x_T``.
-    (``mask`` and ``sigma`` are unused: the techniques share one signature.)"""
-    _check_common(x_T, conds, 1, "sdedit", x0, need_x0=True)
-    ts = [int(t) for t in timesteps]
-    nfe0 = model.nfe
-    x = _start(x_T, x0, ts, strength, scheduler)
-    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, return_trajectory=return_trajectory,
-                      step=step)
-    return _out(x, traj, ts, model, nfe0)
+    (``mask`` and ``sigma`` are unused: the techniques share one signature.) Hook: where the loop starts."""
+    _check_common(x_T, conds, 1, "sdedit", x0, need_x0=True, step=step)
+    c, u = conds[0]
+    return _loop(model, _start(x_T, x0, list(timesteps), strength, scheduler), timesteps, scheduler, step,
+                 return_trajectory, cond=c, uncond=u)
 
 
 @torch.no_grad()
-def inpaint(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+def inpaint(model: EpsModel, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
             x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False,
+            step: StepRule | None = None) -> SampleOutput:
     """RePaint-style inpainting (§1.7.2; Lugmayr et al. 2022), without RePaint's resampling jumps.
 
     Start as SDEdit (strength 1 = from the noise ``x_T``); after each step to ``s``
     ``x_s <- m x_s + (1 - m) q_sample(x0, s, x_T)``: outside the latent mask ``m`` (1 = generate, see
     :func:`mask_to_latent`) the sample is the original noised to ``s`` with the known noise ``x_T``, so the
-    last step (s = 0) returns ``x0`` exactly there. An all-ones mask is plain sampling.
+    last step (s = 0) returns ``x0`` exactly there. An all-ones mask is plain sampling. Hooks: where the loop
+    starts, what happens after each step, what the trajectory keeps (the known region pasted in).
     """
-    _check_common(x_T, conds, 1, "inpaint", x0, need_x0=True)
+    _check_common(x_T, conds, 1, "inpaint", x0, need_x0=True, step=step)
     if mask is None:
         raise ValueError("inpaint: mask: no mask given")
     m = mask.to(x_T.dtype)
@@ -336,63 +226,51 @@ def inpaint(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps
                          f"got {tuple(m.shape)} (downsample a pixel mask with mask_to_latent)")
     ts = [int(t) for t in timesteps]
 
-    def known(s: int) -> torch.Tensor:
-        return q_sample(x0, _tvec(s, x0), scheduler, noise=x_T)
-
     def project(x: torch.Tensor, s: int) -> torch.Tensor:
-        return m * x + (1 - m) * known(s)
+        return m * x + (1 - m) * q_sample(x0, _tvec(s, x0), scheduler, noise=x_T)
 
-    nfe0 = model.nfe
-    x = _start(x_T, x0, ts, strength, scheduler)
-    if ts:
-        x = m * x + (1 - m) * known(ts[0])
-    else:
-        x = x0
-    x, traj = denoise(lambda z, t: model(z, t, conds[0]), x, ts, scheduler, project=project,
-                      show=lambda p: m * p + (1 - m) * x0, return_trajectory=return_trajectory, step=step)
-    return _out(x, traj, ts, model, nfe0)
+    x = project(_start(x_T, x0, ts, strength, scheduler), ts[0]) if ts else x0
+    c, u = conds[0]
+    return _loop(model, x, ts, scheduler, step, return_trajectory, cond=c, uncond=u, after_step=project,
+                 keep=lambda p: m * p + (1 - m) * x0)
 
 
 @torch.no_grad()
-def anagram(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+def anagram(model: EpsModel, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
             x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
+            sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False,
+            step: StepRule | None = None) -> SampleOutput:
     """Visual anagram (§1.8; Geng et al. 2024): ``conds = (p_up, p_flipped)``,
     ``eps = (eps(x_t, t, p_up) + flip(eps(flip(x_t), t, p_flipped))) / 2`` with a vertical :func:`flip`; the
     result reads as ``p_up`` upright and as ``p_flipped`` upside down. Two model calls a step. Given ``x0``
-    and ``strength < 1`` it starts from the noised image, as SDEdit does."""
-    _check_common(x_T, conds, 2, "anagram", x0)
+    and ``strength < 1`` it starts from the noised image, as SDEdit does. Hook: which eps."""
+    _check_common(x_T, conds, 2, "anagram", x0, step=step)
     c_up, c_flip = conds
-    ts = [int(t) for t in timesteps]
 
     def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        return 0.5 * (model(x, t, c_up) + flip(model(flip(x), t, c_flip)))
+        return 0.5 * (model(x, t, *c_up) + flip(model(flip(x), t, *c_flip)))
 
-    nfe0 = model.nfe
-    x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
-                      return_trajectory=return_trajectory, step=step)
-    return _out(x, traj, ts, model, nfe0)
+    return _loop(model, _start(x_T, x0, list(timesteps), strength, scheduler), timesteps, scheduler, step,
+                 return_trajectory, eps=eps)
 
 
 @torch.no_grad()
-def hybrid(model: Denoiser, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
+def hybrid(model: EpsModel, x_T: torch.Tensor, conds: Sequence[Cond], timesteps: Sequence[int], scheduler: Any, *,
            x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, strength: float = 1.0,
-           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False, step: Step | None = None) -> SampleOutput:
+           sigma: float = LATENT_BLUR_SIGMA, return_trajectory: bool = False,
+           step: StepRule | None = None) -> SampleOutput:
     """Hybrid image (§1.9; Geng et al. 2024, factorized diffusion): ``conds = (p_low, p_high)``,
     ``eps = lowpass(eps(x_t, t, p_low)) + highpass(eps(x_t, t, p_high))`` with a Gaussian :func:`lowpass` of
     ``sigma`` latent cells and ``highpass = id - lowpass``: from afar (blurred) it reads as ``p_low``, up close
-    as ``p_high``. Two model calls a step; ``hybrid(p, p)`` is plain sampling."""
-    _check_common(x_T, conds, 2, "hybrid", x0)
+    as ``p_high``. Two model calls a step; ``hybrid(p, p)`` is plain sampling. Hook: which eps."""
+    _check_common(x_T, conds, 2, "hybrid", x0, step=step)
     c_low, c_high = conds
-    ts = [int(t) for t in timesteps]
 
     def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        return lowpass(model(x, t, c_low), sigma) + highpass(model(x, t, c_high), sigma)
+        return lowpass(model(x, t, *c_low), sigma) + highpass(model(x, t, *c_high), sigma)
 
-    nfe0 = model.nfe
-    x, traj = denoise(eps, _start(x_T, x0, ts, strength, scheduler), ts, scheduler,
-                      return_trajectory=return_trajectory, step=step)
-    return _out(x, traj, ts, model, nfe0)
+    return _loop(model, _start(x_T, x0, list(timesteps), strength, scheduler), timesteps, scheduler, step,
+                 return_trajectory, eps=eps)
 
 
 TECHNIQUES: dict[str, Callable[..., SampleOutput]] = {
@@ -435,9 +313,9 @@ class EditResult:
 class EditTechnique:
     """What an edit adds to a column's sampling: the ``technique`` hook of :func:`cdlab.columns.run_columns`.
 
-    For each column it builds the column's model (:class:`Denoiser`: CFG for a teacher or an external student,
-    the conditional eps for a consistency student), its step (the DDIM jump, or an external student's own
-    fresh diffusers scheduler, :class:`SchedulerStep`, whose noise is the runner's generator) and its
+    For each column it builds the column's model (`cdlab.models.EpsModel`: CFG for a teacher or an external
+    student, the conditional eps for a consistency student), its step (the DDIM jump, or an external student's
+    own fresh diffusers scheduler, `cdlab.samplers.SchedulerStep`, whose noise is the runner's generator) and its
     timesteps at ``strength`` (:func:`start_timesteps`), then runs ``fn`` (a value of :data:`TECHNIQUES`).
     """
 
@@ -453,7 +331,7 @@ class EditTechnique:
         if column.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
             sched = make_scheduler(teacher.pipe, card)
             step = SchedulerStep(sched, eta=(card.scheduler_kwargs or {}).get("eta"), generator=generator)
-        model = Denoiser(teacher.unet, None if column.kind == "student" else column.guidance)
+        model = EpsModel(teacher.unet, None if column.kind == "student" else column.guidance)
         ts = start_timesteps(column, self.strength, int(teacher.scheduler.config.num_train_timesteps), sched)
         return self.fn(model, x_T, conds, ts, sched, x0=self.x0, mask=self.mask, strength=self.strength,
                        sigma=self.sigma, return_trajectory=return_trajectory, step=step)

@@ -37,22 +37,23 @@ boundary). For a batch of clean latents x_0 and text embeddings c:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from cdlab.math import (
-    cfg_eps,
+    ddim_solver_step,
     get_multi_boundary_timesteps,
     get_xs_from_xt_naive,
-    get_xs_from_xt_teacher,
     predict_boundary,
     predict_x0,
     q_sample,
 )
+from cdlab.models import EpsModel
+from cdlab.students.roles import adapter_role, swapped_weights
 
-__all__ = ["consistency_loss", "sample_timesteps", "adapters_disabled", "swapped_weights", "LOSS_TYPES"]
+__all__ = ["consistency_loss", "sample_timesteps", "LOSS_TYPES"]
 
 LOSS_TYPES = ("l2", "pseudo_huber")
 
@@ -88,97 +89,77 @@ def sample_timesteps(
     return t.to(device), s.to(device)
 
 
-def _tuner_layers(module: torch.nn.Module) -> list[Any]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft, no adapters to disable
-        return []
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+def _fp32_eps(unet: Any, autocast_dtype: torch.dtype | None, guidance: Any = None) -> EpsModel:
+    """The losses' eps model: the UNet under ``torch.autocast`` when asked, its eps in fp32. With a
+    ``guidance`` (the CD teacher, DMD's real score) it always guides, one batched call of 2B, even at w = 1."""
+    return EpsModel(unet, guidance, autocast_dtype=autocast_dtype, output_dtype=torch.float32, guide_at_one=True)
 
 
-@contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``module`` with every peft (LoRA) adapter disabled: the base model, i.e. the teacher.
-
-    Restores each layer's enabled state and every parameter's ``requires_grad`` afterwards (peft's
-    toggle resets them). A module without adapters is left untouched.
-    """
-    layers = _tuner_layers(module)
-    if not layers:
-        yield module
-        return
-    was_disabled = [layer.disable_adapters for layer in layers]
-    grad_flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        for layer in layers:
-            layer.enable_adapters(False)
-        yield module
-    finally:
-        for layer, off in zip(layers, was_disabled):
-            layer.enable_adapters(not off)
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
+def _per_example(v: Any, bsz: int, device: torch.device) -> torch.Tensor:
+    """Given timesteps (a scalar or ``[B]``) as a ``[B]`` long tensor."""
+    return torch.as_tensor(v, device=device).long().expand(bsz).contiguous()
 
 
-@contextlib.contextmanager
-def swapped_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> Iterator[torch.nn.Module]:
-    """Temporarily copy ``weights`` (parameter name -> tensor, e.g. an EMA of the LoRA weights) into
-    ``module``, restoring the live values afterwards. ``None`` is a no-op."""
-    if not weights:
-        yield module
-        return
-    params = dict(module.named_parameters())
-    missing = [k for k in weights if k not in params]
-    if missing:
-        raise KeyError(f"swapped_weights: {len(missing)} names are not parameters of the model, e.g. {missing[0]!r}")
-    saved = {}
-    with torch.no_grad():
-        for k, v in weights.items():
-            saved[k] = params[k].detach().clone()
-            params[k].copy_(v)
-    try:
-        yield module
-    finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
+def _expand_uncond(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The unconditional embeddings ``[1 or B, L, D]`` in ``cond``'s device, dtype and batch."""
+    return uncond.to(device=cond.device, dtype=cond.dtype).expand(cond.shape[0], *cond.shape[1:])
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _check_loss_inputs(latents: torch.Tensor, cond: torch.Tensor, teacher: Any, uncond: Any, loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if latents.ndim != 4 or cond.ndim != 3 or cond.shape[0] != latents.shape[0]:
+        raise ValueError(f"expected latents [B, C, H, W] and cond [B, L, D] with the same B, got "
+                         f"{tuple(latents.shape)} and {tuple(cond.shape)}")
+    if teacher is not None and uncond is None:
+        raise ValueError("consistency distillation (a teacher) needs uncond embeddings for classifier-free guidance")
 
 
-def _eps(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """``eps(x, t, c)`` in fp32; the UNet itself runs under autocast when asked."""
-    with _autocast(x.device, autocast_dtype):
-        out = unet(x, t, encoder_hidden_states=cond).sample
-    return out.float()
+def _guidance_scales(guidance: float | tuple[float, float], bsz: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The teacher's CFG scale per example ``[B]`` (CPU): ``guidance``, or ``U[w_min, w_max]`` for a range."""
+    if isinstance(guidance, (tuple, list)):
+        lo, hi = map(float, guidance)
+        return lo + (hi - lo) * torch.rand(bsz, generator=generator)
+    return torch.full((bsz,), float(guidance))
+
+
+def _teacher_point(teacher: Any, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor,
+                  uncond: torch.Tensor, w: torch.Tensor, scheduler: Any,
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """CD's second point (step 4 above): one DDIM step from t to s of the guided teacher, the base model with every
+    adapter off: ``eps_w = eps_u + w (eps_c - eps_u)`` from ONE batched call, ``x_s = ddim_solver_step(eps_w)``
+    (:func:`cdlab.math.get_xs_from_xt_teacher`)."""
+    with adapter_role(teacher, None):
+        eps_w = _fp32_eps(teacher, autocast_dtype, w)(x_t, t, cond, _expand_uncond(uncond, cond))
+    return ddim_solver_step(eps_w, x_t, t, s, scheduler)
+
+
+def _boundary_target(net: Any, weights: Mapping[str, torch.Tensor] | None, x_s: torch.Tensor, s: torch.Tensor,
+                    b: torch.Tensor, cond: torch.Tensor, scheduler: Any,
+                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The stop-gradient target (step 5 above), ``f_theta^-(x_s, s, b)``, with ``weights`` (e.g. an EMA of the
+    LoRA weights) swapped into ``net`` for this pass only."""
+    with torch.no_grad(), swapped_weights(net, weights):
+        return predict_boundary(_fp32_eps(net, autocast_dtype)(x_s, s, cond), x_s, s, b, scheduler)
+
+
+def _distance(d: torch.Tensor, loss_type: str = "l2", huber_c: float = 1e-3) -> torch.Tensor:
+    """The per-example loss of ``d = pred - target`` (step 6 above): the mean of ``d^2`` or of the pseudo-Huber
+    ``sqrt(d^2 + c^2) - c`` over each example's elements, ``[B]``."""
+    per_elem = d.pow(2) if loss_type == "l2" else torch.sqrt(d.pow(2) + huber_c ** 2) - huber_c
+    return per_elem.flatten(1).mean(1)
 
 
 def consistency_loss(
-    unet: Any,
-    latents: torch.Tensor,
-    cond: torch.Tensor,
-    scheduler: Any,
-    *,
-    teacher: Any = None,
-    uncond: torch.Tensor | None = None,
-    guidance: float | tuple[float, float] = 1.0,
-    num_boundaries: int = 1,
-    step_size: int = 20,
-    num_train_timesteps: int = 1000,
-    sampler_timesteps: Sequence[int] | None = None,
-    sampler_prob: float = 0.0,
-    loss_type: str = "l2",
-    huber_c: float = 1e-3,
-    target_model: Any = None,
-    target_weights: Mapping[str, torch.Tensor] | None = None,
-    timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    unet: Any, latents: torch.Tensor, cond: torch.Tensor, scheduler: Any, *,
+    teacher: Any = None, uncond: torch.Tensor | None = None, guidance: float | tuple[float, float] = 1.0,
+    num_boundaries: int = 1, step_size: int = 20, num_train_timesteps: int = 1000,
+    sampler_timesteps: Sequence[int] | None = None, sampler_prob: float = 0.0,
+    loss_type: str = "l2", huber_c: float = 1e-3,
+    target_model: Any = None, target_weights: Mapping[str, torch.Tensor] | None = None,
+    timesteps: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Consistency loss of ``unet`` on a batch of clean latents (CT, or CD when ``teacher`` is given).
 
@@ -192,7 +173,7 @@ def consistency_loss(
         scheduler: the diffusion schedule (``alphas_cumprod``).
         teacher: ``None`` for consistency training; otherwise the teacher UNet for distillation. Pass the
             student's own (unwrapped) UNet to use its base weights: the teacher always runs with LoRA
-            adapters disabled (:func:`adapters_disabled`), so only one UNet is in memory.
+            adapters disabled (`cdlab.students.roles.adapter_role` ``None``), so only one UNet is in memory.
         uncond (`torch.Tensor`, *optional*): unconditional embeddings ``[B or 1, L, D]``; needed for CD.
         guidance: the teacher's CFG scale w, a float or a ``(w_min, w_max)`` range sampled per example.
         num_boundaries (`int`): N; 1 = classic consistency model (boundary 0), 4 = multi-boundary CD.
@@ -212,73 +193,31 @@ def consistency_loss(
         dict: ``loss`` (scalar, differentiable), ``loss_per_example`` ``[B]`` and, detached, ``pred``,
         ``target``, ``x_t``, ``x_s``, ``t``, ``s``, ``boundary``, ``guidance`` ``[B]``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if latents.ndim != 4 or cond.ndim != 3 or cond.shape[0] != latents.shape[0]:
-        raise ValueError(f"expected latents [B, C, H, W] and cond [B, L, D] with the same B, got "
-                         f"{tuple(latents.shape)} and {tuple(cond.shape)}")
-    if teacher is not None and uncond is None:
-        raise ValueError("consistency distillation (a teacher) needs uncond embeddings for classifier-free guidance")
+    _check_loss_inputs(latents, cond, teacher, uncond, loss_type)
     device, bsz = latents.device, latents.shape[0]
     x_0 = latents.float()
-
-    if timesteps is None:
+    if timesteps is None:  # 1. t and s on the grid; 2. the boundary of s's segment
         t, s = sample_timesteps(bsz, step_size=step_size, num_train_timesteps=num_train_timesteps,
                                 sampler_timesteps=sampler_timesteps, sampler_prob=sampler_prob,
                                 generator=generator, device=device)
     else:
-        t, s = (torch.as_tensor(v, device=device).long().expand(bsz).contiguous() for v in timesteps)
+        t, s = (_per_example(v, bsz, device) for v in timesteps)
     b = get_multi_boundary_timesteps(s, num_boundaries, num_train_timesteps)
-
-    if noise is None:
-        noise = torch.randn(x_0.shape, generator=generator).to(device)
-    noise = noise.float()
-    x_t = q_sample(x_0, t, scheduler, noise=noise)
-
-    if isinstance(guidance, (tuple, list)):
-        lo, hi = map(float, guidance)
-        w = lo + (hi - lo) * torch.rand(bsz, generator=generator)
-    else:
-        w = torch.full((bsz,), float(guidance))
-    w = w.to(device)
-
-    # x_s: no gradient in either mode.
-    with torch.no_grad():
-        if teacher is None:
-            x_s = get_xs_from_xt_naive(x_0, x_t, t, s, scheduler, noise=noise)
-        else:
-            u = uncond.to(device=device, dtype=cond.dtype).expand(bsz, *cond.shape[1:])
-            with adapters_disabled(teacher):
-                eps_u, eps_c = _eps(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                    torch.cat([u, cond]), autocast_dtype).chunk(2)
-            x_s = get_xs_from_xt_teacher(eps_u, eps_c, x_t, t, s, w, scheduler)
-
-    target_net = unet if target_model is None else target_model
-    with torch.no_grad(), swapped_weights(target_net, target_weights):
-        target = predict_boundary(_eps(target_net, x_s, s, cond, autocast_dtype), x_s, s, b, scheduler)
-
+    noise = (torch.randn(x_0.shape, generator=generator).to(device) if noise is None else noise).float()
+    x_t = q_sample(x_0, t, scheduler, noise=noise)  # 3.
+    w = _guidance_scales(guidance, bsz, generator).to(device)
+    with torch.no_grad():  # 4. x_s: no gradient in either mode
+        x_s = (get_xs_from_xt_naive(x_0, x_t, t, s, scheduler, noise=noise) if teacher is None
+               else _teacher_point(teacher, x_t, t, s, cond, uncond, w, scheduler, autocast_dtype))
+    target = _boundary_target(unet if target_model is None else target_model, target_weights, x_s, s, b, cond,
+                             scheduler, autocast_dtype)  # 5.
     # The student's pass comes last: the teacher's adapter toggle and the EMA swap above change
     # parameters in place, which must not happen while the student's graph is alive.
-    pred = predict_boundary(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, b, scheduler)
-
-    d = pred - target
-    if loss_type == "l2":
-        per_elem = d.pow(2)
-    else:
-        per_elem = torch.sqrt(d.pow(2) + huber_c ** 2) - huber_c
-    per_example = per_elem.flatten(1).mean(1)
-    return {
-        "loss": per_example.mean(),
-        "loss_per_example": per_example,
-        "pred": pred.detach(),
-        "target": target.detach(),
-        "x_t": x_t.detach(),
-        "x_s": x_s.detach(),
-        "t": t,
-        "s": s,
-        "boundary": b,
-        "guidance": w,
-    }
+    pred = predict_boundary(_fp32_eps(unet, autocast_dtype)(x_t, t, cond), x_t, t, b, scheduler)
+    per_example = _distance(pred - target, loss_type, huber_c)  # 6.
+    return {"loss": per_example.mean(), "loss_per_example": per_example, "pred": pred.detach(),
+            "target": target.detach(), "x_t": x_t.detach(), "x_s": x_s.detach(), "t": t, "s": s, "boundary": b,
+            "guidance": w}
 
 
 # ============================================================================================ DMD / DMD2
@@ -313,40 +252,9 @@ def consistency_loss(
 # DMD2 drops DMD's regression loss by default; ``regression_weight > 0`` adds it back for comparison:
 # loss_reg = mean (G(z, 999) - y)^2 on pairs (z, y) of the teacher's own ODE (DDIM with CFG from noise z).
 
-__all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "generator_sample", "adapter_active",
-            "DMD_T_RANGE"]
+__all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "generator_sample", "DMD_T_RANGE"]
 
 DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
-
-
-@contextlib.contextmanager
-def adapter_active(module: torch.nn.Module, name: str) -> Iterator[torch.nn.Module]:
-    """Run ``module`` with LoRA adapter ``name`` the only active one (peft's per-layer ``set_adapter``); the
-    previously active adapter is active again afterwards. Every parameter's ``requires_grad`` is kept as it was
-    (peft's switch would make only the active adapter trainable): each role's optimiser owns its adapter, and
-    a pass reaches only the adapter active in it, so the roles of one UNet's adapters never mix."""
-    layers = _tuner_layers(module)
-    if not layers:
-        raise ValueError(f"adapter_active: the module has no LoRA adapters (wanted {name!r})")
-    if name not in getattr(layers[0], "lora_A", {}):
-        raise ValueError(f"adapter_active: no adapter {name!r} on the module")
-    before = [list(layer.active_adapters) for layer in layers]
-    grad_flags = [(p, p.requires_grad) for p in module.parameters()]
-
-    def restore_flags():
-        for p, flag in grad_flags:
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)
-
-    try:
-        for layer in layers:
-            layer.set_adapter(name)
-        restore_flags()
-        yield module
-    finally:
-        for layer, names in zip(layers, before):
-            layer.set_adapter(names if len(names) != 1 else names[0])
-        restore_flags()
 
 
 def dmd_gradient(x_g: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -372,7 +280,7 @@ def generator_sample(
 ) -> dict[str, torch.Tensor]:
     """The generator's output with DMD2's backward simulation (module notes above).
 
-    ``unet`` runs with the generator's adapter active (the caller's :func:`adapter_active`). Each example draws
+    ``unet`` runs with the generator's adapter active (the caller's `adapter_role`). Each example draws
     its step j (``steps``, or ``U{0..K-1}`` with ``generator``), is carried from ``noise`` to ``x_{tau_j}`` by the
     generator's own deterministic jumps without gradient, and returns ``x_g = G(x_{tau_j}, tau_j)`` (with
     gradient when ``grad``). Returns ``x_g``, ``x_start`` (``x_{tau_j}``) and ``t_start`` (``tau_j``) ``[B]``.
@@ -386,6 +294,7 @@ def generator_sample(
         steps = torch.randint(0, k, (bsz,), generator=generator)
     steps = steps.to(device).long()
     x = noise.float()
+    model = _fp32_eps(unet, autocast_dtype)
     with torch.no_grad():
         for i in range(k - 1):  # carry every example still below its own step one jump further
             move = steps > i
@@ -393,37 +302,51 @@ def generator_sample(
                 break
             t = torch.full((bsz,), taus[i], device=device, dtype=torch.long)
             s = torch.full((bsz,), taus[i + 1], device=device, dtype=torch.long)
-            eps = _eps(unet, x, t, cond, autocast_dtype)
-            nxt = predict_boundary(eps, x, t, s, scheduler)
+            nxt = predict_boundary(model(x, t, cond), x, t, s, scheduler)
             x = torch.where(move.view(-1, *([1] * (x.ndim - 1))), nxt, x)
     t_start = torch.as_tensor(taus, device=device)[steps]
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with ctx:
-        eps = _eps(unet, x, t_start, cond, autocast_dtype)
-        x_g = predict_x0(eps, x, t_start, scheduler)
+        x_g = predict_x0(model(x, t_start, cond), x, t_start, scheduler)
     return {"x_g": x_g, "x_start": x.detach(), "t_start": t_start}
 
 
+def _scores_x0(unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance: float, scheduler: Any, fake_adapter: str,
+               autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the real score (the frozen base, every adapter off, with CFG) and the fake score (its adapter) denoise
+    ``x_t`` to: ``(x0_real, x0_fake)``, without gradient."""
+    with torch.no_grad():
+        with adapter_role(unet, None):
+            eps_real = _fp32_eps(unet, autocast_dtype, guidance)(x_t, t, cond, _expand_uncond(uncond, cond))
+        x0_real = predict_x0(eps_real, x_t, t, scheduler)
+        with adapter_role(unet, fake_adapter):
+            x0_fake = predict_x0(_fp32_eps(unet, autocast_dtype)(x_t, t, cond), x_t, t, scheduler)
+    return x0_real, x0_fake
+
+
+def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cond: torch.Tensor,
+                     scheduler: Any, generator_adapter: str, t_first: int,
+                     autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """DMD's regression term on teacher ODE pairs ``(z, y, c)``: ``mean (G(z, tau_0, c) - y)^2``."""
+    z, y, c = regression
+    device = cond.device
+    with adapter_role(unet, generator_adapter):
+        one = torch.full((z.shape[0],), int(t_first), device=device, dtype=torch.long)
+        c = c.to(device=device, dtype=cond.dtype)
+        z = z.to(device).float()
+        y_hat = predict_x0(_fp32_eps(unet, autocast_dtype)(z, one, c), z, one, scheduler)
+    return (y_hat - y.to(device).float()).pow(2).mean()
+
+
 def dmd_generator_loss(
-    unet: Any,
-    cond: torch.Tensor,
-    scheduler: Any,
-    *,
-    uncond: torch.Tensor,
-    guidance: float = 1.0,
-    generator_adapter: str = "default",
-    fake_adapter: str = "fake",
-    gen_timesteps: Sequence[int] = (999,),
-    t_range: tuple[int, int] = DMD_T_RANGE,
-    noise: torch.Tensor | None = None,
-    latent_shape: Sequence[int] | None = None,
-    regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    regression_weight: float = 0.0,
-    dm_weight: float = 1.0,
-    steps: torch.Tensor | None = None,
-    timesteps: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    unet: Any, cond: torch.Tensor, scheduler: Any, *, uncond: torch.Tensor, guidance: float = 1.0,
+    generator_adapter: str = "default", fake_adapter: str = "fake",
+    gen_timesteps: Sequence[int] = (999,), t_range: tuple[int, int] = DMD_T_RANGE,
+    noise: torch.Tensor | None = None, latent_shape: Sequence[int] | None = None,
+    regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
+    dm_weight: float = 1.0, steps: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The generator's DMD2 loss on one batch of conditions (module notes above for the equations).
 
@@ -450,36 +373,23 @@ def dmd_generator_loss(
         if latent_shape is None:
             raise ValueError("dmd_generator_loss: give noise or latent_shape")
         noise = torch.randn((bsz, *latent_shape), generator=generator).to(device)
-    with adapter_active(unet, generator_adapter):
+    with adapter_role(unet, generator_adapter):
         sim = generator_sample(unet, noise, cond, scheduler, gen_timesteps=gen_timesteps, steps=steps,
                                generator=generator, autocast_dtype=autocast_dtype)
     x_g = sim["x_g"]
     lo, hi = int(t_range[0]), int(t_range[1])
-    if timesteps is None:
-        t = torch.randint(lo, hi + 1, (bsz,), generator=generator).to(device)
-    else:
-        t = torch.as_tensor(timesteps, device=device).long().expand(bsz).contiguous()
+    t = (torch.randint(lo, hi + 1, (bsz,), generator=generator).to(device) if timesteps is None
+         else _per_example(timesteps, bsz, device))
     n = torch.randn(x_g.shape, generator=generator).to(device)
     with torch.no_grad():
         x_t = q_sample(x_g.detach(), t, scheduler, noise=n)
-        u = uncond.to(device=device, dtype=cond.dtype).expand(bsz, *cond.shape[1:])
-        with adapters_disabled(unet):  # the real score: the frozen base, every adapter off
-            eps_u, eps_c = _eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([u, cond]),
-                                autocast_dtype).chunk(2)
-        x0_real = predict_x0(cfg_eps(eps_u, eps_c, guidance), x_t, t, scheduler)
-        with adapter_active(unet, fake_adapter):
-            x0_fake = predict_x0(_eps(unet, x_t, t, cond, autocast_dtype), x_t, t, scheduler)
-        g = dmd_gradient(x_g.detach(), x0_real, x0_fake)
+    x0_real, x0_fake = _scores_x0(unet, x_t, t, cond, uncond, guidance, scheduler, fake_adapter, autocast_dtype)
+    g = dmd_gradient(x_g.detach(), x0_real, x0_fake)
     loss_dm = 0.5 * (x_g - (x_g.detach() - g["grad"])).pow(2).mean()
     loss_reg = torch.zeros((), device=device)
     if regression is not None and regression_weight > 0:
-        z, y, c = regression
-        with adapter_active(unet, generator_adapter):
-            one = torch.full((z.shape[0],), int(gen_timesteps[0]), device=device, dtype=torch.long)
-            c = c.to(device=device, dtype=cond.dtype)
-            y_hat = predict_x0(_eps(unet, z.to(device).float(), one, c, autocast_dtype), z.to(device).float(),
-                               one, scheduler)
-        loss_reg = (y_hat - y.to(device).float()).pow(2).mean()
+        loss_reg = _regression_loss(unet, regression, cond, scheduler, generator_adapter, gen_timesteps[0],
+                                    autocast_dtype)
     return {
         "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg,
         "loss_dm": loss_dm, "loss_reg": loss_reg,
@@ -506,10 +416,10 @@ def dmd_fake_loss(
     device, bsz = x_g.device, x_g.shape[0]
     x0 = x_g.detach().float()
     t = (torch.randint(0, num_train_timesteps, (bsz,), generator=generator).to(device) if timesteps is None
-         else torch.as_tensor(timesteps, device=device).long().expand(bsz).contiguous())
+         else _per_example(timesteps, bsz, device))
     n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
     x_t = q_sample(x0, t, scheduler, noise=n)
-    with adapter_active(unet, fake_adapter):
-        eps = _eps(unet, x_t, t, cond, autocast_dtype)
+    with adapter_role(unet, fake_adapter):
+        eps = _fp32_eps(unet, autocast_dtype)(x_t, t, cond)
     loss = (eps - n).pow(2).mean()
     return {"loss": loss, "t": t, "x_t": x_t.detach()}

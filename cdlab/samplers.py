@@ -1,9 +1,19 @@
-"""Samplers as small pure functions (k-diffusion style), with diffusers as the reference.
+"""Samplers: one loop, three step rules, and the course's named samplers (k-diffusion style), with diffusers as
+the reference.
 
-Both samplers take the UNet, the initial latent ``x_T ~ N(0, I)``, text embeddings, a list of
-integer timesteps from high to low noise and anything with ``alphas_cumprod`` (the scheduler is
-read, never mutated or stepped). After the last timestep they jump to ``t = 0``, the clean
-boundary of :mod:`cdlab.math`.
+:func:`sample_loop` runs a model (:class:`cdlab.models.EpsModel`) from a start x over timesteps with a step rule:
+
+=======================  ===================================================================================
+:class:`DDIMStep`        the DDIM jump of eps from t to the next timestep (:func:`cdlab.math.ddim_solver_step`)
+:class:`ConsistencyStep` a consistency student's jump: the DDIM jump, or (stochastic) x_0 re-noised
+:class:`SchedulerStep`   an external student's own diffusers scheduler (``scheduler.step``)
+=======================  ===================================================================================
+
+and three hooks: which eps the step takes, what happens after each step and what the trajectory keeps (the
+edit techniques of :mod:`cdlab.edit` are these hooks). The named samplers are thin entry points on it: they
+take the UNet, the initial latent ``x_T ~ N(0, I)``, text embeddings, a list of integer timesteps from high
+to low noise and anything with ``alphas_cumprod`` (the scheduler is read, never mutated or stepped). After
+the last timestep they jump to ``t = 0``, the clean boundary of :mod:`cdlab.math`.
 
     from cdlab.samplers import ddim_timesteps, sample_ddim
     out = sample_ddim(unet, x_T, cond, uncond, 7.5, ddim_timesteps(50), scheduler)
@@ -16,19 +26,31 @@ timestep, and cdlab follows the listed timesteps.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 
-from cdlab.math import cfg_eps, ddim_solver_step, predict_x0, q_sample
+from cdlab.math import ddim_solver_step, predict_x0, q_sample
+from cdlab.models import EpsModel
 
-__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_ddim", "sample_consistency",
-           "sample_scheduler", "sample_student"]
+__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_loop", "StepRule", "DDIMStep",
+           "ConsistencyStep", "SchedulerStep", "sample_ddim", "sample_consistency", "sample_scheduler", "sample_student"]
 
 # callback(i, t, x0_pred): called after step i at timestep t with that step's x_0 prediction.
 Callback = Callable[[int, int, torch.Tensor], Any]
+
+
+class StepRule(Protocol):
+    """One step of a sampler from t to s (see "step rules" below)."""
+
+    def model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor: ...
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: Any, s: Any,
+                 x_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -64,8 +86,7 @@ def _check_steps(num_steps: int, max_steps: int) -> int:
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Trailing timesteps (Lin et al. 2023, Table 2), equal to diffusers'
     ``DDIMScheduler(timestep_spacing="trailing").set_timesteps(num_steps).timesteps``: 4 -> [999, 749, 499, 249]."""
-    import numpy as np  # numpy's float arange, as diffusers does, so that every num_steps rounds the same way
-
+    # numpy's float arange, as diffusers does, so that every num_steps rounds the same way
     num_steps = _check_steps(num_steps, num_train_timesteps)
     ratio = num_train_timesteps / num_steps
     return [int(t) - 1 for t in np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64)]
@@ -105,6 +126,161 @@ def _tvec(t: int, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), t, dtype=torch.long, device=device)
 
 
+# ----------------------------------------------------------------------------- step rules
+#
+# A step rule takes the eps of step i and moves x from t_i to s = t_{i+1} (0 after the last):
+# ``rule(eps, x, t, s, x_in) -> (x_s, x0_prediction)``; ``rule.model_input(x, t)`` is what the network sees
+# at t (``x_in``: x itself for the jumps, ``scale_model_input`` for a diffusers scheduler).
+
+class DDIMStep:
+    """The DDIM jump (Song et al. 2021, eq. 12, eta = 0) from t to s (:func:`cdlab.math.ddim_solver_step`), and
+    the x_0 prediction ``(x_t - sigma_t eps) / alpha_t``: the teacher's step, and a consistency student's
+    deterministic one (its jump to the next boundary).
+
+    Args:
+        scheduler: the schedule (``alphas_cumprod``), read only.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def model_input(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return x
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: int, s: int,
+                 x_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        tv = _tvec(t, b, x.device)
+        return (ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), self.scheduler),
+                predict_x0(eps, x, tv, self.scheduler))
+
+
+class ConsistencyStep(DDIMStep):
+    """A consistency student's step (Song et al. 2023, Alg. 1). Deterministic: the DDIM jump of its eps
+    (:class:`DDIMStep`). Stochastic: predict x_0, then re-noise it to s with fresh noise,
+    ``x_s = alpha_s x_0 + sigma_s z``, z drawn from ``generator`` (on the generator's device, then moved);
+    the last step (s = 0) returns x_0.
+
+    Args:
+        scheduler: the schedule (``alphas_cumprod``), read only.
+        stochastic (`bool`): re-noise between steps.
+        generator (`torch.Generator`, *optional*): the noise source of the stochastic steps.
+    """
+
+    def __init__(self, scheduler: Any, *, stochastic: bool = False, generator: torch.Generator | None = None) -> None:
+        super().__init__(scheduler)
+        self.stochastic = stochastic
+        self.generator = generator
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: int, s: int,
+                 x_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.stochastic:
+            return super().__call__(eps, x, t, s)
+        b = x.shape[0]
+        x0 = predict_x0(eps, x, _tvec(t, b, x.device), self.scheduler)
+        if s == 0:
+            return x0, x0
+        gen_device = self.generator.device if self.generator is not None else x.device
+        noise = torch.randn(x.shape, generator=self.generator, device=gen_device, dtype=x.dtype).to(x.device)
+        return q_sample(x0, _tvec(s, b, x.device), self.scheduler, noise=noise), x0
+
+
+class SchedulerStep:
+    """An external student's step: its own diffusers scheduler, as ``StableDiffusionPipeline`` steps it:
+    ``scale_model_input`` before the network, then ``step(eps, t, x, eta=..., generator=...)`` with ``eta``
+    and ``generator`` where the step accepts them (LCM and TCD re-noise with ``generator``; DDIM is
+    deterministic). The x_0 prediction is the step's ``denoised`` (LCM) or ``pred_original_sample``, else the
+    DDIM identity ``(x_in - sigma_t eps) / alpha_t`` on the model input (an epsilon model).
+
+    Call it over exactly the timesteps the scheduler was set to, in order (a scheduler keeps its step index,
+    so it mutates: use a fresh one, ``cdlab.students.make_scheduler(pipe, card)``); ``s`` is not read.
+
+    Args:
+        scheduler: a diffusers scheduler, its timesteps set.
+        eta (`float`, *optional*): the card's ``scheduler_kwargs["eta"]`` (TCD's gamma).
+        generator (`torch.Generator`, *optional*): the noise of stochastic steps.
+    """
+
+    def __init__(self, scheduler: Any, *, eta: float | None = None, generator: torch.Generator | None = None) -> None:
+        self.scheduler = scheduler
+        accepts = set(inspect.signature(scheduler.step).parameters)
+        self.kwargs: dict[str, Any] = {}
+        if eta is not None and "eta" in accepts:
+            self.kwargs["eta"] = float(eta)
+        if generator is not None and "generator" in accepts:
+            self.kwargs["generator"] = generator
+
+    def model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return self.scheduler.scale_model_input(x, t)
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor, t: Any, s: Any,
+                 x_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.scheduler.step(eps, t, x, **self.kwargs)
+        x0 = getattr(out, "denoised", None)
+        if x0 is None:
+            x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x_in = x if x_in is None else x_in
+            x0 = predict_x0(eps, x_in, _tvec(int(round(float(t))), x_in.shape[0], x_in.device), self.scheduler)
+        return out.prev_sample, x0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@torch.no_grad()
+def sample_loop(
+    model: EpsModel,
+    x: torch.Tensor,
+    timesteps: Sequence[Any],
+    step: StepRule,
+    *,
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    eps: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    after_step: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    return_trajectory: bool = False,
+    callback: Callback | None = None,
+) -> SampleOutput:
+    """The one sampling loop: from ``x`` at ``timesteps[0]``, for each ``t_i`` (with ``s = t_{i+1}``, 0 after
+    the last) ``x_in = step.model_input(x, t_i)``, ``e = eps(x_in, t_i)``, ``x, x0 = step(e, x, t_i, s, x_in)``,
+    ``x = after_step(x, s)``.
+
+    Args:
+        model (`cdlab.models.EpsModel`): the network; ``nfe`` is what it counted during the loop.
+        x (`torch.Tensor`): the start, x at ``timesteps[0]`` (the noise; SDEdit's noised image).
+        timesteps: high to low noise; ints (the jumps) or a diffusers scheduler's timesteps. Empty: returns ``x``.
+        step: the step rule, :class:`DDIMStep`, :class:`ConsistencyStep` or :class:`SchedulerStep`.
+        cond, uncond (`torch.Tensor`): the embeddings of the default eps, ``model(x, t, cond, uncond)``.
+        eps: hook, which eps the step takes: ``eps(x_t, t)`` (a technique's combined eps).
+        after_step: hook, what happens after each step: ``after_step(x_s, s) -> x_s`` (inpainting's projection).
+        keep: hook, what the trajectory keeps of each x_0 prediction (inpainting: the known region pasted in).
+        return_trajectory (`bool`): keep x_t and the x_0 prediction of every step.
+        callback: ``callback(i, t, x0)`` after the network call of step i.
+    """
+    eps_fn = eps if eps is not None else (lambda z, t: model(z, t, cond, uncond))
+    ts = list(timesteps)
+    nfe0 = model.nfe
+    x0s: list[torch.Tensor] = []
+    xts: list[torch.Tensor] = []
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else 0
+        if return_trajectory:
+            xts.append(x)
+        x_in = step.model_input(x, t)
+        x, x0 = step(eps_fn(x_in, t), x, t, s, x_in)
+        if return_trajectory:
+            x0s.append(keep(x0) if keep is not None else x0)
+        if callback is not None:
+            callback(i, int(t), x0)
+        if after_step is not None:
+            x = after_step(x, s)
+    return SampleOutput(latents=x, x0_trajectory=x0s, xt_trajectory=xts, timesteps=[int(t) for t in ts],
+                        nfe=model.nfe - nfe0)
+
+
+# ----------------------------------------------------------------------------- the named samplers
+
 @torch.no_grad()
 def sample_ddim(
     unet: Any,
@@ -118,7 +294,8 @@ def sample_ddim(
     return_trajectory: bool = False,
     callback: Callback | None = None,
 ) -> SampleOutput:
-    """Deterministic DDIM (Song et al. 2021, eta = 0) with classifier-free guidance (Ho & Salimans 2022).
+    """Deterministic DDIM (Song et al. 2021, eta = 0) with classifier-free guidance (Ho & Salimans 2022):
+    :func:`sample_loop` with :class:`DDIMStep` and ``EpsModel(unet, guidance)``.
 
     Args:
         unet: epsilon model, ``unet(x, t, encoder_hidden_states=emb).sample``.
@@ -133,34 +310,8 @@ def sample_ddim(
         scheduler: the schedule (``alphas_cumprod``).
     """
     ts = _check_timesteps(timesteps, scheduler)
-    if isinstance(guidance, torch.Tensor) and guidance.ndim > 0:
-        use_cfg = uncond is not None and bool((guidance != 1.0).any())
-    else:
-        use_cfg = uncond is not None and float(guidance) != 1.0
-    x = x_T
-    b = x.shape[0]
-    emb = torch.cat([uncond, cond]) if use_cfg else cond
-    trajectory: list[torch.Tensor] = []
-    xts: list[torch.Tensor] = []
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else 0
-        if return_trajectory:
-            xts.append(x)
-        if use_cfg:
-            eps_u, eps_c = unet(torch.cat([x, x]), _tvec(t, 2 * b, x.device), encoder_hidden_states=emb).sample.chunk(2)
-            eps = cfg_eps(eps_u, eps_c, guidance)
-        else:
-            eps = unet(x, _tvec(t, b, x.device), encoder_hidden_states=emb).sample
-        tv = _tvec(t, b, x.device)
-        if return_trajectory or callback is not None:
-            x0 = predict_x0(eps, x, tv, scheduler)
-            if return_trajectory:
-                trajectory.append(x0)
-            if callback is not None:
-                callback(i, t, x0)
-        x = ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), scheduler)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts, timesteps=ts,
-                        nfe=len(ts) * (2 if use_cfg else 1))
+    return sample_loop(EpsModel(unet, guidance), x_T, ts, DDIMStep(scheduler), cond=cond, uncond=uncond,
+                       return_trajectory=return_trajectory, callback=callback)
 
 
 @torch.no_grad()
@@ -176,7 +327,8 @@ def sample_consistency(
     return_trajectory: bool = False,
     callback: Callback | None = None,
 ) -> SampleOutput:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1; Heek et al. 2024), one NFE per step.
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; Heek et al. 2024), one NFE per step:
+    :func:`sample_loop` with :class:`ConsistencyStep`.
 
     At each ``t_i`` the student's eps gives the DDIM jump to ``t_{i+1}`` (0 after the last). With
     :func:`consistency_timesteps` ``(N, N)`` of an N-boundary student this is exactly the jump to each
@@ -188,30 +340,9 @@ def sample_consistency(
         generator (`torch.Generator`, *optional*): the noise source for ``stochastic=True``.
     """
     ts = _check_timesteps(timesteps, scheduler)
-    x = x_T
-    b = x.shape[0]
-    trajectory: list[torch.Tensor] = []
-    xts: list[torch.Tensor] = []
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else 0
-        tv = _tvec(t, b, x.device)
-        eps = unet(x, tv, encoder_hidden_states=cond).sample
-        x0 = predict_x0(eps, x, tv, scheduler)
-        if return_trajectory:
-            trajectory.append(x0)
-            xts.append(x)
-        if callback is not None:
-            callback(i, t, x0)
-        if stochastic:
-            if s == 0:
-                x = x0
-            else:
-                gen_device = generator.device if generator is not None else x.device
-                noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-                x = q_sample(x0, _tvec(s, b, x.device), scheduler, noise=noise)
-        else:
-            x = ddim_solver_step(eps, x, tv, _tvec(s, b, x.device), scheduler)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts, timesteps=ts, nfe=len(ts))
+    step = ConsistencyStep(scheduler, stochastic=stochastic, generator=generator)
+    return sample_loop(EpsModel(unet), x_T, ts, step, cond=cond, return_trajectory=return_trajectory,
+                       callback=callback)
 
 
 @torch.no_grad()
@@ -230,64 +361,28 @@ def sample_scheduler(
     """A student that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD, ...): the
     denoising loop of ``StableDiffusionPipeline.__call__`` with that scheduler, on given noise and embeddings.
 
-    ``scheduler.set_timesteps(steps)``, ``x = x_T * init_noise_sigma``, then per timestep
-    ``scale_model_input``, one UNet call (two, batched uncond-first and combined by
-    :func:`cdlab.math.cfg_eps`, when ``card.guidance > 1`` and ``uncond`` is given, as diffusers does
-    for ``guidance_scale > 1``) and ``scheduler.step`` with the card's ``eta`` and ``generator`` where
-    the step accepts them. Unlike the other samplers this one steps, so mutates, ``scheduler``: pass a
+    ``scheduler.set_timesteps(steps)``, ``x = x_T * init_noise_sigma``, then :func:`sample_loop` with
+    :class:`SchedulerStep` (the card's ``eta``) and one UNet call a step (two, batched uncond-first and combined
+    by :func:`cdlab.math.cfg_eps`, when ``card.guidance > 1`` and ``uncond`` is given, as diffusers does for
+    ``guidance_scale > 1``). Unlike the other samplers this one steps, so mutates, ``scheduler``: pass a
     fresh one, ``cdlab.students.make_scheduler(pipe, card)``.
 
     Args:
         card: a ``cdlab.students.StudentCard`` (``guidance``, ``scheduler_kwargs["eta"]``).
         steps (`int`): inference steps.
-        return_trajectory (`bool`): keep the x_0 prediction after each step: the step's ``denoised``
-            (LCM) or ``pred_original_sample``, else the DDIM identity ``(x_t - sigma_t eps) / alpha_t``
-            on the model input (an epsilon model).
+        return_trajectory (`bool`): keep the x_0 prediction after each step (see :class:`SchedulerStep`).
         generator (`torch.Generator`, *optional*): the noise of stochastic steps (LCM, TCD with eta > 0).
 
     Returns:
         `SampleOutput` with the scheduler's timesteps and the UNet calls per image as ``nfe``.
     """
-    import inspect
-
     steps = _check_steps(steps, int(scheduler.config.num_train_timesteps))
     scheduler.set_timesteps(steps, device=x_T.device)
     w = float(getattr(card, "guidance", 1.0) or 1.0)
-    use_cfg = uncond is not None and w > 1.0
-    emb = torch.cat([uncond, cond]) if use_cfg else cond
-    accepts = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs: dict[str, Any] = {}
     eta = (getattr(card, "scheduler_kwargs", None) or {}).get("eta")
-    if eta is not None and "eta" in accepts:
-        step_kwargs["eta"] = float(eta)
-    if generator is not None and "generator" in accepts:
-        step_kwargs["generator"] = generator
-    x = x_T * scheduler.init_noise_sigma
-    trajectory: list[torch.Tensor] = []
-    xts: list[torch.Tensor] = []
-    nfe = 0
-    for t in scheduler.timesteps:
-        if return_trajectory:
-            xts.append(x)
-        xin = scheduler.scale_model_input(x, t)
-        if use_cfg:
-            eps_u, eps_c = unet(torch.cat([xin, xin]), t, encoder_hidden_states=emb).sample.chunk(2)
-            eps = cfg_eps(eps_u, eps_c, w)
-            nfe += 2
-        else:
-            eps = unet(xin, t, encoder_hidden_states=emb).sample
-            nfe += 1
-        out = scheduler.step(eps, t, x, **step_kwargs)
-        x = out.prev_sample
-        if return_trajectory:
-            x0 = getattr(out, "denoised", None)
-            if x0 is None:
-                x0 = getattr(out, "pred_original_sample", None)
-            if x0 is None:
-                x0 = predict_x0(eps, xin, _tvec(int(round(float(t))), xin.shape[0], xin.device), scheduler)
-            trajectory.append(x0)
-    return SampleOutput(latents=x, x0_trajectory=trajectory, xt_trajectory=xts,
-                        timesteps=[int(t) for t in scheduler.timesteps], nfe=nfe)
+    step = SchedulerStep(scheduler, eta=eta, generator=generator)
+    return sample_loop(EpsModel(unet, w if w > 1.0 else None), x_T * scheduler.init_noise_sigma,
+                       scheduler.timesteps, step, cond=cond, uncond=uncond, return_trajectory=return_trajectory)
 
 
 def sample_student(

@@ -1,8 +1,30 @@
-"""Shared fixtures: a tiny random SD pipeline saved with ``save_pretrained`` (the same folder layout
-and loading path as SD1.5), for tests that need a pipeline but not the trained embedded teacher."""
+"""Shared fixtures, each defined once and returning named objects, and the two-worker scheduler.
+
+Teachers (loaded once per module, or once per worker for SD1.5's size; a test leaves its teacher as it found it):
+
+    tiny_pipe_dir     a randomly initialised tiny pipeline saved with ``save_pretrained`` (SD1.5's folder layout)
+    random_teacher    ``load_teacher(tiny_pipe_dir)``: that random tiny pipeline as a Teacher
+    tiny_teacher      ``load_teacher("tiny")``: the embedded, trained tiny teacher
+    sd15_teacher      ``load_teacher("sd15-random")``: SD1.5's architecture with random weights at 64 px
+
+Folders and processes:
+
+    run_dirs          RunDirs: ``$CDLAB_RUNS_DIR`` and ``$CDLAB_ADAPTERS_DIR`` under the test's tmp_path
+    child_env         the environment for a ``python -m cdlab`` subprocess writing into ``run_dirs``
+    latent_cache_dir  one encoded-latents cache for a module's training runs
+    fake_hub          FakeHub: ``cdlab.students.external._hub_download`` patched to serve local files, recording calls
+    shipped_app       ServedApp: the app on the embedded tiny teacher with a copy of the shipped students
+    start_app         ``with start_app(model, work, students, base) as app``: a module's own app (a ServedApp)
+    client            a gradio client on the module's ``app`` (a module serving the app defines ``app``)
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -31,12 +53,21 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
 # "sd15": one SD1.5-sized model in memory (about 10 GB with its training states), not one per worker; two
 # did not fit in 24 GB. xdist's own --dist loadgroup cannot do this under pytest 9 (it renames node ids, which
 # pytest 9 no longer allows), so the scheduler below splits by this function, and a test marked sd15 must say
-# sd15 in its node id (its file's or its own name), which collection checks.
-FIRST_UNITS = ("tests/browser/test_journey.py", "sd15")  # the longest units, sent first; the rest keep their order
+# sd15 in its node id (its file's or its own name), which collection checks. The browser page tests share one
+# app (``shipped_app``, a session fixture: one per worker), so their three files are one unit too.
+# The longest units first (measured), so the two workers finish together; the rest keep their order.
+FIRST_UNITS = ("sd15", "tests/browser/test_journey.py", "browser-pages", "tests/test_train.py",
+               "tests/test_evaluate.py", "tests/test_app_client.py", "tests/test_train_process.py",
+               "tests/test_checkpoints.py", "tests/test_build_teacher.py")
+SHARED_UNITS = {f"tests/browser/{f}": "browser-pages"
+                for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")}
 
 
 def xdist_unit(nodeid: str) -> str:
-    return "sd15" if "sd15" in nodeid else nodeid.split("::")[0]
+    if "sd15" in nodeid:
+        return "sd15"
+    path = nodeid.split("::")[0]
+    return SHARED_UNITS.get(path, path)
 
 
 @pytest.hookimpl(optionalhook=True)  # `-p no:xdist` (one process) has no such hook
@@ -97,3 +128,138 @@ def sd15_teacher():
     from cdlab.teachers import load_teacher
 
     return load_teacher("sd15-random", resolution=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tiny_pipe_dir):
+    """``tiny_pipe_dir`` loaded as a Teacher (float32, CPU): random weights of the tiny architecture."""
+    from cdlab.teachers import load_teacher
+
+    return load_teacher(tiny_pipe_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    """The embedded, trained tiny teacher (``load_teacher("tiny")``, float32, CPU)."""
+    from cdlab.teachers import load_teacher
+
+    return load_teacher("tiny", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- folders, processes
+
+
+@dataclass
+class RunDirs:
+    """Where a test's training runs and students go (``$CDLAB_RUNS_DIR``, ``$CDLAB_ADAPTERS_DIR``)."""
+    root: Path
+    runs: Path
+    adapters: Path
+
+
+def use_run_dirs(monkeypatch: pytest.MonkeyPatch, root: Path) -> RunDirs:
+    """Point ``$CDLAB_RUNS_DIR`` and ``$CDLAB_ADAPTERS_DIR`` at ``root/runs`` and ``root/adapters``."""
+    dirs = RunDirs(Path(root), Path(root) / "runs", Path(root) / "adapters")
+    monkeypatch.setenv("CDLAB_RUNS_DIR", str(dirs.runs))
+    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(dirs.adapters))
+    return dirs
+
+
+@pytest.fixture
+def run_dirs(tmp_path, monkeypatch) -> RunDirs:
+    """This test's runs and students under its ``tmp_path`` (the environment variables restored after it)."""
+    return use_run_dirs(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def child_env(run_dirs) -> dict[str, str]:
+    """The environment of a ``python -m cdlab ...`` subprocess: ``run_dirs``, one CPU thread, offline, the
+    repository importable."""
+    from cdlab.paths import REPO_ROOT
+
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CDLAB_RUNS_DIR=str(run_dirs.runs),
+                CDLAB_ADAPTERS_DIR=str(run_dirs.adapters), PYTHONPATH=str(REPO_ROOT))
+
+
+@pytest.fixture(scope="module")
+def latent_cache_dir(tmp_path_factory) -> str:
+    """A cache of encoded latents (and DMD regression pairs) shared by one module's training runs."""
+    return str(tmp_path_factory.mktemp("latent-cache"))
+
+
+@dataclass
+class FakeHub:
+    """``files`` by ``(repo_id, filename)``, served in place of the Hugging Face hub; ``calls`` in order."""
+    files: dict[tuple[str, str], Path] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def download(self, repo_id: str, filename: str) -> str:
+        import huggingface_hub
+
+        self.calls.append((repo_id, filename))
+        if (repo_id, filename) not in self.files:
+            raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename} is not on the fake hub")
+        return str(self.files[(repo_id, filename)])
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> FakeHub:
+    """An empty `FakeHub` that ``load_external_student`` downloads from (it looks ``_hub_download`` up in its
+    module when it runs); a test adds the files it serves to ``fake_hub.files``."""
+    hub = FakeHub()
+    monkeypatch.setattr("cdlab.students.external._hub_download", hub.download)
+    return hub
+
+
+# ------------------------------------------------------------------------------------------- the app, served
+
+
+@dataclass
+class ServedApp:
+    """``python app.py`` in a subprocess: its URL, its working folder (runs, adapters, evals, data, cache) and
+    the students it offers (``base``: the base model id their cards name)."""
+    url: str
+    work: Path
+    students: list[str]
+    base: str
+
+
+@contextlib.contextmanager
+def _serve(model: str, work: Path, students: list[str], base: str) -> Iterator[ServedApp]:
+    from cdlab.ui.bench import serve_app
+
+    with serve_app(model, work) as url:
+        yield ServedApp(url, Path(work), list(students), base)
+
+
+@pytest.fixture(scope="session")
+def start_app():
+    """``start_app(model, work, students, base)``: a context manager serving ``python app.py --model MODEL`` on
+    ``work`` (students already saved under ``work/adapters``), yielding a `ServedApp`. For a module that needs
+    an app of its own (hostile inputs, a whole session that trains)."""
+    return _serve
+
+
+@pytest.fixture(scope="session")
+def shipped_app(tmp_path_factory):
+    """The app on the embedded tiny teacher with a copy of the shipped students, shared by the browser page
+    tests (one xdist unit: tests/conftest.py). Tests may train in it; none may delete a student."""
+    from cdlab.paths import REPO_ROOT, TINY_ID
+    from cdlab.students import list_students
+    from cdlab.teachers import TINY_TEACHER_DIR
+
+    if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
+        pytest.skip("the embedded tiny teacher is not in this checkout")
+    shipped = [c.name for c in list_students(root=REPO_ROOT / "adapters", base_model=TINY_ID)]
+    work = tmp_path_factory.mktemp("tiny-app")
+    shutil.copytree(REPO_ROOT / "adapters", work / "adapters", dirs_exist_ok=True)
+    with _serve("tiny", work, shipped, TINY_ID) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    """A gradio client on the module's ``app`` (a `ServedApp`)."""
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False)

@@ -8,29 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from cdlab.ui.testing import make_random_students, serve_app
+from cdlab.ui.bench import make_random_students
 
 PROMPT = "a small red circle at the top left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def app(tiny_pipe_dir, tmp_path_factory):
+def app(tiny_pipe_dir, tmp_path_factory, start_app):
+    """This module's app (``client`` in conftest talks to it): the random tiny pipeline and two random students."""
     work = tmp_path_factory.mktemp("app")
     base = str(Path(tiny_pipe_dir).resolve())
     students = make_random_students(base, work / "adapters", n=2)
-    with serve_app(tiny_pipe_dir, work) as url:
-        yield url, work, base, students
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    from gradio_client import Client
-
-    return Client(app[0], verbose=False)
+    with start_app(tiny_pipe_dir, work, students, base) as served:
+        yield served
 
 
 def test_page_loads_fast_with_header(app):
-    url = app[0]
+    url = app.url
     t0 = time.perf_counter()
     with urllib.request.urlopen(url, timeout=10) as r:
         assert r.status == 200
@@ -41,7 +35,7 @@ def test_page_loads_fast_with_header(app):
 
 
 def test_compare_returns_every_column_with_timings(client, app):
-    students = app[3]
+    students = app.students
     cols = ["teacher-50 (CFG)", "teacher-4 (naive)", *students]
     row, gallery, table, traj, png, info = client.predict(
         prompt=PROMPT, seed=3, guidance=3.0, steps="2", columns=cols, show_trajectory=True, api_name="/compare")
@@ -71,7 +65,7 @@ def test_bad_compare_inputs_give_errors_and_server_stays_up(client, args):
 def test_new_student_appears_without_restart_and_broken_one_errors(client, app):
     from gradio_client.exceptions import AppError
 
-    _, work, base, _ = app
+    work, base = app.work, app.base
     root = work / "adapters"
     tmp = work / "staging"
     (name,) = make_random_students(base, tmp, n=1)
@@ -173,13 +167,13 @@ def test_training_config_errors(client, app, change, match):
 
     with pytest.raises(AppError, match=match):
         client.predict(**_form(**change), api_name="/train_start")
-    assert not any((app[1] / "runs").iterdir())  # nothing was launched
+    assert not any((app.work / "runs").iterdir())  # nothing was launched
 
 
 def test_unreadable_dataset_folder_errors(client, app):
     from gradio_client.exceptions import AppError
 
-    folder = app[1] / "data" / "broken-set"  # inside the data folder the host allows
+    folder = app.work / "data" / "broken-set"  # inside the data folder the host allows
     folder.mkdir()
     (folder / "metadata.jsonl").write_bytes(b"\x00\xff\xfe")
     with pytest.raises(AppError, match="metadata.jsonl"):
@@ -216,7 +210,7 @@ def test_edit_runs_each_technique_as_documented(client, app, tmp_path):
 
     from cdlab.world import Caption, render
 
-    students = app[3]
+    students = app.students
     src = tmp_path / "src.png"
     render(Caption("large", "red", "circle", "center", "white"), 1, 32).save(src)
     paint = np.zeros((32, 32, 4), dtype=np.uint8)

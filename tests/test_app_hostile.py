@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from cdlab.ui.testing import make_random_students, serve_app
+from cdlab.ui.bench import make_random_students
 
 PROMPT = "a small red circle at the top left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, start_app):
+    """This module's app (``client`` in conftest talks to it): the embedded tiny teacher, two random students
+    (one of them listed as shipped) and a symlink in its data folder that leads outside it."""
     from cdlab.teachers import TINY_ID
 
     root = tmp_path_factory.mktemp("hostile")
@@ -31,15 +33,8 @@ def app(tmp_path_factory):
     (work / "adapters" / "SHIPPED").write_text(f"# shipped with the repository\n{students[0]}\n")
     (work / "data").mkdir()
     os.symlink("/etc", work / "data" / "escape")  # a symlink inside the data root that leads outside
-    with serve_app("tiny", work) as url:
-        yield url, work, students
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    from gradio_client import Client
-
-    return Client(app[0], verbose=False)
+    with start_app("tiny", work, students, TINY_ID) as served:
+        yield served
 
 
 def _form(**change):
@@ -100,7 +95,7 @@ TRAIN_CASES = [
 def test_hostile_training_configs_are_refused(client, app, case):
     from gradio_client.exceptions import AppError
 
-    _, work, students = app
+    work, students = app.work, app.students
     name, change, expect = case
     change = {k: ({"@existing": students[1], "@shipped": students[0]}.get(v, v) if isinstance(v, str) else v)
               for k, v in change.items()}
@@ -179,7 +174,7 @@ def test_hostile_edit_requests_are_refused(client, app, case, tmp_path):
 
 
 def test_server_still_serves_after_the_hostile_requests(client, app):
-    _, gallery, table, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)", app[2][1]], False,
+    _, gallery, table, *_ = client.predict(PROMPT, 0, 3.0, "4", ["teacher-4 (naive)", app.students[1]], False,
                                         api_name="/compare")
     assert len(gallery) == 2 and [row[2] for row in table["data"]] == [8, 4]
     assert math.isfinite(table["data"][0][1])
@@ -187,7 +182,7 @@ def test_server_still_serves_after_the_hostile_requests(client, app):
 
 def test_run_files_are_never_served(app):
     """Checkpoints, optimiser states and logs under runs/ cannot be fetched, even by exact path."""
-    url, work, _ = app
+    url, work = app.url, app.work
     secret = work / "runs" / "someone" / "checkpoints" / "ckpt_000010"
     secret.mkdir(parents=True)
     (secret / "optimizer.pt").write_bytes(b"secret optimiser state")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,18 +19,6 @@ from cdlab.train.config import TrainConfig, load_json
 from cdlab.train.trainer import list_checkpoints, train
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("latent-cache"))
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CDLAB_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(tmp_path / "adapters"))
-    return tmp_path
 
 
 def _cfg(model, cache_dir, **kw):
@@ -49,15 +38,15 @@ def _lora(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_pipe_dir, cache_dir, tmp_path_factory):
+def reference(tiny_pipe_dir, latent_cache_dir, tmp_path_factory):
     """An uninterrupted 6-step run: its final LoRA weights and its metrics."""
     tmp = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
         mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
-        res = train(_cfg(tiny_pipe_dir, cache_dir, run_name="ref", max_steps=6), log=lambda m: None)
+        res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="ref", max_steps=6), log=lambda m: None)
     assert res.state == "finished" and res.step == 6
-    return _lora(res.run_dir), _metrics(res.run_dir)
+    return SimpleNamespace(lora=_lora(res.run_dir), rows=_metrics(res.run_dir))
 
 
 def _truncate(f: Path) -> None:
@@ -75,8 +64,8 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_resume_falls_back_to_the_previous_checkpoint(tiny_pipe_dir, cache_dir, env, reference, damage):
-    first = train(_cfg(tiny_pipe_dir, cache_dir, run_name="r"), log=lambda m: None)
+def test_resume_falls_back_to_the_previous_checkpoint(tiny_pipe_dir, latent_cache_dir, run_dirs, reference, damage):
+    first = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r"), log=lambda m: None)
     run = first.run_dir
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
     state = json.loads((run / "checkpoints" / "ckpt_000004" / "state.json").read_text())
@@ -96,7 +85,7 @@ def test_resume_falls_back_to_the_previous_checkpoint(tiny_pipe_dir, cache_dir, 
     assert status["state"] == "finished" and status["step"] == 6
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # trimmed at the step actually used (2), then replayed
-    ref_lora, ref_rows = reference
+    ref_lora, ref_rows = reference.lora, reference.rows
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-6)
     lora = _lora(run)
     assert lora.keys() == ref_lora.keys() and all(torch.equal(lora[k], ref_lora[k]) for k in lora)
@@ -105,8 +94,8 @@ def test_resume_falls_back_to_the_previous_checkpoint(tiny_pipe_dir, cache_dir, 
     assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
 
 
-def test_no_readable_checkpoint_is_a_clear_error(tiny_pipe_dir, cache_dir, env):
-    res = train(_cfg(tiny_pipe_dir, cache_dir, run_name="r", max_steps=2), log=lambda m: None)
+def test_no_readable_checkpoint_is_a_clear_error(tiny_pipe_dir, latent_cache_dir, run_dirs):
+    res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r", max_steps=2), log=lambda m: None)
     ck = res.run_dir / "checkpoints" / "ckpt_000002"
     _truncate(ck / "lora.safetensors")
     cfg = dataclasses.replace(load_json(res.run_dir / "config.json"), max_steps=4)
@@ -122,7 +111,7 @@ def test_no_readable_checkpoint_is_a_clear_error(tiny_pipe_dir, cache_dir, env):
         train(cfg, resume=res.run_dir, log=lambda m: None)
 
 
-def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_pipe_dir, cache_dir, env, monkeypatch):
+def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_pipe_dir, latent_cache_dir, run_dirs, monkeypatch):
     events: list[tuple] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -136,7 +125,7 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_pipe_dir
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    res = train(_cfg(tiny_pipe_dir, cache_dir, run_name="f", max_steps=2, ema_decay=0.9), log=lambda m: None)
+    res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="f", max_steps=2, ema_decay=0.9), log=lambda m: None)
     folder = res.run_dir / "checkpoints"
     tmp, final = str(folder / ".tmp-ckpt_000002"), str(folder / "ckpt_000002")
     [i] = [k for k, e in enumerate(events) if e == ("replace", tmp, final)]

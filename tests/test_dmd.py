@@ -4,11 +4,14 @@ into each other (real = every adapter off, fake and generator each alone, gradie
 backward simulation equal to the consistency sampler, and the fake score's denoising loss falling."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from cdlab.loss import adapter_active, dmd_fake_loss, dmd_generator_loss, dmd_gradient, generator_sample
+from cdlab.loss import dmd_fake_loss, dmd_generator_loss, dmd_gradient, generator_sample
 from cdlab.math import alpha_sigma
+from cdlab.students.roles import adapter_role
 
 
 class _Sched:
@@ -70,12 +73,14 @@ def test_the_surrogate_loss_moves_a_generator_to_the_data():
 # ------------------------------------------------------------------------------------ on the tiny teacher's UNet
 
 @pytest.fixture(scope="module")
-def roles():
+def roles(tiny_teacher):
+    """The embedded tiny teacher with two random LoRA roles ("default": the generator, "fake"), a plain copy
+    that never gets an adapter, and one caption's embeddings."""
     from cdlab.students import attach_lora
     from cdlab.teachers import load_teacher
 
     t = load_teacher("tiny", device="cpu")
-    plain = load_teacher("tiny", device="cpu")  # a second copy: never gets an adapter
+    plain = tiny_teacher  # a second copy: never gets an adapter
     torch.manual_seed(0)
     for name in ("default", "fake"):
         attach_lora(t.unet, rank=4, adapter_name=name)
@@ -87,7 +92,7 @@ def roles():
         p.requires_grad_(".default." in n or ".fake." in n)
     t.unet.set_adapter("default")
     cond, uncond = t.encode(["a large red circle in the center on a white background"] * 4)
-    return t, plain, cond, uncond
+    return SimpleNamespace(teacher=t, plain=plain, cond=cond, uncond=uncond)
 
 
 def _grads(unet, name):
@@ -95,7 +100,7 @@ def _grads(unet, name):
 
 
 def test_roles_never_leak(roles):
-    t, plain, cond, uncond = roles
+    t, plain, cond, uncond = roles.teacher, roles.plain, roles.cond, roles.uncond
     unet, sched = t.unet, t.scheduler
     shape = (4, 4, 8, 8)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(3))
@@ -130,7 +135,7 @@ def test_roles_never_leak(roles):
     unet.zero_grad(set_to_none=True)
     assert unet.active_adapters() == ["default"]  # what was active before is active again
     with pytest.raises(ValueError, match="no adapter 'nope'"):
-        with adapter_active(unet, "nope"):
+        with adapter_role(unet, "nope"):
             pass
 
 
@@ -139,10 +144,10 @@ def test_backward_simulation_is_the_consistency_sampler(roles):
     shipped samplers show a DMD student unchanged); at step 0 it is one x0-prediction from the noise."""
     from cdlab.samplers import consistency_timesteps, sample_consistency
 
-    t, _, cond, _ = roles
+    t, cond = roles.teacher, roles.cond
     taus = consistency_timesteps(4, 4)
     z = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad(), adapter_active(t.unet, "default"):
+    with torch.no_grad(), adapter_role(t.unet, "default"):
         last = generator_sample(t.unet, z, cond, t.scheduler, gen_timesteps=taus, steps=torch.full((4,), 3), grad=False)
         ref = sample_consistency(t.unet, z, cond, taus, t.scheduler)
         first = generator_sample(t.unet, z, cond, t.scheduler, gen_timesteps=taus, steps=torch.zeros(4, dtype=torch.long),
@@ -153,9 +158,9 @@ def test_backward_simulation_is_the_consistency_sampler(roles):
 
 
 def test_the_fake_scores_denoising_loss_falls(roles):
-    t, _, cond, _ = roles
+    t, cond = roles.teacher, roles.cond
     unet = t.unet
-    with torch.no_grad(), adapter_active(unet, "default"):
+    with torch.no_grad(), adapter_role(unet, "default"):
         x_g = generator_sample(unet, torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(7)), cond,
                                t.scheduler, gen_timesteps=[999], grad=False)["x_g"]
     params = [p for n, p in unet.named_parameters() if ".fake." in n]
@@ -182,7 +187,7 @@ def test_the_fake_scores_denoising_loss_falls(roles):
 def test_the_loss_weighs_its_terms_and_dm_weight_zero_is_regression_alone(roles):
     """``loss = dm_weight * loss_dm + regression_weight * loss_reg`` for the same draws; with ``dm_weight=0``
     (the regression-only ablation) the generator's gradient is the regression term's alone."""
-    t, _, cond, uncond = roles
+    t, cond, uncond = roles.teacher, roles.cond, roles.uncond
     unet, sched = t.unet, t.scheduler
     z = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     reg = (torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(6)),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cdlab import edit as E
-from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
+from cdlab.models import EpsModel
+from cdlab.samplers import SchedulerStep, consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.world import Caption, render
 
 SRC = Caption("large", "red", "circle", "center", "white")
@@ -19,13 +20,12 @@ VAE_TOL = 0.02
 
 
 @pytest.fixture(scope="module")
-def teacher():
+def teacher(tiny_teacher):
+    """The embedded tiny teacher with its shipped student tiny-mbcd-4 loaded."""
     from cdlab.students import load_student
-    from cdlab.teachers import load_teacher
 
-    t = load_teacher("tiny", device="cpu")
-    load_student(t.pipe, "tiny-mbcd-4", base_model=t.base_id)
-    return t
+    load_student(tiny_teacher.pipe, "tiny-mbcd-4", base_model=tiny_teacher.base_id)
+    return tiny_teacher
 
 
 def _setup(teacher, prompt=TGT.text, seed=3):
@@ -36,7 +36,7 @@ def _setup(teacher, prompt=TGT.text, seed=3):
 
 
 def _teacher(teacher, steps=8):
-    return E.Denoiser(teacher.unet, teacher.guidance), E.Column(f"teacher-{steps}", "teacher", steps, teacher.guidance)
+    return EpsModel(teacher.unet, teacher.guidance), E.Column(f"teacher-{steps}", "teacher", steps, teacher.guidance)
 
 
 def test_sdedit_strength_one_is_plain_sampling_teacher_and_student(teacher):
@@ -52,12 +52,12 @@ def test_sdedit_strength_one_is_plain_sampling_teacher_and_student(teacher):
     activate_student(teacher.pipe, "tiny-mbcd-4")
     try:
         scol = E.student_column(read_card("tiny-mbcd-4"))
-        out = E.sdedit(E.Denoiser(teacher.unet), x_T, [cond], E.start_timesteps(scol, 1.0), teacher.scheduler,
+        out = E.sdedit(EpsModel(teacher.unet), x_T, [cond], E.start_timesteps(scol, 1.0), teacher.scheduler,
                        x0=x0, strength=1.0)
         ref = sample_consistency(teacher.unet, x_T, cond[0], consistency_timesteps(4, 4), teacher.scheduler)
         assert torch.equal(out.latents, ref.latents) and out.nfe == 4
         # at strength 0.5 the student starts from the image noised to its boundary 500, not from noise
-        half = E.sdedit(E.Denoiser(teacher.unet), x_T, [cond], E.start_timesteps(scol, 0.5), teacher.scheduler,
+        half = E.sdedit(EpsModel(teacher.unet), x_T, [cond], E.start_timesteps(scol, 0.5), teacher.scheduler,
                         x0=x0, strength=0.5)
         assert half.timesteps == [500, 250] and half.nfe == 2
         assert (half.latents - ref.latents).abs().mean() > 1e-2
@@ -153,8 +153,8 @@ def test_external_scheduler_column_equals_diffusers_img2img(teacher, scheduler, 
         assert len(ts) == want_ts and ts[0] <= strength * 1000
         g = torch.Generator().manual_seed(5)
         noise = torch.randn(x0.shape, generator=g)  # as the pipeline draws it; its steps then use g on
-        out = E.sdedit(E.Denoiser(teacher.unet), noise, [cond], ts, sched, x0=x0, strength=strength,
-                       step=E.SchedulerStep(sched, eta=kwargs.get("eta"), generator=g), return_trajectory=True)
+        out = E.sdedit(EpsModel(teacher.unet), noise, [cond], ts, sched, x0=x0, strength=strength,
+                       step=SchedulerStep(sched, eta=kwargs.get("eta"), generator=g), return_trajectory=True)
         assert out.nfe == want_ts and len(out.x0_trajectory) == want_ts
         pipe.scheduler = make_scheduler(teacher.pipe, card)
         ref = pipe(prompt_embeds=cond[0], image=x0, strength=strength, num_inference_steps=4, guidance_scale=1.0,
@@ -178,8 +178,8 @@ def test_external_columns_inpaint_keep_the_outside(teacher):
     m[..., 2:6, 2:6] = 1
     sched = make_scheduler(teacher.pipe, card)
     ts = E.start_timesteps(E.student_column(card), 1.0, 1000, sched)
-    out = E.inpaint(E.Denoiser(teacher.unet), x_T, [cond], ts, sched, x0=x0, mask=m,
-                    step=E.SchedulerStep(sched, generator=torch.Generator().manual_seed(0)))
+    out = E.inpaint(EpsModel(teacher.unet), x_T, [cond], ts, sched, x0=x0, mask=m,
+                    step=SchedulerStep(sched, generator=torch.Generator().manual_seed(0)))
     assert ts == [999, 759, 499, 259] and out.nfe == 4
     assert torch.equal(out.latents * (1 - m), x0 * (1 - m))
     assert (out.latents - x0).abs().mul(m).sum() > 0
@@ -255,7 +255,7 @@ def test_input_validation_names_the_field(teacher):
 
 
 def test_edit_evaluation_end_to_end(teacher, tmp_path):
-    from cdlab import edit_eval as V
+    from cdlab.evaluate import edit as V
 
     res = V.run_edit_evaluation(teacher, n=2, techniques=("sdedit", "inpaint"),
                                 students=["tiny-mbcd-4"], out_dir=tmp_path / "ev")
@@ -275,7 +275,7 @@ def test_edit_evaluation_end_to_end(teacher, tmp_path):
 
 
 def test_eval_cases_and_masks():
-    from cdlab import edit_eval as V
+    from cdlab.evaluate import edit as V
     from cdlab.world import check
 
     sd = V.make_cases("sdedit", 8)

@@ -12,12 +12,11 @@ from cdlab.ui.compare import TEACHER_4, TEACHER_50, InputError
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from cdlab.teachers import load_teacher
+def comparer(tiny_teacher):
+    """The tab's Comparer on the embedded tiny teacher (its shipped students), without micro-batching."""
     from cdlab.ui.compare import Comparer
 
-    t = load_teacher("tiny", device="cpu")
-    return t, Comparer(t, batching=False)
+    return Comparer(tiny_teacher, batching=False)
 
 
 def _layer(box, size=32, alpha=150):
@@ -112,8 +111,8 @@ def test_files_that_are_not_images_and_oversized_images_are_refused(tmp_path):
     (dict(columns=["../../etc"]), "columns: unknown"),
     (dict(columns="teacher-4 (naive)"), "columns"),
 ])
-def test_run_edit_refuses_each_bad_field_by_name(tiny, kw, match):
-    t, cmp = tiny
+def test_run_edit_refuses_each_bad_field_by_name(tiny_teacher, comparer, kw, match):
+    t, cmp = tiny_teacher, comparer
     args = dict(technique="sdedit", editor_value=Image.new("RGB", (32, 32), "white"), prompt="", prompt_2="",
                 strength=0.5, seed=0, student_steps="4", columns=[TEACHER_4])
     args.update(kw)
@@ -121,11 +120,11 @@ def test_run_edit_refuses_each_bad_field_by_name(tiny, kw, match):
         ET.run_edit(t, cmp, **args)
 
 
-def test_every_preset_runs_in_every_column_and_the_teacher_does_what_was_asked(tiny):
+def test_every_preset_runs_in_every_column_and_the_teacher_does_what_was_asked(tiny_teacher, comparer):
     """Each technique, from its preset, in the tab's own entry point: the input column (with the mask for
     inpainting), then one column per ticked column from one noise, NFE as the technique costs; and the
     50-step teacher's result reads as asked (the world's checker), which is what makes the preset a demo."""
-    t, cmp = tiny
+    t, cmp = tiny_teacher, comparer
     cols = ET.edit_column_choices(cmp)
     assert cols[:2] == [TEACHER_50, TEACHER_4] and "tiny-mbcd-4" in cols
     seen = set()

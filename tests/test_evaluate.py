@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,13 +15,13 @@ from cdlab.evaluate import EvaluationError, list_evaluations, load_evaluation, r
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pipe_dir, tmp_path_factory):
+def eval_students(random_teacher, tiny_pipe_dir, tmp_path_factory):
     """The random tiny teacher and two random LoRA students of it (N=2 and N=4) in a scratch adapters folder."""
     from cdlab import students
     from cdlab.teachers import load_teacher
 
     root = tmp_path_factory.mktemp("adapters")
-    teacher = load_teacher(tiny_pipe_dir)
+    teacher = random_teacher
     for i, (name, nb) in enumerate((("mb2", 2), ("mb4", 4))):
         donor = load_teacher(tiny_pipe_dir)
         students.attach_lora(donor.unet, rank=4)
@@ -36,22 +37,22 @@ def setup(tiny_pipe_dir, tmp_path_factory):
     students.attach_lora(donor.unet, rank=4)
     other = students.StudentCard(name="other", base_model="someone/else", method="cd", num_boundaries=1, steps=1)
     students.save_student(donor.unet, "other", other, root=root)
-    return teacher, root
+    return SimpleNamespace(teacher=teacher, root=root)
 
 
 @pytest.fixture(scope="module")
-def world_eval(setup, tmp_path_factory):
-    teacher, root = setup
+def world_eval(eval_students, tmp_path_factory):
+    teacher, root = eval_students.teacher, eval_students.root
     calls = []
     out = tmp_path_factory.mktemp("evals") / "run1"
     # diversity on 2 of the 6 captions (8 seeds each): the default, every caption up to 16, costs 8 runs of the suite
     res = run_evaluation(teacher, n=6, steps=(1, 4, 50), student_steps=(1, 2, 4), adapters_root=root,
                          out_dir=out, batch_size=4, progress=lambda f, m: calls.append((f, m)), diversity_captions=2)
-    return res, calls
+    return SimpleNamespace(result=res, progress=calls)
 
 
 def test_columns_nfe_and_metrics(world_eval):
-    res, _ = world_eval
+    res = world_eval.result
     assert res["suite"] == "world" and res["n"] == 6
     got = [(r["method"], r["steps"], r["nfe"]) for r in res["rows"]]
     assert got == [(evaluate.TEACHER_METHOD, 1, 2), (evaluate.TEACHER_METHOD, 4, 8), (evaluate.TEACHER_METHOD, 50, 100),
@@ -69,12 +70,12 @@ def test_columns_nfe_and_metrics(world_eval):
     assert one["speedup"] > 1.0
 
 
-def test_diversity_is_per_column_and_the_teachers_does_not_depend_on_the_students(setup, world_eval):
+def test_diversity_is_per_column_and_the_teachers_does_not_depend_on_the_students(eval_students, world_eval):
     """Each column's diversity (mean pixel distance between one caption's samples under 8 seeds) is measured with
     that column's own weights: the teacher's is the same whether students ran before it or not (the last
     student of the main loop must not stay active), and a deterministic sampler from different noise is > 0."""
-    res, _ = world_eval
-    teacher, root = setup
+    res = world_eval.result
+    teacher, root = eval_students.teacher, eval_students.root
     alone = run_evaluation(teacher, n=6, steps=(1, 4, 50), students=[], adapters_root=root, batch_size=4,
                            write=False, diversity_captions=2)
     for a, b in zip(res["rows"][:3], alone["rows"]):
@@ -84,7 +85,7 @@ def test_diversity_is_per_column_and_the_teachers_does_not_depend_on_the_student
     assert "diversity" in evaluate.render_table(res)
 
 
-def test_columns_match_unbatched_samplers_from_the_same_noise(setup, world_eval):
+def test_columns_match_unbatched_samplers_from_the_same_noise(eval_students, world_eval):
     """Batching must not change anything: image i of a column equals a direct single-prompt run from
     teacher.initial_noise(seed + i)."""
     from cdlab.metrics import agreement_error, to_unit
@@ -92,8 +93,8 @@ def test_columns_match_unbatched_samplers_from_the_same_noise(setup, world_eval)
     from cdlab.students import activate_student, load_student
     from cdlab.world import sample_captions
 
-    teacher, root = setup
-    res, _ = world_eval
+    teacher, root = eval_students.teacher, eval_students.root
+    res = world_eval.result
     caps = sample_captions(6, seed=evaluate.PROMPT_SEED)
     texts = [c.text for c in caps]
 
@@ -122,7 +123,7 @@ def test_columns_match_unbatched_samplers_from_the_same_noise(setup, world_eval)
 
 
 def test_progress_is_monotone_and_finishes(world_eval):
-    _, calls = world_eval
+    calls = world_eval.progress
     fracs = [f for f, _ in calls]
     assert fracs[0] == 0.0 and fracs[-1] == 1.0
     assert fracs == sorted(fracs)
@@ -131,7 +132,7 @@ def test_progress_is_monotone_and_finishes(world_eval):
 
 
 def test_files_and_round_trip(world_eval):
-    res, _ = world_eval
+    res = world_eval.result
     out = res.path
     assert {p.name for p in out.iterdir()} == {"results.json", "table.md", "quality_vs_nfe.png"}
     assert (out / "quality_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -169,8 +170,8 @@ def test_load_evaluation_errors(tmp_path):
         load_evaluation(tmp_path)
 
 
-def test_bad_arguments_are_clear(setup):
-    teacher, root = setup
+def test_bad_arguments_are_clear(eval_students):
+    teacher, root = eval_students.teacher, eval_students.root
     with pytest.raises(EvaluationError, match="1..1000"):
         run_evaluation(teacher, n=2, steps=(0, 4), adapters_root=root, write=False)
     with pytest.raises(EvaluationError, match="not found"):
@@ -202,8 +203,8 @@ def sd_suite(tiny_pipe_dir):
     return suite
 
 
-def _sd_eval(setup, suite, out, fid_min_samples=None, **kwargs):
-    teacher, root = setup
+def _sd_eval(eval_students, suite, out, fid_min_samples=None, **kwargs):
+    teacher, root = eval_students.teacher, eval_students.root
     suite.fid_min_samples = fid_min_samples or suite.num_features
     try:
         return run_evaluation(teacher, n=4, steps=(2, 50), student_steps=(2,), students=["mb2"], suite="sd",
@@ -212,13 +213,13 @@ def _sd_eval(setup, suite, out, fid_min_samples=None, **kwargs):
         suite.fid_min_samples = suite.num_features
 
 
-def test_sd_suite_with_offline_stand_ins(setup, sd_suite, tmp_path):
+def test_sd_suite_with_offline_stand_ins(eval_students, sd_suite, tmp_path):
     """The SD1.5 path (course prompts; CLIP, FID-SD, LPIPS) on the tiny pipeline with stand-in metric models;
     4 samples: the FID is refused (2048 needed), and computed once a test lowers the minimum to 4."""
     from cdlab.prompts import COURSE_PROMPTS
 
     calls = []
-    res = _sd_eval(setup, sd_suite, tmp_path / "sd", progress=lambda f, m: calls.append(m))
+    res = _sd_eval(eval_students, sd_suite, tmp_path / "sd", progress=lambda f, m: calls.append(m))
     assert res["suite"] == "sd" and res["prompt_source"] == "the course's 8 prompts"
     assert [(r["method"], r["steps"]) for r in res["rows"]] == [(evaluate.TEACHER_METHOD, 2),
                                                                  (evaluate.TEACHER_METHOD, 50), ("mb2", 2)]
@@ -245,7 +246,7 @@ def test_sd_suite_with_offline_stand_ins(setup, sd_suite, tmp_path):
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))  # strict JSON: null, not NaN
 
     # The minimum lowered to the run's 4 samples: FID-SD is a finite number in every cell.
-    low = _sd_eval(setup, sd_suite, tmp_path / "sd-low", fid_min_samples=4)
+    low = _sd_eval(eval_students, sd_suite, tmp_path / "sd-low", fid_min_samples=4)
     assert low["notes"] == [] and low["fid_min_samples"] == 4
     lref = low["rows"][1]
     assert lref["fid_sd"] == pytest.approx(0.0, abs=1e-5) and "fid_sd_note" not in lref
@@ -259,8 +260,8 @@ def test_sd_suite_with_offline_stand_ins(setup, sd_suite, tmp_path):
     assert COURSE_PROMPTS[0] == "A sad puppy with large eyes."
 
 
-def test_cli_writes_an_evaluation(tiny_pipe_dir, setup, tmp_path, monkeypatch, capsys):
-    _, root = setup
+def test_cli_writes_an_evaluation(tiny_pipe_dir, eval_students, tmp_path, monkeypatch, capsys):
+    root = eval_students.root
     monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(root))
     monkeypatch.setattr("cdlab.students.ADAPTERS_DIR", root, raising=False)
     monkeypatch.setenv("CDLAB_EVALS_DIR", str(tmp_path))
@@ -365,11 +366,11 @@ def test_cli_prompts_file_error_is_one_line_before_the_teacher_loads(tmp_path, m
         assert err.startswith(f"error: {flag}") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_cli_prompts_file_runs_the_sd_metrics_on_its_first_n(setup, sd_suite, tiny_pipe_dir, tmp_path, monkeypatch,
+def test_cli_prompts_file_runs_the_sd_metrics_on_its_first_n(eval_students, sd_suite, tiny_pipe_dir, tmp_path, monkeypatch,
                                                              capsys):
     """``python -m cdlab evaluate --prompts FILE --n 3`` (and ``--metadata`` as its alias), with the SD suite's
     stand-ins put in place of the real metric models."""
-    _, root = setup
+    root = eval_students.root
     files = _write_prompt_files(tmp_path / "prompts")
     real = evaluate.run_evaluation
     got = []
@@ -379,8 +380,8 @@ def test_cli_prompts_file_runs_the_sd_metrics_on_its_first_n(setup, sd_suite, ti
         got.append(res)
         return evaluate.EvaluationResult(res, out_dir=str(tmp_path / "unwritten"))
 
-    monkeypatch.setattr(evaluate, "run_evaluation", sd_run)
-    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 1)  # the 1-step column is the reference: no 50-step run
+    monkeypatch.setattr(evaluate.cli, "run_evaluation", sd_run)
+    monkeypatch.setattr(evaluate.run, "REFERENCE_STEPS", 1)  # the 1-step column is the reference: no 50-step run
     for flag, f in (("--prompts", files["txt"]), ("--metadata", files["jsonl"])):
         rc = evaluate.main(["--model", tiny_pipe_dir, flag, str(f), "--n", "2", "--steps", "1",
                             "--student-steps", "1", "--students", "mb4"])
@@ -417,14 +418,14 @@ def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_p
     from cdlab.students import StudentError, load_student
     from cdlab.students.activation import fused_student
     from cdlab.teachers import load_teacher
-    from cdlab.ui.testing import make_random_students
+    from cdlab.ui.bench import make_random_students
 
     teacher = load_teacher(tiny_pipe_dir, device="cpu", dtype=torch.float16)
     pipe = teacher.pipe
     names = make_random_students(teacher.base_id, tmp_path / "adapters", n=2)
     before = _base_weights(teacher.unet)
     # The 1-step teacher column is the reference, so no 50-step run in fp16 on the CPU (slow there).
-    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 1)
+    monkeypatch.setattr(evaluate.run, "REFERENCE_STEPS", 1)
     # One batch: the teacher column, then each student swapped in turn (the switch restores the first).
     res = run_evaluation(teacher, n=2, steps=(1,), student_steps=(1,), adapters_root=tmp_path / "adapters",
                          write=False)
@@ -439,7 +440,7 @@ def test_an_evaluation_leaves_an_fp16_teacher_bit_identical(tiny_pipe_dir, tmp_p
         assert _changed(before, teacher.unet) and not pipe._merged_adapters  # swapped in, not merged
         raise RuntimeError("student sampler failed")
 
-    monkeypatch.setattr(evaluate, "_run_student", failing)
+    monkeypatch.setattr("cdlab.columns.sample_student", failing)  # the student columns' sampler
     with pytest.raises(RuntimeError, match="student sampler failed"):
         run_evaluation(teacher, n=1, steps=(1,), student_steps=(1,), students=[names[0]],
                        adapters_root=tmp_path / "adapters", write=False)
@@ -476,11 +477,11 @@ def test_swapped_students_score_as_their_active_adapters(tiny_pipe_dir, tmp_path
     """The fast path (fused weights swapped in) is the same model as the adapter run unfused: on an fp32 teacher
     every student row's numbers agree to float rounding, and the images differ from the teacher's."""
     from cdlab.teachers import load_teacher
-    from cdlab.ui.testing import make_random_students
+    from cdlab.ui.bench import make_random_students
 
     teacher = load_teacher(tiny_pipe_dir, device="cpu")
     names = make_random_students(teacher.base_id, tmp_path / "adapters", n=2)
-    monkeypatch.setattr(evaluate, "REFERENCE_STEPS", 2)
+    monkeypatch.setattr(evaluate.run, "REFERENCE_STEPS", 2)
     kw = dict(n=3, steps=(2,), student_steps=(1, 2), adapters_root=tmp_path / "adapters", write=False,
               diversity_captions=1, diversity_seeds=2)
     fast, slow = (run_evaluation(teacher, fuse_lora=f, **kw) for f in (True, False))
@@ -494,7 +495,7 @@ def test_swapped_students_score_as_their_active_adapters(tiny_pipe_dir, tmp_path
 def test_an_evaluation_in_out_is_replaced_only_with_overwrite(tmp_path, monkeypatch, capsys):
     """`--out` holding an evaluation is refused before the teacher loads or anything samples (nothing lost by
     default, no minutes spent on a run that cannot be written); `--overwrite` is the explicit choice."""
-    from cdlab import edit_eval
+    from cdlab.evaluate import edit as edit_eval
     from cdlab import teachers
 
     out = tmp_path / "mine"

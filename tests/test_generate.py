@@ -89,7 +89,7 @@ def test_external_student_through_a_fake_hub(tiny_pipe_dir, tmp_path, monkeypatc
 
     from cdlab import teachers
     from cdlab.students import SD15_ID, load_external_student, make_scheduler
-    from cdlab.ui.testing import make_random_students
+    from cdlab.ui.bench import make_random_students
 
     [name] = make_random_students(SD15_ID, tmp_path / "adapters", n=1)
     weights = tmp_path / "adapters" / name / "pytorch_lora_weights.safetensors"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdlab.loss import adapters_disabled, consistency_loss, sample_timesteps, swapped_weights
+from cdlab.loss import consistency_loss, sample_timesteps
+from cdlab.students.roles import adapter_role, swapped_weights
 from cdlab.math import cfg_eps, ddim_solver_step, get_multi_boundary_timesteps, q_sample
 
 
@@ -121,13 +122,13 @@ def test_cd_teacher_is_the_base_model_in_one_batched_call(unet, scheduler):
     unet.zero_grad(set_to_none=True)
 
 
-def test_adapters_disabled_restores_state(unet):
+def test_teacher_role_restores_state(unet):
     x = torch.randn(1, 4, 8, 8)
     c = torch.randn(1, 6, 64)
     t = torch.tensor([500])
     with torch.no_grad():
         on = _eps(unet, x, t, c)
-        with adapters_disabled(unet):
+        with adapter_role(unet, None):
             off = _eps(unet, x, t, c)
             assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)
         again = _eps(unet, x, t, c)

@@ -15,18 +15,12 @@ from cdlab.samplers import (
     sample_consistency,
     sample_ddim,
 )
-from cdlab.teachers import load_teacher
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_pipe_dir):
-    return load_teacher(tiny_pipe_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def embeddings(teacher):
-    cond, uncond = teacher.encode(["a red circle above a blue square", "two green triangles"])
-    return cond, uncond
+def embeddings(random_teacher):
+    cond, uncond = random_teacher.encode(["a red circle above a blue square", "two green triangles"])
+    return SimpleNamespace(cond=cond, uncond=uncond)
 
 
 class CountingUNet:
@@ -94,27 +88,27 @@ def test_consistency_timesteps_other_k():
 
 
 @pytest.mark.parametrize("steps,guidance", [(50, 7.5), (4, 3.0), (10, 1.0)])
-def test_sample_ddim_equals_the_diffusers_pipeline(teacher, embeddings, steps, guidance):
-    cond, uncond = embeddings
-    x_T = teacher.initial_noise(seed=1, batch=2)
-    assert teacher.scheduler.config.set_alpha_to_one and teacher.scheduler.config.timestep_spacing == "trailing"
-    ref = teacher.pipe(
+def test_sample_ddim_equals_the_diffusers_pipeline(random_teacher, embeddings, steps, guidance):
+    cond, uncond = embeddings.cond, embeddings.uncond
+    x_T = random_teacher.initial_noise(seed=1, batch=2)
+    assert random_teacher.scheduler.config.set_alpha_to_one and random_teacher.scheduler.config.timestep_spacing == "trailing"
+    ref = random_teacher.pipe(
         prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=guidance, num_inference_steps=steps,
         latents=x_T.clone(), output_type="latent",
     ).images
-    out = sample_ddim(teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(steps), teacher.scheduler)
-    assert out.timesteps == teacher.scheduler.timesteps.tolist()
+    out = sample_ddim(random_teacher.unet, x_T, cond, uncond, guidance, ddim_timesteps(steps), random_teacher.scheduler)
+    assert out.timesteps == random_teacher.scheduler.timesteps.tolist()
     # fp32 CPU; the latents reach |x| ~ 50 after w = 7.5 (alpha/sigma rounded in float32 by diffusers).
     torch.testing.assert_close(out.latents, ref, rtol=1e-4, atol=2e-4)
     assert out.nfe == steps * (2 if guidance != 1 else 1)
 
 
-def test_sample_ddim_cfg_is_one_batched_call_and_nfe(teacher, embeddings):
-    cond, uncond = embeddings
-    x_T = teacher.initial_noise(seed=2, batch=2)
-    unet = CountingUNet(teacher.unet)
+def test_sample_ddim_cfg_is_one_batched_call_and_nfe(random_teacher, embeddings):
+    cond, uncond = embeddings.cond, embeddings.uncond
+    x_T = random_teacher.initial_noise(seed=2, batch=2)
+    unet = CountingUNet(random_teacher.unet)
     seen = []
-    out = sample_ddim(unet, x_T, cond, uncond, 5.0, ddim_timesteps(4), teacher.scheduler, return_trajectory=True,
+    out = sample_ddim(unet, x_T, cond, uncond, 5.0, ddim_timesteps(4), random_teacher.scheduler, return_trajectory=True,
                       callback=lambda i, t, x0: seen.append((i, t, x0.shape)))
     assert unet.batches == [4] * 4 and out.nfe == 8
     assert len(out.x0_trajectory) == 4 and out.timesteps == [999, 749, 499, 249]
@@ -123,23 +117,23 @@ def test_sample_ddim_cfg_is_one_batched_call_and_nfe(teacher, embeddings):
     torch.testing.assert_close(out.x0_trajectory[-1], out.latents)
     for uncond_, w in ((None, 5.0), (uncond, 1.0)):
         unet.batches.clear()
-        o = sample_ddim(unet, x_T, cond, uncond_, w, ddim_timesteps(4), teacher.scheduler)
+        o = sample_ddim(unet, x_T, cond, uncond_, w, ddim_timesteps(4), random_teacher.scheduler)
         assert unet.batches == [2] * 4 and o.nfe == 4 and o.x0_trajectory == []
     assert not torch.allclose(o.latents, out.latents)
 
 
-def test_samplers_reject_bad_timesteps(teacher, embeddings):
-    cond, _ = embeddings
-    x = teacher.initial_noise(0, 2)
+def test_samplers_reject_bad_timesteps(random_teacher, embeddings):
+    cond = embeddings.cond
+    x = random_teacher.initial_noise(0, 2)
     for bad in ([], [500, 750], [1000, 500], [999, 0]):
         with pytest.raises(ValueError, match="timesteps"):
-            sample_consistency(teacher.unet, x, cond, bad, teacher.scheduler)
+            sample_consistency(random_teacher.unet, x, cond, bad, random_teacher.scheduler)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 4])
-def test_oracle_consistency_recovers_x0(teacher, dtype, k):
-    sched = teacher.scheduler
+def test_oracle_consistency_recovers_x0(random_teacher, dtype, k):
+    sched = random_teacher.scheduler
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     oracle = OracleUNet(x0, sched)
@@ -155,11 +149,11 @@ def test_oracle_consistency_recovers_x0(teacher, dtype, k):
     torch.testing.assert_close(ddim.latents, x0.expand(3, -1, -1, -1), **tol)
 
 
-def test_consistency_steps_are_jumps_to_the_students_boundaries(teacher, embeddings):
+def test_consistency_steps_are_jumps_to_the_students_boundaries(random_teacher, embeddings):
     """With timesteps = the boundaries, each step equals predict_boundary(eps, x_t, t, boundary(t))."""
-    cond, _ = embeddings
-    sched, unet = teacher.scheduler, teacher.unet
-    x_T = teacher.initial_noise(seed=3, batch=2)
+    cond = embeddings.cond
+    sched, unet = random_teacher.scheduler, random_teacher.unet
+    x_T = random_teacher.initial_noise(seed=3, batch=2)
     out = sample_consistency(unet, x_T, cond, consistency_timesteps(4, 4), sched)
     x = x_T
     with torch.no_grad():
@@ -170,10 +164,10 @@ def test_consistency_steps_are_jumps_to_the_students_boundaries(teacher, embeddi
     torch.testing.assert_close(out.latents, x, rtol=0, atol=0)
 
 
-def test_stochastic_consistency_is_song_alg1(teacher, embeddings):
-    cond, _ = embeddings
-    sched, unet = teacher.scheduler, teacher.unet
-    x_T = teacher.initial_noise(seed=4, batch=2)
+def test_stochastic_consistency_is_song_alg1(random_teacher, embeddings):
+    cond = embeddings.cond
+    sched, unet = random_teacher.scheduler, random_teacher.unet
+    x_T = random_teacher.initial_noise(seed=4, batch=2)
     ts = consistency_timesteps(4, 4)
     a = sample_consistency(unet, x_T, cond, ts, sched, stochastic=True, generator=torch.Generator().manual_seed(7))
     b = sample_consistency(unet, x_T, cond, ts, sched, stochastic=True, generator=torch.Generator().manual_seed(7))
@@ -193,34 +187,34 @@ def test_stochastic_consistency_is_song_alg1(teacher, embeddings):
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
-def test_consistency_sampler_agrees_with_plain_diffusers_ddim_trailing(teacher, embeddings, k):
+def test_consistency_sampler_agrees_with_plain_diffusers_ddim_trailing(random_teacher, embeddings, k):
     """The same network at k steps: cdlab goes 999 -> 750 -> 500 -> 250 -> 0, diffusers' trailing DDIM goes
     999 -> 749 -> 499 -> 249 -> 0. Stated tolerance: relative L2 error < 1e-2. Why: every intermediate timestep
     is one unit apart, where abar changes by a factor 1/(1 - beta_t) <= 1.012 (SD1.5's beta <= 0.012), so alpha
     and sigma differ by < 0.6% per step and the UNet's time embedding barely moves; measured 2e-4 (k=2), 6e-4
     (k=4), 1.3e-3 (k=8). A different initial noise gives a relative difference ~1.4, so the test can fail."""
-    cond, _ = embeddings
-    x_T = teacher.initial_noise(seed=5, batch=2)
-    ref = teacher.pipe(prompt_embeds=cond, guidance_scale=1.0, num_inference_steps=k, latents=x_T.clone(),
+    cond = embeddings.cond
+    x_T = random_teacher.initial_noise(seed=5, batch=2)
+    ref = random_teacher.pipe(prompt_embeds=cond, guidance_scale=1.0, num_inference_steps=k, latents=x_T.clone(),
                        output_type="latent").images
-    out = sample_consistency(teacher.unet, x_T, cond, consistency_timesteps(k, 4), teacher.scheduler)
+    out = sample_consistency(random_teacher.unet, x_T, cond, consistency_timesteps(k, 4), random_teacher.scheduler)
     rel = ((out.latents - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
-    other = sample_consistency(teacher.unet, teacher.initial_noise(seed=6, batch=2), cond,
-                               consistency_timesteps(k, 4), teacher.scheduler)
+    other = sample_consistency(random_teacher.unet, random_teacher.initial_noise(seed=6, batch=2), cond,
+                               consistency_timesteps(k, 4), random_teacher.scheduler)
     assert ((other.latents - ref).norm() / ref.norm()).item() > 0.5
 
 
-def test_consistency_nfe_trajectory_and_callback(teacher, embeddings):
-    cond, _ = embeddings
-    x_T = teacher.initial_noise(seed=0, batch=2)
+def test_consistency_nfe_trajectory_and_callback(random_teacher, embeddings):
+    cond = embeddings.cond
+    x_T = random_teacher.initial_noise(seed=0, batch=2)
     for k in (1, 2, 4, 8):
-        unet = CountingUNet(teacher.unet)
+        unet = CountingUNet(random_teacher.unet)
         calls = []
-        out = sample_consistency(unet, x_T, cond, consistency_timesteps(k, 4), teacher.scheduler,
+        out = sample_consistency(unet, x_T, cond, consistency_timesteps(k, 4), random_teacher.scheduler,
                                  return_trajectory=True, callback=lambda i, t, x0: calls.append((i, t)))
         assert isinstance(out, SampleOutput)
         assert out.nfe == k and unet.batches == [2] * k and len(out.x0_trajectory) == k
         assert calls == list(enumerate(consistency_timesteps(k, 4))) and out.timesteps == consistency_timesteps(k, 4)
         torch.testing.assert_close(out.x0_trajectory[-1], out.latents)
-        assert sample_consistency(teacher.unet, x_T, cond, [999], teacher.scheduler).x0_trajectory == []
+        assert sample_consistency(random_teacher.unet, x_T, cond, [999], random_teacher.scheduler).x0_trajectory == []

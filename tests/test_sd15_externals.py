@@ -8,6 +8,8 @@ says; the column must change the image; and the teacher must be left plain.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -88,11 +90,10 @@ def _external_card(key: str):
 def _plain_with_scheduler(teacher, key: str, steps: int):
     """The plain teacher (no adapter) sampled exactly as Compare samples external ``key``."""
     from cdlab.samplers import sample_scheduler
-    from cdlab.students import activate_student, make_scheduler
+    from cdlab.students import make_scheduler, use_student
 
     card = _external_card(key)
-    with torch.inference_mode():
-        activate_student(teacher.pipe, None)
+    with torch.inference_mode(), use_student(teacher.pipe, None):
         cond, uncond = teacher.encode([PROMPT])
         out = sample_scheduler(teacher.unet, teacher.initial_noise(SEED), cond, uncond, card, steps,
                                make_scheduler(teacher.pipe, card),
@@ -107,20 +108,19 @@ def _differs(img_a, img_b, min_mean_abs: float = 0.5) -> bool:
 
 
 def _drop(pipe, name: str) -> None:
-    from cdlab.students.activation import _delete_adapter, _loaded
+    from cdlab.students import unload_student
 
-    if name in _loaded(pipe):
-        _delete_adapter(pipe, name)
+    unload_student(pipe, name)
 
 
 @pytest.fixture(scope="module")
 def plain_before(sd15_teacher):
     """The plain teacher's output before this module's tests (it must be the same after each of them)."""
-    from cdlab.students import activate_student
+    from cdlab.students import use_student
 
-    activate_student(sd15_teacher.pipe, None)
-    assert not _enabled_lora_layers(sd15_teacher.pipe), "another test left a LoRA active on sd15_teacher"
-    return _plain_eps(sd15_teacher)
+    with use_student(sd15_teacher.pipe, None):
+        assert not _enabled_lora_layers(sd15_teacher.pipe), "another test left a LoRA active on sd15_teacher"
+        return _plain_eps(sd15_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +136,10 @@ def hub(sd15_teacher, tmp_path_factory):
 
 
 @pytest.fixture
-def served(hub, monkeypatch):
-    asked = []
-
-    def download(repo_id: str, filename: str) -> str:
-        asked.append((repo_id, filename))
-        if (repo_id, filename) not in hub:
-            raise FileNotFoundError(f"{repo_id}/{filename} is not on the fake hub")
-        return str(hub[(repo_id, filename)])
-
-    monkeypatch.setattr("cdlab.students.external._hub_download", download)
-    return asked
+def published_hub(hub, fake_hub):
+    """The fake hub (conftest) serving the four files; ``published_hub.calls``: what was downloaded."""
+    fake_hub.files.update(hub)
+    return fake_hub
 
 
 def _assert_plain(teacher, plain_before) -> None:
@@ -178,7 +171,7 @@ def test_catalogue_and_layouts_agree():
 # with them in test_compare_with_every_column, which also checks every external's file is on the UNet whole and
 # changes the image.
 @pytest.mark.parametrize("key", ["lcm-lora", "tcd"])
-def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_before, tmp_path):
+def test_external_student_in_compare(key, sd15_teacher, published_hub, hub, plain_before, tmp_path):
     from cdlab.students import EXTERNAL_STUDENTS
     from cdlab.ui.compare import TEACHER_4, Comparer
 
@@ -189,7 +182,7 @@ def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_befor
             PROMPT, SEED, 1.0, 4, [TEACHER_4, f"{key} (external)"], show_trajectory=True)
         naive, col = res.columns
         assert not naive.error and not col.error, (naive.error, col.error)
-        assert served == [(ext.repo_id, ext.filename)]
+        assert published_hub.calls == [(ext.repo_id, ext.filename)]
         assert naive.nfe == 4 and col.nfe == 4 and col.steps == 4
         assert res.grid == [999, 750, 500, 250] and len(col.trajectory) == 4  # one cell per step, aligned
         assert None not in col.trajectory_timesteps and col.trajectory_timesteps[0] == col.timesteps[0]
@@ -214,9 +207,8 @@ def test_external_student_in_compare(key, sd15_teacher, served, hub, plain_befor
 
 
 @pytest.mark.slow
-def test_compare_with_every_column(sd15_teacher, served, hub, plain_before, tmp_path):
-    from cdlab.students import StudentCard, attach_lora, save_student
-    from cdlab.students.activation import _delete_adapter
+def test_compare_with_every_column(sd15_teacher, published_hub, hub, plain_before, tmp_path):
+    from cdlab.students import StudentCard, attach_lora, save_student, unload_student, use_student
     from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
 
     t = sd15_teacher
@@ -230,12 +222,14 @@ def test_compare_with_every_column(sd15_teacher, served, hub, plain_before, tmp_
         card = StudentCard(name="sd15-local", base_model="cdlab/sd15-random", method="cd", num_boundaries=4, steps=4)
         save_student(t.unet, "sd15-local", card, root=root, adapter_name=tmp_adapter, overwrite=True)
     finally:
-        _delete_adapter(t.pipe, tmp_adapter)
-    from cdlab.students import activate_student
+        unload_student(t.pipe, tmp_adapter)
+    with use_student(t.pipe, None):
+        pass  # the teacher: attach_lora left its adapter active
 
-    activate_student(t.pipe, None)
-
-    cmp = Comparer(t, adapters_root=root)
+    # fuse=False: peft's unfused adapters. Fusing copies the base weight of every LoRA layer (about 15-30 s a
+    # student on SD1.5 here, five students); the fused swap on SD1.5 runs in test_external_student_in_compare
+    # and in the doctor test.
+    cmp = Comparer(t, adapters_root=root, fuse=False)
     externals = [f"{k} (external)" for k in ("lcm-lora", "tcd", "pcm", "hyper-sd")]
     assert cmp.column_choices() == [TEACHER_50, TEACHER_4, "sd15-local", *externals]
     # every column but teacher-50 (100 UNet passes, 90 s here; the doctor test runs it on this architecture):
@@ -250,7 +244,7 @@ def test_compare_with_every_column(sd15_teacher, served, hub, plain_before, tmp_
         assert res.grid == [999, 750, 500, 250]
         assert [sum(f is not None for f in c.trajectory) for c in res.columns] == [4, 1, 1, 1, 1, 1]
         assert res.columns[0].trajectory_timesteps == [999, 749, 499, 249]  # its own DDIM steps, one a cell
-        assert len(set(served)) == 4  # every external came through the (fake) hub
+        assert len(set(published_hub.calls)) == 4  # every external came through the (fake) hub
         from cdlab.students import EXTERNAL_STUDENTS
 
         for k in ("lcm-lora", "tcd", "pcm", "hyper-sd"):  # each file whole on the UNet, and it changes the image
@@ -271,7 +265,7 @@ def test_compare_with_every_column(sd15_teacher, served, hub, plain_before, tmp_
 def test_other_sd15_lora_layouts_load_whole(variant, sd15_teacher, tmp_path, monkeypatch, plain_before):
     """Layouts SD1.5 LoRAs also ship in (SGM/LDM module names, text-encoder keys, diffusers' and peft's
     formats): served as the LCM-LoRA file, every key must land on its module with its values."""
-    from cdlab.students import activate_student, load_external_student
+    from cdlab.students import load_external_student, use_student
 
     t = sd15_teacher
     path = write_layout(VARIANTS[variant], t.pipe, tmp_path / f"{variant}.safetensors", seed=11)
@@ -280,8 +274,8 @@ def test_other_sd15_lora_layouts_load_whole(variant, sd15_teacher, tmp_path, mon
         load_external_student(t.pipe, "lcm-lora")
         n = assert_adapter_is_file(t.pipe, "lcm-lora", path)
         assert n == (278 + 72 if VARIANTS[variant].te_targets else 278)
-        activate_student(t.pipe, None)
-        _assert_plain(t, plain_before)
+        with use_student(t.pipe, None):
+            _assert_plain(t, plain_before)
     finally:
         _drop(t.pipe, "lcm-lora")
 
@@ -290,7 +284,7 @@ def test_other_sd15_lora_layouts_load_whole(variant, sd15_teacher, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_edit_tab_with_the_published_students(sd15_teacher, served, hub, plain_before, monkeypatch):
+def test_edit_tab_with_the_published_students(sd15_teacher, published_hub, hub, plain_before, monkeypatch):
     """The Edit tab on SD1.5's architecture offers the four published students as Compare names them; each
     edits on its own scheduler (SDEdit of the SD1.5 sketch preset at strength 0.5: the last 2 of its 4 steps,
     diffusers' img2img rule), its LoRA changes the result, and one that cannot be fetched fails alone."""
@@ -303,6 +297,8 @@ def test_edit_tab_with_the_published_students(sd15_teacher, served, hub, plain_b
     externals = [f"{k} (external)" for k in keys]
     cmp = Comparer(t, adapters_root=None)
     monkeypatch.setattr(cmp, "students", lambda: [])  # the repository's students are the tiny teacher's
+    # peft's unfused adapters (as test_compare_with_every_column): fusing costs 15-30 s a student on SD1.5 here
+    monkeypatch.setattr(ET, "edit", functools.partial(ET.edit, fuse=False))
     assert ET.edit_column_choices(cmp) == [TEACHER_50, TEACHER_4, *externals]
     sketch = next(p for p in ET.presets(t) if p.technique == "sdedit")
     try:
@@ -315,7 +311,7 @@ def test_edit_tab_with_the_published_students(sd15_teacher, served, hub, plain_b
         for k in keys:
             assert by[k].nfe == 2, k
             assert "2 steps from t=4" in by[k].lines[1], by[k].lines  # 499 (LCM, TCD) or 499 (trailing DDIM)
-        assert len(set(served)) == 4
+        assert len(set(published_hub.calls)) == 4
         results = {c.label: np.asarray(c.images[0][0], dtype=np.float32) for c in v.columns[1:]}
         assert all(np.abs(results[k] - results[TEACHER_4]).mean() > 1.0 for k in keys)
         _assert_plain(t, plain_before)

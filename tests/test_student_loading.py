@@ -9,7 +9,7 @@ import torch
 
 from cdlab import students as S
 from cdlab.teachers import TINY_ID
-from cdlab.ui.testing import make_random_students
+from cdlab.ui.bench import make_random_students
 
 PROMPT = "a small red circle at the top left on a blue background"
 
@@ -52,16 +52,18 @@ def test_a_student_loaded_in_inference_mode_activates_outside_it(tiny_pipe_dir, 
         S.load_student(pipe, a, root)
         inside = _probe(pipe.unet).clone()
     S.load_student(pipe, b, root)  # outside inference mode: activates `b` (requires_grad_ on the LoRA)
-    S.activate_student(pipe, a)  # raised "Setting requires_grad=True on inference tensor" before
-    lora = _lora_params(pipe.unet)
-    assert lora and not any(p.is_inference() for p in lora.values())
-    torch.testing.assert_close(_probe(pipe.unet), inside, rtol=0, atol=0)
-    with torch.inference_mode():  # and back inside, for both
-        S.activate_student(pipe, b)
-        S.activate_student(pipe, a)
-        S.activate_student(pipe, None)
-    S.activate_student(pipe, b)
-    assert not any(p.is_inference() for p in _lora_params(pipe.unet).values())
+    with S.use_student(pipe, a, fuse=False):  # raised "Setting requires_grad=True on inference tensor" before
+        lora = _lora_params(pipe.unet)
+        assert lora and not any(p.is_inference() for p in lora.values())
+        torch.testing.assert_close(_probe(pipe.unet), inside, rtol=0, atol=0)
+    with torch.inference_mode():  # and back inside, for both, unfused and fused
+        for name in (b, a, None):
+            with S.use_student(pipe, name, fuse=False):
+                pass
+        with S.use_student(pipe, a):
+            torch.testing.assert_close(_probe(pipe.unet), inside, rtol=0, atol=1e-5)
+    with S.use_student(pipe, b, fuse=False):
+        assert not any(p.is_inference() for p in _lora_params(pipe.unet).values())
 
 
 def test_an_adapter_loaded_in_inference_mode_by_other_code_is_repaired(tiny_pipe_dir, root):
@@ -72,14 +74,15 @@ def test_an_adapter_loaded_in_inference_mode_by_other_code_is_repaired(tiny_pipe
         expected = _probe(pipe.unet).clone()
         weights = {n: p.clone() for n, p in _lora_params(pipe.unet).items()}
     assert any(p.is_inference() for p in weights.values())
-    S.activate_student(pipe, None)
-    S.activate_student(pipe, name)
-    repaired = _lora_params(pipe.unet)
-    assert not any(p.is_inference() for p in repaired.values())
-    # the repair copies every LoRA tensor bit for bit ...
-    assert set(repaired) == set(weights) and all(torch.equal(repaired[n], weights[n]) for n in weights)
-    # ... so the output is the same up to float kernels (new tensors may take another CPU GEMM path: ~1e-6)
-    torch.testing.assert_close(_probe(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+    with S.use_student(pipe, None):
+        pass
+    with S.use_student(pipe, name, fuse=False):
+        repaired = _lora_params(pipe.unet)
+        assert not any(p.is_inference() for p in repaired.values())
+        # the repair copies every LoRA tensor bit for bit ...
+        assert set(repaired) == set(weights) and all(torch.equal(repaired[n], weights[n]) for n in weights)
+        # ... so the output is the same up to float kernels (new tensors may take another CPU GEMM path: ~1e-6)
+        torch.testing.assert_close(_probe(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_compare_then_evaluate_on_the_tiny_teacher(tmp_path):

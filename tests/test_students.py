@@ -375,18 +375,102 @@ def test_named_adapters_switch_on_one_unet(made, tiny_pipe_dir):
     torch.testing.assert_close(out2, made.out["s2"], rtol=0, atol=1e-5)
     assert (out1 - out2).abs().max() > 1e-2
 
-    S.activate_student(pipe, "s1")
-    assert torch.equal(_probe(unet), out1)
-    S.activate_student(pipe, None)
-    assert torch.equal(_probe(unet), base)  # the plain teacher, bit for bit
-    S.activate_student(pipe, "s2")
-    assert torch.equal(_probe(unet), out2)
+    with S.use_student(pipe, "s1", fuse=False):  # peft's unfused adapter: what loading left active
+        assert torch.equal(_probe(unet), out1)
+    assert torch.equal(_probe(unet), base)  # the plain teacher again, bit for bit
+    with S.use_student(pipe, "s2", fuse=False):
+        assert torch.equal(_probe(unet), out2)
+    with S.use_student(pipe, None):
+        assert torch.equal(_probe(unet), base)
 
     S.load_student(pipe, "s1", made.root)  # idempotent: no second read, just re-activation
     assert calls == ["s1", "s2"]
     assert torch.equal(_probe(unet), out1)
-    with pytest.raises(S.StudentError, match="'s9' is not loaded.*loaded: \\['s1', 's2'\\]"):
-        S.activate_student(pipe, "s9")
+    for fuse in (True, False):
+        with pytest.raises(S.StudentError, match="'s9' is not loaded.*loaded: \\['s1', 's2'\\]"):
+            with S.use_student(pipe, "s9", fuse=fuse):
+                pass
+    with pytest.raises(S.StudentError, match="'s9' is not loaded"):
+        S.prepare_student(pipe, "s9")
+
+
+def test_use_student_swaps_in_fused_weights_and_gives_the_teacher_back(made, tiny_pipe_dir):
+    """The default switch: the fused weights ``W + ΔW`` swapped in (computed once, by `prepare_student` or on
+    first use), the same model as the unfused adapter, and the teacher's own tensors back after, even when the
+    block raises."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = _pipe(tiny_pipe_dir)
+    base = _probe(pipe.unet)
+    for name in ("s1", "s2"):
+        S.load_student(pipe, name, made.root, activate=False)
+    S.load_student(pipe, "s2", made.root)  # s2 active: use_student must switch it off for s1's fused weights
+    ptrs = {n: p.data_ptr() for n, p in pipe.unet.named_parameters()}
+    with S.use_student(pipe, None):
+        assert torch.equal(_probe(pipe.unet), base)
+    assert S.prepare_student(pipe, "s1") is True and S.prepare_student(pipe, None) is False
+    outs = {}
+    for name in ("s1", "s2", "s1"):
+        with S.use_student(pipe, name):
+            outs.setdefault(name, []).append(_probe(pipe.unet))
+            layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+            assert layers and all(m.disable_adapters for m in layers)  # no LoRA branch runs: the UNet alone
+        assert torch.equal(_probe(pipe.unet), base)
+    assert torch.equal(outs["s1"][0], outs["s1"][1])
+    for name in ("s1", "s2"):
+        torch.testing.assert_close(outs[name][0], made.out[name], rtol=0, atol=1e-5)
+        with S.use_student(pipe, name, fuse=False):
+            torch.testing.assert_close(_probe(pipe.unet), outs[name][0], rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with S.use_student(pipe, "s2"):
+            raise RuntimeError("inside")
+    assert torch.equal(_probe(pipe.unet), base)
+    assert {n: p.data_ptr() for n, p in pipe.unet.named_parameters()} == ptrs  # its own tensors, not copies
+
+    S.unload_student(pipe, "s1")
+    assert set(pipe.unet.peft_config) == {"s2"}
+    S.unload_student(pipe, "s1")  # not loaded: nothing
+    with pytest.raises(S.StudentError, match="'s1' is not loaded"):
+        with S.use_student(pipe, "s1"):
+            pass
+
+
+def test_use_student_fuses_a_lora_variant_in_place_and_restores_it(tiny_pipe_dir):
+    """A student that is not vanilla LoRA (DoRA here) has no swappable ``W + ΔW``: `use_student` fuses it into the
+    base weights for the block and gives the teacher back bit for bit, in fp16 too."""
+    from peft import LoraConfig
+
+    pipe = _pipe(tiny_pipe_dir)
+    pipe.unet.to(torch.float16)
+    x, t, emb = _probe_inputs(pipe.unet)
+
+    @torch.no_grad()
+    def probe():
+        return pipe.unet(x.half(), t, encoder_hidden_states=emb.half()).sample
+
+    base = probe()
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], use_dora=True),
+                          adapter_name="dora")
+    _randomize(pipe.unet, 3, adapter="dora")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    assert S.prepare_student(pipe, "dora") is False
+    with S.use_student(pipe, "dora", fuse=False):
+        unfused = probe()
+    with S.use_student(pipe, "dora"):
+        fused = probe()
+    assert (unfused - base).abs().max() > 1e-2
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=2e-2)
+    assert torch.equal(probe(), base)
+    with pytest.raises(RuntimeError, match="mid-block"):  # an error inside the block: restored all the same
+        with S.use_student(pipe, "dora"):
+            raise RuntimeError("mid-block")
+    assert torch.equal(probe(), base)
+    after = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before)  # the base weights bit for bit, in fp16
+    pipe.fuse_lora(components=["unet"], adapter_names=["dora"])  # fused by other code: nothing exact to restore
+    with pytest.raises(S.StudentError, match="already fused into the UNet"):
+        with S.use_student(pipe, "dora"):
+            pass
 
 
 # ------------------------------------------------------------------------------- externals
@@ -432,29 +516,17 @@ def test_make_scheduler_for_our_students_and_unknown_names(tiny_pipe_dir):
 
 
 @pytest.fixture
-def fake_hub(made, tmp_path, monkeypatch):
-    """Serve s1's weights file as every catalogue file, through a patched ``_hub_download``."""
-    import huggingface_hub
-
-    hub, calls = tmp_path / "hub", []
+def s1_hub(made, fake_hub, tmp_path):
+    """The fake hub (conftest) serving s1's weights file as every catalogue file."""
     for ext in S.EXTERNAL_STUDENTS.values():
-        dst = hub / ext.repo_id / ext.filename
+        dst = tmp_path / "hub" / ext.repo_id / ext.filename
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(made.root / "s1" / S.WEIGHT_NAME, dst)
-
-    def fake_download(repo_id, filename):
-        calls.append((repo_id, filename))
-        path = hub / repo_id / filename
-        if not path.is_file():
-            raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename}")
-        return str(path)
-
-    # load_external_student looks _hub_download up in its module at call time.
-    monkeypatch.setattr("cdlab.students.external._hub_download", fake_download)
-    return calls
+        fake_hub.files[(ext.repo_id, ext.filename)] = dst
+    return fake_hub
 
 
-def test_load_external_students_through_the_hub(made, tiny_pipe_dir, fake_hub):
+def test_load_external_students_through_the_hub(made, tiny_pipe_dir, s1_hub):
     pipe = _pipe(tiny_pipe_dir)
     base = _probe(pipe.unet)
     for key, ext in S.EXTERNAL_STUDENTS.items():
@@ -463,26 +535,26 @@ def test_load_external_students_through_the_hub(made, tiny_pipe_dir, fake_hub):
         assert (card.scheduler, card.steps, card.guidance) == (ext.scheduler, ext.steps, ext.guidance)
         assert card.training_config["repo_id"] == ext.repo_id
         torch.testing.assert_close(_probe(pipe.unet), made.out["s1"], rtol=0, atol=1e-5)
-    assert fake_hub == [(e.repo_id, e.filename) for e in S.EXTERNAL_STUDENTS.values()]
+    assert s1_hub.calls == [(e.repo_id, e.filename) for e in S.EXTERNAL_STUDENTS.values()]
     assert set(pipe.unet.peft_config) == set(S.EXTERNAL_STUDENTS)
 
     S.load_external_student(pipe, "tcd")  # idempotent: no second download
-    assert len(fake_hub) == len(S.EXTERNAL_STUDENTS)
-    S.activate_student(pipe, None)
-    assert torch.equal(_probe(pipe.unet), base)
+    assert len(s1_hub.calls) == len(S.EXTERNAL_STUDENTS)
+    with S.use_student(pipe, None):
+        assert torch.equal(_probe(pipe.unet), base)
 
     # The card's recipe runs in the plain pipeline: TCD, 4 steps, eta 0.3, no CFG.
     card = S.load_external_student(pipe, "tcd")
     pipe.scheduler = S.make_scheduler(pipe, card)
     run = dict(prompt="a red circle", output_type="latent", **S.sampling_kwargs(card))
-    student = pipe(generator=torch.Generator().manual_seed(0), **run).images
-    S.activate_student(pipe, None)
+    with S.use_student(pipe, "tcd"):
+        student = pipe(generator=torch.Generator().manual_seed(0), **run).images
     teacher = pipe(generator=torch.Generator().manual_seed(0), **run).images
     assert student.shape == (1, 4, 8, 8) and torch.isfinite(student).all()
     assert (student - teacher).abs().max() > 1e-3
 
 
-def test_external_failures_are_clear(tiny_pipe_dir, fake_hub, monkeypatch):
+def test_external_failures_are_clear(tiny_pipe_dir, s1_hub, monkeypatch):
     pipe = _pipe(tiny_pipe_dir)
     assert not hasattr(S, "_hub_download")  # a patch there would silently do nothing: it fails loudly instead
     with pytest.raises(S.StudentError, match="unknown external student 'lcm'.*lcm-lora, tcd, pcm, hyper-sd"):
@@ -509,7 +581,7 @@ def test_hub_download_is_huggingface_hubs_looked_up_when_it_runs(monkeypatch):
     assert external._hub_download("a/b", "c.safetensors") == "a/b::c.safetensors"
 
 
-def test_a_local_and_an_external_student_of_one_name_replace_each_other(made, tiny_pipe_dir, tmp_path, fake_hub):
+def test_a_local_and_an_external_student_of_one_name_replace_each_other(made, tiny_pipe_dir, tmp_path, s1_hub):
     root = _copy_root(made, tmp_path)
     shutil.copytree(root / "s2", root / "tcd")
     (root / "tcd" / "card.json").write_text(json.dumps(_card(name="tcd").to_dict()))
@@ -533,5 +605,5 @@ def test_a_fused_student_changed_on_disk_is_unfused_before_it_is_loaded_again(ma
     (root / "s1" / "new.safetensors").replace(root / "s1" / S.WEIGHT_NAME)  # "retrained": another file
     S.load_student(pipe, "s1", root)
     torch.testing.assert_close(_probe(pipe.unet), made.out["s2"], rtol=0, atol=1e-5)
-    S.activate_student(pipe, None)
-    torch.testing.assert_close(_probe(pipe.unet), made.base, rtol=0, atol=1e-5)  # no s1 left in the weights
+    with S.use_student(pipe, None):
+        torch.testing.assert_close(_probe(pipe.unet), made.base, rtol=0, atol=1e-5)  # no s1 left in the weights

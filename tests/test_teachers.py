@@ -11,12 +11,7 @@ import pytest
 import torch
 
 import cdlab.teachers as teachers
-from cdlab.teachers import SD15_ID, Teacher, TeacherLoadError, load_teacher, load_teacher_with_fallback
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_pipe_dir) -> Teacher:
-    return load_teacher(tiny_pipe_dir)
+from cdlab.teachers import SD15_ID, TeacherLoadError, load_teacher, load_teacher_with_fallback
 
 
 @pytest.fixture
@@ -28,79 +23,79 @@ def empty_offline_hub(tmp_path, monkeypatch):
     return cache
 
 
-def test_local_folder_loads_through_from_pretrained(teacher, tiny_pipe_dir):
+def test_local_folder_loads_through_from_pretrained(random_teacher, tiny_pipe_dir):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    assert isinstance(teacher.pipe, StableDiffusionPipeline)
-    assert type(teacher.scheduler) is DDIMScheduler
-    assert teacher.scheduler.config.timestep_spacing == "trailing"
-    assert teacher.scheduler.config.set_alpha_to_one is True
-    assert teacher.scheduler.config.num_train_timesteps == 1000
+    assert isinstance(random_teacher.pipe, StableDiffusionPipeline)
+    assert type(random_teacher.scheduler) is DDIMScheduler
+    assert random_teacher.scheduler.config.timestep_spacing == "trailing"
+    assert random_teacher.scheduler.config.set_alpha_to_one is True
+    assert random_teacher.scheduler.config.num_train_timesteps == 1000
     # The saved folder's schedule itself is kept (SD1.5's scaled_linear 0.00085 .. 0.012).
-    assert teacher.scheduler.config.beta_schedule == "scaled_linear" and teacher.scheduler.config.beta_end == 0.012
-    assert teacher.device == torch.device("cpu") and teacher.dtype == torch.float32  # no CUDA here: fp32 on CPU
-    for m in (teacher.unet, teacher.vae, teacher.text_encoder):
+    assert random_teacher.scheduler.config.beta_schedule == "scaled_linear" and random_teacher.scheduler.config.beta_end == 0.012
+    assert random_teacher.device == torch.device("cpu") and random_teacher.dtype == torch.float32  # no CUDA here: fp32 on CPU
+    for m in (random_teacher.unet, random_teacher.vae, random_teacher.text_encoder):
         p = next(m.parameters())
         assert p.dtype == torch.float32 and p.device.type == "cpu" and not p.requires_grad
-    assert teacher.pipe.safety_checker is None
-    assert teacher.base_id == str(Path(tiny_pipe_dir).resolve())
-    assert teacher.fallback_reason is None
-    assert teacher.describe() == f"teacher {teacher.base_id} · cpu · float32"
+    assert random_teacher.pipe.safety_checker is None
+    assert random_teacher.base_id == str(Path(tiny_pipe_dir).resolve())
+    assert random_teacher.fallback_reason is None
+    assert random_teacher.describe() == f"teacher {random_teacher.base_id} · cpu · float32"
 
 
-def test_explicit_dtype_and_geometry(tiny_pipe_dir, teacher):
+def test_explicit_dtype_and_geometry(tiny_pipe_dir, random_teacher):
     t64 = load_teacher(tiny_pipe_dir, device="cpu", dtype=torch.float64)
     assert t64.dtype == torch.float64 and next(t64.unet.parameters()).dtype == torch.float64
     assert t64.initial_noise(0).dtype == torch.float64
-    assert teacher.latent_shape == (4, 8, 8)
-    assert teacher.resolution == 8 * teacher.pipe.vae_scale_factor == 32
+    assert random_teacher.latent_shape == (4, 8, 8)
+    assert random_teacher.resolution == 8 * random_teacher.pipe.vae_scale_factor == 32
 
 
-def test_encode_is_one_text_encoder_call_and_equals_diffusers(teacher):
+def test_encode_is_one_text_encoder_call_and_equals_diffusers(random_teacher):
     calls = []
-    handle = teacher.text_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    handle = random_teacher.text_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
     try:
-        cond, uncond = teacher.encode(["a red circle", "two blue squares", "a green triangle"])
+        cond, uncond = random_teacher.encode(["a red circle", "two blue squares", "a green triangle"])
     finally:
         handle.remove()
-    L = teacher.tokenizer.model_max_length
-    D = teacher.text_encoder.config.hidden_size
+    L = random_teacher.tokenizer.model_max_length
+    D = random_teacher.text_encoder.config.hidden_size
     assert calls == [torch.Size([6, L])]
     assert cond.shape == uncond.shape == (3, L, D)
-    ref_c, ref_u = teacher.pipe.encode_prompt(
+    ref_c, ref_u = random_teacher.pipe.encode_prompt(
         ["a red circle", "two blue squares", "a green triangle"], "cpu", 1, True, negative_prompt=None)
     torch.testing.assert_close(cond, ref_c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(uncond, ref_u, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(uncond[0], uncond[2])
     assert not torch.allclose(cond[0], cond[1])
     with pytest.raises(ValueError, match="non-empty list"):
-        teacher.encode([])
+        random_teacher.encode([])
 
 
-def test_initial_noise_is_deterministic_by_seed(teacher):
-    a, b, c = teacher.initial_noise(3, batch=2), teacher.initial_noise(3, batch=2), teacher.initial_noise(4, batch=2)
+def test_initial_noise_is_deterministic_by_seed(random_teacher):
+    a, b, c = random_teacher.initial_noise(3, batch=2), random_teacher.initial_noise(3, batch=2), random_teacher.initial_noise(4, batch=2)
     assert a.shape == (2, 4, 8, 8)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
     torch.testing.assert_close(a, torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="seed"):
-        teacher.initial_noise(-1)
+        random_teacher.initial_noise(-1)
 
 
-def test_decode_returns_pil_images_at_the_resolution(teacher):
+def test_decode_returns_pil_images_at_the_resolution(random_teacher):
     from PIL import Image
 
-    images = teacher.decode(teacher.initial_noise(0, batch=2))
+    images = random_teacher.decode(random_teacher.initial_noise(0, batch=2))
     assert len(images) == 2 and all(isinstance(im, Image.Image) for im in images)
-    assert images[0].size == (teacher.resolution, teacher.resolution) and images[0].mode == "RGB"
+    assert images[0].size == (random_teacher.resolution, random_teacher.resolution) and images[0].mode == "RGB"
     # Same as diffusers' own decode + postprocess.
-    lat = teacher.initial_noise(0, batch=1)
+    lat = random_teacher.initial_noise(0, batch=1)
     with torch.no_grad():
-        ref = teacher.vae.decode(lat / teacher.vae.config.scaling_factor).sample
-    ref = teacher.pipe.image_processor.postprocess(ref, output_type="np")[0]
+        ref = random_teacher.vae.decode(lat / random_teacher.vae.config.scaling_factor).sample
+    ref = random_teacher.pipe.image_processor.postprocess(ref, output_type="np")[0]
     import numpy as np
 
-    assert np.abs(np.asarray(teacher.decode(lat)[0], dtype=np.float64) - ref * 255).max() <= 1.0
+    assert np.abs(np.asarray(random_teacher.decode(lat)[0], dtype=np.float64) - ref * 255).max() <= 1.0
 
 
 def test_sd15_without_hub_gives_one_clear_error(empty_offline_hub):

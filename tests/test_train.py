@@ -15,18 +15,6 @@ from cdlab.train.config import PROFILES, TrainConfig, from_dict, load_json, reso
 from cdlab.train.trainer import list_checkpoints, train
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("latent-cache"))
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CDLAB_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(tmp_path / "adapters"))
-    return tmp_path
-
-
 def _cfg(model, cache_dir, **kw):
     base = dict(model=model, data_size=48, batch_size=8, max_steps=6, log_every=1, checkpoint_every=3,
                 preview_every=0, cache_dir=cache_dir, warmup_steps=2, lr=2e-3, lora_rank=4, probe_size=8,
@@ -43,10 +31,10 @@ def _metrics(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_repeats_an_uninterrupted_run(tiny_pipe_dir, cache_dir, env):
-    full = train(_cfg(tiny_pipe_dir, cache_dir, run_name="full", student_name="whole"), log=_quiet)
+def test_resume_repeats_an_uninterrupted_run(tiny_pipe_dir, latent_cache_dir, run_dirs):
+    full = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="full", student_name="whole"), log=_quiet)
     assert full.state == "finished" and full.step == 6
-    half = train(_cfg(tiny_pipe_dir, cache_dir, run_name="half", student_name="halfway", max_steps=3), log=_quiet)
+    half = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="half", student_name="halfway", max_steps=3), log=_quiet)
     assert [s for s, _ in list_checkpoints(half.run_dir)] == [3]
     # as `--resume RUN --max_steps 6` does: the run's own config, one field overridden
     cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=6)
@@ -61,13 +49,13 @@ def test_resume_repeats_an_uninterrupted_run(tiny_pipe_dir, cache_dir, env):
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-6)
 
 
-def test_run_directory_student_and_card(tiny_pipe_dir, cache_dir, env):
-    cfg = _cfg(tiny_pipe_dir, cache_dir, run_name="r", student_name="tiny-test", method="cd", num_boundaries=1,
+def test_run_directory_student_and_card(tiny_pipe_dir, latent_cache_dir, run_dirs):
+    cfg = _cfg(tiny_pipe_dir, latent_cache_dir, run_name="r", student_name="tiny-test", method="cd", num_boundaries=1,
                max_steps=6, checkpoint_every=2, keep_checkpoints=2, preview_every=3, log_every=2,
                preview_prompts=["a small red circle in the center on a blue background"] * 2, ema_decay=0.9)
     res = train(cfg, log=_quiet)
     run = res.run_dir
-    assert run == env / "runs" / "r"
+    assert run == run_dirs.runs / "r"
     saved = json.loads((run / "config.json").read_text())
     assert saved["method"] == "cd" and saved["lora_rank"] == 4 and saved["resolution"] == 32
     rows = _metrics(run)
@@ -85,15 +73,15 @@ def test_run_directory_student_and_card(tiny_pipe_dir, cache_dir, env):
             assert im.size == (2 * 32 * 4, 32 * 4)  # one row: 2 prompts side by side, 32 px upscaled 4x
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 6 and status["student"] == "tiny-test"
-    card = json.loads((env / "adapters" / "tiny-test" / "card.json").read_text())
+    card = json.loads((run_dirs.adapters / "tiny-test" / "card.json").read_text())
     assert card["method"] == "cd" and card["num_boundaries"] == 1 and card["steps"] == 4
     assert card["training_config"]["guidance"] == PROFILES["tiny"]["guidance"]
     assert card["metrics"]["train_steps"] == 6 and card["metrics"]["final_loss"] == rows[-1]["loss"]
-    assert (env / "adapters" / "tiny-test" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run_dirs.adapters / "tiny-test" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_incomplete_checkpoints_are_ignored_on_resume(tiny_pipe_dir, cache_dir, env):
-    res = train(_cfg(tiny_pipe_dir, cache_dir, run_name="c", max_steps=3, save_student=False), log=_quiet)
+def test_incomplete_checkpoints_are_ignored_on_resume(tiny_pipe_dir, latent_cache_dir, run_dirs):
+    res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="c", max_steps=3, save_student=False), log=_quiet)
     ck = res.run_dir / "checkpoints"
     (ck / ".tmp-ckpt_000009").mkdir()        # a save cut short by a crash
     (ck / "ckpt_000010").mkdir()             # no state.json: not complete
@@ -145,15 +133,15 @@ def test_cli_parses_config_file_and_overrides(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_gradient_checkpointing_same_result_and_bf16_accumulation_runs(tiny_pipe_dir, cache_dir, env):
+def test_gradient_checkpointing_same_result_and_bf16_accumulation_runs(tiny_pipe_dir, latent_cache_dir, run_dirs):
     kw = dict(max_steps=3, checkpoint_every=3, save_student=False, loss_type="pseudo_huber", guidance=2.0,
               guidance_max=6.0)
-    plain = train(_cfg(tiny_pipe_dir, cache_dir, run_name="plain", **kw), log=_quiet)
-    ckpt = train(_cfg(tiny_pipe_dir, cache_dir, run_name="gc", gradient_checkpointing=True, **kw), log=_quiet)
+    plain = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="plain", **kw), log=_quiet)
+    ckpt = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="gc", gradient_checkpointing=True, **kw), log=_quiet)
     a = load_file(str(list_checkpoints(plain.run_dir)[-1][1] / "lora.safetensors"))
     b = load_file(str(list_checkpoints(ckpt.run_dir)[-1][1] / "lora.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    bf = train(_cfg(tiny_pipe_dir, cache_dir, run_name="bf16", mixed_precision="bf16", grad_accum=2, **kw), log=_quiet)
+    bf = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="bf16", mixed_precision="bf16", grad_accum=2, **kw), log=_quiet)
     rows = _metrics(bf.run_dir)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["samples_per_s"] > 0
@@ -162,19 +150,19 @@ def test_gradient_checkpointing_same_result_and_bf16_accumulation_runs(tiny_pipe
     assert not all(torch.equal(c[k], a[k]) for k in a)
 
 
-def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_pipe_dir, cache_dir, env):
+def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_pipe_dir, latent_cache_dir, run_dirs):
     """previews/reference.png: the teacher, DDIM 50 with CFG at the run's guidance, from the student rows' noise;
     written once (a resume keeps it byte for byte); the composed preview shows it above the student's rows."""
     import numpy as np
 
     from cdlab.samplers import ddim_timesteps, sample_ddim
     from cdlab.teachers import load_teacher
-    from cdlab.train.trainer import preview_noise, preview_row
+    from cdlab.train.previews import preview_noise, preview_row
     from cdlab.ui import previews as P
 
     prompts = ["a small red circle in the center on a blue background",
                "a large green square at the top left on a white background"]
-    cfg = _cfg(tiny_pipe_dir, cache_dir, run_name="ref", max_steps=2, checkpoint_every=2, preview_every=2,
+    cfg = _cfg(tiny_pipe_dir, latent_cache_dir, run_name="ref", max_steps=2, checkpoint_every=2, preview_every=2,
                guidance=3.0, guidance_max=3.0, preview_prompts=prompts, save_student=False)
     run = train(cfg, log=_quiet).run_dir
     ref = run / "previews" / "reference.png"
@@ -209,16 +197,16 @@ def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_
     assert np.array_equal(cells[header:header + 128, P.LABEL_WIDTH:P.LABEL_WIDTH + 256], got)
 
 
-def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, cache_dir, env):
+def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, latent_cache_dir, run_dirs):
     """method "dmd": the fake score trains beside the generator (its loss logged, its adapter and optimiser
     checkpointed), a stopped-and-resumed run repeats an uninterrupted one exactly, and the student saved is
     the generator's adapter alone, on a card that samples it as the consistency sampler does."""
     kw = dict(method="dmd", num_boundaries=4, dmd_fake_steps=2, probe_size=0)
-    full = train(_cfg(tiny_pipe_dir, cache_dir, run_name="dmd-full", student_name="dmd-whole", **kw), log=_quiet)
+    full = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="dmd-full", student_name="dmd-whole", **kw), log=_quiet)
     assert full.state == "finished" and full.step == 6
     ck = list_checkpoints(full.run_dir)[-1][1]
     assert {"fake.safetensors", "fake_optimizer.pt", "lora.safetensors"} <= {p.name for p in ck.iterdir()}
-    half = train(_cfg(tiny_pipe_dir, cache_dir, run_name="dmd-half", student_name="dmd-halfway", max_steps=3, **kw),
+    half = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="dmd-half", student_name="dmd-halfway", max_steps=3, **kw),
                  log=_quiet)
     cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=6)
     resumed = train(cfg, resume=half.run_dir, log=_quiet)
@@ -231,9 +219,9 @@ def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, cac
     ra, rb = _metrics(full.run_dir), _metrics(half.run_dir)
     assert [r["fake_loss"] for r in ra] == pytest.approx([r["fake_loss"] for r in rb], rel=1e-6)
     assert all(r["fake_loss"] > 0 and r["probe_loss"] is None for r in ra)
-    card = json.loads((env / "adapters" / "dmd-whole" / "card.json").read_text())
+    card = json.loads((run_dirs.adapters / "dmd-whole" / "card.json").read_text())
     assert (card["method"], card["num_boundaries"], card["steps"], card["scheduler"]) == ("dmd", 4, 4, "consistency")
-    saved = load_file(str(env / "adapters" / "dmd-whole" / "pytorch_lora_weights.safetensors"))
+    saved = load_file(str(run_dirs.adapters / "dmd-whole" / "pytorch_lora_weights.safetensors"))
     assert saved and not any("fake" in k for k in saved)
     # the saved student IS the generator: its weights are the checkpoint's generator LoRA (no fake score in it)
     gen = load_file(str(list_checkpoints(full.run_dir)[-1][1] / "lora.safetensors"))
@@ -244,15 +232,15 @@ def _sums(tensors) -> list[float]:
     return sorted(round(float(v.double().sum()), 6) for v in tensors.values())
 
 
-def test_dmd_with_ema_saves_the_generators_average(tiny_pipe_dir, cache_dir, env):
+def test_dmd_with_ema_saves_the_generators_average(tiny_pipe_dir, latent_cache_dir, run_dirs):
     """DMD with ``ema_decay > 0`` saves the generator's EMA as the student (the checkpoint's ``ema.safetensors``),
     not the online weights; without it, the online generator (``lora.safetensors``) is what is saved."""
     kw = dict(method="dmd", dmd_fake_steps=1, probe_size=0, max_steps=4, checkpoint_every=4)
     for name, decay in (("dmd-ema", 0.5), ("dmd-online", 0.0)):
-        res = train(_cfg(tiny_pipe_dir, cache_dir, run_name=name, student_name=name, ema_decay=decay, **kw),
+        res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name=name, student_name=name, ema_decay=decay, **kw),
                     log=_quiet)
         ck = list_checkpoints(res.run_dir)[-1][1]
-        saved = _sums(load_file(str(env / "adapters" / name / "pytorch_lora_weights.safetensors")))
+        saved = _sums(load_file(str(run_dirs.adapters / name / "pytorch_lora_weights.safetensors")))
         online = _sums(load_file(str(ck / "lora.safetensors")))
         if decay:
             ema = _sums(load_file(str(ck / "ema.safetensors")))
@@ -261,7 +249,7 @@ def test_dmd_with_ema_saves_the_generators_average(tiny_pipe_dir, cache_dir, env
             assert not (ck / "ema.safetensors").exists() and saved == pytest.approx(online, abs=1e-5)
 
 
-def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, cache_dir, env):
+def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, latent_cache_dir, run_dirs):
     """DMD's regression pairs (teacher-50 with CFG, 100 NFE each) are cached beside the latents: a second run
     with the same recipe reads the same tensors back instead of sampling them again, and a different
     guidance (other targets) makes new ones."""
@@ -272,12 +260,12 @@ def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, cache_d
     logs: list[list[str]] = []
     for run, g, steps in (("pairs-a", 3.0, 50), ("pairs-b", 3.0, 50), ("pairs-c", 2.0, 50), ("pairs-d", 3.0, 8)):
         lines: list[str] = []
-        train(_cfg(tiny_pipe_dir, cache_dir, run_name=run, guidance=g, dmd_regression_steps=steps, **kw),
+        train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name=run, guidance=g, dmd_regression_steps=steps, **kw),
               log=lines.append)
         logs.append([ln for ln in lines if "regression pairs" in ln])
     assert "in " in logs[0][0] and "read from" in logs[1][0] and "read from" not in logs[2][0], logs
     assert "teacher-8," in logs[3][0] and "read from" not in logs[3][0], logs  # other steps: other targets
-    files = sorted(cache_root(_cfg(tiny_pipe_dir, cache_dir)).glob("dmd-pairs-*.safetensors"))
+    files = sorted(cache_root(_cfg(tiny_pipe_dir, latent_cache_dir)).glob("dmd-pairs-*.safetensors"))
     assert len(files) == 3
     pairs = [load_file(str(f)) for f in files]
     a = pairs[0]

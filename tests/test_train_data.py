@@ -22,10 +22,9 @@ from cdlab.train.data import (
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipe_dir):
-    from cdlab.teachers import load_teacher
-
-    return load_teacher(tiny_pipe_dir, device="cpu").pipe
+def pipe(random_teacher):
+    """The random tiny teacher's pipeline (its trailing DDIM scheduler)."""
+    return random_teacher.pipe
 
 
 def _folder(tmp_path, rows, images):

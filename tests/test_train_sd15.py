@@ -26,13 +26,6 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("sd15-train")
 
 
-@pytest.fixture
-def env(work, monkeypatch):
-    monkeypatch.setenv("CDLAB_RUNS_DIR", str(work / "runs"))
-    monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(work / "adapters"))
-    return work
-
-
 def _cfg(work, **kw) -> TrainConfig:
     base = dict(model="sd15-random", resolution=64, method="mbcd", num_boundaries=4, data="world", data_size=4,
                 batch_size=1, max_steps=3, log_every=1, checkpoint_every=1, keep_checkpoints=5, preview_every=0,
@@ -99,8 +92,8 @@ def test_fp32_steps_and_the_student_loads_in_plain_diffusers(fp32_run, work):
     assert not torch.equal(plain, student)
 
 
-def test_bf16_steps(env):
-    r = train(_cfg(env, run_name="mp-bf16", mixed_precision="bf16", ema_decay=0.9), log=_quiet)
+def test_bf16_steps(run_dirs, work):
+    r = train(_cfg(work, run_name="mp-bf16", mixed_precision="bf16", ema_decay=0.9), log=_quiet)
     rows = _rows(r.run_dir)
     assert r.state == "finished" and [x["step"] for x in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows) and rows[-1]["skipped_steps"] == 0
@@ -109,7 +102,7 @@ def test_bf16_steps(env):
     assert _lr_epoch(r.run_dir) == 3 and not (_last(r.run_dir, "scaler.pt")).exists()  # bf16: no loss scaling
 
 
-def test_fp16_with_a_scaler_a_skipped_step_moves_neither_lr_nor_ema(env, monkeypatch):
+def test_fp16_with_a_scaler_a_skipped_step_moves_neither_lr_nor_ema(run_dirs, work, monkeypatch):
     """fp16 with torch's GradScaler on the CPU. The first step's loss is made infinite (an overflow): the
     scaler skips it and halves its scale, and the LoRA, the EMA and the LR schedule stay where they started;
     the next two steps are applied."""
@@ -125,7 +118,7 @@ def test_fp16_with_a_scaler_a_skipped_step_moves_neither_lr_nor_ema(env, monkeyp
         return out
 
     monkeypatch.setattr(cdlab.loss, "consistency_loss", overflow_first)
-    r = train(_cfg(env, run_name="fp16", mixed_precision="fp16", ema_decay=0.9, warmup_steps=10), log=_quiet)
+    r = train(_cfg(work, run_name="fp16", mixed_precision="fp16", ema_decay=0.9, warmup_steps=10), log=_quiet)
     rows = _rows(r.run_dir)
     assert r.state == "finished" and [x["skipped_steps"] for x in rows] == [1, 1, 1] and len(calls) == 3
     ck = dict(list_checkpoints(r.run_dir))
@@ -145,9 +138,9 @@ def test_fp16_with_a_scaler_a_skipped_step_moves_neither_lr_nor_ema(env, monkeyp
     assert any(not torch.equal(ema3[k], ema1[k]) for k in ema3) and any(not torch.equal(ema3[k], last[k]) for k in ema3)
 
 
-def test_stop_then_resume_repeats_the_uninterrupted_run(fp32_run, env):
+def test_stop_then_resume_repeats_the_uninterrupted_run(fp32_run, run_dirs, work):
     """Stopped after 2 steps (as a SIGTERM or a kill after the step-2 checkpoint leaves it), resumed to 3."""
-    half = train(_cfg(env, run_name="half", max_steps=2, mixed_precision="no"), log=_quiet)
+    half = train(_cfg(work, run_name="half", max_steps=2, mixed_precision="no"), log=_quiet)
     assert [s for s, _ in list_checkpoints(half.run_dir)] == [1, 2]
     # a kill -9 during the next save leaves a half-written folder: resume ignores it
     (half.run_dir / "checkpoints" / ".tmp-ckpt_000003").mkdir()
@@ -159,10 +152,10 @@ def test_stop_then_resume_repeats_the_uninterrupted_run(fp32_run, env):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_dmd_three_steps(env):
+def test_dmd_three_steps(run_dirs, work):
     """DMD on SD1.5's architecture: the real score (CFG, every adapter off), the fake score and the generator
     on one UNet at 64 px, 3 steps with a fake update each."""
-    r = train(_cfg(env, run_name="dmd", method="dmd", num_boundaries=1, dmd_fake_steps=1, mixed_precision="no"),
+    r = train(_cfg(work, run_name="dmd", method="dmd", num_boundaries=1, dmd_fake_steps=1, mixed_precision="no"),
               log=_quiet)
     rows = _rows(r.run_dir)
     assert r.state == "finished" and [x["step"] for x in rows] == [1, 2, 3]

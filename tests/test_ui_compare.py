@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,12 +14,13 @@ PROMPT = "a small red circle at the top left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pipe_dir, tmp_path_factory):
+def compare_students(random_teacher, tmp_path_factory):
+    """The random tiny teacher, two random students of it (cd N=1, mbcd N=4) and one of another teacher in a
+    scratch adapters folder, and a Comparer on them."""
     from cdlab.students import StudentCard, attach_lora, save_student
-    from cdlab.teachers import load_teacher
     from cdlab.tiny.architecture import build_pipeline
 
-    teacher = load_teacher(tiny_pipe_dir)
+    teacher = random_teacher
     root = tmp_path_factory.mktemp("adapters")
     for i, (method, n) in enumerate([("cd", 1), ("mbcd", 4)]):
         pipe = build_pipeline(seed=0)
@@ -32,16 +34,16 @@ def setup(tiny_pipe_dir, tmp_path_factory):
     # a student of another teacher must not be offered
     save_student(pipe.unet, "other", StudentCard(name="other", base_model="cdlab/tiny-teacher", method="cd",
                                                   num_boundaries=1), root=root)
-    return teacher, root, C.Comparer(teacher, adapters_root=root)
+    return SimpleNamespace(teacher=teacher, root=root, comparer=C.Comparer(teacher, adapters_root=root))
 
 
-def test_columns_fit_the_teacher(setup):
-    _, _, cmp = setup
+def test_columns_fit_the_teacher(compare_students):
+    cmp = compare_students.comparer
     assert cmp.column_choices() == [C.TEACHER_50, C.TEACHER_4, "stu0", "stu1"]
 
 
-def test_compare_same_noise_nfe_and_speedup(setup):
-    teacher, _, cmp = setup
+def test_compare_same_noise_nfe_and_speedup(compare_students):
+    teacher, cmp = compare_students.teacher, compare_students.comparer
     from cdlab.samplers import ddim_timesteps, sample_ddim
 
     res = cmp.run(PROMPT, 7, 3.0, 2, cmp.column_choices(), show_trajectory=True)
@@ -76,8 +78,8 @@ def test_compare_same_noise_nfe_and_speedup(setup):
     assert grid.count("<tr>") == 1 + 4 and "t = 750" in grid and grid.count("no step here") == 4
 
 
-def test_speedup_estimated_without_teacher_50(setup):
-    _, _, cmp = setup
+def test_speedup_estimated_without_teacher_50(compare_students):
+    cmp = compare_students.comparer
     res = cmp.run(PROMPT, 1, 3.0, 1, [C.TEACHER_4, "stu0"])
     assert [c.speedup_estimated for c in res.columns] == [True, True]
     assert res.columns[1].speedup == pytest.approx(100.0)
@@ -94,24 +96,24 @@ def test_speedup_estimated_without_teacher_50(setup):
     ((PROMPT, 0, float("nan"), 4), "guidance"),
     ((PROMPT, 0, 3.0, 3), "steps"),
 ])
-def test_bad_inputs(setup, args, match):
-    _, _, cmp = setup
+def test_bad_inputs(compare_students, args, match):
+    cmp = compare_students.comparer
     with pytest.raises(C.InputError, match=match):
         cmp.run(*args, [C.TEACHER_4])
 
 
-def test_no_or_unknown_column(setup):
-    _, _, cmp = setup
+def test_no_or_unknown_column(compare_students):
+    cmp = compare_students.comparer
     with pytest.raises(C.InputError, match="No column"):
         cmp.run(PROMPT, 0, 3.0, 4, [])
     with pytest.raises(C.InputError, match="Unknown column 'other'"):
         cmp.run(PROMPT, 0, 3.0, 4, ["other"])
 
 
-def test_missing_and_malformed_adapter_then_next_request_works(setup, tmp_path):
+def test_missing_and_malformed_adapter_then_next_request_works(compare_students, tmp_path):
     from cdlab.students import StudentError
 
-    teacher, root, _ = setup
+    teacher, root = compare_students.teacher, compare_students.root
     local = tmp_path / "adapters"
     shutil.copytree(root / "stu0", local / "fresh")
     card = (local / "fresh" / "card.json")
@@ -127,8 +129,8 @@ def test_missing_and_malformed_adapter_then_next_request_works(setup, tmp_path):
     assert len(cmp.run(PROMPT, 0, 3.0, 4, [C.TEACHER_4]).columns) == 1
 
 
-def test_presets_and_long_prompt_warning(setup):
-    teacher, _, cmp = setup
+def test_presets_and_long_prompt_warning(compare_students):
+    teacher, cmp = compare_students.teacher, compare_students.comparer
     from cdlab.world import parse_caption
 
     presets = C.prompt_presets(teacher)
@@ -142,9 +144,9 @@ def test_validate_request_normalises():
     assert C.validate_request("  hi ", 5.0, "2.5", 8.0) == ("hi", 5, 2.5, 8)
 
 
-def test_a_column_that_cannot_be_produced_fails_alone(setup, tmp_path):
+def test_a_column_that_cannot_be_produced_fails_alone(compare_students, tmp_path):
     """An external student offline (or any column's failure) shows its reason in its place; the others render."""
-    teacher, root, _ = setup
+    teacher, root = compare_students.teacher, compare_students.root
     cmp = C.Comparer(teacher, adapters_root=root, allow_external=True)
     res = cmp.run(PROMPT, 0, 3.0, 4, [C.TEACHER_4, "lcm-lora (external)", "stu1"])
     ok4, ext, stu = res.columns
@@ -160,8 +162,8 @@ def test_a_column_that_cannot_be_produced_fails_alone(setup, tmp_path):
         cmp.run(PROMPT, 0, 3.0, 4, ["lcm-lora (external)"])
 
 
-def test_control_characters_and_repeated_columns(setup):
-    _, _, cmp = setup
+def test_control_characters_and_repeated_columns(compare_students):
+    cmp = compare_students.comparer
     for bad in ("red\x00circle", "a\x1b[31m", "x\x7f"):
         with pytest.raises(C.InputError, match="control character"):
             cmp.run(bad, 0, 3.0, 4, [C.TEACHER_4])
@@ -171,12 +173,12 @@ def test_control_characters_and_repeated_columns(setup):
         cmp.run(PROMPT, 0, 3.0, 4, [f"c{i}" for i in range(C.MAX_COLUMNS + 1)])
 
 
-def test_sampling_holds_the_teacher_lock(setup):
+def test_sampling_holds_the_teacher_lock(compare_students):
     """Adapter switching and sampling run under the teacher's lock: another thread waits for it."""
     import threading
     import time
 
-    teacher, _, cmp = setup
+    teacher, cmp = compare_students.teacher, compare_students.comparer
     finished = []
     with teacher.lock:
         th = threading.Thread(target=lambda: finished.append(cmp.run(PROMPT, 0, 3.0, 4, [C.TEACHER_4])))
@@ -197,14 +199,14 @@ def test_align_to_grid():
     assert C.align_to_grid([], [999]) == [None]
 
 
-def test_concurrent_requests_are_batched_and_equal_their_solo_runs(setup):
+def test_concurrent_requests_are_batched_and_equal_their_solo_runs(compare_students):
     """Requests that arrive while one samples are served together: one batched UNet call per column, and
     each request's images are its solo run's (its own noise, prompt, seed and guidance)."""
     import threading
 
     import numpy as np
 
-    teacher, root, _ = setup
+    teacher, root = compare_students.teacher, compare_students.root
     solo = C.Comparer(teacher, adapters_root=root, batching=False, cache_size=0)
     cmp = C.Comparer(teacher, adapters_root=root, cache_size=0)
     cols = solo.column_choices()
@@ -239,8 +241,8 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_runs(setup):
     assert want[2].columns[0].nfe == 50 and want[0].columns[0].nfe == 100
 
 
-def test_teacher_columns_are_cached_per_prompt_seed_and_guidance(setup):
-    teacher, root, _ = setup
+def test_teacher_columns_are_cached_per_prompt_seed_and_guidance(compare_students):
+    teacher, root = compare_students.teacher, compare_students.root
     cmp = C.Comparer(teacher, adapters_root=root, batching=False)
     cols = cmp.column_choices()
     first = cmp.run(PROMPT, 21, 3.0, 4, cols)
@@ -256,12 +258,12 @@ def test_teacher_columns_are_cached_per_prompt_seed_and_guidance(setup):
     assert not traj.columns[0].cached and traj.columns[0].trajectory
 
 
-def test_students_run_fused_and_leave_the_teacher_untouched(setup):
+def test_students_run_fused_and_leave_the_teacher_untouched(compare_students):
     """A student column runs with its LoRA fused (a plain UNet's cost); its image is the unfused student's up to
     float rounding, and the teacher's base weights are bit for bit what they were."""
     import numpy as np
 
-    teacher, root, _ = setup
+    teacher, root = compare_students.teacher, compare_students.root
     base = {k: v.clone() for k, v in teacher.unet.state_dict().items() if "lora" not in k}
     fused = C.Comparer(teacher, adapters_root=root, batching=False).run(PROMPT, 5, 3.0, 4, ["stu1", C.TEACHER_4])
     plain = C.Comparer(teacher, adapters_root=root, batching=False, fuse=False, cache_size=0).run(
@@ -273,8 +275,8 @@ def test_students_run_fused_and_leave_the_teacher_untouched(setup):
     assert all(torch.equal(base[k], after[k]) for k in base)
 
 
-def test_prompt_notice_names_unknown_words_and_offers_the_nearest_caption(setup):
-    _, _, cmp = setup
+def test_prompt_notice_names_unknown_words_and_offers_the_nearest_caption(compare_students):
+    cmp = compare_students.comparer
     text, nearest = cmp.prompt_notice("a photo of a cat")
     assert "“photo”" in text and "“cat”" in text and nearest == "a large red circle in the center on a white background"
     text, nearest = cmp.prompt_notice("a yellow cros at the top right on a blue backgrond")

@@ -10,35 +10,44 @@ The weights load in plain diffusers, without cdlab::
 
     pipe.load_lora_weights("adapters/<name>", adapter_name="<name>")
 
-Several students live as named peft adapters on ONE UNet: ``load_student`` adds adapter ``<name>``,
-``activate_student(pipe, name)`` switches to it, ``activate_student(pipe, None)`` gives back the plain
-teacher. External students (LCM-LoRA, TCD, PCM, Hyper-SD) come from the hub through
-``load_external_student``; their adapter name is their catalogue key.
+Several students live as named peft adapters on ONE UNet. ``load_student`` adds adapter ``<name>`` (external
+students -- LCM-LoRA, TCD, PCM, Hyper-SD -- come from the hub through ``load_external_student``; their adapter
+name is their catalogue key), and one context manager runs the UNet as a student::
 
-The package, by job (everything below is importable from ``cdlab.students``):
+    load_student(pipe, "tiny-mbcd-4")
+    with use_student(pipe, "tiny-mbcd-4"):   # None: the plain teacher; fused weights swapped in by default
+        ...
+    # the plain teacher again
+
+The package is a one-way stack, each module importing only those listed before it below (everything listed is
+importable from ``cdlab.students``):
 
 =================  ==================================================================================
-``card``           `StudentCard` (``card.json``), `StudentError`, `METHODS`, `validate_name`, `render_readme`
+``card``           `StudentCard` (``card.json``), `StudentError`, `METHODS`, `validate_name`, `sampling_kwargs`,
+                   `render_readme`
 ``lora``           `attach_lora`, the LoRA file format (`WEIGHT_NAME`, `DEFAULT_TARGET_MODULES`)
 ``registry``       on disk: `adapters_dir`, `student_dir`, `save_student`, `read_card`, `list_students`,
                    `is_shipped`, `shipped_students` (``adapters/SHIPPED``)
-``activation``     on a pipeline: `load_student`, `activate_student`
+``switch``         on a pipeline: `load_student`, `unload_student`, `use_student`, `prepare_student`
 ``external``       `ExternalStudent`, `EXTERNAL_STUDENTS`, `external_card`, `load_external_student`,
-                   `make_scheduler`, `sampling_kwargs`
+                   `make_scheduler`
 =================  ==================================================================================
 
+(``roles``, beside the stack, gives training its adapter roles: teacher, generator, fake score.)
 Tests that fake the hub patch ``cdlab.students.external._hub_download``.
 """
 from __future__ import annotations
 
-from cdlab.students.activation import activate_student, load_student
-from cdlab.students.card import METHODS, SD15_ID, TINY_ID, StudentCard, StudentError, render_readme, validate_name
+from cdlab.paths import SD15_ID, TINY_ID, adapters_dir
+from cdlab.students.card import METHODS, StudentCard, StudentError, render_readme, sampling_kwargs, validate_name
 from cdlab.students.external import (EXTERNAL_STUDENTS, ExternalStudent, external_card, load_external_student,
-                                     make_scheduler, sampling_kwargs)
+                                     make_scheduler)
 from cdlab.students.lora import DEFAULT_TARGET_MODULES, WEIGHT_NAME, attach_lora
-from cdlab.paths import adapters_dir
-from cdlab.students.registry import (CARD_NAME, SHIPPED_NAME, is_shipped,
-                                     list_students, read_card, save_student, shipped_students, student_dir)
+from cdlab.students.registry import (CARD_NAME, SHIPPED_NAME, is_shipped, list_students, read_card, save_student,
+                                     shipped_students, student_dir)
+from cdlab.students.switch import load_student, prepare_student, unload_student, use_student
+# Deprecated switches (not in __all__): `use_student` replaces them; kept until their callers move.
+from cdlab.students.switch import activate_student, forget_swapped, fused_student, fused_weights, swapped_student  # noqa: F401
 
 __all__ = [
     "WEIGHT_NAME",
@@ -62,7 +71,9 @@ __all__ = [
     "is_shipped",
     "shipped_students",
     "load_student",
-    "activate_student",
+    "use_student",
+    "prepare_student",
+    "unload_student",
     "external_card",
     "load_external_student",
     "make_scheduler",

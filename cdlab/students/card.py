@@ -3,7 +3,10 @@ the short model card (``README.md``) rendered from it.
 
 A card names its base model, its method (``ct`` | ``cd`` | ``mbcd`` | ``external``), its number of
 consistency boundaries N, and the sampling recipe (steps, guidance, ``"consistency"`` or a diffusers
-scheduler class with its options). ``save_student`` fills in the LoRA fields from the adapter it saves.
+scheduler class with its options; `sampling_kwargs` spells it for ``pipe(...)``). ``save_student`` fills in
+the LoRA fields from the adapter it saves.
+
+The bottom of the students stack: this module imports nothing else from ``cdlab.students``.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdlab.paths import SD15_ID, TINY_ID
+import torch
+
+from cdlab.paths import TINY_ID
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +47,6 @@ def validate_name(name: Any) -> str:
         raise StudentError(
             f"invalid student name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a "
             "letter or digit (no '/', '..' or '.')")
-    import torch
-
     if hasattr(torch.nn.ModuleDict(), name):
         raise StudentError(f"invalid student name {name!r}: it clashes with a torch.nn.ModuleDict attribute")
     return name
@@ -148,6 +151,14 @@ class StudentCard:
             raise bad("created", "a string")
 
 
+def sampling_kwargs(card: StudentCard) -> dict:
+    """``pipe(...)`` keyword arguments for a card: steps, guidance, and ``eta`` if the card has one."""
+    kwargs: dict[str, Any] = {"num_inference_steps": card.steps, "guidance_scale": float(card.guidance)}
+    if "eta" in card.scheduler_kwargs:
+        kwargs["eta"] = float(card.scheduler_kwargs["eta"])
+    return kwargs
+
+
 # ------------------------------------------------------------------------------------- README
 
 
@@ -158,8 +169,6 @@ def _base_path_hint(base_model: str) -> str:
 
 def render_readme(card: StudentCard) -> str:
     """A short model card (Markdown with Hugging Face front matter) with the plain-diffusers recipe."""
-    from cdlab.students.external import sampling_kwargs  # external imports this module
-
     if card.scheduler == "consistency":
         sched_line = ('pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, '
                       'timestep_spacing="trailing", set_alpha_to_one=True)')

@@ -3,7 +3,10 @@ diffusers scheduler a card asks for.
 
 External students come from the hub through ``load_external_student``; their adapter name is their
 catalogue key. They sample with their own diffusers scheduler (`make_scheduler`), which
-``cdlab.samplers.sample_scheduler`` runs; `sampling_kwargs` gives the same recipe for ``pipe(...)``.
+``cdlab.samplers.sample_scheduler`` runs; `sampling_kwargs` (from ``card``) gives the same recipe for
+``pipe(...)``.
+
+The top of the students stack: the catalogue is built on the public names of ``card`` and ``switch``.
 """
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdlab.students.activation import (_delete_adapter, _fingerprint, _load_adapter, _loaded, _loaded_files,
-                                       _pipe_and_base, activate_student)
-from cdlab.students.card import SD15_ID, StudentCard, StudentError
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cdlab.paths import SD15_ID
+from cdlab.students.card import StudentCard, StudentError, sampling_kwargs
+from cdlab.students.switch import as_pipeline, load_adapter
+
+__all__ = ["SD15_ARCH_BASES", "ExternalStudent", "EXTERNAL_STUDENTS", "external_card", "load_external_student",
+           "make_scheduler", "sampling_kwargs"]
 
 # Bases an SD1.5 LoRA fits: SD1.5 itself and its architecture with random weights (cdlab.sd15_random),
 # on which the tests load the published files' layouts offline.
@@ -92,10 +101,6 @@ def _hub_download(repo_id: str, filename: str) -> str:
     return hf_hub_download(repo_id=repo_id, filename=filename)
 
 
-def _origin(ext: ExternalStudent) -> str:
-    return f"hub:{ext.repo_id}/{ext.filename}"
-
-
 def external_card(key: str) -> StudentCard:
     """The `StudentCard` of catalogue entry ``key`` (``method="external"``, its scheduler and sampling recipe),
     without loading anything."""
@@ -119,13 +124,13 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
     weight. Works inside and outside ``torch.inference_mode()``; the adapter is normal tensors.
     Returns a `StudentCard` with ``method="external"`` and the card's sampling recipe.
     """
-    pipe, base_model = _pipe_and_base(pipe, base_model)
+    pipe, base_model = as_pipeline(pipe, base_model)
     card = external_card(key)
     ext = EXTERNAL_STUDENTS[key]
     if base_model is not None and base_model not in SD15_ARCH_BASES:
         raise StudentError(f"{ext.title} is a LoRA for {SD15_ID}; this pipeline is {base_model!r}")
-    recorded = _loaded_files(pipe).get(key)
-    if key not in _loaded(pipe) or not recorded or recorded[0] != _origin(ext):
+
+    def read() -> tuple[Path, dict | None]:
         try:
             local = _hub_download(ext.repo_id, ext.filename)  # this module's global: patchable
         except Exception as e:
@@ -136,14 +141,12 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
         local = Path(local)
         if local.suffix != ".safetensors":
             raise StudentError(f"{ext.title}: {local} is not a .safetensors file; cdlab loads safetensors only")
-        try:
-            fingerprint = _fingerprint(local, _origin(ext))
-        except OSError as e:
-            raise StudentError(f"{ext.title}: cannot read {local}: {e}") from None
-        if key in _loaded(pipe):  # an adapter of that name from elsewhere (e.g. a local student)
-            _delete_adapter(pipe, key)
-        _load_external_file(pipe, local, key, fingerprint, ext.title)
-    activate_student(pipe, key, weight=ext.adapter_weight)
+        if not local.is_file():
+            raise StudentError(f"{ext.title}: cannot read {local}: no such file")
+        return local, _diffusers_state_dict(local, pipe.unet.config, ext.title)
+
+    # A hub file is one version: the same repo and file name is not downloaded again.
+    load_adapter(pipe, key, ("hub", ext.repo_id, ext.filename), read, what=ext.title, weight=ext.adapter_weight)
     return card
 
 
@@ -221,35 +224,22 @@ def _sgm_to_diffusers_keys(state_dict: dict, unet_config: Any) -> dict | None:
     return out
 
 
-def _load_external_file(pipe: Any, path: Path, name: str, fingerprint: tuple, what: str) -> None:
-    """`_load_adapter`, renaming SGM/LDM module names (kohya files made on the original UNet) to diffusers'
-    first: diffusers' SD1.5 loader does not, and refuses such a file."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from cdlab.students.activation import _drop_partial, _quiet_multi_adapter
-
+def _diffusers_state_dict(path: Path, unet_config: Any, what: str) -> dict | None:
+    """None when diffusers' SD1.5 loader reads the file as it is; else its state dict with SGM/LDM module names
+    (kohya files made on the original UNet) renamed to diffusers' (that loader does not, and refuses such a file)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             sgm = any(k.startswith(_SGM_PREFIXES) for k in f.keys())
     except Exception:  # unreadable here: let diffusers' loader say why
         sgm = False
     if not sgm:
-        _load_adapter(pipe, path, name, fingerprint, what)
-        return
+        return None
     try:
-        state_dict = _sgm_to_diffusers_keys(load_file(str(path)), pipe.unet.config)
+        state_dict = _sgm_to_diffusers_keys(load_file(str(path)), unet_config)
     except StudentError as e:
         raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from None
     logger.info("%s: renamed SGM/LDM module names to diffusers' before loading", what)
-    try:
-        with torch.inference_mode(False), _quiet_multi_adapter():
-            pipe.load_lora_weights(state_dict, adapter_name=name)
-    except Exception as e:
-        _drop_partial(pipe, name)
-        raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from e
-    _loaded_files(pipe)[name] = fingerprint
+    return state_dict
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -267,9 +257,9 @@ def make_scheduler(pipe: Any, card: StudentCard):
     plain diffusers it is the stock scheduler closest to our sampler (deterministic jumps to the
     clean boundary). The step option ``eta`` is not a constructor option; see `sampling_kwargs`.
     """
-    import diffusers
+    import diffusers  # lazy: diffusers takes seconds; the catalogue and cards never need it
 
-    pipe, _ = _pipe_and_base(pipe, None)
+    pipe, _ = as_pipeline(pipe)
     if card.scheduler == "consistency":
         return diffusers.DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
@@ -279,11 +269,3 @@ def make_scheduler(pipe: Any, card: StudentCard):
     init_keys = _scheduler_init_keys(cls)
     kwargs = {k: v for k, v in card.scheduler_kwargs.items() if k in init_keys}
     return cls.from_config(pipe.scheduler.config, **kwargs)
-
-
-def sampling_kwargs(card: StudentCard) -> dict:
-    """``pipe(...)`` keyword arguments for a card: steps, guidance, and ``eta`` if the card has one."""
-    kwargs: dict[str, Any] = {"num_inference_steps": card.steps, "guidance_scale": float(card.guidance)}
-    if "eta" in card.scheduler_kwargs:
-        kwargs["eta"] = float(card.scheduler_kwargs["eta"])
-    return kwargs

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from cdlab.students.card import StudentError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -32,10 +34,8 @@ DEFAULT_TARGET_MODULES = [
 ]
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     """The bare module behind ``torch.compile`` (``._orig_mod``) and (D)DP (``.module``) wrappers."""
-    import torch
-
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     while True:
         if hasattr(model, "_orig_mod"):
@@ -69,10 +69,9 @@ def attach_lora(
         The same ``unet``. LoRA parameters are float32 even on a float16/bfloat16 UNet (peft casts
         the input to the LoRA dtype and the result back), so the optimiser updates fp32 weights.
     """
-    import torch
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft imports transformers (seconds); reading cards never needs it
 
-    model = _unwrap(unet)
+    model = unwrap(unet)
     if not (isinstance(rank, int) and rank >= 1):
         raise StudentError(f"LoRA rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -87,7 +86,7 @@ def attach_lora(
                         init_lora_weights=True)
     model.add_adapter(config, adapter_name=adapter_name)
     # The new adapter is the one that trains: active and enabled, even on a UNet whose other adapters were
-    # switched off (``activate_student(pipe, None)`` disables LoRA layers globally).
+    # switched off (``use_student(pipe, None)`` disables LoRA layers globally).
     model.enable_adapters()
     model.set_adapter(adapter_name)
     # Same effect as diffusers.training_utils.cast_training_params, but by name, so it does not
@@ -100,12 +99,12 @@ def attach_lora(
     return unet
 
 
-def _lora_state_dict(unet: Any, adapter_name: str) -> tuple[dict, Any]:
-    """The adapter's weights (peft keys, UNet-relative) with alpha/r folded into ``lora_B``, and its config."""
-    import torch
+def lora_state_dict(unet: Any, adapter_name: str) -> tuple[dict, Any]:
+    """The adapter's weights as saved (peft keys, UNet-relative, float32 on the CPU) with alpha/r folded into
+    ``lora_B``, and its ``LoraConfig``."""
     from peft.utils import get_peft_model_state_dict
 
-    model = _unwrap(unet)
+    model = unwrap(unet)
     configs = getattr(model, "peft_config", None) or {}
     if adapter_name not in configs:
         raise StudentError(
@@ -129,7 +128,7 @@ def _lora_state_dict(unet: Any, adapter_name: str) -> tuple[dict, Any]:
     return folded, config
 
 
-def _adapter_metadata(config: Any) -> dict:
+def adapter_metadata(config: Any) -> dict:
     """diffusers' ``lora_adapter_metadata``: the LoraConfig kwargs, with alpha = r (already folded)."""
     meta = config.to_dict()
     meta["lora_alpha"] = meta["r"]

@@ -17,15 +17,16 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
-from cdlab.students.lora import WEIGHT_NAME, _adapter_metadata, _lora_state_dict
+from safetensors import safe_open
+
 from cdlab.paths import adapters_dir
+from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
+from cdlab.students.lora import WEIGHT_NAME, adapter_metadata, lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,14 @@ def save_student(
     ``card.name`` must be ``name`` (or empty); the LoRA fields of the card are filled from the adapter
     actually saved, and ``created`` is stamped if empty.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # lazy: diffusers takes seconds; listing students never needs it
 
     dest = student_dir(name, root)
     if not isinstance(card, StudentCard):
         raise StudentError(f"card must be a StudentCard, got {type(card).__name__}")
     if card.name and card.name != name:
         raise StudentError(f"card.name {card.name!r} does not match the student name {name!r}")
-    state_dict, config = _lora_state_dict(unet, adapter_name)
+    state_dict, config = lora_state_dict(unet, adapter_name)
     card = dataclasses.replace(
         card,
         name=name,
@@ -114,7 +115,7 @@ def save_student(
     try:
         StableDiffusionPipeline.save_lora_weights(
             str(tmp), unet_lora_layers=state_dict, weight_name=WEIGHT_NAME, safe_serialization=True,
-            unet_lora_adapter_metadata=_adapter_metadata(config))
+            unet_lora_adapter_metadata=adapter_metadata(config))
         (tmp / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
         (tmp / "README.md").write_text(render_readme(card))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -170,8 +171,6 @@ def _check_weights(path: Path, name: str) -> None:
         others = sorted(p.name for p in path.parent.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (f"; found {', '.join(others)}, but cdlab loads safetensors only" if others else "")
         raise StudentError(f"student {name!r} has no weights: {path} is missing{hint}")
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

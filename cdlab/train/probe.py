@@ -26,6 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+from cdlab.images import decode_unit as decode_latents
+from cdlab.metrics import seed_diversity, tensor_to_pil
+from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
+from cdlab.students import attach_lora, use_student
+from cdlab.teachers import load_teacher
+from cdlab.train.checkpoints import checkpoint_name, latest_checkpoint
+from cdlab.world import sample_captions
+from cdlab.world.checker import adherence
 
 __all__ = ["probe", "main"]
 
@@ -35,17 +45,6 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
           teacher_50: bool = False, ema: bool = False, div_captions: int = 8, div_seeds: int = 8) -> dict:
     """Adherence and diversity of a run's checkpoint (``run=None``: the plain teacher) at ``steps`` steps;
     ``ema``: its ``ema.safetensors`` (a run with ``ema_decay > 0``) instead of ``lora.safetensors``."""
-    from safetensors.torch import load_file
-
-    from cdlab.evaluate import decode_latents
-    from cdlab.metrics import seed_diversity, tensor_to_pil
-    from cdlab.samplers import consistency_timesteps, ddim_timesteps, sample_consistency, sample_ddim
-    from cdlab.students import attach_lora
-    from cdlab.teachers import load_teacher
-    from cdlab.train.checkpoints import checkpoint_name, latest_checkpoint
-    from cdlab.world import sample_captions
-    from cdlab.world.checker import adherence
-
     teacher = load_teacher("tiny", device="cpu")
     num_boundaries, label = steps or 4, "plain teacher"
     if run is not None:
@@ -84,9 +83,7 @@ def probe(run: str | Path | None, *, step: int | None = None, steps: int | None 
     out["adherence"], out["diversity"] = score(lambda z, c, u: sample_consistency(teacher.unet, z, c, ts,
                                                                                   teacher.scheduler).latents)
     if teacher_50:
-        from cdlab.loss import adapters_disabled
-
-        with adapters_disabled(teacher.unet):  # the plain teacher: the run's LoRA off
+        with use_student(teacher, None):  # the plain teacher: the run's LoRA off
             out["teacher50_adherence"], out["teacher50_diversity"] = score(
                 lambda z, c, u: sample_ddim(teacher.unet, z, c, u, teacher.guidance, ddim_timesteps(50),
                                             teacher.scheduler).latents)

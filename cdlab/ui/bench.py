@@ -12,17 +12,115 @@ requests (different prompts and seeds) through gradio_client, beside one trainin
 prints how many were served and failed, the p50 / p95 / max latency from submission to result, and how
 the micro-batcher grouped them. Target (issue 11): 30 requests, all served, p95 <= 15 s.
 
-Students are random LoRAs (speed does not depend on their weights) in a scratch adapters folder.
+Students are random LoRAs (speed does not depend on their weights) in a scratch adapters folder
+(`make_random_students`), and the launched app runs on scratch folders (`serve_app`); the client and browser
+tests run against the same.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
+import torch
+from gradio_client import Client
+
+from cdlab.columns import TEACHER_4, TEACHER_50
+from cdlab.paths import REPO_ROOT, TINY_ID, read_json
+from cdlab.prompts import tiny_prompts
+from cdlab.students import StudentCard, attach_lora, save_student
+from cdlab.teachers import load_teacher
+from cdlab.tiny.architecture import build_pipeline
+from cdlab.ui.compare import Comparer
+
+
+# ----------------------------------------------------------------------------- what the benchmarks run against
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``python app.py --model MODEL`` with runs/adapters/evals/data/cache under ``workdir``; yield its URL.
+
+    What `bench_load` measures against, and what the client and browser tests drive.
+
+    The server's output goes to ``workdir/server.log``; a server that dies or never answers raises
+    ``RuntimeError`` with that log's tail.
+    """
+    workdir = Path(workdir)
+    for d in ("runs", "adapters", "evals", "data"):
+        (workdir / d).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    full_env = {**os.environ, "CDLAB_RUNS_DIR": str(workdir / "runs"), "CDLAB_ADAPTERS_DIR": str(workdir / "adapters"),
+                "CDLAB_EVALS_DIR": str(workdir / "evals"), "CDLAB_DATA_DIRS": str(workdir / "data"),
+                "CDLAB_CACHE_DIR": str(workdir / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
+                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--model", model, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+                                cwd=str(REPO_ROOT), start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        end = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if time.time() > end:
+                    raise RuntimeError(f"the app did not answer within {timeout:g} s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def make_random_students(base_id: str, root: Path, n: int = 3, rank: int = 4) -> list[str]:
+    """``n`` students with random LoRA weights for ``base_id`` under ``root`` (tests, benchmarks, demos)."""
+    names = []
+    methods = [("cd", 1), ("mbcd", 4), ("ct", 4), ("mbcd", 2)]
+    for i in range(n):
+        method, k = methods[i % len(methods)]
+        pipe = build_pipeline(seed=0)
+        attach_lora(pipe.unet, rank=rank)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in pipe.unet.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        name = f"random-{method}-{i}"
+        save_student(pipe.unet, name, StudentCard(name=name, base_model=base_id, method=method, num_boundaries=k,
+                                                  steps=4), root=root, overwrite=True)
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- the benchmarks
 
 def bench_compare(model: str = "tiny", repeats: int = 5, n_students: int = 3) -> dict:
     """One Compare request through `Comparer.run` (the app's path): five columns, 4 student steps.
@@ -33,10 +131,6 @@ def bench_compare(model: str = "tiny", repeats: int = 5, n_students: int = 3) ->
     - ``warm_steps`` / ``warm_students``: the same prompt, seed and guidance again with only the student
       steps changed, or only the student columns: the teacher columns come from the cache (target <= 0.3 s).
     """
-    from cdlab.teachers import load_teacher
-    from cdlab.ui.compare import TEACHER_4, TEACHER_50, Comparer
-    from cdlab.ui.testing import make_random_students
-
     teacher = load_teacher(model)
     root = Path(tempfile.mkdtemp(prefix="cdlab-bench-adapters-"))
     names = make_random_students(teacher.base_id, root, n=n_students)
@@ -84,15 +178,6 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     Returns served/failed counts, latencies (seconds from submission to result) and the training run's
     state while the requests ran.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from gradio_client import Client
-
-    from cdlab.teachers import TINY_ID
-    from cdlab.ui.compare import TEACHER_4, TEACHER_50, tiny_prompts
-    from cdlab.paths import read_json
-    from cdlab.ui.testing import make_random_students, serve_app
-
     work = Path(workdir or tempfile.mkdtemp(prefix="cdlab-load-"))
     names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
     cols = ([TEACHER_50, TEACHER_4] + names)[:columns]
@@ -118,9 +203,6 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
         # Results as the page gets them: JSON with file URLs (a browser fetches the images it shows; the
         # client does not download every gallery image and PNG here, which would time the client, not the app).
         client = Client(url, verbose=False, download_files=False)
-
-        import re
-
         shared: list[int] = []
 
         def one(i: int) -> tuple[bool, float, str]:
@@ -151,9 +233,7 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    argv = list(argv if argv is not None else sys.argv[1:])
     if argv[:1] == ["load"]:
         p = argparse.ArgumentParser(prog="python -m cdlab.ui.bench load", description=bench_load.__doc__.splitlines()[0])
         p.add_argument("--requests", type=int, default=30)

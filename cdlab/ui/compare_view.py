@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from typing import Any
+
+from PIL import Image, ImageDraw
 
 LEGEND = (
     "**teacher-50**: DDIM, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
@@ -20,8 +23,6 @@ LEGEND = (
 
 def upscale(image, size: int = 256):
     """Enlarge a small image with nearest-neighbour so pixels stay crisp (tiny teacher: 32 px)."""
-    from PIL import Image
-
     if image.width >= size:
         return image
     f = max(1, size // image.width)
@@ -30,10 +31,6 @@ def upscale(image, size: int = 256):
 
 def error_image(reason: str, resolution: int = 256, size: int = 256):
     """A grey square that says why a column could not be produced (shown in the column's place)."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (size, size), (235, 235, 235))
     d = ImageDraw.Draw(img)
     d.text((8, 8), "column failed:", fill=(160, 0, 0))
@@ -141,8 +138,6 @@ CSS = """
 
 def compose_comparison(result: Any, cell: int = 256, with_trajectory: bool | None = None):
     """One captioned PNG: a header, the columns with their full labels, then (optionally) the aligned grid."""
-    from PIL import Image, ImageDraw
-
     if with_trajectory is None:
         with_trajectory = any(c.trajectory for c in result.columns)
     n = max(1, len(result.columns))

@@ -1,49 +1,47 @@
 """The Edit tab: the course's editing loops (SDEdit, sketches, inpainting, anagrams, hybrids) with the teacher
-and its students side by side. Logic only (no Gradio): :func:`cdlab.edit.edit` does the sampling; this module
-validates what the browser sends, turns the image editor's value into an image and a mask, offers presets
-and lays the result out as Compare does.
-
-The image editor's value is ``{"background", "layers", "composite"}`` (PIL, RGBA):
-
-* **SDEdit / image-to-image / sketches** edit the *composite* (the picture with whatever was painted on it,
-  flattened on white): a drawing on an empty canvas is a sketch to project (§1.7.1), a rendered image with a
-  new prompt is text-conditional image-to-image (§1.7.3);
-* **inpainting** keeps the *background* and regenerates where any layer was painted (alpha > 0): the paint
-  layer is the mask (§1.7.2);
-* **anagrams and hybrids** take no image, only their two prompts (§1.8, §1.9).
+and its students side by side. :func:`cdlab.edit.edit` does the sampling and `cdlab.ui.edit_inputs` checks what
+the browser sends; this module offers presets, runs an edit in every ticked column from one noise, lays the
+result out as Compare does, and builds the tab (`EditTab`, Gradio imported when it is built).
 
 On the tiny teacher the canvas is the world's 32×32 (shown large and pixelated) and every column says what the
 world's checker reads off it, so a class sees at once which column did the edit.
 """
 from __future__ import annotations
 
-import math
+import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
-from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50
-from cdlab.ui.compare import InputError, is_tiny, validate_request
+import numpy as np
+from PIL import Image, ImageFilter
 
-TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")
+from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, student_column, teacher_columns
+from cdlab.edit import edit
+from cdlab.evaluate.edit import FAR_SIGMA_PX, inpaint_mask, scribble
+from cdlab.students import StudentError, external_card, load_external_student
+from cdlab.teachers import is_tiny, teacher_lock
+from cdlab.ui import hosting as H
+from cdlab.ui.compare import InputError
+from cdlab.ui.compare_view import row_html, upscale
+from cdlab.ui.edit_inputs import (PROMPTS, TECHNIQUES, USES_IMAGE, USES_STRENGTH, EditInputs, check_prompt,
+                                  check_seed, check_steps, check_strength, check_technique, editor_inputs)
+from cdlab.ui.session import named_errors, user_errors
+from cdlab.world import Caption, check, render
+from cdlab.world.checker import read
+from cdlab.world.grammar import parse_caption
+
+__all__ = ["TECHNIQUES", "TECHNIQUE_LABELS", "PROMPTS", "USES_IMAGE", "USES_STRENGTH", "DEFAULT_STRENGTH", "LEGEND",
+           "editor_inputs", "EditPreset", "presets", "EditColumnView", "EditView", "edit_column_choices", "run_edit",
+           "EditTab"]
+
 TECHNIQUE_LABELS = {
     "sdedit": "SDEdit: image or sketch → prompt",
     "inpaint": "Inpaint: repaint the painted region",
     "anagram": "Visual anagram: upright and flipped",
     "hybrid": "Hybrid image: far and near",
 }
-# (label of the first prompt, label of the second or None, whether an image is used, whether strength is)
-PROMPTS = {
-    "sdedit": ("Prompt (empty: project onto the images the teacher knows)", None),
-    "inpaint": ("Prompt for the painted region", None),
-    "anagram": ("Prompt upright", "Prompt flipped (upside down)"),
-    "hybrid": ("Prompt seen from afar (low frequencies)", "Prompt seen up close (high frequencies)"),
-}
-USES_IMAGE = {"sdedit": True, "inpaint": True, "anagram": False, "hybrid": False}
-USES_STRENGTH = {"sdedit": True, "inpaint": True, "anagram": False, "hybrid": False}
 DEFAULT_STRENGTH = {"sdedit": 0.6, "inpaint": 1.0, "anagram": 1.0, "hybrid": 1.0}
-MAX_UPLOAD_SIDE = 4096      # px; a larger upload is refused before anything is resized
-MIN_UPLOAD_SIDE = 8
-MAX_ASPECT = 1.25           # the teachers are square: a clearly non-square upload is refused (crop it first)
 LEGEND = (
     "**input**: what SDEdit and inpainting start from (noised to the strength's timestep) · **teacher-50**: DDIM, "
     "50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: distilled LoRAs (CT, CD, "
@@ -51,181 +49,6 @@ LEGEND = (
     "and its far (blurred) view · **reads** (tiny world): what the checker sees, ✓ when it is what was asked"
 )
 
-
-# ----------------------------------------------------------------------------- validation
-
-def check_technique(technique: Any) -> str:
-    if not isinstance(technique, str) or technique not in TECHNIQUES:
-        raise InputError(f"technique: expected one of {', '.join(TECHNIQUES)}, got {str(technique)[:40]!r}.")
-    return technique
-
-
-def check_prompt(prompt: Any, field_name: str, allow_empty: bool) -> str:
-    """The Compare checks (length, control characters) with the field named; empty allowed where it means
-    the unconditional projection (SDEdit, inpainting)."""
-    if prompt is None:
-        prompt = ""
-    if not isinstance(prompt, str):
-        raise InputError(f"{field_name}: must be text, got {type(prompt).__name__}.")
-    if not prompt.strip():
-        if allow_empty:
-            return ""
-        raise InputError(f"{field_name}: empty; type a prompt or pick a preset.")
-    try:
-        return validate_request(prompt, 0, 1.0, 4)[0]
-    except InputError as e:
-        raise InputError(f"{field_name}: {e}") from None
-
-
-def check_strength(strength: Any) -> float:
-    try:
-        s = float(strength)
-    except (TypeError, ValueError):
-        raise InputError(f"strength: must be a number from 0 to 1, got {str(strength)[:40]!r}.") from None
-    if isinstance(strength, bool) or not math.isfinite(s) or not 0.0 <= s <= 1.0:
-        raise InputError(f"strength: must be a number from 0 to 1, got {str(strength)[:40]!r}.")
-    return s
-
-
-def check_seed(seed: Any) -> int:
-    try:
-        return validate_request("x", seed, 1.0, 4)[1]
-    except InputError as e:
-        raise InputError(f"seed: {e}") from None
-
-
-def check_steps(steps: Any) -> int:
-    try:
-        return validate_request("x", 0, 1.0, steps)[3]
-    except InputError as e:
-        raise InputError(f"student_steps: {e}") from None
-
-
-def _as_pil(value: Any, what: str):
-    """A PIL image from what the editor (PIL), the API (a path) or a test (numpy) gives; refuses the rest."""
-    from PIL import Image, UnidentifiedImageError
-
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        im = value
-    elif isinstance(value, str):
-        try:
-            with Image.open(value) as f:
-                if max(f.size) > MAX_UPLOAD_SIDE:
-                    raise InputError(f"{what}: {f.size[0]}×{f.size[1]} px is too large; at most "
-                                     f"{MAX_UPLOAD_SIDE} px a side.")
-                im = f.copy()
-        except InputError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"{what}: not a readable image ({type(e).__name__}).") from None
-    else:
-        import numpy as np
-
-        if not isinstance(value, np.ndarray) or value.ndim not in (2, 3) or value.dtype != np.uint8:
-            raise InputError(f"{what}: expected an image, got {type(value).__name__}.")
-        im = Image.fromarray(value)
-    w, h = im.size
-    if max(w, h) > MAX_UPLOAD_SIDE:
-        raise InputError(f"{what}: {w}×{h} px is too large; at most {MAX_UPLOAD_SIDE} px a side.")
-    if min(w, h) < MIN_UPLOAD_SIDE:
-        raise InputError(f"{what}: {w}×{h} px is too small; at least {MIN_UPLOAD_SIDE} px a side.")
-    return im
-
-
-def _flatten(im, background=(255, 255, 255)):
-    """RGB of ``im``, transparent parts on ``background`` (the paper a sketch is drawn on)."""
-    from PIL import Image
-
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-@dataclass
-class EditInputs:
-    """What the editor's value means for one technique: the image (``size`` px, RGB), the mask (``L``, 255 =
-    regenerate) and notes for the user (e.g. that the upload was resized)."""
-
-    image: Any = None
-    mask: Any = None
-    notes: list[str] = field(default_factory=list)
-
-
-def editor_inputs(value: Any, technique: str, size: int) -> EditInputs:
-    """Turn the image editor's value into the inputs of ``technique`` at ``size`` px, or refuse it clearly.
-
-    ``value`` is ``{"background", "layers", "composite"}`` (PIL images, paths or None) or a single image.
-    """
-    from PIL import Image, ImageChops
-
-    technique = check_technique(technique)
-    if not USES_IMAGE[technique]:
-        return EditInputs()
-    if value is None or (isinstance(value, dict) and not any(
-            value.get(k) is not None for k in ("background", "composite")) and not value.get("layers")):
-        raise InputError("image: no image; upload one, draw one, or pick a preset.")
-    if isinstance(value, dict):
-        unknown = set(value) - {"background", "layers", "composite", "id"}
-        if unknown:
-            raise InputError(f"image: unknown keys {sorted(unknown)}; expected background, layers, composite.")
-        bg = _as_pil(value.get("background"), "image (background)")
-        layers_in = value.get("layers") or []
-        if not isinstance(layers_in, (list, tuple)) or len(layers_in) > 16:
-            raise InputError("image: layers must be a list of at most 16 images.")
-        layers = [_as_pil(v, f"image (layer {i + 1})") for i, v in enumerate(layers_in)]
-        layers = [x for x in layers if x is not None]
-        comp = _as_pil(value.get("composite"), "image (composite)")
-    else:
-        bg, layers, comp = _as_pil(value, "image"), [], None
-    ref = bg or comp or (layers[0] if layers else None)
-    if ref is None:
-        raise InputError("image: no image; upload one, draw one, or pick a preset.")
-    w, h = ref.size
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise InputError(f"image: {w}×{h} px is not square; the teacher draws {size}×{size}. Crop it square first.")
-    notes = []
-    if (w, h) != (size, size):
-        notes.append(f"The image ({w}×{h} px) was resized to the teacher's {size}×{size}.")
-
-    def fit(im, resample):
-        return im if im.size == (size, size) else im.resize((size, size), resample)
-
-    out = EditInputs(notes=notes)
-    if technique == "inpaint":
-        if bg is None:
-            raise InputError("image: inpainting needs a background image to keep (upload one or pick a preset); "
-                             "paint the region to regenerate on top of it.")
-        out.image = fit(_flatten(bg), Image.Resampling.BICUBIC)
-        alpha = Image.new("L", bg.size, 0)
-        for layer in layers:  # painted anywhere, in any layer: regenerate
-            a = layer.convert("RGBA").getchannel("A")
-            if a.size != alpha.size:
-                a = a.resize(alpha.size, Image.Resampling.NEAREST)
-            alpha = ImageChops.lighter(alpha, a)
-        mask = fit(alpha.point(lambda v: 255 if v > 0 else 0), Image.Resampling.BOX).point(
-            lambda v: 255 if v >= 128 else 0)
-        lo, hi = mask.getextrema()
-        if hi == 0:
-            raise InputError("mask: empty; paint over the region to regenerate (the brush's layer is the mask).")
-        if lo == 255:
-            raise InputError("mask: covers the whole image; that is text-to-image, not inpainting. Leave some of "
-                             "the image unpainted.")
-        out.mask = mask
-        return out
-    base = comp if comp is not None else bg
-    if base is None:  # only strokes: a sketch on white paper
-        base = Image.new("RGBA", ref.size, (255, 255, 255, 255))
-        for layer in layers:
-            stroke = layer.convert("RGBA")
-            if stroke.size != base.size:
-                stroke = stroke.resize(base.size, Image.Resampling.NEAREST)
-            base = Image.alpha_composite(base, stroke)
-    out.image = fit(_flatten(base), Image.Resampling.BICUBIC)
-    return out
 
 
 # ----------------------------------------------------------------------------- presets
@@ -251,8 +74,6 @@ class EditPreset:
 
 
 def _composite(bg, layer):
-    from PIL import Image
-
     if layer is None:
         return bg.convert("RGBA")
     return Image.alpha_composite(bg.convert("RGBA"), layer)
@@ -260,9 +81,6 @@ def _composite(bg, layer):
 
 def _mask_layer(mask, color=(255, 0, 255, 150)):
     """A paint layer (RGBA) from a mask tensor ``[1, 1, H, W]``: the brush strokes a user would paint."""
-    import numpy as np
-    from PIL import Image
-
     m = mask[0, 0].numpy() > 0.5
     arr = np.zeros(m.shape + (4,), dtype=np.uint8)
     arr[m] = color
@@ -273,11 +91,7 @@ def presets(teacher: Any) -> list[EditPreset]:
     """Presets that make every technique work in one click: on the tiny teacher from rendered world images
     (the cases `python -m cdlab evaluate --edit` measures); on SD1.5 the course's anagram and hybrid prompts and
     a drawn sketch."""
-    from cdlab.world import Caption, render
-
     if is_tiny(teacher):
-        from cdlab.edit_eval import inpaint_mask, scribble
-
         size = int(teacher.resolution)
         factor = int(getattr(teacher.pipe, "vae_scale_factor", 4))
         src = Caption("large", "red", "circle", "center", "white")
@@ -298,8 +112,6 @@ def presets(teacher: Any) -> list[EditPreset]:
                        "a large blue circle in the center on a white background",
                        "a large blue cross in the center on a white background"),
         ]
-    from cdlab.edit_eval import scribble
-
     size = int(teacher.resolution)
     return [
         EditPreset("Sketch → image: a red circle", "sdedit", "a red apple on a black table, studio photo",
@@ -332,11 +144,9 @@ class EditView:
     notes: list[str]
     summary: str
     table: list[list[Any]]
-    result_id: str = field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def html(self) -> str:
-        from cdlab.ui.compare_view import row_html
-
         cells = [{"label": c.label, "images": c.images, "lines": c.lines, "failed": c.failed} for c in self.columns]
         return row_html(cells, "edit-columns", columns=len(cells), technique=self.technique, result=self.result_id)
 
@@ -360,11 +170,6 @@ def _reading(teacher: Any, image, technique: str, prompts: list[str]) -> str:
     """On the tiny teacher: what the world's checker reads, and whether it is what was asked."""
     if not is_tiny(teacher):
         return ""
-    from PIL import Image, ImageFilter
-
-    from cdlab.world import check
-    from cdlab.world.checker import read
-    from cdlab.world.grammar import parse_caption
 
     def ok(im, prompt):
         try:
@@ -379,8 +184,6 @@ def _reading(teacher: Any, image, technique: str, prompts: list[str]) -> str:
         flipped = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
         return f"reads upright{mark(ok(image, prompts[0]))} · flipped{mark(ok(flipped, prompts[1]))}"
     if technique == "hybrid":
-        from cdlab.edit_eval import FAR_SIGMA_PX
-
         far = image.filter(ImageFilter.GaussianBlur(FAR_SIGMA_PX))
         try:
             far_ok = read(far).shape == parse_caption(prompts[0]).shape
@@ -390,6 +193,78 @@ def _reading(teacher: Any, image, technique: str, prompts: list[str]) -> str:
     r = read(image)
     return f"reads: {r.size} {r.color} {r.shape}, {r.position}, on {r.background}" + (
         mark(ok(image, prompts[0])) if prompts[0] else "")
+
+
+def _check_columns(comparer: Any, columns: Any) -> list:
+    """Refuse an empty, oversized or unknown list of ticked columns; returns the local students' cards."""
+    if not isinstance(columns, (list, tuple)) or not columns:
+        raise InputError("columns: tick at least one column.")
+    if len(columns) > 32 or not all(isinstance(c, str) for c in columns):
+        raise InputError("columns: a list of at most 32 column names.")
+    student_cards = comparer.students()
+    allowed = edit_column_choices(comparer, student_cards)
+    unknown = [c for c in columns if c not in allowed]
+    if unknown:
+        raise InputError(f"columns: unknown or not editable {unknown[0][:60]!r} (this teacher's columns: "
+                         f"{', '.join(allowed)}).")
+    return student_cards
+
+
+def _edit_columns(teacher: Any, student_cards: list, columns: list[str], steps: int) -> tuple[list, list]:
+    """The runner's columns for the ticked names (each once, in order), and a failed view for each published
+    student that cannot load (it fails alone; the others still run)."""
+    cards = {c.name: c for c in student_cards}
+    t50, t4 = teacher_columns(float(teacher.guidance))
+    cols = []
+    for name in dict.fromkeys(columns):
+        if name in (TEACHER_50, TEACHER_4):
+            cols.append(t50 if name == TEACHER_50 else t4)
+        elif name.endswith(EXTERNAL_SUFFIX):
+            cols.append(student_column(external_card(name[:-len(EXTERNAL_SUFFIX)]), steps))
+        else:
+            cols.append(student_column(cards[name], steps))
+    failed: list[EditColumnView] = []
+    for col in [c for c in cols if c.kind == "external"]:
+        try:
+            with teacher_lock(teacher):
+                load_external_student(teacher.pipe, col.student, base_model=teacher.base_id)
+        except StudentError as e:
+            cols.remove(col)
+            failed.append(EditColumnView(col.name, [], [col.name, f"not run: {e}"], failed=True))
+    return cols, failed
+
+
+def _input_views(inputs: EditInputs, strength: float) -> list[EditColumnView]:
+    """The input column (with the mask in magenta for inpainting); none for anagrams and hybrids."""
+    if inputs.image is None:
+        return []
+    shown = [(upscale(inputs.image), "input")]
+    if inputs.mask is not None:
+        overlay = inputs.image.convert("RGB").copy()
+        overlay.paste(Image.new("RGB", overlay.size, (255, 0, 255)), (0, 0), inputs.mask.point(lambda v: v // 2))
+        shown.append((upscale(overlay), "mask"))
+    return [EditColumnView("input", shown, ["input", "the mask in magenta" if inputs.mask is not None
+                                            else "what the columns start from", f"strength {strength:g}"])]
+
+
+def _result_view(teacher: Any, r: Any, technique: str, prompts: list[str], t_ref: float | None) -> EditColumnView:
+    """One column's result with its full label: steps, start, NFE, seconds, speed and (tiny) what it reads."""
+    size = int(teacher.resolution)
+    im = r.images[0]
+    shown = [(upscale(im), "result")]
+    if technique == "anagram":
+        shown.append((upscale(im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)), "flipped"))
+    elif technique == "hybrid":
+        far = im.filter(ImageFilter.GaussianBlur(FAR_SIGMA_PX * size / 32))  # the checker's far view, to scale
+        shown.append((upscale(far), "from afar (blurred)"))
+    start = f" from t={r.timesteps[0]}" if r.timesteps else " (no step)"
+    speed = (f" · {t_ref / r.seconds:.1f}× teacher-50's speed" if t_ref and r.seconds > 0 and r.column != TEACHER_50
+             else "")
+    lines = [r.column, f"{len(r.timesteps)} steps{start} · NFE {r.nfe}", f"{r.seconds:.2f} s{speed}"]
+    reading = _reading(teacher, im, technique, prompts)
+    if reading:
+        lines.append(reading)
+    return EditColumnView(r.column, shown, lines, r.seconds, r.nfe)
 
 
 def run_edit(
@@ -407,88 +282,182 @@ def run_edit(
 ) -> EditView:
     """Validate every field (each refusal names it), run the edit in every ticked column from one noise, and
     lay it out: the input first (with the mask for inpainting), then each column with its full label."""
-    from PIL import Image, ImageFilter
-
-    from cdlab.edit import TEACHER_50 as E50, edit, student_column, teacher_columns
-    from cdlab.students import StudentError, external_card, load_external_student
-    from cdlab.teachers import teacher_lock
-    from cdlab.edit_eval import FAR_SIGMA_PX
-    from cdlab.ui.compare_view import upscale
-
     technique = check_technique(technique)
-    first, second = PROMPTS[technique]
-    p1 = check_prompt(prompt, "prompt", allow_empty=technique in ("sdedit", "inpaint"))
-    prompts = [p1]
-    if second is not None:
+    prompts = [check_prompt(prompt, "prompt", allow_empty=technique in ("sdedit", "inpaint"))]
+    if PROMPTS[technique][1] is not None:
         prompts.append(check_prompt(prompt_2, "prompt_2", allow_empty=False))
     s = check_strength(strength) if USES_STRENGTH[technique] else 1.0
     seed = check_seed(seed)
     steps = check_steps(student_steps)
-    if not isinstance(columns, (list, tuple)) or not columns:
-        raise InputError("columns: tick at least one column.")
-    if len(columns) > 32 or not all(isinstance(c, str) for c in columns):
-        raise InputError("columns: a list of at most 32 column names.")
-    student_cards = comparer.students()
-    allowed = edit_column_choices(comparer, student_cards)
-    unknown = [c for c in columns if c not in allowed]
-    if unknown:
-        raise InputError(f"columns: unknown or not editable {unknown[0][:60]!r} (this teacher's columns: "
-                         f"{', '.join(allowed)}).")
-    size = int(teacher.resolution)
-    inputs = editor_inputs(editor_value, technique, size)
-    cards = {c.name: c for c in student_cards}
-    t50, t4 = teacher_columns(float(teacher.guidance))
-    cols = []
-    for name in dict.fromkeys(columns):
-        if name in (TEACHER_50, TEACHER_4):
-            cols.append(t50 if name == TEACHER_50 else t4)
-        elif name.endswith(EXTERNAL_SUFFIX):
-            cols.append(student_column(external_card(name[:-len(EXTERNAL_SUFFIX)]), steps))
-        else:
-            cols.append(student_column(cards[name], steps))
-    failed: list[EditColumnView] = []
-    for col in [c for c in cols if c.kind == "external"]:  # a published student that cannot load fails alone
-        try:
-            with teacher_lock(teacher):
-                load_external_student(teacher.pipe, col.student, base_model=teacher.base_id)
-        except StudentError as e:
-            cols.remove(col)
-            failed.append(EditColumnView(col.name, [], [col.name, f"not run: {e}"], failed=True))
+    student_cards = _check_columns(comparer, columns)
+    inputs = editor_inputs(editor_value, technique, int(teacher.resolution))
+    cols, failed = _edit_columns(teacher, student_cards, columns, steps)
     try:
         results = edit(teacher, technique, prompts, cols, image=inputs.image, mask=inputs.mask, strength=s,
                        seed=seed, adapters_root=adapters_root or comparer.adapters_root) if cols else []
     except ValueError as e:
         raise InputError(str(e)) from None
-    views: list[EditColumnView] = []
-    if inputs.image is not None:
-        shown = [(upscale(inputs.image), "input")]
-        if inputs.mask is not None:
-            overlay = inputs.image.convert("RGB").copy()
-            overlay.paste(Image.new("RGB", overlay.size, (255, 0, 255)), (0, 0), inputs.mask.point(lambda v: v // 2))
-            shown.append((upscale(overlay), "mask"))
-        views.append(EditColumnView("input", shown, ["input", "the mask in magenta" if inputs.mask is not None
-                                                     else "what the columns start from",
-                                                     f"strength {s:g}"]))
-    t_ref = next((r.seconds for r in results if r.column == E50), None)
-    table = []
-    for r in results:
-        im = r.images[0]
-        shown = [(upscale(im), "result")]
-        if technique == "anagram":
-            shown.append((upscale(im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)), "flipped"))
-        elif technique == "hybrid":
-            far = im.filter(ImageFilter.GaussianBlur(FAR_SIGMA_PX * size / 32))  # the checker's far view, to scale
-            shown.append((upscale(far), "from afar (blurred)"))
-        start = f" from t={r.timesteps[0]}" if r.timesteps else " (no step)"
-        speed = f" · {t_ref / r.seconds:.1f}× teacher-50's speed" if t_ref and r.seconds > 0 and r.column != E50 else ""
-        lines = [r.column, f"{len(r.timesteps)} steps{start} · NFE {r.nfe}", f"{r.seconds:.2f} s{speed}"]
-        reading = _reading(teacher, im, technique, prompts)
-        if reading:
-            lines.append(reading)
-        views.append(EditColumnView(r.column, shown, lines, r.seconds, r.nfe))
-        table.append([r.column, round(r.seconds, 3), r.nfe, len(r.timesteps)])
-    views.extend(failed)
+    t_ref = next((r.seconds for r in results if r.column == TEACHER_50), None)
+    views = [*_input_views(inputs, s), *(_result_view(teacher, r, technique, prompts, t_ref) for r in results),
+             *failed]
+    table = [[r.column, round(r.seconds, 3), r.nfe, len(r.timesteps)] for r in results]
     total = sum(r.seconds for r in results)
     summary = (f"{TECHNIQUE_LABELS[technique]} · {len(results)} columns in {total:.2f} s · seed {seed} · "
                f"one initial noise for every column")
     return EditView(technique, views, inputs.notes, summary, table)
+
+
+# ----------------------------------------------------------------------------- the tab (Gradio)
+
+GPU = dict(concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
+
+
+def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -> SimpleNamespace:
+    """The tab's event functions: ``edit`` (the API's ``/edit``), the technique's labels, the presets (one
+    click: the inputs, then the edit), the first visit's result and the columns offered on each visit."""
+    import gradio as gr
+
+    @user_errors
+    def do_edit(technique, image, prompt, prompt_2, strength, seed, student_steps, columns):
+        """Run one edit (sdedit | inpaint | anagram | hybrid) in every ticked column from one noise; returns the
+        columns (HTML, one row, the input first), their images with captions, the timings table and a summary."""
+        v = run_edit(teacher, comparer, technique, image, prompt, prompt_2, strength, seed, student_steps, columns)
+        for note in v.notes:
+            gr.Info(note)
+        return v.html(), v.gallery(), v.table, v.summary
+
+    do_edit = H.gpu(do_edit, duration=120)
+
+    def edit_technique_changed(technique):
+        """Labels and visibility follow the technique: two prompts for anagrams and hybrids, no strength there (the
+        image editor stays: re-rendering it would drop a drawing; anagrams and hybrids ignore it)."""
+        technique = technique if technique in TECHNIQUES else "sdedit"
+        first, second = PROMPTS[technique]
+        return (gr.Textbox(info=first), gr.Textbox(info=second, visible=second is not None),
+                gr.Slider(visible=USES_STRENGTH[technique]))
+
+    @user_errors
+    def edit_preset_run(name, student_steps, columns):
+        """Fill the inputs from a preset AND run its edit from the preset's own values, in one event (a second
+        event reading the inputs back from the page could read them before the page applied them)."""
+        p = next((p for p in edit_presets if p.name == name), None)
+        if p is None:
+            return (gr.skip(),) * 10
+        editor = p.editor_value()
+        fill = (p.technique, editor if editor is not None else gr.skip(), p.prompt, p.prompt_2, p.strength, p.seed)
+        return (*fill, *do_edit(p.technique, editor, p.prompt, p.prompt_2, p.strength, p.seed, student_steps, columns))
+
+    def edit_preset_selected(student_steps, columns, evt):
+        return edit_preset_run(evt.value, student_steps, columns)
+
+    # The class itself, not the string `from __future__ import annotations` leaves: Gradio resolves the hint in
+    # this module's globals, where gradio is not (it is imported when the tab is built).
+    edit_preset_selected.__annotations__["evt"] = gr.SelectData
+
+    def edit_first_visit(row, student_steps, columns):
+        """The tab opens with a result: on the first visit (nothing shown yet) the first preset is run."""
+        if row or not edit_presets:
+            return (gr.skip(),) * 10
+        return edit_preset_run(edit_presets[0].name, student_steps, columns)
+
+    def refresh_edit_columns():
+        choices = edit_column_choices(comparer)
+        return gr.CheckboxGroup(choices=choices, value=choices)
+
+    def edit_columns_on_select(current, known):
+        """On every visit of the tab: students that appeared since (a finished training run) are offered and
+        ticked; the user's other ticks are kept."""
+        choices = edit_column_choices(comparer)
+        known = known or []
+        value = [c for c in (current or []) if c in choices] + [c for c in choices if c not in known]
+        return gr.CheckboxGroup(choices=choices, value=value), choices
+
+    return SimpleNamespace(edit=do_edit, technique_changed=edit_technique_changed, preset_selected=edit_preset_selected,
+                           first_visit=edit_first_visit, refresh_columns=refresh_edit_columns,
+                           columns_on_select=edit_columns_on_select)
+
+
+def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -> SimpleNamespace:
+    """The left column: presets, technique, the image editor (the teacher's canvas), prompts, strength, seed,
+    student steps, columns and the button."""
+    import gradio as gr
+
+    ui = SimpleNamespace()
+    ui.preset = gr.Dropdown([p.name for p in edit_presets], value=None, elem_id="edit-preset",
+                            label="Presets (one click: the inputs, then the edit)")
+    ui.tech = gr.Radio([(TECHNIQUE_LABELS[k], k) for k in TECHNIQUES], value="sdedit", label="Technique",
+                       elem_id="edit-technique")
+    canvas = int(teacher.resolution)
+    gr.Markdown(f"**Image** ({canvas}×{canvas} px): upload or draw. SDEdit edits the picture as drawn; for "
+                "inpainting, paint over the region to regenerate (the paint is the mask).", elem_id="edit-image-help")
+    ui.image = gr.ImageEditor(
+        type="pil", image_mode="RGBA", canvas_size=(canvas, canvas), fixed_canvas=True, format="png",
+        sources=("upload", "clipboard"), transforms=(), height=360, elem_id="edit-image", label="Image",
+        brush=gr.Brush(default_size=max(2, canvas // 10), color_mode="defaults"),
+        layers=gr.LayerOptions(allow_additional_layers=False))
+    ui.prompt = gr.Textbox("", label="Prompt", info=PROMPTS["sdedit"][0], lines=2, max_lines=4, elem_id="edit-prompt")
+    ui.prompt2 = gr.Textbox("", label="Prompt 2", visible=False, lines=2, max_lines=4, elem_id="edit-prompt-2")
+    ui.strength = gr.Slider(0.0, 1.0, value=DEFAULT_STRENGTH["sdedit"], step=0.05, label="Strength",
+                            info="the noise level the edit starts from (1: pure noise)", elem_id="edit-strength")
+    with gr.Row(equal_height=True):
+        ui.seed = gr.Number(label="Seed", value=0, precision=0, min_width=90)
+        ui.steps = gr.Radio([str(k) for k in STUDENT_STEPS], value="4", label="Student steps")
+    ui.choices = edit_column_choices(comparer)
+    ui.columns = gr.CheckboxGroup(ui.choices, value=ui.choices, label="Columns",
+                                  info="the teacher and the consistency students", elem_id="edit-columns-pick")
+    ui.btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+    return ui
+
+
+def edit_results(ui: SimpleNamespace) -> None:
+    """The right column, added to ``ui``: summary, the columns' row (the input first), legend, and the images
+    and timings as the API returns them."""
+    import gradio as gr
+
+    ui.info = gr.Markdown(elem_id="edit-info", label="summary")
+    ui.row = gr.HTML(elem_id="edit-row", padding=False, label="columns html")
+    gr.Markdown(LEGEND, elem_id="edit-legend")
+    with gr.Accordion("Images and timings (as the API returns them)", open=False):
+        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id="edit-gallery", object_fit="contain")
+        ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "steps"], label="Timings", interactive=False)
+
+
+class EditTab:
+    """The Edit tab, built inside the page's ``gr.Tabs``: its components, its events, and its part of the page
+    load (the columns offered, fresh). It opens with a result: the first visit runs the first preset."""
+
+    def __init__(self, teacher: Any, comparer: Any):
+        import gradio as gr
+
+        edit_presets = presets(teacher)
+        self.fn = edit_handlers(teacher, comparer, edit_presets)
+        with gr.Tab("Edit", id="edit") as tab:
+            with gr.Row():
+                with gr.Column(scale=1, min_width=330):
+                    ui = edit_controls(teacher, comparer, edit_presets)
+                with gr.Column(scale=3):
+                    edit_results(ui)
+            self.ui = ui
+            self._wire(tab)
+        self.load_outputs = [ui.columns]
+
+    def _wire(self, tab: Any) -> None:
+        import gradio as gr
+
+        ui, fn = self.ui, self.fn
+        named_errors(ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns)
+        inputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns]
+        outputs = [ui.row, ui.gallery, ui.table, ui.info]
+        ui.tech.change(fn.technique_changed, ui.tech, [ui.prompt, ui.prompt2, ui.strength], api_visibility="private")
+        ui.btn.click(fn.edit, inputs, outputs, api_name="edit", **GPU)
+        preset_outputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, *outputs]
+        known = gr.State(ui.choices)  # the columns offered so far
+        tab.select(fn.columns_on_select, [ui.columns, known], [ui.columns, known], api_visibility="private").then(
+            fn.first_visit, [ui.row, ui.steps, ui.columns], preset_outputs, api_visibility="private", **GPU)
+        # .select carries the option picked (the dropdown's value as read by an .input event can be the
+        # previous one); picking the same preset again runs it again.
+        ui.preset.select(fn.preset_selected, [ui.steps, ui.columns], preset_outputs, api_visibility="private", **GPU)
+
+    def on_load(self) -> tuple:
+        """The columns offered, fresh: a student that appeared since the start shows up."""
+        return (self.fn.refresh_columns(),)

@@ -2,16 +2,22 @@
 
 Evaluations are folders ``evals/<timestamp>/`` with ``results.json``, ``table.md`` and
 ``quality_vs_nfe.png`` (written by ``cdlab.evaluate``); this module reads them straight from disk, so
-evaluations run from the CLI show up too.
+evaluations run from the CLI show up too. `EvaluateTab` builds the tab (Gradio imported when it is built).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
+from cdlab.evaluate import list_evaluations, run_evaluation
 from cdlab.paths import REPO_ROOT
+from cdlab.ui import hosting as H
+from cdlab.ui.session import named_errors, user_errors
+from cdlab.ui.train_tab import read_image
 
 
 @dataclass
@@ -40,8 +46,6 @@ def _is_evaluation(d: Path) -> bool:
 def evaluation_choices(evals_dir: Path, shipped: Path | None = None) -> list[str]:
     """The Evaluate tab's dropdown: `cdlab.evaluate.list_evaluations` names (newest first), then the shipped
     one (``shipped``, default docs/evaluation) so a fresh clone opens on a real table."""
-    from cdlab.evaluate import list_evaluations
-
     names = [e["name"] for e in list_evaluations(evals_dir) if not e["name"].startswith(".")]
     shipped = shipped_evaluation_dir() if shipped is None else shipped
     if shipped and _is_evaluation(Path(shipped)):
@@ -109,8 +113,6 @@ def results_to_markdown(results: Any) -> str:
 
 def check_prompt_count(value: Any, maximum: int) -> int:
     """The number of prompts of a new evaluation from the page: a whole number in [1, maximum]."""
-    import math
-
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -122,7 +124,78 @@ def check_prompt_count(value: Any, maximum: int) -> int:
 
 def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | None = None, **kwargs: Any) -> Path:
     """Run ``cdlab.evaluate.run_evaluation`` on the loaded teacher; returns the new evaluation's folder."""
-    from cdlab import evaluate
-
-    out = evaluate.run_evaluation(teacher, progress=progress, **kwargs)
+    out = run_evaluation(teacher, progress=progress, **kwargs)
     return Path(getattr(out, "path", out))
+
+
+# ----------------------------------------------------------------------------- the tab (Gradio)
+
+def evaluate_handlers(teacher: Any, evals_dir: Path, eval_max: int) -> SimpleNamespace:
+    """The tab's event functions: ``/show_evaluation``, the refreshed list and ``/evaluate`` (a new evaluation
+    of at most ``eval_max`` prompts on the loaded teacher)."""
+    import gradio as gr
+
+    @user_errors
+    def show_eval(name):
+        v = load_view(evals_dir, name or None)
+        if v is None:
+            return "_No evaluation yet: run one below or with `python -m cdlab evaluate`._", None, ""
+        return v.table_md, read_image(v.plot), f"`{v.name}` · {v.summary}"
+
+    def refresh_evals():
+        names = evaluation_choices(evals_dir)
+        return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    @user_errors
+    def do_evaluate(prompts, progress=gr.Progress()):
+        n = check_prompt_count(prompts, eval_max)
+        path = run_new_evaluation(teacher, n=n, progress=lambda f, d="": progress(f, desc=d))
+        names = evaluation_choices(evals_dir)
+        return gr.Dropdown(choices=names, value=path.name if path.name in names else (names[0] if names else None))
+
+    return SimpleNamespace(show=show_eval, refresh=refresh_evals, evaluate=H.gpu(do_evaluate, duration=600))
+
+
+class EvaluateTab:
+    """The Evaluate tab, built inside the page's ``gr.Tabs``: the evaluations (newest first, then the shipped
+    one), the chosen one's table and plot, and a new evaluation. Its part of the page load shows the newest
+    evaluation's table and plot (no click needed: the dropdown's change may not fire when its value is
+    already the newest)."""
+
+    def __init__(self, teacher: Any, evals_dir: Path, share: bool = False):
+        import gradio as gr
+
+        public = H.is_public_host(share)
+        eval_default, eval_max = H.eval_prompt_limits(share)
+        self.evals_dir = evals_dir
+        self.fn = fn = evaluate_handlers(teacher, evals_dir, eval_max)
+        with gr.Tab("Evaluate", id="evaluate"):
+            with gr.Row():
+                eval_dd = gr.Dropdown(evaluation_choices(evals_dir), label="Evaluations (newest first)", scale=4,
+                                      elem_id="evals")
+                eval_refresh = gr.Button("↻", size="sm", scale=1)
+                eval_n = gr.Number(eval_default, label="Prompts", precision=0, minimum=1, maximum=eval_max, scale=1,
+                                   elem_id="eval-prompts",
+                                   info=f"at most {eval_max}" + (" on this public host" if public else ""))
+                eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
+            eval_summary = gr.Markdown(elem_id="eval-summary", label="summary")
+            eval_table = gr.Markdown(elem_id="eval-table", label="table")
+            eval_plot = gr.Image(label="Quality against NFE", type="pil", elem_id="eval-plot")
+            eval_dd.change(fn.show, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
+            eval_refresh.click(fn.refresh, None, eval_dd, api_visibility="private")
+            named_errors(eval_n, eval_dd)
+            eval_btn.click(fn.evaluate, eval_n, eval_dd, api_name="evaluate",
+                           concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
+        self.load_outputs = [eval_dd, eval_table, eval_plot, eval_summary]
+
+    def on_load(self) -> tuple:
+        """The list, fresh, with the newest evaluation chosen and shown."""
+        import gradio as gr
+
+        names = evaluation_choices(self.evals_dir)
+        newest = names[0] if names else None
+        try:
+            shown = self.fn.show(newest)
+        except gr.Error:  # an unreadable evaluation: the list still loads; picking one says what is wrong
+            shown = (gr.skip(),) * 3
+        return (gr.Dropdown(choices=names, value=newest), *shown)

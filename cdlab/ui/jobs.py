@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdlab.ui import runs as runs_mod
+import torch
+
 from cdlab.paths import REPO_ROOT, read_json
+from cdlab.train.config import RUN_NAME_RE
+from cdlab.ui import runs as runs_mod
 
 LOG_NAME = "train.log"
 LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time (the trainer never reads it)
@@ -124,8 +127,6 @@ class JobManager:
         """Write ``config`` (a resolved trainer config, with ``run_name``) to its run directory and launch
         ``python -m cdlab train --model M --config FILE`` on it. ``owner`` is the starting session's token:
         only a request with the same token may stop or resume the run (`stop`, `resume`)."""
-        from cdlab.train.config import RUN_NAME_RE
-
         run_name = str(config.get("run_name") or "")
         if not RUN_NAME_RE.match(run_name):
             raise JobError(f"Invalid run name {run_name[:40]!r}.")
@@ -164,8 +165,6 @@ class JobManager:
 
     def resume(self, run_name: str, owner: str | None = None, allow_unowned: bool = True) -> Job:
         """Continue ``run_name`` from its newest complete checkpoint (owner rules: `check_owner`)."""
-        from cdlab.train.config import RUN_NAME_RE
-
         if not isinstance(run_name, str) or not RUN_NAME_RE.match(run_name):
             raise JobError(f"Invalid run name {str(run_name)[:40]!r}.")
         run_dir = self.runs_dir / run_name
@@ -299,15 +298,8 @@ def trainer_thread_env() -> dict[str, str]:
     """On a CPU-only machine the trainer gets all cores but one, so the app keeps answering while it trains
     (two processes each spinning on every core slow both down many times). A GPU trainer keeps the default;
     an explicit ``OMP_NUM_THREADS`` is respected."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
         return {}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return {}
-    except ImportError:
-        pass
     n = max(1, (os.cpu_count() or 2) - 1)
     return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 

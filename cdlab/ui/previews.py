@@ -6,20 +6,21 @@ from the same fixed noise): ``reference.png`` (the teacher, DDIM with CFG, writt
 steps, at step 0 before any update and at every preview). `compose` lays them out as the page shows
 them: a header with each caption (wrapped), then the rows "teacher-50 (CFG), reference", "student, 4
 steps, at step 0" and "student, 4 steps, at step S" (the newest), each labelled at its left.
-No Gradio here; PIL only, imported when used.
+No Gradio here; PIL only.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw, ImageFont
+
 from cdlab.paths import read_json
 
-REFERENCE = "reference.png"  # = cdlab.train.trainer.REFERENCE_NAME (not imported: that module imports torch)
+REFERENCE = "reference.png"  # = cdlab.train.previews.REFERENCE_NAME (not imported: that module imports torch)
 _STEP_RE = re.compile(r"^step_(\d+)\.png$")
 
 LABEL_WIDTH = 210   # px of the left column that holds the row labels
@@ -116,8 +117,6 @@ def caption(ps: PreviewSet) -> str:
 @lru_cache(maxsize=8)
 def font(size: int):
     """A scalable sans-serif font of ``size`` px: DejaVu Sans when the system has it, else Pillow's own."""
-    from PIL import ImageFont
-
     for name in ("DejaVuSans.ttf", "LiberationSans-Regular.ttf"):
         try:
             return ImageFont.truetype(name, size)
@@ -128,8 +127,6 @@ def font(size: int):
 
 def wrap(text: str, width: int, fnt: Any) -> list[str]:
     """``text`` broken at spaces into lines no wider than ``width`` px in ``fnt`` (a longer word stays whole)."""
-    from PIL import Image, ImageDraw
-
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines: list[str] = []
     for word in text.split():
@@ -145,8 +142,6 @@ def compose(ps: PreviewSet) -> Any:
 
     Each row is scaled to the same cell height (its own, at most `MAX_CELL`); with one caption per
     image the header puts every caption, wrapped, above its column."""
-    from PIL import Image, ImageDraw
-
     rows = []
     for r in ps.rows:
         try:

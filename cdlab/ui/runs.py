@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
+import pandas as pd
+
 from cdlab.paths import read_json
+from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
 
 ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
 FINAL_STATES = ("finished", "failed", "stopped")
@@ -229,8 +231,6 @@ def loss_frame(rows: list[dict[str, Any]], max_points: int = MAX_PLOT_POINTS):
     spanning the loss range, drawn as a vertical line. ``rows`` come from `read_metrics`, one per step (a
     resumed run's replayed steps appear once), so every series is a function of the step. Long runs are
     thinned to ``max_points`` rows per series (first and last kept)."""
-    import pandas as pd
-
     cols = {"step": [], "loss": [], "series": []}
 
     def add(series: str, steps: list[int], values: list[float]) -> None:

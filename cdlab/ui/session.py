@@ -1,13 +1,24 @@
-"""Choosing and loading the teacher the app serves, and the header line that says what is live."""
+"""The page as a whole: choosing and loading the teacher, the header line, the ready signal, and the wiring
+every tab shares (the logic's errors shown as messages, refused fields named, the page-load chain).
+
+Gradio is imported where a page is built, never at import time (``python app.py --help`` stays fast).
+"""
 from __future__ import annotations
 
-from typing import Any
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from cdlab.ui.jobs import JobError
+
+log = logging.getLogger("cdlab.app")
+USER_ERRORS = (ValueError, JobError, FileNotFoundError, KeyError)  # InputError, StudentError: ValueErrors
 
 
 def default_model() -> str:
     """``sd15`` on CUDA (it falls back to tiny when it cannot load), ``tiny`` elsewhere."""
-    import torch
-
     return "sd15" if torch.cuda.is_available() else "tiny"
 
 
@@ -17,7 +28,7 @@ def load(model: str | None = None) -> Any:
     SD1.5 (asked for or chosen by default) falls back to the tiny teacher when it cannot load; the
     returned teacher's ``fallback_reason`` says why. Other failures raise ``TeacherLoadError``.
     """
-    from cdlab.teachers import load_teacher, load_teacher_with_fallback
+    from cdlab.teachers import load_teacher, load_teacher_with_fallback  # diffusers: only when a page is served
 
     name = model or default_model()
     if name == "sd15":
@@ -40,3 +51,69 @@ def header_line(teacher: Any) -> str:
 # The page's ready signal, written by the page-load event once the lists are fresh: browser tests and
 # scripts wait for ``#cdlab-ready`` (a Gradio page keeps a stream open, so "network idle" may never come).
 READY_HTML = '<span id="cdlab-ready" data-ready="1" style="display:none">ready</span>'
+
+
+# ----------------------------------------------------------------------------- errors on the page
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the logic's errors into a gr.Error for the page; the server carries on."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # a bug or a backend failure: still a message, not a dead server
+            log.exception("request failed")
+            raise gr.Error(f"{type(e).__name__}: {e}") from None
+    return wrapper
+
+
+_NAMED_CLASSES: dict[type, type] = {}
+
+
+def _named_class(cls: type) -> type:
+    """A subclass of component class ``cls``, with the same name (the page picks a component's code by its
+    class name), whose ``preprocess`` prefixes Gradio's own input errors with the component's label."""
+    import gradio as gr
+
+    if cls not in _NAMED_CLASSES:
+        def preprocess(self, payload):
+            try:
+                return cls.preprocess(self, payload)
+            except gr.Error as e:
+                raise gr.Error(f"{self.label}: {e.message}") from None
+            except Exception as e:  # e.g. an upload that is not an image: refused by name, the server goes on
+                raise gr.Error(f"{self.label}: could not read the value ({type(e).__name__}: {str(e)[:120]})") from None
+
+        _NAMED_CLASSES[cls] = type(cls.__name__, (cls,), {"preprocess": preprocess, "__module__": cls.__module__})
+    return _NAMED_CLASSES[cls]
+
+
+def named_errors(*components):
+    """Prefix Gradio's own input checks (a value out of a slider's range, not among a radio's choices) with
+    the component's label, so every refused field is named; our own checks name theirs already. Done on the
+    class (a same-named subclass), so it holds for the per-session copies Gradio builds when an update
+    changes a component (new choices in a dropdown)."""
+    for comp in components:
+        comp.__class__ = _named_class(type(comp))
+    return components
+
+
+# ----------------------------------------------------------------------------- the page load
+
+def wire_page_load(demo: Any, ready: Any, tabs: Sequence[Any], compare: Any) -> None:
+    """Fresh lists on every page load (a student or run that appeared since start shows up; each tab's
+    ``load_outputs`` and ``on_load()``, in the order of ``tabs``), then the Compare tab's opening result
+    (``compare.then_opening``), then the page's ready signal: tests and scripts wait for #cdlab-ready, never
+    for network idle."""
+    def on_load():
+        return tuple(v for tab in tabs for v in tab.on_load())
+
+    outputs = [c for tab in tabs for c in tab.load_outputs]
+    loaded = demo.load(on_load, None, outputs, api_visibility="private")
+    compare.then_opening(loaded).then(lambda: READY_HTML, None, ready, api_visibility="private")

@@ -1,14 +1,25 @@
-"""The Train tab's logic: what one poll of a run shows (status, progress, loss chart data, labelled preview)."""
+"""The Train tab: what one poll of a run shows (status, progress, loss chart data, labelled preview), the form
+(checked field by field, every value untrusted) and the tab itself (`TrainTab`, Gradio imported when it is built).
+"""
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from PIL import Image
+
+from cdlab.train import config as C
+from cdlab.ui import hosting as H
 from cdlab.ui import previews as previews_mod
 from cdlab.ui import runs as runs_mod
-from cdlab.ui.jobs import JobManager
+from cdlab.ui.jobs import JobManager, new_owner_token
+from cdlab.ui.session import named_errors, user_errors
 
 
 @dataclass
@@ -99,8 +110,6 @@ def read_image(path: Path | None):
     """A PIL copy of an image file (None if it is gone), so the app returns pixels, not a path under runs/."""
     if path is None:
         return None
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -159,8 +168,6 @@ _FORM = [
 
 def form_fields(model: str, teacher_resolution: int | None = None) -> list[FormField]:
     """The form, with the trainer's defaults for this teacher (its profile fills the ``None`` fields)."""
-    from cdlab.train import config as C
-
     prof = C.PROFILES[C.profile_name(model, teacher_resolution)]
     base = C.TrainConfig()
     out = []
@@ -187,8 +194,6 @@ def data_value(kind: str, value: str | None, roots: list[Path] | None = None) ->
     Raises ``ValueError`` for a folder outside them, one that does not exist or has no readable
     ``metadata.jsonl``, or an HF name without the ``datasets`` package.
     """
-    from cdlab.train.config import check_data
-
     if kind is not None and not isinstance(kind, str):
         raise ValueError(f"config: data set kind must be one of {DATA_KINDS}.")
     if value is not None and not isinstance(value, str):
@@ -201,15 +206,13 @@ def data_value(kind: str, value: str | None, roots: list[Path] | None = None) ->
             raise ValueError("Give the data-set folder (with images and a metadata.jsonl)."
                              + (" Make one with `python -m cdlab coco --images DIR --captions FILE --out DIR`."
                                 if kind == "COCO recipe folder" else ""))
-        folder = Path(check_data(value, roots))
+        folder = Path(C.check_data(value, roots))
         meta = folder / "metadata.jsonl"
         if not folder.is_dir():
             raise ValueError(f"The data-set folder {value!r} does not exist.")
         try:
             first = next((ln for ln in meta.read_text(encoding="utf-8").splitlines() if ln.strip()), None)
-            import json as _json
-
-            if first is None or not isinstance(_json.loads(first), dict):
+            if first is None or not isinstance(json.loads(first), dict):
                 raise ValueError
         except (OSError, ValueError, UnicodeDecodeError):
             raise ValueError(f"The data-set folder {value!r} has no readable metadata.jsonl "
@@ -218,9 +221,7 @@ def data_value(kind: str, value: str | None, roots: list[Path] | None = None) ->
     if kind == "HF datasets name":
         if not value:
             raise ValueError("Give a Hugging Face datasets name, e.g. 'user/my-captioned-images'.")
-        import importlib.util
-
-        name = check_data(value if value.startswith("hf:") else f"hf:{value}", roots)
+        name = C.check_data(value if value.startswith("hf:") else f"hf:{value}", roots)
         if importlib.util.find_spec("datasets") is None:
             raise ValueError("Training on an HF datasets name needs the `datasets` package (pip install datasets).")
         return name
@@ -260,8 +261,6 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
 
     Raises ``ValueError`` whose message names the bad field.
     """
-    from cdlab.train import config as C
-
     unknown = sorted(set(values) - {f.key for f in form_fields(model, teacher_resolution)})
     if unknown:
         raise ValueError(f"config: unknown form field(s) {unknown}.")
@@ -289,16 +288,189 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
     if extra_json is not None and not isinstance(extra_json, str):
         raise ValueError("config: the advanced settings must be JSON text.")
     if extra_json and extra_json.strip():
-        import json as _json
-
         if len(extra_json) > MAX_EXTRA_JSON:
             raise ValueError(f"config: the advanced settings are {len(extra_json)} characters; the limit is "
                              f"{MAX_EXTRA_JSON}.")
         try:
-            extra = _json.loads(extra_json, parse_constant=lambda c: float(c))
+            extra = json.loads(extra_json, parse_constant=lambda c: float(c))
         except ValueError as e:
             raise ValueError(f"config: the advanced settings are not valid JSON ({e}).") from None
         d.update(C.untrusted_overrides(extra))
     cfg = C.resolve(C.from_dict(d), teacher_resolution)
     C.check_destination(cfg, adapters_root, allow_shipped=False)
     return cfg.to_dict()
+
+
+# ------------------------------------------------------------------------------ the tab (Gradio)
+
+def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField], share: bool = False,
+                   adapters_root: Path | None = None) -> SimpleNamespace:
+    """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
+    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted; stop and resume only from
+    the browser session that started the run (`cdlab.ui.jobs.JobManager.check_owner`)."""
+    import gradio as gr
+
+    public, training_on = H.is_public_host(share), H.training_allowed(share)
+
+    @user_errors
+    def do_start(method, num_boundaries, lora_rank, lr, max_steps, batch_size, guidance, guidance_max,
+                 preview_every, student_name, data_kind, data_path, extra_config, overwrite, owner):
+        """Start a training run; the config is checked field by field (every value is untrusted)."""
+        if not training_on:
+            raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        form = dict(method=method, num_boundaries=num_boundaries, lora_rank=lora_rank, lr=lr, max_steps=max_steps,
+                    batch_size=batch_size, guidance=guidance, guidance_max=guidance_max,
+                    preview_every=preview_every, student_name=student_name)
+        cfg = form_to_config(form, model, data_kind, data_path, teacher.resolution, extra_config,
+                             overwrite=overwrite, adapters_root=adapters_root)
+        owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        job = jobs.start(cfg, owner=owner)
+        return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
+
+    assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
+
+    @user_errors
+    def do_stop(run_name, owner):
+        name = jobs.stop(run_name or None, owner=owner, check_owner=True)
+        return f"Stop requested for run `{name or run_name}`; it saves a checkpoint and stops."
+
+    @user_errors
+    def do_resume(run_name, owner):
+        if not training_on:
+            raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        if not run_name:
+            raise gr.Error("Pick a run to resume.")
+        jobs.resume(run_name, owner=owner, allow_unowned=not public)
+        return f"Run `{run_name}` resumes from its newest complete checkpoint."
+
+    def poll_timer(run_name):
+        """Keep polling while the run is active (the page's timer; not part of the API)."""
+        return gr.Timer(active=poll(jobs, run_name).active)
+
+    @user_errors
+    def do_status(run_name):
+        """What the Train tab shows for one run: the runs list, status, progress, loss, previews, log."""
+        return do_poll(run_name)[:-1]
+
+    @user_errors
+    def do_poll(run_name):
+        v = poll(jobs, run_name)
+        # The preview leaves runs/ as pixels (runs/ itself is never served). The runs list is relabelled from
+        # the same view as the status line; no value is sent, so a pick made while this poll ran is kept.
+        return (gr.Dropdown(choices=run_choices(jobs, v)), v.status_md, v.progress_html,
+                gr.LinePlot(value=v.loss, title=v.plot_title or None), v.preview, v.preview_caption,
+                gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
+
+    def refresh_runs(current=None):
+        choices = run_choices(jobs)
+        names = [n for _, n in choices]
+        return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+
+    return SimpleNamespace(start=do_start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
+                           poll=do_poll, refresh_runs=refresh_runs)
+
+
+def form_inputs(fields: list[FormField]) -> list:
+    """One component per form field: a radio for a choice, a textbox for text, a number otherwise."""
+    import gradio as gr
+
+    inputs = []
+    for f in fields:
+        if f.kind == "choice":
+            inputs.append(gr.Radio(list(f.choices), value=f.default, label=f.label, info=f.info or None))
+        elif f.kind == "text":
+            inputs.append(gr.Textbox(value=f.default or "", label=f.label, info=f.info or None,
+                                     placeholder="automatic"))
+        else:
+            # No minimum/maximum here: Gradio's own range message would not name the
+            # field; form_to_config checks the same range and says which field.
+            inputs.append(gr.Number(value=f.default, label=f.label, info=f"{f.minimum:g} to {f.maximum:g}",
+                                    precision=0 if f.kind == "int" else None))
+    return inputs
+
+
+def train_form(fields: list[FormField], training_on: bool) -> SimpleNamespace:
+    """The left column: the form (`form_fields`), the data set, the advanced JSON, overwrite, and the
+    Start / Stop / Resume buttons."""
+    import gradio as gr
+
+    ui = SimpleNamespace(inputs=form_inputs(fields))
+    ui.data_kind = gr.Radio(list(DATA_KINDS), value=DATA_KINDS[0], label="Data set")
+    ui.data_path = gr.Textbox("", label="Folder or HF datasets name (not for the tiny world)")
+    ui.extra = gr.Textbox("", label="Advanced: other config fields as JSON", placeholder='{"log_every": 10}',
+                          elem_id="extra-config")
+    ui.overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
+                               info="Off: a name in use is refused. Shipped students are never replaced.",
+                               elem_id="train-overwrite")
+    with gr.Row():
+        ui.start = gr.Button("Start", variant="primary", interactive=training_on, elem_id="train-start")
+        ui.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        ui.resume = gr.Button("Resume", interactive=training_on, elem_id="train-resume")
+    return ui
+
+
+def train_monitor(ui: SimpleNamespace, jobs: JobManager) -> None:
+    """The right column, added to ``ui``: the runs list (app and CLI), status, progress bar, loss chart and the
+    trainer's log on failure."""
+    import gradio as gr
+
+    with gr.Row():
+        ui.run_dd = gr.Dropdown(run_choices(jobs), label="Runs (app and CLI)", scale=5, elem_id="runs")
+        ui.runs_refresh = gr.Button("↻ runs", size="sm", scale=1)
+    ui.status = gr.Markdown(elem_id="train-status", label="status")
+    ui.bar = gr.HTML(label="progress")
+    ui.plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", x_title="step", y_title="loss",
+                          color_title="", elem_id="loss-plot")
+    ui.log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
+
+
+class TrainTab:
+    """The Train tab, built inside the page's ``gr.Tabs``: the form, the runs list and one run's status,
+    polled by the page's timer while the run is active; ``owner`` is the browser's token (a
+    ``gr.BrowserState``) that lets it stop and resume its own runs."""
+
+    def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, share: bool = False,
+                 adapters_root: Path | None = None):
+        import gradio as gr
+
+        fields = form_fields(model, teacher.resolution)
+        training_on = H.training_allowed(share)
+        self.fn = train_handlers(jobs, teacher, model, fields, share, adapters_root)
+        with gr.Tab("Train", id="train"):
+            if not training_on:
+                gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    ui = train_form(fields, training_on)
+                with gr.Column(scale=3):
+                    train_monitor(ui, jobs)
+            # Full width: the captions above the rows stay readable at 1280 px.
+            ui.preview = gr.Image(label="Previews", type="pil", elem_id="preview", buttons=["download", "fullscreen"])
+            ui.preview_cap = gr.Markdown(elem_id="preview-caption", label="preview caption")
+            ui.timer = gr.Timer(1.0, active=False)
+            self.ui = ui
+            self._wire(owner)
+        self.load_outputs = [ui.run_dd]
+
+    def _wire(self, owner: Any) -> None:
+        import gradio as gr
+
+        ui, fn = self.ui, self.fn
+        poll_out = [ui.run_dd, ui.status, ui.bar, ui.plot, ui.preview, ui.preview_cap, ui.log_box, ui.timer]
+        named_errors(*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, ui.run_dd)
+        start_polling = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=ui.timer, api_visibility="private")
+        # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
+        owner_out = gr.Textbox(visible=False, label="owner")
+        form = [*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, owner]
+        ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
+            lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
+        ui.stop.click(fn.stop, [ui.run_dd, owner], ui.status, api_name="train_stop").success(**start_polling)
+        ui.resume.click(fn.resume, [ui.run_dd, owner], ui.status, api_name="train_resume").success(**start_polling)
+        ui.run_dd.change(fn.status, ui.run_dd, poll_out[:-1], api_name="train_status").then(
+            fn.poll_timer, ui.run_dd, ui.timer, api_visibility="private")
+        ui.timer.tick(fn.poll, ui.run_dd, poll_out, api_visibility="private")
+        ui.runs_refresh.click(fn.refresh_runs, ui.run_dd, ui.run_dd, api_name="refresh_runs")
+
+    def on_load(self) -> tuple:
+        """The runs list, fresh: a run started since (the CLI's too) shows up."""
+        return (self.fn.refresh_runs(),)

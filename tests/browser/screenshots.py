@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from cdlab.teachers import TINY_ID
     from cdlab.paths import REPO_ROOT, evals_dir
-    from cdlab.ui.testing import make_random_students, serve_app
+    from cdlab.ui.bench import make_random_students, serve_app
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny")

@@ -1,41 +1,24 @@
 """The app in a real browser (Debian's Chromium via Playwright): Compare shows every column, a short training
 run streams its loss (a LinePlot drawn in the browser) and its labelled preview (the teacher's reference, the
 student at step 0 and now) while the runs list agrees with the status, Stop settles the status, and the
-Evaluate tab opens on the shipped evaluation. Uses the embedded tiny teacher when it is there, else a random
-tiny pipeline."""
+Evaluate tab opens on the shipped evaluation. On the app the page tests share (tests/conftest.py:
+``shipped_app``, the embedded tiny teacher with the shipped students)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
-from cdlab.ui.testing import make_random_students, serve_app
 from drive import (launch_browser, open_app, run_compare, start_training, status_and_list, stop_training,
                    wait_loss_chart, wait_preview_rows, wait_status_and_list_agree)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_pipe_dir, tmp_path_factory):
-    from cdlab.teachers import TINY_TEACHER_DIR, TINY_ID
-
-    work = tmp_path_factory.mktemp("browser-app")
-    if (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
-        model, base = "tiny", TINY_ID
-    else:
-        model, base = tiny_pipe_dir, str(Path(tiny_pipe_dir).resolve())
-    students = make_random_students(base, work / "adapters", n=2)
-    with serve_app(model, work) as url:
-        yield url, work, students
-
-
-@pytest.fixture(scope="module")
-def page(served):
+def page(shipped_app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = launch_browser(p)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        open_app(page, served[0])
+        open_app(page, shipped_app.url)
         yield page
         browser.close()
 
@@ -46,13 +29,13 @@ def test_page_opens_with_header_and_tabs(page):
         assert page.get_by_role("tab", name=tab).is_visible()
 
 
-def test_compare_shows_every_column(page, served):
-    n = 2 + len(served[2])
+def test_compare_shows_every_column(page, shipped_app):
+    n = 2 + len(shipped_app.students)
     captions = run_compare(page, n)
-    assert captions.count("NFE") >= n and "teacher-50" in captions and served[2][0] in captions
+    assert captions.count("NFE") >= n and "teacher-50" in captions and shipped_app.students[0] in captions
 
 
-def test_train_streams_loss_and_preview_then_stops(page, served):
+def test_train_streams_loss_and_preview_then_stops(page, shipped_app):
     from cdlab.ui import previews as P
 
     start_training(page, "browser-student")
@@ -69,18 +52,18 @@ def test_train_streams_loss_and_preview_then_stops(page, served):
     assert state in ("stopped", "finished")
     final = wait_status_and_list_agree(page, state, min_step=1)
     assert final[0] == final[2] == state and final[1] == final[3]
-    runs = list((served[1] / "runs").iterdir())
+    runs = list((shipped_app.work / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").stat().st_size > 0
     files = sorted(p.name for p in (runs[0] / "previews").glob("*.png"))
     assert files[:2] == ["reference.png", "step_000000.png"] and len(files) >= 3
 
 
-def test_evaluate_opens_on_the_shipped_evaluation(page, served):
+def test_evaluate_opens_on_the_shipped_evaluation(page, shipped_app):
     """On page load, with no click, the Evaluate tab shows the newest evaluation (here the one the repository
     ships: no local ones yet) with its table and its plot. A fresh page of the same browser, opened at 1280x800."""
     fresh = page.context.browser.new_page(viewport={"width": 1280, "height": 800})
     try:
-        open_app(fresh, served[0])
+        open_app(fresh, shipped_app.url)
         fresh.get_by_role("tab", name="Evaluate").click()
         fresh.wait_for_function(
             "() => /Evaluation of/.test((document.querySelector('#eval-table')||{}).innerText || '')"

@@ -15,11 +15,11 @@ def _geometry(page) -> list[dict]:
         " text: c.innerText, clipped: [...c.querySelectorAll('span')].some(s => s.scrollWidth > s.clientWidth + 1)}; })")
 
 
-def test_opens_with_a_result_in_one_row_with_full_labels(page, served, shots):
+def test_opens_with_a_result_in_one_row_with_full_labels(page, shipped_app, shots):
     """No click: the default preset's comparison is on screen, every column (seven with the shipped students)
     side by side within 1280 px and above the fold, each image at least 3x the tiny world's 32 px, each labelled
     in full (method, steps, NFE, seconds, speed-up), with the legend."""
-    n = 2 + len(served[1])
+    n = 2 + len(shipped_app.students)
     assert n >= 5
     wait_compare_result(page, n)  # the page-load comparison, before any click
     page.screenshot(path=str(shots / "compare-open.png"))
@@ -36,8 +36,8 @@ def test_opens_with_a_result_in_one_row_with_full_labels(page, served, shots):
     assert page.locator("#compare-legend").is_visible()
 
 
-def test_off_grammar_prompt_gets_a_notice_and_the_nearest_caption_in_one_click(page, served, shots):
-    n = 2 + len(served[1])
+def test_off_grammar_prompt_gets_a_notice_and_the_nearest_caption_in_one_click(page, shipped_app, shots):
+    n = 2 + len(shipped_app.students)
     box = page.locator("#prompt textarea")
     box.fill("a photo of a cat")
     notice = page.locator("#prompt-notice")
@@ -54,8 +54,8 @@ def test_off_grammar_prompt_gets_a_notice_and_the_nearest_caption_in_one_click(p
     assert not page.locator("#use-nearest").is_visible()
 
 
-def test_trajectories_are_aligned_by_timestep_without_empty_space(page, served, shots):
-    n = 2 + len(served[1])
+def test_trajectories_are_aligned_by_timestep_without_empty_space(page, shipped_app, shots):
+    n = 2 + len(shipped_app.students)
     page.locator("#prompt textarea").fill("a large yellow triangle at the top right on a gray background")
     page.locator("#show-trajectory input").check()
     run_compare(page, n)

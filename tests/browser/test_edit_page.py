@@ -20,18 +20,18 @@ def _input_src(page) -> str:
     return page.locator('#edit-columns figure[data-label="input"] img').first.get_attribute("src")
 
 
-def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, served, shots):
+def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, shipped_app, shots):
     from cdlab.teachers import load_teacher
     from cdlab.ui.edit_tab import presets
 
-    n_cols = 2 + len(served[1])
+    n_cols = 2 + len(shipped_app.students)
     text = wait_edit_result(page, "sdedit", 1 + n_cols)  # the first visit loads the first preset
     assert "teacher-50 (CFG)" in text and "reads:" in text and "NFE" in text
     page.screenshot(path=str(shots / "edit.png"))
     for p in presets(load_teacher("tiny", device="cpu"))[1:]:
         uses_image = p.technique in ("sdedit", "inpaint")
         text = pick_edit_preset(page, p.name, p.technique, n_cols + (1 if uses_image else 0))
-        assert "teacher-4 (naive)" in text and all(s in text for s in served[1]), p.name
+        assert "teacher-4 (naive)" in text and all(s in text for s in shipped_app.students), p.name
         if p.technique == "anagram":
             assert "flipped" in text and "reads upright" in text
         if p.technique == "inpaint":
@@ -39,8 +39,8 @@ def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, serv
         page.screenshot(path=str(shots / f"edit-{p.technique}.png"))
 
 
-def test_a_stroke_drawn_on_the_canvas_is_edited(page, served):
-    n = 1 + 2 + len(served[1])  # the input, the two teacher columns, every shipped student
+def test_a_stroke_drawn_on_the_canvas_is_edited(page, shipped_app):
+    n = 1 + 2 + len(shipped_app.students)  # the input, the two teacher columns, every shipped student
     pick_edit_preset(page, "SDEdit: a red circle becomes blue", "sdedit", n)
     before_id, before_src = edit_result_id(page), _input_src(page)
     page.locator('#edit-image button[aria-label="Brush"]').click()
@@ -54,7 +54,7 @@ def test_a_stroke_drawn_on_the_canvas_is_edited(page, served):
     assert _input_src(page) != before_src  # the stroke is in the picture the columns start from
 
 
-def test_an_uploaded_image_is_edited(page, served, tmp_path):
+def test_an_uploaded_image_is_edited(page, shipped_app, tmp_path):
     from cdlab.world import Caption, render
 
     path = tmp_path / "upload.png"
@@ -65,5 +65,5 @@ def test_an_uploaded_image_is_edited(page, served, tmp_path):
     page.wait_for_timeout(1500)
     page.locator("#edit-prompt textarea").fill("a large yellow square in the center on a black background")
     page.locator("#edit-btn").click()
-    text = wait_edit_result(page, "sdedit", 1 + 2 + len(served[1]), before)
+    text = wait_edit_result(page, "sdedit", 1 + 2 + len(shipped_app.students), before)
     assert "reads:" in text

@@ -12,26 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from cdlab.ui.testing import make_random_students, serve_app
+from cdlab.ui.bench import make_random_students
 from drive import (error_toast, fill_training, launch_browser, open_app, refresh_columns, run_compare,
                    run_evaluation, wait_edit_result, wait_status)
 
-# Finishes in a few seconds on 2 cores; a loss point every step.
-SHORT = '{"max_steps": 30, "data_size": 32, "log_every": 1, "preview_every": 10, "probe_size": 4, ' \
-        '"batch_size": 8, "checkpoint_every": 10}'
-# Long enough to be stopped part-way (stop is pressed at step 1 or 2; about 1 s a step here), then resumed to its end.
-STOPPABLE = '{"max_steps": 60, "data_size": 32, "log_every": 1, "preview_every": 0, "probe_size": 4, ' \
+# Finishes in a few seconds on 2 cores; a loss point every step, two previews and checkpoints on the way.
+SHORT_STEPS = 12
+SHORT = f'{{"max_steps": {SHORT_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 6, "probe_size": 4, ' \
+        '"batch_size": 8, "checkpoint_every": 6}'
+# Long enough to be stopped part-way (stop is pressed at step 1 or 2 and lands on the next checkpoint; about 1 s a
+# step here), then resumed to its end.
+STOPPABLE_STEPS = 30
+STOPPABLE = f'{{"max_steps": {STOPPABLE_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 0, "probe_size": 4, ' \
             '"batch_size": 8, "checkpoint_every": 5}'
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def journey_app(tmp_path_factory, start_app):
+    """Its own app (these tests train students into it): the embedded tiny teacher and one random student."""
     from cdlab.teachers import TINY_ID
 
     work = tmp_path_factory.mktemp("journey")
     students = make_random_students(TINY_ID, work / "adapters", n=1)
-    with serve_app("tiny", work) as url:
-        yield url, work, students
+    with start_app("tiny", work, students, TINY_ID) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,8 @@ def _step(status: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def test_one_persons_whole_session(browser, served):
-    url, work, students = served
+def test_one_persons_whole_session(browser, journey_app):
+    url, work, students = journey_app.url, journey_app.work, journey_app.students
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     open_app(page, url)
 
@@ -65,7 +69,7 @@ def test_one_persons_whole_session(browser, served):
     # 3. Train a short run to completion: the student lands in adapters/.
     fill_training(page, "journey-student", SHORT)
     status = wait_status(page, r"\bfinished\b")
-    assert "journey-student" in status and _step(status) == 30
+    assert "journey-student" in status and _step(status) == SHORT_STEPS
     assert (work / "adapters" / "journey-student" / "pytorch_lora_weights.safetensors").is_file()
 
     # 4. Compare shows the new student, without a restart.
@@ -84,17 +88,17 @@ def test_one_persons_whole_session(browser, served):
 
     # 6. A run stopped half-way resumes to its end.
     fill_training(page, "journey-resumed", STOPPABLE)
-    wait_status(page, r"\brunning\b.*step ([1-9]\d*)/60")
+    wait_status(page, rf"\brunning\b.*step ([1-9]\d*)/{STOPPABLE_STEPS}")
     page.locator("#train-stop").click()
     stopped = wait_status(page, r"\bstopped\b")
     at_stop = _step(stopped)
-    assert 0 < at_stop < 60
+    assert 0 < at_stop < STOPPABLE_STEPS
     page.locator("#train-resume").click()
     done = wait_status(page, r"\bfinished\b")
-    assert _step(done) == 60
+    assert _step(done) == STOPPABLE_STEPS
     run_dir = next(p for p in (work / "runs").iterdir() if p.name.startswith("journey-resumed"))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    assert steps == sorted(steps) and steps[-1] == 60  # one curve across the resume
+    assert steps == sorted(steps) and steps[-1] == STOPPABLE_STEPS  # one curve across the resume
     assert (work / "adapters" / "journey-resumed" / "card.json").is_file()
 
     # 7. Nothing lost by default: the same name again is refused, the first student untouched.
@@ -105,15 +109,15 @@ def test_one_persons_whole_session(browser, served):
     page.close()
 
 
-def test_two_people_at_once(browser, served):
+def test_two_people_at_once(browser, journey_app):
     """One person trains while another compares; the second cannot stop the first one's run."""
-    url, work, students = served
+    url, work, students = journey_app.url, journey_app.work, journey_app.students
     trainer = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     viewer = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     open_app(trainer, url)
     open_app(viewer, url)
 
-    fill_training(trainer, "two-users", STOPPABLE.replace('"max_steps": 60', '"max_steps": 2000'))
+    fill_training(trainer, "two-users", STOPPABLE.replace(f'"max_steps": {STOPPABLE_STEPS}', '"max_steps": 2000'))
     wait_status(trainer, r"\brunning\b.*step [1-9]")
     for _ in range(2):  # Compare keeps working while the trainer runs
         captions = run_compare(viewer, 2 + len(students))

@@ -2,8 +2,9 @@
 
 Per technique, ``n`` fixed cases (default 128, deterministic by ``--seed``), each in every column: the
 teacher at 50 DDIM+CFG steps, the teacher naively at 4, every consistency student of the teacher at 4 steps.
-Every column of a case starts from the same noise (``teacher.initial_noise(seed + i)``). The world's checker
-(`cdlab.world.check`) reads the results; nothing about it is tuned here.
+Every column of a case starts from the same noise (``teacher.initial_noise(seed + i)``), sampled by
+:func:`cdlab.columns.run_columns` with the technique as its hook (:class:`cdlab.edit.EditTechnique`). The world's
+checker (`cdlab.world.check`) reads the results; nothing about it is tuned here.
 
 =========  ====================================================================================================
 sdedit     §1.7.3: a rendered caption -> the caption with ONE attribute changed (colour, shape, size or
@@ -38,19 +39,33 @@ list (quality against NFE) does not pick up an evaluation of another shape.
 """
 from __future__ import annotations
 
-import json
+import functools
+import math
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from cdlab import edit as E
+from cdlab.columns import TEACHER_4, TEACHER_50, Column, initial_noise, run_columns, student_column, teacher_columns
+from cdlab.edit import LATENT_BLUR_SIGMA, EditTechnique, mask_to_latent
+from cdlab.edit import TECHNIQUES as EDITS
+from cdlab.evaluate.store import check_out_dir, new_out_dir
+from cdlab.images import decode_unit, encode_image, image_to_tensor, to_pil
+from cdlab.paths import write_json_atomic
+from cdlab.students import list_students, load_student
+from cdlab.teachers import is_tiny, teacher_lock
+from cdlab.world import BACKGROUNDS, COLORS, SHAPES, SIZES, check, render, sample_captions
+from cdlab.world.checker import read
+from cdlab.world.grammar import PALETTE
+from cdlab.world.render import CENTERS, RADIUS, shape_polygon
 
-DEFAULT_N = 128
+DEFAULT_N = 128           # cases per technique
 CASE_SEED = 4242
 SDEDIT_STRENGTH = 0.6
 SKETCH_STRENGTH = 0.6      # sketch_text: the sketch and its caption
@@ -64,14 +79,12 @@ CHANGEABLE = ("color", "shape", "size", "background")
 ProgressFn = Callable[[float, str], Any]
 
 __all__ = ["DEFAULT_N", "TECHNIQUES", "make_cases", "scribble", "inpaint_mask", "run_edit_evaluation",
-           "render_edit_table", "write_edit_evaluation", "main"]
+           "render_edit_table", "write_edit_evaluation"]
 
 
 # ----------------------------------------------------------------------------- cases
 
 def _change(c: Any, attr: str, rng: random.Random) -> Any:
-    from cdlab.world import BACKGROUNDS, COLORS, SHAPES, SIZES
-
     pool = {"color": COLORS, "shape": SHAPES, "size": SIZES, "background": BACKGROUNDS}[attr]
     other = "background" if attr == "color" else "color" if attr == "background" else None
     choices = [v for v in pool if v != getattr(c, attr) and (other is None or v != getattr(c, other))]
@@ -86,11 +99,6 @@ def scribble(caption: Any, seed: int = 0, size: int = 32) -> Any:
     """A coarse "hand-drawn" version of ``caption``: its background, a wobbly outline of the shape (radius
     jittered +-15 % per vertex, 2 px strokes) and a few hatching strokes inside, in the object's colour
     shifted by up to +-25 per channel, at the caption's place and size (the renderer's centres and radii)."""
-    from PIL import Image, ImageDraw
-
-    from cdlab.world.grammar import PALETTE
-    from cdlab.world.render import CENTERS, RADIUS, shape_polygon
-
     rng = random.Random(seed)
     ss = 4
     img = Image.new("RGB", (size * ss, size * ss), PALETTE[caption.background])
@@ -101,8 +109,6 @@ def scribble(caption: Any, seed: int = 0, size: int = 32) -> Any:
     r = RADIUS[caption.size] * rng.uniform(0.85, 1.1) * ss * size / 32
     poly = shape_polygon(caption.shape, cx, cy, r)
     if poly is None:
-        import math
-
         poly = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in [k * 2 * math.pi / 14 for k in range(14)]]
     pts = [(x + rng.uniform(-0.15, 0.15) * r, y + rng.uniform(-0.15, 0.15) * r) for x, y in poly]
     d.line(pts + [pts[0]], fill=col, width=int(1.5 * ss), joint="curve")
@@ -114,8 +120,6 @@ def scribble(caption: Any, seed: int = 0, size: int = 32) -> Any:
     for k in range(rng.randint(2, 4)):  # diagonal hatching strokes, clipped to the outline
         off = rng.uniform(-1.2, 1.2) * r
         hd.line([(cx - r + off, cy + r), (cx + r + off, cy - r)], fill=255, width=int(1.5 * ss))
-    from PIL import ImageChops
-
     img.paste(hatch, (0, 0), ImageChops.multiply(hl, mask))
     return img.resize((size, size), Image.Resampling.BOX)
 
@@ -123,8 +127,6 @@ def scribble(caption: Any, seed: int = 0, size: int = 32) -> Any:
 def inpaint_mask(caption: Any, size: int = 32, factor: int = 4) -> torch.Tensor:
     """``[1, 1, size, size]``: the box of half-side ``INPAINT_BOX`` around the caption's centre, snapped
     outward to the ``factor``-pixel latent grid (so the pixel mask IS the upsampled latent mask)."""
-    from cdlab.world.render import CENTERS
-
     fx, fy = CENTERS[caption.position]
     scale = size / 32
     x0, x1 = fx * size - INPAINT_BOX * scale, fx * size + INPAINT_BOX * scale
@@ -137,8 +139,6 @@ def inpaint_mask(caption: Any, size: int = 32, factor: int = 4) -> torch.Tensor:
 
 def make_cases(technique: str, n: int, seed: int = 0) -> list[dict]:
     """``n`` fixed cases of a technique: captions (source, prompts, what to read) and the render seed."""
-    from cdlab.world import sample_captions
-
     key = TECHNIQUES.index("sketch" if technique == "sketch_text" else technique)  # both sketch rows: one set
     rng = random.Random(CASE_SEED + 1000 * key + seed)
     cases = []
@@ -169,24 +169,15 @@ def make_cases(technique: str, n: int, seed: int = 0) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 def _reads(images: list, captions: list) -> list[dict[str, bool]]:
-    from cdlab.world import check
-
     return [check(im, c) for im, c in zip(images, captions)]
 
 
 def _flip_pil(im: Any) -> Any:
-    from PIL import Image
-
     return im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
 
 
 def _score(technique: str, cases: list[dict], images: list, pixels: torch.Tensor, extra: dict) -> dict:
     """success (and preservation / error) of one column's images."""
-    import numpy as np
-    from PIL import ImageFilter
-
-    from cdlab.world.checker import read
-
     out: dict[str, Any] = {}
     if technique in ("sdedit", "sketch", "sketch_text", "inpaint"):
         reads = _reads(images, [c["target"] for c in cases])
@@ -220,8 +211,6 @@ def _score(technique: str, cases: list[dict], images: list, pixels: torch.Tensor
 
 def _inputs(technique: str, cases: list[dict], teacher: Any) -> dict:
     """Per technique: the prompts, images, masks and the strength of the batch."""
-    from cdlab.world import render
-
     size = int(teacher.resolution)
     if technique == "sdedit":
         return {"prompts": [[c["target"].text for c in cases]], "strength": SDEDIT_STRENGTH,
@@ -241,18 +230,95 @@ def _inputs(technique: str, cases: list[dict], teacher: Any) -> dict:
     return {"prompts": [[c["low"].text for c in cases], [c["high"].text for c in cases]], "strength": 1.0}
 
 
+@dataclass
+class _Prepared:
+    """Everything a technique's columns share: its cases and inputs, and their encodings (made once)."""
+
+    technique: str
+    cases: list[dict]
+    inputs: dict
+    embeddings: list | None = None     # one (cond, uncond) per prompt role
+    x_img: torch.Tensor | None = None  # the input images in [-1, 1]
+    x0: torch.Tensor | None = None     # their latents
+    mask: torch.Tensor | None = None   # the latent inpainting mask
+    encode_seconds: float = 0.0
+
+    @property
+    def extra(self) -> dict:
+        """What :func:`_score` needs besides the images: the original (in [0, 1]) and the pixel mask."""
+        return {"original": (self.x_img + 1) / 2 if self.x_img is not None else None,
+                "mask": self.inputs.get("mask")}
+
+
+def _prepare(technique: str, n: int, seed: int, teacher: Any) -> _Prepared:
+    """A technique's ``n`` cases and their inputs (not yet encoded)."""
+    cases = make_cases(technique, n, seed)
+    return _Prepared(technique, cases, _inputs(technique, cases, teacher))
+
+
+def _encode(p: _Prepared, teacher: Any) -> _Prepared:
+    """The prompts, images and mask of a technique encoded for the teacher, timed (every column's share)."""
+    inp = p.inputs
+    t0 = time.perf_counter()
+    p.embeddings = [teacher.encode(prompts) for prompts in inp["prompts"]]
+    if "images" in inp:
+        p.x_img = torch.cat([image_to_tensor(im, int(teacher.resolution)) for im in inp["images"]])
+        p.x0 = encode_image(teacher, p.x_img)
+    if "mask" in inp:
+        p.mask = mask_to_latent(inp["mask"], int(teacher.pipe.vae_scale_factor)).to(teacher.device)
+    p.encode_seconds = time.perf_counter() - t0
+    return p
+
+
+def _input_row(p: _Prepared, teacher: Any) -> dict:
+    """The checker on the inputs themselves (no edit); for inpainting also the VAE round trip's outside error."""
+    row = {"technique": p.technique, "column": "input (no edit)", "kind": "input", "nfe": 0, "seconds": 0.0,
+           **_score(p.technique, p.cases, list(p.inputs["images"]), (p.x_img + 1) / 2, p.extra)}
+    if p.technique == "inpaint":
+        rt = decode_unit(teacher, p.x0)
+        row["vae_roundtrip_outside_mae"] = _score(p.technique, p.cases, to_pil(rt), rt, p.extra)["outside_mae"]
+    return row
+
+
+def _edit_row(p: _Prepared, teacher: Any, column: Column, noise: torch.Tensor, seeds: list[int],
+              adapters_root: Any) -> dict:
+    """One technique in one column (:func:`run_columns` with the technique as its hook), scored."""
+    edit = EditTechnique(EDITS["sdedit" if p.technique.startswith("sketch") else p.technique], p.x0, p.mask,
+                         p.inputs["strength"])
+    [run] = run_columns(teacher, [column], list(zip(*p.inputs["prompts"])), seeds, noise=noise,
+                        embeddings=p.embeddings, technique=edit, decode=functools.partial(decode_unit, teacher),
+                        adapters_root=adapters_root)
+    return {"technique": p.technique, "column": column.name, "kind": column.kind, "steps": column.steps,
+            "timesteps": run.timesteps, "nfe": run.nfe, "seconds": (run.seconds + p.encode_seconds) / len(seeds),
+            **_score(p.technique, p.cases, to_pil(run.images), run.images, p.extra)}
+
+
+def _control_row(p: _Prepared, teacher: Any, guidance: float, noise: torch.Tensor, seeds: list[int]) -> dict:
+    """The teacher-50 on the (first) prompt alone, plain text-to-image from the same noise: what the technique
+    adds (hybrid: p_high alone; anagram: p_up alone)."""
+    which = 1 if p.technique == "hybrid" else 0
+    [run] = run_columns(teacher, teacher_columns(guidance)[:1], p.inputs["prompts"][which], seeds, noise=noise,
+                        embeddings=[p.embeddings[which]], decode=functools.partial(decode_unit, teacher))
+    return {"technique": p.technique, "column": f"control: {TEACHER_50} on {'p_high' if which else 'p_up'} alone",
+            "kind": "control", "nfe": run.nfe, "seconds": None,
+            **_score(p.technique, p.cases, to_pil(run.images), run.images, {})}
+
+
+def _edit_students(teacher: Any, students: Sequence[str] | None, adapters_root: Any) -> list:
+    """The consistency students of the teacher to evaluate (default: all of them)."""
+    cards = [c for c in list_students(root=adapters_root, base_model=teacher.base_id) if c.scheduler == "consistency"]
+    if students is not None:
+        missing = set(students) - {c.name for c in cards}
+        if missing:
+            raise ValueError(f"student(s) {sorted(missing)} not found for {teacher.base_id!r}")
+        cards = [c for c in cards if c.name in set(students)]
+    return cards
+
+
 def run_edit_evaluation(
-    teacher: Any,
-    *,
-    n: int | None = None,
-    techniques: Sequence[str] = TECHNIQUES,
-    students: Sequence[str] | None = None,
-    seed: int = 0,
-    guidance: float | None = None,
-    adapters_root: Any = None,
-    out_dir: str | Path | None = None,
-    write: bool = True,
-    progress: ProgressFn | None = None,
+    teacher: Any, *, n: int | None = None, techniques: Sequence[str] = TECHNIQUES,
+    students: Sequence[str] | None = None, seed: int = 0, guidance: float | None = None, adapters_root: Any = None,
+    out_dir: str | Path | None = None, write: bool = True, progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Measure every technique in every column (see the module doc); return (and write) the results.
@@ -260,16 +326,9 @@ def run_edit_evaluation(
     Raises:
         ValueError: not a tiny-world teacher (the checker reads only world images), bad ``n``, unknown
             technique or student.
+        FileExistsError: ``out_dir`` holds an edit evaluation and not ``overwrite`` (checked first).
     """
-    from cdlab.students import activate_student, list_students, load_student
-    from cdlab.students.activation import swapped_student
-    from cdlab.teachers import is_tiny, teacher_lock
-    from cdlab.timing import sync
-    from cdlab.metrics import tensor_to_pil
-
     if write:  # before any sampling: an --out holding an edit evaluation is replaced only with overwrite
-        from cdlab.evaluate import check_out_dir
-
         check_out_dir(out_dir, "edit_results.json", overwrite)
     if not is_tiny(teacher):
         raise ValueError("evaluate --edit: the edit metrics read images with the tiny world's checker; "
@@ -281,23 +340,11 @@ def run_edit_evaluation(
     if bad:
         raise ValueError(f"techniques: unknown {bad}; choose from {list(TECHNIQUES)}")
     guidance = float(teacher.guidance if guidance is None else guidance)
-    cards = [c for c in list_students(root=adapters_root, base_model=teacher.base_id) if c.scheduler == "consistency"]
-    if students is not None:
-        missing = set(students) - {c.name for c in cards}
-        if missing:
-            raise ValueError(f"student(s) {sorted(missing)} not found for {teacher.base_id!r}")
-        cards = [c for c in cards if c.name in set(students)]
-    columns = E.teacher_columns(guidance) + [E.student_column(c, 4) for c in cards]
+    cards = _edit_students(teacher, students, adapters_root)
+    columns = teacher_columns(guidance) + [student_column(c, 4) for c in cards]
     t_start = time.perf_counter()
-    size = int(teacher.resolution)
-    rows: list[dict] = []
-    prepared = {}
-    for tech in techniques:
-        cases = make_cases(tech, n, seed)
-        inp = _inputs(tech, cases, teacher)
-        prepared[tech] = (cases, inp)
-    units = len(techniques) * (len(columns) + 1)
-    done = 0
+    prepared = [_prepare(t, n, seed, teacher) for t in techniques]
+    units, done = len(techniques) * (len(columns) + 1), 0
 
     def tick(msg: str) -> None:
         nonlocal done
@@ -305,81 +352,41 @@ def run_edit_evaluation(
         if progress is not None:
             progress(min(done / units, 1.0), msg)
 
+    seeds = list(range(seed, seed + n))
     with teacher_lock(teacher), torch.inference_mode():
-        noise = torch.cat([teacher.initial_noise(seed + i, 1) for i in range(n)])
-        # Everything a column needs that is not the column: embeddings, image latents, masks.
-        shared = {}
-        for tech, (cases, inp) in prepared.items():
-            t0 = time.perf_counter()
-            embs = [teacher.encode(p) for p in inp["prompts"]]
-            x_img = torch.cat([E.image_to_tensor(im, size) for im in inp["images"]]) if "images" in inp else None
-            x0 = E.encode_image(teacher, x_img) if x_img is not None else None
-            m_lat = (E.mask_to_latent(inp["mask"], int(teacher.pipe.vae_scale_factor)).to(teacher.device)
-                     if "mask" in inp else None)
-            shared[tech] = (embs, x_img, x0, m_lat, time.perf_counter() - t0)
-            extra: dict[str, Any] = {}
-            if x_img is not None:  # the input row: the checker on the inputs themselves (and the VAE round trip)
-                rt = E.decode_unit(teacher, x0)
-                extra = {"original": (x_img + 1) / 2, "mask": inp.get("mask")}
-                row = {"technique": tech, "column": "input (no edit)", "kind": "input", "nfe": 0, "seconds": 0.0,
-                       **_score(tech, cases, [im for im in inp["images"]], (x_img + 1) / 2, extra)}
-                if tech == "inpaint":
-                    rr = _score(tech, cases, tensor_to_pil(rt), rt, extra)
-                    row["vae_roundtrip_outside_mae"] = rr["outside_mae"]
-                rows.append(row)
-            tick(f"{tech}: inputs")
-        for cd in cards:
-            load_student(teacher.pipe, cd.name, root=adapters_root, base_model=teacher.base_id)
-        try:
-            for col in columns:
-                activate_student(teacher.pipe, None)  # the teacher; a student runs as its fused weights swapped in
-                with (swapped_student(teacher.pipe, col.student) if col.student else E._null()):
-                    for tech in techniques:
-                        cases, inp = prepared[tech]
-                        embs, x_img, x0, m_lat, enc_s = shared[tech]
-                        model = E.Denoiser(teacher.unet, col.guidance if col.kind == "teacher" else None)
-                        ts = E.start_timesteps(col, inp["strength"])
-                        sync(teacher.device)
-                        t1 = time.perf_counter()
-                        out = E.TECHNIQUES["sdedit" if tech.startswith("sketch") else tech](
-                            model, noise, embs, ts, teacher.scheduler, x0=x0, mask=m_lat, strength=inp["strength"])
-                        pixels = E.decode_unit(teacher, out.latents)
-                        sync(teacher.device)
-                        secs = (time.perf_counter() - t1 + enc_s) / n
-                        extra = {"original": (x_img + 1) / 2 if x_img is not None else None, "mask": inp.get("mask")}
-                        rows.append({"technique": tech, "column": col.name, "kind": col.kind, "steps": col.steps,
-                                     "timesteps": out.timesteps, "nfe": out.nfe, "seconds": secs,
-                                     **_score(tech, cases, tensor_to_pil(pixels), pixels, extra)})
-                        tick(f"{tech}: {col.name}")
-        finally:
-            activate_student(teacher.pipe, None)
-        # Controls: the teacher-50 on the (first) prompt alone, plain text-to-image from the same noise.
-        from cdlab.samplers import ddim_timesteps, sample_ddim
+        noise = initial_noise(teacher, seeds)
+        rows: list[dict] = []
+        for p in prepared:
+            _encode(p, teacher)
+            if p.x_img is not None:
+                rows.append(_input_row(p, teacher))
+            tick(f"{p.technique}: inputs")
+        for cd in cards:  # every student loads (or fails) before anything samples
+            load_student(teacher.pipe, cd.name, root=adapters_root, base_model=teacher.base_id, activate=False)
+        for col in columns:
+            for p in prepared:
+                rows.append(_edit_row(p, teacher, col, noise, seeds, adapters_root))
+                tick(f"{p.technique}: {col.name}")
+        rows += [_control_row(p, teacher, guidance, noise, seeds) for p in prepared
+                 if p.technique in ("anagram", "hybrid")]
+    results = _edit_results(teacher, n, seed, guidance, [c.name for c in cards], rows, t_start)
+    if write:
+        results["out_dir"] = str(write_edit_evaluation(results, out_dir, overwrite))
+    return results
 
-        for tech in ("anagram", "hybrid"):
-            if tech not in techniques:
-                continue
-            cases, inp = prepared[tech]
-            embs = shared[tech][0]
-            which = 1 if tech == "hybrid" else 0   # hybrid: p_high alone; anagram: p_up alone
-            o = sample_ddim(teacher.unet, noise, embs[which][0], embs[which][1], guidance, ddim_timesteps(50),
-                            teacher.scheduler)
-            px = E.decode_unit(teacher, o.latents)
-            rows.append({"technique": tech, "column": f"control: {E.TEACHER_50} on "
-                         f"{'p_high' if which else 'p_up'} alone", "kind": "control", "nfe": o.nfe, "seconds": None,
-                         **_score(tech, cases, tensor_to_pil(px), px, {})})
-    results = {
+
+def _edit_results(teacher: Any, n: int, seed: int, guidance: float, students: list[str], rows: list[dict],
+                  t_start: float) -> dict:
+    """The edit evaluation's results: its settings, every row, and the goal per technique."""
+    return {
         "kind": "edit", "created": datetime.now().isoformat(timespec="seconds"),
         "model": getattr(teacher, "name", "teacher"), "describe": teacher.describe(), "n": n, "seed": seed,
         "guidance": guidance, "sdedit_strength": SDEDIT_STRENGTH, "sketch_strength": SKETCH_STRENGTH,
         "projection_strength": PROJECTION_STRENGTH,
-        "inpaint_tolerance": INPAINT_TOL, "far_sigma_px": FAR_SIGMA_PX, "latent_blur_sigma": E.LATENT_BLUR_SIGMA,
-        "students": [c.name for c in cards], "rows": rows, "goal": _goal(rows, [c.name for c in cards]),
+        "inpaint_tolerance": INPAINT_TOL, "far_sigma_px": FAR_SIGMA_PX, "latent_blur_sigma": LATENT_BLUR_SIGMA,
+        "students": students, "rows": rows, "goal": _goal(rows, students),
         "elapsed_s": time.perf_counter() - t_start,
     }
-    if write:
-        results["out_dir"] = str(write_edit_evaluation(results, out_dir, overwrite))
-    return results
 
 
 def _goal(rows: list[dict], students: list[str]) -> dict:
@@ -387,7 +394,7 @@ def _goal(rows: list[dict], students: list[str]) -> dict:
     goal = {}
     for tech in dict.fromkeys(r["technique"] for r in rows):
         by = {r["column"]: r["success"] for r in rows if r["technique"] == tech}
-        t50, t4 = by.get(E.TEACHER_50), by.get(E.TEACHER_4)
+        t50, t4 = by.get(TEACHER_50), by.get(TEACHER_4)
         studs = {s: by[s] for s in students if s in by}
         if t50 is None or not studs:
             continue
@@ -406,9 +413,10 @@ def render_edit_table(results: dict) -> str:
     lines = [f"Edit evaluation of **{results['model']}** ({results['describe']}), {results['n']} cases per "
              f"technique, guidance {results['guidance']:g}, SDEdit strength {results['sdedit_strength']}, sketch "
              f"strength {results['sketch_strength']} (with its caption) and "
-             f"{results.get('projection_strength', results['sketch_strength'])} (without a prompt), inpainting tolerance {results['inpaint_tolerance']}. "
-             f"{results['created']}.", "",
-             "| technique | column | success ↑ | preservation ↑ | outside MAE ↓ (≤ tol) | detail | NFE | s / image |",
+             f"{results.get('projection_strength', results['sketch_strength'])} (without a prompt), inpainting "
+             f"tolerance {results['inpaint_tolerance']}. {results['created']}.", "",
+             "| technique | column | success ↑ | preservation ↑ | outside MAE ↓ (≤ tol) | detail | NFE "
+             "| s / image |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
     for r in results["rows"]:
         detail = ""
@@ -434,55 +442,9 @@ def render_edit_table(results: dict) -> str:
 def write_edit_evaluation(results: dict, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """``edit_results.json`` and ``edit_table.md`` under a new ``evals/edit-<timestamp>``, or in ``out_dir``: one
     that holds an edit evaluation is replaced only with ``overwrite``."""
-    from cdlab.evaluate import check_out_dir
-    from cdlab.paths import evals_dir
-
-    if out_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = evals_dir() / f"edit-{stamp}"
-        k = 1
-        while Path(out_dir).exists():
-            out_dir = evals_dir() / f"edit-{stamp}-{k}"
-            k += 1
-    out = Path(out_dir)
+    out = new_out_dir("edit-") if out_dir is None else Path(out_dir)
     check_out_dir(out, "edit_results.json", overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {k: v for k, v in results.items() if k != "out_dir"}
-    (out / "edit_results.json").write_text(json.dumps(payload, indent=2, default=str))
+    write_json_atomic(out / "edit_results.json", {k: v for k, v in results.items() if k != "out_dir"})
     (out / "edit_table.md").write_text(render_edit_table(results))
     return out
-
-
-def main(argv: Sequence[str] | None = None, *, model: str = "tiny", n: int | None = None, seed: int = 0,
-         out: str | None = None, students: Sequence[str] | None = None, guidance: float | None = None,
-         device: str | None = None, techniques: Sequence[str] | None = None, overwrite: bool = False) -> int:
-    """The CLI body of ``python -m cdlab evaluate --edit`` (argparse lives in `cdlab.evaluate.main`)."""
-    import sys
-
-    from cdlab.evaluate import check_out_dir
-    from cdlab.teachers import TeacherLoadError, load_teacher
-
-    try:  # before the teacher loads
-        check_out_dir(out, "edit_results.json", overwrite)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        teacher = load_teacher(model, device=device)
-    except TeacherLoadError as e:
-        print(f"error: could not load the teacher {model!r}: {e}", file=sys.stderr)
-        return 1
-    print(f"teacher: {teacher.describe()}", file=sys.stderr)
-
-    def progress(frac: float, msg: str) -> None:
-        print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        results = run_edit_evaluation(teacher, n=n, seed=seed, out_dir=out, students=students, guidance=guidance,
-                                      techniques=techniques or TECHNIQUES, progress=progress, overwrite=overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(render_edit_table(results))
-    print(f"wrote {results['out_dir']} in {results['elapsed_s']:.1f} s")
-    return 0

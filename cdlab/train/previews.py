@@ -1,0 +1,105 @@
+"""A run's preview rows: the teacher's reference once, then the student every ``preview_every`` steps.
+
+    python -m cdlab train --model tiny --preview_every 100 --preview_prompts "a red circle,a blue square"
+
+``<run>/previews/reference.png`` is the teacher (DDIM, ``preview_reference_steps`` steps, CFG at the run's
+guidance, every adapter off) and ``reference.json`` says how it was made; ``step_<step>.png`` is the student at
+that step (its own consistency sampler). Every row starts from the same fixed noise (`preview_noise`), so the
+rows of one run compare image by image; the app shows them (`cdlab.ui.previews`). Images are written under a
+temporary name and renamed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cdlab.paths import write_json_atomic
+from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
+from cdlab.students.roles import TEACHER, adapter_role
+
+__all__ = ["REFERENCE_NAME", "preview_noise", "preview_row", "preview", "preview_reference"]
+
+REFERENCE_NAME = "reference.png"  # previews/: the teacher's reference row, beside step_XXXXXX.png
+
+
+def preview_noise(n: int, channels: int, size: int) -> torch.Tensor:
+    """The fixed initial noise of a run's ``n`` previews, ``[n, channels, size, size]`` on the CPU: image ``i``
+    from ``torch.Generator().manual_seed(i)``, the same for the teacher's reference and every student row."""
+    return torch.cat([torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(i))
+                      for i in range(n)])
+
+
+def preview_row(images: list) -> Image.Image:
+    """One preview row: the images side by side, upscaled 4x (nearest) when they are under 128 px wide."""
+    w, h = images[0].size
+    row = Image.new("RGB", (len(images) * w, h), "white")
+    for k, im in enumerate(images):
+        row.paste(im, (k * w, 0))
+    if w < 128:  # tiny images: upscale so the row is readable
+        row = row.resize((row.width * 4, row.height * 4), Image.Resampling.NEAREST)
+    return row
+
+
+@torch.no_grad()
+def preview(tr: Any) -> Path | None:
+    """The student's row at this step, ``previews/step_<step>.png``: one image per preview caption, from the
+    run's fixed noise, with the student's own sampler timesteps. ``tr``: the `cdlab.train.trainer.Trainer`."""
+    if not tr.acc.is_main_process or not tr.cfg.preview_prompts:
+        return None
+    _, cond, _, x_T = _inputs(tr)
+    with _autocast(tr):
+        out = sample_consistency(tr.unet, x_T, cond, tr.sampler_timesteps, tr.teacher.scheduler)
+    return _write_row(tr, tr.teacher.decode(out.latents), f"step_{tr.step:06d}.png")
+
+
+@torch.no_grad()
+def preview_reference(tr: Any) -> Path | None:
+    """The teacher's reference row, ``previews/reference.png``: DDIM with ``preview_reference_steps`` steps and
+    CFG at the run's guidance, LoRA off, from the same noise as the student's rows. Written once per run:
+    an existing one (a resumed run) is kept. ``previews/reference.json`` says how it was made."""
+    cfg = tr.cfg
+    if not tr.acc.is_main_process or not cfg.preview_prompts or not cfg.preview_reference_steps:
+        return None
+    path = tr.run_dir / "previews" / REFERENCE_NAME
+    if path.is_file():
+        return path
+    t0 = time.perf_counter()
+    prompts, cond, uncond, x_T = _inputs(tr)
+    with _autocast(tr), adapter_role(tr.unet, TEACHER):
+        out = sample_ddim(tr.unet, x_T, cond, uncond, float(cfg.guidance),
+                          ddim_timesteps(cfg.preview_reference_steps, cfg.num_train_timesteps),
+                          tr.teacher.scheduler)
+    images = tr.teacher.decode(out.latents)
+    write_json_atomic(path.with_suffix(".json"), {
+        "steps": cfg.preview_reference_steps, "guidance": float(cfg.guidance), "nfe": out.nfe,
+        "prompts": prompts, "seconds": round(time.perf_counter() - t0, 3)})
+    path = _write_row(tr, images, REFERENCE_NAME)
+    tr.log(f"preview reference: teacher-{cfg.preview_reference_steps} (CFG {cfg.guidance:g}) in "
+           f"{time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def _inputs(tr: Any) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The run's fixed preview captions, their (cond, uncond) embeddings and their fixed initial noise."""
+    prompts = list(tr.cfg.preview_prompts)
+    cond, uncond = tr.teacher.encode(prompts)
+    x_T = preview_noise(len(prompts), tr.teacher.pipe.unet.config.in_channels,
+                        tr.cfg.resolution // tr.teacher.pipe.vae_scale_factor)
+    return prompts, cond, uncond, x_T.to(tr.device, tr.teacher.pipe.unet.dtype)
+
+
+def _autocast(tr: Any):
+    return torch.autocast(tr.device.type, tr.autocast_dtype) if tr.autocast_dtype else torch.no_grad()
+
+
+def _write_row(tr: Any, images: list, name: str) -> Path:
+    path = tr.run_dir / "previews" / name
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    preview_row(images).save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,157 @@
+"""The Compare tab (Gradio): the prompt, seed, guidance, student steps and columns on the left; on the right the
+columns in one row, the aligned trajectory grid, the images and timings as the API returns them, and the
+comparison as one PNG. Sampling is `cdlab.ui.compare.Comparer`'s, the way a result is shown
+`cdlab.ui.compare_view`'s; this module lays the tab out and wires its events (``/compare``,
+``/random_seed``, ``/refresh_columns``). Gradio is imported when the tab is built.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from cdlab.ui import compare as C
+from cdlab.ui import compare_view as V
+from cdlab.ui import hosting as H
+from cdlab.ui.session import named_errors, user_errors
+
+# Compare requests all enter at once and wait in the Comparer's micro-batcher (`cdlab.ui.hosting`).
+CONCURRENCY = dict(concurrency_id=H.COMPARE_CONCURRENCY_ID, concurrency_limit=H.COMPARE_CONCURRENCY_LIMIT)
+
+
+def compare_handlers(comparer: Any) -> SimpleNamespace:
+    """The tab's event functions: ``compare`` (the API's ``/compare``), ``prompt_notice`` and
+    ``refresh_columns`` (the API's ``/refresh_columns``)."""
+    import gradio as gr
+
+    @user_errors
+    def do_compare(prompt, seed, guidance, steps, columns, show_trajectory, progress=gr.Progress()):
+        """Sample the ticked columns from one noise and one prompt; returns the columns (HTML, one row), their
+        images with captions, the timings table, the aligned trajectory grid (HTML), the PNG and a summary."""
+        res = comparer.run(prompt, seed, guidance, steps, columns, bool(show_trajectory),
+                           progress=lambda f, d: progress(f, desc=d))
+        for w in res.warnings:
+            gr.Warning(w)
+        images = [(c.image, c.caption()) for c in res.columns]
+        traj = V.trajectory_html(res)
+        path = Path(tempfile.mkdtemp(prefix="cdlab-compare-")) / f"compare_seed{res.seed}.png"
+        res.compose().save(path)
+        shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
+        info = (f"{len(res.columns)} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, "
+                f"one initial noise{shared}")
+        return V.columns_html(res), images, res.table(), traj, str(path), info
+
+    def prompt_notice(prompt):
+        text, nearest = comparer.prompt_notice(prompt)
+        return (gr.Markdown(f"⚠ {text}" if text else "", visible=bool(text)),
+                gr.Button(visible=bool(nearest)), nearest or "")
+
+    def refresh_columns():
+        choices = comparer.column_choices()
+        return gr.CheckboxGroup(choices=choices, value=choices)
+
+    return SimpleNamespace(compare=H.gpu(do_compare, duration=120), prompt_notice=prompt_notice,
+                           refresh_columns=refresh_columns)
+
+
+def compare_controls(teacher: Any, comparer: Any) -> SimpleNamespace:
+    """The left column: prompt (with the notice and the nearest caption), presets, the button, seed,
+    guidance, student steps, columns and the trajectory switch."""
+    import gradio as gr
+
+    presets = C.prompt_presets(teacher)
+    ui = SimpleNamespace()
+    ui.prompt = gr.Textbox(label="Prompt", value=presets[0], lines=2, max_lines=4, elem_id="prompt")
+    with gr.Row():
+        ui.notice = gr.Markdown(visible=False, elem_id="prompt-notice")
+    ui.use_nearest = gr.Button("use the nearest caption", size="sm", visible=False, elem_id="use-nearest")
+    ui.preset = gr.Dropdown(presets, label="Presets", value=None)
+    ui.run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+    with gr.Row(equal_height=True):
+        ui.seed = gr.Number(label="Seed", value=0, precision=0, scale=2, min_width=90)  # C.validate_request
+        ui.rand = gr.Button("random seed", size="sm", scale=1, min_width=90)  # words: no emoji font
+    ui.guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5, label="Teacher guidance (CFG)")
+    ui.steps = gr.Radio([str(k) for k in C.STUDENT_STEPS], value="4", label="Student steps")
+    choices = comparer.column_choices()
+    ui.columns = gr.CheckboxGroup(choices, value=choices, label="Columns")
+    with gr.Row(equal_height=True):
+        ui.show_traj = gr.Checkbox(label="Show trajectory (x_t, x̂0 per step)", scale=3, elem_id="show-trajectory")
+        ui.refresh = gr.Button("↻ columns", size="sm", scale=1, min_width=90, elem_id="refresh-columns")
+    return ui
+
+
+def compare_results(ui: SimpleNamespace) -> None:
+    """The right column, added to ``ui``: summary, the columns' row, legend, trajectory grid, the images and
+    timings (as the API returns them) and the PNG download."""
+    import gradio as gr
+
+    ui.info = gr.Markdown(elem_id="compare-info", label="summary")
+    ui.row = gr.HTML(elem_id="compare-row", padding=False, label="columns html")
+    gr.Markdown(V.LEGEND, elem_id="compare-legend")
+    ui.traj = gr.HTML("", elem_id="trajectory", padding=False, label="trajectory html")
+    with gr.Accordion("Images and timings (as the API returns them)", open=False):
+        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id="compare-gallery", object_fit="contain")
+        ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"], label="Timings",
+                                interactive=False)
+    ui.download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
+
+
+class CompareTab:
+    """The Compare tab, built inside the page's ``gr.Tabs``: its components, its events, and its part of the
+    page load (fresh columns, then the default comparison: the page opens with a result)."""
+
+    def __init__(self, teacher: Any, comparer: Any):
+        import gradio as gr
+
+        self.fn = compare_handlers(comparer)
+        with gr.Tab("Compare", id="compare"):
+            # Controls on the left, the result on the right: at 1280x800 the default comparison's columns
+            # and their labels are on screen when the page opens.
+            with gr.Row():
+                with gr.Column(scale=1, min_width=330):
+                    ui = compare_controls(teacher, comparer)
+                with gr.Column(scale=3):
+                    compare_results(ui)
+            ui.nearest = gr.State("")
+            self.ui = ui
+            self.inputs = [ui.prompt, ui.seed, ui.guidance, ui.steps, ui.columns, ui.show_traj]
+            self.outputs = [ui.row, ui.gallery, ui.table, ui.traj, ui.download, ui.info]
+            self._wire()
+        self.load_outputs = [ui.columns]
+
+    def _wire(self) -> None:
+        import gradio as gr
+
+        ui, fn = self.ui, self.fn
+        notice_out = [ui.notice, ui.use_nearest, ui.nearest]
+        ui.preset.change(lambda p: p or gr.skip(), ui.preset, ui.prompt, api_visibility="private")
+        ui.rand.click(C.random_seed, None, ui.seed, api_name="random_seed")
+        ui.refresh.click(fn.refresh_columns, None, ui.columns, api_name="refresh_columns")
+        ui.prompt.change(fn.prompt_notice, ui.prompt, notice_out, api_visibility="private")
+        named_errors(ui.prompt, ui.seed, ui.guidance, ui.steps, ui.columns, ui.show_traj)
+        ui.run_btn.click(fn.compare, self.inputs, self.outputs, api_name="compare", **CONCURRENCY)
+        ui.use_nearest.click(lambda n: n or gr.skip(), ui.nearest, ui.prompt, api_visibility="private").then(
+            fn.compare, self.inputs, self.outputs, api_visibility="private", **CONCURRENCY)
+
+    def on_load(self) -> tuple:
+        """The columns offered, fresh: a student that appeared since the start shows up."""
+        return (self.fn.refresh_columns(),)
+
+    def then_opening(self, event: Any) -> Any:
+        """After ``event``: the prompt's notice, then the default preset compared (its teacher columns cached
+        after the first visitor). Returns the last event, for the ready signal to follow."""
+        import gradio as gr
+
+        compare = self.fn.compare
+
+        def on_load_compare(*args):
+            try:
+                return compare(*args)
+            except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
+                return ("", [], [], "", None, "")
+
+        ui = self.ui
+        return event.then(self.fn.prompt_notice, ui.prompt, [ui.notice, ui.use_nearest, ui.nearest],
+                          api_visibility="private").then(
+            on_load_compare, self.inputs, self.outputs, api_visibility="private", **CONCURRENCY)
