@@ -92,6 +92,25 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def load_json_object(path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "file") -> dict[str, Any]:
+    """The JSON object in ``path``, for a reader that must say what is wrong (`read_json` answers ``None``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        error: it is not valid JSON, or not a JSON object (the message names the file, the line and ``what``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {shown_path(p)}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{shown_path(p)}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise error(f"{shown_path(p)}: a {what} must be a JSON object, not {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to a temporary file beside ``path``, fsync it, then rename it over ``path``:
     a reader sees the old file or the new one, never half of one."""

@@ -166,6 +166,12 @@ def test_load_evaluation_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         load_evaluation(tmp_path)
     (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(EvaluationError, match="results.json: a results file must be a JSON object, not list"):
+        load_evaluation(tmp_path)
+    (tmp_path / "results.json").write_text('{"rows": [')
+    with pytest.raises(EvaluationError, match="results.json: not valid JSON .* at line 1"):
+        load_evaluation(tmp_path)
+    (tmp_path / "results.json").write_text('{"n": 2}')
     with pytest.raises(EvaluationError, match="not an evaluation"):
         load_evaluation(tmp_path)
 

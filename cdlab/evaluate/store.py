@@ -7,13 +7,12 @@ evaluation is somebody's work: it is replaced only when asked (:func:`check_out_
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
 from cdlab.evaluate.prompts import EvaluationError
 from cdlab.evaluate.report import plot_quality, render_table
-from cdlab.paths import evals_dir, read_json, write_json_atomic
+from cdlab.paths import evals_dir, load_json_object, read_json, write_json_atomic
 
 __all__ = ["EvaluationResult", "check_out_dir", "new_out_dir", "write_evaluation", "load_evaluation",
            "list_evaluations"]
@@ -65,11 +64,8 @@ def load_evaluation(path: str | Path) -> EvaluationResult:
     f = folder / "results.json"
     if not f.is_file():
         raise FileNotFoundError(f"no evaluation at {folder} (results.json missing)")
-    try:
-        results = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{f} is not valid JSON: {e.msg}") from None
-    if not isinstance(results, dict) or "rows" not in results:
+    results = load_json_object(f, EvaluationError, what="results file")
+    if "rows" not in results:
         raise EvaluationError(f"{f} is not an evaluation (no 'rows')")
     results = EvaluationResult(results, out_dir=str(folder))
     table = folder / "table.md"

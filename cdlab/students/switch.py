@@ -352,7 +352,8 @@ def _fused_tensors(pipe: Any, name: str) -> list[tuple[Any, Any]] | None:
             if not hasattr(m, "get_delta_weight"):
                 return None
             w = m.get_base_layer().weight
-            out.append((w, (w.detach() + m.get_delta_weight(name).to(w.dtype)).detach()))
+            fused = m.get_delta_weight(name).to(w.dtype)  # a new tensor: W + ΔW is summed into it, one
+            out.append((w, fused.add_(w.detach())))       # allocation (a weight copy of the UNet's size) saved
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from cdlab.paths import adapters_dir, cache_dir, confine, data_roots, runs_dir
+from cdlab.paths import adapters_dir, cache_dir, confine, data_roots, load_json_object, runs_dir
 
 METHODS = ("ct", "cd", "mbcd", "dmd")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -420,16 +420,7 @@ def from_dict(d: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig
 
 
 def load_json(path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{p}: a config must be a JSON object")
-    return from_dict(d, base)
+    return from_dict(load_json_object(path, ValueError, what="config file"), base)
 
 
 def cache_root(cfg: TrainConfig) -> Path:
