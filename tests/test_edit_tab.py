@@ -120,6 +120,24 @@ def test_run_edit_refuses_each_bad_field_by_name(tiny_teacher, comparer, kw, mat
         ET.run_edit(t, cmp, **args)
 
 
+def test_run_edit_runs_students_as_its_comparer_does(tiny_teacher, monkeypatch):
+    """The Edit tab switches students as the page's Comparer does: fused weights, or peft's unfused layers."""
+    import cdlab.columns
+    from cdlab.ui.compare import Comparer
+
+    real, calls = cdlab.columns.use_student, []
+
+    def spy(pipe, name, *, fuse=True):
+        calls.append((name, fuse))
+        return real(pipe, name, fuse=fuse)
+
+    monkeypatch.setattr(cdlab.columns, "use_student", spy)
+    for fuse in (True, False):
+        ET.run_edit(tiny_teacher, Comparer(tiny_teacher, batching=False, fuse=fuse), "sdedit",
+                    Image.new("RGB", (32, 32), "white"), "", "", 0.5, 0, "4", ["tiny-mbcd-4"])
+    assert [c for c in calls if c[0] == "tiny-mbcd-4"] == [("tiny-mbcd-4", True), ("tiny-mbcd-4", False)]
+
+
 def test_every_preset_runs_in_every_column_and_the_teacher_does_what_was_asked(tiny_teacher, comparer):
     """Each technique, from its preset, in the tab's own entry point: the input column (with the mask for
     inpainting), then one column per ticked column from one noise, NFE as the technique costs; and the

@@ -8,7 +8,6 @@ says; the column must change the image; and the teacher must be left plain.
 """
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -295,10 +294,9 @@ def test_edit_tab_with_the_published_students(sd15_teacher, published_hub, hub, 
     t = sd15_teacher
     keys = ["lcm-lora", "tcd", "pcm", "hyper-sd"]
     externals = [f"{k} (external)" for k in keys]
-    cmp = Comparer(t, adapters_root=None)
+    # peft's unfused adapters (as test_compare_with_every_column): the Edit tab runs students as its Comparer does
+    cmp = Comparer(t, adapters_root=None, fuse=False)
     monkeypatch.setattr(cmp, "students", lambda: [])  # the repository's students are the tiny teacher's
-    # peft's unfused adapters (as test_compare_with_every_column): fusing costs 15-30 s a student on SD1.5 here
-    monkeypatch.setattr(ET, "edit", functools.partial(ET.edit, fuse=False))
     assert ET.edit_column_choices(cmp) == [TEACHER_50, TEACHER_4, *externals]
     sketch = next(p for p in ET.presets(t) if p.technique == "sdedit")
     try:

@@ -294,7 +294,7 @@ def run_edit(
     cols, failed = _edit_columns(teacher, student_cards, columns, steps)
     try:
         results = edit(teacher, technique, prompts, cols, image=inputs.image, mask=inputs.mask, strength=s,
-                       seed=seed, adapters_root=adapters_root or comparer.adapters_root) if cols else []
+                       seed=seed, adapters_root=adapters_root or comparer.adapters_root, fuse=comparer.fuse) if cols else []
     except ValueError as e:
         raise InputError(str(e)) from None
     t_ref = next((r.seconds for r in results if r.column == TEACHER_50), None)
