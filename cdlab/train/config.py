@@ -189,7 +189,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": MIXED_PRECISION, "device": ("auto", "cpu", "cuda"),
 }
 # Run names: letters, digits, "_" and "-" (a folder under runs/); student names: `cdlab.students.validate_name`.
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # fullmatch, never match: "x\n" is refused
 
 
 def check(cfg: TrainConfig) -> None:
@@ -233,7 +233,7 @@ def check(cfg: TrainConfig) -> None:
         validate_name(cfg.student_name)  # fail now, not when the finished student is saved
     except StudentError as e:
         raise ValueError(f"config: student_name: {e}") from None
-    if not RUN_NAME_RE.match(cfg.run_name or ""):
+    if not RUN_NAME_RE.fullmatch(cfg.run_name or ""):
         raise bad("run_name", "1-100 letters, digits, '_' or '-', starting with a letter or digit")
 
 
@@ -281,7 +281,7 @@ def check_destination(cfg: TrainConfig, root: str | os.PathLike | None = None, *
 HOST_ONLY = ("model", "device", "threads", "cache_dir")
 MAX_TEXT = 300            # characters in any text field from the app
 MAX_PROMPTS = 16          # preview prompts from the app
-_HF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_HF_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")  # fullmatch
 
 
 def _check_text(name: str, value: str) -> str:
@@ -302,7 +302,7 @@ def check_data(value: Any, roots: list[Path] | None = None) -> str:
     if value == "world":
         return value
     if value.startswith("hf:"):
-        if not _HF_NAME_RE.match(value[3:]) or ".." in value:
+        if not _HF_NAME_RE.fullmatch(value[3:]) or ".." in value:
             raise ValueError(f"config: data {value!r} is not a Hugging Face datasets name (user/name)")
         return value
     return str(confine(value, data_roots() if roots is None else roots, "data"))
