@@ -183,7 +183,6 @@ ADVANCED_CASES = [
     ("log-every", '{"max_steps": 20000, "log_every": 1}', "log_every"),
     ("preview-every", '{"max_steps": 20000, "preview_every": 1}', "preview_every"),
     ("resolution", '{"resolution": 4096}', "resolution"),
-    ("unknown-key", '{"max_stepz": 10}', "max_stepz"),
 ]
 
 
@@ -374,3 +373,39 @@ def test_unknown_errors_show_an_id_not_their_text(caplog):
     with pytest.raises(gr.Error) as e:
         refused()
     assert e.value.message == "student 'x' exists in adapters/x"
+
+
+def test_docs_show_the_limits_the_code_has():
+    """docs/hosting.md's limits are the constants: the training table as `app_limits_markdown` prints it."""
+    from cdlab.paths import REPO_ROOT
+    from cdlab.train.config import app_limits_markdown
+    from cdlab.train.data import HF_MAX_ROWS
+    from cdlab.ui import edit_inputs as E
+    from cdlab.world.grammar import MAX_PROMPT_CHARS
+
+    doc = (REPO_ROOT / "docs" / "hosting.md").read_text()
+    assert app_limits_markdown() in doc
+    for figure in (f"{MAX_PROMPT_CHARS} characters", f"{E.MAX_UPLOAD_BYTES // 2**20} MB a file",
+                   f"{E.MAX_UPLOAD_SIDE} px a side", f"{E.MAX_LAYERS} layers", f"{E.MAX_UPLOAD_PIXELS} px",
+                   f"= {E.PILLOW_MAX_IMAGE_PIXELS}", f"at most {HF_MAX_ROWS}"):
+        assert figure in doc, figure
+
+
+def test_editor_pieces_cannot_exhaust_memory(client, app):
+    """The editor's browser path (pieces posted to ``accept_blobs`` before the edit): a layer index of twenty
+    million (Gradio grew a list to that length: 160 MB) is refused, and memory stays flat."""
+    import httpx
+
+    editor = next(c["id"] for c in client.config["components"] if c["props"].get("elem_id") == "edit-image")
+    pid = app_pid(app.url)
+    before = rss_mb(pid)
+    form = {"component_id": str(editor), "session_hash": "limits-blobs", "fn_name": "accept_blobs",
+            "type": "layer", "index": str(20_000_000), "id": "v1"}
+    r = httpx.post(app.url.rstrip("/") + "/gradio_api/component_server", data=form,
+                   files={"blob": ("layer.png", b"\x89PNG", "image/png")}, timeout=60)
+    assert r.status_code != 200 or "error" in r.text.lower(), r.text[:200]
+    grown = rss_mb(pid) - before
+    assert grown < 40, f"the app's RSS grew by {grown:.0f} MB"
+    ok = httpx.post(app.url.rstrip("/") + "/gradio_api/component_server", data={**form, "index": "0"},
+                    files={"blob": ("layer.png", b"\x89PNG", "image/png")}, timeout=60)
+    assert ok.status_code == 200, ok.text[:200]  # a piece within the limits is kept as before

@@ -269,6 +269,13 @@ def check_app_limits(cfg: TrainConfig) -> None:
                              f"{math.ceil(cfg.max_steps / most)}")
 
 
+def app_limits_markdown() -> str:
+    """`APP_LIMITS` and `APP_MAX_FILES` as the lines docs/hosting.md shows (a test keeps them the same)."""
+    ranges = " · ".join(f"`{k}` {lo:g}–{hi:g}" for k, (lo, hi) in APP_LIMITS.items())
+    files = " · ".join(f"{what} ≤ {most} (`{k}`)" for k, (what, most) in APP_MAX_FILES.items())
+    return f"{ranges}\n\nover `max_steps`: {files}"
+
+
 def default_student_name(cfg: TrainConfig, root: str | os.PathLike | None = None) -> str:
     """``<model>-<method>-<N>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... until no student of that name exists.
 
@@ -471,6 +478,6 @@ def cache_root(cfg: TrainConfig) -> Path:
 
 
 __all__ = ["TrainConfig", "PROFILES", "BOUNDS", "APP_LIMITS", "APP_MAX_FILES", "CHOICES", "resolve", "check",
-           "check_app_limits", "check_destination",
+           "check_app_limits", "app_limits_markdown", "check_destination",
            "default_student_name", "untrusted_overrides", "check_data", "data_roots", "from_dict", "load_json",
            "runs_dir", "cache_root", "card_method", "profile_name", "default_preview_prompts"]
