@@ -178,7 +178,7 @@ ADVANCED_CASES = [
     ("batch-size", '{"batch_size": 4096}', "batch_size"),
     ("lora-rank", '{"lora_rank": 1024}', "lora_rank"),
     ("data-size", '{"data_size": 10000000}', "data_size"),
-    ("checkpoints", '{"checkpoint_every": 1, "keep_checkpoints": 1000}', "checkpoint_every"),
+    ("checkpoints", '{"max_steps": 20000, "checkpoint_every": 1}', "checkpoint_every"),
     ("keep-checkpoints", '{"keep_checkpoints": 1000}', "keep_checkpoints"),
     ("log-every", '{"max_steps": 20000, "log_every": 1}', "log_every"),
     ("preview-every", '{"max_steps": 20000, "preview_every": 1}', "preview_every"),

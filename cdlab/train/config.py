@@ -192,13 +192,13 @@ APP_LIMITS: dict[str, tuple[float, float]] = {
     "lora_alpha": (1e-3, 1024.0), "data_size": (1, 10_000), "resolution": (8, 512), "num_boundaries": (1, 8),
     "sample_steps": (1, 8), "lr": (1e-7, 1.0), "guidance": (1.0, 20.0), "guidance_max": (1.0, 20.0),
     "warmup_steps": (0, 20_000), "probe_size": (0, 64), "log_every": (1, 20_000), "preview_every": (0, 20_000),
-    "preview_reference_steps": (0, 50), "checkpoint_every": (10, 20_000), "keep_checkpoints": (1, 5),
+    "preview_reference_steps": (0, 50), "checkpoint_every": (1, 20_000), "keep_checkpoints": (1, 5),
     "dmd_fake_steps": (1, 10), "dmd_regression_pairs": (1, 256), "dmd_regression_steps": (1, 50),
 }
 # What such a run writes over its max_steps, at most: metrics rows (log_every), previews, checkpoints (before
 # all but keep_checkpoints are pruned).
 APP_MAX_FILES: dict[str, tuple[str, int]] = {
-    "log_every": ("metrics rows", 5_000), "preview_every": ("previews", 100), "checkpoint_every": ("checkpoints", 200),
+    "log_every": ("metrics rows", 5_000), "preview_every": ("previews", 200), "checkpoint_every": ("checkpoints", 500),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "loss_type": ("l2", "pseudo_huber"), "lr_schedule": ("constant", "cosine"),
