@@ -209,6 +209,19 @@ def test_messages_name_no_server_folder(client, app):
     assert "already exists in adapters" in text and str(app.work) not in text, text
 
 
+def test_internal_errors_carry_no_exception_text(client, app):
+    """Finding 10: a failure outside our checks (here Gradio's own payload validation) reaches the page without
+    its exception text (``show_error`` off: only gr.Error messages are shown); the server log has it all."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:
+        _edit(client, {"background": 12345, "layers": "x", "composite": None})
+    assert "EditorData" not in str(e.value) and "input_value" not in str(e.value), str(e.value)
+    assert "validation errors for EditorData" in (app.work / "server.log").read_text()
+    assert client.predict(technique="hybrid", image=None, prompt="a", prompt_2="b", strength=1.0, seed=0,
+                          student_steps="4", columns=["teacher-4 (naive)"], api_name="/edit")
+
+
 # ------------------------------------------------------------------------------------------- unit tests
 
 def test_upload_header_is_read_without_decoding(tmp_path):
