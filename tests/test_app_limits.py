@@ -422,3 +422,21 @@ def test_editor_pieces_cannot_exhaust_memory(client, app):
     ok = httpx.post(app.url.rstrip("/") + "/gradio_api/component_server", data={**form, "index": "0"},
                     files={"blob": ("layer.png", b"\x89PNG", "image/png")}, timeout=60)
     assert ok.status_code == 200, ok.text[:200]  # a piece within the limits is kept as before
+
+
+def test_run_status_and_log_name_no_server_folder(run_dirs):
+    """Finding 10: a run's status message and log tail (what the Train tab and ``/train_status`` show) name
+    folders as ``adapters/...`` and ``runs/...``, wherever the working folders are."""
+    from cdlab.ui.jobs import LOG_NAME, JobManager
+    from cdlab.ui.train_tab import poll
+
+    run = run_dirs.runs / "r1"
+    run.mkdir(parents=True)
+    student = run_dirs.adapters / "s1"
+    (run / "status.json").write_text(json.dumps({"state": "failed", "message": f"saved {student}", "step": 3}))
+    (run / LOG_NAME).write_text(f"run {run}\nTraceback: {student / 'adapter.safetensors'}\n")
+    view = poll(JobManager(run_dirs.runs, model="tiny"), "r1")
+    shown = view.status_md + view.log_tail
+    assert str(run_dirs.root) not in shown, shown
+    assert "saved adapters/s1" in view.status_md and "run runs/r1" in view.log_tail
+    assert "adapters/s1/adapter.safetensors" in view.log_tail
