@@ -114,6 +114,7 @@ def test_bomb_png_is_refused_before_decoding(client, app, tmp_path):
             _edit(client, image)
         assert part in str(e.value) and "4096" in str(e.value), str(e.value)
     grown = rss_mb(pid) - before
+    print(f"bomb: app RSS {before:.0f} MB before, grew by {grown:.0f} MB")
     assert grown < 100, f"the app's RSS grew by {grown:.0f} MB"
     row, *_ = _edit(client, {"background": plain, "layers": [], "composite": None})  # still serving
     assert "teacher-4" in row

@@ -439,7 +439,9 @@ def check_editor_upload(component: Any, payload: Any) -> None:
         if blobs is not None:
             check_editor_payload(blobs.background, blobs.layers, blobs.composite)
         return
-    path = lambda f: None if f is None else f.path  # noqa: E731  (FileData: the upload on disk)
+    def path(f):  # a FileData: the upload on disk
+        return None if f is None else f.path
+
     check_editor_payload(path(payload.background), [path(f) for f in payload.layers or []], path(payload.composite))
 
 
