@@ -62,7 +62,7 @@ def launch_kwargs(args) -> dict:
     return dict(
         server_name=args.host, server_port=args.port, share=args.share,
         blocked_paths=H.blocked_paths(P.runs_dir(), cache_root(TrainConfig())), max_file_size=H.MAX_FILE_SIZE,
-        theme=gr.themes.Soft(), css=CSS, show_error=True,
+        theme=gr.themes.Soft(), css=CSS, show_error=False,  # gr.Error messages only: no exception text
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
-           "assets_dir", "shown_path", "read_json", "write_json_atomic", "confine"]
+           "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the repository root
 
@@ -75,12 +75,33 @@ def assets_dir() -> Path:
     return REPO_ROOT / "cdlab" / "assets"
 
 
+def _shown_roots() -> list[tuple[Path, str, str]]:
+    """(folder resolved, folder as configured, the name a page shows for it): the working folders, wherever
+    the environment put them, then the repository; the deepest first (``cache/models`` before ``cache``)."""
+    roots = [(adapters_dir(), "adapters"), (runs_dir(), "runs"), (evals_dir(), "evals"), (models_dir(), "cache/models"),
+             (cache_dir(), "cache")] + [(d, f"data/{d.name}" if i else "data") for i, d in enumerate(data_roots())]
+    out = [(Path(d).resolve(), str(d), name) for d, name in roots] + [(REPO_ROOT, str(REPO_ROOT), "")]
+    return sorted(out, key=lambda r: -len(r[0].parts))
+
+
 def shown_path(path: str | os.PathLike) -> str:
-    """``path`` as users should see it: relative to the repository when inside it, else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+    """``path`` as users should see it: relative to the repository, or to the working folder it lies in
+    (``adapters/x`` even when ``$CDLAB_ADAPTERS_DIR`` is elsewhere); anything else as given."""
+    p = Path(path).resolve()
+    for root, _, name in _shown_roots():
+        if p == root or root in p.parents:
+            rel = p.relative_to(root).as_posix()
+            return "/".join(x for x in (name, "" if rel == "." else rel) if x) or "."
+    return str(path)
+
+
+def shown_text(text: str) -> str:
+    """``text`` with every working folder and the repository written as `shown_path` writes them, so a
+    message, an error or a log line on the page names no machine's folders."""
+    for root, configured, name in _shown_roots():
+        for form in sorted({str(root), configured}, key=len, reverse=True):
+            text = text.replace(form + os.sep, f"{name}/" if name else "").replace(form, name or ".")
+    return text
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ METHODS = ("ct", "cd", "mbcd", "dmd", "external")
 
 # Letters, digits, "_" and "-": a name is both a folder and a peft adapter name, and peft keeps
 # adapters in nn.ModuleDicts, whose keys cannot contain ".". No leading "." or "-": hidden / flag-like.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: "name\n" is refused
 
 
 class StudentError(ValueError):
@@ -43,7 +43,7 @@ def validate_name(name: Any) -> str:
     """
     if not isinstance(name, str):
         raise StudentError(f"a student name must be a string, got {type(name).__name__}")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise StudentError(
             f"invalid student name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a "
             "letter or digit (no '/', '..' or '.')")

@@ -24,7 +24,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from cdlab.paths import adapters_dir
+from cdlab.paths import adapters_dir, shown_path
 from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
 from cdlab.students.lora import WEIGHT_NAME, adapter_metadata, lora_state_dict
 
@@ -44,7 +44,8 @@ def student_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     base = _root(root).resolve()
     path = (base / name).resolve()
     if path.parent != base:  # e.g. <root>/<name> is a symlink pointing elsewhere
-        raise StudentError(f"student {name!r} resolves to {path}, outside the adapters folder {base}")
+        raise StudentError(f"student {name!r} resolves to {shown_path(path)}, outside the adapters folder "
+                           f"{shown_path(base)}")
     return path
 
 
@@ -150,17 +151,17 @@ def read_card(name: str, root: str | os.PathLike | None = None) -> StudentCard:
     """Read and validate ``<root>/<name>/card.json`` and check the weights file is there."""
     path = student_dir(name, root)
     if not path.is_dir():
-        raise StudentError(f"no student {name!r}: {path} does not exist")
+        raise StudentError(f"no student {name!r}: {shown_path(path)} does not exist")
     card_path = path / CARD_NAME
     try:
         data = json.loads(card_path.read_text())
     except FileNotFoundError:
-        raise StudentError(f"student {name!r} has no card: {card_path} is missing") from None
+        raise StudentError(f"student {name!r} has no card: {shown_path(card_path)} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StudentError(f"student {name!r}: cannot read {card_path}: {e}") from None
+        raise StudentError(f"student {name!r}: cannot read {shown_path(card_path)}: {e}") from None
     card = StudentCard.from_dict(data)
     if card.name != name:
-        raise StudentError(f"student folder {path} holds a card named {card.name!r}")
+        raise StudentError(f"student folder {shown_path(path)} holds a card named {card.name!r}")
     _check_weights(path / WEIGHT_NAME, name)
     return card
 
@@ -170,14 +171,14 @@ def _check_weights(path: Path, name: str) -> None:
     if not path.is_file():
         others = sorted(p.name for p in path.parent.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (f"; found {', '.join(others)}, but cdlab loads safetensors only" if others else "")
-        raise StudentError(f"student {name!r} has no weights: {path} is missing{hint}")
+        raise StudentError(f"student {name!r} has no weights: {shown_path(path)} is missing{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception as e:  # a pickle, a git-lfs pointer, a truncated download, ...
-        raise StudentError(f"student {name!r}: {path} is not a readable safetensors file ({e})") from None
+        raise StudentError(f"student {name!r}: {shown_path(path)} is not a readable safetensors file ({e})") from None
     if not any("lora" in k for k in keys):
-        raise StudentError(f"student {name!r}: {path} holds no LoRA weights")
+        raise StudentError(f"student {name!r}: {shown_path(path)} holds no LoRA weights")
 
 
 def list_students(root: str | os.PathLike | None = None, base_model: str | None = None) -> list[StudentCard]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from cdlab.paths import shown_path
 from cdlab.students.card import StudentCard, StudentError
 from cdlab.students.lora import WEIGHT_NAME, unwrap
 from cdlab.students.registry import read_card, student_dir
@@ -140,7 +141,7 @@ def _read_adapter(pipe: Any, name: str, path: Path, state_dict: dict | None, wha
                 pipe.load_lora_weights(state_dict, adapter_name=name)
     except Exception as e:
         _drop_partial(pipe, name)
-        raise StudentError(f"{what} ({path}) does not load into this UNet: {e}") from e
+        raise StudentError(f"{what} ({shown_path(path)}) does not load into this UNet: {e}") from e
 
 
 # ----------------------------------------------------------------------------- loading
@@ -223,7 +224,7 @@ def load_student(
     try:
         version = _file_version(path)
     except OSError as e:
-        raise StudentError(f"student {name!r}: cannot read {path}: {e}") from None
+        raise StudentError(f"student {name!r}: cannot read {shown_path(path)}: {e}") from None
     load_adapter(pipe, name, version, lambda: (path, None), what=f"student {name!r}", activate=activate)
     return card
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
+CKPT_RE = re.compile(r"ckpt_(\d{6,})")  # fullmatch
 TMP_PREFIX = ".tmp-"   # a save in progress (or cut short by a crash)
 OLD_PREFIX = ".old-"   # a checkpoint being deleted (renamed first, so it is never half-deleted under its name)
 BAD_PREFIX = ".bad-"   # an unreadable checkpoint that a resume skipped, kept for inspection
@@ -55,7 +55,7 @@ def list_checkpoints(run_dir: str | os.PathLike, *, complete: bool = True) -> li
         return []
     out = []
     for p in entries:
-        m = CKPT_RE.match(p.name)
+        m = CKPT_RE.fullmatch(p.name)
         if m and p.is_dir() and (not complete or (p / STATE).is_file()):
             out.append((int(m.group(1)), p))
     return sorted(out)

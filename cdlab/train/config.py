@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from cdlab.paths import adapters_dir, cache_dir, confine, data_roots, load_json_object, runs_dir
+from cdlab.paths import adapters_dir, cache_dir, confine, data_roots, load_json_object, runs_dir, shown_path
 
 METHODS = ("ct", "cd", "mbcd", "dmd")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -184,12 +184,28 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "dmd_weight": (0.0, 1e6),
     "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000),
 }
+# What a run started from the app (the Train form, its advanced JSON box, the API) may ask for: one table, tighter
+# than BOUNDS (the command line's), sized for a laptop or one GPU shared by a classroom. The form's fields take
+# their ranges from it and `check_app_limits` checks every field of the resolved config against it.
+APP_LIMITS: dict[str, tuple[float, float]] = {
+    "max_steps": (1, 20_000), "batch_size": (1, 256), "grad_accum": (1, 16), "lora_rank": (1, 128),
+    "lora_alpha": (1e-3, 1024.0), "data_size": (1, 10_000), "resolution": (8, 512), "num_boundaries": (1, 8),
+    "sample_steps": (1, 8), "lr": (1e-7, 1.0), "guidance": (1.0, 20.0), "guidance_max": (1.0, 20.0),
+    "warmup_steps": (0, 20_000), "probe_size": (0, 64), "log_every": (1, 20_000), "preview_every": (0, 20_000),
+    "preview_reference_steps": (0, 50), "checkpoint_every": (1, 20_000), "keep_checkpoints": (1, 5),
+    "dmd_fake_steps": (1, 10), "dmd_regression_pairs": (1, 256), "dmd_regression_steps": (1, 50),
+}
+# What such a run writes over its max_steps, at most: metrics rows (log_every), previews, checkpoints (before
+# all but keep_checkpoints are pruned).
+APP_MAX_FILES: dict[str, tuple[str, int]] = {
+    "log_every": ("metrics rows", 5_000), "preview_every": ("previews", 200), "checkpoint_every": ("checkpoints", 500),
+}
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "loss_type": ("l2", "pseudo_huber"), "lr_schedule": ("constant", "cosine"),
     "mixed_precision": MIXED_PRECISION, "device": ("auto", "cpu", "cuda"),
 }
 # Run names: letters, digits, "_" and "-" (a folder under runs/); student names: `cdlab.students.validate_name`.
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # fullmatch, never match: "x\n" is refused
 
 
 def check(cfg: TrainConfig) -> None:
@@ -233,8 +249,31 @@ def check(cfg: TrainConfig) -> None:
         validate_name(cfg.student_name)  # fail now, not when the finished student is saved
     except StudentError as e:
         raise ValueError(f"config: student_name: {e}") from None
-    if not RUN_NAME_RE.match(cfg.run_name or ""):
+    if not RUN_NAME_RE.fullmatch(cfg.run_name or ""):
         raise bad("run_name", "1-100 letters, digits, '_' or '-', starting with a letter or digit")
+
+
+def check_app_limits(cfg: TrainConfig) -> None:
+    """Refuse a resolved config from the app that asks for more than `APP_LIMITS` allows, or that would
+    write more files than `APP_MAX_FILES`; the ``ValueError`` names the field and its limit."""
+    for name, (lo, hi) in APP_LIMITS.items():
+        v = getattr(cfg, name)
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"config: {name} is {v!r}; a run from the app takes {lo:g} to {hi:g} "
+                             "(the command line allows more)")
+    for name, (what, most) in APP_MAX_FILES.items():
+        every = getattr(cfg, name)
+        if every and cfg.max_steps // every > most:
+            raise ValueError(f"config: {name} {every} writes {cfg.max_steps // every} {what} over {cfg.max_steps} "
+                             f"steps; a run from the app writes at most {most}: set {name} to at least "
+                             f"{math.ceil(cfg.max_steps / most)}")
+
+
+def app_limits_markdown() -> str:
+    """`APP_LIMITS` and `APP_MAX_FILES` as the lines docs/hosting.md shows (a test keeps them the same)."""
+    ranges = " · ".join(f"`{k}` {lo:g}–{hi:g}" for k, (lo, hi) in APP_LIMITS.items())
+    files = " · ".join(f"{what} ≤ {most} (`{k}`)" for k, (what, most) in APP_MAX_FILES.items())
+    return f"{ranges}\n\nover `max_steps`: {files}"
 
 
 def default_student_name(cfg: TrainConfig, root: str | os.PathLike | None = None) -> str:
@@ -271,7 +310,7 @@ def check_destination(cfg: TrainConfig, root: str | os.PathLike | None = None, *
         raise ValueError(f"config: student_name {cfg.student_name!r} is a student shipped with the repository; "
                          "the app never replaces it. Pick another name.")
     if not cfg.overwrite:
-        raise ValueError(f"config: student_name {cfg.student_name!r} already exists in {folder}; pick another "
+        raise ValueError(f"config: student_name {cfg.student_name!r} already exists in {shown_path(folder)}; pick another "
                          "name, or set overwrite (CLI: --overwrite) to replace it.")
 
 
@@ -281,7 +320,7 @@ def check_destination(cfg: TrainConfig, root: str | os.PathLike | None = None, *
 HOST_ONLY = ("model", "device", "threads", "cache_dir")
 MAX_TEXT = 300            # characters in any text field from the app
 MAX_PROMPTS = 16          # preview prompts from the app
-_HF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_HF_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")  # fullmatch
 
 
 def _check_text(name: str, value: str) -> str:
@@ -302,7 +341,7 @@ def check_data(value: Any, roots: list[Path] | None = None) -> str:
     if value == "world":
         return value
     if value.startswith("hf:"):
-        if not _HF_NAME_RE.match(value[3:]) or ".." in value:
+        if not _HF_NAME_RE.fullmatch(value[3:]) or ".." in value:
             raise ValueError(f"config: data {value!r} is not a Hugging Face datasets name (user/name)")
         return value
     return str(confine(value, data_roots() if roots is None else roots, "data"))
@@ -429,6 +468,7 @@ def cache_root(cfg: TrainConfig) -> Path:
     return cache_dir()
 
 
-__all__ = ["TrainConfig", "PROFILES", "BOUNDS", "CHOICES", "resolve", "check", "check_destination",
+__all__ = ["TrainConfig", "PROFILES", "BOUNDS", "APP_LIMITS", "APP_MAX_FILES", "CHOICES", "resolve", "check",
+           "check_app_limits", "app_limits_markdown", "check_destination",
            "default_student_name", "untrusted_overrides", "check_data", "data_roots", "from_dict", "load_json",
            "runs_dir", "cache_root", "card_method", "profile_name", "default_preview_prompts"]

@@ -18,6 +18,7 @@ resolution and the data, so a training step runs only the UNet.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -110,39 +111,57 @@ def folder_source(path: str | os.PathLike, max_items: int = 0) -> Source:
     return Source(f"image folder {root} ({len(files)} entries)", f"folder:{h.hexdigest()}", caps, load)
 
 
+HF_MAX_ROWS = 10_000  # rows read from a ``datasets`` data set at most (data_size 0, "all", reads this many)
+
+
+def _hf_image(value: Any):
+    """A row's image as PIL RGB: decoded here, one at a time (a PIL image, a path, or ``{"bytes", "path"}``)."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+    if isinstance(value, (str, os.PathLike, io.BytesIO)):
+        with Image.open(value) as f:
+            return f.convert("RGB")
+    return value.convert("RGB")
+
+
 def hf_source(name: str, split: str, image_column: str, caption_column: str, max_items: int = 0) -> Source:
+    """The first ``max_items`` rows (at most `HF_MAX_ROWS`; 0: that many) of a ``datasets`` data set, streamed:
+    only those rows are downloaded, never the whole split, and their images stay compressed until read."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"data 'hf:{name}' needs the `datasets` package: pip install datasets "
                         "(or convert it to an image folder with metadata.jsonl)") from None
+    n = min(max_items or HF_MAX_ROWS, HF_MAX_ROWS)
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        if isinstance((getattr(ds, "features", None) or {}).get(image_column), datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes now, pixels when read
+        rows = list(ds.take(n))
     except Exception as e:
         raise DataError(f"could not load the datasets data set {name!r} (split {split!r}): "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
+    if not rows:
+        raise DataError(f"data set {name!r} (split {split!r}) has no rows")
+    missing = [c for c in (image_column, caption_column) if c not in rows[0]]
     if missing:
-        raise DataError(f"data set {name!r} has no column(s) {missing}; it has {ds.column_names}. "
+        raise DataError(f"data set {name!r} has no column(s) {missing}; it has {sorted(rows[0])}. "
                         "Set image_column / caption_column.")
-    if max_items:
-        ds = ds.select(range(min(max_items, len(ds))))
     caps = []
-    for c in ds[caption_column]:
+    for row in rows:
+        c = row[caption_column]
         c = c[0] if isinstance(c, list) and c else c
         caps.append(str(c or ""))
-
-    def load(i: int):
-        im = ds[i][image_column]
-        if isinstance(im, (str, os.PathLike)):
-            from PIL import Image
-
-            with Image.open(im) as f:
-                return f.convert("RGB")
-        return im.convert("RGB")
-
-    fp = getattr(ds, "_fingerprint", None) or f"{len(ds)}"
-    return Source(f"datasets {name}[{split}] ({len(ds)} rows)", f"hf:{name}:{split}:{fp}:{max_items}", caps, load)
+    h = hashlib.sha256("\n".join(caps).encode())
+    for row in rows:  # the images' bytes where the rows hold them (the cache key changes with the pictures)
+        v = row[image_column]
+        if isinstance(v, dict):
+            h.update(v.get("bytes") or str(v.get("path")).encode())
+    fp = h.hexdigest()[:16]
+    return Source(f"datasets {name}[{split}] (first {len(rows)} rows)", f"hf:{name}:{split}:{fp}:{n}", caps,
+                  lambda i: _hf_image(rows[i][image_column]))
 
 
 def make_source(data: str, *, data_size: int, data_seed: int, resolution: int, image_column: str = "image",

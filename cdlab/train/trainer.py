@@ -141,7 +141,7 @@ class Trainer:
             load_latest(self)
         self.log(f"{card_method(cfg)} N={cfg.num_boundaries} on {self.teacher.describe()}, {len(self.data)} items, "
                  f"{sum(p.numel() for p in self.params)} LoRA params, batch {cfg.batch_size}x{cfg.grad_accum}"
-                 f"x{self.world}, run {self.run_dir}")
+                 f"x{self.world}, run {shown_path(self.run_dir)}")
 
     def _start_accelerator(self, cfg: TrainConfig) -> torch.dtype:
         """The accelerator, its mixed precision and the fp16 loss scaler; returns the teacher's weight dtype."""
@@ -328,7 +328,7 @@ class Trainer:
             if cfg.save_student and acc.is_main_process:
                 student_dir = self.save_student()
         metrics = dict(getattr(self, "last_row", {}))
-        self.status(state, f"saved {student_dir}" if student_dir else ("stopped at a checkpoint" if state == "stopped" else "done"))
+        self.status(state, f"saved {shown_path(student_dir)}" if student_dir else ("stopped at a checkpoint" if state == "stopped" else "done"))
         acc.wait_for_everyone()
         return TrainResult(state, self.step, self.run_dir, student_dir, metrics)
 
@@ -372,7 +372,7 @@ class Trainer:
             card = dataclasses.replace(card, name=name)
         with swapped_weights(self.unet, self.ema if self.dmd else None):
             path = save_student(self.unet, name, card, overwrite=cfg.overwrite)
-        self.log(f"student saved to {path}" + (" (the generator's EMA)" if self.dmd and self.ema is not None else ""))
+        self.log(f"student saved to {shown_path(path)}" + (" (the generator's EMA)" if self.dmd and self.ema is not None else ""))
         return path
 
 

@@ -172,7 +172,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model: str = "tiny",
-               workdir: Path | None = None, train_steps: int = 100_000) -> dict:
+               workdir: Path | None = None, train_steps: int = 20_000) -> dict:  # 20_000: the app's cap, APP_LIMITS
     """``requests`` concurrent Compare requests (and, with ``train``, one training run) against the launched app.
 
     Returns served/failed counts, latencies (seconds from submission to result) and the training run's

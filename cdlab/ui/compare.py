@@ -26,13 +26,12 @@ from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
 from cdlab.teachers import is_tiny, teacher_lock
 from cdlab.ui.compare_view import compose_comparison, error_image
-from cdlab.world.grammar import nearest_caption
+from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
 
 __all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
            "Comparer", "tiny_prompts", "prompt_presets", "is_tiny", "random_seed", "validate_request",
            "trajectory_grid", "align_to_grid"]
 
-MAX_PROMPT_CHARS = 500
 SEED_MAX = 2**32 - 1
 GUIDANCE_RANGE = (1.0, 20.0)
 MAX_COLUMNS = 32
@@ -318,6 +317,8 @@ class Comparer:
         grammar and for SD1.5 (which takes any prompt)."""
         if not is_tiny(self.teacher) or not isinstance(prompt, str) or not prompt.strip():
             return "", None
+        if len(prompt) > MAX_PROMPT_CHARS:  # refused before any parsing, as Compare refuses it
+            return f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.", None
         caption, unknown = nearest_caption(prompt)
         if caption.text == " ".join(prompt.lower().split()).rstrip("."):
             return "", None

@@ -35,6 +35,12 @@ USES_STRENGTH = {"sdedit": True, "inpaint": True, "anagram": False, "hybrid": Fa
 MAX_UPLOAD_SIDE = 4096      # px; a larger upload is refused before anything is resized
 MIN_UPLOAD_SIDE = 8
 MAX_ASPECT = 1.25           # the teachers are square: a clearly non-square upload is refused (crop it first)
+MAX_LAYERS = 16             # paint layers in one editor value (the canvas offers one)
+MAX_UPLOAD_BYTES = 20 * 2**20   # one image file (= the app's upload limit, hosting.MAX_FILE_SIZE "20mb")
+MAX_UPLOAD_PIXELS = 2 * MAX_UPLOAD_SIDE ** 2  # all the images of one editor value together, read from headers
+# Pillow refuses to open (DecompressionBombError) an image of more than twice this many pixels, anywhere in the
+# process; Gradio opens uploads with its warnings silenced. Set by `cap_decoding`, when a page is built.
+PILLOW_MAX_IMAGE_PIXELS = MAX_UPLOAD_SIDE ** 2
 
 
 # ----------------------------------------------------------------------------- validation
@@ -86,6 +92,58 @@ def check_steps(steps: Any) -> int:
         raise InputError(f"student_steps: {e}") from None
 
 
+# ----------------------------------------------------------------------------- before decoding
+
+def cap_decoding() -> None:
+    """Restore Pillow's decompression-bomb guard, at the upload limit: an image of more than twice
+    `PILLOW_MAX_IMAGE_PIXELS` pixels is refused by ``Image.open`` itself, before its pixels are decoded."""
+    Image.MAX_IMAGE_PIXELS = PILLOW_MAX_IMAGE_PIXELS
+
+
+def upload_header(source: Any, what: str) -> tuple[int, int]:
+    """The size (w, h) of an uploaded image (a path or bytes), from its header only: the file size and the
+    pixels are checked before anything is decoded (``Image.open`` reads the header; the pixels wait for
+    ``load``). Refuses, naming ``what``, a file over `MAX_UPLOAD_BYTES`, one that is not an image, and one
+    over `MAX_UPLOAD_SIDE` px a side."""
+    import io
+    import os
+
+    try:
+        n = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
+    except (OSError, TypeError):
+        raise InputError(f"{what}: the upload cannot be read.") from None
+    if n > MAX_UPLOAD_BYTES:
+        raise InputError(f"{what}: {n / 2**20:.1f} MB is too large; at most {MAX_UPLOAD_BYTES // 2**20} MB.")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            w, h = im.size  # the header: no pixel decoded
+    except Image.DecompressionBombError:
+        raise InputError(f"{what}: far too many pixels; at most {MAX_UPLOAD_SIDE} px a side.") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{what}: not a readable image ({type(e).__name__}).") from None
+    if max(w, h) > MAX_UPLOAD_SIDE:
+        raise InputError(f"{what}: {w}×{h} px is too large; at most {MAX_UPLOAD_SIDE} px a side.")
+    return w, h
+
+
+def check_editor_payload(background: Any, layers: Any, composite: Any) -> None:
+    """The image editor's raw value (paths or bytes, nothing decoded yet): at most `MAX_LAYERS` layers,
+    counted before any is opened, then each image's header (`upload_header`) and all their pixels together
+    (at most `MAX_UPLOAD_PIXELS`). Raises `InputError` naming the part."""
+    layers = list(layers or [])
+    if len(layers) > MAX_LAYERS:
+        raise InputError(f"image: {len(layers)} layers; at most {MAX_LAYERS}.")
+    parts = [("image (background)", background)] + [(f"image (layer {i + 1})", v) for i, v in enumerate(layers)]
+    total = 0
+    for what, source in parts + [("image (composite)", composite)]:
+        if source is not None:
+            w, h = upload_header(source, what)
+            total += w * h
+    if total > MAX_UPLOAD_PIXELS:
+        raise InputError(f"image: {total} pixels in all; at most {MAX_UPLOAD_PIXELS} (background, layers and "
+                         "composite together).")
+
+
 def _as_pil(value: Any, what: str):
     """A PIL image from what the editor (PIL), the API (a path) or a test (numpy) gives; refuses the rest."""
     if value is None:
@@ -93,14 +151,10 @@ def _as_pil(value: Any, what: str):
     if isinstance(value, Image.Image):
         im = value
     elif isinstance(value, str):
+        upload_header(value, what)  # size and pixels before decoding
         try:
             with Image.open(value) as f:
-                if max(f.size) > MAX_UPLOAD_SIDE:
-                    raise InputError(f"{what}: {f.size[0]}×{f.size[1]} px is too large; at most "
-                                     f"{MAX_UPLOAD_SIDE} px a side.")
                 im = f.copy()
-        except InputError:
-            raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise InputError(f"{what}: not a readable image ({type(e).__name__}).") from None
     else:
@@ -149,10 +203,10 @@ def editor_inputs(value: Any, technique: str, size: int) -> EditInputs:
         unknown = set(value) - {"background", "layers", "composite", "id"}
         if unknown:
             raise InputError(f"image: unknown keys {sorted(unknown)}; expected background, layers, composite.")
-        bg = _as_pil(value.get("background"), "image (background)")
         layers_in = value.get("layers") or []
-        if not isinstance(layers_in, (list, tuple)) or len(layers_in) > 16:
-            raise InputError("image: layers must be a list of at most 16 images.")
+        if not isinstance(layers_in, (list, tuple)) or len(layers_in) > MAX_LAYERS:  # counted before any is read
+            raise InputError(f"image: layers must be a list of at most {MAX_LAYERS} images.")
+        bg = _as_pil(value.get("background"), "image (background)")
         layers = [_as_pil(v, f"image (layer {i + 1})") for i, v in enumerate(layers_in)]
         layers = [x for x in layers if x is not None]
         comp = _as_pil(value.get("composite"), "image (composite)")

@@ -24,8 +24,9 @@ from cdlab.teachers import is_tiny, teacher_lock
 from cdlab.ui import hosting as H
 from cdlab.ui.compare import InputError
 from cdlab.ui.compare_view import row_html, upscale
-from cdlab.ui.edit_inputs import (PROMPTS, TECHNIQUES, USES_IMAGE, USES_STRENGTH, EditInputs, check_prompt,
-                                  check_seed, check_steps, check_strength, check_technique, editor_inputs)
+from cdlab.ui.edit_inputs import (MAX_LAYERS, MAX_UPLOAD_BYTES, PROMPTS, TECHNIQUES, USES_IMAGE, USES_STRENGTH,
+                                  EditInputs, cap_decoding, check_editor_payload, check_prompt, check_seed,
+                                  check_steps, check_strength, check_technique, editor_inputs)
 from cdlab.ui.session import named_errors, user_errors
 from cdlab.world import Caption, check, render
 from cdlab.world.checker import read
@@ -422,6 +423,51 @@ def edit_results(ui: SimpleNamespace) -> None:
         ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "steps"], label="Timings", interactive=False)
 
 
+# ----------------------------------------------------------------------------- the upload, before decoding
+
+MAX_PENDING_BLOBS = 32  # editor values the browser is still sending in pieces (Gradio keeps them in memory)
+
+
+def check_editor_upload(component: Any, payload: Any) -> None:
+    """The image editor's raw payload, before Gradio decodes a pixel (`cdlab.ui.session.named_errors`'s
+    ``check``): the files the API names or the pieces the browser sent (``blob_storage``), checked by
+    `cdlab.ui.edit_inputs.check_editor_payload` (layer count first, then each header)."""
+    if payload is None:
+        return
+    if getattr(payload, "id", None) is not None:
+        blobs = component.blob_storage.get(payload.id)
+        if blobs is not None:
+            check_editor_payload(blobs.background, blobs.layers, blobs.composite)
+        return
+    def path(f):  # a FileData: the upload on disk
+        return None if f is None else f.path
+
+    check_editor_payload(path(payload.background), [path(f) for f in payload.layers or []], path(payload.composite))
+
+
+def _accept_blobs(self, data: Any) -> None:
+    """The editor's pieces from the browser, refused before they are kept when they could only exhaust memory:
+    a layer index past `MAX_LAYERS`, a piece over `MAX_UPLOAD_BYTES`, or too many unfinished values."""
+    import gradio as gr
+
+    index = data.data.get("index")
+    if data.data.get("type") == "layer" and index not in (None, "null", ""):
+        try:
+            ok = 0 <= int(index) < MAX_LAYERS
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise gr.Error(f"Image: layer {str(index)[:20]!r}; at most {MAX_LAYERS} layers.")
+    if any(len(f[1]) > MAX_UPLOAD_BYTES for f in data.files if isinstance(f[1], (bytes, bytearray))):
+        raise gr.Error(f"Image: a piece over {MAX_UPLOAD_BYTES // 2**20} MB.")
+    while len(self.blob_storage) >= MAX_PENDING_BLOBS and data.data.get("id") not in self.blob_storage:
+        self.blob_storage.pop(next(iter(self.blob_storage)))
+    return gr.ImageEditor.accept_blobs(self, data)
+
+
+_accept_blobs._is_server_fn = True  # a component server function, as gradio.components.base.server marks one
+
+
 class EditTab:
     """The Edit tab, built inside the page's ``gr.Tabs``: its components, its events, and its part of the page
     load (the columns offered, fresh). It opens with a result: the first visit runs the first preset."""
@@ -445,7 +491,9 @@ class EditTab:
         import gradio as gr
 
         ui, fn = self.ui, self.fn
-        named_errors(ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns)
+        cap_decoding()
+        named_errors(ui.image, check=check_editor_upload, methods={"accept_blobs": _accept_blobs})
+        named_errors(ui.tech, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns)
         inputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns]
         outputs = [ui.row, ui.gallery, ui.table, ui.info]
         ui.tech.change(fn.technique_changed, ui.tech, [ui.prompt, ui.prompt2, ui.strength], api_visibility="private")

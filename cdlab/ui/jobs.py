@@ -128,7 +128,7 @@ class JobManager:
         ``python -m cdlab train --model M --config FILE`` on it. ``owner`` is the starting session's token:
         only a request with the same token may stop or resume the run (`stop`, `resume`)."""
         run_name = str(config.get("run_name") or "")
-        if not RUN_NAME_RE.match(run_name):
+        if not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {run_name[:40]!r}.")
         run_dir = self.runs_dir / run_name
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -165,7 +165,7 @@ class JobManager:
 
     def resume(self, run_name: str, owner: str | None = None, allow_unowned: bool = True) -> Job:
         """Continue ``run_name`` from its newest complete checkpoint (owner rules: `check_owner`)."""
-        if not isinstance(run_name, str) or not RUN_NAME_RE.match(run_name):
+        if not isinstance(run_name, str) or not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {str(run_name)[:40]!r}.")
         run_dir = self.runs_dir / run_name
         if not run_dir.is_dir():

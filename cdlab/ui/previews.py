@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cdlab.paths import read_json
 
 REFERENCE = "reference.png"  # = cdlab.train.previews.REFERENCE_NAME (not imported: that module imports torch)
-_STEP_RE = re.compile(r"^step_(\d+)\.png$")
+_STEP_RE = re.compile(r"step_(\d+)\.png")  # fullmatch
 
 LABEL_WIDTH = 210   # px of the left column that holds the row labels
 MAX_CELL = 256      # px: a row's images are shown at most this tall (SD1.5's 512 px previews are halved)
@@ -61,7 +61,7 @@ def student_previews(run_dir: Path) -> list[tuple[int, Path]]:
     """Every ``previews/step_XXXXXX.png`` of a run as (step, path), oldest first."""
     out = []
     for p in (Path(run_dir) / "previews").glob("step_*.png"):
-        m = _STEP_RE.match(p.name)
+        m = _STEP_RE.fullmatch(p.name)
         if m:
             out.append((int(m.group(1)), p))
     return sorted(out)

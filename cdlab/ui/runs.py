@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,10 @@ import pandas as pd
 
 from cdlab.paths import read_json
 from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
+from cdlab.ui.previews import student_previews
 
 ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
 FINAL_STATES = ("finished", "failed", "stopped")
-_PREVIEW_RE = re.compile(r"step_(\d+)\.png$")
 _CKPT_RE = CKPT_RE  # the one checkpoint-name pattern, from cdlab.train.checkpoints
 
 
@@ -260,12 +259,8 @@ def loss_frame(rows: list[dict[str, Any]], max_points: int = MAX_PLOT_POINTS):
 
 def latest_preview(run_dir: Path) -> tuple[Path, int] | None:
     """The newest preview image of a run and its step, or None."""
-    best: tuple[Path, int] | None = None
-    for p in (Path(run_dir) / "previews").glob("step_*.png"):
-        m = _PREVIEW_RE.search(p.name)
-        if m and (best is None or int(m.group(1)) > best[1]):
-            best = (p, int(m.group(1)))
-    return best
+    found = student_previews(run_dir)
+    return (found[-1][1], found[-1][0]) if found else None
 
 
 def run_info(run_dir: Path) -> RunInfo:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
 from typing import Any, Callable, Sequence
 
 import torch
 
+from cdlab.paths import shown_text
 from cdlab.ui.jobs import JobError
 
 log = logging.getLogger("cdlab.app")
@@ -55,8 +58,18 @@ READY_HTML = '<span id="cdlab-ready" data-ready="1" style="display:none">ready</
 
 # ----------------------------------------------------------------------------- errors on the page
 
+def internal_error_message(error_id: str) -> str:
+    """What the page says for an unexpected failure: no exception text (it may name the server's folders or
+    code), only an id the server log records with the full traceback."""
+    return (f"Something went wrong on the server (error {error_id}); the server keeps serving. If it happens "
+            "again, tell whoever runs the app this id.")
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn the logic's errors into a gr.Error for the page; the server carries on."""
+    """Turn the logic's errors into a gr.Error for the page; the server carries on. A user error
+    (`USER_ERRORS`: a refused field, a missing student) keeps its message, with the server's folders written
+    as `cdlab.paths.shown_text` writes them; anything else is logged in full (``log.exception``, with an id
+    and the time) and the page gets `internal_error_message` with that id."""
     import gradio as gr
 
     @functools.wraps(fn)
@@ -66,41 +79,54 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # a bug or a backend failure: still a message, not a dead server
-            log.exception("request failed")
-            raise gr.Error(f"{type(e).__name__}: {e}") from None
+            raise gr.Error(shown_text(str(e))) from None
+        except Exception:  # a bug or a backend failure: still a message, not a dead server
+            error_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            log.exception("request failed: error %s in %s", error_id, getattr(fn, "__name__", fn))
+            raise gr.Error(internal_error_message(error_id)) from None
     return wrapper
 
 
-_NAMED_CLASSES: dict[type, type] = {}
+_NAMED_CLASSES: dict[tuple, type] = {}
 
 
-def _named_class(cls: type) -> type:
+def _named_class(cls: type, check: Callable | None = None, methods: tuple = ()) -> type:
     """A subclass of component class ``cls``, with the same name (the page picks a component's code by its
-    class name), whose ``preprocess`` prefixes Gradio's own input errors with the component's label."""
+    class name), whose ``preprocess`` prefixes Gradio's own input errors with the component's label. With
+    ``check``, ``check(component, payload)`` runs first, on the raw payload, before ``cls`` decodes anything;
+    its ``ValueError`` names the field already. ``methods``: (name, function) pairs the subclass overrides."""
     import gradio as gr
 
-    if cls not in _NAMED_CLASSES:
+    key = (cls, check, methods)
+    if key not in _NAMED_CLASSES:
         def preprocess(self, payload):
+            if check is not None:
+                try:
+                    check(self, payload)
+                except ValueError as e:
+                    raise gr.Error(str(e)) from None
             try:
                 return cls.preprocess(self, payload)
             except gr.Error as e:
                 raise gr.Error(f"{self.label}: {e.message}") from None
             except Exception as e:  # e.g. an upload that is not an image: refused by name, the server goes on
-                raise gr.Error(f"{self.label}: could not read the value ({type(e).__name__}: {str(e)[:120]})") from None
+                raise gr.Error(f"{self.label}: could not read the value ({type(e).__name__})") from None
 
-        _NAMED_CLASSES[cls] = type(cls.__name__, (cls,), {"preprocess": preprocess, "__module__": cls.__module__})
-    return _NAMED_CLASSES[cls]
+        attrs = {"preprocess": preprocess, "__module__": cls.__module__, **dict(methods)}
+        _NAMED_CLASSES[key] = type(cls.__name__, (cls,), attrs)
+    return _NAMED_CLASSES[key]
 
 
-def named_errors(*components):
+def named_errors(*components, check: Callable | None = None, methods: dict[str, Callable] | None = None):
     """Prefix Gradio's own input checks (a value out of a slider's range, not among a radio's choices) with
     the component's label, so every refused field is named; our own checks name theirs already. Done on the
     class (a same-named subclass), so it holds for the per-session copies Gradio builds when an update
-    changes a component (new choices in a dropdown)."""
+    changes a component (new choices in a dropdown).
+
+    ``check(component, payload)``: run on the raw payload before the component decodes it (an upload's size
+    and pixels; `_named_class`). ``methods``: methods the subclass overrides (a server function's guard)."""
     for comp in components:
-        comp.__class__ = _named_class(type(comp))
+        comp.__class__ = _named_class(type(comp), check, tuple(sorted((methods or {}).items())))
     return components
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from cdlab.paths import shown_path, shown_text
 from cdlab.train import config as C
 from cdlab.ui import hosting as H
 from cdlab.ui import previews as previews_mod
@@ -85,18 +86,18 @@ def poll(jobs: JobManager, run_name: str | None) -> RunView:
         return empty_view()
     run_dir = jobs.runs_dir / run_name
     if not run_dir.is_dir():
-        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {jobs.runs_dir}._", "", None, "", None,
+        return RunView(run_name, "missing", f"_Run {run_name!r} is gone from {shown_path(jobs.runs_dir)}._", "", None, "", None,
                        "", "", False)
     st = jobs.state(run_name)
     state = str(st.get("state", "queued"))
     rows = runs_mod.read_metrics(run_dir)
     p = runs_mod.progress(rows, st)
     line = runs_mod.progress_markdown(p, state)
-    msg = str(st.get("message") or "").strip()
+    msg = shown_text(str(st.get("message") or "").strip())  # the page names no machine's folders
     student = st.get("student")
     head = f"**Run** `{run_name}`" + (f" → student `{student}`" if student else "")
     status_md = head + "  \n" + line + (f"  \n{msg}" if msg else "")
-    log = str(st.get("log_tail") or "")
+    log = shown_text(str(st.get("log_tail") or ""))
     if state == "failed" and log:
         status_md += "  \nThe trainer failed; the last lines of its log are below."
     image, caption = composed_preview(run_dir)
@@ -149,19 +150,20 @@ class FormField:
 
 DATA_KINDS = ("tiny world", "image folder", "HF datasets name", "COCO recipe folder")
 
-# The TrainConfig fields the form shows, with their bounds; every other field keeps the trainer's default.
+# The TrainConfig fields the form shows; a number's range is the app's (`cdlab.train.config.APP_LIMITS`, the
+# one table the advanced JSON is checked against too). Every other field keeps the trainer's default.
 _FORM = [
     ("method", "mode", "choice", {"choices": ("ct", "cd", "mbcd", "dmd"),
                                   "info": "ct: no teacher · cd: one boundary · mbcd: multi-boundary CD · "
                                           "dmd: distribution matching (N = generator steps)"}),
-    ("num_boundaries", "boundaries N", "int", {"minimum": 1, "maximum": 8}),
-    ("lora_rank", "LoRA rank", "int", {"minimum": 1, "maximum": 256}),
-    ("lr", "learning rate", "float", {"minimum": 1e-7, "maximum": 1.0}),
-    ("max_steps", "steps", "int", {"minimum": 1, "maximum": 1_000_000}),
-    ("batch_size", "batch size", "int", {"minimum": 1, "maximum": 4096}),
-    ("guidance", "guidance w (min)", "float", {"minimum": 1.0, "maximum": 20.0}),
-    ("guidance_max", "guidance w (max; = min for a fixed w)", "float", {"minimum": 1.0, "maximum": 20.0}),
-    ("preview_every", "preview every (steps)", "int", {"minimum": 0, "maximum": 1_000_000}),
+    ("num_boundaries", "boundaries N", "int", {}),
+    ("lora_rank", "LoRA rank", "int", {}),
+    ("lr", "learning rate", "float", {}),
+    ("max_steps", "steps", "int", {}),
+    ("batch_size", "batch size", "int", {}),
+    ("guidance", "guidance w (min)", "float", {}),
+    ("guidance_max", "guidance w (max; = min for a fixed w)", "float", {}),
+    ("preview_every", "preview every (steps)", "int", {}),
     ("student_name", "student name", "text", {"info": "saved to adapters/<name>; letters, digits, - and _"}),
 ]
 
@@ -183,6 +185,8 @@ def form_fields(model: str, teacher_resolution: int | None = None) -> list[FormF
             default = 300 if C.profile_name(model, teacher_resolution) == "tiny" else default
         if key == "preview_every":
             default = 50 if C.profile_name(model, teacher_resolution) == "tiny" else default
+        if kind in ("int", "float"):
+            extra = {**extra, "minimum": C.APP_LIMITS[key][0], "maximum": C.APP_LIMITS[key][1]}
         out.append(FormField(key, label, kind, default, **extra))
     return out
 
@@ -256,7 +260,8 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
     ``extra_json`` (the form's "advanced" box) sets other `TrainConfig` fields, e.g. ``{"log_every": 1}``;
     it goes through `cdlab.train.config.untrusted_overrides` (unknown and host-only keys, types, finite
     numbers, text, data folders confined). The resolved config is checked by the trainer's own `check`
-    (ranges, names) and `check_destination`: an existing student is replaced only with ``overwrite``, and
+    (ranges, names), then, form and JSON alike, by `cdlab.train.config.check_app_limits` (the app's caps),
+    and by `check_destination`: an existing student is replaced only with ``overwrite``, and
     the students shipped with the repository never.
 
     Raises ``ValueError`` whose message names the bad field.
@@ -297,6 +302,7 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
             raise ValueError(f"config: the advanced settings are not valid JSON ({e}).") from None
         d.update(C.untrusted_overrides(extra))
     cfg = C.resolve(C.from_dict(d), teacher_resolution)
+    C.check_app_limits(cfg)  # the form's values and the advanced JSON's, against the one table
     C.check_destination(cfg, adapters_root, allow_shipped=False)
     return cfg.to_dict()
 

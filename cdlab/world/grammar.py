@@ -1,9 +1,13 @@
 """Caption grammar of the embedded world: size x colour x shape x position x background."""
 from __future__ import annotations
 
+import difflib
+import functools
 import random
 import re
 from dataclasses import dataclass, fields
+
+MAX_PROMPT_CHARS = 500  # the longest prompt the lab reads (Compare, Edit, the grammar's reader): checked first
 
 # RGB of every colour word; objects and backgrounds draw from the same palette.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -66,7 +70,7 @@ _PATTERN = re.compile(
 
 def parse_caption(text: str) -> Caption:
     """Parse a caption of the grammar; raise ``ValueError`` with the expected form otherwise."""
-    m = _PATTERN.match(text or "")
+    m = _PATTERN.fullmatch(text or "")
     if not m:
         raise ValueError(
             f"not a caption of the tiny world: {text!r}; expected e.g. "
@@ -104,6 +108,18 @@ _SYNONYMS = {"grey": "gray", "centre": "center", "big": "large", "little": "smal
              "dot": "circle", "disc": "circle", "disk": "circle", "violet": "purple", "middle": "center"}
 
 
+_VOCAB = frozenset(all_words())
+_CONTENT = [v for v in all_words() if v not in _FUNCTION_WORDS]
+
+
+@functools.lru_cache(maxsize=4096)
+def _close_word(word: str) -> str | None:
+    """The content word ``word`` is a close misspelling of (``difflib`` ratio >= 0.8, words of 4 letters or
+    more), or None."""
+    close = difflib.get_close_matches(word, _CONTENT, n=1, cutoff=0.8) if len(word) >= 4 else []
+    return close[0] if close else None
+
+
 def nearest_caption(text: str) -> tuple[Caption, list[str]]:
     """The caption of the grammar closest to free text, and the words of ``text`` the world does not know.
 
@@ -115,34 +131,33 @@ def nearest_caption(text: str) -> tuple[Caption, list[str]]:
     a white background"), and an object colour equal to the background moves the background to the next
     allowed one, so the result is always a valid caption.
 
+    Raises ``ValueError`` for a text over `MAX_PROMPT_CHARS` characters, before reading any of it.
+
     Returns:
         ``(caption, unknown)``: ``unknown`` lists the words that are neither caption words nor close to one,
         in order, without repeats; empty when ``text`` is already a caption of the grammar.
     """
-    import difflib
-
+    text = text or ""
+    if len(text) > MAX_PROMPT_CHARS:  # before any parsing: the work below is linear, but not free
+        raise ValueError(f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     try:
         return parse_caption(text), []
     except ValueError:
         pass
-    vocab = all_words()
-    content = [v for v in vocab if v not in _FUNCTION_WORDS]
-    words = re.findall(r"[a-zA-Z]+", (text or "").lower())
     found: dict[str, str] = {}
-    unknown: list[str] = []
+    unknown: dict[str, None] = {}  # an ordered set: one lookup per word, so the whole read is linear
     vert = horiz = None
     after_on = False
-    for raw in words:
+    for raw in re.findall(r"[a-zA-Z]+", text.lower()):
         w = _SYNONYMS.get(raw, raw)
         if w in _FILLER:
             continue
-        if w not in vocab:
-            close = difflib.get_close_matches(w, content, n=1, cutoff=0.8) if len(w) >= 4 else []
+        if w not in _VOCAB:
+            close = _close_word(w)
             if close:
-                w = close[0]
+                w = close
             else:
-                if raw not in unknown:
-                    unknown.append(raw)
+                unknown.setdefault(raw)
                 continue
         if w == "on":
             after_on = True
@@ -171,4 +186,4 @@ def nearest_caption(text: str) -> tuple[Caption, list[str]]:
             values["color"] = next(c for c in COLORS if c != values["background"])
         else:
             values["background"] = next(b for b in BACKGROUNDS if b != values["color"])
-    return Caption(**values), unknown
+    return Caption(**values), list(unknown)
