@@ -5,9 +5,11 @@ Gradio is imported where a page is built, never at import time (``python app.py 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -55,21 +57,36 @@ READY_HTML = '<span id="cdlab-ready" data-ready="1" style="display:none">ready</
 
 # ----------------------------------------------------------------------------- errors on the page
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn the logic's errors into a gr.Error for the page; the server carries on."""
+@contextlib.contextmanager
+def _as_user_error() -> Iterator[None]:
+    """Raise the logic's errors in the ``with`` block as a gr.Error for the page."""
     import gradio as gr
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except USER_ERRORS as e:
+        raise gr.Error(str(e)) from None
+    except Exception as e:  # a bug or a backend failure: still a message, not a dead server
+        log.exception("request failed")
+        raise gr.Error(f"{type(e).__name__}: {e}") from None
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the logic's errors into a gr.Error for the page; the server carries on. A generator function (an
+    event that streams its outputs) stays a generator function, so Gradio still streams it."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            with _as_user_error():
+                yield from fn(*args, **kwargs)
+        return streamed
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _as_user_error():
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # a bug or a backend failure: still a message, not a dead server
-            log.exception("request failed")
-            raise gr.Error(f"{type(e).__name__}: {e}") from None
     return wrapper
 
 
