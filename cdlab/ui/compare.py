@@ -27,7 +27,8 @@ from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
 from cdlab.teachers import is_tiny, teacher_lock
-from cdlab.ui.compare_view import compose_comparison, error_image
+from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
+from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import nearest_caption
 
 __all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
@@ -50,99 +51,6 @@ def prompt_presets(teacher: Any) -> list[str]:
 
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
-
-
-@dataclass
-class ColumnResult:
-    """One column's image, numbers and (optionally) its trajectory, aligned to the request's timestep grid.
-
-    ``seconds`` is the wall time of the sampling that produced the column (activation, the sampler and
-    decoding; loading an adapter the first time is ``load_seconds``, shown apart): when the micro-batcher served
-    ``batch`` requests together, that call made all ``batch`` images, and ``seconds_per_image`` is
-    ``seconds / batch``. A teacher column served from the cache (same prompt, seed and guidance as an
-    earlier request) keeps the time it was measured with and has ``cached=True``.
-    """
-
-    label: str
-    image: Any  # PIL.Image
-    seconds: float
-    nfe: int
-    steps: int
-    speedup: float | None = None
-    speedup_estimated: bool = False
-    method: str = ""
-    batch: int = 1
-    cached: bool = False
-    load_seconds: float = 0.0  # reading the adapter / preparing its weights (first use only), not in ``seconds``
-    timesteps: list[int] = field(default_factory=list)  # where the network was evaluated
-    # The trajectory on the request's grid (`CompareResult.grid`): one entry per grid timestep, None where
-    # this column has no step near it. x0: the prediction at that step; xt: the latent it was made from.
-    trajectory: list[Any] = field(default_factory=list)
-    trajectory_xt: list[Any] = field(default_factory=list)
-    trajectory_timesteps: list[int | None] = field(default_factory=list)  # the column's own timestep per cell
-    error: str | None = None  # set when this column could not be produced (its image says why)
-
-    @property
-    def seconds_per_image(self) -> float:
-        return self.seconds / max(1, self.batch)
-
-    def speedup_text(self) -> str:
-        return "–" if self.speedup is None else f"{'≈' if self.speedup_estimated else ''}{self.speedup:.1f}×"
-
-    def timing_text(self) -> str:
-        if self.cached:
-            text = f"{self.seconds:.2f} s (cached)"
-        elif self.batch > 1:
-            text = f"{self.seconds:.2f} s for {self.batch} requests at once"
-        else:
-            text = f"{self.seconds:.2f} s"
-        if self.load_seconds >= 0.05:
-            text += f" (+{self.load_seconds:.2f} s loading, first use)"
-        return text
-
-    def caption(self) -> str:
-        """The column's full label in one line (the gallery caption, the API)."""
-        if self.error:
-            return f"{self.label} · failed: {self.error}"
-        return f"{self.label} · {self.timing_text()} · NFE {self.nfe} · speed-up {self.speedup_text()}"
-
-    def caption_lines(self) -> list[str]:
-        """The column's label in full, line by line (under its image)."""
-        if self.error:
-            return [self.label, f"failed: {self.error}"]
-        return [self.label, self.method, f"{self.steps} steps · NFE {self.nfe}", self.timing_text(),
-                f"speed-up {self.speedup_text()} vs teacher-50"]
-
-
-@dataclass
-class CompareResult:
-    prompt: str
-    seed: int
-    guidance: float
-    student_steps: int
-    teacher: str
-    columns: list[ColumnResult]
-    warnings: list[str] = field(default_factory=list)
-    total_seconds: float = 0.0
-    grid: list[int] = field(default_factory=list)  # the trajectory's timesteps, high to low (empty: none)
-    batch: int = 1  # requests served together with this one (1: alone)
-    result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells results apart
-    pending: list[str] = field(default_factory=list)  # a partial result (`Comparer.stream`): labels still sampling
-    labels: list[str] = field(default_factory=list)  # every column's label, in the request's order
-
-    def table(self) -> list[list[Any]]:
-        """Rows ``[column, seconds, NFE, speedup]`` for a table."""
-        rows = []
-        for c in self.columns:
-            if c.error:
-                rows.append([c.label, None, None, f"failed: {c.error}"])
-                continue
-            rows.append([c.label, round(c.seconds, 3), c.nfe, c.speedup_text()])
-        return rows
-
-    def compose(self, cell: int = 256, with_trajectory: bool | None = None):
-        """The whole comparison as one captioned PIL image (the "Download" PNG)."""
-        return compose_comparison(self, cell=cell, with_trajectory=with_trajectory)
 
 
 def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) -> tuple[str, int, float, int]:
@@ -230,6 +138,18 @@ class _Sampled:
     batch: int = 1
     cached: bool = False
     load_seconds: float = 0.0
+
+
+@dataclass
+class _Batch:
+    """The requests one `Comparer._serve` call samples (it grows as requests join), their text embeddings, the
+    columns done per request, and the units still to sample (column key -> its ``(request index, column)``s)."""
+
+    reqs: list[_Request] = field(default_factory=list)
+    conds: list[Any] = field(default_factory=list)
+    unconds: list[Any] = field(default_factory=list)
+    done: list[dict[str, ColumnResult]] = field(default_factory=list)
+    units: dict[tuple, list[tuple[int, Column]]] = field(default_factory=dict)
 
 
 class Comparer:
@@ -399,36 +319,50 @@ class Comparer:
         return res
 
     def _serve(self, reqs: list[_Request]) -> list[CompareResult | BaseException]:
-        """One batch: encode every prompt at once, sample each column for all the requests that asked for it
-        (cheapest first: `_unit_cost`), telling each request its partial result after each of its columns, and
-        assemble each request's result (in its own column order)."""
-        t = self.teacher
-        with teacher_lock(t), torch.inference_mode():
-            prompts = list(dict.fromkeys(r.prompt for r in reqs))
-            cond_all, uncond_all = t.encode(prompts)  # one text-encoder call for the whole batch
-            index = {p: i for i, p in enumerate(prompts)}
-            conds = [cond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
-            unconds = [uncond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
-            done: list[dict[str, ColumnResult]] = [{} for _ in reqs]
-            units: dict[tuple, list[tuple[int, Column]]] = {}
-            for ri, r in enumerate(reqs):
-                for col in r.columns:
-                    hit = self._cache_get(self._cache_key(r, col), r.show_trajectory) if col.kind == "teacher" else None
-                    if hit is not None:
-                        done[ri][col.label] = self._column_result(r, col, hit)
-                    else:
-                        units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
-            self._publish(reqs, done, [ri for ri in range(len(reqs)) if done[ri]])  # cached teacher columns
-            for key in sorted(units, key=_unit_cost):
-                self._run_unit(units[key], reqs, conds, unconds, done)
-                self._publish(reqs, done, sorted({ri for ri, _ in units[key]}))
+        """One batch: sample each column for all the requests that asked for it, cheapest first (`_unit_cost`),
+        telling each request its partial result after each of its columns; before each column, the requests queued
+        since the batch began join it (`MicroBatcher.adopt`: their students run before this batch's teacher-50).
+        Returns each request's result (in its own column order), the adopted ones' after the others."""
+        b = _Batch()
+        with teacher_lock(self.teacher), torch.inference_mode():
+            self._admit(b, reqs)
+            while b.units:
+                if self.batcher is not None:  # _serve runs on the batcher's worker
+                    self._admit(b, self.batcher.adopt())
+                key = min(b.units, key=_unit_cost)
+                members = b.units.pop(key)
+                self._run_unit(members, b.reqs, b.conds, b.unconds, b.done)
+                self._publish(b.reqs, b.done, sorted({ri for ri, _ in members}))
             out: list[CompareResult | BaseException] = []
-            for ri, r in enumerate(reqs):
+            for ri, r in enumerate(b.reqs):
                 try:
-                    out.append(self._result(r, done[ri], len(reqs)))
+                    out.append(self._result(r, b.done[ri], len(b.reqs)))
                 except BaseException as e:
                     out.append(e)
         return out
+
+    def _admit(self, b: _Batch, reqs: list[_Request]) -> None:
+        """Add ``reqs`` to batch ``b``: their prompts encoded in one text-encoder call, their cached teacher columns
+        done (and told), the others added to the batch's units."""
+        if not reqs:
+            return
+        prompts = list(dict.fromkeys(r.prompt for r in reqs))
+        cond_all, uncond_all = self.teacher.encode(prompts)
+        index = {p: i for i, p in enumerate(prompts)}
+        for r in reqs:
+            ri, i = len(b.reqs), index[r.prompt]
+            b.reqs.append(r)
+            b.conds.append(cond_all[i:i + 1])
+            b.unconds.append(uncond_all[i:i + 1])
+            b.done.append({})
+            for col in r.columns:
+                hit = self._cache_get(self._cache_key(r, col), r.show_trajectory) if col.kind == "teacher" else None
+                if hit is not None:
+                    b.done[ri][col.label] = self._column_result(r, col, hit)
+                else:
+                    b.units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
+            if b.done[ri]:
+                self._publish(b.reqs, b.done, [ri])
 
     def _run_unit(self, members: list[tuple[int, Column]], reqs: list[_Request], conds, unconds,
                   done: list[dict[str, ColumnResult]]) -> None:
@@ -545,7 +479,7 @@ class Comparer:
             pending = []
             if results and all(c.error for c in results):
                 raise _AllColumnsFailed("; ".join(f"{c.label}: {c.error}" for c in results))
-        _fill_speedups(results)
+        fill_speedups(results)
         warnings = list(r.warnings) + [f"{c.label}: {c.error}" for c in results if c.error]
         return CompareResult(r.prompt, r.seed, r.guidance, r.student_steps, self.teacher.describe(), results,
                              warnings, time.perf_counter() - r.t_submit,
@@ -575,16 +509,3 @@ def _unit_cost(key: tuple) -> tuple[int, bool]:
     if key[0] == "teacher":
         return (key[1] * (2 if key[2] else 1), True)
     return (key[2], key[0] != "student")
-
-
-def _fill_speedups(results: list[ColumnResult]) -> None:
-    """Speed-up against teacher-50, per image: measured when that column ran in this request (cached or not),
-    else estimated from NFE (marked ≈)."""
-    ref = next((r for r in results if r.label == TEACHER_50 and not r.error), None)
-    for r in results:
-        if r.error:
-            continue
-        if ref is not None and r.seconds > 0:
-            r.speedup = ref.seconds_per_image / r.seconds_per_image
-        elif r.nfe > 0:
-            r.speedup, r.speedup_estimated = 100 / r.nfe, True  # teacher-50 with CFG: 100 NFE
