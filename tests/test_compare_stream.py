@@ -142,3 +142,34 @@ def test_a_batch_samples_students_first_and_streams_each_request(tiny_teacher, t
     labels = [x.split('"')[0] for x in row.split('data-label="')[1:]]
     assert labels == [TEACHER_50, f"{student} (2 steps)", TEACHER_4]  # the pending one keeps its place
     assert row.count("sampling…") >= 2 and row.count("<img") == len(streams[0][0].columns)
+
+
+def test_a_running_round_adopts_the_items_queued_since_it_began():
+    """`MicroBatcher.adopt`: items queued while a round runs join it (up to ``max_items``), each gets its own
+    result, and only the round's own worker may adopt."""
+    from cdlab.batching import MicroBatcher
+
+    started, go = threading.Event(), threading.Event()
+
+    def run_batch(items):
+        started.set()
+        go.wait(10)
+        items = items + batcher.adopt()
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(run_batch, max_items=3)
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.submit(i))) for i in range(4)]
+    threads[0].start()
+    assert started.wait(10)
+    for th in threads[1:]:
+        th.start()
+    while batcher.pending() < 4:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="worker thread"):
+        batcher.adopt()
+    go.set()
+    for th in threads:
+        th.join(10)
+    assert results == {0: 0, 1: 10, 2: 20, 3: 30}
+    assert batcher.sizes == [3, 1]  # the first round took two more (max_items 3), the fourth waited for the next
