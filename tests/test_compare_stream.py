@@ -173,3 +173,26 @@ def test_a_running_round_adopts_the_items_queued_since_it_began():
         th.join(10)
     assert results == {0: 0, 1: 10, 2: 20, 3: 30}
     assert batcher.sizes == [3, 1]  # the first round took two more (max_items 3), the fourth waited for the next
+
+
+def test_delete_cache_setting_and_its_file_sets(monkeypatch):
+    """``delete_cache`` comes from `DELETE_CACHE` or ``$CDLAB_DELETE_CACHE`` (refused by name when malformed); the
+    file sets Gradio's cleaner walks may grow while it walks them (a plain set raises there)."""
+    from cdlab.ui import hosting as H
+
+    monkeypatch.delenv(H.DELETE_CACHE_ENV, raising=False)
+    assert H.delete_cache() == H.DELETE_CACHE
+    monkeypatch.setenv(H.DELETE_CACHE_ENV, "1, 2")
+    assert H.delete_cache() == (1, 2)
+    for bad in ("0,5", "a,b", "3", "1,2,3", "-1,2"):
+        monkeypatch.setenv(H.DELETE_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match=H.DELETE_CACHE_ENV):
+            H.delete_cache()
+    files = H._SnapshotSet(f"f{i}" for i in range(100))
+    for name in files:  # what a request does while the cleaner walks the set
+        files.add(name + "-new")
+    assert len(files) == 200
+    with pytest.raises(RuntimeError, match="changed size"):
+        plain = set(files)
+        for name in plain:
+            plain.add(name + "-again")

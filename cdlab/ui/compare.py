@@ -3,7 +3,8 @@
 Columns: the teacher at 50 DDIM steps with CFG, the teacher naively at 4 steps, every local student
 whose base is the loaded teacher, and (SD1.5 with the hub) the external students. Students are named
 peft adapters on the teacher's one UNet, switched per column; the text embeddings and the initial
-noise are computed once per request.
+noise are computed once per request. `Comparer.stream` yields each request's columns as they finish, the
+students' first; what a request returns is in `cdlab.ui.compare_result`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 columns in one row, the aligned trajectory grid, the images and timings as the API returns them, and the
 comparison as one PNG. Sampling is `cdlab.ui.compare.Comparer`'s, the way a result is shown
 `cdlab.ui.compare_view`'s; this module lays the tab out and wires its events (``/compare``,
-``/random_seed``, ``/refresh_columns``). Gradio is imported when the tab is built.
+``/random_seed``, ``/refresh_columns``); ``/compare`` streams, an update per finished column. Gradio is imported
+when the tab is built.
 """
 from __future__ import annotations
 
