@@ -43,7 +43,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
     manager, for shutdown."""
     comparer = C.Comparer(teacher, adapters_root=P.adapters_dir(), batching=H.batching_allowed())
     jobs = JobManager(P.runs_dir(), model=model_arg)
-    with gr.Blocks(title="cdlab: consistency distillation lab") as demo:
+    with gr.Blocks(title="cdlab: consistency distillation lab", delete_cache=H.delete_cache()) as demo:
         gr.Markdown("**cdlab** · consistency distillation lab · " + S.header_line(teacher), elem_classes=["cdlab-header"],
                     elem_id="header")
         ready = gr.HTML("", elem_id="app-ready", padding=False)
@@ -55,7 +55,7 @@ def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
             evaluate = EvaluateTab(teacher, P.evals_dir(), share=share)
         S.wire_page_load(demo, ready, [compare, edit, train, evaluate], compare)
     demo.cdlab_jobs = jobs  # for shutdown
-    return demo
+    return H.safe_delete_cache(demo)
 
 
 def launch_kwargs(args) -> dict:

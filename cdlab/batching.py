@@ -11,6 +11,11 @@ costs far less than 30 calls on 2 (the caller's ``run_batch`` does the grouping)
 
 ``run_batch`` may return an `Exception` instance in an item's place: that item's ``submit`` raises
 it, the others get their results. If ``run_batch`` itself raises, every item of the round raises.
+
+A round may grow while it runs: ``run_batch`` can call `MicroBatcher.adopt` between its steps to take the
+items queued since it began into the round (Compare does, so a request that arrives while the students of
+a round sample still gets its students before that round's slow teacher-50); it then returns results for
+its items followed by the adopted ones.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ class MicroBatcher(Generic[T, R]):
         self._thread: threading.Thread | None = None
         self._name = name
         self._running = 0  # items of the round now running
+        self._round: list[Ticket[T]] = []  # the tickets of the round now running (`adopt` extends it)
         self.rounds = 0  # how many batches ran (for tests and benchmarks)
         self.sizes: list[int] = []  # the size of each round, newest last (bounded)
 
@@ -84,6 +90,20 @@ class MicroBatcher(Generic[T, R]):
             except ValueError:
                 return 0
 
+    def adopt(self) -> list[T]:
+        """From inside ``run_batch`` (the worker thread): take the items queued since the round began into it, up
+        to ``max_items`` in the round; returns them in arrival order (``run_batch`` answers for them after its own)."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("adopt() is for run_batch, on the batcher's worker thread")
+        with self._cv:
+            room = max(0, self.max_items - len(self._round))
+            taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            self._round.extend(taken)
+            self._running = len(self._round)
+        for t in self._round:
+            t.status, t.batch_size = f"running (batch of {len(self._round)})", len(self._round)
+        return [t.item for t in taken]
+
     def submit(self, item: T, on_wait: Callable[[Ticket[T]], None] | None = None, poll_s: float = 0.25) -> R:
         """Queue ``item``, wait until its batch ran, return its result (or raise its error).
 
@@ -107,6 +127,7 @@ class MicroBatcher(Generic[T, R]):
                         return
                 batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
                 self._running = len(batch)
+                self._round = batch
             for t in batch:
                 t.status, t.batch_size = f"running (batch of {len(batch)})", len(batch)
             try:
@@ -116,7 +137,7 @@ class MicroBatcher(Generic[T, R]):
             except BaseException as e:  # every item of this round fails with it; the worker goes on
                 results = [e] * len(batch)
             with self._cv:
-                self._running = 0
+                self._running, self._round = 0, []
             self.rounds += 1
             self.sizes = (self.sizes + [len(batch)])[-1000:]
             for t, r in zip(batch, results):

@@ -169,3 +169,36 @@ def test_a_student_changed_on_disk_is_loaded_again(tiny_pipe_dir, tmp_path):
     shutil.copytree(root, other)
     S.load_student(pipe, name, other)
     assert calls == [name, name, name] and set(pipe.unet.peft_config) == {name}
+
+
+# --------------------------------------------------------------------------- switching cost
+
+
+def test_switching_students_walks_the_unet_only_when_lora_is_on(tiny_pipe_dir, root, monkeypatch):
+    """`use_student` turns LoRA off (``pipe.disable_lora()``, a walk over every module) only when some LoRA layer is
+    on: after a fused student or the teacher, nothing to do (issue 23: twice per Compare column, a large part of a
+    4-step student's time); after loading a student (peft turns it on) or running one unfused, the teacher is
+    exact again."""
+    a, b = [c.name for c in S.list_students(root)]
+    pipe = _pipe(tiny_pipe_dir)
+    teacher = _probe(pipe.unet).clone()
+    calls = []
+    real = pipe.disable_lora
+    monkeypatch.setattr(pipe, "disable_lora", lambda: (calls.append(1), real())[1])
+    S.load_student(pipe, a, root)  # peft's load turns the adapter on
+    with S.use_student(pipe, None):
+        torch.testing.assert_close(_probe(pipe.unet), teacher, rtol=0, atol=0)
+    assert len(calls) == 1
+    S.prepare_student(pipe, a)
+    for name in (a, None, a, a, None):
+        with S.use_student(pipe, name):
+            pass
+    assert len(calls) == 1  # every LoRA layer was off already
+    with S.use_student(pipe, a, fuse=False):  # peft's unfused adapter: on for the block, off after
+        assert not torch.equal(_probe(pipe.unet), teacher)
+    assert len(calls) == 2
+    S.load_student(pipe, b, root)  # new LoRA layers, on: listed again and turned off
+    with S.use_student(pipe, a):
+        pass
+    assert len(calls) == 3
+    torch.testing.assert_close(_probe(pipe.unet), teacher, rtol=0, atol=0)

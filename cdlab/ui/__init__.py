@@ -1,6 +1,7 @@
 """The app behind ``app.py``: one module per tab, its logic (testable without Gradio) beside its builder.
 
-    compare.py       the Compare logic: micro-batching and the teacher columns' cache over `cdlab.columns`
+    compare.py       the Compare logic: micro-batching, the teacher columns' cache, streaming (students first)
+    compare_result.py  what a Compare request returns: each column's result, the whole (or partial) comparison
     compare_view.py  how a Compare result is shown: the row of labelled columns, the trajectory grid, the PNG
     compare_tab.py   the Compare tab (layout and events)
     edit_inputs.py   the Edit tab's fields checked, the image editor's value turned into an image and a mask

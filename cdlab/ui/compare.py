@@ -3,11 +3,14 @@
 Columns: the teacher at 50 DDIM steps with CFG, the teacher naively at 4 steps, every local student
 whose base is the loaded teacher, and (SD1.5 with the hub) the external students. Students are named
 peft adapters on the teacher's one UNet, switched per column; the text embeddings and the initial
-noise are computed once per request.
+noise are computed once per request. `Comparer.stream` yields each request's columns as they finish, the
+students' first; what a request returns is in `cdlab.ui.compare_result`.
 """
 from __future__ import annotations
 
+import copy
 import math
+import queue
 import random
 import threading
 import time
@@ -15,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -25,7 +28,8 @@ from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
 from cdlab.teachers import is_tiny, teacher_lock
-from cdlab.ui.compare_view import compose_comparison, error_image
+from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
+from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
 
 __all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
@@ -47,97 +51,6 @@ def prompt_presets(teacher: Any) -> list[str]:
 
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
-
-
-@dataclass
-class ColumnResult:
-    """One column's image, numbers and (optionally) its trajectory, aligned to the request's timestep grid.
-
-    ``seconds`` is the wall time of the sampling that produced the column (activation, the sampler and
-    decoding; loading an adapter the first time is ``load_seconds``, shown apart): when the micro-batcher served
-    ``batch`` requests together, that call made all ``batch`` images, and ``seconds_per_image`` is
-    ``seconds / batch``. A teacher column served from the cache (same prompt, seed and guidance as an
-    earlier request) keeps the time it was measured with and has ``cached=True``.
-    """
-
-    label: str
-    image: Any  # PIL.Image
-    seconds: float
-    nfe: int
-    steps: int
-    speedup: float | None = None
-    speedup_estimated: bool = False
-    method: str = ""
-    batch: int = 1
-    cached: bool = False
-    load_seconds: float = 0.0  # reading the adapter / preparing its weights (first use only), not in ``seconds``
-    timesteps: list[int] = field(default_factory=list)  # where the network was evaluated
-    # The trajectory on the request's grid (`CompareResult.grid`): one entry per grid timestep, None where
-    # this column has no step near it. x0: the prediction at that step; xt: the latent it was made from.
-    trajectory: list[Any] = field(default_factory=list)
-    trajectory_xt: list[Any] = field(default_factory=list)
-    trajectory_timesteps: list[int | None] = field(default_factory=list)  # the column's own timestep per cell
-    error: str | None = None  # set when this column could not be produced (its image says why)
-
-    @property
-    def seconds_per_image(self) -> float:
-        return self.seconds / max(1, self.batch)
-
-    def speedup_text(self) -> str:
-        return "–" if self.speedup is None else f"{'≈' if self.speedup_estimated else ''}{self.speedup:.1f}×"
-
-    def timing_text(self) -> str:
-        if self.cached:
-            text = f"{self.seconds:.2f} s (cached)"
-        elif self.batch > 1:
-            text = f"{self.seconds:.2f} s for {self.batch} requests at once"
-        else:
-            text = f"{self.seconds:.2f} s"
-        if self.load_seconds >= 0.05:
-            text += f" (+{self.load_seconds:.2f} s loading, first use)"
-        return text
-
-    def caption(self) -> str:
-        """The column's full label in one line (the gallery caption, the API)."""
-        if self.error:
-            return f"{self.label} · failed: {self.error}"
-        return f"{self.label} · {self.timing_text()} · NFE {self.nfe} · speed-up {self.speedup_text()}"
-
-    def caption_lines(self) -> list[str]:
-        """The column's label in full, line by line (under its image)."""
-        if self.error:
-            return [self.label, f"failed: {self.error}"]
-        return [self.label, self.method, f"{self.steps} steps · NFE {self.nfe}", self.timing_text(),
-                f"speed-up {self.speedup_text()} vs teacher-50"]
-
-
-@dataclass
-class CompareResult:
-    prompt: str
-    seed: int
-    guidance: float
-    student_steps: int
-    teacher: str
-    columns: list[ColumnResult]
-    warnings: list[str] = field(default_factory=list)
-    total_seconds: float = 0.0
-    grid: list[int] = field(default_factory=list)  # the trajectory's timesteps, high to low (empty: none)
-    batch: int = 1  # requests served together with this one (1: alone)
-    result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # tells results apart
-
-    def table(self) -> list[list[Any]]:
-        """Rows ``[column, seconds, NFE, speedup]`` for a table."""
-        rows = []
-        for c in self.columns:
-            if c.error:
-                rows.append([c.label, None, None, f"failed: {c.error}"])
-                continue
-            rows.append([c.label, round(c.seconds, 3), c.nfe, c.speedup_text()])
-        return rows
-
-    def compose(self, cell: int = 256, with_trajectory: bool | None = None):
-        """The whole comparison as one captioned PIL image (the "Download" PNG)."""
-        return compose_comparison(self, cell=cell, with_trajectory=with_trajectory)
 
 
 def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) -> tuple[str, int, float, int]:
@@ -208,6 +121,8 @@ class _Request:
     show_trajectory: bool
     warnings: list[str]
     t_submit: float = 0.0
+    partial: Callable[[CompareResult], None] | None = None  # called with each partial result (`Comparer.stream`)
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # its partials and result share it
 
 
 @dataclass
@@ -225,6 +140,18 @@ class _Sampled:
     load_seconds: float = 0.0
 
 
+@dataclass
+class _Batch:
+    """The requests one `Comparer._serve` call samples (it grows as requests join), their text embeddings, the
+    columns done per request, and the units still to sample (column key -> its ``(request index, column)``s)."""
+
+    reqs: list[_Request] = field(default_factory=list)
+    conds: list[Any] = field(default_factory=list)
+    unconds: list[Any] = field(default_factory=list)
+    done: list[dict[str, ColumnResult]] = field(default_factory=list)
+    units: dict[tuple, list[tuple[int, Column]]] = field(default_factory=dict)
+
+
 class Comparer:
     """Runs comparisons on one loaded teacher.
 
@@ -234,7 +161,8 @@ class Comparer:
     larger batch). Teacher columns are cached by (prompt, seed, guidance, steps): changing only the
     student steps or the student columns does not sample the teacher again. Columns are sampled by
     `cdlab.columns.run_columns`: students with their fused weights swapped into the UNet, so they cost what a
-    plain UNet costs.
+    plain UNet costs. A batch samples its cheapest columns first (students, then the naive teacher, then
+    teacher-50), and `stream` yields each request's columns as they finish: the lesson first.
 
     Args:
         teacher: a `cdlab.teachers.Teacher`.
@@ -328,37 +256,63 @@ class Comparer:
                 f"{why}, so expect shapeless colour. Nearest caption: “{caption.text}”.", caption.text)
 
     # -- sampling ----------------------------------------------------------------------------
-    def run(
-        self,
-        prompt: str,
-        seed: int,
-        guidance: float,
-        student_steps: int,
-        columns: list[str],
-        show_trajectory: bool = False,
-        progress: Callable[[float, str], None] | None = None,
-    ) -> CompareResult:
-        """Sample every selected column from the same noise and text embeddings (validated first)."""
+    def run(self, prompt: str, seed: int, guidance: float, student_steps: int, columns: list[str],
+            show_trajectory: bool = False, progress: Callable[[float, str], None] | None = None) -> CompareResult:
+        """Sample every selected column from the same noise and text embeddings (validated first): the last
+        result of `stream`."""
+        for res in self.stream(prompt, seed, guidance, student_steps, columns, show_trajectory, progress):
+            pass
+        return res
+
+    def stream(self, prompt: str, seed: int, guidance: float, student_steps: int, columns: list[str],
+               show_trajectory: bool = False, progress: Callable[[float, str], None] | None = None
+               ) -> Iterator[CompareResult]:
+        """`run`, yielding partial results as the request's columns finish (``pending`` names the rest; the
+        newest only, when several finished since the last one was taken), then the whole result. Columns are
+        sampled cheapest first (students, the naive teacher, then teacher-50), so the students' images come
+        before teacher-50's. Without the batcher (``batching=False``) only the whole result is yielded.
+
+        Raises:
+            InputError: the inputs are refused, or every column failed.
+        """
         prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
         cols = self._resolve_columns(list(columns or []), guidance, student_steps)
         req = _Request(prompt, seed, guidance, student_steps, cols, bool(show_trajectory),
                        self._prompt_warnings(prompt), time.perf_counter())
         if self.batcher is None:
             out = self._serve([req])[0]
-        else:
-            def on_wait(ticket) -> None:
-                if progress:
-                    ahead = self.batcher.waiting_ahead(ticket)
-                    progress(0.0, f"waiting: {ahead} request{'s' * (ahead != 1)} ahead" if ticket.status == "waiting"
-                             else f"sampling, {ticket.status}")
+            if isinstance(out, BaseException):
+                raise InputError(str(out)) if isinstance(out, _AllColumnsFailed) else out
+            yield self._finish(out, progress)
+            return
+        updates: queue.Queue[CompareResult] = queue.Queue()
+        req.partial = updates.put
+        ticket = self.batcher.enqueue(req)
+        said = ""
+        while not ticket.done.is_set():
             try:
-                out = self.batcher.submit(req, on_wait=on_wait)
-            except _AllColumnsFailed as e:
-                raise InputError(str(e)) from None
-            return self._finish(out, progress)
-        if isinstance(out, BaseException):
-            raise InputError(str(out)) if isinstance(out, _AllColumnsFailed) else out
-        return self._finish(out, progress)
+                latest = updates.get(timeout=0.25)
+            except queue.Empty:  # still waiting: say so, once per change (not four messages a second)
+                note = self._wait_note(ticket)
+                if progress and note != said:
+                    progress(0.0, note)
+                said = note
+                continue
+            while not updates.empty():
+                latest = updates.get_nowait()
+            if not ticket.done.is_set():
+                yield latest
+        if isinstance(ticket.error, _AllColumnsFailed):
+            raise InputError(str(ticket.error))
+        if ticket.error is not None:
+            raise ticket.error
+        yield self._finish(ticket.result, progress)
+
+    def _wait_note(self, ticket) -> str:
+        if ticket.status != "waiting":
+            return f"sampling, {ticket.status}"
+        ahead = self.batcher.waiting_ahead(ticket)
+        return f"waiting: {ahead} request{'s' * (ahead != 1)} ahead"
 
     @staticmethod
     def _finish(res: CompareResult, progress) -> CompareResult:
@@ -367,45 +321,78 @@ class Comparer:
         return res
 
     def _serve(self, reqs: list[_Request]) -> list[CompareResult | BaseException]:
-        """One batch: encode every prompt at once, sample each column for all the requests that asked for it,
-        decode, and assemble each request's result (in its own column order)."""
-        t = self.teacher
-        out: list[CompareResult | BaseException] = []
-        with teacher_lock(t), torch.inference_mode():
-            t0 = time.perf_counter()
-            prompts = list(dict.fromkeys(r.prompt for r in reqs))
-            cond_all, uncond_all = t.encode(prompts)  # one text-encoder call for the whole batch
-            index = {p: i for i, p in enumerate(prompts)}
-            conds = [cond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
-            unconds = [uncond_all[index[r.prompt]:index[r.prompt] + 1] for r in reqs]
-            done: list[dict[str, _Sampled | str]] = [{} for _ in reqs]
-            units: dict[tuple, list[tuple[int, Column]]] = {}
-            for ri, r in enumerate(reqs):
-                for col in r.columns:
-                    if col.kind == "teacher":
-                        hit = self._cache_get(self._cache_key(r, col), r.show_trajectory)
-                        if hit is not None:
-                            done[ri][col.label] = hit
-                            continue
-                    units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
-            for key, members in units.items():
+        """One batch: sample each column for all the requests that asked for it, cheapest first (`_unit_cost`),
+        telling each request its partial result after each of its columns; before each column, the requests queued
+        since the batch began join it (`MicroBatcher.adopt`: their students run before this batch's teacher-50).
+        Returns each request's result (in its own column order), the adopted ones' after the others."""
+        b = _Batch()
+        with teacher_lock(self.teacher), torch.inference_mode():
+            self._admit(b, reqs)
+            while b.units:
+                if self.batcher is not None:  # _serve runs on the batcher's worker
+                    self._admit(b, self.batcher.adopt())
+                key = min(b.units, key=_unit_cost)
+                members = b.units.pop(key)
+                self._run_unit(members, b.reqs, b.conds, b.unconds, b.done)
+                self._publish(b.reqs, b.done, sorted({ri for ri, _ in members}))
+            out: list[CompareResult | BaseException] = []
+            for ri, r in enumerate(b.reqs):
                 try:
-                    sampled = self._sample_unit(members, reqs, conds, unconds)
-                except Exception as e:  # this column fails alone (for every request in it); the others render
-                    reason = short_reason(e)
-                    for ri, _ in members:
-                        done[ri][members[0][1].label] = reason
-                    continue
-                for (ri, col), s in zip(members, sampled):
-                    done[ri][col.label] = s
-                    if col.kind == "teacher":
-                        self._cache_put(self._cache_key(reqs[ri], col), s)
-            for ri, r in enumerate(reqs):
-                try:
-                    out.append(self._assemble(r, done[ri], len(reqs), t0))
+                    out.append(self._result(r, b.done[ri], len(b.reqs)))
                 except BaseException as e:
                     out.append(e)
         return out
+
+    def _admit(self, b: _Batch, reqs: list[_Request]) -> None:
+        """Add ``reqs`` to batch ``b``: their prompts encoded in one text-encoder call, their cached teacher columns
+        done (and told), the others added to the batch's units."""
+        if not reqs:
+            return
+        prompts = list(dict.fromkeys(r.prompt for r in reqs))
+        cond_all, uncond_all = self.teacher.encode(prompts)
+        index = {p: i for i, p in enumerate(prompts)}
+        for r in reqs:
+            ri, i = len(b.reqs), index[r.prompt]
+            b.reqs.append(r)
+            b.conds.append(cond_all[i:i + 1])
+            b.unconds.append(uncond_all[i:i + 1])
+            b.done.append({})
+            for col in r.columns:
+                hit = self._cache_get(self._cache_key(r, col), r.show_trajectory) if col.kind == "teacher" else None
+                if hit is not None:
+                    b.done[ri][col.label] = self._column_result(r, col, hit)
+                else:
+                    b.units.setdefault(self._unit_key(col, r, ri), []).append((ri, col))
+            if b.done[ri]:
+                self._publish(b.reqs, b.done, [ri])
+
+    def _run_unit(self, members: list[tuple[int, Column]], reqs: list[_Request], conds, unconds,
+                  done: list[dict[str, ColumnResult]]) -> None:
+        """Sample one unit (a column for every request in ``members``) into ``done``; a failure fails this column
+        alone, for every request in it (the other columns render)."""
+        try:
+            sampled = self._sample_unit(members, reqs, conds, unconds)
+        except Exception as e:
+            sampled = [e] * len(members)
+        for (ri, col), s in zip(members, sampled):
+            if not isinstance(s, BaseException):
+                try:
+                    done[ri][col.label] = self._column_result(reqs[ri], col, s)
+                    if col.kind == "teacher":
+                        self._cache_put(self._cache_key(reqs[ri], col), s)
+                    continue
+                except Exception as e:
+                    s = e
+            reason = short_reason(s)
+            done[ri][col.label] = ColumnResult(col.label, _error_image(reason), 0.0, 0, col.steps,
+                                               method=col.method(), error=reason)
+
+    def _publish(self, reqs: list[_Request], done: list[dict[str, ColumnResult]], which: list[int]) -> None:
+        """Tell each request in ``which`` that still waits for a column its partial result."""
+        for ri in which:
+            r = reqs[ri]
+            if r.partial is not None and len(done[ri]) < len(r.columns):
+                r.partial(self._result(r, done[ri], len(reqs), partial=True))
 
     @staticmethod
     def _unit_key(col: Column, r: _Request, ri: int) -> tuple:
@@ -464,38 +451,43 @@ class Comparer:
                                    load_seconds=run.load_seconds))
         return result
 
-    def _assemble(self, r: _Request, done: dict[str, _Sampled | str], batch: int, t0: float) -> CompareResult:
-        t = self.teacher
+    def _column_result(self, r: _Request, col: Column, s: _Sampled) -> ColumnResult:
+        """One request's column from its sampled output, its trajectory decoded onto the request's grid."""
+        cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(),
+                          batch=s.batch, cached=s.cached, timesteps=s.timesteps,
+                          load_seconds=0.0 if s.cached else s.load_seconds)
         grid = trajectory_grid(r.student_steps, r.columns) if r.show_trajectory else []
-        results: list[ColumnResult] = []
-        warnings = list(r.warnings)
-        for col in r.columns:
-            s = done.get(col.label, "not sampled")
-            if isinstance(s, str):
-                warnings.append(f"{col.label}: {s}")
-                results.append(ColumnResult(col.label, _error_image(s), 0.0, 0, col.steps, method=col.method(),
-                                            error=s))
-                continue
-            cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(),
-                              batch=s.batch, cached=s.cached, timesteps=s.timesteps,
-                              load_seconds=0.0 if s.cached else s.load_seconds)
-            if grid and s.x0:
-                idx = align_to_grid(s.timesteps, grid)
-                picked = [j for j in idx if j is not None]
-                if picked:
-                    with torch.inference_mode():
-                        frames = t.decode(torch.cat([s.x0[j] for j in picked] + [s.xt[j] for j in picked]))
-                    x0f, xtf = frames[:len(picked)], frames[len(picked):]
-                    it0, itt = iter(x0f), iter(xtf)
-                    cr.trajectory = [next(it0) if j is not None else None for j in idx]
-                    cr.trajectory_xt = [next(itt) if j is not None else None for j in idx]
-                    cr.trajectory_timesteps = [s.timesteps[j] if j is not None else None for j in idx]
-            results.append(cr)
-        if results and all(c.error for c in results):
-            raise _AllColumnsFailed("; ".join(f"{c.label}: {c.error}" for c in results))
-        _fill_speedups(results)
-        return CompareResult(r.prompt, r.seed, r.guidance, r.student_steps, t.describe(), results, warnings,
-                             time.perf_counter() - r.t_submit, grid=grid, batch=batch)
+        if grid and s.x0:
+            idx = align_to_grid(s.timesteps, grid)
+            picked = [j for j in idx if j is not None]
+            if picked:
+                with torch.inference_mode():
+                    frames = self.teacher.decode(torch.cat([s.x0[j] for j in picked] + [s.xt[j] for j in picked]))
+                it0, itt = iter(frames[:len(picked)]), iter(frames[len(picked):])
+                cr.trajectory = [next(it0) if j is not None else None for j in idx]
+                cr.trajectory_xt = [next(itt) if j is not None else None for j in idx]
+                cr.trajectory_timesteps = [s.timesteps[j] if j is not None else None for j in idx]
+        return cr
+
+    def _result(self, r: _Request, done: dict[str, ColumnResult], batch: int, partial: bool = False) -> CompareResult:
+        """The request's result from its columns done so far (copies: speed-ups are filled per result); a
+        ``partial`` one lists the rest as ``pending``, a whole one fails when every column failed."""
+        results = [copy.copy(done[c.label]) for c in r.columns if c.label in done]
+        pending = [c.label for c in r.columns if c.label not in done]
+        if not partial:
+            for col in (c for c in r.columns if c.label in pending):  # not reached: every unit fills its columns
+                results.insert(r.columns.index(col), ColumnResult(col.label, _error_image("not sampled"), 0.0, 0,
+                                                                  col.steps, method=col.method(), error="not sampled"))
+            pending = []
+            if results and all(c.error for c in results):
+                raise _AllColumnsFailed("; ".join(f"{c.label}: {c.error}" for c in results))
+        fill_speedups(results)
+        warnings = list(r.warnings) + [f"{c.label}: {c.error}" for c in results if c.error]
+        return CompareResult(r.prompt, r.seed, r.guidance, r.student_steps, self.teacher.describe(), results,
+                             warnings, time.perf_counter() - r.t_submit,
+                             grid=trajectory_grid(r.student_steps, r.columns) if r.show_trajectory else [],
+                             batch=batch, result_id=r.result_id, pending=pending,
+                             labels=[c.label for c in r.columns])
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         tok = self.teacher.tokenizer
@@ -513,14 +505,9 @@ def _error_image(reason: str):
     return error_image(reason)
 
 
-def _fill_speedups(results: list[ColumnResult]) -> None:
-    """Speed-up against teacher-50, per image: measured when that column ran in this request (cached or not),
-    else estimated from NFE (marked ≈)."""
-    ref = next((r for r in results if r.label == TEACHER_50 and not r.error), None)
-    for r in results:
-        if r.error:
-            continue
-        if ref is not None and r.seconds > 0:
-            r.speedup = ref.seconds_per_image / r.seconds_per_image
-        elif r.nfe > 0:
-            r.speedup, r.speedup_estimated = 100 / r.nfe, True  # teacher-50 with CFG: 100 NFE
+def _unit_cost(key: tuple) -> tuple[int, bool]:
+    """The order a batch samples its units in: by network evaluations per image (a student's 4 steps, the naive
+    teacher's 4 with CFG, teacher-50's 50 with CFG), students first on a tie."""
+    if key[0] == "teacher":
+        return (key[1] * (2 if key[2] else 1), True)
+    return (key[2], key[0] != "student")

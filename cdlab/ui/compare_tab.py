@@ -2,10 +2,12 @@
 columns in one row, the aligned trajectory grid, the images and timings as the API returns them, and the
 comparison as one PNG. Sampling is `cdlab.ui.compare.Comparer`'s, the way a result is shown
 `cdlab.ui.compare_view`'s; this module lays the tab out and wires its events (``/compare``,
-``/random_seed``, ``/refresh_columns``). Gradio is imported when the tab is built.
+``/random_seed``, ``/refresh_columns``); ``/compare`` streams, an update per finished column. Gradio is imported
+when the tab is built.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +22,21 @@ from cdlab.ui.session import named_errors, user_errors
 CONCURRENCY = dict(concurrency_id=H.COMPARE_CONCURRENCY_ID, concurrency_limit=H.COMPARE_CONCURRENCY_LIMIT)
 
 
+def compare_outputs(res: Any, png: str | None = None) -> tuple:
+    """The tab's outputs for a result, whole or partial (``res.pending``: columns still sampling, held by grey
+    boxes, and no PNG yet): the columns' row (HTML), the images with captions, the timings table, the aligned
+    trajectory grid (HTML), the PNG's path and a summary."""
+    n = len(res.columns)
+    if res.pending:
+        info = (f"{n} of {n + len(res.pending)} columns done after {res.total_seconds:.2f} s · still sampling: "
+                + ", ".join(res.pending))
+    else:
+        shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
+        info = f"{n} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, one initial noise{shared}"
+    images = [(c.image, c.caption()) for c in res.columns]
+    return V.columns_html(res), images, res.table(), V.trajectory_html(res), png, info
+
+
 def compare_handlers(comparer: Any) -> SimpleNamespace:
     """The tab's event functions: ``compare`` (the API's ``/compare``), ``prompt_notice`` and
     ``refresh_columns`` (the API's ``/refresh_columns``)."""
@@ -27,20 +44,24 @@ def compare_handlers(comparer: Any) -> SimpleNamespace:
 
     @user_errors
     def do_compare(prompt, seed, guidance, steps, columns, show_trajectory, progress=gr.Progress()):
-        """Sample the ticked columns from one noise and one prompt; returns the columns (HTML, one row), their
-        images with captions, the timings table, the aligned trajectory grid (HTML), the PNG and a summary."""
-        res = comparer.run(prompt, seed, guidance, steps, columns, bool(show_trajectory),
-                           progress=lambda f, d: progress(f, desc=d))
+        """Sample the ticked columns from one noise and one prompt, streamed: an update as columns finish
+        (students first), then the whole result with its PNG (`compare_outputs`)."""
+        res = None
+        for res in comparer.stream(prompt, seed, guidance, steps, columns, bool(show_trajectory),
+                                   progress=lambda f, d: progress(f, desc=d)):
+            if res.pending:
+                yield compare_outputs(res)
         for w in res.warnings:
             gr.Warning(w)
-        images = [(c.image, c.caption()) for c in res.columns]
-        traj = V.trajectory_html(res)
-        path = Path(tempfile.mkdtemp(prefix="cdlab-compare-")) / f"compare_seed{res.seed}.png"
-        res.compose().save(path)
-        shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
-        info = (f"{len(res.columns)} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, "
-                f"one initial noise{shared}")
-        return V.columns_html(res), images, res.table(), traj, str(path), info
+        # The PNG goes to a folder of its own that is removed once Gradio has copied it into its cache (the
+        # generator resumes after that, when Gradio asks for the next update): nothing is left under /tmp.
+        folder = Path(tempfile.mkdtemp(prefix="cdlab-compare-"))
+        try:
+            path = folder / f"compare_seed{res.seed}.png"
+            res.compose().save(path)
+            yield compare_outputs(res, str(path))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def prompt_notice(prompt):
         text, nearest = comparer.prompt_notice(prompt)
@@ -147,9 +168,9 @@ class CompareTab:
 
         def on_load_compare(*args):
             try:
-                return compare(*args)
+                yield from compare(*args)
             except gr.Error:  # e.g. a column failed: the page still opens, the user sees the empty row
-                return ("", [], [], "", None, "")
+                yield ("", [], [], "", None, "")
 
         ui = self.ui
         return event.then(self.fn.prompt_notice, ui.prompt, [ui.notice, ui.use_nearest, ui.nearest],

@@ -62,13 +62,15 @@ def row_html(cells: list[dict], row_id: str, **data: Any) -> str:
 
     Each cell: ``label`` (`str`), ``images`` (`list[tuple[PIL.Image, str]]`: image and alt text; several sit side
     by side, e.g. an anagram upright and flipped), ``lines`` (`list[str]`: the caption, first line bold),
-    ``failed`` (`bool`). ``data`` become ``data-*`` attributes of the row (tests read them)."""
+    ``failed`` (`bool`), ``pending`` (`bool`: still sampling, a grey box instead of images). ``data`` become ``data-*`` attributes of the row (tests read them)."""
     out = []
     for c in cells:
         cap = "".join(f'<span class="cdlab-cap-{"name" if i == 0 else "line"}">{html.escape(x)}</span>'
                       for i, x in enumerate(c["lines"]))
-        cls = "cdlab-col cdlab-col-failed" if c.get("failed") else "cdlab-col"
-        if len(c["images"]) > 1:  # several views of one result: each with its name under it
+        cls = "cdlab-col" + "".join(f" cdlab-col-{k}" for k in ("failed", "pending") if c.get(k))
+        if c.get("pending"):  # still sampling: a box in the image's place
+            imgs = '<div class="cdlab-col-wait">sampling…</div>'
+        elif len(c["images"]) > 1:  # several views of one result: each with its name under it
             imgs = "".join(f'<div class="cdlab-col-view">{_img(im, alt, "cdlab-col-img")}'
                            f'<span class="cdlab-col-view-name">{html.escape(alt)}</span></div>' for im, alt in c["images"])
             imgs = f'<div class="cdlab-col-pair">{imgs}</div>'
@@ -81,10 +83,16 @@ def row_html(cells: list[dict], row_id: str, **data: Any) -> str:
 
 
 def columns_html(result: Any) -> str:
-    """Every Compare column in ONE row, each image with its full label underneath."""
-    cells = [{"label": c.label, "images": [(c.image, c.label)], "lines": c.caption_lines(), "failed": bool(c.error)}
-             for c in result.columns]
-    return row_html(cells, "compare-columns", columns=len(result.columns), result=getattr(result, "result_id", ""))
+    """Every Compare column in ONE row, each image with its full label underneath; a partial result's columns
+    still sampling (``result.pending``) hold their place with a grey "sampling…" box."""
+    cells = {c.label: {"label": c.label, "images": [(c.image, c.label)], "lines": c.caption_lines(),
+                       "failed": bool(c.error)} for c in result.columns}
+    pending = list(getattr(result, "pending", []) or [])
+    for label in pending:
+        cells[label] = {"label": label, "images": [], "lines": [label, "sampling…"], "pending": True}
+    order = list(getattr(result, "labels", []) or []) or list(cells)
+    return row_html([cells[k] for k in order if k in cells], "compare-columns", columns=len(cells),
+                    result=getattr(result, "result_id", ""), pending=len(pending))
 
 
 def trajectory_html(result: Any) -> str:
@@ -127,6 +135,8 @@ CSS = """
 .cdlab-col figcaption span {display: block}
 .cdlab-cap-name {font-weight: 600}
 .cdlab-col-failed figcaption {color: #a00}
+.cdlab-col-wait {width: 100%; aspect-ratio: 1 / 1; border-radius: 4px; background: #eee; color: #777;
+  display: flex; align-items: center; justify-content: center; font-size: 0.8em}
 .cdlab-traj {border-collapse: collapse; font-size: 0.75em}
 .cdlab-traj td, .cdlab-traj th {padding: 3px 6px; text-align: center; vertical-align: middle}
 .cdlab-traj-label {text-align: right !important; max-width: 180px; overflow-wrap: anywhere}

@@ -97,3 +97,42 @@ def blocked_paths(runs_dir: Path, cache_dir: Path | None = None) -> list[str]:
     return [str(p.resolve()) for p in paths]
 
 
+
+
+# Gradio's cache (the result images, the Compare PNG, uploads) is emptied of files older than `age` seconds
+# every `frequency` seconds: ``gr.Blocks(delete_cache=delete_cache())``. Tests shorten it by the variable.
+DELETE_CACHE = (300, 900)
+DELETE_CACHE_ENV = "CDLAB_DELETE_CACHE"
+
+
+def delete_cache() -> tuple[int, int]:
+    """``(frequency, age)`` in seconds for Gradio's ``delete_cache``: `DELETE_CACHE`, or ``$CDLAB_DELETE_CACHE``
+    (two whole numbers >= 1, ``"frequency,age"``)."""
+    raw = os.environ.get(DELETE_CACHE_ENV, "").strip()
+    if not raw:
+        return DELETE_CACHE
+    parts = raw.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"{DELETE_CACHE_ENV} must be two whole numbers >= 1, 'frequency,age' in seconds; got {raw!r}")
+    return int(parts[0]), int(parts[1])
+
+
+class _SnapshotSet(set):
+    """A set whose iteration walks a copy (taken atomically): Gradio's ``delete_cache`` walks each component's files
+    on a worker thread while requests add new ones, and a live set then raises "Set changed size during iteration",
+    which ends its schedule for good (gradio 6.31): under load nothing was deleted any more."""
+
+    def __iter__(self):
+        return iter(set.copy(self))
+
+
+def safe_delete_cache(demo: Any) -> Any:
+    """Make ``demo``'s ``delete_cache`` survive concurrent requests: every file set it walks (each component's, the
+    uploads') becomes a `_SnapshotSet`. Call it once the page is built; returns ``demo``."""
+    for block in demo.blocks.values():
+        if isinstance(getattr(block, "temp_files", None), set):
+            block.temp_files = _SnapshotSet(block.temp_files)
+    demo.upload_file_set = _SnapshotSet(demo.upload_file_set)
+    demo.temp_file_sets = [demo.upload_file_set] + [b.temp_files for b in demo.blocks.values()
+                                                    if isinstance(getattr(b, "temp_files", None), _SnapshotSet)]
+    return demo

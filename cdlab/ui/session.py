@@ -5,11 +5,13 @@ Gradio is imported where a page is built, never at import time (``python app.py 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -65,25 +67,41 @@ def internal_error_message(error_id: str) -> str:
             "again, tell whoever runs the app this id.")
 
 
+@contextlib.contextmanager
+def _as_user_error(name: str) -> Iterator[None]:
+    """Raise the logic's errors in the ``with`` block as a gr.Error for the page (see `user_errors`)."""
+    import gradio as gr
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except USER_ERRORS as e:
+        raise gr.Error(shown_text(str(e))) from None
+    except Exception:  # a bug or a backend failure: still a message, not a dead server
+        error_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        log.exception("request failed: error %s in %s", error_id, name)
+        raise gr.Error(internal_error_message(error_id)) from None
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn the logic's errors into a gr.Error for the page; the server carries on. A user error
     (`USER_ERRORS`: a refused field, a missing student) keeps its message, with the server's folders written
     as `cdlab.paths.shown_text` writes them; anything else is logged in full (``log.exception``, with an id
-    and the time) and the page gets `internal_error_message` with that id."""
-    import gradio as gr
+    and the time) and the page gets `internal_error_message` with that id. A generator function (an event
+    that streams its outputs) stays a generator function, so Gradio still streams it."""
+    name = getattr(fn, "__name__", str(fn))
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            with _as_user_error(name):
+                yield from fn(*args, **kwargs)
+        return streamed
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _as_user_error(name):
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as e:
-            raise gr.Error(shown_text(str(e))) from None
-        except Exception:  # a bug or a backend failure: still a message, not a dead server
-            error_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            log.exception("request failed: error %s in %s", error_id, getattr(fn, "__name__", fn))
-            raise gr.Error(internal_error_message(error_id)) from None
     return wrapper
 
 

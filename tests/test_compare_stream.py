@@ -1,0 +1,198 @@
+"""Compare streams the lesson (issue 23): each request's columns arrive as they finish, the students' before
+teacher-50's, under 30 clients at once; and 100 Compares leave no files behind (``/tmp``, Gradio's cache).
+
+One app on the embedded tiny teacher serves the module, with its own temporary folder (``TMPDIR`` and
+``GRADIO_TEMP_DIR`` under it, so only its own files are counted) and a short ``delete_cache``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cdlab.columns import TEACHER_4, TEACHER_50
+from cdlab.ui import compare as C
+
+PROMPT = "a large red circle in the center on a white background"
+CACHE_FREQUENCY, CACHE_AGE = 1, 2  # the test app's delete_cache, in seconds
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from cdlab.paths import TINY_ID
+    from cdlab.teachers import TINY_TEACHER_DIR
+    from cdlab.ui.bench import make_random_students, serve_app
+    from cdlab.ui.hosting import DELETE_CACHE_ENV
+
+    if not (Path(TINY_TEACHER_DIR) / "model_index.json").is_file():
+        pytest.skip("the embedded tiny teacher is not in this checkout")
+    work = tmp_path_factory.mktemp("stream-app")
+    students = make_random_students(TINY_ID, work / "adapters", n=1)
+    tmp = work / "tmp"
+    (tmp / "gradio").mkdir(parents=True)
+    env = {"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+           DELETE_CACHE_ENV: f"{CACHE_FREQUENCY},{CACHE_AGE}"}
+    with serve_app("tiny", work, env=env) as url:
+        yield {"url": url, "students": students, "tmp": tmp}
+
+
+def _client(app):
+    from gradio_client import Client
+
+    return Client(app["url"], verbose=False, download_files=False)
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_thirty_clients_all_served_and_students_arrive_before_teacher_50(app):
+    """30 Compares at once through gradio_client: every one is served, and in every one the student's image
+    and the naive teacher's arrive in an update before teacher-50's (guidance 1: no CFG, a cheaper teacher-50)."""
+    from cdlab.ui.bench import watch_compares
+
+    client = _client(app)
+    student = app["students"][0]
+    cols = [TEACHER_50, TEACHER_4, student]
+    jobs = []
+    for i in range(30):
+        job = client.submit(prompt=PROMPT, seed=500 + i, guidance=1.0, steps="1", columns=cols,
+                            show_trajectory=False, api_name="/compare")
+        job.t0 = time.perf_counter()
+        jobs.append(job)
+    seen = watch_compares(jobs, [student], timeout=240)
+    assert [r["error"] for r in seen] == [""] * 30
+    assert all(r["last"] is not None for r in seen)
+    for r in seen:
+        assert r["updates"] >= 2, r  # a partial update, then the whole result
+        assert r["order"][-1] == TEACHER_50 and set(r["order"]) == {TEACHER_50, TEACHER_4, f"{student} (1 steps)"}, r
+        assert r["first_student"] < r["last"], r
+    final = jobs[0].result()
+    assert [row[0] for row in final[2]["data"]] == [TEACHER_50, TEACHER_4, f"{student} (1 steps)"]
+    assert final[0].count("<figure") == 3 and "sampling" not in final[0] and "columns in" in final[5]
+
+
+def test_a_hundred_compares_leave_no_files_behind(app):
+    """Nothing under the app's temporary folder outlives ``delete_cache``: no ``cdlab-compare-*`` folder per
+    Compare (the PNG's folder is removed once Gradio copied it), and Gradio's cache is emptied of the images."""
+    tmp = app["tmp"]
+    before = len(_files(tmp))
+    client = _client(app)
+    cols = [TEACHER_4, app["students"][0]]
+
+    def one(i: int) -> str:
+        return client.predict(prompt=PROMPT, seed=2000 + i, guidance=3.0, steps="1", columns=cols,
+                              show_trajectory=False, api_name="/compare")[4]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pngs = list(pool.map(one, range(100)))
+    served = [Path(p["path"] if isinstance(p, dict) else p) for p in pngs]
+    assert len(served) == 100 and all(p.suffix == ".png" and p.is_relative_to(tmp / "gradio") for p in served)
+    assert not list(tmp.glob("cdlab-compare-*"))  # each Compare's own folder is gone at once
+    # the images and PNGs went to Gradio's cache (2 images + 1 PNG per Compare; files only: Gradio keeps the
+    # emptied folders) ...
+    deadline = time.time() + CACHE_AGE + 4 * CACHE_FREQUENCY + 10
+    while len(_files(tmp)) > before + 5 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(_files(tmp)) <= before + 5, [str(p) for p in _files(tmp)][:10]  # ... and left it with delete_cache
+
+
+def test_a_batch_samples_students_first_and_streams_each_request(tiny_teacher, tmp_path):
+    """Without Gradio: three requests queued together are one or two batches; each batch samples the student,
+    then teacher-4, then teacher-50 (cheapest first), and each request's stream yields a partial result with the
+    students and teacher-4 and teacher-50 still pending, then the whole result in its own column order."""
+    from cdlab.ui.bench import make_random_students
+
+    (student,) = make_random_students(tiny_teacher.base_id, tmp_path, n=1)
+    cmp = C.Comparer(tiny_teacher, adapters_root=tmp_path, cache_size=0)
+    ran: list[str] = []
+    sample_unit = cmp._sample_unit
+    cmp._sample_unit = lambda members, *a: (ran.append(members[0][1].label), sample_unit(members, *a))[1]
+    cols = [TEACHER_50, student, TEACHER_4]
+    streams: dict[int, list[C.CompareResult]] = {}
+
+    def consume(i: int) -> None:
+        streams[i] = list(cmp.stream(PROMPT, 40 + i, 1.0, 2, cols))  # guidance 1: no CFG, cheaper
+
+    with tiny_teacher.lock:  # hold the worker until every request is queued
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        deadline = time.time() + 20
+        while cmp.batcher.pending() < 3 and time.time() < deadline:
+            time.sleep(0.02)
+    for th in threads:
+        th.join(60)
+    assert sorted(streams) == [0, 1, 2] and cmp.batcher.rounds <= 2
+    order = [f"{student} (2 steps)", TEACHER_4, TEACHER_50]
+    assert ran == order * cmp.batcher.rounds  # per batch: the student, the naive teacher, then teacher-50
+    for results in streams.values():
+        *partials, final = results
+        assert partials and all(TEACHER_50 in p.pending for p in partials)
+        assert [c.label for c in partials[-1].columns] == [f"{student} (2 steps)", TEACHER_4]
+        assert partials[-1].columns[0].speedup_estimated  # no teacher-50 yet: estimated from NFE
+        assert final.pending == [] and [c.label for c in final.columns] == [TEACHER_50, f"{student} (2 steps)", TEACHER_4]
+        assert len({r.result_id for r in results}) == 1 and not final.columns[1].speedup_estimated
+    from cdlab.ui.compare_view import columns_html
+
+    row = columns_html(streams[0][0])
+    labels = [x.split('"')[0] for x in row.split('data-label="')[1:]]
+    assert labels == [TEACHER_50, f"{student} (2 steps)", TEACHER_4]  # the pending one keeps its place
+    assert row.count("sampling…") >= 2 and row.count("<img") == len(streams[0][0].columns)
+
+
+def test_a_running_round_adopts_the_items_queued_since_it_began():
+    """`MicroBatcher.adopt`: items queued while a round runs join it (up to ``max_items``), each gets its own
+    result, and only the round's own worker may adopt."""
+    from cdlab.batching import MicroBatcher
+
+    started, go = threading.Event(), threading.Event()
+
+    def run_batch(items):
+        started.set()
+        go.wait(10)
+        items = items + batcher.adopt()
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(run_batch, max_items=3)
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.submit(i))) for i in range(4)]
+    threads[0].start()
+    assert started.wait(10)
+    for th in threads[1:]:
+        th.start()
+    while batcher.pending() < 4:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="worker thread"):
+        batcher.adopt()
+    go.set()
+    for th in threads:
+        th.join(10)
+    assert results == {0: 0, 1: 10, 2: 20, 3: 30}
+    assert batcher.sizes == [3, 1]  # the first round took two more (max_items 3), the fourth waited for the next
+
+
+def test_delete_cache_setting_and_its_file_sets(monkeypatch):
+    """``delete_cache`` comes from `DELETE_CACHE` or ``$CDLAB_DELETE_CACHE`` (refused by name when malformed); the
+    file sets Gradio's cleaner walks may grow while it walks them (a plain set raises there)."""
+    from cdlab.ui import hosting as H
+
+    monkeypatch.delenv(H.DELETE_CACHE_ENV, raising=False)
+    assert H.delete_cache() == H.DELETE_CACHE
+    monkeypatch.setenv(H.DELETE_CACHE_ENV, "1, 2")
+    assert H.delete_cache() == (1, 2)
+    for bad in ("0,5", "a,b", "3", "1,2,3", "-1,2"):
+        monkeypatch.setenv(H.DELETE_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match=H.DELETE_CACHE_ENV):
+            H.delete_cache()
+    files = H._SnapshotSet(f"f{i}" for i in range(100))
+    for name in files:  # what a request does while the cleaner walks the set
+        files.add(name + "-new")
+    assert len(files) == 200
+    with pytest.raises(RuntimeError, match="changed size"):
+        plain = set(files)
+        for name in plain:
+            plain.add(name + "-again")
