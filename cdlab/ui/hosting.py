@@ -220,7 +220,9 @@ def host_policy(host: str | None, share: bool = False, classroom: bool = False,
 def app_secret(runs_dir: Path) -> str:
     """The app's fixed secret, ``runs/.app-secret`` (mode 0600, made once, atomically): the key Gradio encrypts
     the browser's stored tokens with (``gr.BrowserState(secret=...)``), so an owner token still opens its runs
-    after the app restarts. Two apps starting at once agree on one secret (the first link wins)."""
+    after the app restarts (a per-launch key would make every stored token unreadable). Gradio gives this key to
+    the page, which does the encryption: it is not a credential; the owner token is, and the server keeps only
+    its SHA-256. Two apps starting at once agree on one secret (the first link wins)."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = runs_dir / SECRET_NAME

@@ -395,11 +395,14 @@ class JobManager:
     def _finalise_locked(self, j: Job) -> None:
         path = j.run_dir / "status.json"
         status = read_json(path) or {}
-        if status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1:
+        done = status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1
+        if done and not j.capped:
             return
         rc = j.proc.returncode
-        if j.capped and not j.killed:
-            state, msg = "stopped", f"stopped at this host's time limit ({self.max_seconds:g} s a run)"
+        if j.capped:  # the trainer said "stopped at a checkpoint"; the page says why
+            state = status.get("state") if done else "stopped"
+            msg = f"stopped at this host's time limit ({self.max_seconds:g} s a run)" + (
+                f"; {status.get('message')}" if done and status.get("message") else "")
         elif j.stop_requested is not None and not j.killed and rc == 0:
             state, msg = "stopped", "stopped by the user"
         elif j.stop_requested is not None:
