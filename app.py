@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     print(f"cdlab app: {teacher.describe()}" + (f" ({teacher.fallback_reason})" if teacher.fallback_reason else ""),
           flush=True)
     policy, token = H.host_policy(args.host, args.share, args.classroom, args.instructor_token)
-    if token:
-        print(f"cdlab app: shared host ({args.host}): training and new evaluations belong to the instructor. "
-              f"Instructor token: {token}", flush=True)
+    if policy.shared:  # who may do what here, and the instructor's token (a classroom)
+        print("cdlab app: " + policy.rules_line().replace("**", "") + (f" Instructor token: {token}" if token else ""),
+              flush=True)
     demo = build_demo(teacher, model_arg, policy=policy)
     demo.queue(default_concurrency_limit=H.DEFAULT_CONCURRENCY_LIMIT, max_size=H.QUEUE_MAX_SIZE)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the app: as Ctrl-C, so the trainer is stopped below

@@ -1,4 +1,4 @@
-"""Where things live: the repository root, its working folders, the one JSON reader and atomic writer, fsync.
+"""Where things live: the repository root, its working folders, and the one JSON reader and atomic writer.
 
 Every folder is read at call time, so an environment override set after import (a test, a Space) applies::
 
@@ -16,15 +16,13 @@ Paths that come from users go through :func:`confine`: resolved, and refused unl
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 __all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
-           "assets_dir", "shown_path", "read_json", "write_json_atomic", "confine", "fsync_file", "fsync_dir",
-           "fsync_tree"]
+           "assets_dir", "shown_path", "read_json", "write_json_atomic", "confine"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the repository root
 
@@ -127,41 +125,3 @@ def confine(path: str | os.PathLike, roots: list[Path] | tuple[Path, ...], field
             return p
     raise ValueError(f"config: {field} {text!r} is outside the allowed folder(s): "
                      + ", ".join(str(r) for r in resolved_roots))
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a file's data and metadata to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a directory's entries (creations, renames) to disk. A no-op where directories cannot be opened
-    (Windows) or the filesystem does not sync them (EINVAL)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file under ``folder``, then each directory deepest first, ``folder`` itself last."""
-    folder = Path(folder)
-    dirs = []
-    for root, _, names in os.walk(folder):
-        for n in sorted(names):
-            p = Path(root) / n
-            if not p.is_symlink():
-                fsync_file(p)
-        dirs.append(Path(root))
-    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        fsync_dir(d)

@@ -11,9 +11,10 @@ comments): `save_student` replaces an existing student only with ``overwrite=Tru
 shipped one with ``allow_shipped=False`` (what the app passes).
 
 Publishing is crash-safe: the new folder is written as ``.tmp-<name>-*``, fsynced, and renamed into place; an
-overwrite first renames the old one to ``.old-<name>-*/<name>``. The whole save holds ``<root>/.publish.lock``
-(``flock``, released by the kernel if the process dies), and `tidy` (run by every listing) restores a stranded
-``.old-*`` whose name has no student and removes leftover ``.tmp-*`` folders, whenever no save holds that lock.
+overwrite first renames the old one to ``.old-<name>-*/<name>``. The whole save holds a lock on the root folder
+(``flock`` on its descriptor, released by the kernel if the process dies), and `tidy` (run by every listing)
+restores a stranded ``.old-*`` whose name has no student and removes leftover ``.tmp-*`` folders, whenever no
+save holds that lock.
 """
 from __future__ import annotations
 
@@ -35,15 +36,15 @@ except ImportError:  # Windows: no advisory locks; `tidy` then leaves leftovers 
 
 from safetensors import safe_open
 
-from cdlab.paths import adapters_dir, fsync_dir, fsync_tree
+from cdlab.paths import adapters_dir
 from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
 from cdlab.students.lora import WEIGHT_NAME, adapter_metadata, lora_state_dict
+from cdlab.train.checkpoints import fsync_dir, fsync_tree  # the one fsync helpers (light: no torch)
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "card.json"
 SHIPPED_NAME = "SHIPPED"  # <root>/SHIPPED: the students that ship with the repository
-LOCK_NAME = ".publish.lock"  # <root>/.publish.lock: held (flock) while a student is being saved
 
 
 def _root(root: str | os.PathLike | None) -> Path:
@@ -163,12 +164,13 @@ def _swap_in(tmp: Path, dest: Path) -> None:
 
 @contextlib.contextmanager
 def _publish_lock(root: Path, blocking: bool) -> Iterator[bool]:
-    """Hold ``<root>/.publish.lock`` (``flock``; the kernel drops it when the process dies). Yields whether it is
-    held: False when ``blocking`` is off and a save holds it, or where there are no advisory locks."""
+    """Hold the lock of folder ``root`` (``flock`` on its descriptor: no lock file; the kernel drops it when the
+    process dies). Yields whether it is held: False when ``blocking`` is off and a save holds it, or where there
+    are no advisory locks."""
     if fcntl is None:
         yield blocking
         return
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

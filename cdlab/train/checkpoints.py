@@ -16,6 +16,7 @@ resuming import torch and safetensors when they are called.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -24,8 +25,6 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-from cdlab.paths import fsync_dir, fsync_file, fsync_tree  # noqa: F401 (re-exported: the one fsync helpers)
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 TMP_PREFIX = ".tmp-"   # a save in progress (or cut short by a crash)
@@ -102,6 +101,46 @@ def verify_files(folder: str | os.PathLike, files: dict[str, int]) -> None:
             raise CheckpointError(f"{name} is missing") from None
         if actual != int(size):
             raise CheckpointError(f"{name} has {actual} bytes, {STATE} says {int(size)}")
+
+
+# ---------------------------------------------------------------------------------------------- fsync
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (creations, renames) to disk. A no-op where directories cannot be opened
+    (Windows) or the filesystem does not sync them (EINVAL)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under ``folder``, then each directory deepest first, ``folder`` itself last."""
+    folder = Path(folder)
+    dirs = []
+    for root, _, names in os.walk(folder):
+        for n in sorted(names):
+            p = Path(root) / n
+            if not p.is_symlink():
+                fsync_file(p)
+        dirs.append(Path(root))
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
 
 
 # ---------------------------------------------------------------------------------------- save / resume

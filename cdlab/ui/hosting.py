@@ -12,7 +12,8 @@ A host is *public* on Hugging Face Spaces (``SPACE_ID`` is set) and behind a ``-
   for minutes while others wait.
 
 Everywhere, a run started from the app can be stopped or resumed only from the browser session that
-started it (the local CLI aside: ``kill -TERM`` or ``python -m cdlab train --resume``), and the app
+started it, or in a classroom by the instructor (the local CLI aside: ``kill -TERM`` or
+``python -m cdlab train --resume``); a student it published is replaced only from that session too; and the app
 serves previews, metrics, plots and cards, never files from ``runs/`` or the latent cache (no
 checkpoints, no optimiser states): `blocked_paths`.
 """
@@ -262,5 +263,6 @@ def keep_instructor_token(demo: Any, state: Any, boxes: list[Any]) -> None:
     """Keep the instructor token in this browser (``state``, a ``gr.BrowserState``): typed into any box, it
     fills the others and is stored; every page load fills the boxes from it."""
     for box in boxes:
-        box.input(lambda t: (t, *([t] * len(boxes))), box, [state, *boxes], api_visibility="private")
+        others = [b for b in boxes if b is not box]  # not the box being typed in: its cursor stays put
+        box.input(lambda t, n=len(others): (t, *([t] * n)), box, [state, *others], api_visibility="private")
     demo.load(lambda t: tuple([t] * len(boxes)), state, boxes, api_visibility="private")
