@@ -235,71 +235,29 @@ def test_two_simultaneous_starts_one_wins_the_loser_leaves_nothing(app):
     assert _wait(lambda: not (runs / ".trainer.lock").exists(), 60)
 
 
-# ------------------------------------------------------------------------------------------- ownership (loopback)
+# ------------------------------------------------------------------------------------------- ownership, and the trainer dies with the app
 
 
-@pytest.fixture(scope="module")
-def local_app(tmp_path_factory):
-    """A loopback app (everything allowed, as before) with a student "classmate" trained from session A's run."""
+def _classmate(work: Path) -> Path:
+    """A student "classmate" in ``work/adapters`` whose card names run ``run-a``, started by session "token-a";
+    returns its weights file."""
     from cdlab.ui.bench import make_random_students
 
-    work = tmp_path_factory.mktemp("local") / "work"
-    students = make_random_students(TINY_ID, work / "adapters", n=1)
-    card_path = work / "adapters" / students[0] / "card.json"
+    [name] = make_random_students(TINY_ID, work / "adapters", n=1)
+    os.replace(work / "adapters" / name, work / "adapters" / "classmate")
+    card_path = work / "adapters" / "classmate" / "card.json"
     card = json.loads(card_path.read_text())
-    card["training_config"] = {"run_name": "run-a"}
-    (work / "adapters" / "classmate").mkdir(parents=True)
-    os.replace(card_path.parent, work / "adapters" / "classmate")
-    card["name"] = "classmate"
-    (work / "adapters" / "classmate" / "card.json").write_text(json.dumps(card))
+    card_path.write_text(json.dumps({**card, "name": "classmate", "training_config": {"run_name": "run-a"}}))
     (work / "runs" / "run-a").mkdir(parents=True)
     (work / "runs" / "run-a" / "ui_launch.json").write_text(json.dumps(
         {"owner": hashlib.sha256(b"token-a").hexdigest(), "pid": 1, "started": 0}))
-    with _serve(work) as url:
-        yield SimpleNamespace(url=url, work=work, students=["classmate"])
+    return work / "adapters" / "classmate" / "pytorch_lora_weights.safetensors"
 
 
-def test_only_its_owner_replaces_a_student(local_app):
-    client = _client(local_app)
-    weights = local_app.work / "adapters" / "classmate" / "pytorch_lora_weights.safetensors"
-    before = weights.read_bytes()
-    _refused(lambda: client.predict(**_form(student_name="classmate", overwrite=True, owner="token-b"),
-                                    api_name="/train_start"), "trained from another browser session")
-    assert weights.read_bytes() == before
-    assert sorted(p.name for p in (local_app.work / "runs").iterdir() if not p.name.startswith(".")) == ["run-a"]
-    # its owner may: the run starts (no instructor on a loopback host), and is stopped at once
-    dd, _ = client.predict(**_form(student_name="classmate", overwrite=True, owner="token-a"), api_name="/train_start")
-    client.predict(run_name=dd["value"], owner="token-a", api_name="/train_stop")
-    runs = local_app.work / "runs"
-    assert _wait(lambda: not (runs / ".trainer.lock").exists(), 60)
-    assert weights.read_bytes() == before  # stopped: nothing published
-
-
-# ------------------------------------------------------------------------------------------- the trainer dies with the app
-
-
-def _trainer_pid(run: Path) -> int | None:
+def _running_trainer(run: Path) -> int | None:
+    """The trainer's pid once it has taken two steps."""
     st = _status(run)
     return st.get("pid") if st.get("state") == "running" and st.get("step", 0) >= 2 else None
-
-
-def _kill_app_mid_run(work: Path, sig: int, run_name: str, max_steps: int) -> tuple[int, float]:
-    """Serve the app on ``work``, start a run, send ``sig`` to the app once the run steps; returns the trainer's
-    pid and when the signal was sent."""
-    from gradio_client import Client
-
-    with _serve(work) as url:
-        Client(url, verbose=False).predict(**_form(
-            max_steps=max_steps, owner="o", student_name=run_name,
-            extra_config=json.dumps({"data_size": 64, "run_name": run_name, "checkpoint_every": 1000})),
-            api_name="/train_start")
-        pid = _wait(lambda: _trainer_pid(work / "runs" / run_name), 90)
-        assert pid, (work / "runs" / run_name / "train.log").read_text()[-2000:]
-        app_pid = json.loads((work / "runs" / ".trainer.lock").read_text())["app_pid"]
-        os.kill(app_pid, sig)
-        t = time.time()
-        assert _wait(lambda: _gone(app_pid), 90), "the app did not exit"
-        return pid, t
 
 
 def _gone(pid: int) -> bool:
@@ -308,31 +266,56 @@ def _gone(pid: int) -> bool:
     return not pid_alive(pid)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_the_trainer_dies_with_the_app_and_publishes_nothing(tmp_path, sig):
-    """A real signal to a served app in the middle of a run that would finish (and publish) within seconds:
-    afterwards no trainer process remains, the run is stopped at a checkpoint and no student is published.
-    After the SIGKILL (a lock file left behind), the restarted app keeps its secret and trains again."""
-    work = tmp_path / "work"
-    pid, t_kill = _kill_app_mid_run(work, sig, "doomed", max_steps=40)
-    assert _wait(lambda: _gone(pid), 30), "the trainer outlived the app"
-    run = work / "runs" / "doomed"
-    st = _status(run)
-    assert st.get("step", 0) < 40 and not (work / "adapters" / "doomed").exists(), st
-    assert st.get("state") in ("stopped", "failed") or not st
-    log = (run / "train.log").read_text()
-    assert "student saved" not in log
-    if sig != signal.SIGKILL:
-        return
-    secret = (work / "runs" / ".app-secret").read_text()
+def _kill_app_mid_run(work: Path, sig: int, run_name: str) -> int:
+    """Once run ``run_name`` steps, send ``sig`` to the app (the lock names its pid) and wait until the app is
+    gone; returns the trainer's pid."""
+    run = work / "runs" / run_name
+    pid = _wait(lambda: _running_trainer(run), 90)
+    assert pid, (run / "train.log").read_text()[-2000:]
+    app_pid = json.loads((work / "runs" / ".trainer.lock").read_text())["app_pid"]
+    os.kill(app_pid, sig)
+    assert _wait(lambda: _gone(app_pid), 90), "the app did not exit"
+    return pid
+
+
+def _assert_died_unpublished(work: Path, run_name: str, trainer: int, max_steps: int) -> None:
+    assert _wait(lambda: _gone(trainer), 30), "the trainer outlived the app"
+    st = _status(work / "runs" / run_name)
+    assert st.get("step", 0) < max_steps and st.get("state") in ("stopped", "failed"), st
+    assert "student saved" not in (work / "runs" / run_name / "train.log").read_text()
+
+
+def test_killed_apps_leave_no_trainer_and_only_a_students_owner_replaces_it(tmp_path):
+    """Real signals to a served app (loopback: no instructor) in the middle of a run that would finish, and
+    publish, within seconds: after a SIGKILL and after a SIGTERM no trainer process remains and nothing is
+    published. Between them the app restarts on the same folders (the SIGKILL left its lock file): same secret,
+    the slot free again; there, another session may not replace a student session "token-a" trained, and
+    "token-a" may (the run the SIGTERM then interrupts)."""
     from gradio_client import Client
 
-    with _serve(work) as url:  # the restart: same secret, the slot is free again
+    work, steps = tmp_path / "work", 40
+    weights = _classmate(work)
+    before = weights.read_bytes()
+    extra = json.dumps({"data_size": 64, "run_name": "doomed", "checkpoint_every": 1000})
+    with _serve(work) as url:
+        Client(url, verbose=False).predict(**_form(max_steps=steps, owner="o", student_name="doomed",
+                                                   extra_config=extra), api_name="/train_start")
+        trainer = _kill_app_mid_run(work, signal.SIGKILL, "doomed")
+    _assert_died_unpublished(work, "doomed", trainer, steps)
+    assert not (work / "adapters" / "doomed").exists()
+    secret = (work / "runs" / ".app-secret").read_text()
+
+    with _serve(work) as url:  # the restart
         assert (work / "runs" / ".app-secret").read_text() == secret
         client = Client(url, verbose=False)
-        dd, _ = client.predict(**_form(owner="o2", extra_config='{"data_size": 64}'), api_name="/train_start")
-        client.predict(run_name=dd["value"], owner="o2", api_name="/train_stop")
-        assert _wait(lambda: not (work / "runs" / ".trainer.lock").exists(), 60)
+        _refused(lambda: client.predict(**_form(student_name="classmate", overwrite=True, owner="token-b"),
+                                        api_name="/train_start"), "trained from another browser session")
+        extra = json.dumps({"data_size": 64, "run_name": "replace", "checkpoint_every": 1000})
+        client.predict(**_form(max_steps=steps, student_name="classmate", overwrite=True, owner="token-a",
+                               extra_config=extra), api_name="/train_start")
+        trainer = _kill_app_mid_run(work, signal.SIGTERM, "replace")
+    _assert_died_unpublished(work, "replace", trainer, steps)
+    assert weights.read_bytes() == before  # neither the refused session nor the interrupted run replaced it
 
 
 def test_a_trainer_whose_parent_is_gone_exits_at_once(tmp_path):
