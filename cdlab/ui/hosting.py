@@ -264,5 +264,6 @@ def keep_instructor_token(demo: Any, state: Any, boxes: list[Any]) -> None:
     fills the others and is stored; every page load fills the boxes from it."""
     for box in boxes:
         others = [b for b in boxes if b is not box]  # not the box being typed in: its cursor stays put
-        box.input(lambda t, n=len(others): (t, *([t] * n)), box, [state, *others], api_visibility="private")
+        box.input(lambda t, n=len(others): (t, *([t] * n)), box, [state, *others], api_visibility="private",
+                  trigger_mode="always_last")  # per keystroke: the last value wins, never a stale prefix
     demo.load(lambda t: tuple([t] * len(boxes)), state, boxes, api_visibility="private")
