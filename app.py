@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import gradio as gr
@@ -37,22 +38,26 @@ CSS = (".cdlab-header {font-size: 0.95em} .cdlab-header h2 {margin: 0 0 2px 0} "
        "#edit-info {font-size: 0.85em}" + V.CSS)
 
 
-def build_demo(teacher, model_arg: str, share: bool = False) -> gr.Blocks:
+def build_demo(teacher, model_arg: str, policy: H.Policy | None = None) -> gr.Blocks:
     """The page: a header saying which teacher is live, the four tabs, and the page-load chain (fresh lists,
-    the default comparison, then the ready signal ``#cdlab-ready``). ``demo.cdlab_jobs`` is the training job
-    manager, for shutdown."""
+    the default comparison, then the ready signal ``#cdlab-ready``). ``policy``: who may do what on this host
+    (`cdlab.ui.hosting.host_policy`). ``demo.cdlab_jobs`` is the training job manager, for shutdown."""
+    policy = policy or H.Policy()
     comparer = C.Comparer(teacher, adapters_root=P.adapters_dir(), batching=H.batching_allowed())
-    jobs = JobManager(P.runs_dir(), model=model_arg)
+    jobs = JobManager(P.runs_dir(), model=model_arg, max_seconds=policy.max_seconds)
+    secret = H.app_secret(P.runs_dir())  # fixed: a browser's stored tokens still open after a restart
     with gr.Blocks(title="cdlab: consistency distillation lab", delete_cache=H.delete_cache()) as demo:
         gr.Markdown("**cdlab** · consistency distillation lab · " + S.header_line(teacher), elem_classes=["cdlab-header"],
                     elem_id="header")
         ready = gr.HTML("", elem_id="app-ready", padding=False)
-        owner = gr.BrowserState("", storage_key="cdlab-owner")  # this browser's token: stop/resume own runs
+        owner = gr.BrowserState("", storage_key="cdlab-owner", secret=secret)  # this browser's runs
+        instructor = gr.BrowserState("", storage_key="cdlab-instructor", secret=secret)
         with gr.Tabs():
             compare = CompareTab(teacher, comparer)
             edit = EditTab(teacher, comparer)
-            train = TrainTab(jobs, teacher, model_arg, owner, share=share, adapters_root=P.adapters_dir())
-            evaluate = EvaluateTab(teacher, P.evals_dir(), share=share)
+            train = TrainTab(jobs, teacher, model_arg, owner, policy=policy, adapters_root=P.adapters_dir())
+            evaluate = EvaluateTab(teacher, P.evals_dir(), policy=policy)
+        H.keep_instructor_token(demo, instructor, [train.ui.instructor, evaluate.instructor])
         S.wire_page_load(demo, ready, [compare, edit, train, evaluate], compare)
     demo.cdlab_jobs = jobs  # for shutdown
     return H.safe_delete_cache(demo)
@@ -77,6 +82,11 @@ def parse_args(argv=None):
                    "host: training off unless --allow-training, evaluations capped)")
     p.add_argument("--allow-training", action="store_true",
                    help=f"allow training on a public host (same as {H.TRAINING_ENV}=1)")
+    p.add_argument("--instructor-token", default=None,
+                   help=f"on a shared --host (a classroom): the instructor's token (default ${H.INSTRUCTOR_ENV}, "
+                   "else a fresh one printed at start); training and new evaluations need it")
+    p.add_argument("--classroom", action="store_true",
+                   help=f"classroom rules whatever --host says, e.g. behind a proxy (same as {H.CLASSROOM_ENV}=1)")
     return p.parse_args(argv)
 
 
@@ -95,13 +105,22 @@ def main(argv=None) -> int:
     model_arg = args.model or ("tiny" if teacher.fallback_reason else S.default_model())
     print(f"cdlab app: {teacher.describe()}" + (f" ({teacher.fallback_reason})" if teacher.fallback_reason else ""),
           flush=True)
-    demo = build_demo(teacher, model_arg, share=args.share)
+    policy, token = H.host_policy(args.host, args.share, args.classroom, args.instructor_token)
+    if policy.shared:  # who may do what here, and the instructor's token (a classroom)
+        print("cdlab app: " + policy.rules_line().replace("**", "") + (f" Instructor token: {token}" if token else ""),
+              flush=True)
+    demo = build_demo(teacher, model_arg, policy=policy)
     demo.queue(default_concurrency_limit=H.DEFAULT_CONCURRENCY_LIMIT, max_size=H.QUEUE_MAX_SIZE)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the app: as Ctrl-C, so the trainer is stopped below
     try:
         demo.launch(**launch_kwargs(args))
     finally:
         demo.cdlab_jobs.shutdown()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

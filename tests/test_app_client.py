@@ -96,16 +96,16 @@ ENDPOINTS = {
                  ["columns_html", "images", "timings", "trajectory_html", "download_comparison_png", "summary"]),
     "/train_start": (["method", "num_boundaries", "lora_rank", "lr", "max_steps", "batch_size", "guidance",
                       "guidance_max", "preview_every", "student_name", "data_kind", "data_path", "extra_config",
-                      "overwrite", "owner"], ["runs_app_and_cli", "owner"]),
-    "/train_stop": (["run_name", "owner"], ["status"]),
-    "/train_resume": (["run_name", "owner"], ["status"]),
+                      "overwrite", "owner", "instructor_token"], ["runs_app_and_cli", "owner"]),
+    "/train_stop": (["run_name", "owner", "instructor_token"], ["status"]),
+    "/train_resume": (["run_name", "owner", "instructor_token"], ["status"]),
     "/train_status": (["run_name"], ["runs_app_and_cli", "status", "progress", "loss", "previews",
                                      "preview_caption", "last_lines_of_the_trainers_log"]),
     "/refresh_runs": (["current"], ["runs_app_and_cli"]),
     "/show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
     "/edit": (["technique", "image", "prompt", "prompt_2", "strength", "seed", "student_steps", "columns"],
               ["columns_html", "images", "timings", "summary"]),
-    "/evaluate": (["prompts"], ["evaluations_newest_first"]),
+    "/evaluate": (["prompts", "instructor_token"], ["evaluations_newest_first"]),
 }
 
 
@@ -167,7 +167,7 @@ def test_training_config_errors(client, app, change, match):
 
     with pytest.raises(AppError, match=match):
         client.predict(**_form(**change), api_name="/train_start")
-    assert not any((app.work / "runs").iterdir())  # nothing was launched
+    assert not [p for p in (app.work / "runs").iterdir() if not p.name.startswith(".")]  # nothing was launched
 
 
 def test_unreadable_dataset_folder_errors(client, app):

@@ -3,10 +3,13 @@
 An evaluation is a folder holding ``results.json`` (the results dict), ``table.md`` (:func:`render_table`) and
 ``quality_vs_nfe.png`` (:func:`plot_quality`); an edit evaluation's folder holds ``edit_results.json`` and
 ``edit_table.md`` instead (`cdlab.evaluate.edit`), so the list here does not pick it up. A folder that holds an
-evaluation is somebody's work: it is replaced only when asked (:func:`check_out_dir`, ``--overwrite``).
+evaluation is somebody's work: it is replaced only when asked (:func:`check_out_dir`, ``--overwrite``). The app
+marks the evaluations it makes (:func:`mark_app_made`) and keeps only its newest few (:func:`prune_evaluations`);
+those from the CLI, and the shipped ``docs/evaluation``, are never removed.
 """
 from __future__ import annotations
 
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from cdlab.evaluate.report import plot_quality, render_table
 from cdlab.paths import evals_dir, load_json_object, read_json, write_json_atomic
 
 __all__ = ["EvaluationResult", "check_out_dir", "new_out_dir", "write_evaluation", "load_evaluation",
-           "list_evaluations"]
+           "list_evaluations", "mark_app_made", "prune_evaluations"]
+
+APP_MARKER = ".made-by-app"  # in an evaluation folder: the app made it, so the app may prune it
 
 
 class EvaluationResult(dict):
@@ -99,3 +104,25 @@ def list_evaluations(root: str | Path | None = None) -> list[dict]:
     for e in found:
         del e["_mtime"]
     return found
+
+
+def mark_app_made(folder: str | Path) -> None:
+    """Mark ``folder`` as an evaluation the app made (:func:`prune_evaluations` may remove it later)."""
+    (Path(folder) / APP_MARKER).write_text("")
+
+
+def prune_evaluations(root: str | Path, cap: int, keep: str | Path | None = None) -> list[Path]:
+    """Remove the oldest app-made evaluations under ``root`` until at most ``cap`` remain (``keep``, the one just
+    made, never). Folders without :data:`APP_MARKER` (the CLI's) are not counted and never removed. Returns
+    the removed folders."""
+    root = Path(root).resolve()
+    kept = Path(keep).resolve() if keep is not None else None
+    made = [e for e in list_evaluations(root) if (Path(e["path"]) / APP_MARKER).is_file()]  # newest first
+    removed = []
+    for e in made[cap:]:
+        folder = Path(e["path"]).resolve()
+        if folder == kept or folder.parent != root:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed

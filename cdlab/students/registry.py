@@ -9,9 +9,16 @@ A student lives in ``adapters/<name>/`` (``CDLAB_ADAPTERS_DIR`` overrides the ro
 ``adapters/SHIPPED`` lists the students that ship with the repository (one name a line, ``#``
 comments): `save_student` replaces an existing student only with ``overwrite=True``, and never a
 shipped one with ``allow_shipped=False`` (what the app passes).
+
+Publishing is crash-safe: the new folder is written as ``.tmp-<name>-*``, fsynced, and renamed into place; an
+overwrite first renames the old one to ``.old-<name>-*/<name>``. The whole save holds a lock on the root folder
+(``flock`` on its descriptor, released by the kernel if the process dies), and `tidy` (run by every listing)
+restores a stranded ``.old-*`` whose name has no student and removes leftover ``.tmp-*`` folders, whenever no
+save holds that lock.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,13 +27,19 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; `tidy` then leaves leftovers alone
+    fcntl = None  # type: ignore[assignment]
 
 from safetensors import safe_open
 
 from cdlab.paths import adapters_dir, shown_path
 from cdlab.students.card import StudentCard, StudentError, render_readme, validate_name
 from cdlab.students.lora import WEIGHT_NAME, adapter_metadata, lora_state_dict
+from cdlab.train.checkpoints import fsync_dir, fsync_tree  # the one fsync helpers (light: no torch)
 
 logger = logging.getLogger(__name__)
 
@@ -112,27 +125,95 @@ def save_student(
 
     base = dest.parent
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
-    try:
-        StableDiffusionPipeline.save_lora_weights(
-            str(tmp), unet_lora_layers=state_dict, weight_name=WEIGHT_NAME, safe_serialization=True,
-            unet_lora_adapter_metadata=adapter_metadata(config))
-        (tmp / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
-        (tmp / "README.md").write_text(render_readme(card))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _check_destination(dest, name, overwrite, allow_shipped)  # again: it may have appeared meanwhile
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=base))
-            os.replace(dest, old / name)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _publish_lock(base, blocking=True):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=base))
+        try:
+            StableDiffusionPipeline.save_lora_weights(
+                str(tmp), unet_lora_layers=state_dict, weight_name=WEIGHT_NAME, safe_serialization=True,
+                unet_lora_adapter_metadata=adapter_metadata(config))
+            (tmp / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+            (tmp / "README.md").write_text(render_readme(card))
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            fsync_tree(tmp)  # every file and the folder on disk before the folder is published
+            _check_destination(dest, name, overwrite, allow_shipped)  # again: it may have appeared meanwhile
+            _swap_in(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     logger.info("saved student %r to %s", name, dest)
     return dest
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` to ``dest``; an existing ``dest`` is first renamed to ``.old-<name>-*/<name>`` and put back
+    if the second rename fails (a kill in between leaves it for `tidy`)."""
+    base, name = dest.parent, dest.name
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=base))
+        os.replace(dest, old / name)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None and not dest.exists():
+            os.replace(old / name, dest)
+        raise
+    fsync_dir(base)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _publish_lock(root: Path, blocking: bool) -> Iterator[bool]:
+    """Hold the lock of folder ``root`` (``flock`` on its descriptor: no lock file; the kernel drops it when the
+    process dies). Yields whether it is held: False when ``blocking`` is off and a save holds it, or where there
+    are no advisory locks."""
+    if fcntl is None:
+        yield blocking
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def tidy(root: str | os.PathLike | None = None) -> list[str]:
+    """Repair what a save cut short by a kill left behind, when no save is in progress: a ``.old-<name>-*``
+    folder whose ``<name>`` has no student is renamed back (the overwrite never happened), other ``.old-*``
+    and every ``.tmp-*`` folder is removed. Returns the names of the students restored."""
+    base = _root(root)
+    if not base.is_dir() or not any(p.name.startswith((".old-", ".tmp-")) for p in base.iterdir()):
+        return []
+    restored = []
+    with _publish_lock(base, blocking=False) as held:
+        if not held:
+            return []
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith(".old-") and entry.is_dir():
+                for inner in entry.iterdir():
+                    if inner.is_dir() and not (base / inner.name).exists() and _valid_name(inner.name):
+                        os.replace(inner, base / inner.name)
+                        restored.append(inner.name)
+                        logger.warning("restored student %r from %s (an overwrite was cut short)", inner.name,
+                                       entry.name)
+            if entry.name.startswith((".old-", ".tmp-")) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+        fsync_dir(base)
+    return restored
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except StudentError:
+        return False
+    return True
 
 
 def _check_destination(dest: Path, name: str, overwrite: bool, allow_shipped: bool) -> None:
@@ -150,6 +231,8 @@ def _check_destination(dest: Path, name: str, overwrite: bool, allow_shipped: bo
 def read_card(name: str, root: str | os.PathLike | None = None) -> StudentCard:
     """Read and validate ``<root>/<name>/card.json`` and check the weights file is there."""
     path = student_dir(name, root)
+    if not path.is_dir() and name in tidy(root):
+        path = student_dir(name, root)
     if not path.is_dir():
         raise StudentError(f"no student {name!r}: {shown_path(path)} does not exist")
     card_path = path / CARD_NAME
@@ -191,6 +274,7 @@ def list_students(root: str | os.PathLike | None = None, base_model: str | None 
     base = _root(root)
     if not base.is_dir():
         return []
+    tidy(base)
     cards = []
     for entry in sorted(base.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or not entry.is_dir():

@@ -33,6 +33,15 @@ BAD_PREFIX = ".bad-"   # an unreadable checkpoint that a resume skipped, kept fo
 STATE = "state.json"
 
 
+def evenly_spaced(items: list, limit: int) -> list:
+    """At most ``limit`` (>= 2) of ``items``, evenly spread, the first and the last kept (the loss chart's points,
+    a run's previews)."""
+    if len(items) <= limit:
+        return list(items)
+    k = (len(items) - 1) / (limit - 1)
+    return [items[i] for i in sorted({round(i * k) for i in range(limit)})]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, truncated or unreadable files), or none that can."""
 

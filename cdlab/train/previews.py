@@ -21,10 +21,13 @@ from PIL import Image
 from cdlab.paths import write_json_atomic
 from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.students.roles import TEACHER, adapter_role
+from cdlab.train.checkpoints import evenly_spaced
 
-__all__ = ["REFERENCE_NAME", "preview_noise", "preview_row", "preview", "preview_reference"]
+__all__ = ["REFERENCE_NAME", "MAX_PREVIEWS", "preview_noise", "preview_row", "preview", "preview_reference",
+           "prune_previews"]
 
 REFERENCE_NAME = "reference.png"  # previews/: the teacher's reference row, beside step_XXXXXX.png
+MAX_PREVIEWS = 40  # student rows kept per run (`prune_previews`): a long run with preview_every=1 stays small
 
 
 def preview_noise(n: int, channels: int, size: int) -> torch.Tensor:
@@ -54,7 +57,20 @@ def preview(tr: Any) -> Path | None:
     _, cond, _, x_T = _inputs(tr)
     with _autocast(tr):
         out = sample_consistency(tr.unet, x_T, cond, tr.sampler_timesteps, tr.teacher.scheduler)
-    return _write_row(tr, tr.teacher.decode(out.latents), f"step_{tr.step:06d}.png")
+    path = _write_row(tr, tr.teacher.decode(out.latents), f"step_{tr.step:06d}.png")
+    prune_previews(tr.run_dir / "previews")
+    return path
+
+
+def prune_previews(folder: Path, cap: int = MAX_PREVIEWS) -> list[Path]:
+    """Keep at most ``cap`` student rows in ``folder`` (the first, the newest and evenly spaced ones between;
+    ``reference.png`` always). Returns the removed files."""
+    rows = sorted(folder.glob("step_*.png"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    keep = set(evenly_spaced(rows, cap))
+    removed = [p for p in rows if p not in keep]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 @torch.no_grad()

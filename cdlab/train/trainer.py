@@ -19,7 +19,8 @@ its LoRA disabled, `cdlab.students.roles`) -> backward through the LoRA weights 
 autocast when asked) -> clip -> AdamW. The run directory (``$CDLAB_RUNS_DIR`` or ``<repo>/runs``) holds
 ``config.json``, ``metrics.jsonl``, ``status.json``, ``previews/`` (``reference.png``, ``step_*.png``) and
 ``checkpoints/ckpt_*`` (written under a temporary name and renamed, the last ``keep_checkpoints`` kept).
-SIGTERM / SIGINT save a checkpoint and stop cleanly; ``--resume`` continues from the newest complete checkpoint
+SIGTERM / SIGINT save a checkpoint and stop cleanly; a trainer the app started (``CDLAB_PARENT_PID``) does the same
+when the app is gone (`watch_parent`), and an orphan never publishes its student; ``--resume`` continues from the newest complete checkpoint
 with the LoRA, optimiser, LR schedule, step and RNG states restored, so a resumed run repeats an uninterrupted one.
 
 ``method="dmd"`` (`cdlab.loss`'s DMD notes): a second adapter ``fake`` on the same UNet is the fake score, with
@@ -58,7 +59,31 @@ from cdlab.train.data import make_source, prepare_data
 from cdlab.train.dmd import dmd_step, regression_pairs
 from cdlab.train.previews import preview, preview_reference
 
-__all__ = ["train", "Trainer", "TrainResult", "list_checkpoints"]
+__all__ = ["train", "Trainer", "TrainResult", "list_checkpoints", "watch_parent"]
+
+PARENT_ENV = "CDLAB_PARENT_PID"  # set by the app (cdlab.ui.jobs): the process this trainer must not outlive
+PARENT_POLL_S = 0.5
+
+
+def watch_parent(on_orphaned, parent: int | None = None, interval: float = PARENT_POLL_S) -> threading.Thread | None:
+    """Call ``on_orphaned()`` once process ``parent`` (default ``$CDLAB_PARENT_PID``) is no longer this process's
+    parent: it died, by SIGTERM or SIGKILL, and this one was re-parented. A daemon thread polls ``os.getppid()``
+    (portable, and unlike Linux's ``PR_SET_PDEATHSIG`` not tied to the app's thread that started the trainer,
+    which Gradio's thread pool may retire). None when there is no parent to watch (a run from the CLI)."""
+    if parent is None:
+        try:
+            parent = int(os.environ.get(PARENT_ENV, ""))
+        except ValueError:
+            return None
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        on_orphaned()
+
+    t = threading.Thread(target=poll, name="cdlab-parent-watch", daemon=True)
+    t.start()
+    return t
 
 
 @dataclass
@@ -82,6 +107,7 @@ class Trainer:
         self.resume = Path(resume) if resume else None
         self._log = log
         self.stop_requested = False
+        self.orphaned = False  # the app that started this trainer is gone: stop, publish nothing
 
     # ----------------------------------------------------------------------------------- helpers
 
@@ -104,6 +130,13 @@ class Trainer:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop_requested = True
+
+    def _on_orphaned(self) -> None:
+        """The app died: stop as on SIGTERM (sent to itself, so a trainer still loading exits at once), and
+        never publish."""
+        self.orphaned = True
+        self.stop_requested = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -236,6 +269,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Set up, then train to ``max_steps`` (or a stop signal); checkpoints, previews and the student."""
+        watch_parent(self._on_orphaned)
         try:
             self.setup()
         except BaseException as e:
@@ -320,6 +354,8 @@ class Trainer:
         """A finished run: its last checkpoint and preview, then the student; the final status either way."""
         cfg, acc = self.cfg, self.acc
         student_dir = None
+        if self.orphaned:  # the app that started it is gone: nobody asked for this student any more
+            state = "stopped"
         if state == "finished":
             if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1][0] != self.step:
                 save_checkpoint(self)
@@ -328,7 +364,9 @@ class Trainer:
             if cfg.save_student and acc.is_main_process:
                 student_dir = self.save_student()
         metrics = dict(getattr(self, "last_row", {}))
-        self.status(state, f"saved {shown_path(student_dir)}" if student_dir else ("stopped at a checkpoint" if state == "stopped" else "done"))
+        self.status(state, f"saved {shown_path(student_dir)}" if student_dir else
+                    ("stopped at a checkpoint: the app that started it is gone" if self.orphaned else
+                     "stopped at a checkpoint" if state == "stopped" else "done"))
         acc.wait_for_everyone()
         return TrainResult(state, self.step, self.run_dir, student_dir, metrics)
 

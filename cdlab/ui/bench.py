@@ -216,7 +216,7 @@ def _start_training(url: str, work: Path, train_steps: int) -> tuple[Client, str
                             batch_size=8, guidance=3.0, guidance_max=3.0, preview_every=0,
                             student_name="load-student", data_kind="tiny world", data_path="",
                             extra_config=extra, overwrite=False, owner="", api_name="/train_start")
-    run = next((work / "runs").iterdir())
+    run = next(p for p in (work / "runs").iterdir() if p.is_dir())  # not runs/.app-secret, .trainer.lock
     end = time.time() + 120
     while time.time() < end:  # until the trainer is really stepping
         st = read_json(run / "status.json") or {}

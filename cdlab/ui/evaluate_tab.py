@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.evaluate import list_evaluations, run_evaluation
+from cdlab.evaluate.store import mark_app_made, prune_evaluations
 from cdlab.paths import REPO_ROOT
 from cdlab.ui import hosting as H
 from cdlab.ui.session import named_errors, user_errors
@@ -30,6 +31,8 @@ class EvalView:
     plot: Path | None
     summary: str
 
+
+MAX_APP_EVALUATIONS = 20  # evaluations the app keeps in evals/ (its own, oldest removed first; the CLI's never)
 
 # The evaluation that ships with the repository (docs/evaluation), listed after the local ones.
 SHIPPED_EVALUATION = "shipped (docs/evaluation)"
@@ -130,10 +133,13 @@ def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | No
 
 # ----------------------------------------------------------------------------- the tab (Gradio)
 
-def evaluate_handlers(teacher: Any, evals_dir: Path, eval_max: int) -> SimpleNamespace:
+def evaluate_handlers(teacher: Any, evals_dir: Path, eval_max: int, policy: H.Policy | None = None) -> SimpleNamespace:
     """The tab's event functions: ``/show_evaluation``, the refreshed list and ``/evaluate`` (a new evaluation
-    of at most ``eval_max`` prompts on the loaded teacher)."""
+    of at most ``eval_max`` prompts on the loaded teacher; in a classroom the instructor's alone). The app keeps
+    its newest `MAX_APP_EVALUATIONS` evaluations (`cdlab.evaluate.store.prune_evaluations`)."""
     import gradio as gr
+
+    policy = policy or H.Policy()
 
     @user_errors
     def show_eval(name):
@@ -147,9 +153,12 @@ def evaluate_handlers(teacher: Any, evals_dir: Path, eval_max: int) -> SimpleNam
         return gr.Dropdown(choices=names, value=names[0] if names else None)
 
     @user_errors
-    def do_evaluate(prompts, progress=gr.Progress()):
+    def do_evaluate(prompts, instructor_token="", progress=gr.Progress()):
+        policy.require_instructor(instructor_token, "A new evaluation")
         n = check_prompt_count(prompts, eval_max)
         path = run_new_evaluation(teacher, n=n, progress=lambda f, d="": progress(f, desc=d))
+        mark_app_made(path)
+        prune_evaluations(evals_dir, MAX_APP_EVALUATIONS, keep=path)
         names = evaluation_choices(evals_dir)
         return gr.Dropdown(choices=names, value=path.name if path.name in names else (names[0] if names else None))
 
@@ -162,14 +171,17 @@ class EvaluateTab:
     evaluation's table and plot (no click needed: the dropdown's change may not fire when its value is
     already the newest)."""
 
-    def __init__(self, teacher: Any, evals_dir: Path, share: bool = False):
+    def __init__(self, teacher: Any, evals_dir: Path, policy: H.Policy | None = None):
         import gradio as gr
 
-        public = H.is_public_host(share)
-        eval_default, eval_max = H.eval_prompt_limits(share)
+        policy = policy or H.Policy()
+        public = policy.public
+        eval_default, eval_max = policy.eval_prompt_limits()
         self.evals_dir = evals_dir
-        self.fn = fn = evaluate_handlers(teacher, evals_dir, eval_max)
+        self.fn = fn = evaluate_handlers(teacher, evals_dir, eval_max, policy)
         with gr.Tab("Evaluate", id="evaluate"):
+            if policy.rules_line():
+                gr.Markdown(policy.rules_line(), elem_id="eval-rules")
             with gr.Row():
                 eval_dd = gr.Dropdown(evaluation_choices(evals_dir), label="Evaluations (newest first)", scale=4,
                                       elem_id="evals")
@@ -178,13 +190,14 @@ class EvaluateTab:
                                    elem_id="eval-prompts",
                                    info=f"at most {eval_max}" + (" on this public host" if public else ""))
                 eval_btn = gr.Button("Run a new evaluation", variant="primary", scale=2, elem_id="eval-btn")
+            self.instructor = H.instructor_token_box(policy, "eval-instructor")
             eval_summary = gr.Markdown(elem_id="eval-summary", label="summary")
             eval_table = gr.Markdown(elem_id="eval-table", label="table")
             eval_plot = gr.Image(label="Quality against NFE", type="pil", elem_id="eval-plot")
             eval_dd.change(fn.show, eval_dd, [eval_table, eval_plot, eval_summary], api_name="show_evaluation")
             eval_refresh.click(fn.refresh, None, eval_dd, api_visibility="private")
             named_errors(eval_n, eval_dd)
-            eval_btn.click(fn.evaluate, eval_n, eval_dd, api_name="evaluate",
+            eval_btn.click(fn.evaluate, [eval_n, self.instructor], eval_dd, api_name="evaluate",
                            concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
         self.load_outputs = [eval_dd, eval_table, eval_plot, eval_summary]
 

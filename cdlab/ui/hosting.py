@@ -1,4 +1,9 @@
-"""Hosting policy: public hosts, the training gate, who may stop what, what is served, ``spaces.GPU``.
+"""Hosting policy: public and classroom hosts, the training gate, who may do what, what is served, ``spaces.GPU``.
+
+A host is *shared* when people other than the one who started the app reach it. A *classroom* is a shared host
+that is not public: ``--host`` anything but loopback (``0.0.0.0``, a LAN address; or ``CDLAB_CLASSROOM=1``).
+There training, resuming, stopping a run without an owner and new evaluations belong to the instructor, who
+proves it with a token printed in the terminal at start (or ``--instructor-token``): `Policy`, `host_policy`.
 
 A host is *public* on Hugging Face Spaces (``SPACE_ID`` is set) and behind a ``--share`` link. There:
 
@@ -7,13 +12,20 @@ A host is *public* on Hugging Face Spaces (``SPACE_ID`` is set) and behind a ``-
   for minutes while others wait.
 
 Everywhere, a run started from the app can be stopped or resumed only from the browser session that
-started it (the local CLI aside: ``kill -TERM`` or ``python -m cdlab train --resume``), and the app
+started it, or in a classroom by the instructor (the local CLI aside: ``kill -TERM`` or
+``python -m cdlab train --resume``); a student it published is replaced only from that session too; and the app
 serves previews, metrics, plots and cards, never files from ``runs/`` or the latent cache (no
 checkpoints, no optimiser states): `blocked_paths`.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+import math
 import os
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,3 +148,163 @@ def safe_delete_cache(demo: Any) -> Any:
     demo.temp_file_sets = [demo.upload_file_set] + [b.temp_files for b in demo.blocks.values()
                                                     if isinstance(getattr(b, "temp_files", None), _SnapshotSet)]
     return demo
+
+
+# ----------------------------------------------------------------------------- the classroom: one instructor
+
+CLASSROOM_ENV = "CDLAB_CLASSROOM"              # =1: a shared host whatever --host says (behind a proxy, tests)
+INSTRUCTOR_ENV = "CDLAB_INSTRUCTOR_TOKEN"      # the instructor token, instead of --instructor-token
+SECRET_NAME = ".app-secret"                    # runs/.app-secret: the fixed key of the browser's stored tokens
+SHARED_MAX_STEPS = 20_000                      # a training run on a shared host: at most this many steps ...
+SHARED_MAX_SECONDS = 4 * 3600.0                # ... and this long (then it is stopped at a checkpoint)
+MAX_SECONDS_ENV = "CDLAB_SHARED_MAX_SECONDS"   # overrides SHARED_MAX_SECONDS (tests, a longer lab)
+
+
+class HostRuleError(ValueError):
+    """A request this host's policy refuses; the message names the rule."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``--host`` serves this machine only: ``127.0.0.0/8``, ``::1`` or ``localhost`` (None: Gradio's
+    default, 127.0.0.1). Anything else (``0.0.0.0``, ``::``, a LAN address, a host name) reaches other people."""
+    if host is None:
+        return True
+    name = str(host).strip().strip("[]").lower()
+    if name in ("localhost", "ip6-localhost", "ip6-loopback"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _max_seconds() -> float:
+    try:
+        value = float(os.environ.get(MAX_SECONDS_ENV, SHARED_MAX_SECONDS))
+    except ValueError:
+        return SHARED_MAX_SECONDS
+    return value if math.isfinite(value) and value > 0 else SHARED_MAX_SECONDS
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may do what on this host (`host_policy` builds it from the command line).
+
+    - a *public* host (a Space, a ``--share`` link): today's rules (`training_allowed`, `eval_prompt_limits`);
+    - a *classroom* (``--host`` not loopback, or ``CDLAB_CLASSROOM=1``; not public): training, resuming,
+      stopping a run without an owner and new evaluations belong to the instructor, who proves it with the
+      token printed in the terminal at start (``instructor`` holds its SHA-256, never the token);
+    - on either shared kind a run is capped at ``max_steps`` steps and ``max_seconds`` of wall-clock time;
+    - loopback: everything allowed, no caps.
+    """
+
+    public: bool = False
+    classroom: bool = False
+    instructor: str | None = None
+    max_steps: int | None = None
+    max_seconds: float | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.public or self.classroom
+
+    def training_allowed(self) -> bool:
+        """Whether this host trains at all (a public host only with ``CDLAB_ALLOW_TRAINING=1``)."""
+        return training_allowed(self.public)
+
+    def eval_prompt_limits(self) -> tuple[int, int]:
+        return eval_prompt_limits(self.public)
+
+    def is_instructor(self, token: Any) -> bool:
+        """Whether ``token`` is the instructor's (compared in constant time); False where there is no instructor."""
+        if not self.instructor or not isinstance(token, str) or not token:
+            return False
+        digest = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+        return hmac.compare_digest(digest, self.instructor)
+
+    def require_instructor(self, token: Any, action: str) -> None:
+        """In a classroom, refuse ``action`` (e.g. "Training") unless ``token`` is the instructor's."""
+        if self.classroom and not self.is_instructor(token):
+            raise HostRuleError(f"{action} on a shared host belongs to the instructor: give the instructor token "
+                                "printed in the app's terminal (the 'Instructor token' box, or the API's "
+                                "instructor_token). Everyone may Compare, Edit and watch runs.")
+
+    def rules_line(self) -> str:
+        """What the Train and Evaluate tabs say about who may do what here ('' on a loopback host)."""
+        if self.classroom:
+            return ("**Shared host (classroom):** training, resuming and stopping runs and new evaluations belong to "
+                    "the instructor (the token printed in the app's terminal). Everyone may Compare, Edit and "
+                    f"watch runs. A run is capped at {self.max_steps} steps and "
+                    f"{self.max_seconds / 60:g} minutes.")
+        if self.public:
+            return (f"**Public host:** runs are capped at {self.max_steps} steps and {self.max_seconds / 60:g} "
+                    "minutes; only the browser that started a run may stop it.")
+        return ""
+
+
+def host_policy(host: str | None, share: bool = False, classroom: bool = False,
+                instructor_token: str | None = None) -> tuple[Policy, str | None]:
+    """This host's `Policy` and the instructor token (None off a classroom): ``instructor_token`` (the
+    ``--instructor-token`` flag), else ``$CDLAB_INSTRUCTOR_TOKEN``, else a fresh one from `secrets`, for the
+    terminal to print. A classroom is a ``host`` that is not loopback, or ``classroom`` / ``CDLAB_CLASSROOM=1``."""
+    public = is_public_host(share)
+    classroom = not public and (bool(classroom) or os.environ.get(CLASSROOM_ENV, "").strip() in ("1", "true", "yes")
+                                or not is_loopback(host))
+    if not (public or classroom):
+        return Policy(), None
+    token = None
+    if classroom:
+        token = instructor_token or os.environ.get(INSTRUCTOR_ENV) or secrets.token_urlsafe(18)
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    return Policy(public, classroom, digest, SHARED_MAX_STEPS, _max_seconds()), token
+
+
+def app_secret(runs_dir: Path) -> str:
+    """The app's fixed secret, ``runs/.app-secret`` (mode 0600, made once, atomically): the key Gradio encrypts
+    the browser's stored tokens with (``gr.BrowserState(secret=...)``), so an owner token still opens its runs
+    after the app restarts (a per-launch key would make every stored token unreadable). Gradio gives this key to
+    the page, which does the encryption: it is not a credential; the owner token is, and the server keeps only
+    its SHA-256. Two apps starting at once agree on one secret (the first link wins)."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / SECRET_NAME
+    for _ in range(3):
+        try:
+            value = path.read_text().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        tmp = runs_dir / f".app-secret.tmp{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process made it first: then theirs is read
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise RuntimeError(f"cannot read or create {path}")
+
+
+def instructor_token_box(policy: Policy, elem_id: str) -> Any:
+    """The Train and Evaluate tabs' "Instructor token" box (a password field, shown in a classroom only; the
+    API's ``instructor_token`` everywhere, so the endpoints are the same on every host)."""
+    import gradio as gr
+
+    return gr.Textbox("", type="password", label="Instructor token", visible=policy.classroom, elem_id=elem_id,
+                      info="printed in the app's terminal at start; kept in this browser")
+
+
+def keep_instructor_token(demo: Any, state: Any, boxes: list[Any]) -> None:
+    """Keep the instructor token in this browser (``state``, a ``gr.BrowserState``): typed into any box, it
+    fills the others and is stored; every page load fills the boxes from it."""
+    for box in boxes:
+        others = [b for b in boxes if b is not box]  # not the box being typed in: its cursor stays put
+        box.input(lambda t, n=len(others): (t, *([t] * n)), box, [state, *others], api_visibility="private",
+                  trigger_mode="always_last")  # per keystroke: the last value wins, never a stale prefix
+    demo.load(lambda t: tuple([t] * len(boxes)), state, boxes, api_visibility="private")

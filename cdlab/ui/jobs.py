@@ -4,6 +4,12 @@ The trainer runs as ``python -m cdlab train ...`` in its own process group, so a
 out-of-memory kill ends that process, not the app; the app reports it with the last lines of the
 log. Stop sends SIGTERM (the trainer saves a checkpoint and exits) and kills the group after a
 timeout; a run is never left "stopping".
+
+The trainer dies with the app: it gets the app's pid (``CDLAB_PARENT_PID``) and stops at a checkpoint, without
+publishing its student, once its parent is gone (`cdlab.train.trainer.watch_parent`), even after a SIGKILL of the
+app. ``runs/.trainer.lock`` names the app and the trainer holding the one training slot: taken before a Start's
+checks (two Starts at once: one wins, the other leaves nothing behind), released when the trainer exits, and read
+by a restarted app, which stops an orphan it finds (`JobManager.reap_orphan`).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +29,14 @@ from typing import Any
 
 import torch
 
-from cdlab.paths import REPO_ROOT, read_json
+from cdlab.paths import REPO_ROOT, read_json, write_json_atomic
 from cdlab.train.config import RUN_NAME_RE
 from cdlab.ui import runs as runs_mod
 
 LOG_NAME = "train.log"
-LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time (the trainer never reads it)
+LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time, owner digest
+LOCK_NAME = ".trainer.lock"     # runs/.trainer.lock: {"app_pid", "trainer_pid", "run_name", "started"}
+PARENT_ENV = "CDLAB_PARENT_PID"  # the app's pid, given to its trainer: it stops when that process is gone
 
 
 class JobError(RuntimeError):
@@ -43,6 +52,7 @@ class Job:
     stop_requested: float | None = None
     killed: bool = False
     owner: str | None = None  # sha256 of the starting browser session's token (None: no owner given)
+    capped: bool = False  # stopped at the wall-clock cap (``max_seconds``)
 
 
 def owner_digest(token: str | None) -> str | None:
@@ -67,19 +77,22 @@ class JobManager:
         stop_timeout: seconds between SIGTERM and SIGKILL.
         env: extra environment for the subprocess.
         cwd: the subprocess's working directory (default: the repository root).
+        max_seconds: a run's wall-clock cap (a shared host): then it is stopped at a checkpoint. None: no cap.
     """
 
     def __init__(self, runs_dir: Path, model: str, python: str | None = None, stop_timeout: float = 60.0,
-                 env: dict[str, str] | None = None, cwd: Path | None = None):
+                 env: dict[str, str] | None = None, cwd: Path | None = None, max_seconds: float | None = None):
         self.runs_dir = Path(runs_dir)
         self.model = model
         self.python = python or sys.executable
         self.stop_timeout = stop_timeout
         self.env = dict(env or {})
         self.cwd = Path(cwd) if cwd else REPO_ROOT
+        self.max_seconds = max_seconds
         self._job: Job | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held through a Start's or Resume's checks and launch
         self._finalise_lock = threading.Lock()  # the exit watcher, the stop watcher and _reap may all finalise
+        self.reap_orphan()
 
     # -- queries -----------------------------------------------------------------------------
     @property
@@ -131,15 +144,24 @@ class JobManager:
         if not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {run_name[:40]!r}.")
         run_dir = self.runs_dir / run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise JobError(f"A run named {run_name!r} already exists in {self.runs_dir}; pick another name.")
-        self._check_free()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = run_dir / "ui_config.json"
-        cfg_path.write_text(json.dumps({**config, "model": self.model}, indent=2))
-        cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
-               *(extra_args or [])]
-        return self._launch(run_name, run_dir, cmd, owner_digest(owner))
+        with self._lock:  # the checks and the launch as one: a second Start waits, then is refused
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise JobError(f"A run named {run_name!r} already exists in runs/; pick another name.")
+            self._check_free()
+            made = not run_dir.exists()
+            self._claim_slot(run_name)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfg_path = run_dir / "ui_config.json"
+                write_json_atomic(cfg_path, {**config, "model": self.model})
+                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
+                       *(extra_args or [])]
+                return self._launch(run_name, run_dir, cmd, owner_digest(owner))
+            except BaseException:
+                self._release_slot(None)
+                if made:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
 
     def run_owner(self, run_name: str) -> str | None:
         """The owner digest recorded when the app first started ``run_name`` (None: a CLI run, or no owner)."""
@@ -147,12 +169,38 @@ class JobManager:
         owner = info.get("owner")
         return owner if isinstance(owner, str) else None
 
-    def check_owner(self, run_name: str, owner: str | None, allow_unowned: bool = True) -> None:
-        """Refuse a stop/resume of ``run_name`` from any session but the one that started it.
+    def student_owner(self, student: str, adapters_root: Path) -> str | None:
+        """The owner digest of student ``student``: its card names the run that made it
+        (``training_config.run_name``), whose `run_owner` it is. None: not trained from this app, or no card."""
+        card = read_json(Path(adapters_root) / student / "card.json") or {}
+        run = (card.get("training_config") or {}).get("run_name") if isinstance(card.get("training_config"), dict) \
+            else None
+        return self.run_owner(run) if isinstance(run, str) and RUN_NAME_RE.fullmatch(run) else None
+
+    def check_replace(self, student: str, adapters_root: Path, owner: str | None, allow_unowned: bool = True,
+                      override: bool = False) -> None:
+        """Refuse to overwrite student ``student`` from any session but the one whose run made it (``override``:
+        the instructor may). A student not trained from this app is replaced only when ``allow_unowned``."""
+        if override or not (Path(adapters_root) / student).exists():
+            return
+        recorded = self.student_owner(student, adapters_root)
+        if recorded is None and not allow_unowned:
+            raise JobError(f"Student {student!r} was not trained from this app; on a shared host only the instructor "
+                           "can replace it. Pick another name.")
+        if recorded is not None and owner_digest(owner) != recorded:
+            raise JobError(f"Student {student!r} was trained from another browser session; only that session (or the "
+                           "instructor) can replace it. Pick another name.")
+
+    def check_owner(self, run_name: str, owner: str | None, allow_unowned: bool = True,
+                    override: bool = False) -> None:
+        """Refuse a stop/resume of ``run_name`` from any session but the one that started it (``override``: the
+        instructor may).
 
         Runs with no recorded owner (started by the CLI) are allowed only when ``allow_unowned``
         (a local host); a public host passes False.
         """
+        if override:
+            return
         recorded = self.run_owner(run_name)
         if recorded is None:
             if not allow_unowned:
@@ -163,22 +211,29 @@ class JobManager:
             raise JobError(f"Run {run_name!r} was started from another browser session; only that session "
                            "can stop or resume it.")
 
-    def resume(self, run_name: str, owner: str | None = None, allow_unowned: bool = True) -> Job:
+    def resume(self, run_name: str, owner: str | None = None, allow_unowned: bool = True,
+               override: bool = False) -> Job:
         """Continue ``run_name`` from its newest complete checkpoint (owner rules: `check_owner`)."""
         if not isinstance(run_name, str) or not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {str(run_name)[:40]!r}.")
         run_dir = self.runs_dir / run_name
         if not run_dir.is_dir():
-            raise JobError(f"No run named {run_name!r} in {self.runs_dir}.")
-        self.check_owner(run_name, owner, allow_unowned)
+            raise JobError(f"No run named {run_name!r} in runs/.")
+        self.check_owner(run_name, owner, allow_unowned, override)
         if runs_mod.latest_checkpoint(run_dir) is None:
             raise JobError(f"Run {run_name!r} has no complete checkpoint to resume from.")
         st = runs_mod.read_status(run_dir)
         if st.get("state") == "finished":
             raise JobError(f"Run {run_name!r} already finished; start a new run to train further.")
-        self._check_free()
-        cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
-        return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
+        with self._lock:
+            self._check_free()
+            self._claim_slot(run_name)
+            try:
+                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
+                return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
+            except BaseException:
+                self._release_slot(None)
+                raise
 
     def stop(self, run_name: str | None = None, wait: bool = False, owner: str | None = None,
              check_owner: bool = False) -> str:
@@ -204,22 +259,92 @@ class JobManager:
         return j.run_name
 
     def _launch(self, run_name: str, run_dir: Path, cmd: list[str], owner: str | None = None) -> Job:
-        with self._lock:
-            self._check_free()
-            env = {**os.environ, **trainer_thread_env(), **self.env, "PYTHONUNBUFFERED": "1"}
-            log = open(run_dir / LOG_NAME, "ab")
-            log.write(f"\n$ {' '.join(cmd)}\n".encode())
-            log.flush()
+        """Start the trainer (the caller holds ``_lock`` and the slot): its log, ``ui_launch.json``, the lock's
+        trainer pid, the exit watcher and the wall-clock cap."""
+        env = {**os.environ, **trainer_thread_env(), **self.env, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+        log = open(run_dir / LOG_NAME, "ab")
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=str(self.cwd), start_new_session=True)
+        finally:
+            log.close()
+        started = time.time()
+        write_json_atomic(run_dir / LAUNCH_NAME, {"cmd": cmd, "pid": proc.pid, "started": started, "owner": owner})
+        write_json_atomic(self.runs_dir / LOCK_NAME, {"app_pid": os.getpid(), "trainer_pid": proc.pid,
+                                                      "run_name": run_name, "started": started})
+        self._job = job = Job(run_name, run_dir, proc, started, owner=owner)
+        threading.Thread(target=self._watch_exit, args=(job,), daemon=True).start()
+        if self.max_seconds:
+            cap = threading.Timer(self.max_seconds, self._time_up, args=(job,))
+            cap.daemon = True
+            cap.start()
+        return job
+
+    def _time_up(self, j: Job) -> None:
+        """The wall-clock cap: stop the run at a checkpoint, as Stop does."""
+        if self._job is j and j.proc.poll() is None and j.stop_requested is None:
+            j.capped = True
             try:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=str(self.cwd), start_new_session=True)
-            finally:
-                log.close()
-            (run_dir / LAUNCH_NAME).write_text(json.dumps({"cmd": cmd, "pid": proc.pid, "started": time.time(),
-                                                           "owner": owner}))
-            self._job = Job(run_name, run_dir, proc, time.time(), owner=owner)
-            threading.Thread(target=self._watch_exit, args=(self._job,), daemon=True).start()
-            return self._job
+                self.stop(j.run_name)
+            except JobError:
+                pass
+
+    # -- the training slot: runs/.trainer.lock ------------------------------------------------
+    def _read_lock(self) -> dict[str, Any] | None:
+        return read_json(self.runs_dir / LOCK_NAME)
+
+    def _slot_holder(self) -> str | None:
+        """Who holds ``runs/.trainer.lock`` now (None: nobody alive): a trainer that is running, or an app that
+        has just claimed the slot and not yet launched."""
+        info = self._read_lock()
+        if info is None:
+            return None
+        trainer, app = _int(info.get("trainer_pid")), _int(info.get("app_pid"))
+        if trainer and _is_trainer(trainer):
+            return f"run {str(info.get('run_name'))[:40]!r} (trainer pid {trainer}, app pid {app})"
+        if not trainer and app and app != os.getpid() and runs_mod.pid_alive(app):
+            return f"another app (pid {app}) starting a run"
+        return None
+
+    def _claim_slot(self, run_name: str) -> None:
+        """Take ``runs/.trainer.lock`` (created exclusively; a stale one, whose processes are gone, is replaced)."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.runs_dir / LOCK_NAME
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._slot_holder()
+                if holder is not None:
+                    raise JobError(f"The training slot is taken by {holder}; one training job at a time.") from None
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"app_pid": os.getpid(), "trainer_pid": None, "run_name": run_name,
+                           "started": time.time()}, f)
+            return
+        raise JobError("The training slot is being taken by another app; one training job at a time.")
+
+    def _release_slot(self, trainer_pid: int | None) -> None:
+        """Remove the lock if it is this app's, for this trainer (None: a claim that launched nothing)."""
+        info = self._read_lock()
+        if info and _int(info.get("app_pid")) == os.getpid() and _int(info.get("trainer_pid")) == trainer_pid:
+            (self.runs_dir / LOCK_NAME).unlink(missing_ok=True)
+
+    def reap_orphan(self) -> int | None:
+        """At start: a trainer left by an app that is gone (the lock names a dead app and a live trainer) is sent
+        SIGTERM; it stops at a checkpoint and publishes nothing. Returns its pid (None: no orphan)."""
+        info = self._read_lock() or {}
+        trainer, app = _int(info.get("trainer_pid")), _int(info.get("app_pid"))
+        if trainer and _is_trainer(trainer) and not (app and runs_mod.pid_alive(app)):
+            try:
+                os.killpg(trainer, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return trainer
+        return None
 
     def _check_free(self) -> None:
         self._reap()
@@ -238,6 +363,9 @@ class JobManager:
         if other is not None:
             raise JobError(f"A training run started elsewhere is running ({other.name}, pid {other.pid}); "
                            "one training job at a time.")
+        holder = self._slot_holder()
+        if holder is not None:
+            raise JobError(f"The training slot is taken by {holder}; one training job at a time.")
 
     def _watch_stop(self, j: Job) -> None:
         try:
@@ -262,14 +390,20 @@ class JobManager:
         see the same exit (one once raced another's rename of the temporary file)."""
         with self._finalise_lock:
             self._finalise_locked(j)
+            self._release_slot(j.proc.pid)
 
     def _finalise_locked(self, j: Job) -> None:
         path = j.run_dir / "status.json"
         status = read_json(path) or {}
-        if status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1:
+        done = status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1
+        if done and not j.capped:
             return
         rc = j.proc.returncode
-        if j.stop_requested is not None and not j.killed and rc == 0:
+        if j.capped:  # the trainer said "stopped at a checkpoint"; the page says why
+            state = status.get("state") if done else "stopped"
+            msg = f"stopped at this host's time limit ({self.max_seconds:g} s a run)" + (
+                f"; {status.get('message')}" if done and status.get("message") else "")
+        elif j.stop_requested is not None and not j.killed and rc == 0:
             state, msg = "stopped", "stopped by the user"
         elif j.stop_requested is not None:
             state, msg = "stopped", f"killed after not stopping within {self.stop_timeout:g} s" if j.killed else \
@@ -281,9 +415,7 @@ class JobManager:
             state, msg = "failed", f"the trainer exited with code {rc}" + (
                 " (killed: out of memory?)" if rc in (-9, 137) else "")
         status.update(state=state, message=msg, updated=time.time(), pid=j.proc.pid)
-        tmp = path.with_name(f".status.json.ui-tmp{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, path)
+        write_json_atomic(path, status)
 
     def shutdown(self) -> None:
         """Stop the running job (used when the app exits)."""
@@ -302,6 +434,20 @@ def trainer_thread_env() -> dict[str, str]:
         return {}
     n = max(1, (os.cpu_count() or 2) - 1)
     return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _is_trainer(pid: int) -> bool:
+    """Whether ``pid`` is alive and (where ``/proc`` tells) a ``cdlab`` process, not a recycled pid."""
+    if not runs_mod.pid_alive(pid):
+        return False
+    try:
+        return b"cdlab" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

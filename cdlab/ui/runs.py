@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from cdlab.paths import read_json
-from cdlab.train.checkpoints import CKPT_RE, latest_checkpoint  # latest_checkpoint: re-exported (no torch)
+from cdlab.train.checkpoints import CKPT_RE, evenly_spaced, latest_checkpoint  # latest_checkpoint: re-exported
 from cdlab.ui.previews import student_previews
 
 ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
@@ -97,37 +97,63 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return status
 
 
+@dataclass
+class _MetricsReader:
+    """What has been read of one ``metrics.jsonl``: up to ``offset`` (a whole number of lines), and its rows."""
+
+    inode: int = -1
+    offset: int = 0
+    by_step: dict[int, dict[str, Any]] = field(default_factory=dict)
+    resumed_at: set[int] = field(default_factory=set)
+    last: int = -1
+
+    def feed(self, data: bytes) -> None:
+        """Parse whole lines of ``data`` (read from ``offset``); a trailing half-written line waits for the next read."""
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+                float(row["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if step <= self.last:
+                self.resumed_at.add(step)
+            self.last = step
+            self.by_step[step] = row
+        self.offset += end
+
+
+_READERS: dict[str, _MetricsReader] = {}  # path -> what was read: each poll reads only the new lines
+_MAX_READERS = 64
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The metrics of a run, one dict per step, sorted by step.
 
     After a resume the trainer replays steps past the checkpoint; for a step logged twice the later
     line wins, so the curve stays a function of the step. Malformed or half-written lines are skipped.
     Each row gets ``resumed: True`` where the file went back in steps (a resume point).
+
+    The file is read incrementally: a poll (every open Train tab, each second) reads only the lines added since
+    the last one; a file that was replaced or shrank is read again from the start.
     """
     path = Path(run_dir) / "metrics.jsonl"
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = str(path.resolve())
+            reader = _READERS.get(key)
+            if reader is None or reader.inode != st.st_ino or st.st_size < reader.offset:
+                if len(_READERS) >= _MAX_READERS:
+                    _READERS.clear()
+                reader = _READERS[key] = _MetricsReader(inode=st.st_ino)
+            if st.st_size > reader.offset:
+                f.seek(reader.offset)
+                reader.feed(f.read(st.st_size - reader.offset))
     except OSError:
         return []
-    by_step: dict[int, dict[str, Any]] = {}
-    resumed_at: set[int] = set()
-    last = -1
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-            step = int(row["step"])
-            float(row["loss"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if step <= last:
-            resumed_at.add(step)
-        last = step
-        by_step[step] = row
-    rows = [dict(by_step[s], resumed=s in resumed_at) for s in sorted(by_step)]
-    return rows
+    return [dict(reader.by_step[s], resumed=s in reader.resumed_at) for s in sorted(reader.by_step)]
 
 
 def resume_points(rows: list[dict[str, Any]]) -> list[int]:
@@ -214,12 +240,7 @@ LOSS_SERIES = ("loss", "loss (EMA)", "probe loss")
 MAX_PLOT_POINTS = 1500  # raw points per series sent to the browser each poll (the EMA is over every row)
 
 
-def _thin(idx: list[int], limit: int) -> list[int]:
-    """At most ``limit`` of the indices ``idx``, evenly spread, the first and the last kept."""
-    if len(idx) <= limit:
-        return idx
-    k = (len(idx) - 1) / (limit - 1)
-    return sorted({idx[round(i * k)] for i in range(limit)})
+_thin = evenly_spaced  # the loss chart's points: at most a limit, first and last kept
 
 
 def loss_frame(rows: list[dict[str, Any]], max_points: int = MAX_PLOT_POINTS):

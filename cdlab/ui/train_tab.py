@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from cdlab.paths import shown_path, shown_text
+from cdlab.paths import adapters_dir, shown_path, shown_text
 from cdlab.train import config as C
 from cdlab.ui import hosting as H
 from cdlab.ui import previews as previews_mod
@@ -309,44 +309,66 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
 
 # ------------------------------------------------------------------------------ the tab (Gradio)
 
-def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField], share: bool = False,
-                   adapters_root: Path | None = None) -> SimpleNamespace:
+def check_shared_config(cfg: dict[str, Any], policy: H.Policy) -> None:
+    """A shared host's step cap (`cdlab.ui.hosting.Policy.max_steps`) on a resolved config."""
+    if policy.max_steps and int(cfg.get("max_steps") or 0) > policy.max_steps:
+        raise H.HostRuleError(f"config: steps: a run on a shared host is capped at {policy.max_steps} steps, got "
+                              f"{cfg.get('max_steps')}.")
+
+
+def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
+                   policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
     """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
-    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted; stop and resume only from
-    the browser session that started the run (`cdlab.ui.jobs.JobManager.check_owner`)."""
+    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
+    `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
+    the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
+    student (`cdlab.ui.jobs.JobManager.check_replace`)."""
     import gradio as gr
 
-    public, training_on = H.is_public_host(share), H.training_allowed(share)
+    policy = policy or H.Policy()
+    adapters = Path(adapters_root) if adapters_root is not None else adapters_dir()
 
     @user_errors
     def do_start(method, num_boundaries, lora_rank, lr, max_steps, batch_size, guidance, guidance_max,
-                 preview_every, student_name, data_kind, data_path, extra_config, overwrite, owner):
+                 preview_every, student_name, data_kind, data_path, extra_config, overwrite, owner,
+                 instructor_token=""):
         """Start a training run; the config is checked field by field (every value is untrusted)."""
-        if not training_on:
+        if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        policy.require_instructor(instructor_token, "Training")
         form = dict(method=method, num_boundaries=num_boundaries, lora_rank=lora_rank, lr=lr, max_steps=max_steps,
                     batch_size=batch_size, guidance=guidance, guidance_max=guidance_max,
                     preview_every=preview_every, student_name=student_name)
         cfg = form_to_config(form, model, data_kind, data_path, teacher.resolution, extra_config,
                              overwrite=overwrite, adapters_root=adapters_root)
+        check_shared_config(cfg, policy)
         owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        if cfg.get("overwrite"):
+            jobs.check_replace(cfg["student_name"], adapters, owner, allow_unowned=not policy.shared,
+                               override=policy.is_instructor(instructor_token))
         job = jobs.start(cfg, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
 
     assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
 
     @user_errors
-    def do_stop(run_name, owner):
-        name = jobs.stop(run_name or None, owner=owner, check_owner=True)
+    def do_stop(run_name, owner, instructor_token=""):
+        instructor = policy.is_instructor(instructor_token)
+        job = jobs.active()
+        if job is not None and job.owner is None:  # resumed from a CLI run: nobody's, so the instructor's
+            policy.require_instructor(instructor_token, "Stopping a run without an owner")
+        name = jobs.stop(run_name or None, owner=owner, check_owner=not instructor)
         return f"Stop requested for run `{name or run_name}`; it saves a checkpoint and stops."
 
     @user_errors
-    def do_resume(run_name, owner):
-        if not training_on:
+    def do_resume(run_name, owner, instructor_token=""):
+        if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        policy.require_instructor(instructor_token, "Resuming a run")
         if not run_name:
             raise gr.Error("Pick a run to resume.")
-        jobs.resume(run_name, owner=owner, allow_unowned=not public)
+        jobs.resume(run_name, owner=owner, allow_unowned=not policy.public,
+                    override=policy.is_instructor(instructor_token))
         return f"Run `{run_name}` resumes from its newest complete checkpoint."
 
     def poll_timer(run_name):
@@ -395,11 +417,13 @@ def form_inputs(fields: list[FormField]) -> list:
     return inputs
 
 
-def train_form(fields: list[FormField], training_on: bool) -> SimpleNamespace:
-    """The left column: the form (`form_fields`), the data set, the advanced JSON, overwrite, and the
-    Start / Stop / Resume buttons."""
+def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
+    """The left column: who may do what on a shared host, the form (`form_fields`), the data set, the advanced
+    JSON, overwrite, the instructor token (a classroom) and the Start / Stop / Resume buttons."""
     import gradio as gr
 
+    if policy.rules_line():
+        gr.Markdown(policy.rules_line(), elem_id="train-rules")
     ui = SimpleNamespace(inputs=form_inputs(fields))
     ui.data_kind = gr.Radio(list(DATA_KINDS), value=DATA_KINDS[0], label="Data set")
     ui.data_path = gr.Textbox("", label="Folder or HF datasets name (not for the tiny world)")
@@ -408,6 +432,7 @@ def train_form(fields: list[FormField], training_on: bool) -> SimpleNamespace:
     ui.overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
                                info="Off: a name in use is refused. Shipped students are never replaced.",
                                elem_id="train-overwrite")
+    ui.instructor = H.instructor_token_box(policy, "train-instructor")
     with gr.Row():
         ui.start = gr.Button("Start", variant="primary", interactive=training_on, elem_id="train-start")
         ui.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -433,21 +458,22 @@ def train_monitor(ui: SimpleNamespace, jobs: JobManager) -> None:
 class TrainTab:
     """The Train tab, built inside the page's ``gr.Tabs``: the form, the runs list and one run's status,
     polled by the page's timer while the run is active; ``owner`` is the browser's token (a
-    ``gr.BrowserState``) that lets it stop and resume its own runs."""
+    ``gr.BrowserState``) that lets it stop and resume its own runs; ``policy`` says who may do what here."""
 
-    def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, share: bool = False,
+    def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, policy: H.Policy | None = None,
                  adapters_root: Path | None = None):
         import gradio as gr
 
+        policy = policy or H.Policy()
         fields = form_fields(model, teacher.resolution)
-        training_on = H.training_allowed(share)
-        self.fn = train_handlers(jobs, teacher, model, fields, share, adapters_root)
+        training_on = policy.training_allowed()
+        self.fn = train_handlers(jobs, teacher, model, fields, policy, adapters_root)
         with gr.Tab("Train", id="train"):
             if not training_on:
                 gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
             with gr.Row():
                 with gr.Column(scale=2):
-                    ui = train_form(fields, training_on)
+                    ui = train_form(fields, training_on, policy)
                 with gr.Column(scale=3):
                     train_monitor(ui, jobs)
             # Full width: the captions above the rows stay readable at 1280 px.
@@ -467,11 +493,13 @@ class TrainTab:
         start_polling = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=ui.timer, api_visibility="private")
         # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
         owner_out = gr.Textbox(visible=False, label="owner")
-        form = [*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, owner]
+        form = [*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, owner, ui.instructor]
         ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
-        ui.stop.click(fn.stop, [ui.run_dd, owner], ui.status, api_name="train_stop").success(**start_polling)
-        ui.resume.click(fn.resume, [ui.run_dd, owner], ui.status, api_name="train_resume").success(**start_polling)
+        ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_stop").success(
+            **start_polling)
+        ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_resume").success(
+            **start_polling)
         ui.run_dd.change(fn.status, ui.run_dd, poll_out[:-1], api_name="train_status").then(
             fn.poll_timer, ui.run_dd, ui.timer, api_visibility="private")
         ui.timer.tick(fn.poll, ui.run_dd, poll_out, api_visibility="private")

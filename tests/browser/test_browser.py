@@ -52,7 +52,7 @@ def test_train_streams_loss_and_preview_then_stops(page, shipped_app):
     assert state in ("stopped", "finished")
     final = wait_status_and_list_agree(page, state, min_step=1)
     assert final[0] == final[2] == state and final[1] == final[3]
-    runs = list((shipped_app.work / "runs").iterdir())
+    runs = [p for p in (shipped_app.work / "runs").iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").stat().st_size > 0
     files = sorted(p.name for p in (runs[0] / "previews").glob("*.png"))
     assert files[:2] == ["reference.png", "step_000000.png"] and len(files) >= 3
