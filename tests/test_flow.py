@@ -235,3 +235,41 @@ def test_train_step_lowers_the_loss_and_the_scheduler_decays_tenfold():
     for _ in range(10):
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------- the flow UNet in the eps world
+
+
+def test_flow_schedule_is_the_flow_path_rescaled():
+    from cdlab.flow.model import FLOW_SCHEDULE, flow_time, vp_scale
+    from cdlab.math import q_sample
+
+    g = torch.Generator().manual_seed(0)
+    data_, noise = torch.rand(4, 1, 28, 28, generator=g).double(), torch.randn(4, 1, 28, 28, generator=g).double()
+    k = torch.tensor([1, 250, 500, 999])
+    t = flow_time(k)
+    flow_point = matching.interpolate(noise, data_, t)  # the seed's x_t: noise at t = 0, data at t = 1
+    vp_point = q_sample(data_, k, FLOW_SCHEDULE, noise=noise)  # the lab's: data at k = 0
+    assert torch.allclose(vp_point * vp_scale(t)[:, None, None, None], flow_point, atol=1e-12)
+    assert float(FLOW_SCHEDULE.alphas_cumprod[0]) == 1.0 and t.tolist()[1] == 0.75
+
+
+def test_flow_model_ddim_loop_is_euler(tiny_unet):
+    """The lab's one sampling loop (DDIM on FLOW_SCHEDULE) through FlowModel equals the seed's Euler from t = 0.25."""
+    from cdlab.flow.model import FLOW_SCHEDULE, FlowModel, vp_scale
+    from cdlab.samplers import DDIMStep, sample_loop
+
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    c = matching.one_hot(torch.tensor([1, 3, 5, 7]))
+    euler = matching.sample_euler(matching.guided_velocity(tiny_unet, c, 3.0), x,
+                                  torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    model = FlowModel(tiny_unet, guidance=3.0)
+    start = x / vp_scale(torch.tensor(0.25)).float()
+    out = sample_loop(model, start, [750, 500, 250], DDIMStep(FLOW_SCHEDULE), cond=c, uncond=torch.zeros_like(c),
+                      return_trajectory=True)
+    assert out.nfe == 6  # 3 guided steps, 2 each
+    assert torch.allclose(out.latents, euler, atol=1e-5), float((out.latents - euler).abs().max())
+    # its data prediction at k = 750 is the seed's x̂_1 = x_t + (1 - t) u
+    with torch.no_grad():
+        u = matching.guided_velocity(tiny_unet, c, 3.0)(x, torch.full((4,), 0.25))
+    assert torch.allclose(out.x0_trajectory[0], matching.velocity_to_data(x, torch.full((4,), 0.25), u), atol=2e-5)

@@ -4,5 +4,6 @@
 :mod:`cdlab.flow.data`            the idx files of Fashion-MNIST (or MNIST), pixels in ``[0, 1]``
 :mod:`cdlab.flow.unet`            the seed's UNet (§1.1), with t (§2.1) and a one-hot class c (§2.4)
 :mod:`cdlab.flow.matching`        the flow-matching loss (§2.2), class dropout, CFG and the Euler sampler
+:mod:`cdlab.flow.model`           :class:`FlowModel`: the flow UNet as the lab's eps model (its samplers, losses)
 ================================  ======================================================================
 """
