@@ -273,3 +273,32 @@ def test_flow_model_ddim_loop_is_euler(tiny_unet):
     with torch.no_grad():
         u = matching.guided_velocity(tiny_unet, c, 3.0)(x, torch.full((4,), 0.25))
     assert torch.allclose(out.x0_trajectory[0], matching.velocity_to_data(x, torch.full((4,), 0.25), u), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- the teacher's training CLI
+
+
+def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
+    from safetensors.torch import load_file
+
+    from cdlab.flow import train_teacher
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    (folder / "train-images-idx3-ubyte").write_bytes(_idx_bytes(rng.integers(0, 256, (24, 28, 28))))
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(24) % 10))
+    cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2)
+    quiet = dict(data_root=str(folder), log=lambda line: None)
+    whole = train_teacher.train(tmp_path / "whole", 5, cfg, max_steps=4, **quiet)
+    train_teacher.train(tmp_path / "split", 5, cfg, max_steps=3, **quiet)
+    split = train_teacher.train(tmp_path / "split", 5, cfg, max_steps=4, resume=True, **quiet)
+    assert whole == {**split, "seconds": whole["seconds"]} == {"step": 4, "epoch": 2, "position": 0,
+                                                               "seconds": whole["seconds"]}
+    a, b = (load_file(str(tmp_path / run / "unet.safetensors")) for run in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "split" / "loss.jsonl").read_text() == (tmp_path / "whole" / "loss.jsonl").read_text()
+    assert (tmp_path / "whole" / "samples-epoch1.png").is_file()  # the seed's epoch-1 grid
+    assert train_teacher.load_unet(tmp_path / "whole").num_hiddens == 4
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_teacher.train(tmp_path / "whole", 5, cfg, **quiet)
