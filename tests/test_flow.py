@@ -142,6 +142,38 @@ def test_recalibrate_batchnorm_matches_the_batch_statistics():
     assert torch.allclose(bn.running_var, h.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- the one-step denoiser (§1.2)
+
+
+def test_denoiser_loss_is_eq_b1_by_hand():
+    from cdlab.flow.denoiser import denoiser_loss
+
+    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]]])
+    eps = torch.tensor([[[[1.0, -2.0], [0.0, 4.0]]]])
+    halve = lambda z: z / 2  # a "denoiser" whose output we know
+    # sigma = 0.5: z = x + 0.5 eps = [[0.5, 0], [0.5, 2.25]], D(z) = z / 2
+    expected = ((torch.tensor([[0.25, 0.0], [0.25, 1.125]]) - x[0, 0]) ** 2).mean()
+    assert torch.allclose(denoiser_loss(halve, x, 0.5, noise=eps), expected)
+    # sigma None (§1.2.3): z = eps alone
+    assert torch.allclose(denoiser_loss(halve, x, None, noise=eps), ((eps / 2 - x) ** 2).mean())
+
+
+def test_pure_noise_denoiser_learns_the_mean_image():
+    """§1.2.3: trained on z = eps, the best constant output is the training set's mean image."""
+    from cdlab.flow.denoiser import denoiser_loss
+
+    x = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    bias = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    opt = torch.optim.SGD([bias], lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        loss = denoiser_loss(lambda z: bias.expand_as(z), x, None, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(bias.detach()[0], x.mean(dim=0), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the flow
 
 

@@ -60,9 +60,12 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class SeedRecipe:
     """The seed's training and sampling settings for the flow UNets (§2.2, §2.5, §2.6).
 
-    The seed's extracted text names only P_uncond, gamma and the epoch-1/5/10 deliverables; the other values
-    are the course page's (the figures of §2.2), restated here so that one place holds them. The shipped
-    teacher departs from them for a 2-core CPU (issue 24); its own settings are recorded with it.
+    The seed's extracted text (``../shared/seeds/003_*.txt``) carries P_uncond = 0.1, gamma = 5, the
+    exponential learning-rate scheduler and the epoch-1/5/10 deliverables; its training figures are images
+    that did not survive extraction. The batch size, D, Adam's rate and the decay factor below are the course's
+    published values for §2.2 as we know them (batch 64, D = 64, Adam 1e-2, ``gamma = 0.1 ** (1 / epochs)``),
+    not checked against the seed's text: confirm them against the course page before quoting them. The
+    CPU teacher departs from them (:mod:`cdlab.flow.train_teacher`, issue 24) and records its own settings.
     """
 
     num_hiddens: int = 64           # the UNet's D for §2 (§1.2's denoiser recommends 128)

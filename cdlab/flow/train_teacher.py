@@ -140,10 +140,11 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, 
 
 
 def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(), *, data_root: str | None = None,
-          resume: bool = False, max_steps: int | None = None, log: Callable[[str], None] = print) -> dict:
+          resume: bool = False, max_steps: int | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train until ``minutes`` have passed, ``cfg.num_epochs`` are done or the run reached ``max_steps`` steps
     in all; returns the progress saved. An epoch covers ``cfg.epoch_images`` (at most the whole set)."""
     cfg.check()
+    log = log or (lambda line: print(line, flush=True))  # flushed: a parent process streams it
     out = Path(out)
     cfg, unet, opt, progress = _start(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
