@@ -6,6 +6,7 @@ not a trained model's quality).
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -321,7 +322,7 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
     (folder / "train-images-idx3-ubyte").write_bytes(_idx_bytes(rng.integers(0, 256, (24, 28, 28))))
     (folder / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(24) % 10))
     cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2)
-    quiet = dict(data_root=str(folder), log=lambda line: None)
+    quiet = dict(data_root=str(folder), grid_steps=2, log=lambda line: None)
     whole = train_teacher.train(tmp_path / "whole", 5, cfg, max_steps=4, **quiet)
     train_teacher.train(tmp_path / "split", 5, cfg, max_steps=3, **quiet)
     split = train_teacher.train(tmp_path / "split", 5, cfg, max_steps=4, resume=True, **quiet)
@@ -334,3 +335,9 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
     assert train_teacher.load_unet(tmp_path / "whole").num_hiddens == 4
     with pytest.raises(FileExistsError, match="--resume"):
         train_teacher.train(tmp_path / "whole", 5, cfg, **quiet)
+    state = json.loads((tmp_path / "whole" / "state.json").read_text())
+    for change, field in (({"config": {**state["config"], "extra": 1}}, "extra"), ({"position": 1.5}, "position"),
+                          ({"config": {**state["config"], "num_hiddens": 0}}, "num_hiddens")):
+        (tmp_path / "whole" / "state.json").write_text(json.dumps({**state, **change}))
+        with pytest.raises(ValueError, match=field):
+            train_teacher.train(tmp_path / "whole", 5, cfg, resume=True, **quiet)

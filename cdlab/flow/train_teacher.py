@@ -89,10 +89,30 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict(sd)
 
 
+_PROGRESS = ("step", "epoch", "position", "seconds")
+
+
+def _read_state(folder: Path) -> tuple[TeacherConfig, dict]:
+    """A run folder's ``state.json``: its config (every field known, each in range) and its progress."""
+    saved = load_json_object(folder / "state.json", what="flow teacher state")
+    config = saved.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / 'state.json'}: no config object")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(TeacherConfig)})
+    if unknown:
+        raise ValueError(f"{folder / 'state.json'}: unknown config field {unknown[0]!r}")
+    for k in _PROGRESS:
+        v = saved.get(k)
+        kinds = (int, float) if k == "seconds" else (int,)
+        if isinstance(v, bool) or not isinstance(v, kinds) or not 0 <= v < 2 ** 53:
+            raise ValueError(f"{folder / 'state.json'}: {k!r} must be a non-negative {kinds[-1].__name__}, got {v!r}")
+    return TeacherConfig(**config).check(), {k: saved[k] for k in _PROGRESS}
+
+
 def load_unet(folder: str | Path) -> UNet:
     """The UNet of a run folder (its ``state.json`` config and ``unet.safetensors``), in eval mode."""
     folder = Path(folder)
-    cfg = TeacherConfig(**load_json_object(folder / "state.json", what="flow teacher state")["config"]).check()
+    cfg, _ = _read_state(folder)
     unet = UNet(num_hiddens=cfg.num_hiddens)
     unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
     return unet.eval()
@@ -123,9 +143,7 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, 
     """A new run in an empty (or new) folder, or the saved one with ``resume``."""
     progress = {"step": 0, "epoch": 0, "position": 0, "seconds": 0.0}
     if resume:
-        saved = load_json_object(out / "state.json", what="flow teacher state")
-        cfg = TeacherConfig(**saved["config"]).check()
-        progress = {k: saved[k] for k in progress}
+        cfg, progress = _read_state(out)
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: continue it with --resume, or choose a new --out")
     torch.manual_seed(cfg.seed)
@@ -140,9 +158,11 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, 
 
 
 def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(), *, data_root: str | None = None,
-          resume: bool = False, max_steps: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+          resume: bool = False, max_steps: int | None = None, grid_steps: int = 50,
+          log: Callable[[str], None] | None = None) -> dict:
     """Train until ``minutes`` have passed, ``cfg.num_epochs`` are done or the run reached ``max_steps`` steps
-    in all; returns the progress saved. An epoch covers ``cfg.epoch_images`` (at most the whole set)."""
+    in all; returns the progress saved. An epoch covers ``cfg.epoch_images`` (at most the whole set); the
+    sample grids take ``grid_steps`` Euler steps."""
     cfg.check()
     log = log or (lambda line: print(line, flush=True))  # flushed: a parent process streams it
     out = Path(out)
@@ -169,7 +189,7 @@ def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(),
                 losses.flush()
                 log(f"epoch {progress['epoch']}/{cfg.num_epochs}: step {progress['step']}, loss {loss:.4f}")
                 if progress["epoch"] in GRID_EPOCHS:
-                    class_grid(unet).save(out / f"samples-epoch{progress['epoch']}.png")
+                    class_grid(unet, num_steps=grid_steps).save(out / f"samples-epoch{progress['epoch']}.png")
                 progress["seconds"] = spent + time.monotonic() - start
                 _checkpoint(out, unet, opt, cfg, progress)
     progress["seconds"] = spent + time.monotonic() - start
