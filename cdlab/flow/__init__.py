@@ -1,0 +1,11 @@
+"""Flow matching from scratch (seed 003, part B, "Project 5B: Flow Matching from Scratch") on Fashion-MNIST.
+
+================================  ================================================================================
+:mod:`cdlab.flow.data`            the idx files of Fashion-MNIST (or MNIST), pixels in ``[0, 1]``
+:mod:`cdlab.flow.unet`            the seed's UNet (§1.1), with t (§2.1) and a one-hot class c (§2.4)
+:mod:`cdlab.flow.denoiser`        the one-step denoiser (§1.2): noising, its L2 loss, the pure-noise case
+:mod:`cdlab.flow.matching`        the flow-matching loss (§2.2), class dropout, CFG and the Euler sampler
+:mod:`cdlab.flow.model`           :class:`FlowModel`: the flow UNet as the lab's eps model (its samplers, losses)
+:mod:`cdlab.flow.train_teacher`   ``python -m cdlab.flow.train_teacher``: a time-budgeted, resumable teacher run
+================================  ================================================================================
+"""

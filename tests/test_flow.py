@@ -1,0 +1,343 @@
+"""Flow matching from scratch (cdlab.flow, seed 003 part B): the idx reader, the UNet, the loss, CFG and Euler.
+
+Every test is fast: a UNet of D = 8 on a batch of 4 (random weights are enough: the tests pin the formulas,
+not a trained model's quality).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cdlab.flow import data, matching
+from cdlab.flow.unet import UNet, recalibrate_batchnorm
+
+
+def _idx_bytes(values: np.ndarray, magic: bytes | None = None) -> bytes:
+    header = magic if magic is not None else bytes([0, 0, 0x08, values.ndim])
+    return header + struct.pack(f">{values.ndim}I", *values.shape) + values.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def tiny_unet() -> UNet:
+    torch.manual_seed(0)
+    return UNet(num_hiddens=8).eval()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_reads_a_crafted_file(tmp_path, suffix):
+    values = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5) * 7
+    path = tmp_path / f"x-idx3-ubyte{suffix}"
+    path.write_bytes(gzip.compress(_idx_bytes(values)) if suffix else _idx_bytes(values))
+    out = data.read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 5)
+    np.testing.assert_array_equal(out, values)
+
+
+@pytest.mark.parametrize("magic", [b"\x00\x00\x0d\x03", b"\x01\x00\x08\x03", b"\x00\x00\x08\x04", b"PK\x03\x04"])
+def test_read_idx_refuses_a_bad_magic_number(tmp_path, magic):
+    path = tmp_path / "bad"
+    path.write_bytes(_idx_bytes(np.zeros((2, 3, 5)), magic=magic))
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_refuses_truncated_and_padded_files(tmp_path, suffix):
+    whole = _idx_bytes(np.ones((4, 28, 28)))
+    for blob, message in ((whole[:-1], "truncated"), (whole[:6], "truncated"), (whole + b"\x00", "after")):
+        path = tmp_path / f"f{suffix}"
+        path.write_bytes(gzip.compress(blob) if suffix else blob)
+        with pytest.raises(ValueError, match=message):
+            data.read_idx(path)
+
+
+def test_read_idx_caps_the_size_before_reading(tmp_path):
+    # a header announcing 60000 x 28 x 28 bytes over a 1 KB cap: refused from the header (the file is short)
+    path = tmp_path / "big.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 60000, 28, 28)))
+    with pytest.raises(ValueError, match="over the cap"):
+        data.read_idx(path, max_bytes=1024)
+    raw = tmp_path / "raw"
+    raw.write_bytes(_idx_bytes(np.zeros((2, 28, 28))))
+    with pytest.raises(ValueError, match="on disk"):
+        data.read_idx(raw, max_bytes=100)
+
+
+def test_load_fashion_mnist_reads_a_crafted_folder_and_says_how_to_install(tmp_path, monkeypatch):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0, 3])))
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    x, y = data.load_fashion_mnist("test")
+    assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], torch.from_numpy(images.astype(np.float32) / 255.0))
+    assert y.tolist() == [9, 0, 3] and y.dtype == torch.int64
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("train")
+    with pytest.raises(ValueError, match="split"):
+        data.load_fashion_mnist("validation")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0, 10])))
+    with pytest.raises(ValueError, match="label 10"):
+        data.load_fashion_mnist("test")
+
+
+@pytest.mark.skipif(not (data.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_load_fashion_mnist_from_the_debian_package(monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    x, y = data.load_fashion_mnist("test")
+    x, y = x[:16], y[:16]
+    assert x.shape == (16, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.max()) == 1.0  # uint8 255 -> 1.0: the seed's ToTensor scaling
+    assert y.shape == (16,) and 0 <= int(y.min()) and int(y.max()) < len(data.CLASS_NAMES) == 10
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+
+def test_unet_shapes_through_the_7x7_bottleneck(tiny_unet):
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
+    c = matching.one_hot(torch.tensor([0, 3, 7, 9]))
+    assert tiny_unet(x, t, c).shape == (4, 1, 28, 28)
+    seen = {}
+    tiny_unet.flatten.register_forward_hook(lambda m, i, o: seen.update(into=i[0].shape, out=o.shape))
+    tiny_unet(x, t)
+    assert seen == {"into": (4, 16, 7, 7), "out": (4, 16, 1, 1)}  # 2D channels, 7x7 -> 1x1
+    assert UNet(num_hiddens=8, num_classes=0)(x, t).shape == (4, 1, 28, 28)
+    assert UNet(num_hiddens=8, num_classes=0, time_conditioned=False)(x).shape == (4, 1, 28, 28)
+    with pytest.raises(ValueError, match="28x28"):
+        tiny_unet(torch.randn(4, 1, 32, 32), t)
+
+
+def test_unet_class_scales_and_time_shifts(tiny_unet):
+    # §2.4: u0 = c1 * u0 + t1 -- the dropped class (zeros) and None are the same model; a class changes it
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
+    assert torch.equal(tiny_unet(x, t, torch.zeros(4, 10)), tiny_unet(x, t))
+    assert not torch.allclose(tiny_unet(x, t, matching.one_hot(torch.tensor([1, 1, 1, 1]))), tiny_unet(x, t))
+    seen = {}
+    tiny_unet.unflatten.register_forward_hook(lambda m, i, o: seen.update(u0=o))
+    c = matching.one_hot(torch.tensor([2, 4, 6, 8]))
+    tiny_unet.up1.register_forward_pre_hook(lambda m, i: seen.update(u0_in=i[0][:, :16]))
+    tiny_unet(x, t, c)
+    c1, t1 = tiny_unet.fc1_c(c)[:, :, None, None], tiny_unet.fc1_t(t[:, None])[:, :, None, None]
+    assert torch.allclose(seen["u0_in"], c1 * seen["u0"] + t1, atol=1e-6)
+
+
+def test_recalibrate_batchnorm_matches_the_batch_statistics():
+    torch.manual_seed(1)
+    unet = UNet(num_hiddens=8, num_classes=0)
+    x, t = torch.randn(8, 1, 28, 28) * 3 + 2, torch.rand(8)
+    recalibrate_batchnorm(unet, [(x, t)])
+    bn = unet.conv_in[0][1]
+    h = unet.conv_in[0][0](x)
+    assert not unet.training and bn.momentum == 0.1
+    assert torch.allclose(bn.running_mean, h.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the one-step denoiser (§1.2)
+
+
+def test_denoiser_loss_is_eq_b1_by_hand():
+    from cdlab.flow.denoiser import denoiser_loss
+
+    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]]])
+    eps = torch.tensor([[[[1.0, -2.0], [0.0, 4.0]]]])
+    halve = lambda z: z / 2  # a "denoiser" whose output we know
+    # sigma = 0.5: z = x + 0.5 eps = [[0.5, 0], [0.5, 2.25]], D(z) = z / 2
+    expected = ((torch.tensor([[0.25, 0.0], [0.25, 1.125]]) - x[0, 0]) ** 2).mean()
+    assert torch.allclose(denoiser_loss(halve, x, 0.5, noise=eps), expected)
+    # sigma None (§1.2.3): z = eps alone
+    assert torch.allclose(denoiser_loss(halve, x, None, noise=eps), ((eps / 2 - x) ** 2).mean())
+
+
+def test_pure_noise_denoiser_learns_the_mean_image():
+    """§1.2.3: trained on z = eps, the best constant output is the training set's mean image."""
+    from cdlab.flow.denoiser import denoiser_loss
+
+    x = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    bias = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    opt = torch.optim.SGD([bias], lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        loss = denoiser_loss(lambda z: bias.expand_as(z), x, None, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(bias.detach()[0], x.mean(dim=0), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+def test_flow_matching_loss_is_the_seeds_formula_on_a_hand_made_batch():
+    x1 = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    x0 = torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]], [[[0.5, 0.0], [-2.0, 1.0]]]])
+    t = torch.tensor([0.25, 0.5])
+
+    def net(x_t, tt, c):  # a "network" whose output we know: 2 x_t
+        assert c is None and torch.equal(tt, t)
+        return 2 * x_t
+
+    # by hand: x_t = (1 - t) x_0 + t x_1
+    x_t = torch.stack([0.75 * x0[0] + 0.25 * x1[0], 0.5 * x0[1] + 0.5 * x1[1]])
+    expected = ((2 * x_t - (x1 - x0)) ** 2).sum() / x1.numel()
+    loss = matching.flow_matching_loss(net, x1, None, x0=x0, t=t)
+    assert torch.allclose(loss, expected, atol=1e-7)
+    # the data-independent check: at t = 0.25, the first pixel is 0.75 * 1 + 0.25 * 0 = 0.75
+    assert float(x_t[0, 0, 0, 0]) == 0.75
+
+
+def test_class_dropout_masks_about_ten_percent():
+    c = matching.one_hot(torch.arange(20000) % 10)
+    dropped = matching.drop_class(c, 0.1, torch.Generator().manual_seed(0))
+    zero_rows = (dropped.sum(dim=1) == 0)
+    assert 0.09 < float(zero_rows.float().mean()) < 0.11   # 2000 expected, sd 42
+    assert torch.equal(dropped[~zero_rows], c[~zero_rows])
+    assert torch.equal(matching.drop_class(c, 0.0), c)
+
+
+def test_velocity_conversions_are_exact_on_the_linear_path():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, 1, 28, 28, generator=g)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64)
+    x0, x1 = x0.double(), x1.double()
+    x_t, u = matching.interpolate(x0, x1, t), x1 - x0
+    assert torch.allclose(matching.velocity_to_data(x_t, t, u), x1, atol=1e-12, rtol=0)
+    assert torch.allclose(matching.velocity_to_noise(x_t, t, u), x0, atol=1e-12, rtol=0)
+
+
+def test_euler_sampler_equals_a_hand_written_loop(tiny_unet):
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    c = matching.one_hot(torch.tensor([0, 1, 2, 3]))
+    seen = []
+    out = matching.sample_euler(matching.guided_velocity(tiny_unet, c, 3.0), x, matching.euler_timesteps(4),
+                                callback=lambda i, t, x1: seen.append(t))
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+    with torch.no_grad():
+        y = x.clone()
+        for i in range(4):
+            t = torch.full((4,), i / 4)
+            u_u, u_c = tiny_unet(torch.cat([y, y]), torch.cat([t, t]), torch.cat([torch.zeros_like(c), c])).chunk(2)
+            y = y + 0.25 * (u_u + 3.0 * (u_c - u_u))
+    assert torch.equal(out, y)
+
+
+def test_cfg_gamma_one_is_the_conditional_velocity_and_gamma_five_extrapolates(tiny_unet):
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
+    c = matching.one_hot(torch.tensor([5, 6, 7, 8]))
+    calls = []
+    tiny_unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        u_c, u_u = tiny_unet(x, t, c), tiny_unet(x, t, None)
+        calls.clear()
+        assert torch.equal(matching.guided_velocity(tiny_unet, c, 1.0)(x, t), u_c)
+        assert calls == [4]                                 # one call of B
+        guided = matching.guided_velocity(tiny_unet, c, 5.0)(x, t)
+        assert calls == [4, 8]                              # then one batched call of 2B
+    assert torch.allclose(guided, u_u + 5.0 * (u_c - u_u), atol=1e-5)
+    with pytest.raises(ValueError, match="eval"):
+        matching.guided_velocity(tiny_unet.train(), c, 5.0)
+
+
+def test_train_step_lowers_the_loss_and_the_scheduler_decays_tenfold():
+    torch.manual_seed(0)
+    unet = UNet(num_hiddens=8)
+    opt = matching.make_optimizer(unet, lr=1e-2)
+    x1 = torch.rand(4, 1, 28, 28)
+    c = matching.one_hot(torch.tensor([0, 1, 2, 3]))
+    g = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def fixed_loss():  # the same x_0 and t each time; train mode: the batch's BatchNorm statistics
+        return float(matching.flow_matching_loss(unet, x1, c, p_uncond=0.0, generator=torch.Generator().manual_seed(1)))
+
+    sched = matching.make_lr_scheduler(opt, num_epochs=10)
+    before = fixed_loss()
+    losses = [matching.train_step(unet, opt, x1, c, generator=g) for _ in range(4)]
+    assert unet.training and all(np.isfinite(losses))
+    assert fixed_loss() < before
+    for _ in range(10):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------- the flow UNet in the eps world
+
+
+def test_flow_schedule_is_the_flow_path_rescaled():
+    from cdlab.flow.model import FLOW_SCHEDULE, flow_time, vp_scale
+    from cdlab.math import q_sample
+
+    g = torch.Generator().manual_seed(0)
+    data_, noise = torch.rand(4, 1, 28, 28, generator=g).double(), torch.randn(4, 1, 28, 28, generator=g).double()
+    k = torch.tensor([1, 250, 500, 999])
+    t = flow_time(k)
+    flow_point = matching.interpolate(noise, data_, t)  # the seed's x_t: noise at t = 0, data at t = 1
+    vp_point = q_sample(data_, k, FLOW_SCHEDULE, noise=noise)  # the lab's: data at k = 0
+    assert torch.allclose(vp_point * vp_scale(t)[:, None, None, None], flow_point, atol=1e-12)
+    assert float(FLOW_SCHEDULE.alphas_cumprod[0]) == 1.0 and t.tolist()[1] == 0.75
+
+
+def test_flow_model_ddim_loop_is_euler(tiny_unet):
+    """The lab's one sampling loop (DDIM on FLOW_SCHEDULE) through FlowModel equals the seed's Euler from t = 0.25."""
+    from cdlab.flow.model import FLOW_SCHEDULE, FlowModel, vp_scale
+    from cdlab.samplers import DDIMStep, sample_loop
+
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    c = matching.one_hot(torch.tensor([1, 3, 5, 7]))
+    euler = matching.sample_euler(matching.guided_velocity(tiny_unet, c, 3.0), x,
+                                  torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    model = FlowModel(tiny_unet, guidance=3.0)
+    start = x / vp_scale(torch.tensor(0.25)).float()
+    out = sample_loop(model, start, [750, 500, 250], DDIMStep(FLOW_SCHEDULE), cond=c, uncond=torch.zeros_like(c),
+                      return_trajectory=True)
+    assert out.nfe == 6  # 3 guided steps, 2 each
+    assert torch.allclose(out.latents, euler, atol=1e-5), float((out.latents - euler).abs().max())
+    # its data prediction at k = 750 is the seed's x̂_1 = x_t + (1 - t) u
+    with torch.no_grad():
+        u = matching.guided_velocity(tiny_unet, c, 3.0)(x, torch.full((4,), 0.25))
+    assert torch.allclose(out.x0_trajectory[0], matching.velocity_to_data(x, torch.full((4,), 0.25), u), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- the teacher's training CLI
+
+
+def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
+    from safetensors.torch import load_file
+
+    from cdlab.flow import train_teacher
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    (folder / "train-images-idx3-ubyte").write_bytes(_idx_bytes(rng.integers(0, 256, (24, 28, 28))))
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(24) % 10))
+    cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2)
+    quiet = dict(data_root=str(folder), grid_steps=2, log=lambda line: None)
+    whole = train_teacher.train(tmp_path / "whole", 5, cfg, max_steps=4, **quiet)
+    train_teacher.train(tmp_path / "split", 5, cfg, max_steps=3, **quiet)
+    split = train_teacher.train(tmp_path / "split", 5, cfg, max_steps=4, resume=True, **quiet)
+    assert whole == {**split, "seconds": whole["seconds"]} == {"step": 4, "epoch": 2, "position": 0,
+                                                               "seconds": whole["seconds"]}
+    a, b = (load_file(str(tmp_path / run / "unet.safetensors")) for run in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "split" / "loss.jsonl").read_text() == (tmp_path / "whole" / "loss.jsonl").read_text()
+    assert (tmp_path / "whole" / "samples-epoch1.png").is_file()  # the seed's epoch-1 grid
+    assert train_teacher.load_unet(tmp_path / "whole").num_hiddens == 4
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_teacher.train(tmp_path / "whole", 5, cfg, **quiet)
+    state = json.loads((tmp_path / "whole" / "state.json").read_text())
+    for change, field in (({"config": {**state["config"], "extra": 1}}, "extra"), ({"position": 1.5}, "position"),
+                          ({"config": {**state["config"], "num_hiddens": 0}}, "num_hiddens")):
+        (tmp_path / "whole" / "state.json").write_text(json.dumps({**state, **change}))
+        with pytest.raises(ValueError, match=field):
+            train_teacher.train(tmp_path / "whole", 5, cfg, resume=True, **quiet)
