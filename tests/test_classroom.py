@@ -148,9 +148,9 @@ def test_a_second_session_is_refused_each_instructor_only_action(app):
     _refused(lambda: client.predict(**{k: v for k, v in _form().items() if k != "instructor_token"},
                                     api_name="/train_start"), "belongs to the instructor")
     assert not any(p for p in (app.work / "runs").iterdir() if not p.name.startswith("."))
-    # the instructor passes the gate: the next check speaks (the step cap of a shared host)
+    # the instructor passes the gate: the next check speaks (the step cap)
     _refused(lambda: client.predict(**_form(max_steps=20_001, instructor_token=TOKEN), api_name="/train_start"),
-             "capped at 20000 steps")
+             "steps must be between 1 and 20000")  # the app's one cap (APP_LIMITS), on every host
 
 
 def test_the_instructor_passes_the_evaluation_gate(tmp_path):

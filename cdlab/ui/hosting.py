@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cdlab.train.config import APP_LIMITS
+
 # One queue for everything that touches the GPU, so Compare, Evaluate and previews never overlap.
 GPU_CONCURRENCY_ID = "gpu"
 GPU_CONCURRENCY_LIMIT = 1
@@ -155,7 +157,7 @@ def safe_delete_cache(demo: Any) -> Any:
 CLASSROOM_ENV = "CDLAB_CLASSROOM"              # =1: a shared host whatever --host says (behind a proxy, tests)
 INSTRUCTOR_ENV = "CDLAB_INSTRUCTOR_TOKEN"      # the instructor token, instead of --instructor-token
 SECRET_NAME = ".app-secret"                    # runs/.app-secret: the fixed key of the browser's stored tokens
-SHARED_MAX_STEPS = 20_000                      # a training run on a shared host: at most this many steps ...
+SHARED_MAX_STEPS = int(APP_LIMITS["max_steps"][1])  # a run from the app: at most this many steps (everywhere) ...
 SHARED_MAX_SECONDS = 4 * 3600.0                # ... and this long (then it is stopped at a checkpoint)
 MAX_SECONDS_ENV = "CDLAB_SHARED_MAX_SECONDS"   # overrides SHARED_MAX_SECONDS (tests, a longer lab)
 

@@ -309,13 +309,6 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
 
 # ------------------------------------------------------------------------------ the tab (Gradio)
 
-def check_shared_config(cfg: dict[str, Any], policy: H.Policy) -> None:
-    """A shared host's step cap (`cdlab.ui.hosting.Policy.max_steps`) on a resolved config."""
-    if policy.max_steps and int(cfg.get("max_steps") or 0) > policy.max_steps:
-        raise H.HostRuleError(f"config: steps: a run on a shared host is capped at {policy.max_steps} steps, got "
-                              f"{cfg.get('max_steps')}.")
-
-
 def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
                    policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
     """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
@@ -341,7 +334,6 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
                     preview_every=preview_every, student_name=student_name)
         cfg = form_to_config(form, model, data_kind, data_path, teacher.resolution, extra_config,
                              overwrite=overwrite, adapters_root=adapters_root)
-        check_shared_config(cfg, policy)
         owner = owner if isinstance(owner, str) and owner else new_owner_token()
         if cfg.get("overwrite"):
             jobs.check_replace(cfg["student_name"], adapters, owner, allow_unowned=not policy.shared,
