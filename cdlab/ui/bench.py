@@ -1,7 +1,7 @@
 """Compare benchmarks on the tiny teacher.
 
     OMP_NUM_THREADS=2 python -m cdlab.ui.bench [--model tiny] [--repeats 5]      # one request's latency
-    python -m cdlab.ui.bench load [--requests 30] [--columns 5] [--train]       # a classroom at once
+    python -m cdlab.ui.bench load [--requests 30] [--columns 5] [--train] [--client-nice 19]   # a classroom at once
 
 ``bench_compare``: teacher-50 (CFG), teacher-4 and 3 students, 4 student steps, on 2 CPU cores; targets
 (issue 11): a cold five-column request <= 1.2 s median; teacher-50 / student-4 >= 13x; <= 0.3 s when only
@@ -227,12 +227,18 @@ def _start_training(url: str, work: Path, train_steps: int) -> tuple[Client, str
 
 
 def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model: str = "tiny",
-               workdir: Path | None = None, train_steps: int = 20_000) -> dict:  # 20_000: the app's cap, APP_LIMITS
+               workdir: Path | None = None, train_steps: int = 20_000,  # 20_000: the app's cap, APP_LIMITS
+               client_nice: int = 0) -> dict:
     """``requests`` concurrent Compare requests (and, with ``train``, one training run) against the launched app.
 
     Each request streams its columns (students first); returns served/failed counts, the seconds from submission
     to the first student's image and to the last column (p50 / p95 / max), the students' speed-up vs teacher-50
     (per request the median over its students; the worst request), and the training run's state meanwhile.
+
+    ``client_nice``: once the app runs, this process (the 30 clients) lowers its CPU priority by this much
+    (``os.nice``; the threads it starts afterwards inherit it). In a classroom each student's browser is on its own
+    machine; here the clients share the app's cores, and gradio_client wakes two threads per job every 50 ms.
+    The command line uses 19; a test calling this from pytest keeps 0 (the worker would stay reniced).
     """
     work = Path(workdir or tempfile.mkdtemp(prefix="cdlab-load-"))
     names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
@@ -242,6 +248,9 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     with serve_app(model, work) as url:
         if train:
             boss, owner, run = _start_training(url, work, train_steps)
+        if client_nice:
+            os.nice(client_nice)  # the app (started before) keeps its priority; threads started from here inherit it
+        out["client_nice"] = os.nice(0)
         # Results as the page gets them: JSON with file URLs (a browser fetches the images it shows; the
         # client does not download every gallery image and PNG here, which would time the client, not the app).
         client = Client(url, verbose=False, download_files=False)
@@ -277,9 +286,12 @@ def main(argv=None) -> int:
         p.add_argument("--requests", type=int, default=30)
         p.add_argument("--columns", type=int, default=5)
         p.add_argument("--train", action="store_true", help="one training run beside the requests")
+        p.add_argument("--client-nice", type=int, default=19, help="lower the clients' CPU priority by this much "
+                       "once the app runs (in a classroom the browsers are on other machines; 0: compete)")
         a = p.parse_args(argv[1:])
-        r = bench_load(a.requests, a.columns, train=a.train)
-        print(f"{r['requests']} concurrent Compare requests, {r['columns']} columns each, streamed"
+        r = bench_load(a.requests, a.columns, train=a.train, client_nice=a.client_nice)
+        print(f"{r['requests']} concurrent Compare requests, {r['columns']} columns each, streamed; "
+              f"clients at nice {r['client_nice']}, the app at its own priority"
               + (f", beside a training run ({r['training_state']} at step {r['training_step']})" if r["train"] else ""))
         print(f"served {r['served']}/{r['requests']}, failed {r['failed']}; wall {r['wall_s']:.2f} s; "
               f"{r['updates']} updates; teacher-50 arrived last in {r['students_first']}/{r['served']}")
