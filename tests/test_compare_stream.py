@@ -80,12 +80,17 @@ def test_a_hundred_compares_leave_no_files_behind(app):
     Compare (the PNG's folder is removed once Gradio copied it), and Gradio's cache is emptied of the images."""
     tmp = app["tmp"]
     before = len(_files(tmp))
-    client = _client(app)
     cols = [TEACHER_4, app["students"][0]]
+    # One client (one browser session) per worker thread, as 8 browsers would be: gradio_client's events of one
+    # session share one server stream, and a predict that starts as the stream closes after another's last event
+    # is cancelled by the client (CancelledError, seen once in CI with one client shared by the 8 threads).
+    local = threading.local()
 
     def one(i: int) -> str:
-        return client.predict(prompt=PROMPT, seed=2000 + i, guidance=3.0, steps="1", columns=cols,
-                              show_trajectory=False, api_name="/compare")[4]
+        if not hasattr(local, "client"):
+            local.client = _client(app)
+        return local.client.predict(prompt=PROMPT, seed=2000 + i, guidance=3.0, steps="1", columns=cols,
+                                    show_trajectory=False, api_name="/compare")[4]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         pngs = list(pool.map(one, range(100)))
