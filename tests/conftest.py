@@ -171,6 +171,19 @@ def run_dirs(tmp_path, monkeypatch) -> RunDirs:
     return use_run_dirs(monkeypatch, tmp_path)
 
 
+@pytest.fixture(scope="session")
+def train_form():
+    """``train_form(**change)``: the keyword arguments of the app's ``/train_start`` for a small tiny-world run
+    (5 steps, no previews), with ``change`` applied; the served-app tests send hostile values through it."""
+    def form(**change) -> dict:
+        values = dict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=5, batch_size=8,
+                      guidance=3.0, guidance_max=3.0, preview_every=0, student_name="", data_kind="tiny world",
+                      data_path="", extra_config="", overwrite=False, owner="")
+        values.update(change)
+        return values
+    return form
+
+
 @pytest.fixture
 def child_env(run_dirs) -> dict[str, str]:
     """The environment of a ``python -m cdlab ...`` subprocess: ``run_dirs``, one CPU thread, offline, the

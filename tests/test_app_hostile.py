@@ -37,14 +37,6 @@ def app(tmp_path_factory, start_app):
         yield served
 
 
-def _form(**change):
-    values = dict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=5, batch_size=8,
-                  guidance=3.0, guidance_max=3.0, preview_every=0, student_name="", data_kind="tiny world",
-                  data_path="", extra_config="", overwrite=False, owner="")
-    values.update(change)
-    return values
-
-
 def _tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
 
@@ -92,7 +84,7 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
-def test_hostile_training_configs_are_refused(client, app, case):
+def test_hostile_training_configs_are_refused(client, app, case, train_form):
     from gradio_client.exceptions import AppError
 
     work, students = app.work, app.students
@@ -102,7 +94,7 @@ def test_hostile_training_configs_are_refused(client, app, case):
     outside = work.parent
     before = _tree(outside)
     with pytest.raises(AppError) as e:
-        client.predict(**_form(**change), api_name="/train_start")
+        client.predict(**train_form(**change), api_name="/train_start")
     assert expect.lower() in str(e.value).lower(), str(e.value)
     assert not [p for p in (work / "runs").iterdir() if not p.name.startswith(".")], "a run was launched"
     assert _tree(outside) == before, "something was written"

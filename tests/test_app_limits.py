@@ -68,14 +68,6 @@ def app_pid(url: str) -> int:
     raise AssertionError(f"no app.py process on port {port}")
 
 
-def _form(**change):
-    values = dict(method="mbcd", num_boundaries=4, lora_rank=4, lr=1e-3, max_steps=5, batch_size=8,
-                  guidance=3.0, guidance_max=3.0, preview_every=0, student_name="", data_kind="tiny world",
-                  data_path="", extra_config="", overwrite=False, owner="")
-    values.update(change)
-    return values
-
-
 # ------------------------------------------------------------------------------------------- the served app
 
 @pytest.fixture(scope="module")
@@ -188,24 +180,24 @@ ADVANCED_CASES = [
 
 
 @pytest.mark.parametrize("case", ADVANCED_CASES, ids=[c[0] for c in ADVANCED_CASES])
-def test_advanced_json_has_the_forms_caps(client, app, case):
+def test_advanced_json_has_the_forms_caps(client, app, case, train_form):
     """Finding 5: the advanced JSON box is checked against the same caps as the form; the message names the
     field; nothing is launched."""
     from gradio_client.exceptions import AppError
 
     _, extra, field = case
     with pytest.raises(AppError) as e:
-        client.predict(**_form(extra_config=extra), api_name="/train_start")
+        client.predict(**train_form(extra_config=extra), api_name="/train_start")
     assert field in str(e.value), str(e.value)
     assert not [p for p in (app.work / "runs").iterdir() if p.is_dir()], "a run was launched"  # runs/.app-secret: no run
 
 
-def test_messages_name_no_server_folder(client, app):
+def test_messages_name_no_server_folder(client, app, train_form):
     """Finding 10: a refusal that names a folder shows it relative to the working folders."""
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError) as e:
-        client.predict(**_form(student_name=app.students[0]), api_name="/train_start")
+        client.predict(**train_form(student_name=app.students[0]), api_name="/train_start")
     text = str(e.value)
     assert "already exists in adapters" in text and str(app.work) not in text, text
 
