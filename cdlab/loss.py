@@ -89,10 +89,13 @@ def sample_timesteps(
     return t.to(device), s.to(device)
 
 
-def _fp32_eps(unet: Any, autocast_dtype: torch.dtype | None, guidance: Any = None) -> EpsModel:
+def _fp32_eps(unet: Any, autocast_dtype: torch.dtype | None, guidance: Any = None,
+              model_class: type[EpsModel] = EpsModel) -> EpsModel:
     """The losses' eps model: the UNet under ``torch.autocast`` when asked, its eps in fp32. With a
-    ``guidance`` (the CD teacher, DMD's real score) it always guides, one batched call of 2B, even at w = 1."""
-    return EpsModel(unet, guidance, autocast_dtype=autocast_dtype, output_dtype=torch.float32, guide_at_one=True)
+    ``guidance`` (the CD teacher, DMD's real score) it always guides, one batched call of 2B, even at w = 1.
+    ``model_class`` says what the network predicts and on which path (:class:`cdlab.flow.model.FlowModel`: a
+    flow velocity)."""
+    return model_class(unet, guidance, autocast_dtype=autocast_dtype, output_dtype=torch.float32, guide_at_one=True)
 
 
 def _per_example(v: Any, bsz: int, device: torch.device) -> torch.Tensor:
@@ -108,8 +111,8 @@ def _expand_uncond(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
 def _check_loss_inputs(latents: torch.Tensor, cond: torch.Tensor, teacher: Any, uncond: Any, loss_type: str) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if latents.ndim != 4 or cond.ndim != 3 or cond.shape[0] != latents.shape[0]:
-        raise ValueError(f"expected latents [B, C, H, W] and cond [B, L, D] with the same B, got "
+    if latents.ndim != 4 or cond.ndim not in (2, 3) or cond.shape[0] != latents.shape[0]:
+        raise ValueError(f"expected latents [B, C, H, W] and cond [B, L, D] (or a class vector [B, K]) with the same B, got "
                          f"{tuple(latents.shape)} and {tuple(cond.shape)}")
     if teacher is not None and uncond is None:
         raise ValueError("consistency distillation (a teacher) needs uncond embeddings for classifier-free guidance")
@@ -126,22 +129,23 @@ def _guidance_scales(guidance: float | tuple[float, float], bsz: int,
 
 def _teacher_point(teacher: Any, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor, w: torch.Tensor, scheduler: Any,
-                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  autocast_dtype: torch.dtype | None = None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
     """CD's second point (step 4 above): one DDIM step from t to s of the guided teacher, the base model with every
     adapter off: ``eps_w = eps_u + w (eps_c - eps_u)`` from ONE batched call, ``x_s = ddim_solver_step(eps_w)``
     (:func:`cdlab.math.get_xs_from_xt_teacher`)."""
     with adapter_role(teacher, None):
-        eps_w = _fp32_eps(teacher, autocast_dtype, w)(x_t, t, cond, _expand_uncond(uncond, cond))
+        eps_w = _fp32_eps(teacher, autocast_dtype, w, model_class)(x_t, t, cond, _expand_uncond(uncond, cond))
     return ddim_solver_step(eps_w, x_t, t, s, scheduler)
 
 
 def _boundary_target(net: Any, weights: Mapping[str, torch.Tensor] | None, x_s: torch.Tensor, s: torch.Tensor,
                     b: torch.Tensor, cond: torch.Tensor, scheduler: Any,
-                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    autocast_dtype: torch.dtype | None = None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
     """The stop-gradient target (step 5 above), ``f_theta^-(x_s, s, b)``, with ``weights`` (e.g. an EMA of the
     LoRA weights) swapped into ``net`` for this pass only."""
     with torch.no_grad(), swapped_weights(net, weights):
-        return predict_boundary(_fp32_eps(net, autocast_dtype)(x_s, s, cond), x_s, s, b, scheduler)
+        return predict_boundary(_fp32_eps(net, autocast_dtype, model_class=model_class)(x_s, s, cond), x_s, s, b,
+                                scheduler)
 
 
 def _distance(d: torch.Tensor, loss_type: str = "l2", huber_c: float = 1e-3) -> torch.Tensor:
@@ -160,6 +164,7 @@ def consistency_loss(
     target_model: Any = None, target_weights: Mapping[str, torch.Tensor] | None = None,
     timesteps: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+    model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
     """Consistency loss of ``unet`` on a batch of clean latents (CT, or CD when ``teacher`` is given).
 
@@ -188,6 +193,10 @@ def consistency_loss(
         generator (`torch.Generator`, *optional*): CPU generator for timesteps, noise and w.
         autocast_dtype: run the UNet passes under ``torch.autocast`` with this dtype (fp16/bf16);
             everything else, the loss included, is computed in fp32.
+        model_class: the eps model of ``unet`` and ``teacher`` (default :class:`cdlab.models.EpsModel`, a diffusers
+            UNet); :class:`cdlab.flow.model.FlowModel` distils a flow teacher, with ``scheduler`` its
+            ``FLOW_SCHEDULE``: there the teacher's DDIM step is an Euler step of its velocity, and ``cond`` /
+            ``uncond`` are one-hot classes ``[B, 10]`` and zeros.
 
     Returns:
         dict: ``loss`` (scalar, differentiable), ``loss_per_example`` ``[B]`` and, detached, ``pred``,
@@ -208,12 +217,13 @@ def consistency_loss(
     w = _guidance_scales(guidance, bsz, generator).to(device)
     with torch.no_grad():  # 4. x_s: no gradient in either mode
         x_s = (get_xs_from_xt_naive(x_0, x_t, t, s, scheduler, noise=noise) if teacher is None
-               else _teacher_point(teacher, x_t, t, s, cond, uncond, w, scheduler, autocast_dtype))
+               else _teacher_point(teacher, x_t, t, s, cond, uncond, w, scheduler, autocast_dtype, model_class))
     target = _boundary_target(unet if target_model is None else target_model, target_weights, x_s, s, b, cond,
-                             scheduler, autocast_dtype)  # 5.
+                             scheduler, autocast_dtype, model_class)  # 5.
     # The student's pass comes last: the teacher's adapter toggle and the EMA swap above change
     # parameters in place, which must not happen while the student's graph is alive.
-    pred = predict_boundary(_fp32_eps(unet, autocast_dtype)(x_t, t, cond), x_t, t, b, scheduler)
+    pred = predict_boundary(_fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond), x_t, t, b,
+                            scheduler)
     per_example = _distance(pred - target, loss_type, huber_c)  # 6.
     return {"loss": per_example.mean(), "loss_per_example": per_example, "pred": pred.detach(),
             "target": target.detach(), "x_t": x_t.detach(), "x_s": x_s.detach(), "t": t, "s": s, "boundary": b,

@@ -28,7 +28,6 @@ Images everywhere here are float tensors ``[B, 3, H, W]`` in [0, 1].
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,7 +39,7 @@ FID_MIN_SAMPLES = FID_FEATURES  # fewer samples than features: rank-deficient co
 
 __all__ = [
     "CLIP_MODEL", "FID_FEATURES", "FID_MIN_SAMPLES", "agreement_error", "world_adherence", "to_unit", "LPIPSNet",
-    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_refusal", "lpips", "seed_diversity",
+    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_of_features", "fid_refusal", "lpips", "seed_diversity",
 ]
 
 
@@ -243,10 +242,20 @@ def _new_fid(num_features: int) -> Any:
 def fid(images: Tensor, reference: Tensor, feature: nn.Module | None = None) -> float:
     """Fréchet distance between the feature Gaussians of two image sets (each of >= 2 images)."""
     feature = _InceptionFeatures() if feature is None else feature
-    m = _new_fid(_num_features(feature))
+    _num_features(feature)  # a feature module says its width
     with torch.no_grad():
-        m.update(feature(reference.float()).double(), real=True)
-        m.update(feature(images.float()).double(), real=False)
+        return fid_of_features(feature(images.float()), feature(reference.float()))
+
+
+def fid_of_features(features: Tensor, reference_features: Tensor) -> float:
+    """Fréchet distance between the Gaussians of two feature sets ``[N, F]`` (Heusel et al. 2017, eq. 6):
+    ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))``, in float64 (torchmetrics' computation)."""
+    if features.ndim != 2 or reference_features.ndim != 2 or features.shape[1] != reference_features.shape[1]:
+        raise ValueError(f"fid_of_features: expected [N, F] features of one width, got {tuple(features.shape)} "
+                         f"and {tuple(reference_features.shape)}")
+    m = _new_fid(features.shape[1])
+    m.update(reference_features.double().cpu(), real=True)
+    m.update(features.double().cpu(), real=False)
     return float(m.compute())
 
 

@@ -341,3 +341,103 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
         (tmp_path / "whole" / "state.json").write_text(json.dumps({**state, **change}))
         with pytest.raises(ValueError, match=field):
             train_teacher.train(tmp_path / "whole", 5, cfg, resume=True, **quiet)
+
+
+# ----------------------------------------------------------------------------- few-step students of the flow teacher
+
+
+def test_cd_teacher_point_on_the_flow_is_an_euler_step_of_the_guided_velocity(tiny_unet):
+    """CD's second point (cdlab.loss, one DDIM step of the guided teacher) on FLOW_SCHEDULE is the seed's Euler step
+    ``x_s = x_t + (s - t) u_w`` in flow coordinates, and the student starts as the teacher (LoRA B = 0)."""
+    from cdlab.flow import distill
+    from cdlab.flow.model import flow_time, vp_scale
+
+    unet = distill.attach_flow_lora(tiny_unet, rank=4).eval()
+    x1 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2, 4, 6])
+    out = distill.cd_loss(unet, x1, labels, guidance=3.0, num_boundaries=1,
+                          generator=torch.Generator().manual_seed(2))
+    t, s = out["t"], out["s"]
+    tf, sf = flow_time(t).float(), flow_time(s).float()
+    x_t = out["x_t"] * vp_scale(tf).reshape(-1, 1, 1, 1)  # VP state -> the flow's point
+    with torch.no_grad():
+        u = matching.guided_velocity(unet, matching.one_hot(labels), 3.0)(x_t, tf)
+    euler = x_t + (sf - tf).reshape(-1, 1, 1, 1) * u
+    assert torch.allclose(out["x_s"] * vp_scale(sf).reshape(-1, 1, 1, 1), euler, atol=2e-5)
+    assert out["loss"].requires_grad and torch.isfinite(out["loss"])
+    grads = torch.autograd.grad(out["loss"], [p for p in unet.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the LoRA trains
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)  # the teacher does not
+
+
+def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
+    """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
+    from cdlab.flow import distill
+
+    g = torch.Generator().manual_seed(3)
+    z, x1 = torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, 1, 28, 28, generator=g)
+    labels = torch.tensor([1, 1, 8, 9])
+    got = distill.reflow_loss(tiny_unet, z, x1, labels, times="zero")["loss"]
+    with torch.no_grad():
+        u = tiny_unet(z, torch.zeros(4), matching.one_hot(labels))
+    assert torch.allclose(got, ((z + u - x1) ** 2).mean(), atol=1e-6)
+
+
+def test_flow_student_saves_and_loads_and_starts_as_the_teacher(tmp_path, tiny_unet):
+    from safetensors.torch import save_file
+
+    from cdlab.flow import distill, evaluate
+    from cdlab.paths import write_json_atomic
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in tiny_unet.state_dict().items()}, str(teacher_dir / "unet.safetensors"))
+    write_json_atomic(teacher_dir / "state.json", {"config": {"num_hiddens": 8}, "step": 0, "epoch": 0, "position": 0,
+                                                   "seconds": 0.0, "lr": 0.002})
+    unet = distill.attach_flow_lora(tiny_unet, rank=4)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
+    cfg = distill.StudentConfig(method="cd", num_boundaries=4, sample_steps=4, lora_rank=4)
+    distill.save_flow_student(unet, tmp_path / "fashion-mbcd-4", cfg)
+    loaded, card = distill.load_flow_student(teacher_dir, tmp_path / "fashion-mbcd-4")
+    assert card["method"] == "mbcd" and card["num_boundaries"] == 4 and card["base_model"] == distill.FLOW_BASE_ID
+    z, y = evaluate.noise(10)
+    a = evaluate.sample_column(unet.eval(), "cd", z, y, 4, num_boundaries=4)
+    b = evaluate.sample_column(loaded, "cd", z, y, 4, num_boundaries=4)
+    assert torch.equal(a, b)
+    # a fresh LoRA (B = 0) on the teacher samples exactly as the teacher's own eps world does
+    from cdlab.flow.train_teacher import load_unet
+
+    init = distill.attach_flow_lora(load_unet(teacher_dir), rank=4).eval()
+    assert torch.equal(evaluate.sample_column(init, "reflow", z, y, 2),
+                       evaluate.sample_column(load_unet(teacher_dir), "teacher", z, y, 2, guidance=1.0))
+
+
+def test_fid_of_features_is_the_frechet_distance_of_two_gaussians():
+    """Two sets with the same covariance: FID is the squared distance of their means; a set against itself is 0."""
+    from cdlab.metrics import fid_of_features
+
+    a = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert fid_of_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid_of_features(a + shift, a) == pytest.approx(float(shift @ shift), rel=1e-6)
+    with pytest.raises(ValueError, match="features"):
+        fid_of_features(a, a[:, :2])
+
+
+def test_classifier_features_and_flow_scores():
+    from cdlab.flow import evaluate
+    from cdlab.flow.classifier import NUM_FEATURES, Classifier, accuracy, as_feature
+
+    torch.manual_seed(0)
+    net = Classifier().eval()
+    x = torch.rand(40, 1, 28, 28)
+    labels = torch.arange(40) % 10
+    assert as_feature(net)(x).shape == (40, NUM_FEATURES)
+    logits = net(x)
+    assert accuracy(net, x, logits.argmax(1)) == 1.0
+    reference = torch.rand(50, 1, 28, 28)
+    got = evaluate.score(torch.cat([x] * 4), torch.cat([labels] * 4), net, as_feature(net)(reference))
+    assert set(got) == {"fid", "accuracy", "diversity"} and got["fid"] >= 0 and got["diversity"] > 0

@@ -80,9 +80,9 @@ class FlowModel(EpsModel):
     """
 
     def __init__(self, unet: Any, guidance: float | torch.Tensor | None = None, *, guide_at_one: bool = False,
-                 output_dtype: torch.dtype | None = None) -> None:
+                 output_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__(unet, guidance, "epsilon", FLOW_SCHEDULE, output_dtype=output_dtype,
-                         guide_at_one=guide_at_one)
+                         guide_at_one=guide_at_one, autocast_dtype=autocast_dtype)
         self.prediction_type = "flow_velocity"  # what the network predicts; to_eps below converts it
 
     def _flow(self, t: int | torch.Tensor, x: torch.Tensor, copies: int) -> tuple[torch.Tensor, torch.Tensor]:

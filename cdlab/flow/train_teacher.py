@@ -74,7 +74,7 @@ class TeacherConfig:
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    tensors = {f"{i}.{name}": value.detach().clone().contiguous()
+    tensors = {f"{i}.{name}": value.detach().cpu().clone().contiguous()
                for i, state in opt.state_dict()["state"].items() for name, value in state.items()}
     save_file(tensors, str(path))
 
@@ -127,19 +127,19 @@ def class_grid(unet: UNet, per_class: int = 4, num_steps: int = 50, guidance: fl
     labels = torch.arange(unet.num_classes).repeat(per_class)
     x = matching.sample(unet, labels, num_steps, guidance, generator=torch.Generator().manual_seed(seed))
     unet.train(was_training)
-    rows = x.clamp(0, 1).reshape(per_class, unet.num_classes, 28, 28)
+    rows = x.clamp(0, 1).cpu().reshape(per_class, unet.num_classes, 28, 28)
     grid = rows.permute(0, 2, 1, 3).reshape(per_class * 28, unet.num_classes * 28)
     return Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L")
 
 
 def _checkpoint(out: Path, unet: UNet, opt: torch.optim.Optimizer, cfg: TeacherConfig, progress: dict) -> None:
-    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
     _save_optimizer(opt, out / "optimizer.safetensors")
     write_json_atomic(out / "state.json", {"config": dataclasses.asdict(cfg), **progress,
                                            "lr": opt.param_groups[0]["lr"]})
 
 
-def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, UNet, torch.optim.Optimizer, dict]:
+def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) -> tuple[TeacherConfig, UNet, torch.optim.Optimizer, dict]:
     """A new run in an empty (or new) folder, or the saved one with ``resume``."""
     progress = {"step": 0, "epoch": 0, "position": 0, "seconds": 0.0}
     if resume:
@@ -148,9 +148,11 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, 
         raise FileExistsError(f"{out} is not empty: continue it with --resume, or choose a new --out")
     torch.manual_seed(cfg.seed)
     unet = UNet(num_hiddens=cfg.num_hiddens)
-    opt = matching.make_optimizer(unet, cfg.lr)
     if resume:
         unet.load_state_dict(load_file(str(out / "unet.safetensors")))
+    unet.to(device)
+    opt = matching.make_optimizer(unet, cfg.lr)
+    if resume:
         _load_optimizer(opt, out / "optimizer.safetensors")
     for group in opt.param_groups:  # where the per-epoch decay left it
         group["lr"] = cfg.lr * (cfg.lr_decay_to ** (1.0 / cfg.num_epochs)) ** progress["epoch"]
@@ -159,14 +161,14 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool) -> tuple[TeacherConfig, 
 
 def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(), *, data_root: str | None = None,
           resume: bool = False, max_steps: int | None = None, grid_steps: int = 50,
-          log: Callable[[str], None] | None = None) -> dict:
+          device: str | torch.device = "cpu", log: Callable[[str], None] | None = None) -> dict:
     """Train until ``minutes`` have passed, ``cfg.num_epochs`` are done or the run reached ``max_steps`` steps
     in all; returns the progress saved. An epoch covers ``cfg.epoch_images`` (at most the whole set); the
     sample grids take ``grid_steps`` Euler steps."""
     cfg.check()
     log = log or (lambda line: print(line, flush=True))  # flushed: a parent process streams it
     out = Path(out)
-    cfg, unet, opt, progress = _start(out, cfg, resume)
+    cfg, unet, opt, progress = _start(out, cfg, resume, torch.device(device))
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_fashion_mnist("train", data_root)
     epoch_images = min(cfg.epoch_images, len(images))
@@ -178,7 +180,7 @@ def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(),
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + progress["epoch"]))
             idx = order[:epoch_images][progress["position"]:progress["position"] + cfg.batch_size]
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress["step"])
-            loss = matching.train_step(unet, opt, images[idx], matching.one_hot(labels[idx]),
+            loss = matching.train_step(unet, opt, images[idx].to(device), matching.one_hot(labels[idx]).to(device),
                                        p_uncond=cfg.p_uncond, generator=g)
             losses.write(json.dumps({"step": progress["step"], "epoch": progress["epoch"], "loss": loss}) + "\n")
             progress["step"] += 1
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the run folder (new or empty, or an existing one with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--data", default=None, help="folder of the idx files (default: $CDLAB_FASHION_MNIST or Debian's)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop once the run has taken this many steps in all")
+    p.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     defaults = TeacherConfig()
     for f in dataclasses.fields(TeacherConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--resume keeps the run's own config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     try:
         train(args.out, args.minutes, TeacherConfig(**{**dataclasses.asdict(defaults), **given}),
-              data_root=args.data, resume=args.resume)
+              data_root=args.data, resume=args.resume, max_steps=args.max_steps, device=args.device)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         p.error(str(e))
     return 0

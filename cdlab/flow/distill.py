@@ -1,0 +1,230 @@
+"""Few-step students of the flow teacher, as LoRA adapters on its UNet.
+
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --steps 2000 --out runs/flow-cd-4
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --out runs/flow-rf
+
+**Consistency distillation on the flow ODE** (``method="cd"``, ``num_boundaries`` N; N > 1 is multi-boundary CD).
+The lab's one consistency loss (:func:`cdlab.loss.consistency_loss`) with the flow teacher's eps model
+(:class:`cdlab.flow.model.FlowModel`) on its path (``FLOW_SCHEDULE``): the teacher's DDIM step from t to s is
+exactly an Euler step of its guided velocity, ``x_s = x_t + (s - t) u_w`` in flow time (:mod:`cdlab.flow.model`),
+and the student jumps to its segment's boundary with the same straight line of its own velocity. Nothing in the
+loss is new: a flow teacher is a new model class, not a second copy of CD.
+
+**2-rectified flow** (``method="reflow"``; Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate
+and Transfer Data with Rectified Flow", §2.2, eq. 6). Draw pairs ``(z, x1)`` with ``x1`` the teacher's own
+Euler-50 sample with CFG from noise ``z`` (:func:`teacher_pairs`), then fit the flow-matching loss on the pairs
+instead of on independent noise and data::
+
+    L = E_{(z, x1), t ~ U[0, 1]} || u_theta((1 - t) z + t x1, t, c) - (x1 - z) ||^2
+
+The coupled pairs have straight, non-crossing lines between them, so the new flow is straighter than the
+teacher's and Euler with few steps follows it. ``--reflow-times zero`` trains at t = 0 only, the paper's
+"distillation" of a rectified flow into one step (its §2.3, ``L = || z + u_theta(z, 0) - x1 ||^2``), started from
+a reflow student with ``--init``. Guidance is distilled in: the student runs the class alone, 1 NFE a step.
+
+The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdlab.flow import matching
+from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
+from cdlab.flow.unet import UNet
+from cdlab.loss import consistency_loss
+from cdlab.paths import write_json_atomic
+from cdlab.samplers import consistency_timesteps
+from cdlab.students.roles import adapter_role
+
+__all__ = ["FLOW_BASE_ID", "lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
+           "StudentConfig", "distill", "save_flow_student", "load_flow_student", "main"]
+
+FLOW_BASE_ID = "cdlab/fashion-flow"
+ADAPTER = "student"
+
+
+def lora_targets(unet: nn.Module) -> list[str]:
+    """The names of the UNet's Conv2d and Linear layers (peft's LoRA has no ConvTranspose2d)."""
+    return [n for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None,
+                     adapter_name: str = ADAPTER) -> nn.Module:
+    """A trainable LoRA on every Conv2d and Linear of the flow UNet (peft ``inject_adapter_in_model``); the base
+    weights are frozen. LoRA B starts at zero, so the student starts as the teacher."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                        target_modules=lora_targets(unet), init_lora_weights=True)
+    unet = inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    unet.peft_config = {adapter_name: config}
+    return unet
+
+
+@torch.no_grad()
+def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance: float = matching.GUIDANCE,
+                  generator: torch.Generator | None = None, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG."""
+    dev = next(unet.parameters()).device
+    z = torch.randn((len(labels), 1, 28, 28), generator=generator)
+    out = []
+    for zb, yb in zip(z.split(batch_size), labels.split(batch_size)):
+        v = matching.guided_velocity(unet, matching.one_hot(yb).to(dev), guidance)
+        out.append(matching.sample_euler(v, zb.to(dev), matching.euler_timesteps(num_steps).to(dev)).cpu())
+    return z, torch.cat(out)
+
+
+def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float, num_boundaries: int = 1,
+            step_size: int = 20, sample_steps: int = 4, sampler_prob: float = 0.1,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Consistency distillation of the flow teacher (the UNet with its adapter off) into its LoRA: the lab's
+    :func:`cdlab.loss.consistency_loss` with :class:`FlowModel`, data ``x1`` as the clean boundary."""
+    c = matching.one_hot(labels).to(x1.device)
+    return consistency_loss(unet, x1, c, FLOW_SCHEDULE, teacher=unet, uncond=torch.zeros_like(c[:1]),
+                            guidance=guidance, num_boundaries=num_boundaries, step_size=step_size,
+                            sampler_timesteps=consistency_timesteps(sample_steps, num_boundaries),
+                            sampler_prob=sampler_prob, generator=generator, model_class=FlowModel)
+
+
+def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, times: str = "uniform",
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """2-rectified flow's loss on teacher pairs (module docstring); ``times="zero"``: the one-step distillation."""
+    t = (torch.rand(len(z), generator=generator) if times == "uniform" else torch.zeros(len(z))).to(z.device)
+    loss = matching.flow_matching_loss(unet, x1, matching.one_hot(labels).to(z.device), x0=z, t=t, p_uncond=0.0)
+    return {"loss": loss}
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    method: str = "cd"              # "cd" (consistency distillation; N > 1: multi-boundary) | "reflow"
+    num_boundaries: int = 1
+    sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
+    guidance: float = 5.0           # the teacher's CFG scale, distilled in
+    step_size: int = 20
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lora_rank: int = 32
+    pairs: int = 20000              # reflow: teacher pairs drawn once
+    reflow_times: str = "uniform"   # reflow: "uniform" t ~ U[0, 1], or "zero" (one-step distillation)
+    seed: int = 0
+
+
+def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
+    from cdlab.flow.train_teacher import load_unet
+
+    return load_unet(folder).to(device).eval()
+
+
+def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | Path | None = None, device: str = "cpu",
+            max_seconds: float | None = None, log: Callable[[str], None] = print) -> nn.Module:
+    """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed)
+    and return the UNet with the adapter (eval mode)."""
+    dev = torch.device(device)
+    unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
+    if init is not None:
+        set_lora_weights(unet, load_file(str(Path(init) / "student.safetensors")))
+    unet.to(dev).eval()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.method == "reflow":
+        labels_all = torch.arange(cfg.pairs) % 10
+        with adapter_role(unet, None):  # the teacher: the adapter off
+            z_all, x1_all = teacher_pairs(unet, labels_all, guidance=cfg.guidance, generator=g)
+    else:
+        from cdlab.flow.data import load_fashion_mnist
+
+        images, labels_all = load_fashion_mnist("train")
+    start = time.monotonic()
+    for step in range(cfg.steps):
+        if cfg.method == "reflow":
+            idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
+            out = reflow_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], times=cfg.reflow_times,
+                              generator=g)
+        else:
+            idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
+            out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
+                          num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
+                          generator=g)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 200 == 0 or step == cfg.steps - 1:
+            log(f"{cfg.method} step {step}: loss {float(out['loss']):.3e} ({time.monotonic() - start:.0f} s)")
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            log(f"{cfg.method}: stopped at step {step + 1} of {cfg.steps}, after {max_seconds} s")
+            break
+    return unet.eval()
+
+
+def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(unet.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"student weights name {unknown[0]!r}, which this UNet's LoRA does not have")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+
+
+def save_flow_student(unet: nn.Module, out: str | Path, cfg: StudentConfig, metrics: dict | None = None) -> Path:
+    """``student.safetensors`` (the LoRA) and ``card.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(lora_weights(unet), str(out / "student.safetensors"))
+    card = {"name": out.name, "base_model": FLOW_BASE_ID, "method": "mbcd" if cfg.method == "cd" and cfg.num_boundaries > 1 else cfg.method,
+            "num_boundaries": cfg.num_boundaries if cfg.method == "cd" else None, "steps": cfg.sample_steps,
+            "guidance": 1.0, "scheduler": "consistency" if cfg.method == "cd" else "euler",
+            "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_rank), "target_modules": [],
+            "training_config": asdict(cfg), "metrics": metrics or {}}
+    write_json_atomic(out / "card.json", card)
+    return out
+
+
+def load_flow_student(teacher: str | Path, folder: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The teacher's UNet with the student's LoRA, and the student's card."""
+    folder = Path(folder)
+    card = json.loads((folder / "card.json").read_text())
+    unet = attach_flow_lora(_load_teacher_unet(teacher, torch.device(device)), int(card["lora_rank"]))
+    set_lora_weights(unet, load_file(str(folder / "student.safetensors")))
+    return unet.to(device).eval(), card
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cdlab.flow.distill", description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="the teacher's folder (unet.safetensors, state.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", default=None, help="start from this student's LoRA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this many seconds")
+    defaults = StudentConfig()
+    for name, value in asdict(defaults).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = p.parse_args(argv)
+    cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
+        p.error("--method must be cd or reflow, --reflow-times uniform or zero")
+    unet = distill(args.teacher, cfg, init=args.init, device=args.device, max_seconds=args.max_seconds)
+    print(f"saved {save_flow_student(unet, args.out, cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
