@@ -87,6 +87,7 @@ def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, gu
 
 def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float, num_boundaries: int = 1,
             step_size: int = 20, sample_steps: int = 4, sampler_prob: float = 0.1,
+            target_weights: dict[str, torch.Tensor] | None = None,
             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Consistency distillation of the flow teacher (the UNet with its adapter off) into its LoRA: the lab's
     :func:`cdlab.loss.consistency_loss` with :class:`FlowModel`, data ``x1`` as the clean boundary."""
@@ -94,7 +95,8 @@ def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance
     return consistency_loss(unet, x1, c, FLOW_SCHEDULE, teacher=unet, uncond=torch.zeros_like(c[:1]),
                             guidance=guidance, num_boundaries=num_boundaries, step_size=step_size,
                             sampler_timesteps=consistency_timesteps(sample_steps, num_boundaries),
-                            sampler_prob=sampler_prob, generator=generator, model_class=FlowModel)
+                            sampler_prob=sampler_prob, target_weights=target_weights, generator=generator,
+                            model_class=FlowModel)
 
 
 def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, times: str = "uniform",
@@ -112,6 +114,7 @@ class StudentConfig:
     sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
     guidance: float = 5.0           # the teacher's CFG scale, distilled in
     step_size: int = 20
+    ema_decay: float = 0.95         # cd: the target f_theta^- uses an EMA of the LoRA (0: the online weights)
     steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
@@ -128,16 +131,20 @@ def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
 
 
 def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | Path | None = None, device: str = "cpu",
-            max_seconds: float | None = None, log: Callable[[str], None] = print) -> nn.Module:
-    """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed)
-    and return the UNet with the adapter (eval mode)."""
+            max_seconds: float | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, int]:
+    """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
+    returns the UNet with the adapter (eval mode) and the steps taken."""
     dev = torch.device(device)
     unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
     if init is not None:
         set_lora_weights(unet, load_file(str(Path(init) / "student.safetensors")))
     unet.to(dev).eval()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    # CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta, mu = 0.95 as
+    # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
+    ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "reflow":
         labels_all = torch.arange(cfg.pairs) % 10
@@ -147,7 +154,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | Path | None 
         from cdlab.flow.data import load_fashion_mnist
 
         images, labels_all = load_fashion_mnist("train")
-    start = time.monotonic()
+    start, done = time.monotonic(), 0
     for step in range(cfg.steps):
         if cfg.method == "reflow":
             idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
@@ -157,17 +164,22 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | Path | None 
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
             out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
                           num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
-                          generator=g)
+                          target_weights=ema, generator=g)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in named:
+                    ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        done = step + 1
         if step % 200 == 0 or step == cfg.steps - 1:
-            log(f"{cfg.method} step {step}: loss {float(out['loss']):.3e} ({time.monotonic() - start:.0f} s)")
+            log(f"{cfg.method} step {step}: loss {out['loss'].item():.3e} ({time.monotonic() - start:.0f} s)")
         if max_seconds is not None and time.monotonic() - start > max_seconds:
-            log(f"{cfg.method}: stopped at step {step + 1} of {cfg.steps}, after {max_seconds} s")
+            log(f"{cfg.method}: stopped at step {done} of {cfg.steps}, after {max_seconds} s")
             break
-    return unet.eval()
+    return unet.eval(), done
 
 
 def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -184,8 +196,10 @@ def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             params[n].copy_(w)
 
 
-def save_flow_student(unet: nn.Module, out: str | Path, cfg: StudentConfig, metrics: dict | None = None) -> Path:
-    """``student.safetensors`` (the LoRA) and ``card.json``."""
+def save_flow_student(unet: nn.Module, out: str | Path, cfg: StudentConfig, metrics: dict | None = None, *,
+                      trained_steps: int | None = None, init: str | None = None) -> Path:
+    """``student.safetensors`` (the LoRA) and ``card.json`` (its ``training_config`` says the steps it took and the
+    student it started from)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(lora_weights(unet), str(out / "student.safetensors"))
@@ -193,7 +207,9 @@ def save_flow_student(unet: nn.Module, out: str | Path, cfg: StudentConfig, metr
             "num_boundaries": cfg.num_boundaries if cfg.method == "cd" else None, "steps": cfg.sample_steps,
             "guidance": 1.0, "scheduler": "consistency" if cfg.method == "cd" else "euler",
             "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_rank), "target_modules": [],
-            "training_config": asdict(cfg), "metrics": metrics or {}}
+            "training_config": {**asdict(cfg), "trained_steps": cfg.steps if trained_steps is None else trained_steps,
+                                "init": init},
+            "metrics": metrics or {}}
     write_json_atomic(out / "card.json", card)
     return out
 
@@ -221,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
         p.error("--method must be cd or reflow, --reflow-times uniform or zero")
-    unet = distill(args.teacher, cfg, init=args.init, device=args.device, max_seconds=args.max_seconds)
-    print(f"saved {save_flow_student(unet, args.out, cfg)}")
+    unet, done = distill(args.teacher, cfg, init=args.init, device=args.device, max_seconds=args.max_seconds)
+    init = None if args.init is None else Path(args.init).name
+    print(f"saved {save_flow_student(unet, args.out, cfg, trained_steps=done, init=init)}")
     return 0
 
 
