@@ -39,7 +39,7 @@ FID_MIN_SAMPLES = FID_FEATURES  # fewer samples than features: rank-deficient co
 
 __all__ = [
     "CLIP_MODEL", "FID_FEATURES", "FID_MIN_SAMPLES", "agreement_error", "world_adherence", "to_unit", "LPIPSNet",
-    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_of_features", "fid_refusal", "lpips", "seed_diversity",
+    "SDMetrics", "ColumnMetrics", "clip_score", "fid", "fid_of_features", "feature_stats", "fid_refusal", "lpips", "seed_diversity",
 ]
 
 
@@ -247,16 +247,27 @@ def fid(images: Tensor, reference: Tensor, feature: nn.Module | None = None) -> 
         return fid_of_features(feature(images.float()), feature(reference.float()))
 
 
-def fid_of_features(features: Tensor, reference_features: Tensor) -> float:
+def fid_of_features(features: Tensor, reference: Tensor | dict[str, Tensor]) -> float:
     """Fréchet distance between the Gaussians of two feature sets ``[N, F]`` (Heusel et al. 2017, eq. 6):
-    ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))``, in float64 (torchmetrics' computation)."""
-    if features.ndim != 2 or reference_features.ndim != 2 or features.shape[1] != reference_features.shape[1]:
-        raise ValueError(f"fid_of_features: expected [N, F] features of one width, got {tuple(features.shape)} "
-                         f"and {tuple(reference_features.shape)}")
-    m = _new_fid(features.shape[1])
-    m.update(reference_features.double().cpu(), real=True)
-    m.update(features.double().cpu(), real=False)
-    return float(m.compute())
+    ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))``, in float64, the trace of the square root from the
+    eigenvalues of ``S_1 S_2`` as torchmetrics computes it. ``reference`` is a feature set or its
+    :func:`feature_stats` (a data set's statistics, computed once and shipped)."""
+    ref = reference if isinstance(reference, dict) else feature_stats(reference)
+    if features.ndim != 2 or features.shape[1] != ref["mu"].shape[0]:
+        raise ValueError(f"fid_of_features: expected [N, F] features of the reference's width "
+                         f"{ref['mu'].shape[0]}, got {tuple(features.shape)}")
+    mine = feature_stats(features)
+    mu1, s1, mu2, s2 = mine["mu"], mine["sigma"], ref["mu"].double(), ref["sigma"].double()
+    trace_sqrt = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_sqrt)
+
+
+def feature_stats(features: Tensor) -> dict[str, Tensor]:
+    """The mean ``mu`` ``[F]`` and covariance ``sigma`` ``[F, F]`` (unbiased) of features ``[N, F]``, float64."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_stats: expected [N, F] features with N >= 2, got {tuple(features.shape)}")
+    x = features.double().cpu()
+    return {"mu": x.mean(0), "sigma": torch.cov(x.T)}
 
 
 def fid_refusal(n: int, minimum: int) -> str | None:

@@ -472,3 +472,43 @@ def test_cd_on_the_shipped_flow_teacher_reduces_the_4_step_error_against_teacher
     print(f"4-step error against teacher-50: {before:.4f} -> {after:.4f}")
     assert done == 25
     assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.skipif(not (data.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
+                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist; .ci/run installs it)")
+def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp_path, capsys):
+    """``python -m cdlab evaluate --model fashion-flow``: teacher-50 and naive 1/2/4/8, each shipped student at
+    1/2/4/8, with FID (ratio to teacher-50), accuracy, diversity and NFE; an existing evaluation is not replaced."""
+    from cdlab.evaluate.cli import main
+
+    out = tmp_path / "flow-eval"
+    assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["rows"]
+    assert saved["n"] == 40 and saved["guidance"] == 2.0  # the shipped students were distilled at CFG 2
+    assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
+        ("teacher", 50, 100), ("teacher", 1, 2), ("teacher", 2, 4), ("teacher", 4, 8), ("teacher", 8, 16)]
+    students = {r["column"] for r in rows[5:]}
+    assert students == {"fashion-reflow", "fashion-reflow-1"}
+    assert all(r["nfe"] == r["steps"] for r in rows[5:])
+    assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    one_step = {(r["column"], r["steps"]): r for r in rows}
+    # the one-step student beats the teacher's own single Euler step by far (docs/flow.md: 1.77x against 8.26x)
+    assert one_step[("fashion-reflow-1", 1)]["fid"] < 0.5 * one_step[("teacher", 1)]["fid"]
+    assert "| teacher | 50 | 100 |" in (out / "table.md").read_text()
+    assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_fid_of_features_matches_torchmetrics_and_takes_shipped_statistics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from cdlab.metrics import _Features, feature_stats, fid_of_features
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(300, 16, generator=g).double(), (torch.randn(400, 16, generator=g) * 1.3 + 0.2).double()
+    m = FrechetInceptionDistance(feature=_Features(16), normalize=True)
+    m.update(b, real=True)
+    m.update(a, real=False)
+    assert fid_of_features(a, b) == pytest.approx(float(m.compute()), rel=1e-6)
+    assert fid_of_features(a, feature_stats(b)) == fid_of_features(a, b)

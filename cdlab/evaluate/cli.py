@@ -3,6 +3,7 @@
     python -m cdlab evaluate --model tiny --n 128            # the embedded world (adherence, agreement)
     python -m cdlab evaluate --edit [--n 128]                # the edits of cdlab.edit (cdlab.evaluate.edit)
     python -m cdlab evaluate --model sd15 --n 2048 --prompts data/coco/metadata.jsonl   # CLIP, FID-SD, LPIPS
+    python -m cdlab evaluate --model fashion-flow --n 2000   # the flow track (cdlab.flow.evaluate): FID, accuracy
 
 Writes ``evals/<timestamp>/{results.json, table.md, quality_vs_nfe.png}`` (``CDLAB_EVALS_DIR`` overrides
 ``evals/``), or with ``--edit`` ``evals/edit-<timestamp>/{edit_results.json, edit_table.md}``. ``--out`` and a
@@ -25,6 +26,8 @@ from cdlab.evaluate.store import check_out_dir
 
 __all__ = ["main"]
 
+FLOW_MODEL = "fashion-flow"  # the flow track's shipped teacher (cdlab/assets/fashion-flow)
+
 DESCRIPTION = ("Quality against steps: the teacher at 1..50 DDIM+CFG steps and every fitting student at 1..8 steps,\n"
                "over one fixed prompt/seed set, every column of a prompt starting from the same initial noise.")
 
@@ -43,7 +46,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdlab evaluate", description=DESCRIPTION)
-    parser.add_argument("--model", default="tiny", help="tiny | sd15 | a local pipeline folder (default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | sd15 | fashion-flow | a local pipeline folder (default tiny)")
     parser.add_argument("--n", type=int, default=None,
                         help=f"prompts (default {DEFAULT_N} for the tiny world, all of --prompts, or the course's 8); "
                              "FID-SD needs 2048 or more")
@@ -108,8 +111,21 @@ def _edit_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flow_main(args: argparse.Namespace) -> int:
+    """``--model fashion-flow``: the flow track's evaluation (`cdlab.flow.evaluate`: FID in the judge's features,
+    class accuracy, diversity) of the shipped flow teacher and its students."""
+    from cdlab.flow.evaluate import main as flow_main
+
+    argv = ["--n", str(args.n or 2000)] + (["--out", args.out] if args.out else []) + (
+        ["--overwrite"] if args.overwrite else []) + (["--device", args.device] if args.device else []) + (
+        ["--guidance", str(args.guidance)] if args.guidance is not None else [])
+    return flow_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.model == FLOW_MODEL:
+        return _flow_main(args)
     if args.edit:
         return _edit_main(args)
     if args.prompts and args.metadata:

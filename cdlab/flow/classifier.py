@@ -35,10 +35,11 @@ from torch import nn
 from cdlab.paths import assets_dir, write_json_atomic
 
 __all__ = ["NUM_FEATURES", "classifier_dir", "Classifier", "as_feature", "train_classifier", "accuracy", "save_classifier",
-           "load_classifier", "main"]
+           "load_classifier", "save_reference_stats", "load_reference_stats", "main"]
 
 NUM_FEATURES = 128
 WEIGHTS = "classifier.safetensors"
+STATS = "test-features.safetensors"  # FID's reference: mean and covariance of the test set's features
 
 
 def classifier_dir() -> Path:
@@ -152,6 +153,23 @@ def load_classifier(folder: str | Path | None = None, device: str | torch.device
     return net.to(device).eval()
 
 
+def save_reference_stats(net: Classifier, images: torch.Tensor, folder: str | Path) -> Path:
+    """The mean and covariance of ``images``' features (the real test set's: FID's reference, computed once),
+    written beside the classifier, so an evaluation needs neither the data nor 10,000 forward passes."""
+    from cdlab.metrics import feature_stats
+
+    stats = feature_stats(as_feature(net)(images))
+    path = Path(folder) / STATS
+    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata={"images": str(len(images))})
+    return path
+
+
+def load_reference_stats(folder: str | Path | None = None) -> dict[str, torch.Tensor] | None:
+    """The saved reference statistics of the classifier in ``folder`` (default: the shipped one), or None."""
+    path = (Path(folder) if folder is not None else classifier_dir()) / STATS
+    return load_file(str(path)) if path.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from cdlab.flow.data import load_fashion_mnist
 
@@ -161,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="folder of the idx files (default: Debian's)")
     p.add_argument("--train-images", type=int, default=60000, help="train on the first N images (a quick check)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stats-only", action="store_true",
+                   help="only (re)compute the test set's feature statistics for the classifier in --out")
     args = p.parse_args(argv)
+    if args.stats_only:
+        xt, _ = load_fashion_mnist("test", args.data)
+        print(f"wrote {save_reference_stats(load_classifier(args.out), xt, args.out)}")
+        return 0
     if not 1 <= args.epochs <= 100:
         p.error(f"--epochs must be in [1, 100], got {args.epochs}")
     if not 1 <= args.train_images <= 60000:
@@ -175,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"test_accuracy": round(acc, 4), "epochs": args.epochs, "train_images": len(x), "test_images": len(xt),
             "seconds": round(time.monotonic() - start, 1), "device": str(args.device)}
     save_classifier(net.cpu(), args.out, info)
+    save_reference_stats(net.cpu(), xt, args.out)
     print(json.dumps(info))
     return 0
 
