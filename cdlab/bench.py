@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdlab.columns import TEACHER_50, Column, initial_noise, sample_column
 from cdlab.loss import consistency_loss
 from cdlab.prompts import COURSE_PROMPTS
-from cdlab.students import StudentCard, activate_student, attach_lora, load_student, save_student
+from cdlab.students import StudentCard, attach_lora, load_student, save_student, use_student
 from cdlab.teachers import TeacherLoadError, load_teacher
 from cdlab.timing import sync
 from cdlab.tiny.architecture import build_pipeline
@@ -145,11 +145,25 @@ class _Sampling:
         self.unet = teacher.unet      # may be swapped for a compiled module
         self.decoder: Callable[[Any], Any] | None = None  # may be swapped for a tiny VAE
 
+    def _mode(self, name: str | None) -> None:
+        """Leave the current mode and run as ``name`` (None: the teacher) with peft's unfused adapter, the path
+        the fast paths below are measured against, until the next switch (`use_student`, held open)."""
+        self.close()
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(use_student(self.t.pipe, name, fuse=False))
+
     def teacher_mode(self) -> None:
-        activate_student(self.t.pipe, None)
+        self._mode(None)
 
     def student_mode(self) -> None:
-        activate_student(self.t.pipe, self.student)
+        self._mode(self.student)
+
+    def close(self) -> None:
+        """Back to the plain teacher, the student's switch closed."""
+        held = getattr(self, "_held", None)
+        if held is not None:
+            held.close()
+            self._held = None
 
     def encode(self) -> Any:
         return self.t.encode(self.prompts)
@@ -223,7 +237,7 @@ def bench_sampling(teacher: Any, *, repeats: int = 3, quick: bool = False, compi
         _bench_end_to_end(s, res, T, out)
         out("fast paths (median latency without -> with; 'wins' = at least 3% faster):")
         _bench_fast_paths(s, res, T, out, quick=quick, compile=compile, compile_mode=compile_mode)
-        s.teacher_mode()
+        s.close()
 
     out(f"RESULT ratio teacher-50/student-4 = {res['ratio']:.2f}x on {res['device']} "
         f"({_fmt_s(res['teacher50_s'])} vs {_fmt_s(res['student4_s'])})")
@@ -315,7 +329,7 @@ def _bench_fast_paths(s: _Sampling, res: dict, T: Callable, out: Printer, *, qui
             on=lambda: teacher.pipe.fuse_lora(components=["unet"], adapter_names=[student]),
             off=lambda: teacher.pipe.unfuse_lora(components=["unet"]), teacher_too=False)
     res["fast_paths"]["fused LoRA"]["max_abs_diff"] = fused_diff
-    activate_student(teacher.pipe, student)
+    s.student_mode()
 
     # 4. torch.compile of the UNet.
     if compile:

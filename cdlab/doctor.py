@@ -76,13 +76,13 @@ def check_teacher(offline: bool, resolution: int | None, device: str | None) -> 
 
 
 def check_externals(teacher: Any, offline: bool) -> Part:
-    from cdlab.students import EXTERNAL_STUDENTS, StudentError, activate_student, load_external_student
+    from cdlab.students import EXTERNAL_STUDENTS, StudentError, load_external_student
 
     part = Part("external students")
     loaded, skipped = [], []
     for key, ext in EXTERNAL_STUDENTS.items():
         try:
-            load_external_student(teacher, key)
+            load_external_student(teacher, key, activate=False)  # loaded, the plain teacher still active
             layers = sum(1 for n, _ in teacher.unet.named_modules() if n.endswith(f"lora_A.{key}"))
             part.lines.append(f"{ext.title}: loaded, {layers} LoRA layers on the UNet ({ext.scheduler})")
             loaded.append(key)
@@ -93,7 +93,6 @@ def check_externals(teacher: Any, offline: bool) -> Part:
             else:
                 part.status = "FAIL"
                 part.lines.append(f"{ext.title}: FAILED: {e}")
-    activate_student(teacher.pipe, None)
     if not loaded and skipped and part.status != "FAIL":
         part.status = "SKIP"
     part.data["loaded"] = loaded

@@ -116,12 +116,13 @@ def external_card(key: str) -> StudentCard:
     )
 
 
-def load_external_student(pipe: Any, key: str, *, base_model: str | None = None) -> StudentCard:
+def load_external_student(pipe: Any, key: str, *, base_model: str | None = None, activate: bool = True) -> StudentCard:
     """Download (or take from the hub cache) an external student and load it as adapter ``key``.
 
     Idempotent like `load_student` (no second download once loaded from this hub file; an adapter of
     that name from anywhere else is replaced), and the adapter becomes the active one at its card's
-    weight. Works inside and outside ``torch.inference_mode()``; the adapter is normal tensors.
+    weight (``activate=False``: loaded only, the active set left as it is; `use_student` needs no more).
+    Works inside and outside ``torch.inference_mode()``; the adapter is normal tensors.
     Returns a `StudentCard` with ``method="external"`` and the card's sampling recipe.
     """
     pipe, base_model = as_pipeline(pipe, base_model)
@@ -146,7 +147,8 @@ def load_external_student(pipe: Any, key: str, *, base_model: str | None = None)
         return local, _diffusers_state_dict(local, pipe.unet.config, ext.title)
 
     # A hub file is one version: the same repo and file name is not downloaded again.
-    load_adapter(pipe, key, ("hub", ext.repo_id, ext.filename), read, what=ext.title, weight=ext.adapter_weight)
+    load_adapter(pipe, key, ("hub", ext.repo_id, ext.filename), read, what=ext.title, weight=ext.adapter_weight,
+                 activate=activate)
     return card
 
 
