@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 __all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
-           "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine"]
+           "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine", "PREVIEW_REFERENCE",
+           "preview_file", "preview_step"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the repository root
 
@@ -30,6 +32,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the 
 # embedded tiny teacher (cdlab/assets/tiny-teacher) and its students' cards carry.
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_ID = "cdlab/tiny-teacher"
+
+
+# A run's previews/ folder: the teacher's reference row and one student row per preview step.
+PREVIEW_REFERENCE = "reference.png"
+_PREVIEW_RE = re.compile(r"step_(\d+)\.png")
+
+
+def preview_file(step: int) -> str:
+    """The file name of the student's preview row at ``step``: ``step_000120.png``."""
+    return f"step_{int(step):06d}.png"
+
+
+def preview_step(name: str) -> int | None:
+    """The step of a preview row's file name (:func:`preview_file`), or None for any other name."""
+    m = _PREVIEW_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 
 def _env_or(var: str, default: Path) -> Path:

@@ -343,9 +343,12 @@ def test_previews_and_app_evaluations_are_pruned(tmp_path):
     for s in range(0, 1001, 10):
         (previews / f"step_{s:06d}.png").write_bytes(b"x")
     (previews / "reference.png").write_bytes(b"x")
+    for foreign in ("step_notes.png", "step_000010.png.bak"):  # not a preview row (paths.preview_step): kept
+        (previews / foreign).write_bytes(b"x")
     prune_previews(previews, cap=12)
-    kept = sorted(int(p.stem[5:]) for p in previews.glob("step_*.png"))
+    kept = sorted(int(p.stem[5:]) for p in previews.glob("step_*.png") if p.stem[5:].isdigit())
     assert len(kept) == 12 and kept[0] == 0 and kept[-1] == 1000 and (previews / "reference.png").exists()
+    assert (previews / "step_notes.png").exists() and (previews / "step_000010.png.bak").exists()
     gaps = [b - a for a, b in zip(kept, kept[1:])]
     assert max(gaps) - min(gaps) <= 10  # evenly spaced
 

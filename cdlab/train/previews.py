@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cdlab.paths import write_json_atomic
+from cdlab.paths import PREVIEW_REFERENCE, preview_file, preview_step, write_json_atomic
 from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.students.roles import TEACHER, adapter_role
 from cdlab.train.checkpoints import evenly_spaced
@@ -26,7 +26,7 @@ from cdlab.train.checkpoints import evenly_spaced
 __all__ = ["REFERENCE_NAME", "MAX_PREVIEWS", "preview_noise", "preview_row", "preview", "preview_reference",
            "prune_previews"]
 
-REFERENCE_NAME = "reference.png"  # previews/: the teacher's reference row, beside step_XXXXXX.png
+REFERENCE_NAME = PREVIEW_REFERENCE  # previews/: the teacher's reference row, beside step_XXXXXX.png
 MAX_PREVIEWS = 40  # student rows kept per run (`prune_previews`): a long run with preview_every=1 stays small
 
 
@@ -57,7 +57,7 @@ def preview(tr: Any) -> Path | None:
     _, cond, _, x_T = _inputs(tr)
     with _autocast(tr):
         out = sample_consistency(tr.unet, x_T, cond, tr.sampler_timesteps, tr.teacher.scheduler)
-    path = _write_row(tr, tr.teacher.decode(out.latents), f"step_{tr.step:06d}.png")
+    path = _write_row(tr, tr.teacher.decode(out.latents), preview_file(tr.step))
     prune_previews(tr.run_dir / "previews")
     return path
 
@@ -65,7 +65,8 @@ def preview(tr: Any) -> Path | None:
 def prune_previews(folder: Path, cap: int = MAX_PREVIEWS) -> list[Path]:
     """Keep at most ``cap`` student rows in ``folder`` (the first, the newest and evenly spaced ones between;
     ``reference.png`` always). Returns the removed files."""
-    rows = sorted(folder.glob("step_*.png"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    rows = [p for _, p in sorted((preview_step(p.name), p) for p in folder.glob("step_*.png")
+                                 if preview_step(p.name) is not None)]  # only our own rows
     keep = set(evenly_spaced(rows, cap))
     removed = [p for p in rows if p not in keep]
     for p in removed:

@@ -10,7 +10,6 @@ No Gradio here; PIL only.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,10 +17,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cdlab.paths import read_json
+from cdlab.paths import PREVIEW_REFERENCE, preview_step, read_json
 
-REFERENCE = "reference.png"  # = cdlab.train.previews.REFERENCE_NAME (not imported: that module imports torch)
-_STEP_RE = re.compile(r"step_(\d+)\.png")  # fullmatch
+REFERENCE = PREVIEW_REFERENCE
 
 LABEL_WIDTH = 210   # px of the left column that holds the row labels
 MAX_CELL = 256      # px: a row's images are shown at most this tall (SD1.5's 512 px previews are halved)
@@ -61,9 +59,9 @@ def student_previews(run_dir: Path) -> list[tuple[int, Path]]:
     """Every ``previews/step_XXXXXX.png`` of a run as (step, path), oldest first."""
     out = []
     for p in (Path(run_dir) / "previews").glob("step_*.png"):
-        m = _STEP_RE.fullmatch(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
+        step = preview_step(p.name)
+        if step is not None:
+            out.append((step, p))
     return sorted(out)
 
 
