@@ -14,6 +14,7 @@ Folders and processes:
     latent_cache_dir  one encoded-latents cache for a module's training runs
     fake_hub          FakeHub: ``cdlab.students.external._hub_download`` patched to serve local files, recording calls
     shipped_app       ServedApp: the app on the embedded tiny teacher with a copy of the shipped students
+    hostile_app       ServedApp: the app test_app_hostile and test_app_limits send hostile input to (one unit)
     start_app         ``with start_app(model, work, students, base) as app``: a module's own app (a ServedApp)
     client            a gradio client on the module's ``app`` (a module serving the app defines ``app``)
 """
@@ -54,13 +55,15 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
 # did not fit in 24 GB. xdist's own --dist loadgroup cannot do this under pytest 9 (it renames node ids, which
 # pytest 9 no longer allows), so the scheduler below splits by this function, and a test marked sd15 must say
 # sd15 in its node id (its file's or its own name), which collection checks. The browser page tests share one
-# app (``shipped_app``, a session fixture: one per worker), so their three files are one unit too.
+# app (``shipped_app``, a session fixture: one per worker), so their three files are one unit too; so do
+# test_app_hostile and test_app_limits (``hostile_app``).
 # The longest units first (measured), so the two workers finish together; the rest keep their order.
-FIRST_UNITS = ("sd15", "tests/browser/test_journey.py", "browser-pages", "tests/test_train.py",
-               "tests/test_evaluate.py", "tests/test_app_client.py", "tests/test_train_process.py",
-               "tests/test_checkpoints.py", "tests/test_build_teacher.py")
-SHARED_UNITS = {f"tests/browser/{f}": "browser-pages"
-                for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")}
+FIRST_UNITS = ("sd15", "tests/browser/test_journey.py", "tests/test_classroom.py", "tests/test_evaluate.py",
+               "tests/test_train.py", "browser-pages", "tests/test_compare_stream.py", "tests/test_train_process.py",
+               "tests/test_checkpoints.py", "served-hostile", "tests/test_app_client.py", "tests/test_build_teacher.py")
+SHARED_UNITS = {**{f"tests/browser/{f}": "browser-pages"
+                   for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")},
+                **{f"tests/{f}": "served-hostile" for f in ("test_app_hostile.py", "test_app_limits.py")}}
 
 
 def xdist_unit(nodeid: str) -> str:
@@ -267,6 +270,24 @@ def shipped_app(tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny-app")
     shutil.copytree(REPO_ROOT / "adapters", work / "adapters", dirs_exist_ok=True)
     with _serve("tiny", work, shipped, TINY_ID) as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def hostile_app(tmp_path_factory):
+    """The app that test_app_hostile and test_app_limits send hostile input to (one xdist unit: tests/conftest.py):
+    the embedded tiny teacher, two random students (the first listed in ``SHIPPED``, as shipped with the
+    repository) and a symlink in its data folder that leads outside it (``/etc``). A test leaves no run behind."""
+    from cdlab.teachers import TINY_ID
+    from cdlab.ui.bench import make_random_students
+
+    work = tmp_path_factory.mktemp("hostile") / "work"
+    work.mkdir()
+    students = make_random_students(TINY_ID, work / "adapters", n=2)
+    (work / "adapters" / "SHIPPED").write_text(f"# shipped with the repository\n{students[0]}\n")
+    (work / "data").mkdir()
+    os.symlink("/etc", work / "data" / "escape")  # a symlink inside the data root that leads outside
+    with _serve("tiny", work, students, TINY_ID) as app:
         yield app
 
 

@@ -182,18 +182,6 @@ def test_unreadable_dataset_folder_errors(client, app):
     assert "No run selected" in status[1] and status[3]["value"] is None and status[4] is None
 
 
-@pytest.mark.slow
-def test_twenty_concurrent_compares_beside_a_training_run(tmp_path):
-    """Load (issue 10): 20 Compare requests at once while a training run steps: all served, none failed."""
-    from cdlab.ui.bench import bench_load
-
-    r = bench_load(requests=20, columns=3, train=True, workdir=tmp_path)
-    print(f"load: served {r['served']}/20, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, wall {r['wall_s']:.1f} s")
-    assert r["served"] == 20 and r["failed"] == 0, r["errors"]
-    assert r["training_state"] == "running" and r["training_step"] >= 1  # it trained the whole time
-    assert r["p50_s"] <= r["p95_s"] <= r["max_s"]
-
-
 def _editor(tmp_path, background=None, layers=()):
     """An ImageEditor value as gradio_client sends it: files for the background and the paint layers."""
     from gradio_client import handle_file

@@ -8,33 +8,20 @@ serving. Also: files under ``runs/`` are never served (checkpoints, optimiser st
 from __future__ import annotations
 
 import math
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cdlab.ui.bench import make_random_students
-
 PROMPT = "a small red circle at the top left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, start_app):
-    """This module's app (``client`` in conftest talks to it): the embedded tiny teacher, two random students
-    (one of them listed as shipped) and a symlink in its data folder that leads outside it."""
-    from cdlab.teachers import TINY_ID
-
-    root = tmp_path_factory.mktemp("hostile")
-    work = root / "work"
-    work.mkdir()
-    students = make_random_students(TINY_ID, work / "adapters", n=2)
-    (work / "adapters" / "SHIPPED").write_text(f"# shipped with the repository\n{students[0]}\n")
-    (work / "data").mkdir()
-    os.symlink("/etc", work / "data" / "escape")  # a symlink inside the data root that leads outside
-    with start_app("tiny", work, students, TINY_ID) as served:
-        yield served
+def app(hostile_app):
+    """This module's app (``client`` in conftest talks to it): conftest's ``hostile_app``, shared with
+    test_app_limits (one launch for both)."""
+    return hostile_app
 
 
 def _tree(path: Path) -> set[str]:

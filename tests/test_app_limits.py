@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from cdlab.ui.bench import make_random_students
 
 PROMPT = "a small red circle at the top left on a blue background"
 BOMB_SIDE = 13_000
@@ -71,15 +70,10 @@ def app_pid(url: str) -> int:
 # ------------------------------------------------------------------------------------------- the served app
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, start_app):
-    """This module's app: the embedded tiny teacher and one random student."""
-    from cdlab.teachers import TINY_ID
-
-    work = tmp_path_factory.mktemp("limits") / "work"
-    work.mkdir()
-    students = make_random_students(TINY_ID, work / "adapters", n=1)
-    with start_app("tiny", work, students, TINY_ID) as served:
-        yield served
+def app(hostile_app):
+    """This module's app: conftest's ``hostile_app`` (the embedded tiny teacher, two random students, the first
+    listed as shipped), shared with test_app_hostile (one launch for both)."""
+    return hostile_app
 
 
 def _edit(client, image, technique="sdedit"):
@@ -197,7 +191,7 @@ def test_messages_name_no_server_folder(client, app, train_form):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError) as e:
-        client.predict(**train_form(student_name=app.students[0]), api_name="/train_start")
+        client.predict(**train_form(student_name=app.students[1]), api_name="/train_start")  # [0]: shipped
     text = str(e.value)
     assert "already exists in adapters" in text and str(app.work) not in text, text
 

@@ -1,5 +1,6 @@
 """Compare streams the lesson (issue 23): each request's columns arrive as they finish, the students' before
-teacher-50's, under 30 clients at once; and 100 Compares leave no files behind (``/tmp``, Gradio's cache).
+teacher-50's, under 30 clients at once; 100 Compares leave no files behind (``/tmp``, Gradio's cache); and
+``bench_load``'s 20 Compares beside a training run are all served (the same app: one launch for the module).
 
 One app on the embedded tiny teacher serves the module, with its own temporary folder (``TMPDIR`` and
 ``GRADIO_TEMP_DIR`` under it, so only its own files are counted) and a short ``delete_cache``.
@@ -36,7 +37,7 @@ def app(tmp_path_factory):
     env = {"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
            DELETE_CACHE_ENV: f"{CACHE_FREQUENCY},{CACHE_AGE}"}
     with serve_app("tiny", work, env=env) as url:
-        yield {"url": url, "students": students, "tmp": tmp}
+        yield {"url": url, "students": students, "tmp": tmp, "work": work}
 
 
 def _client(app):
@@ -103,6 +104,19 @@ def test_a_hundred_compares_leave_no_files_behind(app):
     while len(_files(tmp)) > before + 5 and time.time() < deadline:
         time.sleep(0.5)
     assert len(_files(tmp)) <= before + 5, [str(p) for p in _files(tmp)][:10]  # ... and left it with delete_cache
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_compares_beside_a_training_run(app):
+    """Load (issue 10): 20 Compare requests at once while a training run steps: all served, none failed.
+    ``bench_load`` on this module's app (after the file count above: the run writes its own files)."""
+    from cdlab.ui.bench import bench_load
+
+    r = bench_load(requests=20, columns=3, train=True, workdir=app["work"], url=app["url"])
+    print(f"load: served {r['served']}/20, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, wall {r['wall_s']:.1f} s")
+    assert r["served"] == 20 and r["failed"] == 0, r["errors"]
+    assert r["training_state"] == "running" and r["training_step"] >= 1  # it trained the whole time
+    assert r["p50_s"] <= r["p95_s"] <= r["max_s"]
 
 
 def test_a_batch_samples_students_first_and_streams_each_request(tiny_teacher, tmp_path):

@@ -13,7 +13,7 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     # guidance 1 (no CFG, `--guidance 1`): teacher-50 is 50 UNet passes instead of 50 batched pairs, half the
     # CPU time; CFG on SD1.5's architecture runs in test_sd15_externals::test_compare_with_every_column
     lines: list[str] = []
-    parts = doctor.run_doctor(offline=True, teacher=sd15_teacher, train_steps=2, guidance=1.0,
+    parts = doctor.run_doctor(offline=True, teacher=sd15_teacher, train_steps=1, guidance=1.0,
                                out=lines.append)
     by = {p.name: p for p in parts}
     assert list(by) == ["teacher", "external students", "compare", "train"]

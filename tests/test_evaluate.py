@@ -273,7 +273,7 @@ def test_cli_writes_an_evaluation(tiny_pipe_dir, eval_students, tmp_path, monkey
     monkeypatch.setenv("CDLAB_EVALS_DIR", str(tmp_path))
     from cdlab.__main__ import main
 
-    rc = main(["evaluate", "--model", tiny_pipe_dir, "--n", "3", "--steps", "1,50", "--student-steps", "1",
+    rc = main(["evaluate", "--model", tiny_pipe_dir, "--n", "3", "--steps", "1,4", "--student-steps", "1",
                "--students", "mb4"])
     assert rc == 0
     out = capsys.readouterr().out

@@ -201,16 +201,17 @@ def test_dmd_run_resume_repeats_and_saves_the_generator_alone(tiny_pipe_dir, lat
     """method "dmd": the fake score trains beside the generator (its loss logged, its adapter and optimiser
     checkpointed), a stopped-and-resumed run repeats an uninterrupted one exactly, and the student saved is
     the generator's adapter alone, on a card that samples it as the consistency sampler does."""
-    kw = dict(method="dmd", num_boundaries=4, dmd_fake_steps=2, probe_size=0)
+    # 4 steps, a checkpoint every 2: the resumed half repeats 2 steps of both roles with their restored optimisers
+    kw = dict(method="dmd", num_boundaries=4, dmd_fake_steps=2, probe_size=0, max_steps=4, checkpoint_every=2)
     full = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="dmd-full", student_name="dmd-whole", **kw), log=_quiet)
-    assert full.state == "finished" and full.step == 6
+    assert full.state == "finished" and full.step == 4
     ck = list_checkpoints(full.run_dir)[-1][1]
     assert {"fake.safetensors", "fake_optimizer.pt", "lora.safetensors"} <= {p.name for p in ck.iterdir()}
-    half = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="dmd-half", student_name="dmd-halfway", max_steps=3, **kw),
-                 log=_quiet)
-    cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=6)
+    half = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="dmd-half", student_name="dmd-halfway",
+                      **dict(kw, max_steps=2)), log=_quiet)
+    cfg = dataclasses.replace(load_json(half.run_dir / "config.json"), max_steps=4)
     resumed = train(cfg, resume=half.run_dir, log=_quiet)
-    assert resumed.step == 6
+    assert resumed.step == 4
     for name in ("lora.safetensors", "fake.safetensors"):
         a = load_file(str(list_checkpoints(full.run_dir)[-1][1] / name))
         b = load_file(str(list_checkpoints(half.run_dir)[-1][1] / name))

@@ -228,7 +228,7 @@ def _start_training(url: str, work: Path, train_steps: int) -> tuple[Client, str
 
 def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model: str = "tiny",
                workdir: Path | None = None, train_steps: int = 20_000,  # 20_000: the app's cap, APP_LIMITS
-               client_nice: int = 0) -> dict:
+               client_nice: int = 0, url: str | None = None) -> dict:
     """``requests`` concurrent Compare requests (and, with ``train``, one training run) against the launched app.
 
     Each request streams its columns (students first); returns served/failed counts, the seconds from submission
@@ -239,13 +239,16 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     (``os.nice``; the threads it starts afterwards inherit it). In a classroom each student's browser is on its own
     machine; here the clients share the app's cores, and gradio_client wakes two threads per job every 50 ms.
     The command line uses 19; a test calling this from pytest keeps 0 (the worker would stay reniced).
+
+    ``url``: an app already serving ``workdir`` on ``model``'s base (a test's own app, so it is not launched twice);
+    by default this launches ``python app.py --model MODEL`` on ``workdir`` and stops it afterwards.
     """
     work = Path(workdir or tempfile.mkdtemp(prefix="cdlab-load-"))
     names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
     cols = ([TEACHER_50, TEACHER_4] + names)[:columns]
     prompts = tiny_prompts(requests)
     out: dict = {"requests": requests, "columns": len(cols), "train": train}
-    with serve_app(model, work) as url:
+    with (contextlib.nullcontext(url) if url else serve_app(model, work)) as url:
         if train:
             boss, owner, run = _start_training(url, work, train_steps)
         if client_nice:
