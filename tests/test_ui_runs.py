@@ -449,3 +449,27 @@ def test_poll_and_runs_list_agree(tmp_path):
     assert v.preview is not None and v.preview.width == T.previews_mod.LABEL_WIDTH + 3 * 128 + T.previews_mod.PAD
     assert v.preview_caption.startswith("preview at step 10") and list(v.loss.columns) == ["step", "loss", "series"]
     assert T.poll(jobs, "run").preview is v.preview  # unchanged files: not composed again
+
+
+def test_a_page_opened_mid_run_shows_the_run_at_once(tmp_path):
+    """The page load sends the selected run's status, loss and previews and turns polling on while it runs: the
+    selection can be the one the page was built with, which fires no change event (a student opening the page
+    during the instructor's run saw an empty Train tab)."""
+    import gradio as gr
+    from types import SimpleNamespace
+
+    runs = tmp_path / "runs"
+    run = _preview_run(runs)
+    (run / "status.json").write_text(json.dumps(
+        {"state": "running", "step": 3, "max_steps": 300, "pid": os.getpid(), "updated": time.time()}))
+    _metrics(run, [{"step": s, "loss": 1.0, "max_steps": 300} for s in range(1, 51)])
+    jobs = JobManager(runs, model="tiny")
+    with gr.Blocks():
+        with gr.Tabs():
+            tab = T.TrainTab(jobs, SimpleNamespace(resolution=32), "tiny", gr.BrowserState(""))
+    out = tab.on_load()
+    assert len(out) == len(tab.load_outputs)
+    got = dict(zip([c for c in tab.load_outputs], out))
+    assert got[tab.ui.run_dd].value == "run"
+    assert "**running** · step 50/300" in got[tab.ui.status] and got[tab.ui.timer].active
+    assert got[tab.ui.preview] is not None

@@ -381,13 +381,16 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
                 gr.LinePlot(value=v.loss, title=v.plot_title or None), v.preview, v.preview_caption,
                 gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
 
+    def selected_run(current=None):
+        """``current`` while it is still listed, else the newest run (None: no runs)."""
+        names = [n for _, n in run_choices(jobs)]
+        return current if current in names else (names[0] if names else None)
+
     def refresh_runs(current=None):
-        choices = run_choices(jobs)
-        names = [n for _, n in choices]
-        return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+        return gr.Dropdown(choices=run_choices(jobs), value=selected_run(current))
 
     return SimpleNamespace(start=do_start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
-                           poll=do_poll, refresh_runs=refresh_runs)
+                           poll=do_poll, refresh_runs=refresh_runs, selected_run=selected_run)
 
 
 def form_inputs(fields: list[FormField]) -> list:
@@ -474,7 +477,7 @@ class TrainTab:
             ui.timer = gr.Timer(1.0, active=False)
             self.ui = ui
             self._wire(owner)
-        self.load_outputs = [ui.run_dd]
+        self.load_outputs = [ui.run_dd, ui.status, ui.bar, ui.plot, ui.preview, ui.preview_cap, ui.log_box, ui.timer]
 
     def _wire(self, owner: Any) -> None:
         import gradio as gr
@@ -498,5 +501,7 @@ class TrainTab:
         ui.runs_refresh.click(fn.refresh_runs, ui.run_dd, ui.run_dd, api_name="refresh_runs")
 
     def on_load(self) -> tuple:
-        """The runs list, fresh: a run started since (the CLI's too) shows up."""
-        return (self.fn.refresh_runs(),)
+        """The runs list, fresh (a run started since, the CLI's too, shows up), and the selected run's status,
+        loss, previews and log, polling on while it runs: a page opened mid-run shows the run at once, even when
+        the selection is the one the page was built with (no change event then)."""
+        return (self.fn.refresh_runs(), *self.fn.poll(self.fn.selected_run())[1:])
