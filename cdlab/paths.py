@@ -24,7 +24,7 @@ from typing import Any
 
 __all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
            "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine", "PREVIEW_REFERENCE",
-           "preview_file", "preview_step"]
+           "preview_file", "preview_step", "preview_rows"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the repository root
 
@@ -48,6 +48,12 @@ def preview_step(name: str) -> int | None:
     """The step of a preview row's file name (:func:`preview_file`), or None for any other name."""
     m = _PREVIEW_RE.fullmatch(name)
     return int(m.group(1)) if m else None
+
+
+def preview_rows(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every student preview row in a previews folder as ``(step, path)``, oldest first; other files are not rows."""
+    found = ((preview_step(p.name), p) for p in Path(folder).glob("step_*.png"))
+    return sorted((step, p) for step, p in found if step is not None)
 
 
 def _env_or(var: str, default: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cdlab.paths import PREVIEW_REFERENCE, preview_file, preview_step, write_json_atomic
+from cdlab.paths import PREVIEW_REFERENCE, preview_file, preview_rows, write_json_atomic
 from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.students.roles import TEACHER, adapter_role
 from cdlab.train.checkpoints import evenly_spaced
@@ -65,8 +65,7 @@ def preview(tr: Any) -> Path | None:
 def prune_previews(folder: Path, cap: int = MAX_PREVIEWS) -> list[Path]:
     """Keep at most ``cap`` student rows in ``folder`` (the first, the newest and evenly spaced ones between;
     ``reference.png`` always). Returns the removed files."""
-    rows = [p for _, p in sorted((preview_step(p.name), p) for p in folder.glob("step_*.png")
-                                 if preview_step(p.name) is not None)]  # only our own rows
+    rows = [p for _, p in preview_rows(folder)]  # only our own rows
     keep = set(evenly_spaced(rows, cap))
     removed = [p for p in rows if p not in keep]
     for p in removed:

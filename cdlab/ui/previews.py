@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cdlab.paths import PREVIEW_REFERENCE, preview_step, read_json
+from cdlab.paths import PREVIEW_REFERENCE, preview_rows, read_json
 
 REFERENCE = PREVIEW_REFERENCE
 
@@ -57,12 +57,7 @@ class PreviewSet:
 
 def student_previews(run_dir: Path) -> list[tuple[int, Path]]:
     """Every ``previews/step_XXXXXX.png`` of a run as (step, path), oldest first."""
-    out = []
-    for p in (Path(run_dir) / "previews").glob("step_*.png"):
-        step = preview_step(p.name)
-        if step is not None:
-            out.append((step, p))
-    return sorted(out)
+    return preview_rows(Path(run_dir) / "previews")
 
 
 def read_previews(run_dir: Path) -> PreviewSet:
