@@ -309,6 +309,22 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
 
 # ------------------------------------------------------------------------------ the tab (Gradio)
 
+def view_outputs(v: RunView) -> tuple:
+    """One run's view as the tab's status, bar, loss, preview, caption, log and timer. The preview leaves runs/ as
+    pixels (runs/ itself is never served)."""
+    import gradio as gr
+
+    return (v.status_md, v.progress_html, gr.LinePlot(value=v.loss, title=v.plot_title or None), v.preview,
+            v.preview_caption, gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
+
+
+def listed_runs(jobs: JobManager, current: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
+    """The runs list, and ``current`` while it is still listed, else the newest run (None: no runs)."""
+    choices = run_choices(jobs)
+    names = [n for _, n in choices]
+    return choices, (current if current in names else (names[0] if names else None))
+
+
 def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
                    policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
     """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
@@ -375,22 +391,22 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
     @user_errors
     def do_poll(run_name):
         v = poll(jobs, run_name)
-        # The preview leaves runs/ as pixels (runs/ itself is never served). The runs list is relabelled from
-        # the same view as the status line; no value is sent, so a pick made while this poll ran is kept.
-        return (gr.Dropdown(choices=run_choices(jobs, v)), v.status_md, v.progress_html,
-                gr.LinePlot(value=v.loss, title=v.plot_title or None), v.preview, v.preview_caption,
-                gr.Textbox(value=v.log_tail, visible=bool(v.log_tail)), gr.Timer(active=v.active))
-
-    def selected_run(current=None):
-        """``current`` while it is still listed, else the newest run (None: no runs)."""
-        names = [n for _, n in run_choices(jobs)]
-        return current if current in names else (names[0] if names else None)
+        # The runs list is relabelled from the same view as the status line; no value is sent, so a pick made
+        # while this poll ran is kept.
+        return (gr.Dropdown(choices=run_choices(jobs, v)), *view_outputs(v))
 
     def refresh_runs(current=None):
-        return gr.Dropdown(choices=run_choices(jobs), value=selected_run(current))
+        choices, name = listed_runs(jobs, current)
+        return gr.Dropdown(choices=choices, value=name)
+
+    def load_view():
+        """The page load: the runs list with the newest run selected, and that run's view (one listing). A
+        component made in a handler is an update without a ``value`` to read back, hence ``listed_runs``."""
+        choices, name = listed_runs(jobs)
+        return (gr.Dropdown(choices=choices, value=name), *view_outputs(poll(jobs, name)))
 
     return SimpleNamespace(start=do_start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
-                           poll=do_poll, refresh_runs=refresh_runs, selected_run=selected_run)
+                           poll=do_poll, refresh_runs=refresh_runs, load_view=load_view)
 
 
 def form_inputs(fields: list[FormField]) -> list:
@@ -504,4 +520,4 @@ class TrainTab:
         """The runs list, fresh (a run started since, the CLI's too, shows up), and the selected run's status,
         loss, previews and log, polling on while it runs: a page opened mid-run shows the run at once, even when
         the selection is the one the page was built with (no change event then)."""
-        return (self.fn.refresh_runs(), *self.fn.poll(self.fn.selected_run())[1:])
+        return self.fn.load_view()
