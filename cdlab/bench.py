@@ -144,6 +144,7 @@ class _Sampling:
         self.cond, self.uncond = teacher.encode(self.prompts)
         self.unet = teacher.unet      # may be swapped for a compiled module
         self.decoder: Callable[[Any], Any] | None = None  # may be swapped for a tiny VAE
+        self._held: contextlib.ExitStack | None = None   # the open use_student of the current mode
 
     def _mode(self, name: str | None) -> None:
         """Leave the current mode and run as ``name`` (None: the teacher) with peft's unfused adapter, the path
@@ -160,9 +161,8 @@ class _Sampling:
 
     def close(self) -> None:
         """Back to the plain teacher, the student's switch closed."""
-        held = getattr(self, "_held", None)
-        if held is not None:
-            held.close()
+        if self._held is not None:
+            self._held.close()
             self._held = None
 
     def encode(self) -> Any:

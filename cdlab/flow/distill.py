@@ -68,7 +68,6 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
     unet = inject_adapter_in_model(config, unet, adapter_name=adapter_name)
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name)
-    unet.peft_config = {adapter_name: config}
     return unet
 
 
@@ -76,13 +75,8 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
 def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance: float = matching.GUIDANCE,
                   generator: torch.Generator | None = None, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
     """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG."""
-    dev = next(unet.parameters()).device
     z = torch.randn((len(labels), 1, 28, 28), generator=generator)
-    out = []
-    for zb, yb in zip(z.split(batch_size), labels.split(batch_size)):
-        v = matching.guided_velocity(unet, matching.one_hot(yb).to(dev), guidance)
-        out.append(matching.sample_euler(v, zb.to(dev), matching.euler_timesteps(num_steps).to(dev)).cpu())
-    return z, torch.cat(out)
+    return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
 
 
 def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float, num_boundaries: int = 1,

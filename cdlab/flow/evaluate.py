@@ -58,20 +58,16 @@ def sample_column(unet: nn.Module, kind: str, z: torch.Tensor, labels: torch.Ten
                   guidance: float = matching.GUIDANCE, num_boundaries: int = 1, batch_size: int = 1000) -> torch.Tensor:
     """One column's images ``[n, 1, 28, 28]`` (CPU, not clipped): ``kind`` is ``"teacher"`` (Euler with CFG
     ``guidance``), ``"cd"`` (consistency jumps of an N-boundary student) or ``"reflow"`` (Euler, no CFG)."""
+    if kind in ("teacher", "reflow"):
+        return matching.sample(unet, labels, steps, guidance if kind == "teacher" else None, x0=z,
+                               batch_size=batch_size).float().cpu()
+    if kind != "cd":
+        raise ValueError(f"kind must be teacher, cd or reflow, got {kind!r}")
     dev = next(unet.parameters()).device
-    out = []
-    for zb, yb in zip(z.split(batch_size), labels.split(batch_size)):
-        c, zb = matching.one_hot(yb).to(dev), zb.to(dev)
-        if kind == "cd":
-            ts = consistency_timesteps(steps, num_boundaries)
-            x = sample_loop(FlowModel(unet), zb, ts, ConsistencyStep(FLOW_SCHEDULE), cond=c).latents
-        elif kind in ("teacher", "reflow"):
-            v = matching.guided_velocity(unet, c, guidance if kind == "teacher" else None)
-            x = matching.sample_euler(v, zb, matching.euler_timesteps(steps).to(dev))
-        else:
-            raise ValueError(f"kind must be teacher, cd or reflow, got {kind!r}")
-        out.append(x.float().cpu())
-    return torch.cat(out)
+    ts = consistency_timesteps(steps, num_boundaries)
+    return torch.cat([sample_loop(FlowModel(unet), zb.to(dev), ts, ConsistencyStep(FLOW_SCHEDULE),
+                                  cond=matching.one_hot(yb).to(dev)).latents.float().cpu()
+                      for zb, yb in zip(z.split(batch_size), labels.split(batch_size))])
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,

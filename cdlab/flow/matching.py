@@ -189,24 +189,31 @@ def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor,
 
 @torch.no_grad()
 def sample(unet: nn.Module, labels: torch.Tensor | None, num_steps: int = 50, guidance: float | None = GUIDANCE, *,
-           num_samples: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           num_samples: int | None = None, generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
+           batch_size: int | None = None) -> torch.Tensor:
     """Images from noise (§2.3 and §2.6): Euler over :func:`euler_timesteps` with :func:`guided_velocity`.
 
     Args:
         labels (`torch.Tensor`, *optional*): the classes ``[B]``; ``None``: unconditional, ``num_samples`` of them.
         generator: the noise ``x_0 ~ N(0, I)``.
+        x0 (`torch.Tensor`, *optional*): the noise to start from instead (``[B, 1, 28, 28]``, any device).
+        batch_size (`int`, *optional*): at most this many images a network pass (default: all at once).
 
     Returns:
-        ``[B, 1, 28, 28]``, in the data's range (about ``[0, 1]``; not clipped).
+        ``[B, 1, 28, 28]`` on the UNet's device, in the data's range (about ``[0, 1]``; not clipped).
     """
     c = None if labels is None else one_hot(labels, getattr(unet, "num_classes", NUM_CLASSES) or NUM_CLASSES)
-    n = num_samples if c is None else c.shape[0]
+    n = len(x0) if x0 is not None else (num_samples if c is None else c.shape[0])
     if n is None:
         raise ValueError("give labels or num_samples")
+    if c is not None and c.shape[0] != n:
+        raise ValueError(f"{c.shape[0]} labels for {n} noises")
     device = next(unet.parameters()).device
-    x0 = torch.randn((n, getattr(unet, "in_channels", 1), 28, 28), generator=generator).to(device)
-    return sample_euler(guided_velocity(unet, None if c is None else c.to(device), guidance), x0,
-                        euler_timesteps(num_steps).to(device))
+    if x0 is None:
+        x0 = torch.randn((n, getattr(unet, "in_channels", 1), 28, 28), generator=generator)
+    ts, bs = euler_timesteps(num_steps).to(device), batch_size or max(n, 1)
+    return torch.cat([sample_euler(guided_velocity(unet, None if c is None else c[i:i + bs].to(device), guidance),
+                                   x0[i:i + bs].to(device), ts) for i in range(0, n, bs)])
 
 
 def make_optimizer(unet: nn.Module, lr: float = SeedRecipe.lr) -> torch.optim.Adam:
