@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cdlab.models import EpsModel
 from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps, sample_ddim, sample_student
 from cdlab.students import load_external_student, load_student, make_scheduler, prepare_student, use_student
 from cdlab.teachers import teacher_lock
@@ -103,7 +104,8 @@ def student_column(card: Any, steps: int = 4, label: str = "") -> Column:
     """A student's column from its card: ``"student"`` for a consistency student (cdlab's own), ``"external"``
     for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``)."""
     if getattr(card, "scheduler", "consistency") == "consistency":
-        return Column(card.name, "student", int(steps), 1.0, int(card.num_boundaries), card.name, label=label)
+        nb = getattr(card, "num_boundaries", None)  # None: a student of any step count (2-rectified flow)
+        return Column(card.name, "student", int(steps), 1.0, int(nb) if nb else None, card.name, label=label)
     nb = getattr(card, "num_boundaries", None)
     return Column(card.name, "external", int(steps), float(getattr(card, "guidance", 1.0) or 1.0),
                   int(nb) if nb else None, card.name, card, label=label)
@@ -258,14 +260,15 @@ def sample_column(teacher: Any, column: Column, x_T: torch.Tensor, cond: torch.T
         scheduler: a student's schedule (default a fresh ``make_scheduler(pipe, card)``).
     """
     unet = teacher.unet if unet is None else unet
+    model_class = getattr(teacher, "model_class", EpsModel)  # a flow teacher: FlowModel, where DDIM is Euler
     if column.kind == "teacher":
         w = float(column.guidance) if guidance is None else guidance
         return sample_ddim(unet, x_T, cond, uncond, w, ddim_timesteps(column.steps), teacher.scheduler,
-                           return_trajectory=return_trajectory)
+                           return_trajectory=return_trajectory, model_class=model_class)
     card = column.card if card is None else card
     scheduler = make_scheduler(teacher.pipe, card) if scheduler is None else scheduler
     return sample_student(unet, x_T, cond, uncond, card, column.steps, scheduler, stochastic=stochastic,
-                          generator=generator, return_trajectory=return_trajectory)
+                          generator=generator, return_trajectory=return_trajectory, model_class=model_class)
 
 
 def short_reason(e: BaseException, limit: int = 300) -> str:

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
+__all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "FLOW_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
            "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine", "PREVIEW_REFERENCE",
            "preview_file", "preview_step", "preview_rows"]
 
@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the 
 # embedded tiny teacher (cdlab/assets/tiny-teacher) and its students' cards carry.
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_ID = "cdlab/tiny-teacher"
+FLOW_ID = "cdlab/fashion-flow"  # the flow-matching teacher (cdlab.flow), Fashion-MNIST
 
 
 # A run's previews/ folder: the teacher's reference row and one student row per preview step.

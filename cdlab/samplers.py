@@ -293,6 +293,7 @@ def sample_ddim(
     *,
     return_trajectory: bool = False,
     callback: Callback | None = None,
+    model_class: type[EpsModel] = EpsModel,
 ) -> SampleOutput:
     """Deterministic DDIM (Song et al. 2021, eta = 0) with classifier-free guidance (Ho & Salimans 2022):
     :func:`sample_loop` with :class:`DDIMStep` and ``EpsModel(unet, guidance)``.
@@ -308,9 +309,11 @@ def sample_ddim(
             requests with their own guidance; CFG runs when any of them is not 1).
         timesteps (`list[int]`): strictly decreasing, e.g. :func:`ddim_timesteps`; the step after the last goes to 0.
         scheduler: the schedule (``alphas_cumprod``).
+        model_class: what the network predicts, as an eps model (default :class:`cdlab.models.EpsModel`, a
+            diffusers UNet; :class:`cdlab.flow.model.FlowModel`, a flow velocity, where DDIM is Euler).
     """
     ts = _check_timesteps(timesteps, scheduler)
-    return sample_loop(EpsModel(unet, guidance), x_T, ts, DDIMStep(scheduler), cond=cond, uncond=uncond,
+    return sample_loop(model_class(unet, guidance), x_T, ts, DDIMStep(scheduler), cond=cond, uncond=uncond,
                        return_trajectory=return_trajectory, callback=callback)
 
 
@@ -326,6 +329,7 @@ def sample_consistency(
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     callback: Callback | None = None,
+    model_class: type[EpsModel] = EpsModel,
 ) -> SampleOutput:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1; Heek et al. 2024), one NFE per step:
     :func:`sample_loop` with :class:`ConsistencyStep`.
@@ -338,10 +342,11 @@ def sample_consistency(
         stochastic (`bool`): Song et al.'s Alg. 1 instead: predict x_0, then re-noise it to ``t_{i+1}`` with
             fresh noise drawn from ``generator`` (on the generator's device, then moved).
         generator (`torch.Generator`, *optional*): the noise source for ``stochastic=True``.
+        model_class: as in :func:`sample_ddim`.
     """
     ts = _check_timesteps(timesteps, scheduler)
     step = ConsistencyStep(scheduler, stochastic=stochastic, generator=generator)
-    return sample_loop(EpsModel(unet), x_T, ts, step, cond=cond, return_trajectory=return_trajectory,
+    return sample_loop(model_class(unet), x_T, ts, step, cond=cond, return_trajectory=return_trajectory,
                        callback=callback)
 
 
@@ -397,6 +402,7 @@ def sample_student(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
+    model_class: type[EpsModel] = EpsModel,
 ) -> SampleOutput:
     """A student's ``steps``-step sample by its card's recipe: the one place every entry point (Compare,
     Evaluate, generate, doctor) samples a student.
@@ -411,11 +417,15 @@ def sample_student(
             scheduler steps, so mutates; the consistency sampler only reads its ``alphas_cumprod``).
         stochastic (`bool`): consistency students only: re-noise between steps (Song et al. 2023, Alg. 1).
         generator (`torch.Generator`, *optional*): the noise of stochastic steps.
+        model_class: as in :func:`sample_ddim` (a flow student: consistency jumps on the flow are Euler steps).
     """
     if getattr(card, "scheduler", "consistency") == "consistency":
         k = int(getattr(card, "num_boundaries", 0) or steps)
         ts = consistency_timesteps(steps, k, int(scheduler.config.num_train_timesteps))
         return sample_consistency(unet, x_T, cond, ts, scheduler, stochastic=stochastic, generator=generator,
-                                  return_trajectory=return_trajectory)
+                                  return_trajectory=return_trajectory, model_class=model_class)
+    if model_class is not EpsModel:
+        raise ValueError(f"student {getattr(card, 'name', '')!r}: scheduler {card.scheduler!r} samples a diffusers "
+                         "UNet only")
     return sample_scheduler(unet, x_T, cond, uncond, card, steps, scheduler, return_trajectory=return_trajectory,
                             generator=generator)

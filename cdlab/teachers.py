@@ -1,7 +1,7 @@
 """Teachers: a diffusers ``StableDiffusionPipeline`` behind a thin typed wrapper.
 
     from cdlab.teachers import load_teacher
-    teacher = load_teacher("tiny")                 # or "sd15", "sd15-random", or a local diffusers folder
+    teacher = load_teacher("tiny")                 # or "sd15", "sd15-random", "fashion-flow", or a diffusers folder
     cond, uncond = teacher.encode(["a red circle"])
     x_T = teacher.initial_noise(seed=0)
 
@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 
+from cdlab.models import EpsModel
 from cdlab.paths import SD15_ID, TINY_ID, assets_dir
 
-__all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "Teacher", "load_teacher",
+__all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "FLOW_TEACHER", "Teacher", "load_teacher",
            "load_teacher_with_fallback", "is_tiny", "teacher_lock"]
 
 TINY_TEACHER_DIR = assets_dir() / "tiny-teacher"
 SD15_RANDOM_ID = "cdlab/sd15-random"  # cdlab.sd15_random: SD1.5's architecture, random weights
+FLOW_TEACHER = "fashion-flow"  # cdlab.flow.pipeline: the flow-matching teacher of Fashion-MNIST (seed 003 part B)
 # Names that mean SD1.5 on the hub; "runwayml/..." is the course notebook's (now removed) repository.
 _SD15_NAMES = {"sd15", "sd1.5", "sd-1.5", SD15_ID, "runwayml/stable-diffusion-v1-5"}
 
@@ -65,6 +67,8 @@ class Teacher:
     # Held while adapters are switched and the UNet samples (Compare, Evaluate): one pipeline, one user
     # at a time, whatever the web queue's concurrency.
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    model_class = EpsModel  # what the UNet predicts, as an eps model (a flow teacher's: FlowModel)
 
     @property
     def guidance(self) -> float:
@@ -280,7 +284,8 @@ def load_teacher(
     """Load a teacher pipeline with a trailing, clean-boundary ``DDIMScheduler``.
 
     Args:
-        name_or_path: ``"tiny"`` (the embedded teacher in ``TINY_TEACHER_DIR``), ``"sd15"`` (the hub's
+        name_or_path: ``"tiny"`` (the embedded teacher in ``TINY_TEACHER_DIR``), ``"fashion-flow"`` (the
+            flow-matching teacher, `cdlab.flow.pipeline.FlowTeacher`: classes as prompts), ``"sd15"`` (the hub's
             ``stable-diffusion-v1-5/stable-diffusion-v1-5``), ``"sd15-random"`` (SD1.5's architecture with
             random weights, built once offline: `cdlab.sd15_random`) or a local diffusers pipeline folder.
         device: default ``cuda`` when available, else ``cpu``.
@@ -320,6 +325,15 @@ def load_teacher(
         return _load_local(folder, name, TINY_ID, dev, dtype)
     if name.lower() in _SD15_NAMES:
         return _load_hub(SD15_ID, name, dev, dtype)
+    if name == FLOW_TEACHER:
+        from cdlab.flow.pipeline import load_flow_teacher
+
+        if dtype != torch.float32:
+            raise TeacherLoadError(f"teacher {name!r} runs in float32 (a 0.5M-parameter UNet with BatchNorm)")
+        try:
+            return load_flow_teacher(device=dev)
+        except (OSError, ValueError) as e:
+            raise TeacherLoadError(f"teacher {name!r}: {e}") from None
     path = Path(name).expanduser()
     if not path.exists():
         raise TeacherLoadError(

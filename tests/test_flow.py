@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cdlab.flow import data, matching
+from cdlab.paths import REPO_ROOT
 from cdlab.flow.unet import UNet, recalibrate_batchnorm
 
 
@@ -384,36 +385,88 @@ def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     assert torch.allclose(got, ((z + u - x1) ** 2).mean(), atol=1e-6)
 
 
-def test_flow_student_saves_and_loads_and_starts_as_the_teacher(tmp_path, tiny_unet):
+def _teacher_folder(folder, unet):
     from safetensors.torch import save_file
 
-    from cdlab.flow import distill, evaluate
     from cdlab.paths import write_json_atomic
 
-    teacher_dir = tmp_path / "teacher"
-    teacher_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in tiny_unet.state_dict().items()}, str(teacher_dir / "unet.safetensors"))
-    write_json_atomic(teacher_dir / "state.json", {"config": {"num_hiddens": 8}, "step": 0, "epoch": 0, "position": 0,
-                                                   "seconds": 0.0, "lr": 0.002})
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(folder / "unet.safetensors"))
+    write_json_atomic(folder / "state.json", {"config": {"num_hiddens": unet.num_hiddens}, "step": 0, "epoch": 0,
+                                              "position": 0, "seconds": 0.0, "lr": 0.002})
+    return folder
+
+
+def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_samples(tmp_path, tiny_unet):
+    """A flow student is saved as every student is (adapters/<name>/ with its card), ``load_student`` puts it on
+    the flow teacher, and the column runner's student column is the student's own consistency sampler on the
+    flow path (fused weights against peft's unfused adapter: equal to rounding). A fresh LoRA (B = 0) is the
+    teacher, bit for bit."""
+    from cdlab.columns import run_columns, student_column
+    from cdlab.flow import distill
+    from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
+    from cdlab.flow.pipeline import load_flow_teacher
+    from cdlab.paths import FLOW_ID
+    from cdlab.samplers import consistency_timesteps, sample_consistency
+    from cdlab.students import StudentError, load_student
+
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
     unet = distill.attach_flow_lora(tiny_unet, rank=4)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
     cfg = distill.StudentConfig(method="cd", num_boundaries=4, sample_steps=4, lora_rank=4)
-    distill.save_flow_student(unet, tmp_path / "fashion-mbcd-4", cfg)
-    loaded, card = distill.load_flow_student(teacher_dir, tmp_path / "fashion-mbcd-4")
-    assert card["method"] == "mbcd" and card["num_boundaries"] == 4 and card["base_model"] == distill.FLOW_BASE_ID
-    z, y = evaluate.noise(10)
-    a = evaluate.sample_column(unet.eval(), "cd", z, y, 4, num_boundaries=4)
-    b = evaluate.sample_column(loaded, "cd", z, y, 4, num_boundaries=4)
-    assert torch.equal(a, b)
-    # a fresh LoRA (B = 0) on the teacher samples exactly as the teacher's own eps world does
-    from cdlab.flow.train_teacher import load_unet
+    root = tmp_path / "adapters"
+    distill.save_flow_student(unet.eval(), "fashion-mbcd-4", cfg, root)
+    with pytest.raises(StudentError, match="exists"):
+        distill.save_flow_student(unet, "fashion-mbcd-4", cfg, root)  # nothing replaced by default
+    teacher = load_flow_teacher(teacher_dir)
+    card = load_student(teacher, "fashion-mbcd-4", root)
+    assert (card.method, card.num_boundaries, card.base_model, card.scheduler) == ("mbcd", 4, FLOW_ID, "consistency")
+    run = run_columns(teacher, [student_column(card, 4)], ["Bag", "Sneaker"], seeds=[3, 4], adapters_root=root,
+                      decode=None)[0]
+    x_T = torch.cat([teacher.initial_noise(3), teacher.initial_noise(4)])
+    cond = torch.nn.functional.one_hot(torch.tensor([8, 7]), 10).float()
+    direct = sample_consistency(unet, x_T, cond, consistency_timesteps(4, 4), FLOW_SCHEDULE, model_class=FlowModel)
+    assert run.nfe == 4 and torch.allclose(run.latents, direct.latents, atol=1e-5)
+    # the saved LoRA comes back as the training side's parameters
+    again = distill.attach_flow_lora(load_flow_teacher(teacher_dir).unet, rank=4)
+    distill.set_lora_weights(again, distill.student_lora("fashion-mbcd-4", root))
+    trained = dict(unet.named_parameters())
+    assert all(torch.allclose(p, trained[n]) for n, p in again.named_parameters() if "lora_" in n)
+    # a fresh LoRA (B = 0) on the teacher samples exactly as the teacher does
+    fresh = distill.attach_flow_lora(load_flow_teacher(teacher_dir).unet, rank=4).eval()
+    plain = load_flow_teacher(teacher_dir).unet
+    ts = consistency_timesteps(2, 2)
+    assert torch.equal(sample_consistency(fresh, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents,
+                       sample_consistency(plain, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents)
 
-    init = distill.attach_flow_lora(load_unet(teacher_dir), rank=4).eval()
-    assert torch.equal(evaluate.sample_column(init, "reflow", z, y, 2),
-                       evaluate.sample_column(load_unet(teacher_dir), "teacher", z, y, 2, guidance=1.0))
+
+def test_the_shipped_flow_teacher_and_students_run_through_the_column_runner():
+    """``load_teacher("fashion-flow")``: its teacher-50 column (DDIM on the flow path = Euler with CFG from
+    t = 0.001) is the seed's Euler-50 from t = 0 up to the first step's 0.001, its naive 4 steps cost 8 NFE, and a
+    shipped reflow student's 4 steps are Euler on its own velocity; the "prompt" is a class, named or refused."""
+    from cdlab.columns import run_columns, student_column, teacher_columns
+    from cdlab.flow import distill
+    from cdlab.students import read_card
+    from cdlab.teachers import load_teacher
+
+    teacher = load_teacher("fashion-flow", device="cpu")
+    card = read_card("fashion-reflow-4", REPO_ROOT / "adapters")
+    runs = run_columns(teacher, teacher_columns(teacher.guidance) + [student_column(card, 4)], ["Sneaker", "Bag"],
+                       seeds=[0, 1], adapters_root=REPO_ROOT / "adapters")
+    assert [r.nfe for r in runs] == [100, 8, 4]
+    assert runs[0].images[0].size == (28, 28) and runs[0].images[0].mode == "RGB"
+    x_T = torch.cat([teacher.initial_noise(0), teacher.initial_noise(1)])
+    euler = matching.sample(teacher.unet, torch.tensor([7, 8]), 50, teacher.guidance, x0=x_T)
+    assert (runs[0].latents - euler).abs().max() < 0.02, (runs[0].latents - euler).abs().max()
+    student = distill.attach_flow_lora(load_teacher("fashion-flow", device="cpu").unet, card.lora_rank)
+    distill.set_lora_weights(student, distill.student_lora("fashion-reflow-4", REPO_ROOT / "adapters"))
+    own = matching.sample(student.eval(), torch.tensor([7, 8]), 4, None, x0=x_T)
+    assert (runs[2].latents - own).abs().max() < 0.02
+    with pytest.raises(ValueError, match="one of T-shirt/top, Trouser"):
+        teacher.encode(["a red circle"])
 
 
 def test_fid_of_features_is_the_frechet_distance_of_two_gaussians():
@@ -451,20 +504,24 @@ def test_cd_on_the_shipped_flow_teacher_reduces_the_4_step_error_against_teacher
     brings its 4-step consistency sample closer to the teacher's Euler-50 with CFG than the student's start (the
     teacher's own 4 jumps without guidance). A short run on a few images: it pins the direction, not the quality."""
     from cdlab.flow import distill, evaluate
+    from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
     from cdlab.flow.train_teacher import load_unet
     from cdlab.paths import assets_dir
+    from cdlab.samplers import consistency_timesteps, sample_consistency
+    from cdlab.students import read_card
 
     torch.manual_seed(0)
     teacher_dir = assets_dir() / "fashion-flow"
-    guidance = float(json.loads((teacher_dir / "students" / "fashion-reflow" / "card.json").read_text())
-                     ["training_config"]["guidance"])
+    guidance = float(read_card("fashion-reflow-4", REPO_ROOT / "adapters").training_config["guidance"])
     z, y = evaluate.noise(10, seed=123)
-    reference = evaluate.sample_column(load_unet(teacher_dir), "teacher", z, y, 50, guidance=guidance)
+    reference = matching.sample(load_unet(teacher_dir), y, 50, guidance, x0=z)
     cfg = distill.StudentConfig(method="cd", num_boundaries=4, sample_steps=4, guidance=guidance, steps=25,
                                 batch_size=16, lr=3e-4, lora_rank=4)
 
     def error(unet):
-        return float((evaluate.sample_column(unet, "cd", z, y, 4, num_boundaries=4) - reference).abs().mean())
+        x = sample_consistency(unet, z, matching.one_hot(y), consistency_timesteps(4, 4), FLOW_SCHEDULE,
+                               model_class=FlowModel).latents
+        return float((x - reference).abs().mean())
 
     before = error(distill.attach_flow_lora(load_unet(teacher_dir), rank=4).eval())
     student, done = distill.distill(teacher_dir, cfg, log=lambda line: None)
@@ -487,15 +544,16 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     rows = saved["rows"]
     assert saved["n"] == 40 and saved["guidance"] == 2.0  # the shipped students were distilled at CFG 2
     assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
-        ("teacher", 50, 100), ("teacher", 1, 2), ("teacher", 2, 4), ("teacher", 4, 8), ("teacher", 8, 16)]
+        ("teacher-50 (CFG)", 50, 100), ("teacher-1 (naive)", 1, 2), ("teacher-2 (naive)", 2, 4),
+        ("teacher-4 (naive)", 4, 8), ("teacher-8 (naive)", 8, 16)]
     students = {r["column"] for r in rows[5:]}
-    assert students == {"fashion-reflow", "fashion-reflow-1"}
+    assert students == {"fashion-reflow-4", "fashion-reflow-1"} and {r["kind"] for r in rows[5:]} == {"reflow"}
     assert all(r["nfe"] == r["steps"] for r in rows[5:])
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     one_step = {(r["column"], r["steps"]): r for r in rows}
     # the one-step student beats the teacher's own single Euler step by far (docs/flow.md: 1.77x against 8.26x)
-    assert one_step[("fashion-reflow-1", 1)]["fid"] < 0.5 * one_step[("teacher", 1)]["fid"]
-    assert "| teacher | 50 | 100 |" in (out / "table.md").read_text()
+    assert one_step[("fashion-reflow-1", 1)]["fid"] < 0.5 * one_step[("teacher-1 (naive)", 1)]["fid"]
+    assert "| teacher-50 (CFG) | 50 | 100 |" in (out / "table.md").read_text()
     assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 1
     assert "--overwrite" in capsys.readouterr().err
 

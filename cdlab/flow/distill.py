@@ -27,7 +27,7 @@ The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA tra
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,14 +41,14 @@ from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss
-from cdlab.paths import write_json_atomic
+from cdlab.paths import FLOW_ID, write_json_atomic
 from cdlab.samplers import consistency_timesteps
+from cdlab.students import StudentCard, StudentError, save_student, validate_name
 from cdlab.students.roles import adapter_role
 
-__all__ = ["FLOW_BASE_ID", "lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
-           "StudentConfig", "distill", "save_flow_student", "load_flow_student", "main"]
+__all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
+           "StudentConfig", "distill", "student_card", "save_flow_student", "student_lora", "main"]
 
-FLOW_BASE_ID = "cdlab/fashion-flow"
 ADAPTER = "student"
 
 
@@ -66,6 +66,7 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
     config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                         target_modules=lora_targets(unet), init_lora_weights=True)
     unet = inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    unet.peft_config = {**(getattr(unet, "peft_config", None) or {}), adapter_name: config}  # as diffusers keeps it
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name)
     return unet
@@ -124,14 +125,16 @@ def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
     return load_unet(folder).to(device).eval()
 
 
-def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | Path | None = None, device: str = "cpu",
+def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None, root: str | Path | None = None,
+            device: str = "cpu",
             max_seconds: float | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
-    returns the UNet with the adapter (eval mode) and the steps taken."""
+    returns the UNet with the adapter (eval mode) and the steps taken. ``init``: start from that student's LoRA
+    (a name in ``root``, default ``adapters/``)."""
     dev = torch.device(device)
     unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
     if init is not None:
-        set_lora_weights(unet, load_file(str(Path(init) / "student.safetensors")))
+        set_lora_weights(unet, student_lora(init, root))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -180,6 +183,18 @@ def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n}
 
 
+def student_lora(name: str, root: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
+    file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1)."""
+    from cdlab.students import WEIGHT_NAME, read_card, student_dir
+
+    card = read_card(name, root)
+    if card.base_model != FLOW_ID:
+        raise StudentError(f"student {name!r} is a student of {card.base_model!r}, not of the flow teacher")
+    state = load_file(str(student_dir(name, root) / WEIGHT_NAME))
+    return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
+
+
 def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = dict(unet.named_parameters())
     unknown = sorted(set(weights) - set(params))
@@ -190,38 +205,31 @@ def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             params[n].copy_(w)
 
 
-def save_flow_student(unet: nn.Module, out: str | Path, cfg: StudentConfig, metrics: dict | None = None, *,
-                      trained_steps: int | None = None, init: str | None = None) -> Path:
-    """``student.safetensors`` (the LoRA) and ``card.json`` (its ``training_config`` says the steps it took and the
-    student it started from)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(lora_weights(unet), str(out / "student.safetensors"))
-    card = {"name": out.name, "base_model": FLOW_BASE_ID, "method": "mbcd" if cfg.method == "cd" and cfg.num_boundaries > 1 else cfg.method,
-            "num_boundaries": cfg.num_boundaries if cfg.method == "cd" else None, "steps": cfg.sample_steps,
-            "guidance": 1.0, "scheduler": "consistency" if cfg.method == "cd" else "euler",
-            "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_rank), "target_modules": [],
-            "training_config": {**asdict(cfg), "trained_steps": cfg.steps if trained_steps is None else trained_steps,
-                                "init": init},
-            "metrics": metrics or {}}
-    write_json_atomic(out / "card.json", card)
-    return out
+def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None) -> StudentCard:
+    """The student's card: ``reflow`` (any step count: ``num_boundaries`` None) or ``cd``/``mbcd`` (N boundaries);
+    sampled by the lab's consistency jump on the flow path, an Euler step (:mod:`cdlab.flow.model`); guidance
+    distilled in. ``training_config`` says the steps it took and the student it started from."""
+    method = "reflow" if cfg.method == "reflow" else ("mbcd" if cfg.num_boundaries > 1 else "cd")
+    return StudentCard(name=name, base_model=FLOW_ID, method=method,
+                       num_boundaries=None if method == "reflow" else cfg.num_boundaries, steps=cfg.sample_steps,
+                       guidance=1.0, scheduler="consistency",
+                       training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init})
 
 
-def load_flow_student(teacher: str | Path, folder: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The teacher's UNet with the student's LoRA, and the student's card."""
-    folder = Path(folder)
-    card = json.loads((folder / "card.json").read_text())
-    unet = attach_flow_lora(_load_teacher_unet(teacher, torch.device(device)), int(card["lora_rank"]))
-    set_lora_weights(unet, load_file(str(folder / "student.safetensors")))
-    return unet.to(device).eval(), card
+def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str | Path | None = None, *,
+                      trained_steps: int | None = None, init: str | None = None, overwrite: bool = False) -> Path:
+    """Save the LoRA as the lab saves every student: ``<root>/<name>/`` (default ``adapters/``) with its card
+    (:func:`cdlab.students.save_student`); ``load_student(load_teacher("fashion-flow"), name)`` reads it."""
+    card = student_card(cfg, name, trained_steps=cfg.steps if trained_steps is None else trained_steps, init=init)
+    return save_student(unet, name, card, root, adapter_name=ADAPTER, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cdlab.flow.distill", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", required=True, help="the teacher's folder (unet.safetensors, state.json)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--init", default=None, help="start from this student's LoRA")
+    p.add_argument("--name", required=True, help="the student's name: adapters/<name>/ (see --root)")
+    p.add_argument("--root", default=None, help="the students' folder (default adapters/)")
+    p.add_argument("--init", default=None, help="start from this student (a name in --root)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=None, help="stop training after this many seconds")
     defaults = StudentConfig()
@@ -231,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
         p.error("--method must be cd or reflow, --reflow-times uniform or zero")
-    unet, done = distill(args.teacher, cfg, init=args.init, device=args.device, max_seconds=args.max_seconds)
-    init = None if args.init is None else Path(args.init).name
-    print(f"saved {save_flow_student(unet, args.out, cfg, trained_steps=done, init=init)}")
+    try:
+        validate_name(args.name)
+        unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
+                             max_seconds=args.max_seconds)
+        print(f"saved {save_flow_student(unet, args.name, cfg, args.root, trained_steps=done, init=args.init)}")
+    except (StudentError, FileNotFoundError) as e:
+        p.error(str(e))
     return 0
 
 

@@ -12,15 +12,10 @@ Every column samples the same ``n`` noises ``z_i`` (seed ``i``) with class ``i m
 * **diversity** as the tiny world has it (:func:`cdlab.metrics.seed_diversity`): the mean |a - b| between the
   first 16 samples of each class, averaged over classes (mode collapse reads far below the teacher's).
 
-The columns:
-
-=================  ==========================================================  ===================
-teacher            Euler with CFG (:func:`cdlab.flow.matching.sample_euler`)   2 NFE a step
-cd / mbcd          multistep consistency (:func:`cdlab.samplers.sample_loop`     1 NFE a step
-                   with :class:`cdlab.samplers.ConsistencyStep` on the flow's
-                   path), guidance distilled in
-reflow             Euler on the student's own velocity, no CFG                  1 NFE a step
-=================  ==========================================================  ===================
+The columns go through the lab's one column runner (:func:`cdlab.columns.run_columns`) on the flow teacher
+(:class:`cdlab.flow.pipeline.FlowTeacher`), as Compare's do: the teacher at 50 Euler steps with CFG (2 NFE a
+step; the reference of ``fid_ratio``) and naively at each step count, then each student of the flow teacher in
+``adapters/`` (``load_student``) at each step count, guidance distilled in (1 NFE a step).
 
 FID has a bias that falls with n: compare columns at the same n (at least 2000, as the issue asks).
 """
@@ -29,19 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cdlab.columns import TEACHER_50, Column, run_columns, student_column
 from cdlab.flow import matching
 from cdlab.flow.classifier import accuracy, as_feature, load_classifier, load_reference_stats
-from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.metrics import fid_of_features, seed_diversity
-from cdlab.samplers import ConsistencyStep, consistency_timesteps, sample_loop
+from cdlab.paths import FLOW_ID
+from cdlab.students import StudentCard, list_students, read_card
 
-__all__ = ["STEPS", "noise", "sample_column", "score", "evaluate", "shipped_students", "render_table", "main"]
+__all__ = ["STEPS", "noise", "columns", "score", "evaluate", "render_table", "main"]
 
 STEPS = (1, 2, 4, 8)
 DIVERSITY_SEEDS = 16
@@ -53,21 +48,11 @@ def noise(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return z, torch.arange(n) % matching.NUM_CLASSES
 
 
-@torch.no_grad()
-def sample_column(unet: nn.Module, kind: str, z: torch.Tensor, labels: torch.Tensor, steps: int, *,
-                  guidance: float = matching.GUIDANCE, num_boundaries: int = 1, batch_size: int = 1000) -> torch.Tensor:
-    """One column's images ``[n, 1, 28, 28]`` (CPU, not clipped): ``kind`` is ``"teacher"`` (Euler with CFG
-    ``guidance``), ``"cd"`` (consistency jumps of an N-boundary student) or ``"reflow"`` (Euler, no CFG)."""
-    if kind in ("teacher", "reflow"):
-        return matching.sample(unet, labels, steps, guidance if kind == "teacher" else None, x0=z,
-                               batch_size=batch_size).float().cpu()
-    if kind != "cd":
-        raise ValueError(f"kind must be teacher, cd or reflow, got {kind!r}")
-    dev = next(unet.parameters()).device
-    ts = consistency_timesteps(steps, num_boundaries)
-    return torch.cat([sample_loop(FlowModel(unet), zb.to(dev), ts, ConsistencyStep(FLOW_SCHEDULE),
-                                  cond=matching.one_hot(yb).to(dev)).latents.float().cpu()
-                      for zb, yb in zip(z.split(batch_size), labels.split(batch_size))])
+def columns(cards: list[StudentCard], guidance: float, steps: tuple[int, ...] = STEPS) -> list[Column]:
+    """The teacher at 50 Euler steps with CFG ``guidance``, naively at ``steps``, then each student at ``steps``."""
+    cols = [Column(TEACHER_50, "teacher", 50, guidance)]
+    cols += [Column(f"teacher-{k} (naive)", "teacher", k, guidance) for k in steps]
+    return cols + [student_column(card, k) for card in cards for k in steps]
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
@@ -82,13 +67,15 @@ def score(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
             "diversity": None if div is None else round(div, 4)}
 
 
-def evaluate(teacher: nn.Module, students: dict[str, tuple[nn.Module, dict]], *, n: int = 2000,
-             steps: tuple[int, ...] = STEPS, guidance: float = matching.GUIDANCE, classifier: nn.Module | None = None,
-             reference: torch.Tensor | dict[str, torch.Tensor] | None = None, seed: int = 0, log=print) -> list[dict]:
-    """Rows ``{column, kind, steps, nfe, fid, fid_ratio, accuracy, diversity, seconds}``: the teacher at 50 steps
-    (the reference of ``fid_ratio``) and naive at ``steps``, then each student (name -> (UNet with its adapter,
-    card)) at ``steps``. ``reference``: real images, or their feature statistics; default the shipped
-    classifier's saved statistics of the test set (or, when it has none, the test set itself)."""
+def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[int, ...] = STEPS,
+             guidance: float | None = None, classifier: nn.Module | None = None,
+             reference: torch.Tensor | dict[str, torch.Tensor] | None = None, adapters_root: str | Path | None = None,
+             seed: int = 0, log=print) -> list[dict]:
+    """Rows ``{column, kind, steps, nfe, fid, fid_ratio, accuracy, diversity, seconds}`` of :func:`columns`, all
+    sampled by :func:`cdlab.columns.run_columns` on :func:`noise` (``teacher``: a
+    :class:`cdlab.flow.pipeline.FlowTeacher`; ``cards``: its students in ``adapters_root``). ``guidance``: the
+    teacher's CFG (default ``teacher.guidance``). ``reference``: real images, or their feature statistics;
+    default the shipped classifier's saved statistics of the test set (or, when it has none, the test set)."""
     if classifier is None:
         classifier = load_classifier()
         reference = load_reference_stats() if reference is None else reference
@@ -98,31 +85,24 @@ def evaluate(teacher: nn.Module, students: dict[str, tuple[nn.Module, dict]], *,
         reference = load_fashion_mnist("test")[0]
     ref_feats = reference if isinstance(reference, dict) else as_feature(classifier)(reference)
     z, labels = noise(n, seed)
-    plan = [("teacher", "teacher", k, teacher, 1) for k in (50, *steps)]
-    for name, (unet, card) in students.items():
-        kind = "reflow" if card.get("scheduler") == "euler" else "cd"
-        plan += [(name, kind, k, unet, int(card.get("num_boundaries") or 1)) for k in steps]
+    prompts = [teacher.classes[int(y)] for y in labels]
+    w = float(teacher.guidance if guidance is None else guidance)
     rows: list[dict] = []
-    for name, kind, k, unet, nb in plan:
-        start = time.monotonic()
-        images = sample_column(unet, kind, z, labels, k, guidance=guidance, num_boundaries=nb)
-        row = {"column": name, "kind": kind, "steps": k, "nfe": k * (2 if kind == "teacher" else 1),
-               **score(images, labels, classifier, ref_feats), "seconds": round(time.monotonic() - start, 2)}
+    for col in columns(cards, w, steps):
+        run = run_columns(teacher, [col], prompts, list(range(n)), noise=z.to(teacher.device), decode=None,
+                          adapters_root=adapters_root, max_rows=2000)[0]
+        kind = "teacher" if col.kind == "teacher" else run.card.method
+        row = {"column": col.name, "kind": kind, "steps": col.steps, "nfe": run.nfe,
+               **score(run.latents.float().cpu(), labels, classifier, ref_feats), "seconds": round(run.seconds, 2)}
         row["fid_ratio"] = round(row["fid"] / rows[0]["fid"], 3) if rows else 1.0
         rows.append(row)
         log(json.dumps(row))
     return rows
 
 
-def shipped_students(teacher: str | Path) -> list[Path]:
-    """The student folders beside a teacher (``<teacher>/students/*/card.json``), sorted by name."""
-    root = Path(teacher) / "students"
-    return sorted(p for p in root.iterdir() if (p / "card.json").is_file()) if root.is_dir() else []
-
-
-def _students_guidance(folders: list[Path]) -> float | None:
+def _students_guidance(cards: list[StudentCard]) -> float | None:
     """The CFG scale the students were distilled at, when they agree (the teacher's reference should use it)."""
-    ws = {float(json.loads((f / "card.json").read_text())["training_config"]["guidance"]) for f in folders}
+    ws = {float(c.training_config["guidance"]) for c in cards if "guidance" in c.training_config}
     return ws.pop() if len(ws) == 1 else None
 
 
@@ -135,18 +115,18 @@ def render_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from cdlab.evaluate.store import check_out_dir, new_out_dir
-    from cdlab.flow.distill import load_flow_student
-    from cdlab.flow.train_teacher import load_unet
-    from cdlab.paths import assets_dir, write_json_atomic
+    from cdlab.flow.pipeline import load_flow_teacher
+    from cdlab.paths import write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cdlab.flow.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="the teacher's folder (default: the shipped one)")
     p.add_argument("--student", action="append", default=None,
-                   help="a student's folder (repeat; default: the students beside the teacher)")
+                   help="a student's name in --adapters (repeat; default: every student of the flow teacher there)")
+    p.add_argument("--adapters", default=None, help="the students' folder (default adapters/)")
     p.add_argument("--classifier", default=None, help="the classifier's folder (default: the shipped one)")
     p.add_argument("--n", type=int, default=2000, help="samples per column (default 2000: FID is biased below it)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="the teacher's CFG scale (default: the one its students were distilled at, else 5)")
+                   help="the teacher's CFG scale (default: the one its students were distilled at, else the teacher's)")
     p.add_argument("--out", default=None, help="output folder (default evals/flow-<time>); one that holds an "
                                                "evaluation is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true")
@@ -154,23 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 20 <= args.n <= 50000:  # FID is biased at small n: the docs' figures use 2000
         p.error(f"--n must be in [20, 50000], got {args.n}")
-    teacher_dir = Path(args.teacher) if args.teacher else assets_dir() / "fashion-flow"
-    students = [Path(s) for s in args.student] if args.student is not None else shipped_students(teacher_dir)
-    guidance = args.guidance if args.guidance is not None else (_students_guidance(students) or matching.GUIDANCE)
     out = Path(args.out) if args.out else new_out_dir("flow-")
     try:
         check_out_dir(str(out), "results.json", args.overwrite)
-        teacher = load_unet(teacher_dir).to(args.device)
-        loaded = {s.name: load_flow_student(teacher_dir, s, args.device) for s in students}
+        teacher = load_flow_teacher(args.teacher, args.device)
+        cards = ([read_card(s, args.adapters) for s in args.student] if args.student is not None
+                 else list_students(args.adapters, base_model=FLOW_ID))
         classifier = load_classifier(args.classifier, args.device)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rows = evaluate(teacher, loaded, n=args.n, guidance=guidance, classifier=classifier,
-                    reference=load_reference_stats(args.classifier),
+    guidance = args.guidance if args.guidance is not None else (_students_guidance(cards) or teacher.guidance)
+    rows = evaluate(teacher, cards, n=args.n, guidance=guidance, classifier=classifier,
+                    reference=load_reference_stats(args.classifier), adapters_root=args.adapters,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", {"teacher": str(teacher_dir), "n": args.n, "guidance": guidance, "rows": rows})
+    write_json_atomic(out / "results.json", {"teacher": args.teacher or "fashion-flow", "n": args.n,
+                                             "guidance": guidance, "rows": rows})
     (out / "table.md").write_text(render_table(rows))
     print(render_table(rows))
     print(f"wrote {out}")

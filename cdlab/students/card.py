@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from cdlab.paths import TINY_ID
+from cdlab.paths import FLOW_ID, TINY_ID
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ct", "cd", "mbcd", "dmd", "external")
+METHODS = ("ct", "cd", "mbcd", "dmd", "reflow", "external")
 
 # Letters, digits, "_" and "-": a name is both a folder and a peft adapter name, and peft keeps
 # adapters in nn.ModuleDicts, whose keys cannot contain ".". No leading "." or "-": hidden / flag-like.
@@ -61,7 +61,7 @@ class StudentCard:
         base_model (`str`): the teacher it was distilled from (``Teacher.base_id``), e.g.
             ``"cdlab/tiny-teacher"`` or ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         method (`str`): ``"ct"`` | ``"cd"`` | ``"mbcd"`` (multi-boundary CD) | ``"dmd"`` (distribution matching)
-            | ``"external"``.
+            | ``"reflow"`` (2-rectified flow, a flow teacher's student) | ``"external"``.
         num_boundaries (`int`, *optional*): N, the consistency segments it was trained with
             (4 -> boundaries 0, 250, 500, 750). For external students, informational only.
         steps (`int`): recommended sampling steps k.
@@ -180,7 +180,7 @@ def render_readme(card: StudentCard) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in sampling_kwargs(card).items())
     method = {"ct": "consistency training", "cd": "consistency distillation",
               "mbcd": "multi-boundary consistency distillation", "dmd": "distribution matching distillation (DMD2)",
-              "external": "external"}[card.method]
+              "reflow": "2-rectified flow (Liu et al. 2023)", "external": "external"}[card.method]
     rows = [
         ("base model", f"`{card.base_model}`"),
         ("method", f"{card.method} ({method})"),
@@ -194,6 +194,35 @@ def render_readme(card: StudentCard) -> str:
     ]
     rows += [(f"metric: {k}", v) for k, v in card.metrics.items()]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if card.base_model == FLOW_ID:  # not a diffusers pipeline: cdlab's own
+        recipe = f"""## Load it with cdlab
+
+```python
+from cdlab.columns import run_columns, student_column
+from cdlab.students import load_student
+from cdlab.teachers import load_teacher
+
+teacher = load_teacher("fashion-flow")
+card = load_student(teacher, "{card.name}")
+run = run_columns(teacher, [student_column(card, {card.steps})], ["Sneaker"], seeds=[0])[0]
+```
+
+The sampler is the lab's consistency jump on the flow path, which is an Euler step of the student's velocity
+(`cdlab.flow.model`)."""
+    else:
+        recipe = f"""## Load it with plain diffusers
+
+```python
+from diffusers import StableDiffusionPipeline, {sched_import}
+
+pipe = StableDiffusionPipeline.from_pretrained("{_base_path_hint(card.base_model)}")
+pipe.load_lora_weights("adapters/{card.name}", adapter_name="{card.name}")
+{sched_line}
+image = pipe("a prompt", {call}).images[0]
+```
+
+With cdlab: `cdlab.students.load_student(pipe, "{card.name}")`; the sampler cdlab uses is in `card.json`
+(`"consistency"` = `cdlab.samplers.sample_consistency` over the student's boundaries)."""
     return f"""---
 base_model: {card.base_model}
 library_name: diffusers
@@ -208,17 +237,5 @@ A few-step student of `{card.base_model}`: a LoRA on the UNet, trained by cdlab 
 |---|---|
 {table}
 
-## Load it with plain diffusers
-
-```python
-from diffusers import StableDiffusionPipeline, {sched_import}
-
-pipe = StableDiffusionPipeline.from_pretrained("{_base_path_hint(card.base_model)}")
-pipe.load_lora_weights("adapters/{card.name}", adapter_name="{card.name}")
-{sched_line}
-image = pipe("a prompt", {call}).images[0]
-```
-
-With cdlab: `cdlab.students.load_student(pipe, "{card.name}")`; the sampler cdlab uses is in `card.json`
-(`"consistency"` = `cdlab.samplers.sample_consistency` over the student's boundaries).
+{recipe}
 """

@@ -262,6 +262,8 @@ def make_scheduler(pipe: Any, card: StudentCard):
     import diffusers  # lazy: diffusers takes seconds; the catalogue and cards never need it
 
     pipe, _ = as_pipeline(pipe)
+    if card.scheduler == "consistency" and getattr(pipe, "schedule_is_fixed", False):
+        return pipe.scheduler  # the flow path itself (cdlab.flow.pipeline): read, never stepped
     if card.scheduler == "consistency":
         return diffusers.DDIMScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
