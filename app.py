@@ -3,6 +3,7 @@
     python app.py                       # tiny teacher on CPU; SD1.5 on CUDA (falls back to tiny)
     python app.py --model sd15 --host 0.0.0.0 --port 7860 [--share]
     python app.py --model sd15-random         # SD1.5's architecture with random weights: the SD1.5 path offline
+    python app.py --model fashion-flow        # every tab on the flow-matching teacher (seed 003 part B)
     python app.py --model path/to/diffusers/pipeline
 
 This file parses the arguments, builds the page from one builder per tab and launches it. Each tab's layout
@@ -34,13 +35,15 @@ from cdlab.ui.train_tab import TrainTab
 
 CSS = (".cdlab-header {font-size: 0.95em} .cdlab-header h2 {margin: 0 0 2px 0} "
        "#compare-legend {font-size: 0.8em; opacity: 0.85} #compare-info {font-size: 0.85em} "
-       "#compare-gallery img, #edit-gallery img, #edit-image canvas {image-rendering: pixelated} "
+       "#compare-gallery img, #edit-gallery img, #edit-image canvas, #flow-compare-gallery img, #flow-compare-row img "
+       "{image-rendering: pixelated} "
        "#edit-info {font-size: 0.85em}" + V.CSS)
 
 
-def build_demo(teacher, model_arg: str, policy: H.Policy | None = None) -> gr.Blocks:
-    """The page: a header saying which teacher is live, the four tabs, and the page-load chain (fresh lists,
-    the default comparison, then the ready signal ``#cdlab-ready``). ``policy``: who may do what on this host
+def build_demo(teacher, model_arg: str, policy: H.Policy | None = None, flow_teacher=None) -> gr.Blocks:
+    """The page: a header saying which teacher is live, the four tabs, the flow-matching section when
+    ``flow_teacher`` is given (its own Compare), and the page-load chain (fresh lists, the default comparisons,
+    then the ready signal ``#cdlab-ready``). ``policy``: who may do what on this host
     (`cdlab.ui.hosting.host_policy`). ``demo.cdlab_jobs`` is the training job manager, for shutdown."""
     policy = policy or H.Policy()
     comparer = C.Comparer(teacher, adapters_root=P.adapters_dir(), batching=H.batching_allowed())
@@ -57,8 +60,16 @@ def build_demo(teacher, model_arg: str, policy: H.Policy | None = None) -> gr.Bl
             edit = EditTab(teacher, comparer)
             train = TrainTab(jobs, teacher, model_arg, owner, policy=policy, adapters_root=P.adapters_dir())
             evaluate = EvaluateTab(teacher, P.evals_dir(), policy=policy)
+            tabs, openers = [compare, edit, train, evaluate], [compare]
+            if flow_teacher is not None:
+                with gr.Tab("Flow matching (Fashion-MNIST)", id="flow"):
+                    gr.Markdown(S.flow_line(flow_teacher), elem_classes=["cdlab-header"], elem_id="flow-header")
+                    with gr.Tabs():
+                        flow = CompareTab(flow_teacher, C.Comparer(flow_teacher, adapters_root=P.adapters_dir(),
+                                                                   batching=H.batching_allowed()), prefix="flow-")
+                tabs, openers = tabs + [flow], openers + [flow]
         H.keep_instructor_token(demo, instructor, [train.ui.instructor, evaluate.instructor])
-        S.wire_page_load(demo, ready, [compare, edit, train, evaluate], compare)
+        S.wire_page_load(demo, ready, tabs, openers)
     demo.cdlab_jobs = jobs  # for shutdown
     return H.safe_delete_cache(demo)
 
@@ -74,7 +85,8 @@ def launch_kwargs(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="cdlab's Gradio app")
     p.add_argument("--model", default=None, help="tiny | sd15 | sd15-random (SD1.5 architecture, random weights, "
-                   "64 px: the SD1.5 code path offline) | a local diffusers pipeline folder "
+                   "64 px: the SD1.5 code path offline) | fashion-flow (the flow-matching teacher: every tab on "
+                   "it) | a local diffusers pipeline folder "
                    "(default: sd15 on CUDA, falling back to tiny; tiny elsewhere)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -103,13 +115,14 @@ def main(argv=None) -> int:
         print(f"cdlab app: {e}", file=sys.stderr)
         return 2
     model_arg = args.model or ("tiny" if teacher.fallback_reason else S.default_model())
+    flow_teacher = S.load_flow(model_arg)
     print(f"cdlab app: {teacher.describe()}" + (f" ({teacher.fallback_reason})" if teacher.fallback_reason else ""),
           flush=True)
     policy, token = H.host_policy(args.host, args.share, args.classroom, args.instructor_token)
     if policy.shared:  # who may do what here, and the instructor's token (a classroom)
         print("cdlab app: " + policy.rules_line().replace("**", "") + (f" Instructor token: {token}" if token else ""),
               flush=True)
-    demo = build_demo(teacher, model_arg, policy=policy)
+    demo = build_demo(teacher, model_arg, policy=policy, flow_teacher=flow_teacher)
     demo.queue(default_concurrency_limit=H.DEFAULT_CONCURRENCY_LIMIT, max_size=H.QUEUE_MAX_SIZE)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the app: as Ctrl-C, so the trainer is stopped below
     try:

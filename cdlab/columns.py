@@ -83,10 +83,10 @@ class Column:
         if not self.label:
             self.label = self.name
 
-    def method(self) -> str:
-        """What the column is, in words (Compare's caption line)."""
+    def method(self, teacher: Any = None) -> str:
+        """What the column is, in words (Compare's caption line); a teacher column names ``teacher``'s solver."""
         if self.kind == "teacher":
-            return (f"teacher · DDIM {self.steps} steps" + (f" · CFG {self.guidance:g}" if self.guidance != 1 else "")
+            return (f"teacher · {getattr(teacher, 'solver', 'DDIM')} {self.steps} steps" + (f" · CFG {self.guidance:g}" if self.guidance != 1 else "")
                     + (" (naive)" if self.steps < 50 else ""))
         m = str(getattr(self.card, "method", "") or "").upper()
         if self.kind == "external":

@@ -69,6 +69,7 @@ class Teacher:
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     model_class = EpsModel  # what the UNet predicts, as an eps model (a flow teacher's: FlowModel)
+    solver = "DDIM"  # what its teacher columns are called (a flow teacher's: Euler, the same step on its path)
 
     @property
     def guidance(self) -> float:

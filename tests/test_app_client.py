@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cdlab.paths import REPO_ROOT
 from cdlab.ui.bench import make_random_students
 
 PROMPT = "a small red circle at the top left on a blue background"
@@ -19,6 +21,8 @@ def app(tiny_pipe_dir, tmp_path_factory, start_app):
     work = tmp_path_factory.mktemp("app")
     base = str(Path(tiny_pipe_dir).resolve())
     students = make_random_students(base, work / "adapters", n=2)
+    for flow_student in ("fashion-reflow-4", "fashion-reflow-1"):  # the flow section's shipped students
+        shutil.copytree(REPO_ROOT / "adapters" / flow_student, work / "adapters" / flow_student)
     with start_app(tiny_pipe_dir, work, students, base) as served:
         yield served
 
@@ -106,6 +110,11 @@ ENDPOINTS = {
     "/edit": (["technique", "image", "prompt", "prompt_2", "strength", "seed", "student_steps", "columns"],
               ["columns_html", "images", "timings", "summary"]),
     "/evaluate": (["prompts", "instructor_token"], ["evaluations_newest_first"]),
+    # the flow-matching section's Compare (the flow teacher beside the main one): its prompt is a class name
+    "/flow_random_seed": ([], ["seed"]),
+    "/flow_refresh_columns": ([], ["columns"]),
+    "/flow_compare": (["prompt", "seed", "guidance", "steps", "columns", "show_trajectory"],
+                      ["columns_html", "images", "timings", "trajectory_html", "download_comparison_png", "summary"]),
 }
 
 
@@ -145,6 +154,24 @@ def test_each_endpoint_called_as_documented(client, app):
         client.predict(run_name=None, owner="", api_name="/train_stop")
     with pytest.raises(AppError, match="Pick a run"):
         client.predict(run_name=None, owner="", api_name="/train_resume")
+
+
+def test_flow_compare_takes_a_class_and_refuses_anything_else_by_name(client):
+    """The flow section: teacher-50 (Euler + CFG, 100 NFE), naive Euler-4 (8 NFE) and the shipped reflow students
+    (1 NFE a step) on one class; a prompt that is not one of the 10 classes is refused, naming the field."""
+    from gradio_client.exceptions import AppError
+
+    cols = client.predict(api_name="/flow_refresh_columns")["choices"]
+    names = [c[0] if isinstance(c, (list, tuple)) else c for c in cols]
+    assert names[:2] == ["teacher-50 (CFG)", "teacher-4 (naive)"] and {"fashion-reflow-4", "fashion-reflow-1"} <= set(names)
+    row, gallery, table, traj, png, info = client.predict(
+        prompt="Bag", seed=5, guidance=2.0, steps="4", columns=names, show_trajectory=False,
+        api_name="/flow_compare")
+    assert [r[2] for r in table["data"]][:2] == [100, 8] and sorted(r[2] for r in table["data"][2:]) == [4, 4]
+    assert 'id="flow-compare-columns"' in row and "Euler 50 steps" in row and "columns in" in info
+    with pytest.raises(AppError, match="Class"):
+        client.predict(prompt="a red circle", seed=0, guidance=2.0, steps="4", columns=names[:1],
+                       show_trajectory=False, api_name="/flow_compare")
 
 
 def _form(**change):

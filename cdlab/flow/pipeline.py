@@ -154,6 +154,7 @@ class FlowTeacher:
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     model_class = FlowModel  # what the network predicts and on which path: a velocity on the flow
+    solver = "Euler"  # DDIM on the flow path is Euler (cdlab.flow.model)
     guidance = FLOW_GUIDANCE
     is_tiny = False
     is_sd15_architecture = False

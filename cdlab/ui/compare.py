@@ -276,6 +276,11 @@ class Comparer:
             InputError: the inputs are refused, or every column failed.
         """
         prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
+        if getattr(self.teacher, "classes", None):  # a class-conditioned teacher: its "prompt" is a class name
+            try:
+                self.teacher.class_index(prompt)
+            except ValueError as e:
+                raise InputError(f"Class: {e}") from None
         cols = self._resolve_columns(list(columns or []), guidance, student_steps)
         req = _Request(prompt, seed, guidance, student_steps, cols, bool(show_trajectory),
                        self._prompt_warnings(prompt), time.perf_counter())
@@ -385,7 +390,7 @@ class Comparer:
                     s = e
             reason = short_reason(s)
             done[ri][col.label] = ColumnResult(col.label, _error_image(reason), 0.0, 0, col.steps,
-                                               method=col.method(), error=reason)
+                                               method=col.method(self.teacher), error=reason)
 
     def _publish(self, reqs: list[_Request], done: list[dict[str, ColumnResult]], which: list[int]) -> None:
         """Tell each request in ``which`` that still waits for a column its partial result."""
@@ -453,7 +458,7 @@ class Comparer:
 
     def _column_result(self, r: _Request, col: Column, s: _Sampled) -> ColumnResult:
         """One request's column from its sampled output, its trajectory decoded onto the request's grid."""
-        cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(),
+        cr = ColumnResult(col.label, s.latents_image, s.seconds, s.nfe, col.steps, method=col.method(self.teacher),
                           batch=s.batch, cached=s.cached, timesteps=s.timesteps,
                           load_seconds=0.0 if s.cached else s.load_seconds)
         grid = trajectory_grid(r.student_steps, r.columns) if r.show_trajectory else []
@@ -477,7 +482,7 @@ class Comparer:
         if not partial:
             for col in (c for c in r.columns if c.label in pending):  # not reached: every unit fills its columns
                 results.insert(r.columns.index(col), ColumnResult(col.label, _error_image("not sampled"), 0.0, 0,
-                                                                  col.steps, method=col.method(), error="not sampled"))
+                                                                  col.steps, method=col.method(self.teacher), error="not sampled"))
             pending = []
             if results and all(c.error for c in results):
                 raise _AllColumnsFailed("; ".join(f"{c.label}: {c.error}" for c in results))
@@ -490,7 +495,9 @@ class Comparer:
                              labels=[c.label for c in r.columns])
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
-        tok = self.teacher.tokenizer
+        tok = getattr(self.teacher, "tokenizer", None)
+        if tok is None:  # a class-conditioned teacher: no text encoder, nothing truncated
+            return []
         n = len(tok(prompt).input_ids)
         if n > tok.model_max_length:
             return [f"The prompt is {n} tokens; the text encoder reads the first {tok.model_max_length}."]

@@ -22,7 +22,7 @@ from cdlab.ui.session import named_errors, user_errors
 CONCURRENCY = dict(concurrency_id=H.COMPARE_CONCURRENCY_ID, concurrency_limit=H.COMPARE_CONCURRENCY_LIMIT)
 
 
-def compare_outputs(res: Any, png: str | None = None) -> tuple:
+def compare_outputs(res: Any, png: str | None = None, prefix: str = "") -> tuple:
     """The tab's outputs for a result, whole or partial (``res.pending``: columns still sampling, held by grey
     boxes, and no PNG yet): the columns' row (HTML), the images with captions, the timings table, the aligned
     trajectory grid (HTML), the PNG's path and a summary."""
@@ -34,10 +34,10 @@ def compare_outputs(res: Any, png: str | None = None) -> tuple:
         shared = f" · served together with {res.batch - 1} other request(s)" if res.batch > 1 else ""
         info = f"{n} columns in {res.total_seconds:.2f} s · seed {res.seed} · one text encoding, one initial noise{shared}"
     images = [(c.image, c.caption()) for c in res.columns]
-    return V.columns_html(res), images, res.table(), V.trajectory_html(res), png, info
+    return V.columns_html(res, prefix), images, res.table(), V.trajectory_html(res, prefix), png, info
 
 
-def compare_handlers(comparer: Any) -> SimpleNamespace:
+def compare_handlers(comparer: Any, prefix: str = "") -> SimpleNamespace:
     """The tab's event functions: ``compare`` (the API's ``/compare``), ``prompt_notice`` and
     ``refresh_columns`` (the API's ``/refresh_columns``)."""
     import gradio as gr
@@ -50,7 +50,7 @@ def compare_handlers(comparer: Any) -> SimpleNamespace:
         for res in comparer.stream(prompt, seed, guidance, steps, columns, bool(show_trajectory),
                                    progress=lambda f, d: progress(f, desc=d)):
             if res.pending:
-                yield compare_outputs(res)
+                yield compare_outputs(res, prefix=prefix)
         for w in res.warnings:
             gr.Warning(w)
         # The PNG goes to a folder of its own that is removed once Gradio has copied it into its cache (the
@@ -59,7 +59,7 @@ def compare_handlers(comparer: Any) -> SimpleNamespace:
         try:
             path = folder / f"compare_seed{res.seed}.png"
             res.compose().save(path)
-            yield compare_outputs(res, str(path))
+            yield compare_outputs(res, str(path), prefix)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -76,19 +76,25 @@ def compare_handlers(comparer: Any) -> SimpleNamespace:
                            refresh_columns=refresh_columns)
 
 
-def compare_controls(teacher: Any, comparer: Any) -> SimpleNamespace:
+def compare_controls(teacher: Any, comparer: Any, prefix: str = "") -> SimpleNamespace:
     """The left column: prompt (with the notice and the nearest caption), presets, the button, seed,
-    guidance, student steps, columns and the trajectory switch."""
+    guidance, student steps, columns and the trajectory switch. A class-conditioned teacher (``classes``: the
+    flow teacher) takes a class from a dropdown instead of a prompt, and has no presets. ``prefix``: of every
+    elem_id (a second Compare tab on the page)."""
     import gradio as gr
 
-    presets = C.prompt_presets(teacher)
     ui = SimpleNamespace()
-    ui.prompt = gr.Textbox(label="Prompt", value=presets[0], lines=2, max_lines=4, elem_id="prompt")
+    classes = list(getattr(teacher, "classes", None) or [])
+    presets = [] if classes else C.prompt_presets(teacher)
+    if classes:
+        ui.prompt = gr.Dropdown(classes, value=classes[0], label="Class", elem_id=prefix + "prompt")
+    else:
+        ui.prompt = gr.Textbox(label="Prompt", value=presets[0], lines=2, max_lines=4, elem_id=prefix + "prompt")
     with gr.Row():
-        ui.notice = gr.Markdown(visible=False, elem_id="prompt-notice")
-    ui.use_nearest = gr.Button("use the nearest caption", size="sm", visible=False, elem_id="use-nearest")
-    ui.preset = gr.Dropdown(presets, label="Presets", value=None)
-    ui.run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+        ui.notice = gr.Markdown(visible=False, elem_id=prefix + "prompt-notice")
+    ui.use_nearest = gr.Button("use the nearest caption", size="sm", visible=False, elem_id=prefix + "use-nearest")
+    ui.preset = gr.Dropdown(presets, label="Presets", value=None, visible=bool(presets))
+    ui.run_btn = gr.Button("Compare", variant="primary", elem_id=prefix + "compare-btn")
     with gr.Row(equal_height=True):
         ui.seed = gr.Number(label="Seed", value=0, precision=0, scale=2, min_width=90)  # C.validate_request
         ui.rand = gr.Button("random seed", size="sm", scale=1, min_width=90)  # words: no emoji font
@@ -97,43 +103,48 @@ def compare_controls(teacher: Any, comparer: Any) -> SimpleNamespace:
     choices = comparer.column_choices()
     ui.columns = gr.CheckboxGroup(choices, value=choices, label="Columns")
     with gr.Row(equal_height=True):
-        ui.show_traj = gr.Checkbox(label="Show trajectory (x_t, x̂0 per step)", scale=3, elem_id="show-trajectory")
-        ui.refresh = gr.Button("↻ columns", size="sm", scale=1, min_width=90, elem_id="refresh-columns")
+        ui.show_traj = gr.Checkbox(label="Show trajectory (x_t, x̂0 per step)", scale=3,
+                                   elem_id=prefix + "show-trajectory")
+        ui.refresh = gr.Button("↻ columns", size="sm", scale=1, min_width=90, elem_id=prefix + "refresh-columns")
     return ui
 
 
-def compare_results(ui: SimpleNamespace) -> None:
+def compare_results(ui: SimpleNamespace, prefix: str = "", legend: str = V.LEGEND) -> None:
     """The right column, added to ``ui``: summary, the columns' row, legend, trajectory grid, the images and
     timings (as the API returns them) and the PNG download."""
     import gradio as gr
 
-    ui.info = gr.Markdown(elem_id="compare-info", label="summary")
-    ui.row = gr.HTML(elem_id="compare-row", padding=False, label="columns html")
-    gr.Markdown(V.LEGEND, elem_id="compare-legend")
-    ui.traj = gr.HTML("", elem_id="trajectory", padding=False, label="trajectory html")
+    ui.info = gr.Markdown(elem_id=prefix + "compare-info", label="summary")
+    ui.row = gr.HTML(elem_id=prefix + "compare-row", padding=False, label="columns html")
+    gr.Markdown(legend, elem_id=prefix + "compare-legend")
+    ui.traj = gr.HTML("", elem_id=prefix + "trajectory", padding=False, label="trajectory html")
     with gr.Accordion("Images and timings (as the API returns them)", open=False):
-        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id="compare-gallery", object_fit="contain")
+        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id=prefix + "compare-gallery",
+                                object_fit="contain")
         ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "speedup vs teacher-50"], label="Timings",
                                 interactive=False)
-    ui.download = gr.DownloadButton("Download comparison (PNG)", elem_id="download-btn")
+    ui.download = gr.DownloadButton("Download comparison (PNG)", elem_id=prefix + "download-btn")
 
 
 class CompareTab:
     """The Compare tab, built inside the page's ``gr.Tabs``: its components, its events, and its part of the
     page load (fresh columns, then the default comparison: the page opens with a result)."""
 
-    def __init__(self, teacher: Any, comparer: Any):
+    def __init__(self, teacher: Any, comparer: Any, prefix: str = ""):
+        """``prefix``: of the tab's id, its elem_ids (``"flow-"``) and its API names (``"flow_"``), for a second
+        Compare tab on the page (the flow teacher's beside the main teacher's)."""
         import gradio as gr
 
-        self.fn = compare_handlers(comparer)
-        with gr.Tab("Compare", id="compare"):
+        self.fn = compare_handlers(comparer, prefix)
+        self.api = prefix.replace("-", "_")
+        with gr.Tab("Compare" + (f" ({prefix.strip('-')})" if prefix else ""), id=prefix + "compare"):
             # Controls on the left, the result on the right: at 1280x800 the default comparison's columns
             # and their labels are on screen when the page opens.
             with gr.Row():
                 with gr.Column(scale=1, min_width=330):
-                    ui = compare_controls(teacher, comparer)
+                    ui = compare_controls(teacher, comparer, prefix)
                 with gr.Column(scale=3):
-                    compare_results(ui)
+                    compare_results(ui, prefix, V.legend(teacher))
             ui.nearest = gr.State("")
             self.ui = ui
             self.inputs = [ui.prompt, ui.seed, ui.guidance, ui.steps, ui.columns, ui.show_traj]
@@ -147,11 +158,11 @@ class CompareTab:
         ui, fn = self.ui, self.fn
         notice_out = [ui.notice, ui.use_nearest, ui.nearest]
         ui.preset.change(lambda p: p or gr.skip(), ui.preset, ui.prompt, api_visibility="private")
-        ui.rand.click(C.random_seed, None, ui.seed, api_name="random_seed")
-        ui.refresh.click(fn.refresh_columns, None, ui.columns, api_name="refresh_columns")
+        ui.rand.click(C.random_seed, None, ui.seed, api_name=self.api + "random_seed")
+        ui.refresh.click(fn.refresh_columns, None, ui.columns, api_name=self.api + "refresh_columns")
         ui.prompt.change(fn.prompt_notice, ui.prompt, notice_out, api_visibility="private")
         named_errors(ui.prompt, ui.seed, ui.guidance, ui.steps, ui.columns, ui.show_traj)
-        ui.run_btn.click(fn.compare, self.inputs, self.outputs, api_name="compare", **CONCURRENCY)
+        ui.run_btn.click(fn.compare, self.inputs, self.outputs, api_name=self.api + "compare", **CONCURRENCY)
         ui.use_nearest.click(lambda n: n or gr.skip(), ui.nearest, ui.prompt, api_visibility="private").then(
             fn.compare, self.inputs, self.outputs, api_visibility="private", **CONCURRENCY)
 

@@ -19,6 +19,16 @@ LEGEND = (
     "**students**: LoRAs distilled to few steps (CT, CD, MBCD, DMD) · **NFE**: network evaluations · **speed-up**: "
     "teacher-50's time per image ÷ the column's"
 )
+FLOW_LEGEND = (
+    "**teacher-50**: Euler, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
+    "**students**: LoRAs on the flow teacher (2-rectified flow), Euler on their own velocity, no CFG · **NFE**: "
+    "network evaluations · **speed-up**: teacher-50's time per image ÷ the column's"
+)
+
+
+def legend(teacher: Any) -> str:
+    """The legend under Compare's row: the flow teacher's (Euler) or the diffusion teachers' (DDIM)."""
+    return FLOW_LEGEND if getattr(teacher, "solver", "DDIM") == "Euler" else LEGEND
 
 
 def upscale(image, size: int = 256):
@@ -82,20 +92,21 @@ def row_html(cells: list[dict], row_id: str, **data: Any) -> str:
     return f'<div class="cdlab-row" id="{html.escape(row_id)}"{attrs}>{"".join(out)}</div>'
 
 
-def columns_html(result: Any) -> str:
-    """Every Compare column in ONE row, each image with its full label underneath; a partial result's columns
-    still sampling (``result.pending``) hold their place with a grey "sampling…" box."""
+def columns_html(result: Any, prefix: str = "") -> str:
+    """Every Compare column in ONE row (id ``<prefix>compare-columns``), each image with its full label
+    underneath; a partial result's columns still sampling (``result.pending``) hold their place with a grey
+    "sampling…" box."""
     cells = {c.label: {"label": c.label, "images": [(c.image, c.label)], "lines": c.caption_lines(),
                        "failed": bool(c.error)} for c in result.columns}
     pending = list(getattr(result, "pending", []) or [])
     for label in pending:
         cells[label] = {"label": label, "images": [], "lines": [label, "sampling…"], "pending": True}
     order = list(getattr(result, "labels", []) or []) or list(cells)
-    return row_html([cells[k] for k in order if k in cells], "compare-columns", columns=len(cells),
+    return row_html([cells[k] for k in order if k in cells], prefix + "compare-columns", columns=len(cells),
                     result=getattr(result, "result_id", ""), pending=len(pending))
 
 
-def trajectory_html(result: Any) -> str:
+def trajectory_html(result: Any, prefix: str = "") -> str:
     """The trajectories as a grid aligned by timestep: one row per column, one cell per grid timestep
     (x_t, the latent the step started from, and x̂0, its prediction of the clean image), then the final
     image. Teacher-50 contributes its step nearest each grid timestep (e.g. t=759 for 750), so one glance
@@ -120,7 +131,7 @@ def trajectory_html(result: Any) -> str:
         rows.append(f'<tr><th class="cdlab-traj-label">{html.escape(c.label)}</th>{"".join(cells)}</tr>')
     if not rows:
         return ""
-    return (f'<table class="cdlab-traj" id="trajectory-grid" data-grid="{",".join(map(str, grid))}">'
+    return (f'<table class="cdlab-traj" id="{prefix}trajectory-grid" data-grid="{",".join(map(str, grid))}">'
             f'<thead><tr><th></th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 

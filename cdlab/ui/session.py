@@ -28,7 +28,8 @@ def default_model() -> str:
 
 
 def load(model: str | None = None) -> Any:
-    """Load the teacher for the app: ``tiny`` | ``sd15`` | ``sd15-random`` | a local folder; None picks `default_model`.
+    """Load the teacher for the app: ``tiny`` | ``sd15`` | ``sd15-random`` | ``fashion-flow`` | a local folder;
+    None picks `default_model`.
 
     SD1.5 (asked for or chosen by default) falls back to the tiny teacher when it cannot load; the
     returned teacher's ``fallback_reason`` says why. Other failures raise ``TeacherLoadError``.
@@ -41,6 +42,14 @@ def load(model: str | None = None) -> Any:
     return load_teacher(name)
 
 
+def load_flow(model: str | None) -> Any:
+    """The flow teacher for the page's flow-matching section, beside the main teacher; None when the main
+    teacher is the flow teacher already (``--model fashion-flow``)."""
+    from cdlab.teachers import FLOW_TEACHER, load_teacher
+
+    return None if model == FLOW_TEACHER else load_teacher(FLOW_TEACHER, device="cpu")
+
+
 def header_line(teacher: Any) -> str:
     """The page's header: which teacher, device and dtype are live, and why SD1.5 fell back if it did."""
     line = f"**Teacher:** {teacher.describe()}"
@@ -51,6 +60,13 @@ def header_line(teacher: Any) -> str:
     if reason:
         line += f" — fell back: {reason}"
     return line
+
+
+def flow_line(teacher: Any) -> str:
+    """The flow-matching section's header: its teacher, what the prompt is, and where the method is told."""
+    return (f"**Teacher:** {teacher.describe()} — flow matching from scratch (seed 003, part B): the prompt is a "
+            "class; the teacher samples by Euler with CFG, its students (2-rectified flow) in 1 to 8 steps without "
+            "CFG. Method and figures: `docs/flow.md`.")
 
 
 # The page's ready signal, written by the page-load event once the lists are fresh: browser tests and
@@ -150,14 +166,16 @@ def named_errors(*components, check: Callable | None = None, methods: dict[str, 
 
 # ----------------------------------------------------------------------------- the page load
 
-def wire_page_load(demo: Any, ready: Any, tabs: Sequence[Any], compare: Any) -> None:
+def wire_page_load(demo: Any, ready: Any, tabs: Sequence[Any], compare: Any | Sequence[Any]) -> None:
     """Fresh lists on every page load (a student or run that appeared since start shows up; each tab's
-    ``load_outputs`` and ``on_load()``, in the order of ``tabs``), then the Compare tab's opening result
-    (``compare.then_opening``), then the page's ready signal: tests and scripts wait for #cdlab-ready, never
-    for network idle."""
+    ``load_outputs`` and ``on_load()``, in the order of ``tabs``), then each Compare tab's opening result
+    (``compare.then_opening``, in order: the main teacher's first), then the page's ready signal: tests and
+    scripts wait for #cdlab-ready, never for network idle."""
     def on_load():
         return tuple(v for tab in tabs for v in tab.on_load())
 
     outputs = [c for tab in tabs for c in tab.load_outputs]
-    loaded = demo.load(on_load, None, outputs, api_visibility="private")
-    compare.then_opening(loaded).then(lambda: READY_HTML, None, ready, api_visibility="private")
+    event = demo.load(on_load, None, outputs, api_visibility="private")
+    for tab in [compare] if not isinstance(compare, (list, tuple)) else compare:
+        event = tab.then_opening(event)
+    event.then(lambda: READY_HTML, None, ready, api_visibility="private")

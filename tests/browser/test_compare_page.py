@@ -75,3 +75,25 @@ def test_trajectories_are_aligned_by_timestep_without_empty_space(page, shipped_
     grid.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "compare-trajectory.png"), full_page=True)
     page.locator("#show-trajectory input").uncheck()
+
+
+def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, shots):
+    """The flow-matching section (issue 24): opened, it shows the flow teacher's opening comparison (teacher-50
+    by Euler with CFG, naive Euler-4, the shipped reflow students) with NFE; a class picked from the dropdown
+    and Compare give a new result for it."""
+    page.get_by_role("tab", name="Flow matching (Fashion-MNIST)").click()
+    row = page.locator("#flow-compare-columns")
+    row.wait_for(timeout=30_000)
+    text = row.inner_text()
+    assert "Euler 50 steps" in text and "NFE 100" in text and "NFE 8" in text and "fashion-reflow-4" in text
+    before = row.get_attribute("data-result")
+    page.locator("#flow-prompt input").click()
+    page.get_by_role("option", name="Ankle boot").click()
+    page.locator("#flow-compare-btn").click()
+    page.wait_for_function(
+        "(b) => { const r = document.querySelector('#flow-compare-columns'); return r && r.dataset.result !== b"
+        " && /columns in/.test((document.querySelector('#flow-compare-info') || {}).innerText || ''); }",
+        arg=before, timeout=60_000)
+    assert page.locator("#flow-compare-columns figure img").count() == 4
+    page.screenshot(path=str(shots / "flow-compare.png"))
+    page.get_by_role("tab", name="Compare", exact=True).click()  # the next test finds the main tab as it was
