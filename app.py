@@ -57,18 +57,19 @@ def build_demo(teacher, model_arg: str, policy: H.Policy | None = None, flow_tea
         instructor = gr.BrowserState("", storage_key="cdlab-instructor", secret=secret)
         with gr.Tabs():
             compare = CompareTab(teacher, comparer)
-            edit = EditTab(teacher, comparer)
+            edit = [EditTab(teacher, comparer)] if S.can_edit(teacher) else []  # the flow teacher: not yet
             train = TrainTab(jobs, teacher, model_arg, owner, policy=policy, adapters_root=P.adapters_dir())
             evaluate = EvaluateTab(teacher, P.evals_dir(), policy=policy)
-            tabs, openers = [compare, edit, train, evaluate], [compare]
-            if flow_teacher is not None:
+            tabs, openers, tokens = [compare, *edit, train, evaluate], [compare], [train.ui.instructor, evaluate.instructor]
+            if flow_teacher is not None:  # seed 003 part B, beside the main teacher
                 with gr.Tab("Flow matching (Fashion-MNIST)", id="flow"):
                     gr.Markdown(S.flow_line(flow_teacher), elem_classes=["cdlab-header"], elem_id="flow-header")
                     with gr.Tabs():
                         flow = CompareTab(flow_teacher, C.Comparer(flow_teacher, adapters_root=P.adapters_dir(),
                                                                    batching=H.batching_allowed()), prefix="flow-")
-                tabs, openers = tabs + [flow], openers + [flow]
-        H.keep_instructor_token(demo, instructor, [train.ui.instructor, evaluate.instructor])
+                        flow_eval = EvaluateTab(flow_teacher, P.evals_dir(), policy=policy, prefix="flow-")
+                tabs, openers, tokens = tabs + [flow, flow_eval], openers + [flow], tokens + [flow_eval.instructor]
+        H.keep_instructor_token(demo, instructor, tokens)
         S.wire_page_load(demo, ready, tabs, openers)
     demo.cdlab_jobs = jobs  # for shutdown
     return H.safe_delete_cache(demo)

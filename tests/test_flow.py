@@ -543,17 +543,21 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
     assert saved["n"] == 40 and saved["guidance"] == 2.0  # the shipped students were distilled at CFG 2
+    assert (saved["suite"], saved["model"]) == ("flow", "fashion-flow")
     assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
         ("teacher-50 (CFG)", 50, 100), ("teacher-1 (naive)", 1, 2), ("teacher-2 (naive)", 2, 4),
         ("teacher-4 (naive)", 4, 8), ("teacher-8 (naive)", 8, 16)]
+    assert {r["method"] for r in rows[:5]} == {"teacher"}
     students = {r["column"] for r in rows[5:]}
     assert students == {"fashion-reflow-4", "fashion-reflow-1"} and {r["kind"] for r in rows[5:]} == {"reflow"}
     assert all(r["nfe"] == r["steps"] for r in rows[5:])
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1 for r in rows[5:])
     one_step = {(r["column"], r["steps"]): r for r in rows}
     # the one-step student beats the teacher's own single Euler step by far (docs/flow.md: 1.77x against 8.26x)
     assert one_step[("fashion-reflow-1", 1)]["fid"] < 0.5 * one_step[("teacher-1 (naive)", 1)]["fid"]
-    assert "| teacher-50 (CFG) | 50 | 100 |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| teacher | 50 | 100 |" in table and "FID ↓" in table and (out / "quality_vs_nfe.png").is_file()
     assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 1
     assert "--overwrite" in capsys.readouterr().err
 

@@ -347,6 +347,15 @@ def test_evaluations_newest_first_and_table(tmp_path):
     for bad in ("nope", "../20250101-000000", "/etc", 5):
         with pytest.raises(ValueError, match="No evaluation"):
             E.load_view(tmp_path, bad)
+    # the flow teacher's evaluations are listed in the flow section's tab only, and the others only in the main one
+    (tmp_path / "flow-20250401-000000").mkdir()
+    (tmp_path / "flow-20250401-000000" / "results.json").write_text(json.dumps(
+        {"model": "fashion-flow", "suite": "flow", "rows": [{"column": "teacher-50 (CFG)", "fid": 30.0}]}))
+    assert E.evaluation_choices(tmp_path, shipped=none) == ["20250301-000000", "20250101-000000"]
+    assert E.evaluation_choices(tmp_path, shipped=none, flow=True) == ["flow-20250401-000000"]
+    assert "fid" in E.load_view(tmp_path, shipped=none, flow=True).table_md
+    with pytest.raises(ValueError, match="No evaluation"):
+        E.load_view(tmp_path, "20250101-000000", shipped=none, flow=True)
 
 
 # ------------------------------------------------------------------------------------ the Train previews

@@ -26,7 +26,6 @@ from cdlab.evaluate.store import check_out_dir
 
 __all__ = ["main"]
 
-FLOW_MODEL = "fashion-flow"  # the flow track's shipped teacher (cdlab/assets/fashion-flow)
 
 DESCRIPTION = ("Quality against steps: the teacher at 1..50 DDIM+CFG steps and every fitting student at 1..8 steps,\n"
                "over one fixed prompt/seed set, every column of a prompt starting from the same initial noise.")
@@ -124,7 +123,7 @@ def _flow_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.model == FLOW_MODEL:
+    if args.model == teachers.FLOW_TEACHER:
         return _flow_main(args)
     if args.edit:
         return _edit_main(args)

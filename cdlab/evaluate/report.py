@@ -16,6 +16,9 @@ METRICS = {
     "world": [("adherence", "adherence ↑", "{:.3f}"), ("agreement_error", "agreement err ↓", "{:.4f}"),
               ("diversity", "diversity (8 seeds) ↑", "{:.4f}")],
     "sd": [("clip_score", "CLIP ↑", "{:.2f}"), ("fid_sd", "FID-SD ↓", "{:.2f}"), ("lpips", "LPIPS ↓", "{:.4f}")],
+    # the flow teacher (cdlab.flow.evaluate): FID in the judge's features against the real test set
+    "flow": [("fid", "FID ↓", "{:.2f}"), ("fid_ratio", "÷ teacher-50", "{:.3f}"), ("accuracy", "class accuracy ↑",
+             "{:.4f}"), ("diversity", "diversity ↑", "{:.4f}")],
 }
 
 

@@ -22,9 +22,10 @@ FID has a bias that falls with n: compare columns at the same n (at least 2000, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,11 +36,15 @@ from cdlab.flow.classifier import accuracy, as_feature, load_classifier, load_re
 from cdlab.metrics import fid_of_features, seed_diversity
 from cdlab.paths import FLOW_ID
 from cdlab.students import StudentCard, list_students, read_card
+from cdlab.teachers import FLOW_TEACHER
 
-__all__ = ["STEPS", "noise", "columns", "score", "evaluate", "render_table", "main"]
+__all__ = ["STEPS", "noise", "columns", "score", "evaluate", "run_flow_evaluation", "main"]
 
 STEPS = (1, 2, 4, 8)
 DIVERSITY_SEEDS = 16
+MIN_SAMPLES, MAX_SAMPLES = 20, 50000  # per column; FID is biased at small n (the docs' figures use 2000)
+NOTE = ("FID is in the features of the track's own classifier (cdlab.flow.classifier) against the 10,000 real "
+        "test images: compare the rows of one table, at one n, not with FID elsewhere.")
 
 
 def noise(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +75,13 @@ def score(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
 def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[int, ...] = STEPS,
              guidance: float | None = None, classifier: nn.Module | None = None,
              reference: torch.Tensor | dict[str, torch.Tensor] | None = None, adapters_root: str | Path | None = None,
-             seed: int = 0, log=print) -> list[dict]:
-    """Rows ``{column, kind, steps, nfe, fid, fid_ratio, accuracy, diversity, seconds}`` of :func:`columns`, all
-    sampled by :func:`cdlab.columns.run_columns` on :func:`noise` (``teacher``: a
-    :class:`cdlab.flow.pipeline.FlowTeacher`; ``cards``: its students in ``adapters_root``). ``guidance``: the
-    teacher's CFG (default ``teacher.guidance``). ``reference``: real images, or their feature statistics;
-    default the shipped classifier's saved statistics of the test set (or, when it has none, the test set)."""
+             seed: int = 0, progress: Callable[[float, str], None] | None = None) -> list[dict]:
+    """Rows ``{method, column, kind, steps, nfe, fid, fid_ratio, accuracy, diversity, seconds_per_image,
+    speedup}`` of :func:`columns`, all sampled by :func:`cdlab.columns.run_columns` on :func:`noise`
+    (``teacher``: a :class:`cdlab.flow.pipeline.FlowTeacher`; ``cards``: its students in ``adapters_root``).
+    ``guidance``: the teacher's CFG (default ``teacher.guidance``). ``reference``: real images, or their feature
+    statistics; default the shipped classifier's saved statistics of the test set (or, when it has none, the
+    test set). ``fid_ratio`` and ``speedup`` are against the first row, teacher-50."""
     if classifier is None:
         classifier = load_classifier()
         reference = load_reference_stats() if reference is None else reference
@@ -88,16 +94,48 @@ def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[i
     prompts = [teacher.classes[int(y)] for y in labels]
     w = float(teacher.guidance if guidance is None else guidance)
     rows: list[dict] = []
-    for col in columns(cards, w, steps):
+    cols = columns(cards, w, steps)
+    for i, col in enumerate(cols):
+        if progress:
+            progress(i / len(cols), f"{col.label} ({col.steps} steps), {n} samples")
         run = run_columns(teacher, [col], prompts, list(range(n)), noise=z.to(teacher.device), decode=None,
                           adapters_root=adapters_root, max_rows=2000)[0]
-        kind = "teacher" if col.kind == "teacher" else run.card.method
-        row = {"column": col.name, "kind": kind, "steps": col.steps, "nfe": run.nfe,
-               **score(run.latents.float().cpu(), labels, classifier, ref_feats), "seconds": round(run.seconds, 2)}
-        row["fid_ratio"] = round(row["fid"] / rows[0]["fid"], 3) if rows else 1.0
+        teacher_row = col.kind == "teacher"
+        row = {"method": "teacher" if teacher_row else col.name, "column": col.name,
+               "kind": "teacher" if teacher_row else run.card.method, "steps": col.steps, "nfe": run.nfe,
+               **score(run.latents.float().cpu(), labels, classifier, ref_feats),
+               "seconds_per_image": run.seconds / n}
+        first = rows[0] if rows else row
+        row["fid_ratio"] = round(row["fid"] / first["fid"], 3)
+        row["speedup"] = first["seconds_per_image"] / row["seconds_per_image"]
         rows.append(row)
-        log(json.dumps(row))
     return rows
+
+
+def run_flow_evaluation(teacher, *, n: int = 2000, cards: list[StudentCard] | None = None,
+                        guidance: float | None = None, adapters_root: str | Path | None = None,
+                        classifier_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                        overwrite: bool = False, progress: Callable[[float, str], None] | None = None) -> dict:
+    """Evaluate the flow teacher and its students (default: every student of it in ``adapters_root``) and write
+    the evaluation as every evaluation is written (``results.json``, ``table.md``, ``quality_vs_nfe.png``:
+    :func:`cdlab.evaluate.store.write_evaluation`, suite ``"flow"``); default folder ``evals/flow-<time>``.
+    Returns the results, with ``out_dir``. ``guidance`` defaults to the one the students were distilled at."""
+    from cdlab.evaluate.store import check_out_dir, new_out_dir, write_evaluation
+
+    if isinstance(n, bool) or not isinstance(n, int) or not MIN_SAMPLES <= n <= MAX_SAMPLES:
+        raise ValueError(f"n: samples per column must be an integer in [{MIN_SAMPLES}, {MAX_SAMPLES}], got {n!r}")
+    out = Path(out_dir) if out_dir is not None else new_out_dir("flow-")
+    check_out_dir(out, "results.json", overwrite)
+    cards = list_students(adapters_root, base_model=FLOW_ID) if cards is None else cards
+    w = float(guidance if guidance is not None else (_students_guidance(cards) or teacher.guidance))
+    rows = evaluate(teacher, cards, n=n, guidance=w, classifier=load_classifier(classifier_dir),
+                    reference=load_reference_stats(classifier_dir), adapters_root=adapters_root, progress=progress)
+    results = {"created": datetime.now().isoformat(timespec="seconds"), "model": FLOW_TEACHER, "base_id": FLOW_ID,
+               "describe": teacher.describe(), "device": str(teacher.device), "suite": "flow", "n": n,
+               "guidance": w, "reference_steps": 50, "prompt_source": "classes i mod 10, noise seed 0",
+               "rows": rows, "notes": [NOTE]}
+    results["out_dir"] = str(write_evaluation(results, out, overwrite))
+    return results
 
 
 def _students_guidance(cards: list[StudentCard]) -> float | None:
@@ -106,17 +144,10 @@ def _students_guidance(cards: list[StudentCard]) -> float | None:
     return ws.pop() if len(ws) == 1 else None
 
 
-def render_table(rows: list[dict]) -> str:
-    """The rows as a markdown table."""
-    head = "| column | steps | NFE | FID | ÷ teacher-50 | accuracy | diversity |\n|---|---|---|---|---|---|---|\n"
-    return head + "\n".join(f"| {r['column']} | {r['steps']} | {r['nfe']} | {r['fid']} | {r['fid_ratio']} | "
-                             f"{r['accuracy']} | {r['diversity']} |" for r in rows) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
-    from cdlab.evaluate.store import check_out_dir, new_out_dir
+    from cdlab.evaluate.report import render_table
+    from cdlab.evaluate.store import check_out_dir
     from cdlab.flow.pipeline import load_flow_teacher
-    from cdlab.paths import write_json_atomic
 
     p = argparse.ArgumentParser(prog="python -m cdlab.flow.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="the teacher's folder (default: the shipped one)")
@@ -124,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a student's name in --adapters (repeat; default: every student of the flow teacher there)")
     p.add_argument("--adapters", default=None, help="the students' folder (default adapters/)")
     p.add_argument("--classifier", default=None, help="the classifier's folder (default: the shipped one)")
-    p.add_argument("--n", type=int, default=2000, help="samples per column (default 2000: FID is biased below it)")
+    p.add_argument("--n", type=int, default=2000,
+                   help=f"samples per column, {MIN_SAMPLES} to {MAX_SAMPLES} (default 2000: FID is biased below it)")
     p.add_argument("--guidance", type=float, default=None,
                    help="the teacher's CFG scale (default: the one its students were distilled at, else the teacher's)")
     p.add_argument("--out", default=None, help="output folder (default evals/flow-<time>); one that holds an "
@@ -132,28 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not 20 <= args.n <= 50000:  # FID is biased at small n: the docs' figures use 2000
-        p.error(f"--n must be in [20, 50000], got {args.n}")
-    out = Path(args.out) if args.out else new_out_dir("flow-")
+    out = Path(args.out) if args.out else None
     try:
-        check_out_dir(str(out), "results.json", args.overwrite)
+        check_out_dir(out, "results.json", args.overwrite)
         teacher = load_flow_teacher(args.teacher, args.device)
         cards = ([read_card(s, args.adapters) for s in args.student] if args.student is not None
                  else list_students(args.adapters, base_model=FLOW_ID))
-        classifier = load_classifier(args.classifier, args.device)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    guidance = args.guidance if args.guidance is not None else (_students_guidance(cards) or teacher.guidance)
-    rows = evaluate(teacher, cards, n=args.n, guidance=guidance, classifier=classifier,
-                    reference=load_reference_stats(args.classifier), adapters_root=args.adapters,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", {"teacher": args.teacher or "fashion-flow", "n": args.n,
-                                             "guidance": guidance, "rows": rows})
-    (out / "table.md").write_text(render_table(rows))
-    print(render_table(rows))
-    print(f"wrote {out}")
+    try:
+        results = run_flow_evaluation(teacher, n=args.n, cards=cards, guidance=args.guidance,
+                                      adapters_root=args.adapters, classifier_dir=args.classifier, out_dir=out,
+                                      overwrite=args.overwrite,
+                                      progress=lambda f, d: print(f"[{f:4.0%}] {d}", file=sys.stderr, flush=True))
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(render_table(results))
+    print(f"wrote {results['out_dir']}")
     return 0
 
 
