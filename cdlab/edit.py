@@ -331,7 +331,8 @@ class EditTechnique:
         if column.kind == "external":  # its own scheduler, fresh (a diffusers scheduler steps)
             sched = make_scheduler(teacher.pipe, card)
             step = SchedulerStep(sched, eta=(card.scheduler_kwargs or {}).get("eta"), generator=generator)
-        model = EpsModel(teacher.unet, None if column.kind == "student" else column.guidance)
+        model_class = getattr(teacher, "model_class", EpsModel)  # the flow teacher's: FlowModel
+        model = model_class(teacher.unet, None if column.kind == "student" else column.guidance)
         ts = start_timesteps(column, self.strength, int(teacher.scheduler.config.num_train_timesteps), sched)
         return self.fn(model, x_T, conds, ts, sched, x0=self.x0, mask=self.mask, strength=self.strength,
                        sigma=self.sigma, return_trajectory=return_trajectory, step=step)

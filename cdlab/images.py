@@ -81,7 +81,10 @@ def mask_to_tensor(mask: Any, size: int, what: str = "mask", *, allow_full: bool
 
 @torch.no_grad()
 def encode_image(teacher: Any, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents ``vae.encode(x).latent_dist.mean * scaling_factor`` (deterministic)."""
+    """Images in [-1, 1] -> scaled latents ``vae.encode(x).latent_dist.mean * scaling_factor`` (deterministic); a
+    teacher without a VAE (the flow teacher, whose samples are pixels) maps them itself (``encode_pixels``)."""
+    if not hasattr(teacher, "vae"):
+        return teacher.encode_pixels(images)
     vae = teacher.vae
     z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     return z.to(teacher.device, teacher.dtype)
@@ -89,7 +92,9 @@ def encode_image(teacher: Any, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_unit(teacher: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> float32 images in [0, 1], ``[B, 3, H, W]``."""
+    """Scaled latents -> float32 images in [0, 1], ``[B, 3, H, W]`` (a teacher without a VAE: ``decode_pixels``)."""
+    if not hasattr(teacher, "vae"):
+        return teacher.decode_pixels(latents)
     vae = teacher.vae
     img = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
     return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)

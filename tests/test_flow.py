@@ -574,3 +574,24 @@ def test_fid_of_features_matches_torchmetrics_and_takes_shipped_statistics():
     m.update(a, real=False)
     assert fid_of_features(a, b) == pytest.approx(float(m.compute()), rel=1e-6)
     assert fid_of_features(a, feature_stats(b)) == fid_of_features(a, b)
+
+
+def test_the_editing_loops_run_on_the_flow_teacher_in_pixel_space():
+    """``cdlab.edit.edit`` on the flow teacher (no VAE: its samples are the pixels): SDEdit at strength 0.6 runs
+    teacher-50's last 30 Euler steps with CFG (60 NFE); inpainting keeps every pixel outside the mask exactly (the
+    projection pastes the known image at the last step, t = 0, in pixel space); a student column edits too."""
+    from cdlab.edit import edit, student_column, teacher_columns
+    from cdlab.students import read_card
+    from cdlab.teachers import load_teacher
+
+    teacher = load_teacher("fashion-flow", device="cpu")
+    cols = teacher_columns(teacher.guidance) + [student_column(read_card("fashion-reflow-4", REPO_ROOT / "adapters"), 4)]
+    image = teacher.decode(teacher.initial_noise(7))[0]  # any 28x28 picture
+    out = edit(teacher, "sdedit", ["Ankle boot"], cols, image=image, strength=0.6, adapters_root=REPO_ROOT / "adapters")
+    assert [o.nfe for o in out] == [60, 4, 3]
+    mask = torch.zeros(28, 28)
+    mask[:, 14:] = 1.0  # regenerate the right half
+    out = edit(teacher, "inpaint", ["Sneaker"], cols[:1], image=image, mask=mask)
+    x_in = teacher.encode_pixels(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    assert torch.allclose(out[0].latents[..., :14], x_in[..., :14], atol=1e-5)
+    assert not torch.allclose(out[0].latents[..., 14:], x_in[..., 14:], atol=1e-2)

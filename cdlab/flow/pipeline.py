@@ -59,6 +59,7 @@ class FlowPipeline:
     """
 
     schedule_is_fixed = True  # ``scheduler`` is the flow path itself: a consistency student samples on it
+    vae_scale_factor = 1  # no VAE: the samples are the pixels (an inpainting mask needs no downsampling)
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
@@ -199,6 +200,17 @@ class FlowTeacher:
 
         arr = (latents.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[:, 0]
         return [Image.fromarray(np.repeat(a[:, :, None], 3, axis=2)) for a in arr]
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] ``[B, 3, 28, 28]`` -> the flow's data ``[B, 1, 28, 28]`` in [0, 1] (grey: the channels'
+        mean); the editing loops start from it as a latent teacher's start from ``vae.encode``."""
+        return ((images.float().mean(1, keepdim=True) + 1) / 2).clamp(0, 1).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Samples -> float32 images in [0, 1], ``[B, 3, 28, 28]`` (grey in three channels)."""
+        return latents.float().clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def describe(self) -> str:
         return f"Fashion-MNIST flow teacher (class-conditioned, 28 px) · {self.device} · float32"
