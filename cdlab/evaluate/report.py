@@ -34,7 +34,8 @@ def render_table(results: dict) -> str:
     head = ["method", "steps", "NFE", *(h for _, h, _ in metrics), "s / image", "speed-up"]
     lines = [
         f"Evaluation of **{results['model']}** ({results.get('describe') or results['device']}), "
-        f"{results['n']} prompts ({results['prompt_source']}), guidance {results['guidance']:g}, "
+        f"{results['n']} {'samples per column' if results['suite'] == 'flow' else 'prompts'} "
+        f"({results['prompt_source']}), guidance {results['guidance']:g}, "
         f"compared with the teacher at {results['reference_steps']} steps from the same noise. "
         f"{results['created']}.",
         "",
