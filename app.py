@@ -35,7 +35,8 @@ from cdlab.ui.train_tab import TrainTab
 
 CSS = (".cdlab-header {font-size: 0.95em} .cdlab-header h2 {margin: 0 0 2px 0} "
        "#compare-legend {font-size: 0.8em; opacity: 0.85} #compare-info {font-size: 0.85em} "
-       "#compare-gallery img, #edit-gallery img, #edit-image canvas, #flow-compare-gallery img, #flow-compare-row img "
+       "#compare-gallery img, #edit-gallery img, #edit-image canvas, #flow-compare-gallery img, #flow-compare-row img, "
+       "#flow-edit-gallery img, #flow-edit-image canvas, #flow-edit-row img "
        "{image-rendering: pixelated} "
        "#edit-info {font-size: 0.85em}" + V.CSS)
 
@@ -57,18 +58,20 @@ def build_demo(teacher, model_arg: str, policy: H.Policy | None = None, flow_tea
         instructor = gr.BrowserState("", storage_key="cdlab-instructor", secret=secret)
         with gr.Tabs():
             compare = CompareTab(teacher, comparer)
-            edit = [EditTab(teacher, comparer)] if S.can_edit(teacher) else []  # the flow teacher: not yet
+            edit = EditTab(teacher, comparer)
             train = TrainTab(jobs, teacher, model_arg, owner, policy=policy, adapters_root=P.adapters_dir())
             evaluate = EvaluateTab(teacher, P.evals_dir(), policy=policy)
-            tabs, openers, tokens = [compare, *edit, train, evaluate], [compare], [train.ui.instructor, evaluate.instructor]
+            tabs, openers, tokens = [compare, edit, train, evaluate], [compare], [train.ui.instructor, evaluate.instructor]
             if flow_teacher is not None:  # seed 003 part B, beside the main teacher
                 with gr.Tab("Flow matching (Fashion-MNIST)", id="flow"):
                     gr.Markdown(S.flow_line(flow_teacher), elem_classes=["cdlab-header"], elem_id="flow-header")
+                    flow_comparer = C.Comparer(flow_teacher, adapters_root=P.adapters_dir(), batching=H.batching_allowed())
                     with gr.Tabs():
-                        flow = CompareTab(flow_teacher, C.Comparer(flow_teacher, adapters_root=P.adapters_dir(),
-                                                                   batching=H.batching_allowed()), prefix="flow-")
+                        flow = CompareTab(flow_teacher, flow_comparer, prefix="flow-")
+                        flow_edit = EditTab(flow_teacher, flow_comparer, prefix="flow-")
                         flow_eval = EvaluateTab(flow_teacher, P.evals_dir(), policy=policy, prefix="flow-")
-                tabs, openers, tokens = tabs + [flow, flow_eval], openers + [flow], tokens + [flow_eval.instructor]
+                tabs, openers = tabs + [flow, flow_edit, flow_eval], openers + [flow]
+                tokens.append(flow_eval.instructor)
         H.keep_instructor_token(demo, instructor, tokens)
         S.wire_page_load(demo, ready, tabs, openers)
     demo.cdlab_jobs = jobs  # for shutdown

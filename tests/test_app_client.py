@@ -115,6 +115,10 @@ ENDPOINTS = {
     "/flow_refresh_columns": ([], ["columns"]),
     "/flow_compare": (["prompt", "seed", "guidance", "steps", "columns", "show_trajectory"],
                       ["columns_html", "images", "timings", "trajectory_html", "download_comparison_png", "summary"]),
+    "/flow_edit": (["technique", "image", "prompt", "prompt_2", "strength", "seed", "student_steps", "columns"],
+                   ["columns_html", "images", "timings", "summary"]),
+    "/flow_show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
+    "/flow_evaluate": (["prompts", "instructor_token"], ["evaluations_newest_first"]),
 }
 
 
@@ -172,6 +176,21 @@ def test_flow_compare_takes_a_class_and_refuses_anything_else_by_name(client):
     with pytest.raises(AppError, match="Class"):
         client.predict(prompt="a red circle", seed=0, guidance=2.0, steps="4", columns=names[:1],
                        show_trajectory=False, api_name="/flow_compare")
+
+
+def test_flow_edit_runs_a_technique_on_classes_and_names_a_bad_one(client):
+    """The flow section's Edit: an anagram of two classes in every column (teacher-50: 50 steps, two guided
+    prompts a step, 200 NFE); a prompt that is no class is refused, naming the field."""
+    from gradio_client.exceptions import AppError
+
+    cols = ["teacher-50 (CFG)", "teacher-4 (naive)", "fashion-reflow-4"]
+    row, gallery, table, summary = client.predict(
+        technique="anagram", image=None, prompt="Trouser", prompt_2="Bag", strength=1.0, seed=0, student_steps="4",
+        columns=cols, api_name="/flow_edit")
+    assert [r[2] for r in table["data"]] == [200, 16, 8] and 'id="flow-edit-columns"' in row
+    with pytest.raises(AppError, match="prompt_2: the flow teacher's prompt is a class"):
+        client.predict(technique="hybrid", image=None, prompt="Trouser", prompt_2="a cat", strength=1.0, seed=0,
+                       student_steps="4", columns=cols[:1], api_name="/flow_edit")
 
 
 def _form(**change):

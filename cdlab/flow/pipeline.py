@@ -178,12 +178,16 @@ class FlowTeacher:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cond, uncond)``: the classes one-hot ``[B, 10]``, and zeros (the seed's dropped class) for CFG."""
+        """``(cond, uncond)``: the classes one-hot ``[B, 10]``, and zeros (the seed's dropped class) for CFG. An
+        empty prompt is the unconditional model (zeros), as an empty prompt is for a text teacher."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("prompts must be a non-empty list of class names")
-        labels = torch.tensor([self.class_index(p) for p in prompts])
-        cond = torch.nn.functional.one_hot(labels, len(self.classes)).to(self.device, self.dtype)
+        cond = torch.zeros(len(prompts), len(self.classes))
+        for i, p in enumerate(prompts):
+            if p != "":
+                cond[i, self.class_index(p)] = 1.0
+        cond = cond.to(self.device, self.dtype)
         return cond, torch.zeros_like(cond)
 
     def initial_noise(self, seed: int, batch: int = 1) -> torch.Tensor:

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
-from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, student_column, teacher_columns
+from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, run_columns, student_column, teacher_columns
 from cdlab.edit import edit
 from cdlab.evaluate.edit import FAR_SIGMA_PX, inpaint_mask, scribble
 from cdlab.students import StudentError, external_card, load_external_student
@@ -113,6 +114,8 @@ def presets(teacher: Any) -> list[EditPreset]:
                        "a large blue circle in the center on a white background",
                        "a large blue cross in the center on a white background"),
         ]
+    if getattr(teacher, "classes", None):
+        return flow_presets(teacher)
     size = int(teacher.resolution)
     return [
         EditPreset("Sketch → image: a red circle", "sdedit", "a red apple on a black table, studio photo",
@@ -121,6 +124,24 @@ def presets(teacher: Any) -> list[EditPreset]:
                    "an oil painting of an old man"),
         EditPreset("Hybrid (course): skull / waterfall", "hybrid", "a lithograph of a skull",
                    "a lithograph of waterfalls"),
+    ]
+
+
+def flow_presets(teacher: Any) -> list[EditPreset]:
+    """The flow teacher's presets (seed 003's loops in its pixel space): a sneaker edited into an ankle boot, a
+    pullover's lower half repainted as a dress, a trouser that is a bag upside down, a trouser from afar that
+    is a sandal up close. The start images are the teacher's own Euler-50 samples (seeds 0 and 1)."""
+    sneaker, pullover = (run_columns(teacher, teacher_columns(teacher.guidance)[:1], [c], seeds=[s])[0].images[0]
+                         for c, s in (("Sneaker", 0), ("Pullover", 1)))
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[..., 14:, :] = 1.0  # the lower half
+    return [
+        EditPreset("SDEdit: a sneaker becomes an ankle boot", "sdedit", "Ankle boot", strength=0.6,
+                   background=sneaker),
+        EditPreset("Inpaint: a pullover's lower half becomes a dress", "inpaint", "Dress", strength=1.0,
+                   background=pullover, layer=_mask_layer(mask)),
+        EditPreset("Anagram: a trouser upright, a bag flipped", "anagram", "Trouser", "Bag"),
+        EditPreset("Hybrid: a trouser from afar, a sandal up close", "hybrid", "Trouser", "Sandal"),
     ]
 
 
@@ -146,10 +167,12 @@ class EditView:
     summary: str
     table: list[list[Any]]
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    prefix: str = ""  # of the row's id (a second Edit tab on the page: the flow teacher's)
 
     def html(self) -> str:
         cells = [{"label": c.label, "images": c.images, "lines": c.lines, "failed": c.failed} for c in self.columns]
-        return row_html(cells, "edit-columns", columns=len(cells), technique=self.technique, result=self.result_id)
+        return row_html(cells, self.prefix + "edit-columns", columns=len(cells), technique=self.technique,
+                        result=self.result_id)
 
     def gallery(self) -> list[tuple[Any, str]]:
         return [(im, f"{c.label} · {alt}") for c in self.columns for im, alt in c.images]
@@ -280,13 +303,21 @@ def run_edit(
     student_steps: Any,
     columns: Any,
     adapters_root: Any = None,
+    prefix: str = "",
 ) -> EditView:
     """Validate every field (each refusal names it), run the edit in every ticked column from one noise, and
-    lay it out: the input first (with the mask for inpainting), then each column with its full label."""
+    lay it out: the input first (with the mask for inpainting), then each column with its full label. On a
+    class-conditioned teacher (the flow teacher) a prompt is a class name (or empty: unconditional)."""
     technique = check_technique(technique)
     prompts = [check_prompt(prompt, "prompt", allow_empty=technique in ("sdedit", "inpaint"))]
     if PROMPTS[technique][1] is not None:
         prompts.append(check_prompt(prompt_2, "prompt_2", allow_empty=False))
+    for name, p in zip(("prompt", "prompt_2"), prompts):
+        if getattr(teacher, "classes", None) and p:
+            try:
+                teacher.class_index(p)
+            except ValueError as e:
+                raise InputError(f"{name}: {e}") from None
     s = check_strength(strength) if USES_STRENGTH[technique] else 1.0
     seed = check_seed(seed)
     steps = check_steps(student_steps)
@@ -305,7 +336,7 @@ def run_edit(
     total = sum(r.seconds for r in results)
     summary = (f"{TECHNIQUE_LABELS[technique]} · {len(results)} columns in {total:.2f} s · seed {seed} · "
                f"one initial noise for every column")
-    return EditView(technique, views, inputs.notes, summary, table)
+    return EditView(technique, views, inputs.notes, summary, table, prefix=prefix)
 
 
 # ----------------------------------------------------------------------------- the tab (Gradio)
@@ -313,7 +344,7 @@ def run_edit(
 GPU = dict(concurrency_id=H.GPU_CONCURRENCY_ID, concurrency_limit=H.GPU_CONCURRENCY_LIMIT)
 
 
-def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -> SimpleNamespace:
+def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset], prefix: str = "") -> SimpleNamespace:
     """The tab's event functions: ``edit`` (the API's ``/edit``), the technique's labels, the presets (one
     click: the inputs, then the edit), the first visit's result and the columns offered on each visit."""
     import gradio as gr
@@ -322,7 +353,8 @@ def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -
     def do_edit(technique, image, prompt, prompt_2, strength, seed, student_steps, columns):
         """Run one edit (sdedit | inpaint | anagram | hybrid) in every ticked column from one noise; returns the
         columns (HTML, one row, the input first), their images with captions, the timings table and a summary."""
-        v = run_edit(teacher, comparer, technique, image, prompt, prompt_2, strength, seed, student_steps, columns)
+        v = run_edit(teacher, comparer, technique, image, prompt, prompt_2, strength, seed, student_steps, columns,
+                     prefix=prefix)
         for note in v.notes:
             gr.Info(note)
         return v.html(), v.gallery(), v.table, v.summary
@@ -378,48 +410,52 @@ def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -
                            columns_on_select=edit_columns_on_select)
 
 
-def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset]) -> SimpleNamespace:
-    """The left column: presets, technique, the image editor (the teacher's canvas), prompts, strength, seed,
-    student steps, columns and the button."""
+def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], prefix: str = "") -> SimpleNamespace:
+    """The left column: presets, technique, the image editor (the teacher's canvas), prompts (a class-conditioned
+    teacher's: class names), strength, seed, student steps, columns and the button; ``prefix``: of the elem_ids."""
     import gradio as gr
 
     ui = SimpleNamespace()
-    ui.preset = gr.Dropdown([p.name for p in edit_presets], value=None, elem_id="edit-preset",
+    classes = list(getattr(teacher, "classes", None) or [])
+    label = f"Class ({', '.join(classes)}; empty: unconditional)" if classes else "Prompt"
+    ui.preset = gr.Dropdown([p.name for p in edit_presets], value=None, elem_id=prefix + "edit-preset",
                             label="Presets (one click: the inputs, then the edit)")
     ui.tech = gr.Radio([(TECHNIQUE_LABELS[k], k) for k in TECHNIQUES], value="sdedit", label="Technique",
-                       elem_id="edit-technique")
+                       elem_id=prefix + "edit-technique")
     canvas = int(teacher.resolution)
     gr.Markdown(f"**Image** ({canvas}×{canvas} px): upload or draw. SDEdit edits the picture as drawn; for "
-                "inpainting, paint over the region to regenerate (the paint is the mask).", elem_id="edit-image-help")
+                "inpainting, paint over the region to regenerate (the paint is the mask).", elem_id=prefix + "edit-image-help")
     ui.image = gr.ImageEditor(
         type="pil", image_mode="RGBA", canvas_size=(canvas, canvas), fixed_canvas=True, format="png",
-        sources=("upload", "clipboard"), transforms=(), height=360, elem_id="edit-image", label="Image",
+        sources=("upload", "clipboard"), transforms=(), height=360, elem_id=prefix + "edit-image", label="Image",
         brush=gr.Brush(default_size=max(2, canvas // 10), color_mode="defaults"),
         layers=gr.LayerOptions(allow_additional_layers=False))
-    ui.prompt = gr.Textbox("", label="Prompt", info=PROMPTS["sdedit"][0], lines=2, max_lines=4, elem_id="edit-prompt")
-    ui.prompt2 = gr.Textbox("", label="Prompt 2", visible=False, lines=2, max_lines=4, elem_id="edit-prompt-2")
+    ui.prompt = gr.Textbox("", label=label, info=PROMPTS["sdedit"][0], lines=2, max_lines=4,
+                           elem_id=prefix + "edit-prompt")
+    ui.prompt2 = gr.Textbox("", label=label.replace(";", " 2;", 1) if classes else "Prompt 2", visible=False,
+                            lines=2, max_lines=4, elem_id=prefix + "edit-prompt-2")
     ui.strength = gr.Slider(0.0, 1.0, value=DEFAULT_STRENGTH["sdedit"], step=0.05, label="Strength",
-                            info="the noise level the edit starts from (1: pure noise)", elem_id="edit-strength")
+                            info="the noise level the edit starts from (1: pure noise)", elem_id=prefix + "edit-strength")
     with gr.Row(equal_height=True):
         ui.seed = gr.Number(label="Seed", value=0, precision=0, min_width=90)
         ui.steps = gr.Radio([str(k) for k in STUDENT_STEPS], value="4", label="Student steps")
     ui.choices = edit_column_choices(comparer)
     ui.columns = gr.CheckboxGroup(ui.choices, value=ui.choices, label="Columns",
-                                  info="the teacher and the consistency students", elem_id="edit-columns-pick")
-    ui.btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                                  info="the teacher and the consistency students", elem_id=prefix + "edit-columns-pick")
+    ui.btn = gr.Button("Edit", variant="primary", elem_id=prefix + "edit-btn")
     return ui
 
 
-def edit_results(ui: SimpleNamespace) -> None:
+def edit_results(ui: SimpleNamespace, prefix: str = "") -> None:
     """The right column, added to ``ui``: summary, the columns' row (the input first), legend, and the images
     and timings as the API returns them."""
     import gradio as gr
 
-    ui.info = gr.Markdown(elem_id="edit-info", label="summary")
-    ui.row = gr.HTML(elem_id="edit-row", padding=False, label="columns html")
-    gr.Markdown(LEGEND, elem_id="edit-legend")
+    ui.info = gr.Markdown(elem_id=prefix + "edit-info", label="summary")
+    ui.row = gr.HTML(elem_id=prefix + "edit-row", padding=False, label="columns html")
+    gr.Markdown(LEGEND, elem_id=prefix + "edit-legend")
     with gr.Accordion("Images and timings (as the API returns them)", open=False):
-        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id="edit-gallery", object_fit="contain")
+        ui.gallery = gr.Gallery(label="Images", height="auto", elem_id=prefix + "edit-gallery", object_fit="contain")
         ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "steps"], label="Timings", interactive=False)
 
 
@@ -472,17 +508,20 @@ class EditTab:
     """The Edit tab, built inside the page's ``gr.Tabs``: its components, its events, and its part of the page
     load (the columns offered, fresh). It opens with a result: the first visit runs the first preset."""
 
-    def __init__(self, teacher: Any, comparer: Any):
+    def __init__(self, teacher: Any, comparer: Any, prefix: str = ""):
+        """``prefix``: of the tab's id, its elem_ids (``"flow-"``) and its API name (``/flow_edit``), for a second
+        Edit tab on the page (the flow teacher's)."""
         import gradio as gr
 
         edit_presets = presets(teacher)
-        self.fn = edit_handlers(teacher, comparer, edit_presets)
-        with gr.Tab("Edit", id="edit") as tab:
+        self.fn = edit_handlers(teacher, comparer, edit_presets, prefix)
+        self.api = prefix.replace("-", "_")
+        with gr.Tab("Edit" + (f" ({prefix.strip('-')})" if prefix else ""), id=prefix + "edit") as tab:
             with gr.Row():
                 with gr.Column(scale=1, min_width=330):
-                    ui = edit_controls(teacher, comparer, edit_presets)
+                    ui = edit_controls(teacher, comparer, edit_presets, prefix)
                 with gr.Column(scale=3):
-                    edit_results(ui)
+                    edit_results(ui, prefix)
             self.ui = ui
             self._wire(tab)
         self.load_outputs = [ui.columns]
@@ -497,7 +536,7 @@ class EditTab:
         inputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, ui.steps, ui.columns]
         outputs = [ui.row, ui.gallery, ui.table, ui.info]
         ui.tech.change(fn.technique_changed, ui.tech, [ui.prompt, ui.prompt2, ui.strength], api_visibility="private")
-        ui.btn.click(fn.edit, inputs, outputs, api_name="edit", **GPU)
+        ui.btn.click(fn.edit, inputs, outputs, api_name=self.api + "edit", **GPU)
         preset_outputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, *outputs]
         known = gr.State(ui.choices)  # the columns offered so far
         tab.select(fn.columns_on_select, [ui.columns, known], [ui.columns, known], api_visibility="private").then(

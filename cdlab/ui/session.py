@@ -50,12 +50,6 @@ def load_flow(model: str | None) -> Any:
     return None if model == FLOW_TEACHER else load_teacher(FLOW_TEACHER, device="cpu")
 
 
-def can_edit(teacher: Any) -> bool:
-    """Whether the Edit tab runs on ``teacher``: its techniques work on a latent teacher's VAE (not yet on the flow
-    teacher, whose images are its latents)."""
-    return hasattr(teacher, "vae")
-
-
 def header_line(teacher: Any) -> str:
     """The page's header: which teacher, device and dtype are live, and why SD1.5 fell back if it did."""
     line = f"**Teacher:** {teacher.describe()}"
