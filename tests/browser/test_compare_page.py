@@ -96,4 +96,11 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
         arg=before, timeout=60_000)
     assert page.locator("#flow-compare-columns figure img").count() == 4
     page.screenshot(path=str(shots / "flow-compare.png"))
+    # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot)
+    page.get_by_role("tab", name="Edit (flow)").click()
+    page.wait_for_function("() => /4 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
+                           " || '')", timeout=60_000)
+    assert "NFE 60" in page.locator("#flow-edit-columns").inner_text()  # teacher-50 from strength 0.6: 30 steps
+    page.screenshot(path=str(shots / "flow-edit.png"))
+    page.get_by_role("tab", name="Compare (flow)").click()
     page.get_by_role("tab", name="Compare", exact=True).click()  # the next test finds the main tab as it was
