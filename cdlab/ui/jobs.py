@@ -6,7 +6,7 @@ log. Stop sends SIGTERM (the trainer saves a checkpoint and exits) and kills the
 timeout; a run is never left "stopping".
 
 The trainer dies with the app: it gets the app's pid (``CDLAB_PARENT_PID``) and stops at a checkpoint, without
-publishing its student, once its parent is gone (`cdlab.train.trainer.watch_parent`), even after a SIGKILL of the
+publishing its student, once its parent is gone (`cdlab.train.stopping.watch_parent`), even after a SIGKILL of the
 app. ``runs/.trainer.lock`` names the app and the trainer holding the one training slot: taken before a Start's
 checks (two Starts at once: one wins, the other leaves nothing behind), released when the trainer exits, and read
 by a restarted app, which stops an orphan it finds (`JobManager.reap_orphan`).
@@ -31,12 +31,12 @@ import torch
 
 from cdlab.paths import REPO_ROOT, read_json, write_json_atomic
 from cdlab.train.config import RUN_NAME_RE
+from cdlab.train.stopping import PARENT_ENV  # the app's pid, given to its trainer: it stops when that is gone
 from cdlab.ui import runs as runs_mod
 
 LOG_NAME = "train.log"
 LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time, owner digest
 LOCK_NAME = ".trainer.lock"     # runs/.trainer.lock: {"app_pid", "trainer_pid", "run_name", "started"}
-PARENT_ENV = "CDLAB_PARENT_PID"  # the app's pid, given to its trainer: it stops when that process is gone
 
 
 class JobError(RuntimeError):
