@@ -77,7 +77,7 @@ def pack_teachers():
     with tarfile.open(OUT / "teachers.tar", "w") as t:
         for v in VARIANTS:
             d = W / f"teacher-{v}"
-            for f in ("unet.safetensors", "state.json", "loss.jsonl", "samples-epoch1.png", "samples-epoch5.png", "samples-epoch10.png"):
+            for f in ("unet.safetensors", "state.json", "metrics.jsonl", "samples-epoch1.png", "samples-epoch5.png", "samples-epoch10.png"):
                 if (d / f).exists() and not (f == "unet.safetensors" and v in "CD"):
                     t.add(d / f, f"teacher-{v}/{f}")
         if (W / "classifier").exists():
