@@ -140,7 +140,22 @@ class JobManager:
         """Write ``config`` (a resolved trainer config, with ``run_name``) to its run directory and launch
         ``python -m cdlab train --model M --config FILE`` on it. ``owner`` is the starting session's token:
         only a request with the same token may stop or resume the run (`stop`, `resume`)."""
-        run_name = str(config.get("run_name") or "")
+        return self._start_new({**config, "model": self.model}, lambda cfg_path, run_dir: [
+            self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path), *(extra_args or [])],
+            owner)
+
+    def start_flow_teacher(self, settings: dict[str, Any], owner: str | None = None) -> Job:
+        """Launch ``python -m cdlab.flow.train_teacher`` on a new run folder: the class-conditioned flow teacher from
+        scratch. ``settings`` are checked ones (`cdlab.ui.flow_train.form_to_settings`): ``run_name``, ``minutes``,
+        ``grid_steps`` and `cdlab.flow.train_teacher.TeacherConfig` fields; the same slot, owner and stop rules as
+        `start`."""
+        return self._start_new({**settings, "kind": runs_mod.FLOW_TEACHER},
+                               lambda cfg_path, run_dir: flow_teacher_command(self.python, run_dir, settings), owner)
+
+    def _start_new(self, ui_config: dict[str, Any], command, owner: str | None) -> Job:
+        """A new run: its folder (refused when it holds anything), the slot, ``ui_config.json`` and the launch of
+        ``command(cfg_path, run_dir)``; on any failure the slot is released and a folder made here removed."""
+        run_name = str(ui_config.get("run_name") or "")
         if not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {run_name[:40]!r}.")
         run_dir = self.runs_dir / run_name
@@ -153,10 +168,8 @@ class JobManager:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg_path = run_dir / "ui_config.json"
-                write_json_atomic(cfg_path, {**config, "model": self.model})
-                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
-                       *(extra_args or [])]
-                return self._launch(run_name, run_dir, cmd, owner_digest(owner))
+                write_json_atomic(cfg_path, ui_config)
+                return self._launch(run_name, run_dir, command(cfg_path, run_dir), owner_digest(owner))
             except BaseException:
                 self._release_slot(None)
                 if made:
@@ -220,7 +233,7 @@ class JobManager:
         if not run_dir.is_dir():
             raise JobError(f"No run named {run_name!r} in runs/.")
         self.check_owner(run_name, owner, allow_unowned, override)
-        if runs_mod.latest_checkpoint(run_dir) is None:
+        if not runs_mod.resumable(run_dir):
             raise JobError(f"Run {run_name!r} has no complete checkpoint to resume from.")
         st = runs_mod.read_status(run_dir)
         if st.get("state") == "finished":
@@ -229,7 +242,9 @@ class JobManager:
             self._check_free()
             self._claim_slot(run_name)
             try:
-                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
+                cmd = flow_teacher_command(self.python, run_dir, None) \
+                    if runs_mod.run_kind(run_dir) == runs_mod.FLOW_TEACHER else \
+                    [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
                 return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
             except BaseException:
                 self._release_slot(None)
@@ -424,6 +439,26 @@ class JobManager:
                 self.stop(wait=True)
             except JobError:
                 pass
+
+
+FLOW_RESUME_DEFAULTS = {"minutes": 15.0, "sample_steps": 50}  # a resumed flow run whose config.json lacks them
+
+
+def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | None) -> list[str]:
+    """The flow teacher's command line: a new run from checked ``settings``, or (None) ``--resume`` of ``run_dir``
+    with the time budget and grid steps its ``config.json`` recorded (each checked; else `FLOW_RESUME_DEFAULTS`)."""
+    cmd = [python, "-m", "cdlab.flow.train_teacher", "--out", str(run_dir)]
+    if settings is None:
+        saved = read_json(Path(run_dir) / "config.json") or {}
+        minutes, steps = saved.get("minutes"), saved.get("sample_steps")
+        ok = lambda v, lo, hi, kinds: isinstance(v, kinds) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+        minutes = minutes if ok(minutes, 0.01, 1440, (int, float)) else FLOW_RESUME_DEFAULTS["minutes"]
+        steps = steps if ok(steps, 1, 1000, int) else FLOW_RESUME_DEFAULTS["sample_steps"]
+        return [*cmd, "--resume", "--minutes", f"{float(minutes):g}", "--grid-steps", str(steps)]
+    flags = ("num_hiddens", "batch_size", "lr", "num_epochs", "epoch_images", "grid_steps")
+    return [*cmd, "--minutes", f"{float(settings['minutes']):g}",
+            *[x for k in flags for x in ("--" + k.replace("_", "-"), f"{settings[k]:g}" if isinstance(settings[k], float)
+                                         else str(settings[k]))]]
 
 
 def trainer_thread_env() -> dict[str, str]:

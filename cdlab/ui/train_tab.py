@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from cdlab.paths import adapters_dir, shown_path, shown_text
 from cdlab.train import config as C
 from cdlab.ui import hosting as H
 from cdlab.ui import previews as previews_mod
+from cdlab.ui.form import FormField, check_number  # FormField: re-exported
 from cdlab.ui import runs as runs_mod
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import named_errors, user_errors
@@ -134,20 +134,6 @@ def run_choices(jobs: JobManager, current: RunView | None = None) -> list[tuple[
 
 # ------------------------------------------------------------------------------ the form
 
-@dataclass
-class FormField:
-    """One input of the Train form, derived from a `cdlab.train.config.TrainConfig` field."""
-
-    key: str
-    label: str
-    kind: str  # "choice" | "int" | "float" | "text"
-    default: Any
-    choices: tuple = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    info: str = ""
-
-
 DATA_KINDS = ("tiny world", "image folder", "HF datasets name", "COCO recipe folder")
 
 # The TrainConfig fields the form shows; a number's range is the app's (`cdlab.train.config.APP_LIMITS`, the
@@ -235,23 +221,6 @@ def data_value(kind: str, value: str | None, roots: list[Path] | None = None) ->
 MAX_EXTRA_JSON = 10_000  # characters in the form's advanced box
 
 
-def _number(f: FormField, v: Any) -> int | float:
-    """A form number, checked: finite, whole for int fields, inside the field's range; the message names it."""
-    if isinstance(v, bool) or v is None or (isinstance(v, str) and not v.strip()):
-        raise ValueError(f"config: {f.label} is empty.")
-    try:
-        fv = float(v)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"config: {f.label} must be a number, got {str(v)[:40]!r}.") from None
-    if not math.isfinite(fv):
-        raise ValueError(f"config: {f.label} must be a finite number, got {v!r}.")
-    if f.kind == "int" and not fv.is_integer():
-        raise ValueError(f"config: {f.label} must be a whole number, got {v!r}.")
-    if f.minimum is not None and not f.minimum <= fv <= f.maximum:
-        raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
-    return int(fv) if f.kind == "int" else fv
-
-
 def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path: str | None,
                    teacher_resolution: int | None = None, extra_json: str | None = None, *,
                    overwrite: bool = False, adapters_root: Path | None = None) -> dict[str, Any]:
@@ -273,7 +242,7 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
     for f in form_fields(model, teacher_resolution):
         v = values.get(f.key, f.default)
         if f.kind in ("int", "float"):
-            v = _number(f, v)
+            v = check_number(f, v)
         elif f.kind == "choice":
             if v not in f.choices:
                 raise ValueError(f"config: {f.label} must be one of {f.choices}, got {str(v)[:40]!r}.")
