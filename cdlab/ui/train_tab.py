@@ -16,8 +16,9 @@ from PIL import Image
 from cdlab.paths import adapters_dir, shown_path, shown_text
 from cdlab.train import config as C
 from cdlab.ui import hosting as H
+from cdlab.ui import flow_train
 from cdlab.ui import previews as previews_mod
-from cdlab.ui.form import FormField, check_number  # FormField: re-exported
+from cdlab.ui.form import FormField, check_number, form_inputs  # FormField, form_inputs: re-exported
 from cdlab.ui import runs as runs_mod
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import named_errors, user_errors
@@ -300,7 +301,8 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
     ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
     `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
     the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
-    student (`cdlab.ui.jobs.JobManager.check_replace`)."""
+    student (`cdlab.ui.jobs.JobManager.check_replace`). With the flow teacher, Start trains it from scratch
+    (`cdlab.ui.flow_train.start_handler`); the rest is the same."""
     import gradio as gr
 
     policy = policy or H.Policy()
@@ -326,7 +328,9 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         job = jobs.start(cfg, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
 
-    assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
+    start = flow_train.start_handler(jobs, policy, run_choices) if flow_train.is_flow_teacher(model, teacher) \
+        else do_start
+    assert [f.key for f in fields] == list(inspect.signature(start).parameters)[:len(fields)], "form != start"
 
     @user_errors
     def do_stop(run_name, owner, instructor_token=""):
@@ -374,27 +378,8 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         choices, name = listed_runs(jobs)
         return (gr.Dropdown(choices=choices, value=name), *view_outputs(poll(jobs, name)))
 
-    return SimpleNamespace(start=do_start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
+    return SimpleNamespace(start=start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
                            poll=do_poll, refresh_runs=refresh_runs, load_view=load_view)
-
-
-def form_inputs(fields: list[FormField]) -> list:
-    """One component per form field: a radio for a choice, a textbox for text, a number otherwise."""
-    import gradio as gr
-
-    inputs = []
-    for f in fields:
-        if f.kind == "choice":
-            inputs.append(gr.Radio(list(f.choices), value=f.default, label=f.label, info=f.info or None))
-        elif f.kind == "text":
-            inputs.append(gr.Textbox(value=f.default or "", label=f.label, info=f.info or None,
-                                     placeholder="automatic"))
-        else:
-            # No minimum/maximum here: Gradio's own range message would not name the
-            # field; form_to_config checks the same range and says which field.
-            inputs.append(gr.Number(value=f.default, label=f.label, info=f"{f.minimum:g} to {f.maximum:g}",
-                                    precision=0 if f.kind == "int" else None))
-    return inputs
 
 
 def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
@@ -412,6 +397,7 @@ def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> 
     ui.overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
                                info="Off: a name in use is refused. Shipped students are never replaced.",
                                elem_id="train-overwrite")
+    ui.form_extra = [ui.data_kind, ui.data_path, ui.extra, ui.overwrite]  # the inputs after the fields
     ui.instructor = H.instructor_token_box(policy, "train-instructor")
     with gr.Row():
         ui.start = gr.Button("Start", variant="primary", interactive=training_on, elem_id="train-start")
@@ -438,14 +424,19 @@ def train_monitor(ui: SimpleNamespace, jobs: JobManager) -> None:
 class TrainTab:
     """The Train tab, built inside the page's ``gr.Tabs``: the form, the runs list and one run's status,
     polled by the page's timer while the run is active; ``owner`` is the browser's token (a
-    ``gr.BrowserState``) that lets it stop and resume its own runs; ``policy`` says who may do what here."""
+    ``gr.BrowserState``) that lets it stop and resume its own runs; ``policy`` says who may do what here.
+
+    With the flow teacher (``model == "fashion-flow"``, or a ``teacher`` whose ``base_id`` is
+    ``"cdlab/fashion-flow"``: `cdlab.ui.flow_train.is_flow_teacher`) the form trains that teacher from scratch
+    (`cdlab.ui.flow_train`); the runs list, status, loss, previews, Stop and Resume are the same."""
 
     def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, policy: H.Policy | None = None,
                  adapters_root: Path | None = None):
         import gradio as gr
 
         policy = policy or H.Policy()
-        fields = form_fields(model, teacher.resolution)
+        flow = flow_train.is_flow_teacher(model, teacher)
+        fields = flow_train.form_fields() if flow else form_fields(model, teacher.resolution)
         training_on = policy.training_allowed()
         self.fn = train_handlers(jobs, teacher, model, fields, policy, adapters_root)
         with gr.Tab("Train", id="train"):
@@ -453,7 +444,7 @@ class TrainTab:
                 gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
             with gr.Row():
                 with gr.Column(scale=2):
-                    ui = train_form(fields, training_on, policy)
+                    ui = (flow_train.flow_form if flow else train_form)(fields, training_on, policy)
                 with gr.Column(scale=3):
                     train_monitor(ui, jobs)
             # Full width: the captions above the rows stay readable at 1280 px.
@@ -469,11 +460,11 @@ class TrainTab:
 
         ui, fn = self.ui, self.fn
         poll_out = [ui.run_dd, ui.status, ui.bar, ui.plot, ui.preview, ui.preview_cap, ui.log_box, ui.timer]
-        named_errors(*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, ui.run_dd)
+        named_errors(*ui.inputs, *ui.form_extra, ui.run_dd)
         start_polling = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=ui.timer, api_visibility="private")
         # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
         owner_out = gr.Textbox(visible=False, label="owner")
-        form = [*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, owner, ui.instructor]
+        form = [*ui.inputs, *ui.form_extra, owner, ui.instructor]
         ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
         ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_stop").success(
