@@ -120,3 +120,21 @@ def test_flow_teacher_run_from_the_tab_streams_loss_and_grids_stops_and_resumes(
     assert v.state == "stopped" and v.step > stopped and steps == list(range(1, v.step + 1))
     launch = json.loads((jobs.runs_dir / "flow-b" / "ui_launch.json").read_text())
     assert launch["cmd"][-5:] == ["--resume", "--minutes", "5", "--grid-steps", "2"]
+
+
+def test_a_flow_teacher_whose_app_is_gone_stops_at_a_checkpoint(tmp_path, fashion_dir):
+    """``CDLAB_PARENT_PID`` names a process that is not its parent (the app is gone): it saves and stops at once."""
+    import os
+    import subprocess
+    import sys
+
+    from cdlab.paths import REPO_ROOT
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CDLAB_PARENT_PID="1", CDLAB_FASHION_MNIST=str(fashion_dir), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "cdlab.flow.train_teacher", "--out", str(out), "--minutes", "5", "--num-hiddens",
+           "8", "--batch-size", "16", "--epoch-images", "64", "--num-epochs", "100", "--grid-steps", "2"]
+    subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), check=True, timeout=60, capture_output=True)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and "app that started it is gone" in status["message"]
+    assert R.resumable(out) and status["step"] < 400

@@ -288,8 +288,8 @@ def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(),
         raise ValueError(f"grid_steps must be an integer in [1, 1000], got {grid_steps!r}")
     log = log or (lambda line: print(line, flush=True))  # flushed: a parent process streams it
     run = _Run(Path(out), minutes, cfg, resume, max_steps, grid_steps, torch.device(device), log)
-    watch_parent(run.stop.on_orphaned)
-    with run.stop.installed():
+    with run.stop.installed():  # then the app's death (a SIGTERM to itself) lands on the flag
+        watch_parent(run.stop.on_orphaned)
         try:
             run.status("running", "loading Fashion-MNIST")
             images, labels = load_fashion_mnist("train", data_root)
