@@ -295,17 +295,12 @@ def listed_runs(jobs: JobManager, current: str | None = None) -> tuple[list[tupl
     return choices, (current if current in names else (names[0] if names else None))
 
 
-def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
-                   policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
-    """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
-    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
-    `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
-    the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
-    student (`cdlab.ui.jobs.JobManager.check_replace`). With the flow teacher, Start trains it from scratch
-    (`cdlab.ui.flow_train.start_handler`); the rest is the same."""
+def distill_start_handler(jobs: JobManager, teacher: Any, model: str, policy: H.Policy,
+                          adapters_root: Path | None = None):
+    """The tab's ``/train_start`` for a LoRA student (``python -m cdlab train``): who may (the host's policy), the
+    form (`form_to_config`), replacing a student (its owner's or the instructor's), then the launch."""
     import gradio as gr
 
-    policy = policy or H.Policy()
     adapters = Path(adapters_root) if adapters_root is not None else adapters_dir()
 
     @user_errors
@@ -328,8 +323,22 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         job = jobs.start(cfg, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
 
+    return do_start
+
+
+def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
+                   policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
+    """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
+    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
+    `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
+    the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
+    student (`cdlab.ui.jobs.JobManager.check_replace`). Start trains a LoRA student (`distill_start_handler`), or
+    with the flow teacher that teacher from scratch (`cdlab.ui.flow_train.start_handler`)."""
+    import gradio as gr
+
+    policy = policy or H.Policy()
     start = flow_train.start_handler(jobs, policy, run_choices) if flow_train.is_flow_teacher(model, teacher) \
-        else do_start
+        else distill_start_handler(jobs, teacher, model, policy, adapters_root)
     assert [f.key for f in fields] == list(inspect.signature(start).parameters)[:len(fields)], "form != start"
 
     @user_errors
