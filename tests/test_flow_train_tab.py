@@ -73,6 +73,28 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert F.is_flow_teacher("tiny", TEACHER) and not F.is_flow_teacher("tiny", SimpleNamespace(resolution=64))
 
 
+def test_flow_start_handler_names_the_refused_field_and_keeps_the_classroom_rules(tmp_path, monkeypatch, fashion_dir):
+    import hashlib
+
+    import gradio as gr
+
+    from cdlab.ui import hosting as H
+
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(fashion_dir))
+    jobs = JobManager(tmp_path / "runs", model="fashion-flow")
+    fn = T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields())
+    for i, bad in [(0, float("nan")), (2, "1e9"), (3, 0), (5, [32])]:
+        values = list(TINY.values())
+        values[i] = bad
+        with pytest.raises(gr.Error, match=F.form_fields()[i].label.split(" (")[0]):
+            fn.start(*values, "")
+    classroom = H.Policy(classroom=True, instructor=hashlib.sha256(b"secret").hexdigest())
+    fn = T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields(), classroom)
+    with pytest.raises(gr.Error, match="belongs to the instructor"):
+        fn.start(*TINY.values(), "", "not the token")
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+
+
 def _wait(jobs: JobManager, name: str, until, timeout: float = 60.0) -> T.RunView:
     end = time.time() + timeout
     while time.time() < end:
