@@ -196,7 +196,8 @@ class _Run:
         (out / "previews").mkdir(exist_ok=True)
         write_json_atomic(out / "config.json", {
             "kind": RUN_KIND, "run_name": out.name, "config": dataclasses.asdict(self.cfg), "minutes": minutes,
-            "max_steps": self.end, "preview_subject": "teacher", "preview_prompts": list(CLASS_NAMES),
+            "max_steps": self.end, "preview_subject": "teacher",
+            "preview_prompts": [name.replace("/", "/ ") for name in CLASS_NAMES],  # "T-shirt/ top" wraps
             "sample_steps": grid_steps, "guidance": matching.GUIDANCE})
 
     def status(self, state: str, message: str = "") -> None:
