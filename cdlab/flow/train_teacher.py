@@ -18,7 +18,7 @@ The folder ``--out`` is a run folder as the app's Train tab reads it (`cdlab.ui.
 ``state.json``             the config, the step, the epoch and the position in it, the learning rate
 ``config.json``            what the run is: ``"kind": "flow-teacher"``, its config, its time budget, the grids'
                            captions (the classes) and Euler steps
-``status.json``            running / stopping / finished / stopped / failed, the step, the pid (`_status`)
+``status.json``            running / stopping / finished / stopped / failed, the step, the pid (`cdlab.train.status`)
 ``metrics.jsonl``          one ``{"step", "epoch", "loss", "lr", ...}`` line per step (the seed's loss curve),
                            flushed every 10 steps or 2 s; ``step`` counts the steps done
 ``previews/step_S.png``    after every epoch: 4 samples of each class (columns), Euler-50 with CFG 5, 3x pixels
@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from cdlab.flow import matching
 from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
 from cdlab.flow.unet import UNet
 from cdlab.paths import load_json_object, preview_file, write_json_atomic
+from cdlab.train.status import write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "total_steps", "main"]
@@ -201,10 +201,8 @@ class _Run:
             "sample_steps": grid_steps, "guidance": matching.GUIDANCE})
 
     def status(self, state: str, message: str = "") -> None:
-        """``status.json`` as `cdlab.train.trainer.Trainer.status` writes it (no student: a teacher run)."""
-        write_json_atomic(self.out / "status.json", {
-            "state": state, "step": self.progress["step"], "max_steps": self.end, "pid": os.getpid(),
-            "message": message, "student": "", "updated": time.time(), "run_name": self.out.name})
+        """``status.json``, as the distillation trainer writes it (`cdlab.train.status`; no student: a teacher run)."""
+        write_status(self.out, state, step=self.progress["step"], max_steps=self.end, message=message)
 
     def grids(self) -> None:
         """After an epoch: the class grid as the run's preview row, and as the seed's figure after 1, 5, 10."""

@@ -56,6 +56,7 @@ from cdlab.train.consistency import consistency_step, probe_batch, probe_loss
 from cdlab.train.data import make_source, prepare_data
 from cdlab.train.dmd import dmd_step, regression_pairs
 from cdlab.train.previews import preview, preview_reference
+from cdlab.train.status import write_status
 from cdlab.train.stopping import StopFlag, watch_parent  # watch_parent: re-exported
 
 __all__ = ["train", "Trainer", "TrainResult", "list_checkpoints", "watch_parent"]
@@ -92,10 +93,8 @@ class Trainer:
     def status(self, state: str, message: str = "") -> None:
         if not self.acc.is_main_process:
             return
-        write_json_atomic(self.run_dir / "status.json", {
-            "state": state, "step": self.step, "max_steps": self.cfg.max_steps, "pid": os.getpid(),
-            "message": message, "student": self.cfg.student_name, "updated": time.time(),
-            "run_name": self.cfg.run_name})
+        write_status(self.run_dir, state, step=self.step, max_steps=self.cfg.max_steps, message=message,
+                     student=self.cfg.student_name, run_name=self.cfg.run_name)
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self.t_start)

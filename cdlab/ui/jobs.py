@@ -1,6 +1,7 @@
 """The training job manager: one trainer subprocess at a time, watched through its run directory.
 
-The trainer runs as ``python -m cdlab train ...`` in its own process group, so a crash or an
+The trainer runs as ``python -m cdlab train ...`` (a LoRA student) or ``python -m cdlab.flow.train_teacher ...`` (the
+flow teacher from scratch; `JobManager.start_flow_teacher`) in its own process group, so a crash or an
 out-of-memory kill ends that process, not the app; the app reports it with the last lines of the
 log. Stop sends SIGTERM (the trainer saves a checkpoint and exits) and kills the group after a
 timeout; a run is never left "stopping".
@@ -456,9 +457,9 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
         steps = steps if ok(steps, 1, 1000, int) else FLOW_RESUME_DEFAULTS["sample_steps"]
         return [*cmd, "--resume", "--minutes", f"{float(minutes):g}", "--grid-steps", str(steps)]
     flags = ("num_hiddens", "batch_size", "lr", "num_epochs", "epoch_images", "grid_steps")
+    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [*cmd, "--minutes", f"{float(settings['minutes']):g}",
-            *[x for k in flags for x in ("--" + k.replace("_", "-"), f"{settings[k]:g}" if isinstance(settings[k], float)
-                                         else str(settings[k]))]]
+            *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
 
 
 def trainer_thread_env() -> dict[str, str]:
