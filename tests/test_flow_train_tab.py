@@ -48,7 +48,8 @@ def test_flow_form_refuses_hostile_fields_naming_each():
                           ({"epoch_images": "many"}, "images an epoch"), ({"minutes": True}, "time budget"),
                           ({"num_epochs": None}, "epochs"), ({"minutes": -1}, "time budget"),
                           ({"epoch_images": 10 ** 400}, "images an epoch"), ({"student_name": "x"}, "student_name"),
-                          ({"__class__": 1}, "__class__")]:
+                          ({"__class__": 1}, "__class__"),
+                          ({"num_epochs": 100, "epoch_images": 60000, "batch_size": 16}, "epochs x images an epoch")]:
         with pytest.raises(ValueError, match=named):
             F.form_to_settings({**TINY, **change})
     with pytest.raises(ValueError, match="named fields"):

@@ -19,8 +19,9 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
-from cdlab.flow.train_teacher import TeacherConfig
+from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import shown_path
+from cdlab.train.config import APP_LIMITS
 from cdlab.ui import hosting as H
 from cdlab.ui.form import FormField, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
@@ -67,7 +68,8 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
     ``grid_steps`` (the server's, not the form's) and the `cdlab.flow.train_teacher.TeacherConfig` fields.
 
     Raises ``ValueError`` whose message names the field: an unknown key, an empty or non-numeric value, one not
-    finite, not whole (for a count) or out of its range."""
+    finite, not whole (for a count) or out of its range; or a run longer than the app's step limit (the one a
+    distillation run from the app has, `cdlab.train.config.APP_LIMITS`), naming the fields that make it."""
     if not isinstance(values, dict):
         raise ValueError("config: the form must be a set of named fields.")
     fields = form_fields()
@@ -75,7 +77,10 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
     if unknown:
         raise ValueError(f"config: unknown form field(s) {unknown}.")
     out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
-    TeacherConfig(**{k: v for k, v in out.items() if k != "minutes"}).check()  # the trainer's own limits too
+    cfg = TeacherConfig(**{k: v for k, v in out.items() if k != "minutes"}).check()  # the trainer's limits too
+    steps, limit = total_steps(cfg), int(APP_LIMITS["max_steps"][1])
+    if steps > limit:
+        raise ValueError(f"config: epochs x images an epoch / batch size is {steps} steps; the app's limit is {limit}.")
     out.update(grid_steps=grid_steps, run_name=run_name or f"flow-teacher-{time.strftime('%Y%m%d-%H%M%S')}")
     return out
 
