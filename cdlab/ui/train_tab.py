@@ -1,5 +1,6 @@
 """The Train tab: what one poll of a run shows (status, progress, loss chart data, labelled preview), the form
 (checked field by field, every value untrusted) and the tab itself (`TrainTab`, Gradio imported when it is built).
+With the flow teacher the form is `cdlab.ui.flow_train`'s (train that teacher from scratch); the poll is this one.
 """
 from __future__ import annotations
 
