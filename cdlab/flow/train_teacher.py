@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -49,17 +48,16 @@ from cdlab.flow import matching
 from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
 from cdlab.flow.unet import UNet
 from cdlab.paths import load_json_object, preview_file, write_json_atomic
-from cdlab.train.status import write_status
+from cdlab.train.status import MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "total_steps", "main"]
 
 GRID_EPOCHS = (1, 5, 10)  # the seed's deliverables (§2.3, §2.6)
 RUN_KIND = "flow-teacher"  # config.json's "kind": how the app's Train tab tells this run from a distillation's
-METRICS = "metrics.jsonl"  # the run protocol's loss file (cdlab.ui.runs.read_metrics)
 FLUSH_STEPS, FLUSH_SECONDS = 10, 2.0  # metrics.jsonl is flushed this often: the Train tab's curve moves live
 PREVIEW_SCALE = 3  # the previews' pixels per image pixel (the page shows 28 px images; the seed's grids stay 1x)
-_RUN_FILES = ("state.json", "config.json", METRICS)  # a folder holding any of them holds a run
+_RUN_FILES = ("state.json", "config.json", "metrics.jsonl")  # a folder holding any of them holds a run
 
 
 @dataclass(frozen=True)
@@ -249,15 +247,11 @@ class _Run:
         epoch_images = min(cfg.epoch_images, len(images))
         self.end = min(self.end, total_steps(cfg, len(images)))  # a data set smaller than an epoch
         start, spent = time.monotonic(), p["seconds"]
-        flushed = time.monotonic()
-        with open(self.out / METRICS, "a", encoding="utf-8") as metrics:
+        with MetricsWriter(self.out, FLUSH_STEPS, FLUSH_SECONDS) as metrics:
             while (end := self.why_stop(start)) is None:
                 row = self.step(images, labels, epoch_images)
                 row["elapsed_s"] = round(spent + time.monotonic() - start, 3)
-                metrics.write(json.dumps(row) + "\n")
-                if p["step"] % FLUSH_STEPS == 0 or time.monotonic() - flushed > FLUSH_SECONDS:
-                    metrics.flush()
-                    flushed = time.monotonic()
+                if metrics.write(row):
                     self.status("running", f"step {p['step']}, epoch {p['epoch'] + 1}/{cfg.num_epochs}")
                 if p["position"] >= epoch_images:
                     p.update(epoch=p["epoch"] + 1, position=0)
