@@ -161,3 +161,30 @@ def test_a_flow_teacher_whose_app_is_gone_stops_at_a_checkpoint(tmp_path, fashio
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "stopped" and "app that started it is gone" in status["message"]
     assert R.resumable(out) and status["step"] < 400
+
+
+@pytest.mark.slow
+def test_a_student_of_a_flow_teacher_run_from_the_tab(tmp_path, fashion_dir):
+    """A teacher run, then a reflow student of it launched through the JobManager; the poll reads its loss rows."""
+    from cdlab.flow import train_teacher
+
+    runs = tmp_path / "runs"
+    cfg = train_teacher.TeacherConfig(num_hiddens=8, batch_size=16, epoch_images=32, num_epochs=1)
+    train_teacher.train(runs / "teacher", 5, cfg, data_root=str(fashion_dir), grid_steps=2, log=lambda line: None)
+    jobs = JobManager(runs, model="fashion-flow", env={"OMP_NUM_THREADS": "1"})
+    for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "dmd"}, "method"),
+                       ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
+                       ({"shell": "rm"}, "shell")]:
+        with pytest.raises(ValueError, match=named):
+            F.student_settings({"teacher_run": "teacher", **bad})
+    with pytest.raises(JobError, match="No flow teacher run"):
+        jobs.start_flow_student(F.student_settings({"teacher_run": "nope"}))
+    settings = F.student_settings({"teacher_run": "teacher", "steps": 6, "batch_size": 8, "pairs": 16,
+                                   "lora_rank": 4}, run_name="student-a")
+    jobs.start_flow_student(settings, owner="tok")
+    v = _wait(jobs, "student-a", lambda v: not v.active, timeout=90)
+    assert (v.state, v.step, v.max_steps) == ("finished", 6, 6), v.status_md
+    assert [r["step"] for r in R.read_metrics(runs / "student-a")] == list(range(1, 7))
+    card = json.loads((runs / "student-a" / "student" / "card.json").read_text())
+    assert card["method"] == "reflow" and card["training_config"]["trained_steps"] == 6
+    assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"

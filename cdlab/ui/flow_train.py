@@ -21,7 +21,7 @@ from typing import Any, Callable
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import shown_path
-from cdlab.train.config import APP_LIMITS
+from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
 from cdlab.ui.form import FormField, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
@@ -83,6 +83,47 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
         raise ValueError(f"config: epochs x images an epoch / batch size is {steps} steps; the app's limit is {limit}.")
     out.update(grid_steps=grid_steps, run_name=run_name or f"flow-teacher-{time.strftime('%Y%m%d-%H%M%S')}")
     return out
+
+
+STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000, "guidance": 2.0,
+                    "lora_rank": 16}
+_STUDENT_FORM = [  # key, label, kind, minimum, maximum
+    ("steps", "student steps", "int", 1, 20000),
+    ("batch_size", "student batch size", "int", 1, 512),
+    ("lr", "student learning rate", "float", 1e-5, 0.05),
+    ("pairs", "reflow pairs (teacher samples)", "int", 16, 20000),
+    ("guidance", "teacher CFG distilled in", "float", 1.0, 10.0),
+    ("lora_rank", "LoRA rank", "int", 1, 64),
+]
+METHODS = ("reflow", "cd")
+
+
+def student_fields() -> list[FormField]:
+    """The student form's numbers (the method and the teacher run are choices beside them)."""
+    return [FormField(key, label, kind, STUDENT_DEFAULTS[key], minimum=lo, maximum=hi)
+            for key, label, kind, lo, hi in _STUDENT_FORM]
+
+
+def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> dict[str, Any]:
+    """Check the student form (every field hostile) and return the settings for
+    `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
+    checks it is a flow teacher run with weights), ``method`` (``reflow`` or ``cd``), the numbers of
+    `student_fields` and ``run_name``. Raises ``ValueError`` whose message names the field."""
+    if not isinstance(values, dict):
+        raise ValueError("config: the form must be a set of named fields.")
+    fields = student_fields()
+    unknown = sorted(str(k)[:40] for k in set(values) - {f.key for f in fields} - {"teacher_run", "method"})
+    if unknown:
+        raise ValueError(f"config: unknown form field(s) {unknown}.")
+    teacher = values.get("teacher_run")
+    if not isinstance(teacher, str) or not RUN_NAME_RE.fullmatch(teacher):
+        raise ValueError(f"config: teacher run must be a run's name, got {str(teacher)[:40]!r}.")
+    method = values.get("method", STUDENT_DEFAULTS["method"])
+    if method not in METHODS:
+        raise ValueError(f"config: method must be one of {METHODS}, got {str(method)[:40]!r}.")
+    out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
+    return {**out, "teacher_run": teacher, "method": method,
+            "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
 
 def data_problem(root: str | None = None) -> str | None:

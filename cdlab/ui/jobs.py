@@ -153,6 +153,18 @@ class JobManager:
         return self._start_new({**settings, "kind": runs_mod.FLOW_TEACHER},
                                lambda cfg_path, run_dir: flow_teacher_command(self.python, run_dir, settings), owner)
 
+    def start_flow_student(self, settings: dict[str, Any], owner: str | None = None) -> Job:
+        """Launch ``python -m cdlab.flow.distill --run-dir`` on a new run folder: a few-step student of the flow
+        teacher run ``settings["teacher_run"]`` (checked ones: `cdlab.ui.flow_train.student_settings`), saved to
+        ``<run>/student``; the same slot, owner and stop rules as `start` (a student run has no Resume)."""
+        teacher = self.runs_dir / str(settings.get("teacher_run") or "")
+        if not RUN_NAME_RE.fullmatch(teacher.name) or runs_mod.run_kind(teacher) != runs_mod.FLOW_TEACHER or \
+                not runs_mod.resumable(teacher):
+            raise JobError(f"No flow teacher run named {teacher.name[:40]!r} with saved weights in runs/.")
+        return self._start_new({**settings, "kind": runs_mod.FLOW_STUDENT},
+                               lambda cfg_path, run_dir: flow_student_command(self.python, teacher, run_dir, settings),
+                               owner)
+
     def _start_new(self, ui_config: dict[str, Any], command, owner: str | None) -> Job:
         """A new run: its folder (refused when it holds anything), the slot, ``ui_config.json`` and the launch of
         ``command(cfg_path, run_dir)``; on any failure the slot is released and a folder made here removed."""
@@ -459,6 +471,15 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
     flags = ("num_hiddens", "batch_size", "lr", "num_epochs", "epoch_images", "grid_steps")
     shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [*cmd, "--minutes", f"{float(settings['minutes']):g}",
+            *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
+
+
+def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student to ``run_dir/student``."""
+    flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank")
+    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+    return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
+            "--out", str(Path(run_dir) / "student"),
             *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from cdlab.flow.distill import STUDENT_RUN_KIND as FLOW_STUDENT
 from cdlab.flow.train_teacher import RUN_KIND as FLOW_TEACHER
 from cdlab.paths import read_json
 from cdlab.train.checkpoints import CKPT_RE, evenly_spaced, latest_checkpoint  # latest_checkpoint: re-exported
@@ -162,22 +163,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_kind(run_dir: Path) -> str:
-    """What a run trains: ``"flow-teacher"`` (its ``config.json``, or before that the app's ``ui_config.json``,
-    says ``"kind": "flow-teacher"``) or ``"distill"`` (``python -m cdlab train``: a LoRA student)."""
+    """What a run trains, from its ``config.json`` (or before that the app's ``ui_config.json``): ``"flow-teacher"``
+    (``python -m cdlab.flow.train_teacher``), ``"flow-student"`` (``python -m cdlab.flow.distill --run-dir``) or
+    ``"distill"`` (``python -m cdlab train``: a LoRA student of the diffusion teachers)."""
     for name in ("config.json", "ui_config.json"):
         cfg = read_json(Path(run_dir) / name)
         if cfg is not None:
-            return FLOW_TEACHER if cfg.get("kind") == FLOW_TEACHER else "distill"
+            return cfg["kind"] if cfg.get("kind") in (FLOW_TEACHER, FLOW_STUDENT) else "distill"
     return "distill"
 
 
 def resumable(run_dir: Path) -> bool:
     """Whether a run has a checkpoint to continue from: a flow teacher's ``state.json`` and weights, a
-    distillation run's newest ``checkpoints/ckpt_*``."""
+    distillation run's newest ``checkpoints/ckpt_*``; a flow student's run has none."""
     run_dir = Path(run_dir)
-    if run_kind(run_dir) == FLOW_TEACHER:
+    kind = run_kind(run_dir)
+    if kind == FLOW_TEACHER:
         return (run_dir / "state.json").is_file() and (run_dir / "unet.safetensors").is_file()
-    return latest_checkpoint(run_dir) is not None
+    return kind == "distill" and latest_checkpoint(run_dir) is not None
 
 
 def resume_points(rows: list[dict[str, Any]]) -> list[int]:
