@@ -68,6 +68,9 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
             tab = T.TrainTab(jobs, TEACHER, "fashion-flow", gr.BrowserState(""))
     assert [c.label for c in tab.ui.inputs] == [f.label for f in F.form_fields()]
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
+    assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
+    with pytest.raises(gr.Error, match="teacher run"):
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -23,6 +23,7 @@ from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import shown_path
 from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
+from cdlab.ui import runs as runs_mod
 from cdlab.ui.form import FormField, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import user_errors
@@ -162,10 +163,57 @@ def start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[Job
     return do_start_flow
 
 
+def teacher_runs(jobs: JobManager) -> list[str]:
+    """The flow teacher runs a student can be distilled from (their weights saved), newest first."""
+    return [r.name for r in runs_mod.list_runs(jobs.runs_dir)
+            if runs_mod.run_kind(r.path) == runs_mod.FLOW_TEACHER and runs_mod.resumable(r.path)]
+
+
+def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[JobManager], list]) -> Callable:
+    """The tab's ``/train_flow_student``: a few-step student of a flow teacher run (`student_settings`), through
+    `cdlab.ui.jobs.JobManager.start_flow_student`; the host's rules as for Start."""
+    import gradio as gr
+
+    @user_errors
+    def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, owner,
+                         instructor_token=""):
+        """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
+        if not policy.training_allowed():
+            raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        policy.require_instructor(instructor_token, "Training")
+        settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
+                                         lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank))
+        owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        job = jobs.start_flow_student(settings, owner=owner)
+        return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
+
+    keys = ["teacher_run", "method", *(f.key for f in student_fields())]
+    assert keys == list(inspect.signature(do_start_student).parameters)[:len(keys)], "form != do_start_student"
+    return do_start_student
+
+
+def student_form(jobs: JobManager, training_on: bool) -> SimpleNamespace:
+    """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, `student_fields` and the
+    Distil button. Its student is saved in the new run's folder, ``<run>/student``."""
+    import gradio as gr
+
+    with gr.Accordion("Distil a few-step student from a teacher run", open=False):
+        runs = teacher_runs(jobs)
+        st = SimpleNamespace(teacher_run=gr.Dropdown(runs, value=runs[0] if runs else None, label="teacher run",
+                                                     elem_id="flow-teacher-run"),
+                             method=gr.Radio(list(METHODS), value=STUDENT_DEFAULTS["method"], label="method",
+                                             info="reflow: 2-rectified flow on teacher pairs · cd: consistency "
+                                                  "distillation on the flow ODE"))
+        st.inputs = form_inputs(student_fields())
+        st.start = gr.Button("Distil", interactive=training_on, elem_id="flow-student-start")
+    return st
+
+
 def flow_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
     """The left column for the flow teacher: who may do what, what the run is, the data's state (how to get it
     when missing), the form, the instructor token and the Start / Stop / Resume buttons. ``form_extra``: no
-    data-set, advanced or overwrite inputs (the data is Fashion-MNIST; a teacher run publishes no student)."""
+    data-set, advanced or overwrite inputs (the data is Fashion-MNIST; a teacher run publishes no student). The
+    tab adds the folded student form below it (`student_form`)."""
     import gradio as gr
 
     if policy.rules_line():

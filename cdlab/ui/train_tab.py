@@ -338,8 +338,10 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
     import gradio as gr
 
     policy = policy or H.Policy()
-    start = flow_train.start_handler(jobs, policy, run_choices) if flow_train.is_flow_teacher(model, teacher) \
+    flow = flow_train.is_flow_teacher(model, teacher)
+    start = flow_train.start_handler(jobs, policy, run_choices) if flow \
         else distill_start_handler(jobs, teacher, model, policy, adapters_root)
+    start_student = flow_train.student_start_handler(jobs, policy, run_choices) if flow else None
     assert [f.key for f in fields] == list(inspect.signature(start).parameters)[:len(fields)], "form != start"
 
     @user_errors
@@ -388,7 +390,7 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         choices, name = listed_runs(jobs)
         return (gr.Dropdown(choices=choices, value=name), *view_outputs(poll(jobs, name)))
 
-    return SimpleNamespace(start=start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
+    return SimpleNamespace(start=start, start_student=start_student, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
                            poll=do_poll, refresh_runs=refresh_runs, load_view=load_view)
 
 
@@ -448,13 +450,14 @@ class TrainTab:
         flow = flow_train.is_flow_teacher(model, teacher)
         fields = flow_train.form_fields() if flow else form_fields(model, teacher.resolution)
         training_on = policy.training_allowed()
-        self.fn = train_handlers(jobs, teacher, model, fields, policy, adapters_root)
+        self.fn, self.jobs = train_handlers(jobs, teacher, model, fields, policy, adapters_root), jobs
         with gr.Tab("Train", id="train"):
             if not training_on:
                 gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
             with gr.Row():
                 with gr.Column(scale=2):
                     ui = (flow_train.flow_form if flow else train_form)(fields, training_on, policy)
+                    ui.student = flow_train.student_form(jobs, training_on) if flow else None
                 with gr.Column(scale=3):
                     train_monitor(ui, jobs)
             # Full width: the captions above the rows stay readable at 1280 px.
@@ -477,6 +480,14 @@ class TrainTab:
         form = [*ui.inputs, *ui.form_extra, owner, ui.instructor]
         ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
+        if ui.student is not None:  # the flow teacher's second form: a student of a teacher run
+            st = ui.student
+            named_errors(st.teacher_run, st.method, *st.inputs)
+            st.start.click(fn.start_student, [st.teacher_run, st.method, *st.inputs, owner, ui.instructor],
+                           [ui.run_dd, owner_out], api_name="train_flow_student").success(
+                lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
+            ui.runs_refresh.click(lambda: gr.Dropdown(choices=flow_train.teacher_runs(self.jobs)), None,
+                                  st.teacher_run, api_visibility="private")
         ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_stop").success(
             **start_polling)
         ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_resume").success(
