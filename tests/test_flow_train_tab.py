@@ -166,15 +166,21 @@ def test_a_flow_teacher_whose_app_is_gone_stops_at_a_checkpoint(tmp_path, fashio
     assert R.resumable(out) and status["step"] < 400
 
 
-@pytest.mark.slow
-def test_a_student_of_a_flow_teacher_run_from_the_tab(tmp_path, fashion_dir):
-    """A teacher run, then a reflow student of it launched through the JobManager; the poll reads its loss rows."""
+@pytest.fixture
+def teacher_jobs(tmp_path, fashion_dir) -> JobManager:
+    """A JobManager over ``runs/`` that holds one finished tiny flow teacher run, ``teacher``."""
     from cdlab.flow import train_teacher
 
     runs = tmp_path / "runs"
     cfg = train_teacher.TeacherConfig(num_hiddens=8, batch_size=16, epoch_images=32, num_epochs=1)
     train_teacher.train(runs / "teacher", 5, cfg, data_root=str(fashion_dir), grid_steps=2, log=lambda line: None)
-    jobs = JobManager(runs, model="fashion-flow", env={"OMP_NUM_THREADS": "1"})
+    return JobManager(runs, model="fashion-flow", env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
+    """A reflow student of a teacher run launched through the JobManager; the poll reads its loss rows."""
+    jobs, runs = teacher_jobs, teacher_jobs.runs_dir
     for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "dmd"}, "method"),
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
                        ({"shell": "rm"}, "shell")]:
@@ -191,3 +197,19 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(tmp_path, fashion_dir):
     card = json.loads((runs / "student-a" / "student" / "card.json").read_text())
     assert card["method"] == "reflow" and card["training_config"]["trained_steps"] == 6
     assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"
+
+
+@pytest.mark.slow
+def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs):
+    """A student run has no checkpoint: Stop saves the student as trained so far, and there is no Resume."""
+    jobs, runs = teacher_jobs, teacher_jobs.runs_dir
+    long = F.student_settings({"teacher_run": "teacher", "steps": 20000, "batch_size": 8, "pairs": 16,
+                               "lora_rank": 4}, run_name="student-b")
+    jobs.start_flow_student(long, owner="tok")
+    _wait(jobs, "student-b", lambda v: v.step >= 10)
+    jobs.stop("student-b", wait=True, owner="tok", check_owner=True)
+    v = T.poll(jobs, "student-b")
+    card = json.loads((runs / "student-b" / "student" / "card.json").read_text())
+    assert v.state == "stopped" and card["training_config"]["trained_steps"] == v.step >= 10, v.status_md
+    with pytest.raises(JobError, match="no complete checkpoint"):
+        jobs.resume("student-b", owner="tok")
