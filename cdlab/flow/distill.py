@@ -2,6 +2,9 @@
 
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --steps 2000 --out runs/flow-cd-4
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --out runs/flow-rf
+    python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --out runs/s/student
+
+``--run-dir`` also writes the run folder the app's Train tab reads (`run_in_folder`), as the app's student runs do.
 
 **Consistency distillation on the flow ODE** (``method="cd"``, ``num_boundaries`` N; N > 1 is multi-boundary CD).
 The lab's one consistency loss (:func:`cdlab.loss.consistency_loss`) with the flow teacher's eps model
