@@ -97,6 +97,10 @@ def test_flow_start_handler_names_the_refused_field_and_keeps_the_classroom_rule
     with pytest.raises(gr.Error, match="belongs to the instructor"):
         fn.start(*TINY.values(), "", "not the token")
     assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+    (tmp_path / "runs" / "lora-run").mkdir(parents=True)  # a distillation run of another teacher: no Resume here
+    (tmp_path / "runs" / "lora-run" / "config.json").write_text(json.dumps({"model": "tiny", "method": "mbcd"}))
+    with pytest.raises(gr.Error, match="student of another teacher"):
+        T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields()).resume("lora-run", "")
 
 
 def _wait(jobs: JobManager, name: str, until, timeout: float = 60.0) -> T.RunView:

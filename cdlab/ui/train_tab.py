@@ -360,6 +360,9 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         policy.require_instructor(instructor_token, "Resuming a run")
         if not run_name:
             raise gr.Error("Pick a run to resume.")
+        if flow and isinstance(run_name, str) and runs_mod.run_kind(jobs.runs_dir / run_name) == "distill":
+            raise gr.Error(f"Run {run_name[:40]!r} trains a student of another teacher; resume it from an app "
+                           "serving that teacher.")
         jobs.resume(run_name, owner=owner, allow_unowned=not policy.public,
                     override=policy.is_instructor(instructor_token))
         return f"Run `{run_name}` resumes from its newest complete checkpoint."
