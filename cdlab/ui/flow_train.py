@@ -7,9 +7,12 @@ slot, owner and stop/resume rules as a distillation run, and the tab's one polle
 shows its loss and class grids: the flow teacher writes the same run folder (`cdlab.flow.train_teacher`).
 
 Browser defaults (`BROWSER_DEFAULTS`) differ from the CLI's in one setting: an epoch covers 12,800 images (100
-steps at batch 128, about a minute on 2 cores) instead of the 60,000 of the training set, so a grid appears after
-every minute or so, the seed's epoch-1, 5 and 10 grids within about 1, 5 and 10 minutes, and the learning rate
-still decays to 0.1x over the run's 10 epochs (docs/flow.md).
+steps at batch 128, one to two minutes on 2 cores) instead of the 60,000 of the training set, so a grid appears
+after every epoch, the seed's epoch-1 grid within about 2 minutes, and the learning rate still decays to 0.1x
+over the run's 10 epochs (docs/flow.md).
+
+A second, folded form distils a few-step student from a teacher run (`student_settings`, `student_form`,
+`student_start_handler`: ``python -m cdlab.flow.distill --run-dir``), watched by the same poller.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from cdlab.ui.form import FormField, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import user_errors
 
-__all__ = ["FLOW_MODEL", "FLOW_BASE_ID", "BROWSER_DEFAULTS", "GRID_STEPS", "is_flow_teacher", "form_fields",
-           "form_to_settings", "data_problem", "start_handler", "flow_form"]
+__all__ = ["FLOW_MODEL", "FLOW_BASE_ID", "BROWSER_DEFAULTS", "GRID_STEPS", "STUDENT_DEFAULTS", "METHODS",
+           "is_flow_teacher", "form_fields", "form_to_settings", "student_fields", "student_settings", "data_problem",
+           "start_handler", "teacher_runs", "student_start_handler", "student_form", "flow_form"]
 
 FLOW_MODEL = "fashion-flow"          # the app's --model for the flow teacher
 FLOW_BASE_ID = "cdlab/fashion-flow"  # its teacher object's base_id
