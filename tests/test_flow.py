@@ -332,7 +332,12 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
                                                                "seconds": whole["seconds"]}
     a, b = (load_file(str(tmp_path / run / "unet.safetensors")) for run in ("whole", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "split" / "loss.jsonl").read_text() == (tmp_path / "whole" / "loss.jsonl").read_text()
+    curves = [[(r["step"], r["epoch"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]
+              for run in ("whole", "split")]
+    assert curves[0] == curves[1] and [s for s, _, _ in curves[0]] == [1, 2, 3, 4]  # one row a step, steps done
+    status = json.loads((tmp_path / "split" / "status.json").read_text())
+    assert (status["state"], status["step"], status["max_steps"]) == ("finished", 4, 4)  # the run protocol's
+    assert sorted(p.name for p in (tmp_path / "whole" / "previews").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert (tmp_path / "whole" / "samples-epoch1.png").is_file()  # the seed's epoch-1 grid
     assert train_teacher.load_unet(tmp_path / "whole").num_hiddens == 4
     with pytest.raises(FileExistsError, match="--resume"):

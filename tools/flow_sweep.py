@@ -77,7 +77,7 @@ def pack_teachers():
     with tarfile.open(OUT / "teachers.tar", "w") as t:
         for v in VARIANTS:
             d = W / f"teacher-{v}"
-            for f in ("unet.safetensors", "state.json", "loss.jsonl", "samples-epoch1.png", "samples-epoch5.png", "samples-epoch10.png"):
+            for f in ("unet.safetensors", "state.json", "metrics.jsonl", "samples-epoch1.png", "samples-epoch5.png", "samples-epoch10.png"):
                 if (d / f).exists() and not (f == "unet.safetensors" and v in "CD"):
                     t.add(d / f, f"teacher-{v}/{f}")
         if (W / "classifier").exists():
@@ -123,18 +123,18 @@ try:
     teacher = str(W / f"teacher-{bv}")
 
     S = W / "students"
-    common = ["-m", "cdlab.flow.distill", "--teacher", teacher, "--device", DEV, "--guidance", str(bg), "--max-seconds", "10" if SMOKE else "70"]
-    procs = [start("cd-1", [*common, "--method", "cd", "--num-boundaries", "1", "--sample-steps", "1", "--steps", "6000", "--out", str(S / "fashion-cd-1")]),
-             start("cd-4", [*common, "--method", "cd", "--num-boundaries", "1", "--sample-steps", "4", "--steps", "6000", "--out", str(S / "fashion-cd-4")]),
-             start("mbcd-4", [*common, "--method", "cd", "--num-boundaries", "4", "--sample-steps", "4", "--steps", "6000", "--out", str(S / "fashion-mbcd-4")]),
-             start("reflow", [*common, "--method", "reflow", "--pairs", "300" if SMOKE else "30000", "--steps", "6000", "--lr", "2e-3", "--out", str(S / "fashion-reflow")])]
+    common = ["-m", "cdlab.flow.distill", "--teacher", teacher, "--root", str(S), "--device", DEV, "--guidance", str(bg), "--max-seconds", "10" if SMOKE else "70"]
+    procs = [start("cd-1", [*common, "--method", "cd", "--num-boundaries", "1", "--sample-steps", "1", "--steps", "6000", "--name", "fashion-cd-1"]),
+             start("cd-4", [*common, "--method", "cd", "--num-boundaries", "1", "--sample-steps", "4", "--steps", "6000", "--name", "fashion-cd-4"]),
+             start("mbcd-4", [*common, "--method", "cd", "--num-boundaries", "4", "--sample-steps", "4", "--steps", "6000", "--name", "fashion-mbcd-4"]),
+             start("reflow", [*common, "--method", "reflow", "--pairs", "300" if SMOKE else "30000", "--steps", "6000", "--lr", "2e-3", "--name", "fashion-reflow"])]
     wait(procs)
     procs = [start("reflow-1", [*common, "--method", "reflow", "--pairs", "300" if SMOKE else "30000", "--reflow-times", "zero", "--sample-steps", "1",
-                                "--steps", "3000", "--init", str(S / "fashion-reflow"), "--out", str(S / "fashion-reflow-1")])]
+                                "--steps", "3000", "--init", "fashion-reflow", "--name", "fashion-reflow-1"])]
     wait(procs)
-    students = [str(p) for p in sorted(S.iterdir()) if (p / "card.json").exists()]
+    students = [p.name for p in sorted(S.iterdir()) if (p / "card.json").exists()]
     subprocess.run([py, "-m", "cdlab.flow.evaluate", "--teacher", teacher, "--classifier", str(W / "classifier"), "--n", "200" if SMOKE else "2000", "--device", DEV,
-                    "--guidance", str(bg), "--out", str(OUT / "results.json"), *sum([["--student", s] for s in students], [])],
+                    "--guidance", str(bg), "--adapters", str(S), "--out", str(OUT / "evaluation"), *sum([["--student", s] for s in students], [])],
                    env=env, stdout=open(LOGS / "evaluate.log", "w"), stderr=subprocess.STDOUT)
 
     log("evaluated")

@@ -30,8 +30,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "MAX_IDX_BYTES", "SPLITS", "data_root", "load_fashion_mnist",
-           "read_idx"]
+__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "INSTALL_HINT", "MAX_IDX_BYTES", "SPLITS", "data_root",
+           "find_split", "load_fashion_mnist", "read_idx"]
 
 # The 10 classes of Fashion-MNIST, in label order (Xiao, Rasul & Vollgraf 2017, Table 1).
 CLASS_NAMES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -43,7 +43,7 @@ SPLITS = {"train": "train", "test": "t10k"}
 # The largest idx payload read: MNIST's training images are 47,040,000 bytes; 64 MiB leaves room, no more.
 MAX_IDX_BYTES = 64 * 1024 * 1024
 _UBYTE = 0x08
-_INSTALL_HINT = "apt-get install dataset-fashion-mnist"
+INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 
 
 def _read_exactly(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
@@ -98,9 +98,21 @@ def _find(root: Path, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"Fashion-MNIST not found: no {name}.gz or {name} in {root}. Install it with `{_INSTALL_HINT}` "
+        f"Fashion-MNIST not found: no {name}.gz or {name} in {root}. Install it with `{INSTALL_HINT}` "
         f"(files in {DEFAULT_ROOT}), or point ${ENV_VAR} (or the data argument) at a folder of idx files "
         f"(MNIST's work too)")
+
+
+def find_split(split: str, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The image and label files of one split (``"train"`` or ``"test"``), without reading them.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to install them). ValueError: an unknown split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    folder, prefix = data_root(root), SPLITS[split]
+    return _find(folder, f"{prefix}-images-idx3-ubyte"), _find(folder, f"{prefix}-labels-idx1-ubyte")
 
 
 def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +129,9 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
         FileNotFoundError: the files are missing (the message says how to install them).
         ValueError: an unknown split, or files that are not a matching pair of 28x28 images and 0..9 labels.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    folder = data_root(root)
-    prefix = SPLITS[split]
-    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    image_file, label_file = find_split(split, root)
+    folder = image_file.parent
+    images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"{folder}: {split} images have shape {images.shape}, expected [N, 28, 28]")
     if labels.shape != (images.shape[0],):

@@ -1,7 +1,13 @@
 """Few-step students of the flow teacher, as LoRA adapters on its UNet.
 
-    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --steps 2000 --out runs/flow-cd-4
-    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --out runs/flow-rf
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --num-boundaries 4 --name fashion-mbcd-4
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --name fashion-rf
+    python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s
+
+Students land in ``adapters/<name>/`` with their card (``--root`` another folder), as every student does; a name
+that is taken is refused.
+
+``--run-dir`` also writes the run folder the app's Train tab reads (`run_in_folder`), as the app's student runs do.
 
 **Consistency distillation on the flow ODE** (``method="cd"``, ``num_boundaries`` N; N > 1 is multi-boundary CD).
 The lab's one consistency loss (:func:`cdlab.loss.consistency_loss`) with the flow teacher's eps model
@@ -41,15 +47,18 @@ from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss
-from cdlab.paths import FLOW_ID, write_json_atomic
+from cdlab.paths import FLOW_ID, shown_path, write_json_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, validate_name
 from cdlab.students.roles import adapter_role
+from cdlab.train.status import MetricsWriter, write_status
+from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
            "StudentConfig", "distill", "student_card", "save_flow_student", "student_lora", "main"]
 
 ADAPTER = "student"
+STUDENT_RUN_KIND = "flow-student"  # config.json's "kind" in a --run-dir (the app's Train tab)
 
 
 def lora_targets(unet: nn.Module) -> list[str]:
@@ -126,11 +135,12 @@ def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
 
 
 def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None, root: str | Path | None = None,
-            device: str = "cpu",
-            max_seconds: float | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, int]:
+            device: str = "cpu", max_seconds: float | None = None, log: Callable[[str], None] = print,
+            on_step: Callable[[int, float], bool] | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode) and the steps taken. ``init``: start from that student's LoRA
-    (a name in ``root``, default ``adapters/``)."""
+    (a name in ``root``, default ``adapters/``). ``on_step(steps_done, loss)`` after each step (a run folder's
+    metrics row, `main`'s ``--run-dir``) stops the training when it returns True."""
     dev = torch.device(device)
     unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
     if init is not None:
@@ -171,6 +181,9 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
                 for n, p in named:
                     ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
         done = step + 1
+        if on_step is not None and on_step(done, float(out["loss"].item())):
+            log(f"{cfg.method}: stopped at step {done} of {cfg.steps}")
+            break
         if step % 200 == 0 or step == cfg.steps - 1:
             log(f"{cfg.method} step {step}: loss {out['loss'].item():.3e} ({time.monotonic() - start:.0f} s)")
         if max_seconds is not None and time.monotonic() - start > max_seconds:
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default=None, help="start from this student (a name in --root)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--run-dir", default=None, help="also write a run folder the app's Train tab reads (status, "
+                   "metrics.jsonl), and stop on SIGTERM (the app's Stop) or when the app is gone")
     defaults = StudentConfig()
     for name, value in asdict(defaults).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -241,11 +256,53 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--method must be cd or reflow, --reflow-times uniform or zero")
     try:
         validate_name(args.name)
+        if args.run_dir is not None:
+            return run_in_folder(args, cfg)
         unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
                              max_seconds=args.max_seconds)
         print(f"saved {save_flow_student(unet, args.name, cfg, args.root, trained_steps=done, init=args.init)}")
     except (StudentError, FileNotFoundError) as e:
         p.error(str(e))
+    return 0
+
+
+def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
+    """`main` with ``--run-dir``: the same training, with the run-folder protocol of the Train tab
+    (`cdlab.train.status`: ``config.json`` with ``"kind": "flow-student"``, ``status.json``, ``metrics.jsonl``) and
+    the trainers' stop rules (`cdlab.train.stopping`). A student run has no checkpoint: Stop saves the student as
+    trained so far ("stopped"); a run whose app is gone saves nothing."""
+    run = Path(args.run_dir)
+    if (run / "config.json").exists():
+        raise SystemExit(f"{run} already holds a run; choose a new --run-dir")
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / "config.json", {"kind": STUDENT_RUN_KIND, "run_name": run.name, "teacher": str(args.teacher),
+                                            "config": asdict(cfg), "max_steps": cfg.steps})
+
+    def status(state: str, message: str, step: int = 0) -> None:
+        write_status(run, state, step=step, max_steps=cfg.steps, message=message, student=args.name)
+
+    stop, t0 = StopFlag(), time.monotonic()
+    with stop.installed(), MetricsWriter(run) as metrics:
+        watch_parent(stop.on_orphaned)
+
+        def on_step(step: int, loss: float) -> bool:
+            if metrics.write({"step": step, "loss": loss, "max_steps": cfg.steps,
+                              "elapsed_s": round(time.monotonic() - t0, 3)}):
+                status("running", f"step {step}", step)
+            return stop.requested
+
+        try:
+            status("running", "loading the teacher" + (" and drawing its pairs" if cfg.method == "reflow" else ""))
+            unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
+                                 max_seconds=args.max_seconds, on_step=on_step)
+        except BaseException as e:
+            status("failed", f"{type(e).__name__}: {e}")
+            raise
+    if stop.orphaned:
+        status("stopped", f"stopped at step {done}: the app that started it is gone; nothing saved", done)
+        return 0
+    saved = save_flow_student(unet, args.name, cfg, args.root, trained_steps=done, init=args.init)
+    status("stopped" if stop.requested else "finished", f"saved {shown_path(saved)} after {done} steps", done)
     return 0
 
 

@@ -6,25 +6,33 @@
 Each step is :func:`cdlab.flow.matching.train_step` (the flow-matching loss with 10% of the classes dropped);
 the learning rate decays by the seed's exponential schedule once per epoch. The defaults are the CPU sketch of
 issue 24 (D = 32, batch 128, Adam 2e-3: recognisable garments after about 9 minutes on 2 cores), not the seed's
-GPU settings (:class:`cdlab.flow.matching.SeedRecipe`); ``--epoch-images`` sets what "an epoch" covers.
+GPU settings (:class:`cdlab.flow.matching.SeedRecipe`); ``--epoch-images`` sets what "an epoch" covers (the app's
+Train tab starts runs with short epochs: `cdlab.ui.flow_train`).
 
-The folder ``--out`` holds, rewritten after every epoch and at the end:
+The folder ``--out`` is a run folder as the app's Train tab reads it (`cdlab.ui.runs`, the same protocol as
+``python -m cdlab train``), so a run from the CLI or the app shows its loss and grids live:
 
 =========================  ===================================================================================
-``unet.safetensors``       the UNet's weights and BatchNorm statistics
+``unet.safetensors``       the UNet's weights and BatchNorm statistics (the checkpoint, with the next two)
 ``optimizer.safetensors``  Adam's moments, to resume
 ``state.json``             the config, the step, the epoch and the position in it, the learning rate
-``loss.jsonl``             one ``{"step", "epoch", "loss"}`` line per step (the seed's loss curve)
-``samples-epoch{E}.png``   after epochs 1, 5 and 10: 4 samples of each class (columns), Euler-50 with CFG 5
+``config.json``            what the run is: ``"kind": "flow-teacher"``, its config, its time budget, the grids'
+                           captions (the classes) and Euler steps
+``status.json``            running / stopping / finished / stopped / failed, the step, the pid (`cdlab.train.status`)
+``metrics.jsonl``          one ``{"step", "epoch", "loss", "lr", ...}`` line per step (the seed's loss curve),
+                           flushed every 10 steps or 2 s; ``step`` counts the steps done
+``previews/step_S.png``    after every epoch: 4 samples of each class (columns), Euler-50 with CFG 5, 3x pixels
+``samples-epoch{E}.png``   the seed's deliverables: the same grid after epochs 1, 5 and 10, at 1x
 =========================  ===================================================================================
 
-An existing folder is never overwritten: ``--resume`` continues it, else choose a new ``--out``.
+A run ends "finished" after its epochs; "stopped" (resumable) at the time budget, at ``--max-steps``, on SIGTERM or
+SIGINT, or when the app that started it is gone (`cdlab.train.stopping`): each saves a checkpoint first. A folder
+that holds a run is never overwritten: ``--resume`` continues it, else choose a new ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,13 +45,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cdlab.flow import matching
-from cdlab.flow.data import load_fashion_mnist
+from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
 from cdlab.flow.unet import UNet
-from cdlab.paths import load_json_object, write_json_atomic
+from cdlab.paths import load_json_object, preview_file, write_json_atomic
+from cdlab.train.status import MetricsWriter, write_status
+from cdlab.train.stopping import StopFlag, watch_parent
 
-__all__ = ["TeacherConfig", "GRID_EPOCHS", "train", "class_grid", "load_unet", "main"]
+__all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "total_steps", "main"]
 
 GRID_EPOCHS = (1, 5, 10)  # the seed's deliverables (§2.3, §2.6)
+RUN_KIND = "flow-teacher"  # config.json's "kind": how the app's Train tab tells this run from a distillation's
+FLUSH_STEPS, FLUSH_SECONDS = 10, 2.0  # metrics.jsonl is flushed this often: the Train tab's curve moves live
+PREVIEW_SCALE = 3  # the previews' pixels per image pixel (the page shows 28 px images; the seed's grids stay 1x)
+_RUN_FILES = ("state.json", "config.json", "metrics.jsonl")  # a folder holding any of them holds a run
 
 
 @dataclass(frozen=True)
@@ -144,8 +158,8 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) ->
     progress = {"step": 0, "epoch": 0, "position": 0, "seconds": 0.0}
     if resume:
         cfg, progress = _read_state(out)
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty: continue it with --resume, or choose a new --out")
+    elif any((out / name).exists() for name in _RUN_FILES):
+        raise FileExistsError(f"{out} holds a run: continue it with --resume, or choose a new --out")
     torch.manual_seed(cfg.seed)
     unet = UNet(num_hiddens=cfg.num_hiddens)
     if resume:
@@ -159,45 +173,131 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) ->
     return cfg, unet, opt, progress
 
 
+def total_steps(cfg: TeacherConfig, epoch_images: int | None = None) -> int:
+    """The steps of a whole run: ``num_epochs`` epochs of ``ceil(epoch_images / batch_size)`` steps each
+    (``epoch_images``: what an epoch covers here, at most the data set)."""
+    return cfg.num_epochs * math.ceil(min(cfg.epoch_images, epoch_images or cfg.epoch_images) / cfg.batch_size)
+
+
+class _Run:
+    """One launch of a teacher run: the loop, and the run-folder protocol the Train tab reads (module docstring)."""
+
+    def __init__(self, out: Path, minutes: float, cfg: TeacherConfig, resume: bool, max_steps: int | None,
+                 grid_steps: int, device: torch.device, log: Callable[[str], None]):
+        self.out, self.minutes, self.max_steps, self.grid_steps, self.device, self.log = \
+            out, minutes, max_steps, grid_steps, device, log
+        self.cfg, self.unet, self.opt, self.progress = _start(out, cfg, resume, device)
+        self.stop = StopFlag()
+        self.sched = matching.make_lr_scheduler(self.opt, self.cfg.num_epochs, self.cfg.lr_decay_to)
+        self.end = total_steps(self.cfg) if max_steps is None else min(max_steps, total_steps(self.cfg))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "previews").mkdir(exist_ok=True)
+        write_json_atomic(out / "config.json", {
+            "kind": RUN_KIND, "run_name": out.name, "config": dataclasses.asdict(self.cfg), "minutes": minutes,
+            "max_steps": self.end, "preview_subject": "teacher",
+            "preview_prompts": [name.replace("/", "/ ") for name in CLASS_NAMES],  # "T-shirt/ top" wraps
+            "sample_steps": grid_steps, "guidance": matching.GUIDANCE})
+
+    def status(self, state: str, message: str = "") -> None:
+        """``status.json``, as the distillation trainer writes it (`cdlab.train.status`; no student: a teacher run)."""
+        write_status(self.out, state, step=self.progress["step"], max_steps=self.end, message=message)
+
+    def grids(self) -> None:
+        """After an epoch: the class grid as the run's preview row, and as the seed's figure after 1, 5, 10."""
+        grid = class_grid(self.unet, num_steps=self.grid_steps)
+        big = grid.resize((grid.width * PREVIEW_SCALE, grid.height * PREVIEW_SCALE), Image.Resampling.NEAREST)
+        big.save(self.out / "previews" / preview_file(self.progress["step"]))
+        if self.progress["epoch"] in GRID_EPOCHS:
+            grid.save(self.out / f"samples-epoch{self.progress['epoch']}.png")
+
+    def why_stop(self, start: float) -> tuple[str, str] | None:
+        """The run's final state and message when it should end before its next step, else None."""
+        p, cfg = self.progress, self.cfg
+        if p["epoch"] >= cfg.num_epochs:
+            return "finished", f"done: {cfg.num_epochs} epochs, {p['step']} steps"
+        if self.stop.requested:
+            return "stopped", ("stopped at a checkpoint: the app that started it is gone" if self.stop.orphaned
+                               else "stopped at a checkpoint")
+        if time.monotonic() - start >= self.minutes * 60:
+            return "stopped", f"stopped at a checkpoint: the time budget ({self.minutes:g} min) ran out; resume it"
+        if self.max_steps is not None and p["step"] >= self.max_steps:
+            return "stopped", f"stopped at a checkpoint: reached the step limit ({self.max_steps})"
+        return None
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, epoch_images: int) -> dict:
+        """One training step (the data order and noise depend only on the seed, the epoch and the step, so a
+        resumed run repeats an uninterrupted one); returns its metrics row."""
+        cfg, p = self.cfg, self.progress
+        t0 = time.perf_counter()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + p["epoch"]))
+        idx = order[:epoch_images][p["position"]:p["position"] + cfg.batch_size]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + p["step"])
+        lr = self.opt.param_groups[0]["lr"]
+        loss = matching.train_step(self.unet, self.opt, images[idx].to(self.device),
+                                   matching.one_hot(labels[idx]).to(self.device), p_uncond=cfg.p_uncond, generator=g)
+        p["step"] += 1
+        p["position"] += len(idx)
+        return {"step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": lr,
+                "samples_per_s": round(len(idx) / max(time.perf_counter() - t0, 1e-9), 2), "max_steps": self.end}
+
+    def loop(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[str, str]:
+        """Steps until `why_stop` says; metrics flushed often, an epoch's end decays the rate, draws the grids and
+        saves a checkpoint. Returns the final state and message."""
+        cfg, p = self.cfg, self.progress
+        epoch_images = min(cfg.epoch_images, len(images))
+        self.end = min(self.end, total_steps(cfg, len(images)))  # a data set smaller than an epoch
+        start, spent = time.monotonic(), p["seconds"]
+        with MetricsWriter(self.out, FLUSH_STEPS, FLUSH_SECONDS) as metrics:
+            while (end := self.why_stop(start)) is None:
+                row = self.step(images, labels, epoch_images)
+                row["elapsed_s"] = round(spent + time.monotonic() - start, 3)
+                if metrics.write(row):
+                    self.status("running", f"step {p['step']}, epoch {p['epoch'] + 1}/{cfg.num_epochs}")
+                if p["position"] >= epoch_images:
+                    p.update(epoch=p["epoch"] + 1, position=0)
+                    self.sched.step()
+                    metrics.flush()
+                    self.log(f"epoch {p['epoch']}/{cfg.num_epochs}: step {p['step']}, loss {row['loss']:.4f}")
+                    self.grids()
+                    p["seconds"] = spent + time.monotonic() - start
+                    _checkpoint(self.out, self.unet, self.opt, cfg, p)
+        p["seconds"] = spent + time.monotonic() - start
+        return end
+
+
 def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(), *, data_root: str | None = None,
           resume: bool = False, max_steps: int | None = None, grid_steps: int = 50,
           device: str | torch.device = "cpu", log: Callable[[str], None] | None = None) -> dict:
-    """Train until ``minutes`` have passed, ``cfg.num_epochs`` are done or the run reached ``max_steps`` steps
-    in all; returns the progress saved. An epoch covers ``cfg.epoch_images`` (at most the whole set); the
-    sample grids take ``grid_steps`` Euler steps."""
+    """Train until ``minutes`` have passed, ``cfg.num_epochs`` are done, the run reached ``max_steps`` steps in
+    all, or a stop signal came (module docstring); returns the progress saved. An epoch covers
+    ``cfg.epoch_images`` (at most the whole set); the sample grids take ``grid_steps`` Euler steps.
+
+    Raises:
+        FileExistsError: ``out`` holds a run and ``resume`` is off. ValueError: a bad config or saved state.
+        FileNotFoundError: no Fashion-MNIST (the message says how to install it; ``status.json`` says it too).
+    """
     cfg.check()
+    if not isinstance(grid_steps, int) or not 1 <= grid_steps <= 1000:
+        raise ValueError(f"grid_steps must be an integer in [1, 1000], got {grid_steps!r}")
     log = log or (lambda line: print(line, flush=True))  # flushed: a parent process streams it
-    out = Path(out)
-    cfg, unet, opt, progress = _start(out, cfg, resume, torch.device(device))
-    out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_fashion_mnist("train", data_root)
-    epoch_images = min(cfg.epoch_images, len(images))
-    sched = matching.make_lr_scheduler(opt, cfg.num_epochs, cfg.lr_decay_to)
-    start, spent = time.monotonic(), progress["seconds"]
-    with open(out / "loss.jsonl", "a", encoding="utf-8") as losses:
-        while (progress["epoch"] < cfg.num_epochs and time.monotonic() - start < minutes * 60
-               and (max_steps is None or progress["step"] < max_steps)):
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + progress["epoch"]))
-            idx = order[:epoch_images][progress["position"]:progress["position"] + cfg.batch_size]
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress["step"])
-            loss = matching.train_step(unet, opt, images[idx].to(device), matching.one_hot(labels[idx]).to(device),
-                                       p_uncond=cfg.p_uncond, generator=g)
-            losses.write(json.dumps({"step": progress["step"], "epoch": progress["epoch"], "loss": loss}) + "\n")
-            progress["step"] += 1
-            progress["position"] += len(idx)
-            if progress["position"] >= epoch_images:
-                progress.update(epoch=progress["epoch"] + 1, position=0)
-                sched.step()
-                losses.flush()
-                log(f"epoch {progress['epoch']}/{cfg.num_epochs}: step {progress['step']}, loss {loss:.4f}")
-                if progress["epoch"] in GRID_EPOCHS:
-                    class_grid(unet, num_steps=grid_steps).save(out / f"samples-epoch{progress['epoch']}.png")
-                progress["seconds"] = spent + time.monotonic() - start
-                _checkpoint(out, unet, opt, cfg, progress)
-    progress["seconds"] = spent + time.monotonic() - start
-    _checkpoint(out, unet, opt, cfg, progress)
-    log(f"saved {out}: step {progress['step']}, epoch {progress['epoch']} + {progress['position']} images")
-    return progress
+    run = _Run(Path(out), minutes, cfg, resume, max_steps, grid_steps, torch.device(device), log)
+    with run.stop.installed():  # then the app's death (a SIGTERM to itself) lands on the flag
+        watch_parent(run.stop.on_orphaned)
+        try:
+            run.status("running", "loading Fashion-MNIST")
+            images, labels = load_fashion_mnist("train", data_root)
+            run.status("running", f"step {run.progress['step']}")
+            state, message = run.loop(images, labels)
+            if state == "stopped":
+                run.status("stopping", "saving a checkpoint")
+            _checkpoint(run.out, run.unet, run.opt, run.cfg, run.progress)
+        except BaseException as e:
+            run.status("failed", f"{type(e).__name__}: {e}")
+            raise
+    run.status(state, message)
+    p = run.progress
+    log(f"{state}: saved {out}: step {p['step']}, epoch {p['epoch']} + {p['position']} images; {message}")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="folder of the idx files (default: $CDLAB_FASHION_MNIST or Debian's)")
     p.add_argument("--max-steps", type=int, default=None, help="stop once the run has taken this many steps in all")
     p.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
+    p.add_argument("--grid-steps", type=int, default=50, help="Euler steps of the sample grids (default 50)")
     defaults = TeacherConfig()
     for f in dataclasses.fields(TeacherConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
@@ -219,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--resume keeps the run's own config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     try:
         train(args.out, args.minutes, TeacherConfig(**{**dataclasses.asdict(defaults), **given}),
-              data_root=args.data, resume=args.resume, max_steps=args.max_steps, device=args.device)
+              data_root=args.data, resume=args.resume, max_steps=args.max_steps, grid_steps=args.grid_steps,
+              device=args.device)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         p.error(str(e))
     return 0

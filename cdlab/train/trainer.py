@@ -36,8 +36,6 @@ import math
 import os
 import random
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,32 +56,10 @@ from cdlab.train.consistency import consistency_step, probe_batch, probe_loss
 from cdlab.train.data import make_source, prepare_data
 from cdlab.train.dmd import dmd_step, regression_pairs
 from cdlab.train.previews import preview, preview_reference
+from cdlab.train.status import write_status
+from cdlab.train.stopping import StopFlag, watch_parent  # watch_parent: re-exported
 
 __all__ = ["train", "Trainer", "TrainResult", "list_checkpoints", "watch_parent"]
-
-PARENT_ENV = "CDLAB_PARENT_PID"  # set by the app (cdlab.ui.jobs): the process this trainer must not outlive
-PARENT_POLL_S = 0.5
-
-
-def watch_parent(on_orphaned, parent: int | None = None, interval: float = PARENT_POLL_S) -> threading.Thread | None:
-    """Call ``on_orphaned()`` once process ``parent`` (default ``$CDLAB_PARENT_PID``) is no longer this process's
-    parent: it died, by SIGTERM or SIGKILL, and this one was re-parented. A daemon thread polls ``os.getppid()``
-    (portable, and unlike Linux's ``PR_SET_PDEATHSIG`` not tied to the app's thread that started the trainer,
-    which Gradio's thread pool may retire). None when there is no parent to watch (a run from the CLI)."""
-    if parent is None:
-        try:
-            parent = int(os.environ.get(PARENT_ENV, ""))
-        except ValueError:
-            return None
-
-    def poll() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        on_orphaned()
-
-    t = threading.Thread(target=poll, name="cdlab-parent-watch", daemon=True)
-    t.start()
-    return t
 
 
 @dataclass
@@ -106,8 +82,7 @@ class Trainer:
         self.cfg_in = cfg
         self.resume = Path(resume) if resume else None
         self._log = log
-        self.stop_requested = False
-        self.orphaned = False  # the app that started this trainer is gone: stop, publish nothing
+        self.stop = StopFlag()  # SIGTERM / SIGINT, or the app gone (``orphaned``: stop, publish nothing)
 
     # ----------------------------------------------------------------------------------- helpers
 
@@ -118,25 +93,11 @@ class Trainer:
     def status(self, state: str, message: str = "") -> None:
         if not self.acc.is_main_process:
             return
-        write_json_atomic(self.run_dir / "status.json", {
-            "state": state, "step": self.step, "max_steps": self.cfg.max_steps, "pid": os.getpid(),
-            "message": message, "student": self.cfg.student_name, "updated": time.time(),
-            "run_name": self.cfg.run_name})
+        write_status(self.run_dir, state, step=self.step, max_steps=self.cfg.max_steps, message=message,
+                     student=self.cfg.student_name, run_name=self.cfg.run_name)
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self.t_start)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-
-    def _on_orphaned(self) -> None:
-        """The app died: stop as on SIGTERM (sent to itself, so a trainer still loading exits at once), and
-        never publish."""
-        self.orphaned = True
-        self.stop_requested = True
-        os.kill(os.getpid(), signal.SIGTERM)
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -269,18 +230,19 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Set up, then train to ``max_steps`` (or a stop signal); checkpoints, previews and the student."""
-        watch_parent(self._on_orphaned)
+        watch_parent(self.stop.on_orphaned)
         try:
             self.setup()
         except BaseException as e:
             if hasattr(self, "run_dir") and hasattr(self, "cfg"):
                 self.status("failed", f"{type(e).__name__}: {e}")
             raise
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, self._on_signal)
         self.t_start = time.time()
+        with self.stop.installed():
+            return self._train()
+
+    def _train(self) -> TrainResult:
+        """Reference and first previews, the loop, the end (signal handlers installed by `run`)."""
         try:
             self.status("running", f"step {self.step}")
             if self.cfg.preview_every:
@@ -292,9 +254,6 @@ class Trainer:
         except BaseException as e:
             self.status("failed", f"{type(e).__name__}: {e}")
             raise
-        finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
 
     def _loop(self) -> str:
         """Steps until ``max_steps`` ("finished") or an agreed stop signal ("stopped", after a checkpoint)."""
@@ -354,7 +313,7 @@ class Trainer:
         """A finished run: its last checkpoint and preview, then the student; the final status either way."""
         cfg, acc = self.cfg, self.acc
         student_dir = None
-        if self.orphaned:  # the app that started it is gone: nobody asked for this student any more
+        if self.stop.orphaned:  # the app that started it is gone: nobody asked for this student any more
             state = "stopped"
         if state == "finished":
             if not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1][0] != self.step:
@@ -365,13 +324,13 @@ class Trainer:
                 student_dir = self.save_student()
         metrics = dict(getattr(self, "last_row", {}))
         self.status(state, f"saved {shown_path(student_dir)}" if student_dir else
-                    ("stopped at a checkpoint: the app that started it is gone" if self.orphaned else
+                    ("stopped at a checkpoint: the app that started it is gone" if self.stop.orphaned else
                      "stopped at a checkpoint" if state == "stopped" else "done"))
         acc.wait_for_everyone()
         return TrainResult(state, self.step, self.run_dir, student_dir, metrics)
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
         if self.world > 1:
             flag = self.acc.gather(flag).max()
         return bool(flag.item() > 0)

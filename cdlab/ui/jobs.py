@@ -1,12 +1,13 @@
 """The training job manager: one trainer subprocess at a time, watched through its run directory.
 
-The trainer runs as ``python -m cdlab train ...`` in its own process group, so a crash or an
+The trainer runs as ``python -m cdlab train ...`` (a LoRA student) or ``python -m cdlab.flow.train_teacher ...`` (the
+flow teacher from scratch; `JobManager.start_flow_teacher`) in its own process group, so a crash or an
 out-of-memory kill ends that process, not the app; the app reports it with the last lines of the
 log. Stop sends SIGTERM (the trainer saves a checkpoint and exits) and kills the group after a
 timeout; a run is never left "stopping".
 
 The trainer dies with the app: it gets the app's pid (``CDLAB_PARENT_PID``) and stops at a checkpoint, without
-publishing its student, once its parent is gone (`cdlab.train.trainer.watch_parent`), even after a SIGKILL of the
+publishing its student, once its parent is gone (`cdlab.train.stopping.watch_parent`), even after a SIGKILL of the
 app. ``runs/.trainer.lock`` names the app and the trainer holding the one training slot: taken before a Start's
 checks (two Starts at once: one wins, the other leaves nothing behind), released when the trainer exits, and read
 by a restarted app, which stops an orphan it finds (`JobManager.reap_orphan`).
@@ -31,12 +32,12 @@ import torch
 
 from cdlab.paths import REPO_ROOT, read_json, write_json_atomic
 from cdlab.train.config import RUN_NAME_RE
+from cdlab.train.stopping import PARENT_ENV  # the app's pid, given to its trainer: it stops when that is gone
 from cdlab.ui import runs as runs_mod
 
 LOG_NAME = "train.log"
 LAUNCH_NAME = "ui_launch.json"  # what the app started: command, pid, start time, owner digest
 LOCK_NAME = ".trainer.lock"     # runs/.trainer.lock: {"app_pid", "trainer_pid", "run_name", "started"}
-PARENT_ENV = "CDLAB_PARENT_PID"  # the app's pid, given to its trainer: it stops when that process is gone
 
 
 class JobError(RuntimeError):
@@ -140,7 +141,35 @@ class JobManager:
         """Write ``config`` (a resolved trainer config, with ``run_name``) to its run directory and launch
         ``python -m cdlab train --model M --config FILE`` on it. ``owner`` is the starting session's token:
         only a request with the same token may stop or resume the run (`stop`, `resume`)."""
-        run_name = str(config.get("run_name") or "")
+        return self._start_new({**config, "model": self.model}, lambda cfg_path, run_dir: [
+            self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path), *(extra_args or [])],
+            owner)
+
+    def start_flow_teacher(self, settings: dict[str, Any], owner: str | None = None) -> Job:
+        """Launch ``python -m cdlab.flow.train_teacher`` on a new run folder: the class-conditioned flow teacher from
+        scratch. ``settings`` are checked ones (`cdlab.ui.flow_train.form_to_settings`): ``run_name``, ``minutes``,
+        ``grid_steps`` and `cdlab.flow.train_teacher.TeacherConfig` fields; the same slot, owner and stop rules as
+        `start`."""
+        return self._start_new({**settings, "kind": runs_mod.FLOW_TEACHER},
+                               lambda cfg_path, run_dir: flow_teacher_command(self.python, run_dir, settings), owner)
+
+    def start_flow_student(self, settings: dict[str, Any], owner: str | None = None) -> Job:
+        """Launch ``python -m cdlab.flow.distill --run-dir`` on a new run folder: a few-step student of the flow
+        teacher run ``settings["teacher_run"]`` (checked ones: `cdlab.ui.flow_train.student_settings`), saved as
+        every student is, ``adapters/<run name>/`` with its card (never replacing one: a name taken is refused); the
+        same slot, owner and stop rules as `start` (a student run has no Resume)."""
+        teacher = self.runs_dir / str(settings.get("teacher_run") or "")
+        if not RUN_NAME_RE.fullmatch(teacher.name) or runs_mod.run_kind(teacher) != runs_mod.FLOW_TEACHER or \
+                not runs_mod.resumable(teacher):
+            raise JobError(f"No flow teacher run named {teacher.name[:40]!r} with saved weights in runs/.")
+        return self._start_new({**settings, "kind": runs_mod.FLOW_STUDENT},
+                               lambda cfg_path, run_dir: flow_student_command(self.python, teacher, run_dir, settings),
+                               owner)
+
+    def _start_new(self, ui_config: dict[str, Any], command, owner: str | None) -> Job:
+        """A new run: its folder (refused when it holds anything), the slot, ``ui_config.json`` and the launch of
+        ``command(cfg_path, run_dir)``; on any failure the slot is released and a folder made here removed."""
+        run_name = str(ui_config.get("run_name") or "")
         if not RUN_NAME_RE.fullmatch(run_name):
             raise JobError(f"Invalid run name {run_name[:40]!r}.")
         run_dir = self.runs_dir / run_name
@@ -153,10 +182,8 @@ class JobManager:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg_path = run_dir / "ui_config.json"
-                write_json_atomic(cfg_path, {**config, "model": self.model})
-                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--config", str(cfg_path),
-                       *(extra_args or [])]
-                return self._launch(run_name, run_dir, cmd, owner_digest(owner))
+                write_json_atomic(cfg_path, ui_config)
+                return self._launch(run_name, run_dir, command(cfg_path, run_dir), owner_digest(owner))
             except BaseException:
                 self._release_slot(None)
                 if made:
@@ -220,7 +247,7 @@ class JobManager:
         if not run_dir.is_dir():
             raise JobError(f"No run named {run_name!r} in runs/.")
         self.check_owner(run_name, owner, allow_unowned, override)
-        if runs_mod.latest_checkpoint(run_dir) is None:
+        if not runs_mod.resumable(run_dir):
             raise JobError(f"Run {run_name!r} has no complete checkpoint to resume from.")
         st = runs_mod.read_status(run_dir)
         if st.get("state") == "finished":
@@ -229,7 +256,9 @@ class JobManager:
             self._check_free()
             self._claim_slot(run_name)
             try:
-                cmd = [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
+                cmd = flow_teacher_command(self.python, run_dir, None) \
+                    if runs_mod.run_kind(run_dir) == runs_mod.FLOW_TEACHER else \
+                    [self.python, "-m", "cdlab", "train", "--model", self.model, "--resume", str(run_dir)]
                 return self._launch(run_name, run_dir, cmd, self.run_owner(run_name))
             except BaseException:
                 self._release_slot(None)
@@ -424,6 +453,35 @@ class JobManager:
                 self.stop(wait=True)
             except JobError:
                 pass
+
+
+FLOW_RESUME_DEFAULTS = {"minutes": 15.0, "sample_steps": 50}  # a resumed flow run whose config.json lacks them
+
+
+def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | None) -> list[str]:
+    """The flow teacher's command line: a new run from checked ``settings``, or (None) ``--resume`` of ``run_dir``
+    with the time budget and grid steps its ``config.json`` recorded (each checked; else `FLOW_RESUME_DEFAULTS`)."""
+    cmd = [python, "-m", "cdlab.flow.train_teacher", "--out", str(run_dir)]
+    if settings is None:
+        saved = read_json(Path(run_dir) / "config.json") or {}
+        minutes, steps = saved.get("minutes"), saved.get("sample_steps")
+        ok = lambda v, lo, hi, kinds: isinstance(v, kinds) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+        minutes = minutes if ok(minutes, 0.01, 1440, (int, float)) else FLOW_RESUME_DEFAULTS["minutes"]
+        steps = steps if ok(steps, 1, 1000, int) else FLOW_RESUME_DEFAULTS["sample_steps"]
+        return [*cmd, "--resume", "--minutes", f"{float(minutes):g}", "--grid-steps", str(steps)]
+    flags = ("num_hiddens", "batch_size", "lr", "num_epochs", "epoch_images", "grid_steps")
+    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+    return [*cmd, "--minutes", f"{float(settings['minutes']):g}",
+            *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
+
+
+def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``."""
+    flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank")
+    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+    return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
+            "--name", Path(run_dir).name,
+            *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
 
 
 def trainer_thread_env() -> dict[str, str]:

@@ -45,6 +45,7 @@ class PreviewSet:
     rows: list[PreviewRow] = field(default_factory=list)
     reference: dict[str, Any] | None = None  # reference.json: steps, guidance, nfe, seconds
     sample_steps: int = 4
+    subject: str = "student"  # whose rows: a distillation run's student, or a teacher run's own samples
 
     @property
     def student_steps(self) -> list[int]:
@@ -65,7 +66,9 @@ def read_previews(run_dir: Path) -> PreviewSet:
     (step 0, before any update) and its newest one (when it is a later step).
 
     Captions and the student's step count come from the run's ``config.json`` (``preview_prompts``,
-    ``sample_steps``); the reference's steps from ``previews/reference.json`` (default 50)."""
+    ``sample_steps``; ``preview_subject`` names the rows' model: "teacher" in a flow teacher's run, whose rows are
+    its class grids, `cdlab.flow.train_teacher`); the reference's steps from ``previews/reference.json`` (default
+    50)."""
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / "config.json") or {}
     prompts = cfg.get("preview_prompts") if isinstance(cfg.get("preview_prompts"), list) else []
@@ -76,7 +79,8 @@ def read_previews(run_dir: Path) -> PreviewSet:
         n = int(cfg.get("sample_steps") or 4)
     except (TypeError, ValueError):
         n = 4
-    ps = PreviewSet(prompts=[str(p) for p in prompts], reference=ref_meta, sample_steps=n)
+    subject = cfg.get("preview_subject") if cfg.get("preview_subject") in ("student", "teacher") else "student"
+    ps = PreviewSet(prompts=[str(p) for p in prompts], reference=ref_meta, sample_steps=n, subject=subject)
     ref = run_dir / "previews" / REFERENCE
     if ref.is_file():
         steps = (ref_meta or {}).get("steps", 50)
@@ -84,9 +88,9 @@ def read_previews(run_dir: Path) -> PreviewSet:
     students = student_previews(run_dir)
     if students:
         first, last = students[0], students[-1]
-        ps.rows.append(PreviewRow(f"student, {n} steps, at step {first[0]}", first[1], first[0]))
+        ps.rows.append(PreviewRow(f"{subject}, {n} steps, at step {first[0]}", first[1], first[0]))
         if last[0] != first[0]:
-            ps.rows.append(PreviewRow(f"student, {n} steps, at step {last[0]}", last[1], last[0]))
+            ps.rows.append(PreviewRow(f"{subject}, {n} steps, at step {last[0]}", last[1], last[0]))
     return ps
 
 
@@ -96,8 +100,10 @@ def caption(ps: PreviewSet) -> str:
     if not steps:
         return "no preview yet" + (" (the teacher's reference is ready)" if ps.has_reference else "")
     shown = " and ".join(f"step {s}" for s in steps)
-    text = f"preview at step {steps[-1]}: the student ({ps.sample_steps} steps) at {shown}"
-    if ps.has_reference:
+    text = f"preview at step {steps[-1]}: the {ps.subject} ({ps.sample_steps} steps) at {shown}"
+    if ps.subject == "teacher":
+        text += "; each grid: 4 samples of each class (the columns), from the same noise"
+    elif ps.has_reference:
         ref = ps.reference or {}
         how = f"DDIM {ref.get('steps', 50)} steps, CFG {float(ref.get('guidance', 0)):g}" if ref.get("guidance") \
             else f"DDIM {ref.get('steps', 50)} steps with CFG"

@@ -4,6 +4,10 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per li
 ``loss``, ``lr``, ``samples_per_s``, ``elapsed_s``, ``peak_mem_mb``, ``max_steps``), ``previews/``
 (``reference.png`` and ``step_XXXXXX.png``: see `cdlab.ui.previews`), ``checkpoints/ckpt_XXXXXX/`` and
 ``status.json``. Runs started from the CLI and from the app look the same, so the app lists both.
+
+A flow teacher's run (``python -m cdlab.flow.train_teacher``, `run_kind` ``"flow-teacher"``) speaks the same
+protocol (``status.json``, ``metrics.jsonl``, ``previews/step_*.png``, ``config.json``); its checkpoint is the
+folder's own ``state.json`` and ``unet.safetensors`` instead of ``checkpoints/`` (`resumable`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from cdlab.flow.distill import STUDENT_RUN_KIND as FLOW_STUDENT
+from cdlab.flow.train_teacher import RUN_KIND as FLOW_TEACHER
 from cdlab.paths import read_json
 from cdlab.train.checkpoints import CKPT_RE, evenly_spaced, latest_checkpoint  # latest_checkpoint: re-exported
 from cdlab.ui.previews import student_previews
@@ -154,6 +160,27 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     except OSError:
         return []
     return [dict(reader.by_step[s], resumed=s in reader.resumed_at) for s in sorted(reader.by_step)]
+
+
+def run_kind(run_dir: Path) -> str:
+    """What a run trains, from its ``config.json`` (or before that the app's ``ui_config.json``): ``"flow-teacher"``
+    (``python -m cdlab.flow.train_teacher``), ``"flow-student"`` (``python -m cdlab.flow.distill --run-dir``) or
+    ``"distill"`` (``python -m cdlab train``: a LoRA student of the diffusion teachers)."""
+    for name in ("config.json", "ui_config.json"):
+        cfg = read_json(Path(run_dir) / name)
+        if cfg is not None:
+            return cfg["kind"] if cfg.get("kind") in (FLOW_TEACHER, FLOW_STUDENT) else "distill"
+    return "distill"
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether a run has a checkpoint to continue from: a flow teacher's ``state.json`` and weights, a
+    distillation run's newest ``checkpoints/ckpt_*``; a flow student's run has none."""
+    run_dir = Path(run_dir)
+    kind = run_kind(run_dir)
+    if kind == FLOW_TEACHER:
+        return (run_dir / "state.json").is_file() and (run_dir / "unet.safetensors").is_file()
+    return kind == "distill" and latest_checkpoint(run_dir) is not None
 
 
 def resume_points(rows: list[dict[str, Any]]) -> list[int]:

@@ -1,12 +1,12 @@
 """The Train tab: what one poll of a run shows (status, progress, loss chart data, labelled preview), the form
 (checked field by field, every value untrusted) and the tab itself (`TrainTab`, Gradio imported when it is built).
+With the flow teacher the form is `cdlab.ui.flow_train`'s (train that teacher from scratch); the poll is this one.
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +17,9 @@ from PIL import Image
 from cdlab.paths import adapters_dir, shown_path, shown_text
 from cdlab.train import config as C
 from cdlab.ui import hosting as H
+from cdlab.ui import flow_train
 from cdlab.ui import previews as previews_mod
+from cdlab.ui.form import FormField, check_number, form_inputs  # FormField, form_inputs: re-exported
 from cdlab.ui import runs as runs_mod
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import named_errors, user_errors
@@ -134,20 +136,6 @@ def run_choices(jobs: JobManager, current: RunView | None = None) -> list[tuple[
 
 # ------------------------------------------------------------------------------ the form
 
-@dataclass
-class FormField:
-    """One input of the Train form, derived from a `cdlab.train.config.TrainConfig` field."""
-
-    key: str
-    label: str
-    kind: str  # "choice" | "int" | "float" | "text"
-    default: Any
-    choices: tuple = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    info: str = ""
-
-
 DATA_KINDS = ("tiny world", "image folder", "HF datasets name", "COCO recipe folder")
 
 # The TrainConfig fields the form shows; a number's range is the app's (`cdlab.train.config.APP_LIMITS`, the
@@ -235,23 +223,6 @@ def data_value(kind: str, value: str | None, roots: list[Path] | None = None) ->
 MAX_EXTRA_JSON = 10_000  # characters in the form's advanced box
 
 
-def _number(f: FormField, v: Any) -> int | float:
-    """A form number, checked: finite, whole for int fields, inside the field's range; the message names it."""
-    if isinstance(v, bool) or v is None or (isinstance(v, str) and not v.strip()):
-        raise ValueError(f"config: {f.label} is empty.")
-    try:
-        fv = float(v)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"config: {f.label} must be a number, got {str(v)[:40]!r}.") from None
-    if not math.isfinite(fv):
-        raise ValueError(f"config: {f.label} must be a finite number, got {v!r}.")
-    if f.kind == "int" and not fv.is_integer():
-        raise ValueError(f"config: {f.label} must be a whole number, got {v!r}.")
-    if f.minimum is not None and not f.minimum <= fv <= f.maximum:
-        raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
-    return int(fv) if f.kind == "int" else fv
-
-
 def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path: str | None,
                    teacher_resolution: int | None = None, extra_json: str | None = None, *,
                    overwrite: bool = False, adapters_root: Path | None = None) -> dict[str, Any]:
@@ -273,7 +244,7 @@ def form_to_config(values: dict[str, Any], model: str, data_kind: str, data_path
     for f in form_fields(model, teacher_resolution):
         v = values.get(f.key, f.default)
         if f.kind in ("int", "float"):
-            v = _number(f, v)
+            v = check_number(f, v)
         elif f.kind == "choice":
             if v not in f.choices:
                 raise ValueError(f"config: {f.label} must be one of {f.choices}, got {str(v)[:40]!r}.")
@@ -325,16 +296,12 @@ def listed_runs(jobs: JobManager, current: str | None = None) -> tuple[list[tupl
     return choices, (current if current in names else (names[0] if names else None))
 
 
-def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
-                   policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
-    """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
-    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
-    `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
-    the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
-    student (`cdlab.ui.jobs.JobManager.check_replace`)."""
+def distill_start_handler(jobs: JobManager, teacher: Any, model: str, policy: H.Policy,
+                          adapters_root: Path | None = None):
+    """The tab's ``/train_start`` for a LoRA student (``python -m cdlab train``): who may (the host's policy), the
+    form (`form_to_config`), replacing a student (its owner's or the instructor's), then the launch."""
     import gradio as gr
 
-    policy = policy or H.Policy()
     adapters = Path(adapters_root) if adapters_root is not None else adapters_dir()
 
     @user_errors
@@ -357,7 +324,25 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         job = jobs.start(cfg, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
 
-    assert [f.key for f in fields] == list(inspect.signature(do_start).parameters)[:len(fields)], "form != do_start"
+    return do_start
+
+
+def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[FormField],
+                   policy: H.Policy | None = None, adapters_root: Path | None = None) -> SimpleNamespace:
+    """The tab's event functions: ``/train_start``, ``/train_stop``, ``/train_resume``, ``/train_status``,
+    ``/refresh_runs`` and the poll of the page's timer. Every value is untrusted. Who may do what is the host's
+    `cdlab.ui.hosting.Policy`: in a classroom, start and resume need the instructor token; stop and resume are
+    the starting session's (`cdlab.ui.jobs.JobManager.check_owner`) or the instructor's, and so is replacing a
+    student (`cdlab.ui.jobs.JobManager.check_replace`). Start trains a LoRA student (`distill_start_handler`), or
+    with the flow teacher that teacher from scratch (`cdlab.ui.flow_train.start_handler`)."""
+    import gradio as gr
+
+    policy = policy or H.Policy()
+    flow = flow_train.is_flow_teacher(model, teacher)
+    start = flow_train.start_handler(jobs, policy, run_choices) if flow \
+        else distill_start_handler(jobs, teacher, model, policy, adapters_root)
+    start_student = flow_train.student_start_handler(jobs, policy, run_choices) if flow else None
+    assert [f.key for f in fields] == list(inspect.signature(start).parameters)[:len(fields)], "form != start"
 
     @user_errors
     def do_stop(run_name, owner, instructor_token=""):
@@ -375,6 +360,9 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         policy.require_instructor(instructor_token, "Resuming a run")
         if not run_name:
             raise gr.Error("Pick a run to resume.")
+        if flow and isinstance(run_name, str) and runs_mod.run_kind(jobs.runs_dir / run_name) == "distill":
+            raise gr.Error(f"Run {run_name[:40]!r} trains a student of another teacher; resume it from an app "
+                           "serving that teacher.")
         jobs.resume(run_name, owner=owner, allow_unowned=not policy.public,
                     override=policy.is_instructor(instructor_token))
         return f"Run `{run_name}` resumes from its newest complete checkpoint."
@@ -405,27 +393,8 @@ def train_handlers(jobs: JobManager, teacher: Any, model: str, fields: list[Form
         choices, name = listed_runs(jobs)
         return (gr.Dropdown(choices=choices, value=name), *view_outputs(poll(jobs, name)))
 
-    return SimpleNamespace(start=do_start, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
+    return SimpleNamespace(start=start, start_student=start_student, stop=do_stop, resume=do_resume, poll_timer=poll_timer, status=do_status,
                            poll=do_poll, refresh_runs=refresh_runs, load_view=load_view)
-
-
-def form_inputs(fields: list[FormField]) -> list:
-    """One component per form field: a radio for a choice, a textbox for text, a number otherwise."""
-    import gradio as gr
-
-    inputs = []
-    for f in fields:
-        if f.kind == "choice":
-            inputs.append(gr.Radio(list(f.choices), value=f.default, label=f.label, info=f.info or None))
-        elif f.kind == "text":
-            inputs.append(gr.Textbox(value=f.default or "", label=f.label, info=f.info or None,
-                                     placeholder="automatic"))
-        else:
-            # No minimum/maximum here: Gradio's own range message would not name the
-            # field; form_to_config checks the same range and says which field.
-            inputs.append(gr.Number(value=f.default, label=f.label, info=f"{f.minimum:g} to {f.maximum:g}",
-                                    precision=0 if f.kind == "int" else None))
-    return inputs
 
 
 def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
@@ -443,6 +412,7 @@ def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> 
     ui.overwrite = gr.Checkbox(False, label="Replace an existing student of this name",
                                info="Off: a name in use is refused. Shipped students are never replaced.",
                                elem_id="train-overwrite")
+    ui.form_extra = [ui.data_kind, ui.data_path, ui.extra, ui.overwrite]  # the inputs after the fields
     ui.instructor = H.instructor_token_box(policy, "train-instructor")
     with gr.Row():
         ui.start = gr.Button("Start", variant="primary", interactive=training_on, elem_id="train-start")
@@ -469,22 +439,28 @@ def train_monitor(ui: SimpleNamespace, jobs: JobManager) -> None:
 class TrainTab:
     """The Train tab, built inside the page's ``gr.Tabs``: the form, the runs list and one run's status,
     polled by the page's timer while the run is active; ``owner`` is the browser's token (a
-    ``gr.BrowserState``) that lets it stop and resume its own runs; ``policy`` says who may do what here."""
+    ``gr.BrowserState``) that lets it stop and resume its own runs; ``policy`` says who may do what here.
+
+    With the flow teacher (``model == "fashion-flow"``, or a ``teacher`` whose ``base_id`` is
+    ``"cdlab/fashion-flow"``: `cdlab.ui.flow_train.is_flow_teacher`) the form trains that teacher from scratch
+    (`cdlab.ui.flow_train`); the runs list, status, loss, previews, Stop and Resume are the same."""
 
     def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, policy: H.Policy | None = None,
                  adapters_root: Path | None = None):
         import gradio as gr
 
         policy = policy or H.Policy()
-        fields = form_fields(model, teacher.resolution)
+        flow = flow_train.is_flow_teacher(model, teacher)
+        fields = flow_train.form_fields() if flow else form_fields(model, teacher.resolution)
         training_on = policy.training_allowed()
-        self.fn = train_handlers(jobs, teacher, model, fields, policy, adapters_root)
+        self.fn, self.jobs = train_handlers(jobs, teacher, model, fields, policy, adapters_root), jobs
         with gr.Tab("Train", id="train"):
             if not training_on:
                 gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
             with gr.Row():
                 with gr.Column(scale=2):
-                    ui = train_form(fields, training_on, policy)
+                    ui = (flow_train.flow_form if flow else train_form)(fields, training_on, policy)
+                    ui.student = flow_train.student_form(jobs, training_on) if flow else None
                 with gr.Column(scale=3):
                     train_monitor(ui, jobs)
             # Full width: the captions above the rows stay readable at 1280 px.
@@ -500,13 +476,21 @@ class TrainTab:
 
         ui, fn = self.ui, self.fn
         poll_out = [ui.run_dd, ui.status, ui.bar, ui.plot, ui.preview, ui.preview_cap, ui.log_box, ui.timer]
-        named_errors(*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, ui.run_dd)
+        named_errors(*ui.inputs, *ui.form_extra, ui.run_dd)
         start_polling = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=ui.timer, api_visibility="private")
         # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
         owner_out = gr.Textbox(visible=False, label="owner")
-        form = [*ui.inputs, ui.data_kind, ui.data_path, ui.extra, ui.overwrite, owner, ui.instructor]
+        form = [*ui.inputs, *ui.form_extra, owner, ui.instructor]
         ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
+        if ui.student is not None:  # the flow teacher's second form: a student of a teacher run
+            st = ui.student
+            named_errors(st.teacher_run, st.method, *st.inputs)
+            st.start.click(fn.start_student, [st.teacher_run, st.method, *st.inputs, owner, ui.instructor],
+                           [ui.run_dd, owner_out], api_name="train_flow_student").success(
+                lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
+            ui.runs_refresh.click(lambda: gr.Dropdown(choices=flow_train.teacher_runs(self.jobs)), None,
+                                  st.teacher_run, api_visibility="private")
         ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_stop").success(
             **start_polling)
         ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_resume").success(

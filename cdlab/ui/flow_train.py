@@ -1,0 +1,239 @@
+"""The Train tab when the app's teacher is the flow teacher (``--model fashion-flow``): train it from scratch.
+
+The form's fields (`form_fields`: time budget, epochs, images an epoch, batch size, learning rate, channels D)
+are checked one by one (`form_to_settings`: every value from the browser is hostile), then
+`cdlab.ui.jobs.JobManager.start_flow_teacher` launches ``python -m cdlab.flow.train_teacher`` through the same
+slot, owner and stop/resume rules as a distillation run, and the tab's one poller (`cdlab.ui.train_tab.poll`)
+shows its loss and class grids: the flow teacher writes the same run folder (`cdlab.flow.train_teacher`).
+
+Browser defaults (`BROWSER_DEFAULTS`) differ from the CLI's in one setting: an epoch covers 12,800 images (100
+steps at batch 128, one to two minutes on 2 cores) instead of the 60,000 of the training set, so a grid appears
+after every epoch, the seed's epoch-1 grid within about 2 minutes, and the learning rate still decays to 0.1x
+over the run's 10 epochs (docs/flow.md).
+
+A second, folded form distils a few-step student from a teacher run (`student_settings`, `student_form`,
+`student_start_handler`: ``python -m cdlab.flow.distill --run-dir``), watched by the same poller.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from cdlab.flow.data import INSTALL_HINT, data_root, find_split
+from cdlab.flow.train_teacher import TeacherConfig, total_steps
+from cdlab.paths import shown_path
+from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
+from cdlab.ui import hosting as H
+from cdlab.ui import runs as runs_mod
+from cdlab.ui.form import FormField, check_number, form_inputs
+from cdlab.ui.jobs import JobManager, new_owner_token
+from cdlab.ui.session import user_errors
+
+__all__ = ["FLOW_MODEL", "FLOW_BASE_ID", "BROWSER_DEFAULTS", "GRID_STEPS", "STUDENT_DEFAULTS", "METHODS",
+           "is_flow_teacher", "form_fields", "form_to_settings", "student_fields", "student_settings", "data_problem",
+           "start_handler", "teacher_runs", "student_start_handler", "student_form", "flow_form"]
+
+FLOW_MODEL = "fashion-flow"          # the app's --model for the flow teacher
+FLOW_BASE_ID = "cdlab/fashion-flow"  # its teacher object's base_id
+GRID_STEPS = 50  # the grids' Euler steps (the seed's); not a form field
+BROWSER_DEFAULTS = {"minutes": 15.0, "num_epochs": 10, "epoch_images": 12800, "batch_size": 128, "lr": 2e-3,
+                    "num_hiddens": 32}
+
+# key, label, kind, minimum, maximum (the app's ranges: a classroom machine's, narrower than the CLI's)
+_FORM = [
+    ("minutes", "time budget (minutes)", "float", 0.1, 240),
+    ("num_epochs", "epochs", "int", 1, 100),
+    ("epoch_images", "images an epoch", "int", 16, 60000),
+    ("batch_size", "batch size", "int", 1, 512),
+    ("lr", "learning rate", "float", 1e-5, 0.05),
+    ("num_hiddens", "channels D (num_hiddens)", "int", 4, 128),
+]
+_INFO = {"minutes": "the run stops at a checkpoint then; Resume continues it",
+         "epoch_images": "what an epoch covers: a grid after each, the rate decays once per epoch"}
+
+
+def is_flow_teacher(model: str, teacher: Any) -> bool:
+    """Whether the app serves the flow teacher: model ``"fashion-flow"`` or a teacher whose ``base_id`` is
+    ``"cdlab/fashion-flow"`` (any object: the app's `FlowTeacher`, a test's stand-in)."""
+    return model == FLOW_MODEL or getattr(teacher, "base_id", None) == FLOW_BASE_ID
+
+
+def form_fields() -> list[FormField]:
+    """The flow teacher's form, with the browser's defaults."""
+    return [FormField(key, label, kind, BROWSER_DEFAULTS[key], minimum=lo, maximum=hi, info=_INFO.get(key, ""))
+            for key, label, kind, lo, hi in _FORM]
+
+
+def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
+                     run_name: str | None = None) -> dict[str, Any]:
+    """Check the form (every field hostile) and return the run's settings for
+    `cdlab.ui.jobs.JobManager.start_flow_teacher`: ``run_name`` (``flow-teacher-<time>``), ``minutes``,
+    ``grid_steps`` (the server's, not the form's) and the `cdlab.flow.train_teacher.TeacherConfig` fields.
+
+    Raises ``ValueError`` whose message names the field: an unknown key, an empty or non-numeric value, one not
+    finite, not whole (for a count) or out of its range; or a run longer than the app's step limit (the one a
+    distillation run from the app has, `cdlab.train.config.APP_LIMITS`), naming the fields that make it."""
+    if not isinstance(values, dict):
+        raise ValueError("config: the form must be a set of named fields.")
+    fields = form_fields()
+    unknown = sorted(str(k)[:40] for k in set(values) - {f.key for f in fields})
+    if unknown:
+        raise ValueError(f"config: unknown form field(s) {unknown}.")
+    out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
+    cfg = TeacherConfig(**{k: v for k, v in out.items() if k != "minutes"}).check()  # the trainer's limits too
+    steps, limit = total_steps(cfg), int(APP_LIMITS["max_steps"][1])
+    if steps > limit:
+        raise ValueError(f"config: epochs x images an epoch / batch size is {steps} steps; the app's limit is {limit}.")
+    out.update(grid_steps=grid_steps, run_name=run_name or f"flow-teacher-{time.strftime('%Y%m%d-%H%M%S')}")
+    return out
+
+
+STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000, "guidance": 2.0,
+                    "lora_rank": 16}
+_STUDENT_FORM = [  # key, label, kind, minimum, maximum
+    ("steps", "student steps", "int", 1, 20000),
+    ("batch_size", "student batch size", "int", 1, 512),
+    ("lr", "student learning rate", "float", 1e-5, 0.05),
+    ("pairs", "reflow pairs (teacher samples)", "int", 16, 20000),
+    ("guidance", "teacher CFG distilled in", "float", 1.0, 10.0),
+    ("lora_rank", "LoRA rank", "int", 1, 64),
+]
+METHODS = ("reflow", "cd")
+
+
+def student_fields() -> list[FormField]:
+    """The student form's numbers (the method and the teacher run are choices beside them)."""
+    return [FormField(key, label, kind, STUDENT_DEFAULTS[key], minimum=lo, maximum=hi)
+            for key, label, kind, lo, hi in _STUDENT_FORM]
+
+
+def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> dict[str, Any]:
+    """Check the student form (every field hostile) and return the settings for
+    `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
+    checks it is a flow teacher run with weights), ``method`` (``reflow`` or ``cd``), the numbers of
+    `student_fields` and ``run_name``. Raises ``ValueError`` whose message names the field."""
+    if not isinstance(values, dict):
+        raise ValueError("config: the form must be a set of named fields.")
+    fields = student_fields()
+    unknown = sorted(str(k)[:40] for k in set(values) - {f.key for f in fields} - {"teacher_run", "method"})
+    if unknown:
+        raise ValueError(f"config: unknown form field(s) {unknown}.")
+    teacher = values.get("teacher_run")
+    if not isinstance(teacher, str) or not RUN_NAME_RE.fullmatch(teacher):
+        raise ValueError(f"config: teacher run must be a run's name, got {str(teacher)[:40]!r}.")
+    method = values.get("method", STUDENT_DEFAULTS["method"])
+    if method not in METHODS:
+        raise ValueError(f"config: method must be one of {METHODS}, got {str(method)[:40]!r}.")
+    out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
+    return {**out, "teacher_run": teacher, "method": method,
+            "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
+
+
+def data_problem(root: str | None = None) -> str | None:
+    """None when Fashion-MNIST's training files are there; else what the page says: where they were looked
+    for and how to get them."""
+    try:
+        find_split("train", root)
+    except FileNotFoundError:
+        return (f"Fashion-MNIST is not on this machine (looked in {shown_path(data_root(root))}). Install it with "
+                f"`{INSTALL_HINT}`, or point $CDLAB_FASHION_MNIST at a folder of its idx files, then reload.")
+    return None
+
+
+def start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[JobManager], list]) -> Callable:
+    """The tab's ``/train_start`` for the flow teacher: who may (the host's policy, as a distillation run), the
+    data, the form, then the launch; returns the runs list with the new run selected and the owner token."""
+    import gradio as gr
+
+    @user_errors
+    def do_start_flow(minutes, num_epochs, epoch_images, batch_size, lr, num_hiddens, owner, instructor_token=""):
+        """Start training the flow teacher from scratch; every field is checked (every value is untrusted)."""
+        if not policy.training_allowed():
+            raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        policy.require_instructor(instructor_token, "Training")
+        problem = data_problem()
+        if problem:
+            raise gr.Error(problem)
+        settings = form_to_settings(dict(minutes=minutes, num_epochs=num_epochs, epoch_images=epoch_images,
+                                         batch_size=batch_size, lr=lr, num_hiddens=num_hiddens))
+        owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        job = jobs.start_flow_teacher(settings, owner=owner)
+        return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
+
+    keys = [f.key for f in form_fields()]
+    assert keys == list(inspect.signature(do_start_flow).parameters)[:len(keys)], "form != do_start_flow"
+    return do_start_flow
+
+
+def teacher_runs(jobs: JobManager) -> list[str]:
+    """The flow teacher runs a student can be distilled from (their weights saved), newest first."""
+    return [r.name for r in runs_mod.list_runs(jobs.runs_dir)
+            if runs_mod.run_kind(r.path) == runs_mod.FLOW_TEACHER and runs_mod.resumable(r.path)]
+
+
+def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[JobManager], list]) -> Callable:
+    """The tab's ``/train_flow_student``: a few-step student of a flow teacher run (`student_settings`), through
+    `cdlab.ui.jobs.JobManager.start_flow_student`; the host's rules as for Start."""
+    import gradio as gr
+
+    @user_errors
+    def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, owner,
+                         instructor_token=""):
+        """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
+        if not policy.training_allowed():
+            raise gr.Error(H.TRAINING_OFF_MESSAGE)
+        policy.require_instructor(instructor_token, "Training")
+        settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
+                                         lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank))
+        owner = owner if isinstance(owner, str) and owner else new_owner_token()
+        job = jobs.start_flow_student(settings, owner=owner)
+        return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
+
+    keys = ["teacher_run", "method", *(f.key for f in student_fields())]
+    assert keys == list(inspect.signature(do_start_student).parameters)[:len(keys)], "form != do_start_student"
+    return do_start_student
+
+
+def student_form(jobs: JobManager, training_on: bool) -> SimpleNamespace:
+    """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, `student_fields` and the
+    Distil button. Its student is saved as every student is, ``adapters/<run name>/`` with its card."""
+    import gradio as gr
+
+    with gr.Accordion("Distil a few-step student from a teacher run", open=False):
+        runs = teacher_runs(jobs)
+        st = SimpleNamespace(teacher_run=gr.Dropdown(runs, value=runs[0] if runs else None, label="teacher run",
+                                                     elem_id="flow-teacher-run"),
+                             method=gr.Radio(list(METHODS), value=STUDENT_DEFAULTS["method"], label="method",
+                                             info="reflow: 2-rectified flow on teacher pairs · cd: consistency "
+                                                  "distillation on the flow ODE"))
+        st.inputs = form_inputs(student_fields())
+        st.start = gr.Button("Distil", interactive=training_on, elem_id="flow-student-start")
+    return st
+
+
+def flow_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
+    """The left column for the flow teacher: who may do what, what the run is, the data's state (how to get it
+    when missing), the form, the instructor token and the Start / Stop / Resume buttons. ``form_extra``: no
+    data-set, advanced or overwrite inputs (the data is Fashion-MNIST; a teacher run publishes no student). The
+    tab adds the folded student form below it (`student_form`)."""
+    import gradio as gr
+
+    if policy.rules_line():
+        gr.Markdown(policy.rules_line(), elem_id="train-rules")
+    gr.Markdown("Trains the class-conditioned flow teacher from scratch on Fashion-MNIST (seed 003 part B: "
+                "flow matching, 10% of the classes dropped for CFG). After every epoch the page shows 4 samples of "
+                "each class (Euler 50, CFG 5); the run folder is what `python -m cdlab.flow.train_teacher` writes.",
+                elem_id="flow-train-about")
+    problem = data_problem()
+    if problem:
+        gr.Markdown(f"**{problem}**", elem_id="flow-data-missing")
+    ui = SimpleNamespace(inputs=form_inputs(fields), form_extra=[])
+    ui.instructor = H.instructor_token_box(policy, "train-instructor")
+    with gr.Row():
+        ui.start = gr.Button("Start", variant="primary", interactive=training_on and not problem,
+                             elem_id="train-start")
+        ui.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        ui.resume = gr.Button("Resume", interactive=training_on, elem_id="train-resume")
+    return ui

@@ -1,0 +1,220 @@
+"""The Train tab with the flow teacher: its form (every field hostile), the missing-data message, and a real short
+``python -m cdlab.flow.train_teacher`` run launched through the JobManager and read by the tab's own poll
+(loss rows, status, class grids), stopped at a checkpoint and resumed where it stopped."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cdlab.ui import flow_train as F
+from cdlab.ui import runs as R
+from cdlab.ui import train_tab as T
+from cdlab.ui.jobs import JobError, JobManager
+
+# The stand-in for the app's flow teacher (cdlab.flow.pipeline.FlowTeacher, built elsewhere): what the tab reads.
+TEACHER = SimpleNamespace(base_id="cdlab/fashion-flow", resolution=28, name="fashion-flow",
+                          describe=lambda: "the class-conditioned flow teacher (stand-in)")
+TINY = dict(minutes=5, num_epochs=3, epoch_images=64, batch_size=16, lr=2e-3, num_hiddens=8)
+
+
+def _idx(values: np.ndarray) -> bytes:
+    return bytes([0, 0, 0x08, values.ndim]) + struct.pack(f">{values.ndim}I", *values.shape) + \
+        values.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """A small Fashion-MNIST stand-in: 96 random 28x28 images, labels 0..9 in turn."""
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    (folder / "train-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (96, 28, 28))))
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx(np.arange(96) % 10))
+    return folder
+
+
+def test_flow_form_refuses_hostile_fields_naming_each():
+    ok = F.form_to_settings(dict(TINY), run_name="r1")
+    assert ok == {**TINY, "minutes": 5.0, "lr": 2e-3, "grid_steps": F.GRID_STEPS, "run_name": "r1"}
+    assert all(type(ok[k]) is int for k in ("num_epochs", "epoch_images", "batch_size", "num_hiddens"))
+    assert F.form_to_settings({})["epoch_images"] == 12800  # the browser's short epochs
+    for change, named in [({"lr": float("nan")}, "learning rate"), ({"lr": "inf"}, "learning rate"),
+                          ({"batch_size": 1.5}, "batch size"), ({"num_hiddens": 1000}, "channels D"),
+                          ({"epoch_images": "many"}, "images an epoch"), ({"minutes": True}, "time budget"),
+                          ({"num_epochs": None}, "epochs"), ({"minutes": -1}, "time budget"),
+                          ({"epoch_images": 10 ** 400}, "images an epoch"), ({"student_name": "x"}, "student_name"),
+                          ({"__class__": 1}, "__class__"),
+                          ({"num_epochs": 100, "epoch_images": 60000, "batch_size": 16}, "epochs x images an epoch")]:
+        with pytest.raises(ValueError, match=named):
+            F.form_to_settings({**TINY, **change})
+    with pytest.raises(ValueError, match="named fields"):
+        F.form_to_settings(["minutes", 5])
+
+
+def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(tmp_path / "nowhere"))
+    problem = F.data_problem()
+    assert "apt-get install dataset-fashion-mnist" in problem
+    jobs = JobManager(tmp_path / "runs", model="fashion-flow")
+    with gr.Blocks():
+        with gr.Tabs():
+            tab = T.TrainTab(jobs, TEACHER, "fashion-flow", gr.BrowserState(""))
+    assert [c.label for c in tab.ui.inputs] == [f.label for f in F.form_fields()]
+    assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
+    assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
+    with pytest.raises(gr.Error, match="teacher run"):
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, "")
+    with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
+        tab.fn.start(*TINY.values(), "")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert F.is_flow_teacher("tiny", TEACHER) and not F.is_flow_teacher("tiny", SimpleNamespace(resolution=64))
+
+
+def test_flow_start_handler_names_the_refused_field_and_keeps_the_classroom_rules(tmp_path, monkeypatch, fashion_dir):
+    import hashlib
+
+    import gradio as gr
+
+    from cdlab.ui import hosting as H
+
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(fashion_dir))
+    jobs = JobManager(tmp_path / "runs", model="fashion-flow")
+    fn = T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields())
+    for i, bad in [(0, float("nan")), (2, "1e9"), (3, 0), (5, [32])]:
+        values = list(TINY.values())
+        values[i] = bad
+        with pytest.raises(gr.Error, match=F.form_fields()[i].label.split(" (")[0]):
+            fn.start(*values, "")
+    classroom = H.Policy(classroom=True, instructor=hashlib.sha256(b"secret").hexdigest())
+    fn = T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields(), classroom)
+    with pytest.raises(gr.Error, match="belongs to the instructor"):
+        fn.start(*TINY.values(), "", "not the token")
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+    (tmp_path / "runs" / "lora-run").mkdir(parents=True)  # a distillation run of another teacher: no Resume here
+    (tmp_path / "runs" / "lora-run" / "config.json").write_text(json.dumps({"model": "tiny", "method": "mbcd"}))
+    with pytest.raises(gr.Error, match="student of another teacher"):
+        T.train_handlers(jobs, TEACHER, "fashion-flow", F.form_fields()).resume("lora-run", "")
+
+
+def _wait(jobs: JobManager, name: str, until, timeout: float = 60.0) -> T.RunView:
+    end = time.time() + timeout
+    while time.time() < end:
+        v = T.poll(jobs, name)
+        if until(v):
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {v.status_md}\n{R.tail(jobs.runs_dir / name / 'train.log')}")
+
+
+@pytest.mark.slow
+def test_flow_teacher_run_from_the_tab_streams_loss_and_grids_stops_and_resumes(tmp_path, fashion_dir):
+    jobs = JobManager(tmp_path / "runs", model="fashion-flow", env={"CDLAB_FASHION_MNIST": str(fashion_dir),
+                                                                    "OMP_NUM_THREADS": "1"})
+    settings = F.form_to_settings(dict(TINY), grid_steps=2, run_name="flow-a")
+    job = jobs.start_flow_teacher(settings, owner="tok")
+    assert "cdlab.flow.train_teacher" in job.proc.args
+    v = _wait(jobs, "flow-a", lambda v: not v.active, timeout=90)
+    assert (v.state, v.step, v.max_steps) == ("finished", 12, 12), v.status_md
+    rows = R.read_metrics(jobs.runs_dir / "flow-a")
+    assert [r["step"] for r in rows] == list(range(1, 13)) and v.loss is not None
+    assert set(v.loss.series) == {"loss", "loss (EMA)"}
+    assert v.preview is not None and "teacher" in v.preview_caption  # the newest class grid under the first
+    assert sorted(p.name for p in (jobs.runs_dir / "flow-a" / "previews").iterdir()) == \
+        ["step_000004.png", "step_000008.png", "step_000012.png"]
+    assert (jobs.runs_dir / "flow-a" / "samples-epoch1.png").is_file()  # the seed's deliverable
+    with pytest.raises(JobError, match="already finished"):
+        jobs.resume("flow-a", owner="tok")
+
+    # Stop -> a checkpoint; Resume continues the step count (owner rules as a distillation run's)
+    long = F.form_to_settings({**TINY, "num_epochs": 100}, grid_steps=2, run_name="flow-b")
+    jobs.start_flow_teacher(long, owner="tok")
+    _wait(jobs, "flow-b", lambda v: v.step >= 10)
+    jobs.stop("flow-b", wait=True, owner="tok", check_owner=True)
+    stopped = json.loads((jobs.runs_dir / "flow-b" / "state.json").read_text())["step"]
+    v = T.poll(jobs, "flow-b")
+    assert v.state == "stopped" and v.step == stopped >= 10 and R.resumable(jobs.runs_dir / "flow-b")
+    with pytest.raises(JobError, match="another browser session"):
+        jobs.resume("flow-b", owner="someone else")
+    jobs.resume("flow-b", owner="tok")
+    _wait(jobs, "flow-b", lambda v: v.state == "running" and v.step > stopped + 5)
+    jobs.stop("flow-b", wait=True, owner="tok", check_owner=True)
+    v = T.poll(jobs, "flow-b")
+    steps = [r["step"] for r in R.read_metrics(jobs.runs_dir / "flow-b")]
+    assert v.state == "stopped" and v.step > stopped and steps == list(range(1, v.step + 1))
+    launch = json.loads((jobs.runs_dir / "flow-b" / "ui_launch.json").read_text())
+    assert launch["cmd"][-5:] == ["--resume", "--minutes", "5", "--grid-steps", "2"]
+
+
+def test_a_flow_teacher_whose_app_is_gone_stops_at_a_checkpoint(tmp_path, fashion_dir):
+    """``CDLAB_PARENT_PID`` names a process that is not its parent (the app is gone): it saves and stops at once."""
+    import os
+    import subprocess
+    import sys
+
+    from cdlab.paths import REPO_ROOT
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CDLAB_PARENT_PID="1", CDLAB_FASHION_MNIST=str(fashion_dir), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "cdlab.flow.train_teacher", "--out", str(out), "--minutes", "5", "--num-hiddens",
+           "8", "--batch-size", "16", "--epoch-images", "64", "--num-epochs", "100", "--grid-steps", "2"]
+    subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), check=True, timeout=60, capture_output=True)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and "app that started it is gone" in status["message"]
+    assert R.resumable(out) and status["step"] < 400
+
+
+@pytest.fixture
+def teacher_jobs(tmp_path, fashion_dir) -> JobManager:
+    """A JobManager over ``runs/`` that holds one finished tiny flow teacher run, ``teacher``."""
+    from cdlab.flow import train_teacher
+
+    runs = tmp_path / "runs"
+    cfg = train_teacher.TeacherConfig(num_hiddens=8, batch_size=16, epoch_images=32, num_epochs=1)
+    train_teacher.train(runs / "teacher", 5, cfg, data_root=str(fashion_dir), grid_steps=2, log=lambda line: None)
+    return JobManager(runs, model="fashion-flow",
+                      env={"OMP_NUM_THREADS": "1", "CDLAB_ADAPTERS_DIR": str(tmp_path / "adapters")})
+
+
+@pytest.mark.slow
+def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
+    """A reflow student of a teacher run launched through the JobManager; the poll reads its loss rows."""
+    jobs, runs = teacher_jobs, teacher_jobs.runs_dir
+    for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "dmd"}, "method"),
+                       ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
+                       ({"shell": "rm"}, "shell")]:
+        with pytest.raises(ValueError, match=named):
+            F.student_settings({"teacher_run": "teacher", **bad})
+    with pytest.raises(JobError, match="No flow teacher run"):
+        jobs.start_flow_student(F.student_settings({"teacher_run": "nope"}))
+    settings = F.student_settings({"teacher_run": "teacher", "steps": 6, "batch_size": 8, "pairs": 16,
+                                   "lora_rank": 4}, run_name="student-a")
+    jobs.start_flow_student(settings, owner="tok")
+    v = _wait(jobs, "student-a", lambda v: not v.active, timeout=90)
+    assert (v.state, v.step, v.max_steps) == ("finished", 6, 6), v.status_md
+    assert [r["step"] for r in R.read_metrics(runs / "student-a")] == list(range(1, 7))
+    card = json.loads((runs.parent / "adapters" / "student-a" / "card.json").read_text())  # as every student
+    assert card["method"] == "reflow" and card["training_config"]["trained_steps"] == 6
+    assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"
+
+
+@pytest.mark.slow
+def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs):
+    """A student run has no checkpoint: Stop saves the student as trained so far, and there is no Resume."""
+    jobs, runs = teacher_jobs, teacher_jobs.runs_dir
+    long = F.student_settings({"teacher_run": "teacher", "steps": 20000, "batch_size": 8, "pairs": 16,
+                               "lora_rank": 4}, run_name="student-b")
+    jobs.start_flow_student(long, owner="tok")
+    _wait(jobs, "student-b", lambda v: v.step >= 10)
+    jobs.stop("student-b", wait=True, owner="tok", check_owner=True)
+    v = T.poll(jobs, "student-b")
+    card = json.loads((runs.parent / "adapters" / "student-b" / "card.json").read_text())
+    assert v.state == "stopped" and card["training_config"]["trained_steps"] == v.step >= 10, v.status_md
+    with pytest.raises(JobError, match="no complete checkpoint"):
+        jobs.resume("student-b", owner="tok")
