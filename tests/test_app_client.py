@@ -118,6 +118,15 @@ ENDPOINTS = {
     "/flow_edit": (["technique", "image", "prompt", "prompt_2", "strength", "seed", "student_steps", "columns"],
                    ["columns_html", "images", "timings", "summary"]),
     "/flow_show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
+    "/flow_train_start": (["minutes", "num_epochs", "epoch_images", "batch_size", "lr", "num_hiddens", "owner",
+                           "instructor_token"], ["runs_app_and_cli", "owner"]),
+    "/flow_train_flow_student": (["teacher_run", "method", "steps", "batch_size", "lr", "pairs", "guidance",
+                                  "lora_rank", "owner", "instructor_token"], ["runs_app_and_cli", "owner"]),
+    "/flow_train_stop": (["run_name", "owner", "instructor_token"], ["status"]),
+    "/flow_train_resume": (["run_name", "owner", "instructor_token"], ["status"]),
+    "/flow_train_status": (["run_name"], ["runs_app_and_cli", "status", "progress", "loss", "previews",
+                                          "preview_caption", "last_lines_of_the_trainers_log"]),
+    "/flow_refresh_runs": (["current"], ["runs_app_and_cli"]),
     "/flow_evaluate": (["prompts", "instructor_token"], ["evaluations_newest_first"]),
 }
 
@@ -131,7 +140,8 @@ def test_every_endpoint_is_documented_with_named_parameters_and_returns(client):
                 for r in api[name]["returns"]] == returns, name
         # every parameter with a default is optional, and only the owner token is required of training calls
         required = [p["parameter_name"] for p in api[name]["parameters"] if not p["parameter_has_default"]]
-        assert set(required) <= {"owner", "run_name", "image"}, (name, required)  # image: /edit's picture
+        # image: /edit's picture; teacher_run: a flow student's teacher (no default before a teacher run exists)
+        assert set(required) <= {"owner", "run_name", "image", "teacher_run"}, (name, required)
 
 
 def test_each_endpoint_called_as_documented(client, app):

@@ -196,7 +196,7 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
     return do_start_student
 
 
-def student_form(jobs: JobManager, training_on: bool) -> SimpleNamespace:
+def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> SimpleNamespace:
     """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, `student_fields` and the
     Distil button. Its student is saved as every student is, ``adapters/<run name>/`` with its card."""
     import gradio as gr
@@ -204,16 +204,16 @@ def student_form(jobs: JobManager, training_on: bool) -> SimpleNamespace:
     with gr.Accordion("Distil a few-step student from a teacher run", open=False):
         runs = teacher_runs(jobs)
         st = SimpleNamespace(teacher_run=gr.Dropdown(runs, value=runs[0] if runs else None, label="teacher run",
-                                                     elem_id="flow-teacher-run"),
+                                                     elem_id=prefix + "flow-teacher-run"),
                              method=gr.Radio(list(METHODS), value=STUDENT_DEFAULTS["method"], label="method",
                                              info="reflow: 2-rectified flow on teacher pairs · cd: consistency "
                                                   "distillation on the flow ODE"))
         st.inputs = form_inputs(student_fields())
-        st.start = gr.Button("Distil", interactive=training_on, elem_id="flow-student-start")
+        st.start = gr.Button("Distil", interactive=training_on, elem_id=prefix + "flow-student-start")
     return st
 
 
-def flow_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> SimpleNamespace:
+def flow_form(fields: list[FormField], training_on: bool, policy: H.Policy, prefix: str = "") -> SimpleNamespace:
     """The left column for the flow teacher: who may do what, what the run is, the data's state (how to get it
     when missing), the form, the instructor token and the Start / Stop / Resume buttons. ``form_extra``: no
     data-set, advanced or overwrite inputs (the data is Fashion-MNIST; a teacher run publishes no student). The
@@ -221,19 +221,19 @@ def flow_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> S
     import gradio as gr
 
     if policy.rules_line():
-        gr.Markdown(policy.rules_line(), elem_id="train-rules")
+        gr.Markdown(policy.rules_line(), elem_id=prefix + "train-rules")
     gr.Markdown("Trains the class-conditioned flow teacher from scratch on Fashion-MNIST (seed 003 part B: "
                 "flow matching, 10% of the classes dropped for CFG). After every epoch the page shows 4 samples of "
                 "each class (Euler 50, CFG 5); the run folder is what `python -m cdlab.flow.train_teacher` writes.",
-                elem_id="flow-train-about")
+                elem_id=prefix + "flow-train-about")
     problem = data_problem()
     if problem:
-        gr.Markdown(f"**{problem}**", elem_id="flow-data-missing")
+        gr.Markdown(f"**{problem}**", elem_id=prefix + "flow-data-missing")
     ui = SimpleNamespace(inputs=form_inputs(fields), form_extra=[])
-    ui.instructor = H.instructor_token_box(policy, "train-instructor")
+    ui.instructor = H.instructor_token_box(policy, prefix + "train-instructor")
     with gr.Row():
         ui.start = gr.Button("Start", variant="primary", interactive=training_on and not problem,
-                             elem_id="train-start")
-        ui.stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
-        ui.resume = gr.Button("Resume", interactive=training_on, elem_id="train-resume")
+                             elem_id=prefix + "train-start")
+        ui.stop = gr.Button("Stop", variant="stop", elem_id=prefix + "train-stop")
+        ui.resume = gr.Button("Resume", interactive=training_on, elem_id=prefix + "train-resume")
     return ui

@@ -421,18 +421,18 @@ def train_form(fields: list[FormField], training_on: bool, policy: H.Policy) -> 
     return ui
 
 
-def train_monitor(ui: SimpleNamespace, jobs: JobManager) -> None:
+def train_monitor(ui: SimpleNamespace, jobs: JobManager, prefix: str = "") -> None:
     """The right column, added to ``ui``: the runs list (app and CLI), status, progress bar, loss chart and the
     trainer's log on failure."""
     import gradio as gr
 
     with gr.Row():
-        ui.run_dd = gr.Dropdown(run_choices(jobs), label="Runs (app and CLI)", scale=5, elem_id="runs")
+        ui.run_dd = gr.Dropdown(run_choices(jobs), label="Runs (app and CLI)", scale=5, elem_id=prefix + "runs")
         ui.runs_refresh = gr.Button("↻ runs", size="sm", scale=1)
-    ui.status = gr.Markdown(elem_id="train-status", label="status")
+    ui.status = gr.Markdown(elem_id=prefix + "train-status", label="status")
     ui.bar = gr.HTML(label="progress")
     ui.plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", x_title="step", y_title="loss",
-                          color_title="", elem_id="loss-plot")
+                          color_title="", elem_id=prefix + "loss-plot")
     ui.log_box = gr.Textbox(label="Last lines of the trainer's log", lines=10, visible=False)
 
 
@@ -446,7 +446,10 @@ class TrainTab:
     (`cdlab.ui.flow_train`); the runs list, status, loss, previews, Stop and Resume are the same."""
 
     def __init__(self, jobs: JobManager, teacher: Any, model: str, owner: Any, policy: H.Policy | None = None,
-                 adapters_root: Path | None = None):
+                 adapters_root: Path | None = None, prefix: str = ""):
+        """``prefix``: of the tab's id, the flow form's and the monitor's elem_ids (``"flow-"``) and the API names
+        (``/flow_train_start``, ...), for a second Train tab on the page (the flow teacher's, sharing ``jobs``:
+        one training slot)."""
         import gradio as gr
 
         policy = policy or H.Policy()
@@ -454,18 +457,21 @@ class TrainTab:
         fields = flow_train.form_fields() if flow else form_fields(model, teacher.resolution)
         training_on = policy.training_allowed()
         self.fn, self.jobs = train_handlers(jobs, teacher, model, fields, policy, adapters_root), jobs
-        with gr.Tab("Train", id="train"):
+        self.api = prefix.replace("-", "_")
+        with gr.Tab("Train" + (f" ({prefix.strip('-')})" if prefix else ""), id=prefix + "train"):
             if not training_on:
-                gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id="training-off")
+                gr.Markdown(f"**{H.TRAINING_OFF_MESSAGE}**", elem_id=prefix + "training-off")
             with gr.Row():
                 with gr.Column(scale=2):
-                    ui = (flow_train.flow_form if flow else train_form)(fields, training_on, policy)
-                    ui.student = flow_train.student_form(jobs, training_on) if flow else None
+                    ui = (flow_train.flow_form(fields, training_on, policy, prefix) if flow
+                          else train_form(fields, training_on, policy))
+                    ui.student = flow_train.student_form(jobs, training_on, prefix) if flow else None
                 with gr.Column(scale=3):
-                    train_monitor(ui, jobs)
+                    train_monitor(ui, jobs, prefix)
             # Full width: the captions above the rows stay readable at 1280 px.
-            ui.preview = gr.Image(label="Previews", type="pil", elem_id="preview", buttons=["download", "fullscreen"])
-            ui.preview_cap = gr.Markdown(elem_id="preview-caption", label="preview caption")
+            ui.preview = gr.Image(label="Previews", type="pil", elem_id=prefix + "preview",
+                                  buttons=["download", "fullscreen"])
+            ui.preview_cap = gr.Markdown(elem_id=prefix + "preview-caption", label="preview caption")
             ui.timer = gr.Timer(1.0, active=False)
             self.ui = ui
             self._wire(owner)
@@ -481,24 +487,24 @@ class TrainTab:
         # The run's owner token comes back by name (a BrowserState has no label) and is kept in this browser.
         owner_out = gr.Textbox(visible=False, label="owner")
         form = [*ui.inputs, *ui.form_extra, owner, ui.instructor]
-        ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name="train_start").success(
+        ui.start.click(fn.start, form, [ui.run_dd, owner_out], api_name=self.api + "train_start").success(
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
         if ui.student is not None:  # the flow teacher's second form: a student of a teacher run
             st = ui.student
             named_errors(st.teacher_run, st.method, *st.inputs)
             st.start.click(fn.start_student, [st.teacher_run, st.method, *st.inputs, owner, ui.instructor],
-                           [ui.run_dd, owner_out], api_name="train_flow_student").success(
+                           [ui.run_dd, owner_out], api_name=self.api + "train_flow_student").success(
                 lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
             ui.runs_refresh.click(lambda: gr.Dropdown(choices=flow_train.teacher_runs(self.jobs)), None,
                                   st.teacher_run, api_visibility="private")
-        ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_stop").success(
+        ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name=self.api + "train_stop").success(
             **start_polling)
-        ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name="train_resume").success(
+        ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name=self.api + "train_resume").success(
             **start_polling)
-        ui.run_dd.change(fn.status, ui.run_dd, poll_out[:-1], api_name="train_status").then(
+        ui.run_dd.change(fn.status, ui.run_dd, poll_out[:-1], api_name=self.api + "train_status").then(
             fn.poll_timer, ui.run_dd, ui.timer, api_visibility="private")
         ui.timer.tick(fn.poll, ui.run_dd, poll_out, api_visibility="private")
-        ui.runs_refresh.click(fn.refresh_runs, ui.run_dd, ui.run_dd, api_name="refresh_runs")
+        ui.runs_refresh.click(fn.refresh_runs, ui.run_dd, ui.run_dd, api_name=self.api + "refresh_runs")
 
     def on_load(self) -> tuple:
         """The runs list, fresh (a run started since, the CLI's too, shows up), and the selected run's status,
