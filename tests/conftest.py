@@ -59,8 +59,9 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
 # test_app_hostile and test_app_limits (``hostile_app``).
 # The longest units first (measured), so the two workers finish together; the rest keep their order.
 FIRST_UNITS = ("sd15", "tests/browser/test_journey.py", "tests/test_classroom.py", "tests/test_evaluate.py",
-               "tests/test_train.py", "browser-pages", "tests/test_compare_stream.py", "tests/test_train_process.py",
-               "tests/test_checkpoints.py", "served-hostile", "tests/test_app_client.py", "tests/test_build_teacher.py")
+               "tests/test_flow.py", "tests/test_train.py", "browser-pages", "tests/test_compare_stream.py",
+               "tests/test_train_process.py", "tests/test_app_client.py", "tests/test_checkpoints.py", "served-hostile",
+               "tests/test_flow_train_tab.py", "tests/test_build_teacher.py")
 SHARED_UNITS = {**{f"tests/browser/{f}": "browser-pages"
                    for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")},
                 **{f"tests/{f}": "served-hostile" for f in ("test_app_hostile.py", "test_app_limits.py")}}
