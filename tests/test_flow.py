@@ -413,7 +413,8 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     from cdlab.flow.pipeline import load_flow_teacher
     from cdlab.paths import FLOW_ID
     from cdlab.samplers import consistency_timesteps, sample_consistency
-    from cdlab.students import StudentError, load_student
+    from cdlab.students import StudentError, load_student, unload_student
+    from cdlab.teachers import TeacherLoadError, load_teacher
 
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
     unet = distill.attach_flow_lora(tiny_unet, rank=4)
@@ -435,6 +436,15 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     cond = torch.nn.functional.one_hot(torch.tensor([8, 7]), 10).float()
     direct = sample_consistency(unet, x_T, cond, consistency_timesteps(4, 4), FLOW_SCHEDULE, model_class=FlowModel)
     assert run.nfe == 4 and torch.allclose(run.latents, direct.latents, atol=1e-5)
+    # taken off and loaded again (a retrained student): the same samples; the plain teacher is untouched
+    unload_student(teacher, "fashion-mbcd-4")
+    assert teacher.unet.peft_config == {} and not any("lora_" in n for n, _ in teacher.unet.named_parameters())
+    load_student(teacher, "fashion-mbcd-4", root)
+    rerun = run_columns(teacher, [student_column(card, 4)], ["Bag", "Sneaker"], seeds=[3, 4], adapters_root=root,
+                        decode=None)[0]
+    assert torch.equal(rerun.latents, run.latents)
+    with pytest.raises(TeacherLoadError, match="float32"):
+        load_teacher("fashion-flow", device="cpu", dtype=torch.float16)
     # the saved LoRA comes back as the training side's parameters
     again = distill.attach_flow_lora(load_flow_teacher(teacher_dir).unet, rank=4)
     distill.set_lora_weights(again, distill.student_lora("fashion-mbcd-4", root))

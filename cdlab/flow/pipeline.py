@@ -67,7 +67,7 @@ class FlowPipeline:
         if not isinstance(getattr(unet, "peft_config", None), dict):
             unet.peft_config = {}
 
-    def load_lora_weights(self, folder: str | dict, weight_name: str | None = None, adapter_name: str = "default",
+    def load_lora_weights(self, folder: str | Path, weight_name: str | None = None, adapter_name: str = "default",
                           use_safetensors: bool = True) -> None:
         """Inject adapter ``adapter_name`` from ``folder/weight_name`` (a safetensors file with diffusers'
         ``lora_adapter_metadata``: the LoraConfig); every key of the file must land in the UNet."""
