@@ -69,7 +69,7 @@ def build_demo(teacher, model_arg: str, policy: H.Policy | None = None, flow_tea
                     with gr.Tabs():
                         flow = CompareTab(flow_teacher, flow_comparer, prefix="flow-")
                         flow_edit = EditTab(flow_teacher, flow_comparer, prefix="flow-")
-                        flow_train = TrainTab(jobs, flow_teacher, "fashion-flow", owner, policy=policy,
+                        flow_train = TrainTab(jobs, flow_teacher, flow_teacher.name, owner, policy=policy,
                                               adapters_root=P.adapters_dir(), prefix="flow-")  # one training slot
                         flow_eval = EvaluateTab(flow_teacher, P.evals_dir(), policy=policy, prefix="flow-")
                 tabs, openers = tabs + [flow, flow_edit, flow_train, flow_eval], openers + [flow]

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
-from cdlab.paths import shown_path
+from cdlab.paths import FLOW_ID, shown_path
+from cdlab.teachers import FLOW_TEACHER
 from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
 from cdlab.ui import runs as runs_mod
@@ -31,12 +32,10 @@ from cdlab.ui.form import FormField, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import user_errors
 
-__all__ = ["FLOW_MODEL", "FLOW_BASE_ID", "BROWSER_DEFAULTS", "GRID_STEPS", "STUDENT_DEFAULTS", "METHODS",
+__all__ = ["BROWSER_DEFAULTS", "GRID_STEPS", "STUDENT_DEFAULTS", "METHODS",
            "is_flow_teacher", "form_fields", "form_to_settings", "student_fields", "student_settings", "data_problem",
            "start_handler", "teacher_runs", "student_start_handler", "student_form", "flow_form"]
 
-FLOW_MODEL = "fashion-flow"          # the app's --model for the flow teacher
-FLOW_BASE_ID = "cdlab/fashion-flow"  # its teacher object's base_id
 GRID_STEPS = 50  # the grids' Euler steps (the seed's); not a form field
 BROWSER_DEFAULTS = {"minutes": 15.0, "num_epochs": 10, "epoch_images": 12800, "batch_size": 128, "lr": 2e-3,
                     "num_hiddens": 32}
@@ -57,7 +56,7 @@ _INFO = {"minutes": "the run stops at a checkpoint then; Resume continues it",
 def is_flow_teacher(model: str, teacher: Any) -> bool:
     """Whether the app serves the flow teacher: model ``"fashion-flow"`` or a teacher whose ``base_id`` is
     ``"cdlab/fashion-flow"`` (any object: the app's `FlowTeacher`, a test's stand-in)."""
-    return model == FLOW_MODEL or getattr(teacher, "base_id", None) == FLOW_BASE_ID
+    return model == FLOW_TEACHER or getattr(teacher, "base_id", None) == FLOW_ID
 
 
 def form_fields() -> list[FormField]:
