@@ -424,12 +424,16 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
     cfg = distill.StudentConfig(method="cd", num_boundaries=4, sample_steps=4, lora_rank=4)
     root = tmp_path / "adapters"
-    distill.save_flow_student(unet.eval(), "fashion-mbcd-4", cfg, root)
+    distill.save_flow_student(unet.eval(), "fashion-mbcd-4", cfg, root, teacher=teacher_dir)
     with pytest.raises(StudentError, match="exists"):
-        distill.save_flow_student(unet, "fashion-mbcd-4", cfg, root)  # nothing replaced by default
+        distill.save_flow_student(unet, "fashion-mbcd-4", cfg, root, teacher=teacher_dir)  # nothing replaced
     teacher = load_flow_teacher(teacher_dir)
     card = load_student(teacher, "fashion-mbcd-4", root)
-    assert (card.method, card.num_boundaries, card.base_model, card.scheduler) == ("mbcd", 4, FLOW_ID, "consistency")
+    base = str(teacher_dir.resolve())  # a LoRA fits its own teacher's weights: the folder is its base
+    assert (card.method, card.num_boundaries, card.base_model, card.scheduler) == ("mbcd", 4, base, "consistency")
+    assert teacher.base_id == base and load_flow_teacher().base_id == FLOW_ID
+    with pytest.raises(StudentError, match="was distilled from"):  # not on the shipped teacher's weights
+        load_student(load_flow_teacher(), "fashion-mbcd-4", root)
     run = run_columns(teacher, [student_column(card, 4)], ["Bag", "Sneaker"], seeds=[3, 4], adapters_root=root,
                       decode=None)[0]
     x_T = torch.cat([teacher.initial_noise(3), teacher.initial_noise(4)])
@@ -447,7 +451,7 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
         load_teacher("fashion-flow", device="cpu", dtype=torch.float16)
     # the saved LoRA comes back as the training side's parameters
     again = distill.attach_flow_lora(load_flow_teacher(teacher_dir).unet, rank=4)
-    distill.set_lora_weights(again, distill.student_lora("fashion-mbcd-4", root))
+    distill.set_lora_weights(again, distill.student_lora("fashion-mbcd-4", root, teacher_dir))
     trained = dict(unet.named_parameters())
     assert all(torch.allclose(p, trained[n]) for n, p in again.named_parameters() if "lora_" in n)
     # a fresh LoRA (B = 0) on the teacher samples exactly as the teacher does

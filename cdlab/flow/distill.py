@@ -144,7 +144,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     dev = torch.device(device)
     unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
     if init is not None:
-        set_lora_weights(unet, student_lora(init, root))
+        set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -196,14 +196,16 @@ def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n}
 
 
-def student_lora(name: str, root: str | Path | None = None) -> dict[str, torch.Tensor]:
+def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
-    file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1)."""
+    file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
+    must be ``teacher``'s (its folder; None: the shipped teacher)."""
+    from cdlab.flow.pipeline import flow_base_id
     from cdlab.students import WEIGHT_NAME, read_card, student_dir
 
     card = read_card(name, root)
-    if card.base_model != FLOW_ID:
-        raise StudentError(f"student {name!r} is a student of {card.base_model!r}, not of the flow teacher")
+    if card.base_model != flow_base_id(teacher):
+        raise StudentError(f"student {name!r} is a student of {card.base_model!r}, not of {flow_base_id(teacher)!r}")
     state = load_file(str(student_dir(name, root) / WEIGHT_NAME))
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
 
@@ -218,22 +220,29 @@ def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             params[n].copy_(w)
 
 
-def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None) -> StudentCard:
+def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None,
+                 teacher: str | Path | None = None) -> StudentCard:
     """The student's card: ``reflow`` (any step count: ``num_boundaries`` None) or ``cd``/``mbcd`` (N boundaries);
     sampled by the lab's consistency jump on the flow path, an Euler step (:mod:`cdlab.flow.model`); guidance
-    distilled in. ``training_config`` says the steps it took and the student it started from."""
+    distilled in; its base is its teacher's (`cdlab.flow.pipeline.flow_base_id`: the shipped one's when None).
+    ``training_config`` says the steps it took and the student it started from."""
+    from cdlab.flow.pipeline import flow_base_id
+
     method = "reflow" if cfg.method == "reflow" else ("mbcd" if cfg.num_boundaries > 1 else "cd")
-    return StudentCard(name=name, base_model=FLOW_ID, method=method,
+    return StudentCard(name=name, base_model=flow_base_id(teacher), method=method,
                        num_boundaries=None if method == "reflow" else cfg.num_boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
                        training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init})
 
 
 def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str | Path | None = None, *,
-                      trained_steps: int | None = None, init: str | None = None, overwrite: bool = False) -> Path:
+                      teacher: str | Path | None = None, trained_steps: int | None = None, init: str | None = None,
+                      overwrite: bool = False) -> Path:
     """Save the LoRA as the lab saves every student: ``<root>/<name>/`` (default ``adapters/``) with its card
-    (:func:`cdlab.students.save_student`); ``load_student(load_teacher("fashion-flow"), name)`` reads it."""
-    card = student_card(cfg, name, trained_steps=cfg.steps if trained_steps is None else trained_steps, init=init)
+    (:func:`cdlab.students.save_student`), whose base is ``teacher``'s (the folder it was distilled from; None:
+    the shipped teacher); ``load_student(load_flow_teacher(teacher), name)`` reads it."""
+    card = student_card(cfg, name, trained_steps=cfg.steps if trained_steps is None else trained_steps, init=init,
+                        teacher=teacher)
     return save_student(unet, name, card, root, adapter_name=ADAPTER, overwrite=overwrite)
 
 
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_in_folder(args, cfg)
         unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
                              max_seconds=args.max_seconds)
-        print(f"saved {save_flow_student(unet, args.name, cfg, args.root, trained_steps=done, init=args.init)}")
+        print(f"saved {save_flow_student(unet, args.name, cfg, args.root, teacher=args.teacher, trained_steps=done, init=args.init)}")
     except (StudentError, FileNotFoundError) as e:
         p.error(str(e))
     return 0
@@ -301,7 +310,8 @@ def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
     if stop.orphaned:
         status("stopped", f"stopped at step {done}: the app that started it is gone; nothing saved", done)
         return 0
-    saved = save_flow_student(unet, args.name, cfg, args.root, trained_steps=done, init=args.init)
+    saved = save_flow_student(unet, args.name, cfg, args.root, teacher=args.teacher, trained_steps=done,
+                              init=args.init)
     status("stopped" if stop.requested else "finished", f"saved {shown_path(saved)} after {done} steps", done)
     return 0
 

@@ -33,7 +33,7 @@ from cdlab.flow.data import CLASS_NAMES
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.paths import FLOW_ID, assets_dir
 
-__all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "load_flow_teacher"]
+__all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "flow_base_id", "load_flow_teacher"]
 
 FLOW_TEACHER_DIR = assets_dir() / "fashion-flow"
 # The teacher's CFG scale in the app and for its students: 2, not the seed's 5. In the judge's features 5
@@ -220,11 +220,20 @@ class FlowTeacher:
         return f"Fashion-MNIST flow teacher (class-conditioned, 28 px) · {self.device} · float32"
 
 
+def flow_base_id(folder: str | Path | None = None) -> str:
+    """The base id of the flow teacher in ``folder``, what its students' cards name: ``cdlab/fashion-flow`` for the
+    shipped one (None), else the folder's resolved path (a LoRA fits only the weights it was trained on)."""
+    if folder is None or Path(folder).resolve() == FLOW_TEACHER_DIR.resolve():
+        return FLOW_ID
+    return str(Path(folder).resolve())
+
+
 def load_flow_teacher(folder: str | Path | None = None, device: str | torch.device | None = None,
                       name: str = "fashion-flow") -> FlowTeacher:
-    """The flow teacher of a run folder (``state.json`` and ``unet.safetensors``; default the shipped one)."""
+    """The flow teacher of a run folder (``state.json`` and ``unet.safetensors``; default the shipped one), with
+    its `flow_base_id`: only its own students load on it."""
     from cdlab.flow.train_teacher import load_unet
 
     dev = torch.device(device or "cpu")
     unet = load_unet(FLOW_TEACHER_DIR if folder is None else folder).to(dev).eval().requires_grad_(False)
-    return FlowTeacher(pipe=FlowPipeline(unet), name=name, device=dev)
+    return FlowTeacher(pipe=FlowPipeline(unet), name=name, device=dev, base_id=flow_base_id(folder))
