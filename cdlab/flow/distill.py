@@ -51,14 +51,14 @@ from cdlab.paths import FLOW_ID, shown_path, write_json_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, validate_name
 from cdlab.students.roles import adapter_role
-from cdlab.train.status import MetricsWriter, write_status
+from cdlab.train.status import FLOW_STUDENT_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
            "StudentConfig", "distill", "student_card", "save_flow_student", "student_lora", "main"]
 
 ADAPTER = "student"
-STUDENT_RUN_KIND = "flow-student"  # config.json's "kind" in a --run-dir (the app's Train tab)
+STUDENT_RUN_KIND = FLOW_STUDENT_RUN  # config.json's "kind" in a --run-dir (the app's Train tab)
 
 
 def lora_targets(unet: nn.Module) -> list[str]:

@@ -48,13 +48,13 @@ from cdlab.flow import matching
 from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
 from cdlab.flow.unet import UNet
 from cdlab.paths import load_json_object, preview_file, write_json_atomic
-from cdlab.train.status import MetricsWriter, write_status
+from cdlab.train.status import FLOW_TEACHER_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "total_steps", "main"]
 
 GRID_EPOCHS = (1, 5, 10)  # the seed's deliverables (§2.3, §2.6)
-RUN_KIND = "flow-teacher"  # config.json's "kind": how the app's Train tab tells this run from a distillation's
+RUN_KIND = FLOW_TEACHER_RUN  # config.json's "kind": how the app's Train tab tells this run from a distillation's
 FLUSH_STEPS, FLUSH_SECONDS = 10, 2.0  # metrics.jsonl is flushed this often: the Train tab's curve moves live
 PREVIEW_SCALE = 3  # the previews' pixels per image pixel (the page shows 28 px images; the seed's grids stay 1x)
 _RUN_FILES = ("state.json", "config.json", "metrics.jsonl")  # a folder holding any of them holds a run

@@ -18,9 +18,12 @@ from typing import Any
 
 from cdlab.paths import write_json_atomic
 
-__all__ = ["STATES", "write_status", "MetricsWriter"]
+__all__ = ["STATES", "FLOW_TEACHER_RUN", "FLOW_STUDENT_RUN", "write_status", "MetricsWriter"]
 
 STATES = ("running", "stopping", "finished", "stopped", "failed")
+# config.json's "kind" of a flow run, how the Train tab tells it from a distillation run (which has none): the flow
+# teacher's (`cdlab.flow.train_teacher`) and a flow student's (`cdlab.flow.distill --run-dir`).
+FLOW_TEACHER_RUN, FLOW_STUDENT_RUN = "flow-teacher", "flow-student"
 
 
 def write_status(run_dir: str | os.PathLike, state: str, *, step: int, max_steps: int, message: str = "",

@@ -21,10 +21,10 @@ from typing import Any
 
 import pandas as pd
 
-from cdlab.flow.distill import STUDENT_RUN_KIND as FLOW_STUDENT
-from cdlab.flow.train_teacher import RUN_KIND as FLOW_TEACHER
 from cdlab.paths import read_json
 from cdlab.train.checkpoints import CKPT_RE, evenly_spaced, latest_checkpoint  # latest_checkpoint: re-exported
+from cdlab.train.status import FLOW_STUDENT_RUN as FLOW_STUDENT
+from cdlab.train.status import FLOW_TEACHER_RUN as FLOW_TEACHER
 from cdlab.ui.previews import student_previews
 
 ACTIVE_STATES = ("queued", "running", "stopping", "finishing")
