@@ -15,13 +15,9 @@ import pytest
 import torch
 
 from cdlab.flow import data, matching
+from fashion_files import idx_bytes, write_train_set
 from cdlab.paths import REPO_ROOT
 from cdlab.flow.unet import UNet, recalibrate_batchnorm
-
-
-def _idx_bytes(values: np.ndarray, magic: bytes | None = None) -> bytes:
-    header = magic if magic is not None else bytes([0, 0, 0x08, values.ndim])
-    return header + struct.pack(f">{values.ndim}I", *values.shape) + values.astype(np.uint8).tobytes()
 
 
 @pytest.fixture
@@ -37,7 +33,7 @@ def tiny_unet() -> UNet:
 def test_read_idx_reads_a_crafted_file(tmp_path, suffix):
     values = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5) * 7
     path = tmp_path / f"x-idx3-ubyte{suffix}"
-    path.write_bytes(gzip.compress(_idx_bytes(values)) if suffix else _idx_bytes(values))
+    path.write_bytes(gzip.compress(idx_bytes(values)) if suffix else idx_bytes(values))
     out = data.read_idx(path)
     assert out.dtype == np.uint8 and out.shape == (2, 3, 5)
     np.testing.assert_array_equal(out, values)
@@ -46,14 +42,14 @@ def test_read_idx_reads_a_crafted_file(tmp_path, suffix):
 @pytest.mark.parametrize("magic", [b"\x00\x00\x0d\x03", b"\x01\x00\x08\x03", b"\x00\x00\x08\x04", b"PK\x03\x04"])
 def test_read_idx_refuses_a_bad_magic_number(tmp_path, magic):
     path = tmp_path / "bad"
-    path.write_bytes(_idx_bytes(np.zeros((2, 3, 5)), magic=magic))
+    path.write_bytes(idx_bytes(np.zeros((2, 3, 5)), magic=magic))
     with pytest.raises(ValueError, match="magic"):
         data.read_idx(path)
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_read_idx_refuses_truncated_and_padded_files(tmp_path, suffix):
-    whole = _idx_bytes(np.ones((4, 28, 28)))
+    whole = idx_bytes(np.ones((4, 28, 28)))
     for blob, message in ((whole[:-1], "truncated"), (whole[:6], "truncated"), (whole + b"\x00", "after")):
         path = tmp_path / f"f{suffix}"
         path.write_bytes(gzip.compress(blob) if suffix else blob)
@@ -68,15 +64,15 @@ def test_read_idx_caps_the_size_before_reading(tmp_path):
     with pytest.raises(ValueError, match="over the cap"):
         data.read_idx(path, max_bytes=1024)
     raw = tmp_path / "raw"
-    raw.write_bytes(_idx_bytes(np.zeros((2, 28, 28))))
+    raw.write_bytes(idx_bytes(np.zeros((2, 28, 28))))
     with pytest.raises(ValueError, match="on disk"):
         data.read_idx(raw, max_bytes=100)
 
 
 def test_load_fashion_mnist_reads_a_crafted_folder_and_says_how_to_install(tmp_path, monkeypatch):
     images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images)))
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0, 3])))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([9, 0, 3])))
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
     x, y = data.load_fashion_mnist("test")
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
@@ -86,7 +82,7 @@ def test_load_fashion_mnist_reads_a_crafted_folder_and_says_how_to_install(tmp_p
         data.load_fashion_mnist("train")
     with pytest.raises(ValueError, match="split"):
         data.load_fashion_mnist("validation")
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0, 10])))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([9, 0, 10])))
     with pytest.raises(ValueError, match="label 10"):
         data.load_fashion_mnist("test")
 
@@ -318,11 +314,7 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
 
     from cdlab.flow import train_teacher
 
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    (folder / "train-images-idx3-ubyte").write_bytes(_idx_bytes(rng.integers(0, 256, (24, 28, 28))))
-    (folder / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(24) % 10))
+    folder = write_train_set(tmp_path / "data", 24)
     cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2)
     quiet = dict(data_root=str(folder), grid_steps=2, log=lambda line: None)
     whole = train_teacher.train(tmp_path / "whole", 5, cfg, max_steps=4, **quiet)

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import struct
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from cdlab.ui import flow_train as F
+from fashion_files import write_train_set
 from cdlab.ui import runs as R
 from cdlab.ui import train_tab as T
 from cdlab.ui.jobs import JobError, JobManager
@@ -22,20 +21,10 @@ TEACHER = SimpleNamespace(base_id="cdlab/fashion-flow", resolution=28, name="fas
 TINY = dict(minutes=5, num_epochs=3, epoch_images=64, batch_size=16, lr=2e-3, num_hiddens=8)
 
 
-def _idx(values: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, values.ndim]) + struct.pack(f">{values.ndim}I", *values.shape) + \
-        values.astype(np.uint8).tobytes()
-
-
 @pytest.fixture
 def fashion_dir(tmp_path):
     """A small Fashion-MNIST stand-in: 96 random 28x28 images, labels 0..9 in turn."""
-    folder = tmp_path / "fashion"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    (folder / "train-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (96, 28, 28))))
-    (folder / "train-labels-idx1-ubyte").write_bytes(_idx(np.arange(96) % 10))
-    return folder
+    return write_train_set(tmp_path / "fashion", 96)
 
 
 def test_flow_form_refuses_hostile_fields_naming_each():
