@@ -67,6 +67,10 @@ class Teacher:
     # Held while adapters are switched and the UNet samples (Compare, Evaluate): one pipeline, one user
     # at a time, whatever the web queue's concurrency.
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+    # Held around every tokenizer call. A transformers tokenizer is one Rust tokenizer whose padding and
+    # truncation are state set before each call, so two threads tokenizing at once (a request counting its
+    # prompt's tokens while the worker encodes a batch) can pad one call with the other's settings.
+    tokenizer_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     model_class = EpsModel  # what the UNet predicts, as an eps model (a flow teacher's: FlowModel)
     solver = "DDIM"  # what its teacher columns are called (a flow teacher's: Euler, the same step on its path)
@@ -128,13 +132,22 @@ class Teacher:
             prompts = [prompts]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        tok = self.tokenizer(
-            list(prompts) + [""] * len(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        )
+        with self.tokenizer_lock:
+            tok = self.tokenizer(
+                list(prompts) + [""] * len(prompts), padding="max_length",
+                max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
+            )
         emb = self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
         cond, uncond = emb.chunk(2)
         return cond, uncond
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What the user should know about ``prompt`` before it is encoded: a line when the text encoder reads
+        only its first ``model_max_length`` tokens (the rest is truncated by :meth:`encode`)."""
+        with self.tokenizer_lock:
+            n = len(self.tokenizer(prompt).input_ids)
+        limit = self.tokenizer.model_max_length
+        return [f"The prompt is {n} tokens; the text encoder reads the first {limit}."] if n > limit else []
 
     def initial_noise(self, seed: int, batch: int = 1) -> torch.Tensor:
         """``x_T ~ N(0, I)`` of shape ``[batch, *latent_shape]`` from a CPU generator, so a seed gives the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,34 @@ def test_encode_is_one_text_encoder_call_and_equals_diffusers(random_teacher):
     assert not torch.allclose(cond[0], cond[1])
     with pytest.raises(ValueError, match="non-empty list"):
         random_teacher.encode([])
+
+
+def test_prompts_are_tokenized_safely_from_many_threads(random_teacher):
+    """Compare counts a request's prompt tokens in the request's thread while the worker encodes a batch. The
+    tokenizer's padding is state set before each call, so unlocked an encode can come back unpadded ("Unable to
+    create tensor", seen in CI under 8 concurrent Compares; this test failed 2 runs of 3 with the lock
+    replaced by a null context). ``tokenizer_lock`` serialises the calls."""
+    L = random_teacher.tokenizer.model_max_length
+    long_prompt = " ".join(["red circle"] * L)
+    counted: list[list[str]] = []
+
+    def count() -> None:
+        for _ in range(100):
+            counted.append(random_teacher.prompt_warnings(long_prompt))
+
+    threads = [threading.Thread(target=count) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(100):
+            cond, _ = random_teacher.encode(["a red circle"])
+            assert cond.shape[1] == L
+    finally:
+        for t in threads:
+            t.join()
+    assert len(counted) == 400 and all(w == [f"The prompt is {len(random_teacher.tokenizer(long_prompt).input_ids)} tokens; "
+                                 f"the text encoder reads the first {L}."] for w in counted)
+    assert random_teacher.prompt_warnings("a red circle") == []
 
 
 def test_initial_noise_is_deterministic_by_seed(random_teacher):

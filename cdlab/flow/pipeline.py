@@ -190,6 +190,10 @@ class FlowTeacher:
         cond = cond.to(self.device, self.dtype)
         return cond, torch.zeros_like(cond)
 
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """Nothing to warn of: a class name is encoded whole (an unknown one is refused by :meth:`encode`)."""
+        return []
+
     def initial_noise(self, seed: int, batch: int = 1) -> torch.Tensor:
         """Pure noise ``[batch, 1, 28, 28]`` from a CPU generator (the seed's x_0 at t = 0)."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -283,7 +283,7 @@ class Comparer:
                 raise InputError(f"Class: {e}") from None
         cols = self._resolve_columns(list(columns or []), guidance, student_steps)
         req = _Request(prompt, seed, guidance, student_steps, cols, bool(show_trajectory),
-                       self._prompt_warnings(prompt), time.perf_counter())
+                       self.teacher.prompt_warnings(prompt), time.perf_counter())
         if self.batcher is None:
             out = self._serve([req])[0]
             if isinstance(out, BaseException):
@@ -493,15 +493,6 @@ class Comparer:
                              grid=trajectory_grid(r.student_steps, r.columns) if r.show_trajectory else [],
                              batch=batch, result_id=r.result_id, pending=pending,
                              labels=[c.label for c in r.columns])
-
-    def _prompt_warnings(self, prompt: str) -> list[str]:
-        tok = getattr(self.teacher, "tokenizer", None)
-        if tok is None:  # a class-conditioned teacher: no text encoder, nothing truncated
-            return []
-        n = len(tok(prompt).input_ids)
-        if n > tok.model_max_length:
-            return [f"The prompt is {n} tokens; the text encoder reads the first {tok.model_max_length}."]
-        return []
 
 
 class _AllColumnsFailed(ValueError):
