@@ -27,7 +27,7 @@ from cdlab.models import EpsModel
 from cdlab.paths import SD15_ID, TINY_ID, assets_dir
 
 __all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "FLOW_TEACHER", "Teacher", "load_teacher",
-           "load_teacher_with_fallback", "is_tiny", "teacher_lock"]
+           "load_teacher_with_fallback", "is_tiny", "class_names", "teacher_lock"]
 
 TINY_TEACHER_DIR = assets_dir() / "tiny-teacher"
 SD15_RANDOM_ID = "cdlab/sd15-random"  # cdlab.sd15_random: SD1.5's architecture, random weights
@@ -181,6 +181,12 @@ def is_tiny(teacher: Any) -> bool:
     if isinstance(flag, bool):
         return flag
     return getattr(teacher, "base_id", "") == TINY_ID or int(teacher.resolution) <= 64
+
+
+def class_names(teacher: Any) -> list[str]:
+    """The class names a class-conditioned teacher takes as its prompt (the flow teacher's ``classes``), or ``[]``
+    for a text teacher. The one test of "is the prompt a class?" that Compare, Edit and Evaluate ask."""
+    return list(getattr(teacher, "classes", None) or [])
 
 
 def teacher_lock(teacher: Any):

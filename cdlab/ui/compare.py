@@ -27,7 +27,7 @@ from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_colu
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
-from cdlab.teachers import is_tiny, teacher_lock
+from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
 from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
@@ -276,7 +276,7 @@ class Comparer:
             InputError: the inputs are refused, or every column failed.
         """
         prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
-        if getattr(self.teacher, "classes", None):  # a class-conditioned teacher: its "prompt" is a class name
+        if class_names(self.teacher):  # a class-conditioned teacher: its "prompt" is a class name
             try:
                 self.teacher.class_index(prompt)
             except ValueError as e:

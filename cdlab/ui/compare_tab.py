@@ -16,6 +16,7 @@ from typing import Any
 from cdlab.ui import compare as C
 from cdlab.ui import compare_view as V
 from cdlab.ui import hosting as H
+from cdlab.teachers import class_names
 from cdlab.ui.session import named_errors, user_errors
 
 # Compare requests all enter at once and wait in the Comparer's micro-batcher (`cdlab.ui.hosting`).
@@ -84,7 +85,7 @@ def compare_controls(teacher: Any, comparer: Any, prefix: str = "") -> SimpleNam
     import gradio as gr
 
     ui = SimpleNamespace()
-    classes = list(getattr(teacher, "classes", None) or [])
+    classes = class_names(teacher)
     presets = [] if classes else C.prompt_presets(teacher)
     if classes:
         ui.prompt = gr.Dropdown(classes, value=classes[0], label="Class", elem_id=prefix + "prompt")

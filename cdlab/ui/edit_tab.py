@@ -21,7 +21,7 @@ from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, run_columns, stu
 from cdlab.edit import edit
 from cdlab.evaluate.edit import FAR_SIGMA_PX, inpaint_mask, scribble
 from cdlab.students import StudentError, external_card, load_external_student
-from cdlab.teachers import is_tiny, teacher_lock
+from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui import hosting as H
 from cdlab.ui.compare import InputError
 from cdlab.ui.compare_view import row_html, upscale
@@ -114,7 +114,7 @@ def presets(teacher: Any) -> list[EditPreset]:
                        "a large blue circle in the center on a white background",
                        "a large blue cross in the center on a white background"),
         ]
-    if getattr(teacher, "classes", None):
+    if class_names(teacher):
         return flow_presets(teacher)
     size = int(teacher.resolution)
     return [
@@ -313,7 +313,7 @@ def run_edit(
     if PROMPTS[technique][1] is not None:
         prompts.append(check_prompt(prompt_2, "prompt_2", allow_empty=False))
     for name, p in zip(("prompt", "prompt_2"), prompts):
-        if getattr(teacher, "classes", None) and p:
+        if class_names(teacher) and p:
             try:
                 teacher.class_index(p)
             except ValueError as e:
@@ -416,7 +416,7 @@ def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], p
     import gradio as gr
 
     ui = SimpleNamespace()
-    classes = list(getattr(teacher, "classes", None) or [])
+    classes = class_names(teacher)
     label = f"Class ({', '.join(classes)}; empty: unconditional)" if classes else "Prompt"
     ui.preset = gr.Dropdown([p.name for p in edit_presets], value=None, elem_id=prefix + "edit-preset",
                             label="Presets (one click: the inputs, then the edit)")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from cdlab.evaluate import list_evaluations, run_evaluation
 from cdlab.evaluate.store import mark_app_made, prune_evaluations
 from cdlab.paths import REPO_ROOT
-from cdlab.teachers import FLOW_TEACHER
+from cdlab.teachers import FLOW_TEACHER, class_names
 from cdlab.ui import hosting as H
 from cdlab.ui.session import named_errors, user_errors
 from cdlab.ui.train_tab import read_image
@@ -50,11 +50,6 @@ def shipped_evaluation_dir(flow: bool = False) -> Path:
 
 def _shipped_name(flow: bool) -> str:
     return SHIPPED_FLOW_EVALUATION if flow else SHIPPED_EVALUATION
-
-
-def is_flow(teacher: Any) -> bool:
-    """Whether ``teacher`` is the flow teacher (its evaluations: FID in the judge's features, `cdlab.flow.evaluate`)."""
-    return bool(getattr(teacher, "classes", None))
 
 
 def _is_evaluation(d: Path) -> bool:
@@ -148,7 +143,7 @@ def check_prompt_count(value: Any, maximum: int, minimum: int = 1) -> int:
 def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | None = None, **kwargs: Any) -> Path:
     """Run ``cdlab.evaluate.run_evaluation`` on the loaded teacher (the flow teacher:
     ``cdlab.flow.evaluate.run_flow_evaluation``, ``n`` samples per column); returns the new evaluation's folder."""
-    if is_flow(teacher):
+    if bool(class_names(teacher)):
         from cdlab.flow.evaluate import run_flow_evaluation
 
         return Path(run_flow_evaluation(teacher, progress=progress, **kwargs)["out_dir"])
@@ -166,7 +161,7 @@ def evaluate_handlers(teacher: Any, evals_dir: Path, eval_max: int, policy: H.Po
     import gradio as gr
 
     policy = policy or H.Policy()
-    flow = is_flow(teacher)
+    flow = bool(class_names(teacher))
 
     @user_errors
     def show_eval(name):
@@ -204,7 +199,7 @@ class EvaluateTab:
 
         policy = policy or H.Policy()
         public = policy.public
-        self.flow = flow = is_flow(teacher)
+        self.flow = flow = bool(class_names(teacher))
         eval_default, eval_max = policy.eval_prompt_limits()
         if flow:
             eval_default, eval_max = (FLOW_SAMPLES[0],) * 2 if public else FLOW_SAMPLES
