@@ -606,3 +606,27 @@ def test_the_editing_loops_run_on_the_flow_teacher_in_pixel_space():
     x_in = teacher.encode_pixels(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1)
     assert torch.allclose(out[0].latents[..., :14], x_in[..., :14], atol=1e-5)
     assert not torch.allclose(out[0].latents[..., 14:], x_in[..., 14:], atol=1e-2)
+
+
+def test_the_flow_edit_presets_sample_their_start_images_on_first_use_not_at_app_start(monkeypatch):
+    """The Edit (flow) tab's presets start from the teacher's own Euler-50 samples. Building them samples
+    nothing (the app starts without 200 NFE); the first use samples once, the teacher-50 column's image; later
+    uses are the same image, not sampled again."""
+    from cdlab.columns import run_columns, teacher_columns
+    from cdlab.teachers import load_teacher
+    from cdlab.ui import edit_tab as ET
+
+    teacher = load_teacher("fashion-flow", device="cpu")
+    calls: list[str] = []
+    real = ET.run_columns
+    monkeypatch.setattr(ET, "run_columns", lambda *a, **k: (calls.append(a[2][0]), real(*a, **k))[1])
+    presets = ET.presets(teacher)
+    assert calls == [] and [p.technique for p in presets] == ["sdedit", "inpaint", "anagram", "hybrid"]
+    first = presets[0].editor_value()
+    assert calls == ["Sneaker"]
+    want = run_columns(teacher, teacher_columns(teacher.guidance)[:1], ["Sneaker"], seeds=[0])[0].images[0]
+    assert np.array_equal(np.asarray(first["background"]), np.asarray(want))
+    assert presets[0].editor_value()["background"] is first["background"] and calls == ["Sneaker"]
+    inpaint = presets[1].editor_value()
+    assert calls == ["Sneaker", "Pullover"] and inpaint["layers"] and inpaint["composite"].size == (28, 28)
+    assert presets[2].editor_value() is None  # an anagram starts from noise

@@ -8,10 +8,11 @@ world's checker reads off it, so a class sees at once which column did the edit.
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,14 +66,15 @@ class EditPreset:
     prompt_2: str = ""
     strength: float = 1.0
     seed: int = 0
-    background: Any = None  # PIL
+    background: Any = None  # PIL, or a function that makes it when the preset is first used (cached by its maker)
     layer: Any = None  # PIL RGBA: the painted mask (inpainting)
 
     def editor_value(self) -> dict | None:
-        if self.background is None:
+        background = self.background() if callable(self.background) else self.background
+        if background is None:
             return None
-        return {"background": self.background, "layers": [self.layer] if self.layer is not None else [],
-                "composite": _composite(self.background, self.layer)}
+        return {"background": background, "layers": [self.layer] if self.layer is not None else [],
+                "composite": _composite(background, self.layer)}
 
 
 def _composite(bg, layer):
@@ -130,9 +132,13 @@ def presets(teacher: Any) -> list[EditPreset]:
 def flow_presets(teacher: Any) -> list[EditPreset]:
     """The flow teacher's presets (seed 003's loops in its pixel space): a sneaker edited into an ankle boot, a
     pullover's lower half repainted as a dress, a trouser that is a bag upside down, a trouser from afar that
-    is a sandal up close. The start images are the teacher's own Euler-50 samples (seeds 0 and 1)."""
-    sneaker, pullover = (run_columns(teacher, teacher_columns(teacher.guidance)[:1], [c], seeds=[s])[0].images[0]
-                         for c, s in (("Sneaker", 0), ("Pullover", 1)))
+    is a sandal up close. The start images are the teacher's own Euler-50 samples (seeds 0 and 1), sampled when
+    a preset is first used, not when the app starts (100 NFE each: seconds on a CPU)."""
+    def sample(prompt: str, seed: int) -> Callable[[], Any]:
+        return functools.cache(lambda: run_columns(teacher, teacher_columns(teacher.guidance)[:1], [prompt],
+                                                   seeds=[seed])[0].images[0])
+
+    sneaker, pullover = sample("Sneaker", 0), sample("Pullover", 1)
     mask = torch.zeros(1, 1, 28, 28)
     mask[..., 14:, :] = 1.0  # the lower half
     return [
