@@ -2,6 +2,7 @@
 
     python -m cdlab doctor              # GPU + hub: SD1.5 at 512², the four published students, Compare, 5 CD steps
     python -m cdlab doctor --offline    # no hub: SD1.5's architecture with random weights at 64² (the CPU is fine)
+    python -m cdlab doctor --offline --teacher-steps 10    # quicker: the reference teacher at 10 steps, not 50
 
 It runs the product's own code, part by part, and prints for each ``PASS``, ``SKIP`` (with why) or ``FAIL``
 (with the error):
@@ -118,15 +119,21 @@ def _random_student(teacher: Any, name: str) -> Path:
     return root
 
 
-def check_compare(teacher: Any, externals: list[str], guidance: float | None = None) -> Part:
+def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50) -> Part:
     """Compare's columns (teacher-50, teacher-4, a 4-step student, the externals that loaded) through the column
-    runner as Compare runs them: fused students, each column failing alone."""
-    from cdlab.columns import TEACHER_50, Column, run_columns, short_reason, teacher_columns
+    runner as Compare runs them: fused students, each column failing alone.
+
+    ``teacher_steps``: the reference teacher's DDIM steps (50, Compare's teacher-50; fewer for a quicker check on
+    a CPU, where the ratio is then teacher-N ÷ student-4)."""
+    from cdlab.columns import Column, run_columns, short_reason, teacher_columns
 
     part = Part("compare")
     name = "doctor-student"
     root = _random_student(teacher, name)
-    cols = teacher_columns(teacher.guidance if guidance is None else float(guidance))
+    g = teacher.guidance if guidance is None else float(guidance)
+    cols = teacher_columns(g)
+    if teacher_steps != cols[0].steps:
+        cols[0] = Column(f"teacher-{teacher_steps} (CFG)", "teacher", int(teacher_steps), g)
     cols += [Column(k, kind, 4, student=k, label=f"{k} (4 steps)")
              for k, kind in [(name, "student")] + [(k, "external") for k in externals]]
     _reset_peak(teacher.device)
@@ -142,11 +149,11 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
             part.lines.append(f"{r.column.label}: FAILED: {short_reason(r.error)}")
         else:
             part.lines.append(f"{r.column.label}: {r.seconds:.2f} s, NFE {r.nfe}")
-    t50 = next((r for r in runs if r.column.label == TEACHER_50 and r.error is None), None)
+    t50 = runs[0] if runs[0].error is None else None  # the reference teacher
     s4 = next((r for r in runs if r.column.label.startswith(name) and r.error is None), None)
     if t50 and s4:
         part.data["ratio"] = t50.seconds / s4.seconds
-        part.lines.append(f"teacher-50 ÷ student-4 latency: {part.data['ratio']:.1f}x "
+        part.lines.append(f"teacher-{t50.column.steps} ÷ student-4 latency: {part.data['ratio']:.1f}x "
                           f"(NFE {t50.nfe} vs {s4.nfe})")
     part.data["peak_mem_mb"] = _peak_mem_mb(teacher.device)
     part.lines.append(f"peak memory {part.data['peak_mem_mb']:.0f} MB")
@@ -182,11 +189,11 @@ def _run(name: str, fn: Callable[[], Part]) -> Part:
 
 def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | None = None,
                device: str | None = None, train_steps: int = 5, guidance: float | None = None,
-               out: Callable[[str], Any] = print) -> list[Part]:
+               teacher_steps: int = 50, out: Callable[[str], Any] = print) -> list[Part]:
     """Run every part and print it; returns the parts (``status`` PASS / SKIP / FAIL).
 
     ``guidance``: the teacher columns' CFG scale in the compare part (default: the teacher's; 1 turns CFG off,
-    which halves teacher-50's cost on a CPU)."""
+    which halves teacher-50's cost on a CPU); ``teacher_steps``: the reference teacher's steps (default 50)."""
     out(f"cdlab doctor ({'offline: SD1.5 architecture, random weights' if offline else 'SD1.5 from the hub'}) · "
         f"torch {torch.__version__} · CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
         f" · {torch.get_num_threads()} CPU threads")
@@ -212,7 +219,7 @@ def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | 
         tpart = Part("teacher", "PASS", [f"{teacher.describe()} (given)"])
     show(tpart)
     ext = show(_run("external students", lambda: check_externals(teacher, offline)))
-    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), guidance)))
+    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), guidance, teacher_steps)))
     show(_run("train", lambda: check_train(teacher, train_steps)))
     failed = [p.name for p in parts if p.status == "FAIL"]
     out("RESULT: " + (f"FAIL ({', '.join(failed)})" if failed else "all parts passed"
@@ -228,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available (offline: cpu)")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale of the teacher columns (default: the teacher's, 7.5; 1: no CFG, half the time)")
+    p.add_argument("--teacher-steps", type=int, default=50, metavar="N",
+                   help="DDIM steps of the reference teacher column (default 50; fewer: a quicker check on a CPU)")
     a = p.parse_args(argv)
+    if not 1 <= a.teacher_steps <= 1000:
+        p.error(f"--teacher-steps must be 1 to 1000, got {a.teacher_steps}")
     if a.offline:  # no network retries: the hub is not asked, only its local cache
         os.environ["HF_HUB_OFFLINE"] = "1"
-    parts = run_doctor(a.offline, resolution=a.resolution, device=a.device, guidance=a.guidance)
+    parts = run_doctor(a.offline, resolution=a.resolution, device=a.device, guidance=a.guidance,
+                       teacher_steps=a.teacher_steps)
     return 1 if any(x.status == "FAIL" for x in parts) else 0
 
 

@@ -10,10 +10,11 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     from cdlab import doctor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # guidance 1 (no CFG, `--guidance 1`): teacher-50 is 50 UNet passes instead of 50 batched pairs, half the
-    # CPU time; CFG on SD1.5's architecture runs in test_sd15_externals::test_compare_with_every_column
+    # guidance 1 (no CFG, `--guidance 1`) and the reference teacher at 10 steps (`--teacher-steps 10`): 10 UNet
+    # passes, not 50 batched pairs (0.9 s each here). CFG on SD1.5's architecture runs in
+    # test_sd15_externals::test_compare_with_every_column; teacher-50 is teacher-4's loop with more steps.
     lines: list[str] = []
-    parts = doctor.run_doctor(offline=True, teacher=sd15_teacher, train_steps=1, guidance=1.0,
+    parts = doctor.run_doctor(offline=True, teacher=sd15_teacher, train_steps=1, guidance=1.0, teacher_steps=10,
                                out=lines.append)
     by = {p.name: p for p in parts}
     assert list(by) == ["teacher", "external students", "compare", "train"]
@@ -21,10 +22,11 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     # offline with an empty hub cache: the externals are skipped with the reason, not failed
     assert by["external students"].status == "SKIP" and "not in the Hugging Face cache" in "\n".join(lines)
     ratio = by["compare"].data["ratio"]
-    assert ratio > 5  # teacher-50 (50 NFE) against a 4-step student (4 NFE)
+    assert ratio > 1.8  # teacher-10 (10 NFE) against a 4-step student (4 NFE)
+    assert any(line.strip().startswith("teacher-10 (CFG): ") and "NFE 10" in line for line in lines), lines
     t = by["train"].data
     assert t["samples_per_s"] > 0 and 0 < t["mfu"] < 1 and 4.0 <= t["forwards_per_step"] <= 5.5
-    assert any("teacher-50 ÷ student-4" in line for line in lines) and lines[-1].startswith("RESULT: all parts passed")
+    assert any("teacher-10 ÷ student-4" in line for line in lines) and lines[-1].startswith("RESULT: all parts passed")
     assert "doctor-student" not in (getattr(sd15_teacher.unet, "peft_config", None) or {})
 
 
@@ -38,3 +40,11 @@ def test_doctor_exits_non_zero_when_a_part_fails(monkeypatch, capsys):
     assert doctor.main(["--offline"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] teacher" in out and "no teacher here" in out and "RESULT: FAIL" in out
+
+
+def test_doctor_refuses_a_reference_teacher_without_steps(capsys):
+    from cdlab import doctor
+
+    with pytest.raises(SystemExit) as e:
+        doctor.main(["--offline", "--teacher-steps", "0"])
+    assert e.value.code == 2 and "--teacher-steps must be 1 to 1000, got 0" in capsys.readouterr().err
