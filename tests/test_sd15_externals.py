@@ -168,16 +168,18 @@ def test_catalogue_and_layouts_agree():
 
 # The two stochastic schedulers (LCM; TCD with eta); PCM (TCD, trailing, eta 0) and Hyper-SD (DDIM, trailing) run
 # with them in test_compare_with_every_column, which also checks every external's file is on the UNet whole and
-# changes the image.
-@pytest.mark.parametrize("key", ["lcm-lora", "tcd"])
-def test_external_student_in_compare(key, sd15_teacher, published_hub, hub, plain_before, tmp_path):
+# changes the image. LCM-LoRA runs fused, as Compare runs it by default (the fused swap on SD1.5's UNet); TCD
+# unfused (peft's active adapter): fusing copies every LoRA layer's base weights, about 15 s here, and its path
+# is the same for every student.
+@pytest.mark.parametrize("key,fuse", [("lcm-lora", True), ("tcd", False)])
+def test_external_student_in_compare(key, fuse, sd15_teacher, published_hub, hub, plain_before, tmp_path):
     from cdlab.students import EXTERNAL_STUDENTS
     from cdlab.ui.compare import TEACHER_4, Comparer
 
     t = sd15_teacher
     ext = EXTERNAL_STUDENTS[key]
     try:
-        res = Comparer(t, adapters_root=tmp_path / "adapters").run(
+        res = Comparer(t, adapters_root=tmp_path / "adapters", fuse=fuse).run(
             PROMPT, SEED, 1.0, 4, [TEACHER_4, f"{key} (external)"], show_trajectory=True)
         naive, col = res.columns
         assert not naive.error and not col.error, (naive.error, col.error)
