@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=H.DEFAULT_CONCURRENCY_LIMIT, max_size=H.QUEUE_MAX_SIZE)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the app: as Ctrl-C, so the trainer is stopped below
     try:
-        demo.launch(**launch_kwargs(args))
+        H.serve_until_interrupted(demo, **launch_kwargs(args))
     finally:
         demo.cdlab_jobs.shutdown()
     return 0

@@ -315,6 +315,12 @@ def test_killed_apps_leave_no_trainer_and_only_a_students_owner_replaces_it(tmp_
                                extra_config=extra), api_name="/train_start")
         trainer = _kill_app_mid_run(work, signal.SIGTERM, "replace")
     _assert_died_unpublished(work, "replace", trainer, steps)
+    # the SIGTERM closed the server at once (cdlab.ui.hosting.serve_until_interrupted), not through Gradio's
+    # loop, which waits up to 5 s for the client's open event stream; and it closed without a traceback (the
+    # refused request above logs one: Gradio's)
+    log = (work / "server.log").read_text()
+    assert "cdlab app: interrupted, closing the server" in log, log[-2000:]
+    assert "Traceback" not in log.split("cdlab app: interrupted, closing the server")[1], log[-2000:]
     assert weights.read_bytes() == before  # neither the refused session nor the interrupted run replaced it
 
 

@@ -310,3 +310,28 @@ def keep_instructor_token(demo: Any, state: Any, boxes: list[Any]) -> None:
         box.input(lambda t, n=len(others): (t, *([t] * n)), box, [state, *others], api_visibility="private",
                   trigger_mode="always_last")  # per keystroke: the last value wins, never a stale prefix
     demo.load(lambda t: tuple([t] * len(boxes)), state, boxes, api_visibility="private")
+
+
+def serve_until_interrupted(demo: Any, **launch_kwargs: Any) -> None:
+    """``demo.launch(**launch_kwargs)``, then block until Ctrl-C (or a SIGTERM the caller turns into one), then
+    close the server at once.
+
+    Gradio's own blocking loop closes its server by joining the server's thread for up to 5 s, and uvicorn
+    waits for every open connection first: each open browser tab holds an event stream that never ends, so
+    every stop of the app took those 5 s. Here the server is told to exit without waiting
+    (``force_exit``): the open streams are cut, as they would be after the 5 s.
+    """
+    import time
+
+    demo.launch(prevent_thread_lock=True, **launch_kwargs)
+    try:
+        while demo.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("cdlab app: interrupted, closing the server", flush=True)
+    finally:
+        demo.close(verbose=False)
+        from gradio.tunneling import CURRENT_TUNNELS  # a --share link's tunnel process
+
+        for tunnel in CURRENT_TUNNELS:
+            tunnel.kill()

@@ -21,10 +21,10 @@ SHORT_STEPS = 6
 SHORT = f'{{"max_steps": {SHORT_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 3, "probe_size": 4, ' \
         '"batch_size": 8, "checkpoint_every": 3}'
 # Long enough to be stopped part-way (stop is pressed at step 1 or 2 and lands on the next checkpoint; about 1 s a
-# step here), then resumed to its end: at least two checkpoint intervals, so a stop lands before the end.
-STOPPABLE_STEPS = 20
+# step here), then resumed to its end: three checkpoint intervals, so a stop lands before the end.
+STOPPABLE_STEPS = 12
 STOPPABLE = f'{{"max_steps": {STOPPABLE_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 0, "probe_size": 4, ' \
-            '"batch_size": 8, "checkpoint_every": 5}'
+            '"batch_size": 8, "checkpoint_every": 4}'
 
 
 @pytest.fixture(scope="module")
