@@ -411,6 +411,32 @@ def test_fused_weights_keep_the_base_weights_memory_layout(random_teacher):
         unload_student(random_teacher.pipe, "layout")
 
 
+def test_the_fused_weight_is_pefts_for_every_layer_kind(random_teacher):
+    """`_fused_weight` (one ``addmm``, also for a k×k convolution) is ``W`` plus peft's own ``get_delta_weight``
+    for every layer a LoRA wraps: linear and 3x3 convolutions, at a LoRA scale that is not 1, in ``W``'s layout."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from cdlab.students import attach_lora, unload_student
+    from cdlab.students.switch import _fused_weight
+
+    attach_lora(random_teacher.unet, rank=4, alpha=8, adapter_name="delta")
+    try:
+        layers = [m for m in random_teacher.unet.modules() if isinstance(m, BaseTunerLayer) and "delta" in m.lora_A]
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in layers:
+                m.lora_B["delta"].weight.copy_(torch.randn(m.lora_B["delta"].weight.shape, generator=g))
+        kinds = {(type(m.get_base_layer()).__name__, tuple(m.get_base_layer().weight.shape[2:])) for m in layers}
+        assert {("Linear", ()), ("Conv2d", (3, 3))} <= kinds, kinds
+        for m in layers:
+            w = m.get_base_layer().weight
+            got = _fused_weight(m, "delta")
+            assert got.shape == w.shape and got.stride() == w.stride() and m.scaling["delta"] == 2.0
+            torch.testing.assert_close(got, w + m.get_delta_weight("delta"), rtol=1e-5, atol=1e-5)
+    finally:
+        unload_student(random_teacher.pipe, "delta")
+
+
 def test_use_student_swaps_in_fused_weights_and_gives_the_teacher_back(made, tiny_pipe_dir):
     """The default switch: the fused weights ``W + ΔW`` swapped in (computed once, by `prepare_student` or on
     first use), the same model as the unfused adapter, and the teacher's own tensors back after, even when the

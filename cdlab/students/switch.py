@@ -377,11 +377,34 @@ def _fused_tensors(pipe: Any, name: str) -> list[tuple[Any, Any]] | None:
                 return None
             if not hasattr(m, "get_delta_weight"):
                 return None
-            w = m.get_base_layer().weight
-            # W + ΔW in W's memory layout (ΔW of a k×k conv comes out transposed in memory: a weight in that
+            # W + ΔW in W's memory layout (peft's ΔW of a k×k conv comes out transposed in memory: a weight in that
             # layout would make every convolution of the student reorder it, about 3x slower on a CPU)
-            out.append((w, (w.detach() + m.get_delta_weight(name).to(w.dtype)).detach()))
+            out.append((m.get_base_layer().weight, _fused_weight(m, name)))
     return out
+
+
+def _fused_weight(layer: Any, name: str) -> torch.Tensor:
+    """``W + scaling · B A``: the base weight with vanilla LoRA adapter ``name`` fused in, as a new tensor in
+    ``W``'s shape, dtype and (contiguous) memory layout.
+
+    For a linear layer, ``B A`` is the product of the two matrices. For a convolution with groups 1, ``A`` is a
+    k×k convolution into r channels and ``B`` a 1×1 one out of them, so
+    ``ΔW[o, i, u, v] = Σ_r B[o, r] A[r, i, u, v]``: one matrix product on ``A`` flattened to ``[r, i·k·k]``.
+    Both are one ``addmm`` into ``W``, with no ΔW-sized temporaries. peft's ``get_delta_weight`` (a convolution
+    of ``A`` with ``B`` for a k×k kernel, then the scaling, then the sum: three passes over SD1.5's weights) stays
+    the path for every other layer (grouped convolutions, fan-in-fan-out linears) and is the tests' reference.
+    """
+    base = layer.get_base_layer()
+    w = base.weight.detach()
+    plain = (isinstance(base, torch.nn.Linear) and not getattr(layer, "fan_in_fan_out", False)) or (
+        isinstance(base, torch.nn.Conv2d) and base.groups == 1)
+    A, B = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+    if not plain or B.dim() != A.dim() or B.shape[2:] not in ((), (1, 1)):
+        return (w + layer.get_delta_weight(name).to(w.dtype)).contiguous()
+    work = torch.float32 if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    fused = torch.addmm(w.to(work).flatten(1), B.to(work).flatten(1), A.to(work).flatten(1),
+                        alpha=float(layer.scaling[name]))  # as peft: no half-precision matmul on a CPU
+    return fused.view(w.shape).to(w.dtype)
 
 
 def _fused_weights(pipe: Any, name: str) -> list[tuple[Any, Any]] | None:
