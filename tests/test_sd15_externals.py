@@ -169,8 +169,8 @@ def test_catalogue_and_layouts_agree():
 # The two stochastic schedulers (LCM; TCD with eta); PCM (TCD, trailing, eta 0) and Hyper-SD (DDIM, trailing) run
 # with them in test_compare_with_every_column, which also checks every external's file is on the UNet whole and
 # changes the image. LCM-LoRA runs fused, as Compare runs it by default (the fused swap on SD1.5's UNet); TCD
-# unfused (peft's active adapter): fusing copies every LoRA layer's base weights, about 15 s here, and its path
-# is the same for every student.
+# unfused (peft's active adapter): fusing writes a fused copy of every LoRA layer's base weight (seconds here, on
+# one CPU thread), and its path is the same for every student.
 @pytest.mark.parametrize("key,fuse", [("lcm-lora", True), ("tcd", False)])
 def test_external_student_in_compare(key, fuse, sd15_teacher, published_hub, hub, plain_before, tmp_path):
     from cdlab.students import EXTERNAL_STUDENTS
@@ -227,8 +227,8 @@ def test_compare_with_every_column(sd15_teacher, published_hub, hub, plain_befor
     with use_student(t.pipe, None):
         pass  # the teacher: attach_lora left its adapter active
 
-    # fuse=False: peft's unfused adapters. Fusing copies the base weight of every LoRA layer (about 15-30 s a
-    # student on SD1.5 here, five students); the fused swap on SD1.5 runs in test_external_student_in_compare
+    # fuse=False: peft's unfused adapters. Fusing writes a fused copy of every LoRA layer's base weight (seconds
+    # a student on SD1.5 here, five students); the fused swap on SD1.5 runs in test_external_student_in_compare
     # and in the doctor test.
     cmp = Comparer(t, adapters_root=root, fuse=False)
     externals = [f"{k} (external)" for k in ("lcm-lora", "tcd", "pcm", "hyper-sd")]
