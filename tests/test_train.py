@@ -275,6 +275,45 @@ def test_dmd_regression_pairs_are_made_once_and_read_back(tiny_pipe_dir, latent_
     assert len({float(b["y"].sum()) for b in pairs}) == 3   # ... three sets of targets
 
 
+def test_fp16_with_a_scaler_a_skipped_step_moves_neither_lr_nor_ema(tiny_pipe_dir, latent_cache_dir, run_dirs,
+                                                                    monkeypatch):
+    """fp16 with torch's GradScaler on the CPU. The first step's loss is made infinite (an overflow): the
+    scaler skips it and halves its scale, and the LoRA, the EMA and the LR schedule stay where they started;
+    the next step is applied (the EMA then moves off both its start and the LoRA)."""
+    import cdlab.loss
+
+    real, calls = cdlab.loss.consistency_loss, []
+
+    def overflow_first(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            out = dict(out, loss=out["loss"] * float("inf"))
+        return out
+
+    monkeypatch.setattr(cdlab.loss, "consistency_loss", overflow_first)
+    r = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="fp16", mixed_precision="fp16", ema_decay=0.9,
+                   warmup_steps=10, lr=1e-3, max_steps=2, checkpoint_every=1, probe_size=0, save_student=False),
+              log=_quiet)
+    rows = _metrics(r.run_dir)
+    assert r.state == "finished" and [x["skipped_steps"] for x in rows] == [1, 1] and len(calls) == 2
+    ck = dict(list_checkpoints(r.run_dir))
+    first = load_file(str(ck[1] / "lora.safetensors"))
+    ema1 = load_file(str(ck[1] / "ema.safetensors"))
+    assert all(float(v.abs().max()) == 0 for k, v in first.items() if "lora_B" in k)  # peft's zero init, untouched
+    assert first.keys() == ema1.keys() and all(torch.equal(first[k], ema1[k]) for k in first)
+    lr_epochs = [torch.load(ck[s] / "lr_scheduler.pt", weights_only=True)["last_epoch"] for s in (1, 2)]
+    # warm-up lr * (epoch + 1) / 10: the skipped step leaves epoch 0 (unskipped, the rows would read 2e-4, 3e-4)
+    assert lr_epochs == [0, 1] and [x["lr"] for x in rows] == pytest.approx([1e-4, 2e-4])
+    scales = [torch.load(ck[s] / "scaler.pt", weights_only=True)["scale"] for s in (1, 2)]
+    assert scales == [2.0 ** 15, 2.0 ** 15]  # 2**16 halved once, then no overflow
+    last = load_file(str(ck[2] / "lora.safetensors"))
+    ema2 = load_file(str(ck[2] / "ema.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in last.items() if "lora_B" in k)  # the applied steps trained
+    assert all(v.dtype == torch.float32 for v in last.values())
+    assert any(not torch.equal(ema2[k], ema1[k]) for k in ema2) and any(not torch.equal(ema2[k], last[k]) for k in ema2)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(dmd_t_min=500, dmd_t_max=400), "dmd_t_max"), (dict(mixed_precision="fp16"), "mixed_precision"),
     (dict(guidance=3.0, guidance_max=5.0), "guidance_max"), (dict(dmd_fake_steps=0), "dmd_fake_steps"),
