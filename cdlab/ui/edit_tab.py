@@ -34,7 +34,7 @@ from cdlab.world import Caption, check, render
 from cdlab.world.checker import read
 from cdlab.world.grammar import parse_caption
 
-__all__ = ["TECHNIQUES", "TECHNIQUE_LABELS", "PROMPTS", "USES_IMAGE", "USES_STRENGTH", "DEFAULT_STRENGTH", "LEGEND",
+__all__ = ["TECHNIQUES", "TECHNIQUE_LABELS", "PROMPTS", "USES_IMAGE", "USES_STRENGTH", "DEFAULT_STRENGTH", "LEGEND", "FLOW_LEGEND", "legend",
            "editor_inputs", "EditPreset", "presets", "EditColumnView", "EditView", "edit_column_choices", "run_edit",
            "EditTab"]
 
@@ -51,6 +51,18 @@ LEGEND = (
     "MBCD, DMD) from the boundary at or above the strength's timestep · anagrams show the image and its flip, hybrids the image "
     "and its far (blurred) view · **reads** (tiny world): what the checker sees, ✓ when it is what was asked"
 )
+FLOW_LEGEND = (
+    "**input**: what SDEdit and inpainting start from (noised to the strength's time on the flow's path) · "
+    "**teacher-50**: Euler, 50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: "
+    "LoRAs on the flow teacher (2-rectified flow), from the strength's time · anagrams show the image and its "
+    "flip, hybrids the image and its far (blurred) view"
+)
+
+
+def legend(teacher: Any) -> str:
+    """The legend under Edit's row, in the teacher's terms: the flow teacher's (Euler, its students, no checker)
+    or the diffusion teachers' (DDIM, the lab's students, the tiny world's checker)."""
+    return FLOW_LEGEND if getattr(teacher, "solver", "DDIM") == "Euler" else LEGEND
 
 
 
@@ -452,14 +464,14 @@ def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], p
     return ui
 
 
-def edit_results(ui: SimpleNamespace, prefix: str = "") -> None:
+def edit_results(ui: SimpleNamespace, prefix: str = "", legend_text: str = LEGEND) -> None:
     """The right column, added to ``ui``: summary, the columns' row (the input first), legend, and the images
     and timings as the API returns them."""
     import gradio as gr
 
     ui.info = gr.Markdown(elem_id=prefix + "edit-info", label="summary")
     ui.row = gr.HTML(elem_id=prefix + "edit-row", padding=False, label="columns html")
-    gr.Markdown(LEGEND, elem_id=prefix + "edit-legend")
+    gr.Markdown(legend_text, elem_id=prefix + "edit-legend")
     with gr.Accordion("Images and timings (as the API returns them)", open=False):
         ui.gallery = gr.Gallery(label="Images", height="auto", elem_id=prefix + "edit-gallery", object_fit="contain")
         ui.table = gr.Dataframe(headers=["column", "seconds", "NFE", "steps"], label="Timings", interactive=False)
@@ -527,7 +539,7 @@ class EditTab:
                 with gr.Column(scale=1, min_width=330):
                     ui = edit_controls(teacher, comparer, edit_presets, prefix)
                 with gr.Column(scale=3):
-                    edit_results(ui, prefix)
+                    edit_results(ui, prefix, legend(teacher))
             self.ui = ui
             self._wire(tab)
         self.load_outputs = [ui.columns]

@@ -101,6 +101,8 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
     page.wait_for_function("() => /4 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
                            " || '')", timeout=60_000)
     assert "NFE 60" in page.locator("#flow-edit-columns").inner_text()  # teacher-50 from strength 0.6: 30 steps
+    legend = page.locator("#flow-edit-legend").inner_text()  # in the flow teacher's terms, no tiny-world checker
+    assert "Euler" in legend and "DDIM" not in legend and "checker" not in legend
     page.screenshot(path=str(shots / "flow-edit.png"))
     page.get_by_role("tab", name="Compare (flow)").click()
     page.get_by_role("tab", name="Compare", exact=True).click()  # the next test finds the main tab as it was
