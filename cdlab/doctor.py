@@ -149,12 +149,12 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
             part.lines.append(f"{r.column.label}: FAILED: {short_reason(r.error)}")
         else:
             part.lines.append(f"{r.column.label}: {r.seconds:.2f} s, NFE {r.nfe}")
-    t50 = runs[0] if runs[0].error is None else None  # the reference teacher
+    ref = runs[0] if runs[0].error is None else None  # the reference teacher (teacher-50, or teacher-N)
     s4 = next((r for r in runs if r.column.label.startswith(name) and r.error is None), None)
-    if t50 and s4:
-        part.data["ratio"] = t50.seconds / s4.seconds
-        part.lines.append(f"teacher-{t50.column.steps} ÷ student-4 latency: {part.data['ratio']:.1f}x "
-                          f"(NFE {t50.nfe} vs {s4.nfe})")
+    if ref and s4:
+        part.data["ratio"] = ref.seconds / s4.seconds
+        part.lines.append(f"teacher-{ref.column.steps} ÷ student-4 latency: {part.data['ratio']:.1f}x "
+                          f"(NFE {ref.nfe} vs {s4.nfe})")
     part.data["peak_mem_mb"] = _peak_mem_mb(teacher.device)
     part.lines.append(f"peak memory {part.data['peak_mem_mb']:.0f} MB")
     return part

@@ -33,7 +33,7 @@ from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
 
 __all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
-           "Comparer", "tiny_prompts", "prompt_presets", "is_tiny", "random_seed", "validate_request",
+           "Comparer", "tiny_prompts", "prompt_presets", "is_tiny", "random_seed", "validate_request", "check_class_prompt",
            "trajectory_grid", "align_to_grid"]
 
 SEED_MAX = 2**32 - 1
@@ -51,6 +51,16 @@ def prompt_presets(teacher: Any) -> list[str]:
 
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
+
+
+def check_class_prompt(teacher: Any, prompt: str, field_name: str) -> None:
+    """For a class-conditioned teacher (`cdlab.teachers.class_names`), refuse a prompt that is not one of its
+    classes with `InputError` naming ``field_name``; an empty prompt (unconditional) and a text teacher's pass."""
+    if prompt and class_names(teacher):
+        try:
+            teacher.class_index(prompt)
+        except ValueError as e:
+            raise InputError(f"{field_name}: {e}") from None
 
 
 def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) -> tuple[str, int, float, int]:
@@ -276,11 +286,7 @@ class Comparer:
             InputError: the inputs are refused, or every column failed.
         """
         prompt, seed, guidance, student_steps = validate_request(prompt, seed, guidance, student_steps)
-        if class_names(self.teacher):  # a class-conditioned teacher: its "prompt" is a class name
-            try:
-                self.teacher.class_index(prompt)
-            except ValueError as e:
-                raise InputError(f"Class: {e}") from None
+        check_class_prompt(self.teacher, prompt, "Class")  # a class-conditioned teacher: its "prompt" is a class
         cols = self._resolve_columns(list(columns or []), guidance, student_steps)
         req = _Request(prompt, seed, guidance, student_steps, cols, bool(show_trajectory),
                        self.teacher.prompt_warnings(prompt), time.perf_counter())

@@ -24,7 +24,7 @@ from cdlab.evaluate.edit import FAR_SIGMA_PX, inpaint_mask, scribble
 from cdlab.students import StudentError, external_card, load_external_student
 from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui import hosting as H
-from cdlab.ui.compare import InputError
+from cdlab.ui.compare import InputError, check_class_prompt
 from cdlab.ui.compare_view import row_html, upscale
 from cdlab.ui.edit_inputs import (MAX_LAYERS, MAX_UPLOAD_BYTES, PROMPTS, TECHNIQUES, USES_IMAGE, USES_STRENGTH,
                                   EditInputs, cap_decoding, check_editor_payload, check_prompt, check_seed,
@@ -331,11 +331,7 @@ def run_edit(
     if PROMPTS[technique][1] is not None:
         prompts.append(check_prompt(prompt_2, "prompt_2", allow_empty=False))
     for name, p in zip(("prompt", "prompt_2"), prompts):
-        if class_names(teacher) and p:
-            try:
-                teacher.class_index(p)
-            except ValueError as e:
-                raise InputError(f"{name}: {e}") from None
+        check_class_prompt(teacher, p, name)
     s = check_strength(strength) if USES_STRENGTH[technique] else 1.0
     seed = check_seed(seed)
     steps = check_steps(student_steps)

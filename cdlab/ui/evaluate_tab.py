@@ -143,7 +143,7 @@ def check_prompt_count(value: Any, maximum: int, minimum: int = 1) -> int:
 def run_new_evaluation(teacher: Any, progress: Callable[[float, str], None] | None = None, **kwargs: Any) -> Path:
     """Run ``cdlab.evaluate.run_evaluation`` on the loaded teacher (the flow teacher:
     ``cdlab.flow.evaluate.run_flow_evaluation``, ``n`` samples per column); returns the new evaluation's folder."""
-    if bool(class_names(teacher)):
+    if class_names(teacher):
         from cdlab.flow.evaluate import run_flow_evaluation
 
         return Path(run_flow_evaluation(teacher, progress=progress, **kwargs)["out_dir"])
