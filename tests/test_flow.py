@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import dataclasses
 import json
 import struct
 
@@ -452,6 +453,38 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     ts = consistency_timesteps(2, 2)
     assert torch.equal(sample_consistency(fresh, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents,
                        sample_consistency(plain, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents)
+
+
+def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,
+                                                                                          monkeypatch):
+    """Issue 24: a student run cut off (here by ``max_seconds``) and started again on the same checkpoint folder
+    ends with the LoRA, EMA-free Adam state and samples of the run that never stopped; reflow's teacher pairs are
+    cached by chunk and read back, not made again; another recipe on that checkpoint is refused by name."""
+    from cdlab.flow import distill
+    from cdlab.students import StudentError
+
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0)
+    cache, quiet = tmp_path / "cache", (lambda line: None)
+    kw = dict(log=quiet, pair_cache=cache, checkpoint_every=2)
+    whole, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "whole", **kw)
+    chunks = sorted(cache.glob("flow-pairs-*/chunk-*.safetensors"))
+    assert done == 6 and len(chunks) == 1  # 12 pairs: one chunk of 12
+    made = []
+    monkeypatch.setattr(distill, "teacher_pairs", lambda *a, **k: made.append(1) or (_ for _ in ()).throw(
+        AssertionError("pairs made again")))
+    _, first = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", max_seconds=0.0, **kw)
+    assert first == 1 and not made  # stopped after one step, its checkpoint saved; the pairs came from the cache
+    assert [p.name for p in sorted((tmp_path / "cut").iterdir())] == [
+        "checkpoint.json", "optimizer-0000001.safetensors", "student-0000001.safetensors"]
+    again, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", **kw)
+    assert done == 6
+    w1, w2 = distill.lora_weights(whole), distill.lora_weights(again)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(float(v.abs().max()) > 0 for k, v in w1.items() if "lora_B" in k)  # it trained
+    other = dataclasses.replace(cfg, lr=2e-2)
+    with pytest.raises(StudentError, match="lr=0.01"):
+        distill.distill(teacher_dir, other, checkpoint=tmp_path / "cut", **kw)
 
 
 def test_the_shipped_flow_teacher_and_students_run_through_the_column_runner():

@@ -3,11 +3,14 @@
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --num-boundaries 4 --name fashion-mbcd-4
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --name fashion-rf
     python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s
+    python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s --resume
 
 Students land in ``adapters/<name>/`` with their card (``--root`` another folder), as every student does; a name
 that is taken is refused.
 
-``--run-dir`` also writes the run folder the app's Train tab reads (`run_in_folder`), as the app's student runs do.
+``--run-dir`` also writes the run folder the app's Train tab reads (`run_in_folder`), as the app's student runs do,
+with a checkpoint every 100 steps that ``--resume`` continues. Reflow's teacher pairs are cached
+(:func:`cached_teacher_pairs`, ``--pair-cache``), so a second run, or one cut off, does not pay for them again.
 
 **Consistency distillation on the flow ODE** (``method="cd"``, ``num_boundaries`` N; N > 1 is multi-boundary CD).
 The lab's one consistency loss (:func:`cdlab.loss.consistency_loss`) with the flow teacher's eps model
@@ -33,6 +36,9 @@ The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA tra
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -47,15 +53,16 @@ from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss
-from cdlab.paths import FLOW_ID, shown_path, write_json_atomic
+from cdlab.paths import FLOW_ID, cache_dir, read_json, shown_path, write_json_atomic
 from cdlab.samplers import consistency_timesteps
-from cdlab.students import StudentCard, StudentError, save_student, validate_name
+from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import adapter_role
 from cdlab.train.status import FLOW_STUDENT_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
-__all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cd_loss", "reflow_loss",
-           "StudentConfig", "distill", "student_card", "save_flow_student", "student_lora", "main"]
+__all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
+           "reflow_loss", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
+           "save_flow_student", "student_lora", "main"]
 
 ADAPTER = "student"
 STUDENT_RUN_KIND = FLOW_STUDENT_RUN  # config.json's "kind" in a --run-dir (the app's Train tab)
@@ -87,6 +94,58 @@ def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, gu
     """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG."""
     z = torch.randn((len(labels), 1, 28, 28), generator=generator)
     return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
+
+
+PAIR_CHUNK = 256  # pairs a cache file holds
+CHECKPOINT_EVERY = 100  # steps between a student run's checkpoints
+_CHECKPOINT_JSON = "checkpoint.json"
+
+
+def pair_labels(count: int) -> torch.Tensor:
+    """The class of pair ``i`` is ``i % 10``: every class equally often."""
+    return torch.arange(count) % matching.NUM_CLASSES
+
+
+@torch.no_grad()
+def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: int, num_steps: int = 50,
+                         cache: str | Path | None = None,
+                         log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` reflow pairs (:func:`teacher_pairs`, labels :func:`pair_labels`) made in chunks of
+    :data:`PAIR_CHUNK` (fewer when ``count`` is smaller), chunk ``k``'s noise from its own generator, seeded
+    ``seed * 100003 + k``, so that the pairs do not depend on how many are asked for or how often the run stopped.
+
+    At 50 steps with CFG a pair costs 100 NFE (about 0.3 s on one CPU thread), so with ``cache`` (a folder) every
+    chunk is written there as it is made (``flow-pairs-<key>/chunk-<k>.safetensors``, atomically) and read back
+    by any later run of the same teacher weights, guidance, steps, seed and chunk size: a run cut off loses at
+    most the chunk it was making, and a run with more pairs reuses a shorter one's."""
+    from cdlab.train.dmd import base_fingerprint
+
+    chunk = max(1, min(PAIR_CHUNK, count))
+    key = hashlib.sha256(f"flow-pairs|v1|{base_fingerprint(unet)}|{float(guidance)!r}|{num_steps}|{seed}|{chunk}"
+                         .encode()).hexdigest()[:20]
+    folder = None if cache is None else Path(cache) / f"flow-pairs-{key}"
+    zs, xs, made, start = [], [], 0, time.monotonic()
+    for k in range(math.ceil(count / chunk)):
+        path = None if folder is None else folder / f"chunk-{k:05d}.safetensors"
+        if path is not None and path.is_file():
+            t = load_file(str(path))
+            zs.append(t["z"])
+            xs.append(t["x1"])
+            continue
+        labels = pair_labels((k + 1) * chunk)[k * chunk:]
+        z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
+                              batch_size=chunk)
+        zs.append(z)
+        xs.append(x1)
+        made += chunk
+        if path is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            save_file({"z": z.contiguous(), "x1": x1.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        log(f"reflow pairs: {min((k + 1) * chunk, count)} of {count} ({made} made, "
+            f"{time.monotonic() - start:.0f} s)")
+    return torch.cat(zs)[:count], torch.cat(xs)[:count]
 
 
 def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float, num_boundaries: int = 1,
@@ -136,13 +195,21 @@ def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
 
 def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None, root: str | Path | None = None,
             device: str = "cpu", max_seconds: float | None = None, log: Callable[[str], None] = print,
-            on_step: Callable[[int, float], bool] | None = None) -> tuple[nn.Module, int]:
+            on_step: Callable[[int, float], bool] | None = None, checkpoint: str | Path | None = None,
+            checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode) and the steps taken. ``init``: start from that student's LoRA
     (a name in ``root``, default ``adapters/``). ``on_step(steps_done, loss)`` after each step (a run folder's
-    metrics row, `main`'s ``--run-dir``) stops the training when it returns True."""
+    metrics row, `main`'s ``--run-dir``) stops the training when it returns True.
+
+    ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its EMA, Adam's state
+    and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit for bit
+    as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
+    reflow's teacher pairs are kept (:func:`cached_teacher_pairs`)."""
     dev = torch.device(device)
-    unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
+    with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
+        torch.manual_seed(cfg.seed)
+        unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
     if init is not None:
         set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
@@ -153,16 +220,21 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     g = torch.Generator().manual_seed(cfg.seed)
+    run = dict(teacher=teacher, init=init, cfg=cfg)
+    done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, **run)
+    if done:
+        log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})")
     if cfg.method == "reflow":
-        labels_all = torch.arange(cfg.pairs) % 10
+        labels_all = pair_labels(cfg.pairs)
         with adapter_role(unet, None):  # the teacher: the adapter off
-            z_all, x1_all = teacher_pairs(unet, labels_all, guidance=cfg.guidance, generator=g)
+            z_all, x1_all = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed,
+                                                 cache=pair_cache, log=log)
     else:
         from cdlab.flow.data import load_fashion_mnist
 
         images, labels_all = load_fashion_mnist("train")
-    start, done = time.monotonic(), 0
-    for step in range(cfg.steps):
+    start = time.monotonic()
+    for step in range(done, cfg.steps):
         if cfg.method == "reflow":
             idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
             out = reflow_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], times=cfg.reflow_times,
@@ -181,15 +253,75 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
                 for n, p in named:
                     ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
         done = step + 1
-        if on_step is not None and on_step(done, float(out["loss"].item())):
+        stop = on_step is not None and on_step(done, float(out["loss"].item()))
+        late = max_seconds is not None and time.monotonic() - start > max_seconds
+        if checkpoint is not None and (stop or late or done % checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(Path(checkpoint), unet, opt, ema, g, done, **run)
+        if stop:
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}")
             break
         if step % 200 == 0 or step == cfg.steps - 1:
             log(f"{cfg.method} step {step}: loss {out['loss'].item():.3e} ({time.monotonic() - start:.0f} s)")
-        if max_seconds is not None and time.monotonic() - start > max_seconds:
+        if late:
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}, after {max_seconds} s")
             break
     return unet.eval(), done
+
+
+def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
+    """What a checkpoint must share with the run that continues it: everything but the step budget."""
+    return {"config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
+            "teacher": str(Path(teacher).resolve()), "init": init}
+
+
+def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                    generator: torch.Generator, step: int, *, cfg: StudentConfig, teacher: str | Path,
+                    init: str | None) -> None:
+    """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
+    its EMA, the generator's state), ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming
+    the step, written last and atomically, so a run killed while saving keeps its previous checkpoint."""
+    from cdlab.flow.train_teacher import save_optimizer_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
+               "generator": generator.get_state()}
+    save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
+    save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
+    write_json_atomic(folder / _CHECKPOINT_JSON, {"step": step, **_recipe(cfg, teacher, init)})
+    for old in [*folder.glob("student-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
+        if old.stem.split("-")[-1] != f"{step:07d}":
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                    generator: torch.Generator, *, cfg: StudentConfig, teacher: str | Path, init: str | None) -> int:
+    """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
+    checkpoint of another recipe is refused with the field that differs."""
+    from cdlab.flow.train_teacher import load_optimizer_state
+
+    saved = read_json(folder / _CHECKPOINT_JSON)
+    if saved is None:
+        return 0
+    want = _recipe(cfg, teacher, init)
+    for key in ("teacher", "init"):
+        if saved.get(key) != want[key]:
+            raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
+    for key, value in want["config"].items():
+        if (saved.get("config") or {}).get(key) != value:
+            raise StudentError(f"{folder} is a run with {key}={(saved.get('config') or {}).get(key)!r}, "
+                               f"not {value!r}: choose a new folder or the same recipe")
+    step = saved.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= cfg.steps:
+        raise StudentError(f"{folder / _CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
+    tensors = load_file(str(folder / f"student-{step:07d}.safetensors"))
+    generator.set_state(tensors.pop("generator"))
+    if ema is not None:
+        with torch.no_grad():
+            for n in ema:
+                ema[n].copy_(tensors.pop(f"ema.{n}"))
+    set_lora_weights(unet, tensors)
+    load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
+    return step
 
 
 def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -201,7 +333,7 @@ def student_lora(name: str, root: str | Path | None = None, teacher: str | Path 
     file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
     must be ``teacher``'s (its folder; None: the shipped teacher)."""
     from cdlab.flow.pipeline import flow_base_id
-    from cdlab.students import WEIGHT_NAME, read_card, student_dir
+    from cdlab.students import WEIGHT_NAME, read_card
 
     card = read_card(name, root)
     if card.base_model != flow_base_id(teacher):
@@ -255,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-seconds", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--run-dir", default=None, help="also write a run folder the app's Train tab reads (status, "
-                   "metrics.jsonl), and stop on SIGTERM (the app's Stop) or when the app is gone")
+                   "metrics.jsonl, checkpoint/), and stop on SIGTERM (the app's Stop) or when the app is gone")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--pair-cache", default=None, help="where reflow's teacher pairs are kept (default: the cache "
+                   "folder, $CDLAB_CACHE_DIR or cache/)")
     defaults = StudentConfig()
     for name, value in asdict(defaults).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -263,12 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
         p.error("--method must be cd or reflow, --reflow-times uniform or zero")
+    if args.resume and args.run_dir is None:
+        p.error("--resume continues a --run-dir")
     try:
         validate_name(args.name)
+        if student_dir(args.name, args.root).exists():  # refused now, not after the training
+            raise StudentError(f"a student named {args.name!r} exists in "
+                               f"{shown_path(student_dir(args.name, args.root).parent)}; choose another --name")
         if args.run_dir is not None:
             return run_in_folder(args, cfg)
         unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
-                             max_seconds=args.max_seconds)
+                             max_seconds=args.max_seconds, pair_cache=args.pair_cache or cache_dir())
         print(f"saved {save_flow_student(unet, args.name, cfg, args.root, teacher=args.teacher, trained_steps=done, init=args.init)}")
     except (StudentError, FileNotFoundError) as e:
         p.error(str(e))
@@ -278,11 +418,14 @@ def main(argv: list[str] | None = None) -> int:
 def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
     """`main` with ``--run-dir``: the same training, with the run-folder protocol of the Train tab
     (`cdlab.train.status`: ``config.json`` with ``"kind": "flow-student"``, ``status.json``, ``metrics.jsonl``) and
-    the trainers' stop rules (`cdlab.train.stopping`). A student run has no checkpoint: Stop saves the student as
-    trained so far ("stopped"); a run whose app is gone saves nothing."""
+    the trainers' stop rules (`cdlab.train.stopping`). Stop saves the student as trained so far ("stopped"); a run
+    whose app is gone saves no student. Either way, and every 100 steps, ``checkpoint/`` keeps the run's state,
+    which ``--resume`` continues (a run cut off by a closed session loses at most 100 steps)."""
     run = Path(args.run_dir)
-    if (run / "config.json").exists():
-        raise SystemExit(f"{run} already holds a run; choose a new --run-dir")
+    if (run / "config.json").exists() and not args.resume:
+        raise SystemExit(f"{run} already holds a run; continue it with --resume, or choose a new --run-dir")
+    if args.resume and not (run / "config.json").exists():
+        raise SystemExit(f"{run} holds no run to resume")
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / "config.json", {"kind": STUDENT_RUN_KIND, "run_name": run.name, "teacher": str(args.teacher),
                                             "config": asdict(cfg), "max_steps": cfg.steps})
@@ -303,7 +446,8 @@ def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
         try:
             status("running", "loading the teacher" + (" and drawing its pairs" if cfg.method == "reflow" else ""))
             unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
-                                 max_seconds=args.max_seconds, on_step=on_step)
+                                 max_seconds=args.max_seconds, on_step=on_step, checkpoint=run / "checkpoint",
+                                 pair_cache=args.pair_cache or cache_dir())
         except BaseException as e:
             status("failed", f"{type(e).__name__}: {e}")
             raise

@@ -51,7 +51,7 @@ from cdlab.paths import load_json_object, preview_file, write_json_atomic
 from cdlab.train.status import FLOW_TEACHER_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
-__all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "total_steps", "main"]
+__all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "load_unet", "save_optimizer_state", "load_optimizer_state", "total_steps", "main"]
 
 GRID_EPOCHS = (1, 5, 10)  # the seed's deliverables (§2.3, §2.6)
 RUN_KIND = FLOW_TEACHER_RUN  # config.json's "kind": how the app's Train tab tells this run from a distillation's
@@ -87,13 +87,15 @@ class TeacherConfig:
         return self
 
 
-def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+def save_optimizer_state(opt: torch.optim.Optimizer, path: Path) -> None:
+    """The optimizer's per-parameter tensors (Adam's moments and step) as safetensors, ``<index>.<name>`` keys."""
     tensors = {f"{i}.{name}": value.detach().cpu().clone().contiguous()
                for i, state in opt.state_dict()["state"].items() for name, value in state.items()}
     save_file(tensors, str(path))
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer_state(opt: torch.optim.Optimizer, path: Path) -> None:
+    """Read back what :func:`save_optimizer_state` wrote into ``opt`` (its parameter groups as they are)."""
     sd = opt.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(path)).items():
@@ -148,7 +150,7 @@ def class_grid(unet: UNet, per_class: int = 4, num_steps: int = 50, guidance: fl
 
 def _checkpoint(out: Path, unet: UNet, opt: torch.optim.Optimizer, cfg: TeacherConfig, progress: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
-    _save_optimizer(opt, out / "optimizer.safetensors")
+    save_optimizer_state(opt, out / "optimizer.safetensors")
     write_json_atomic(out / "state.json", {"config": dataclasses.asdict(cfg), **progress,
                                            "lr": opt.param_groups[0]["lr"]})
 
@@ -167,7 +169,7 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) ->
     unet.to(device)
     opt = matching.make_optimizer(unet, cfg.lr)
     if resume:
-        _load_optimizer(opt, out / "optimizer.safetensors")
+        load_optimizer_state(opt, out / "optimizer.safetensors")
     for group in opt.param_groups:  # where the per-epoch decay left it
         group["lr"] = cfg.lr * (cfg.lr_decay_to ** (1.0 / cfg.num_epochs)) ** progress["epoch"]
     return cfg, unet, opt, progress
