@@ -174,6 +174,12 @@ def test_preview_reference_once_per_run_and_equal_to_a_solo_teacher_sample(tiny_
     assert resumed.step == 4 and (ref.read_bytes(), ref.stat().st_mtime_ns) == before  # not recomputed
     assert sorted(p.name for p in (run / "previews").glob("step_*.png")) == [
         "step_000000.png", "step_000002.png", "step_000004.png"]
+    # a new run of the same teacher and recipe reads the row from the cache (beside the latents), not the UNet
+    lines: list[str] = []
+    again = train(dataclasses.replace(cfg, run_name="ref-again"), log=lines.append).run_dir
+    assert (again / "previews" / "reference.png").read_bytes() == before[0]
+    assert any("preview reference" in line and "read from" in line for line in lines), lines
+    assert json.loads((again / "previews" / "reference.json").read_text()) == meta
 
     teacher = load_teacher(tiny_pipe_dir, device="cpu")  # the plain teacher, no LoRA, on its own
     cond, uncond = teacher.encode(prompts)

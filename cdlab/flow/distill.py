@@ -118,7 +118,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
     chunk is written there as it is made (``flow-pairs-<key>/chunk-<k>.safetensors``, atomically) and read back
     by any later run of the same teacher weights, guidance, steps, seed and chunk size: a run cut off loses at
     most the chunk it was making, and a run with more pairs reuses a shorter one's."""
-    from cdlab.train.dmd import base_fingerprint
+    from cdlab.train.data import base_fingerprint
 
     chunk = max(1, min(PAIR_CHUNK, count))
     key = hashlib.sha256(f"flow-pairs|v1|{base_fingerprint(unet)}|{float(guidance)!r}|{num_steps}|{seed}|{chunk}"

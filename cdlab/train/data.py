@@ -251,6 +251,17 @@ def model_fingerprint(pipe: Any) -> str:
     return h.hexdigest()
 
 
+def base_fingerprint(unet: torch.nn.Module) -> str:
+    """A hash of a UNet's base weights (per-tensor sums; LoRA tensors skipped): what the teacher computes."""
+    h = hashlib.sha256()
+    for n, p in unet.state_dict().items():
+        if "lora_" in n:
+            continue
+        x = p.detach().double()
+        h.update(f"{n}:{tuple(p.shape)}:{x.sum().item():.10e}".encode())
+    return h.hexdigest()
+
+
 @dataclass
 class TrainData:
     """Data ready for the UNet: ``batch(idx, generator) -> (latents, cond)``; ``uncond`` is ``[1, L, D]``."""

@@ -25,9 +25,9 @@ from cdlab.loss import dmd_fake_loss, dmd_generator_loss, generator_sample
 from cdlab.samplers import ddim_timesteps, sample_ddim
 from cdlab.students.roles import FAKE_SCORE, GENERATOR, TEACHER, adapter_role
 from cdlab.train.config import cache_root
-from cdlab.train.data import model_fingerprint
+from cdlab.train.data import base_fingerprint, model_fingerprint
 
-__all__ = ["dmd_step", "dmd_kwargs", "regression_pairs", "base_fingerprint"]
+__all__ = ["dmd_step", "dmd_kwargs", "regression_pairs"]
 
 
 def dmd_kwargs(tr: Any) -> dict:
@@ -97,17 +97,6 @@ def _fake_steps(tr: Any, samples: tuple[torch.Tensor, torch.Tensor]) -> float:
         tr.fake_optimizer.zero_grad(set_to_none=True)
         fake_total += float(fl["loss"].detach())
     return fake_total
-
-
-def base_fingerprint(unet: torch.nn.Module) -> str:
-    """A hash of a UNet's base weights (per-tensor sums; LoRA tensors skipped): what the teacher computes."""
-    h = hashlib.sha256()
-    for n, p in unet.state_dict().items():
-        if "lora_" in n:
-            continue
-        x = p.detach().double()
-        h.update(f"{n}:{tuple(p.shape)}:{x.sum().item():.10e}".encode())
-    return h.hexdigest()
 
 
 @torch.no_grad()

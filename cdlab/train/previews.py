@@ -6,11 +6,15 @@
 guidance, every adapter off) and ``reference.json`` says how it was made; ``step_<step>.png`` is the student at
 that step (its own consistency sampler). Every row starts from the same fixed noise (`preview_noise`), so the
 rows of one run compare image by image; the app shows them (`cdlab.ui.previews`). Images are written under a
-temporary name and renamed.
+temporary name and renamed. The reference is the same for every run of one teacher and recipe, so it is cached
+beside the latents and read back by the next run (`preview_reference`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from cdlab.paths import PREVIEW_REFERENCE, preview_file, preview_rows, write_json_atomic
+from cdlab.paths import PREVIEW_REFERENCE, preview_file, preview_rows, shown_path, write_json_atomic
 from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.students.roles import TEACHER, adapter_role
 from cdlab.train.checkpoints import evenly_spaced
+from cdlab.train.config import cache_root
+from cdlab.train.data import base_fingerprint, model_fingerprint
 
 __all__ = ["REFERENCE_NAME", "MAX_PREVIEWS", "preview_noise", "preview_row", "preview", "preview_reference",
            "prune_previews"]
@@ -84,6 +90,11 @@ def preview_reference(tr: Any) -> Path | None:
     path = tr.run_dir / "previews" / REFERENCE_NAME
     if path.is_file():
         return path
+    cached = _reference_cache(tr)
+    if cached is not None and _copy_pair(cached, path):
+        tr.log(f"preview reference: teacher-{cfg.preview_reference_steps} (CFG {cfg.guidance:g}) read from "
+               f"{shown_path(cached)}")
+        return path
     t0 = time.perf_counter()
     prompts, cond, uncond, x_T = _inputs(tr)
     with _autocast(tr), adapter_role(tr.unet, TEACHER):
@@ -97,7 +108,40 @@ def preview_reference(tr: Any) -> Path | None:
     path = _write_row(tr, images, REFERENCE_NAME)
     tr.log(f"preview reference: teacher-{cfg.preview_reference_steps} (CFG {cfg.guidance:g}) in "
            f"{time.perf_counter() - t0:.1f} s")
+    if cached is not None:
+        try:
+            _copy_pair(path, cached)
+        except OSError as e:  # a read-only cache costs the next run the teacher's steps, nothing else
+            tr.log(f"preview reference: could not cache it in {shown_path(cached)}: {e}")
     return path
+
+
+def _reference_cache(tr: Any) -> Path | None:
+    """Where the reference row of this teacher and recipe is cached (with ``cache_latents``; None without), as
+    the latents and DMD's pairs are: it costs ``2 x preview_reference_steps`` UNet passes (about 90 s for SD1.5
+    on a CPU), the same for every run of the same teacher weights, captions, steps, guidance, resolution and
+    precision, so only a run's first pays for it."""
+    cfg = tr.cfg
+    if not cfg.cache_latents:
+        return None
+    key = hashlib.sha256(json.dumps([
+        "preview-reference-v1", model_fingerprint(tr.teacher.pipe), base_fingerprint(tr.unet),
+        list(cfg.preview_prompts), cfg.preview_reference_steps, float(cfg.guidance), cfg.num_train_timesteps,
+        cfg.resolution, str(tr.autocast_dtype), str(tr.teacher.pipe.unet.dtype), tr.device.type]).encode())
+    return cache_root(cfg) / f"preview-reference-{key.hexdigest()[:20]}.png"
+
+
+def _copy_pair(src: Path, dest: Path) -> bool:
+    """Copy a reference row and its ``.json`` (each under a temporary name, then renamed; the row last, as
+    `preview_reference` reads it); False when ``src`` has either missing."""
+    if not (src.is_file() and src.with_suffix(".json").is_file()):
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src.with_suffix(".json"), dest.with_suffix(".json")), (src, dest)):
+        tmp = b.with_name(f".{b.name}.{os.getpid()}.tmp")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+    return True
 
 
 def _inputs(tr: Any) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
