@@ -463,7 +463,7 @@ def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = N
 
     unet.train()
     try:
-        step()  # warm-up (allocations, cuDNN autotune)
+        step_flops = count_flops(step) / batch  # the counted step is also the warm-up (allocations, cuDNN autotune)
         sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -473,7 +473,6 @@ def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = N
         tt = torch.full((batch,), 500, device=dev, dtype=torch.long)
         with torch.autocast(dev.type, dtype=autocast) if autocast else contextlib.nullcontext():
             fwd = unet_forward_flops(unet, latents, tt, cond) / batch
-        step_flops = count_flops(step) / batch
     finally:
         unet.eval()
         unet.delete_adapters("bench-train")

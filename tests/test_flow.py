@@ -467,6 +467,8 @@ def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_m
     cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0)
     cache, quiet = tmp_path / "cache", (lambda line: None)
     kw = dict(log=quiet, pair_cache=cache, checkpoint_every=2)
+    _, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "stopped", should_stop=lambda: True, **kw)
+    assert done == 0 and not cache.exists()  # a Stop while the pairs are drawn: nothing trained, nothing made
     whole, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "whole", **kw)
     chunks = sorted(cache.glob("flow-pairs-*/chunk-*.safetensors"))
     assert done == 6 and len(chunks) == 1  # 12 pairs: one chunk of 12

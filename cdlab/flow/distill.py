@@ -108,8 +108,8 @@ def pair_labels(count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: int, num_steps: int = 50,
-                         cache: str | Path | None = None,
-                         log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+                         cache: str | Path | None = None, log: Callable[[str], None] = print,
+                         should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``count`` reflow pairs (:func:`teacher_pairs`, labels :func:`pair_labels`) made in chunks of
     :data:`PAIR_CHUNK` (fewer when ``count`` is smaller), chunk ``k``'s noise from its own generator, seeded
     ``seed * 100003 + k``, so that the pairs do not depend on how many are asked for or how often the run stopped.
@@ -117,7 +117,8 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
     At 50 steps with CFG a pair costs 100 NFE (about 0.3 s on one CPU thread), so with ``cache`` (a folder) every
     chunk is written there as it is made (``flow-pairs-<key>/chunk-<k>.safetensors``, atomically) and read back
     by any later run of the same teacher weights, guidance, steps, seed and chunk size: a run cut off loses at
-    most the chunk it was making, and a run with more pairs reuses a shorter one's."""
+    most the chunk it was making, and a run with more pairs reuses a shorter one's. ``should_stop`` is asked
+    before each chunk is made: True returns None (a Stop while the pairs are drawn, which take minutes)."""
     from cdlab.train.data import base_fingerprint
 
     chunk = max(1, min(PAIR_CHUNK, count))
@@ -132,6 +133,8 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
             zs.append(t["z"])
             xs.append(t["x1"])
             continue
+        if should_stop is not None and should_stop():
+            return None
         labels = pair_labels((k + 1) * chunk)[k * chunk:]
         z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
                               batch_size=chunk)
@@ -196,7 +199,8 @@ def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
 def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None, root: str | Path | None = None,
             device: str = "cpu", max_seconds: float | None = None, log: Callable[[str], None] = print,
             on_step: Callable[[int, float], bool] | None = None, checkpoint: str | Path | None = None,
-            checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None) -> tuple[nn.Module, int]:
+            checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None,
+            should_stop: Callable[[], bool] | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode) and the steps taken. ``init``: start from that student's LoRA
     (a name in ``root``, default ``adapters/``). ``on_step(steps_done, loss)`` after each step (a run folder's
@@ -205,7 +209,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its EMA, Adam's state
     and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit for bit
     as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
-    reflow's teacher pairs are kept (:func:`cached_teacher_pairs`)."""
+    reflow's teacher pairs are kept (:func:`cached_teacher_pairs`); ``should_stop`` ends the run while they are
+    drawn (the steps taken are then the checkpoint's, or 0)."""
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
         torch.manual_seed(cfg.seed)
@@ -227,8 +232,12 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if cfg.method == "reflow":
         labels_all = pair_labels(cfg.pairs)
         with adapter_role(unet, None):  # the teacher: the adapter off
-            z_all, x1_all = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed,
-                                                 cache=pair_cache, log=log)
+            pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, cache=pair_cache,
+                                         log=log, should_stop=should_stop)
+        if pairs is None:
+            log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
+            return unet.eval(), done
+        z_all, x1_all = pairs
     else:
         from cdlab.flow.data import load_fashion_mnist
 
@@ -437,6 +446,11 @@ def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
     with stop.installed(), MetricsWriter(run) as metrics:
         watch_parent(stop.on_orphaned)
 
+        def log(line: str) -> None:
+            print(line, flush=True)
+            if line.startswith("reflow pairs:"):  # minutes of teacher sampling before the first step: say so
+                status("running", f"drawing the teacher's pairs: {line.removeprefix('reflow pairs: ')}")
+
         def on_step(step: int, loss: float) -> bool:
             if metrics.write({"step": step, "loss": loss, "max_steps": cfg.steps,
                               "elapsed_s": round(time.monotonic() - t0, 3)}):
@@ -447,12 +461,16 @@ def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
             status("running", "loading the teacher" + (" and drawing its pairs" if cfg.method == "reflow" else ""))
             unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
                                  max_seconds=args.max_seconds, on_step=on_step, checkpoint=run / "checkpoint",
-                                 pair_cache=args.pair_cache or cache_dir())
+                                 pair_cache=args.pair_cache or cache_dir(), log=log,
+                                 should_stop=lambda: stop.requested)
         except BaseException as e:
             status("failed", f"{type(e).__name__}: {e}")
             raise
     if stop.orphaned:
         status("stopped", f"stopped at step {done}: the app that started it is gone; nothing saved", done)
+        return 0
+    if done == 0:
+        status("stopped", "stopped before its first step; nothing saved (the pairs drawn so far are cached)")
         return 0
     saved = save_flow_student(unet, args.name, cfg, args.root, teacher=args.teacher, trained_steps=done,
                               init=args.init)

@@ -175,7 +175,8 @@ def run_kind(run_dir: Path) -> str:
 
 def resumable(run_dir: Path) -> bool:
     """Whether a run has a checkpoint to continue from: a flow teacher's ``state.json`` and weights, a
-    distillation run's newest ``checkpoints/ckpt_*``; a flow student's run has none."""
+    distillation run's newest ``checkpoints/ckpt_*``; a flow student's run has none here (its Stop saves the
+    student; its ``checkpoint/`` is for ``python -m cdlab.flow.distill --resume`` after a kill)."""
     run_dir = Path(run_dir)
     kind = run_kind(run_dir)
     if kind == FLOW_TEACHER:
