@@ -588,7 +588,12 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
-    assert saved["n"] == 40 and saved["guidance"] == 2.0  # the shipped students were distilled at CFG 2
+    from cdlab.flow.pipeline import FLOW_GUIDANCE
+    from cdlab.students import read_card
+
+    distilled_at = {read_card(n, REPO_ROOT / "adapters").training_config["guidance"]
+                    for n in ("fashion-reflow-4", "fashion-reflow-1")}
+    assert saved["n"] == 40 and distilled_at == {saved["guidance"]} == {FLOW_GUIDANCE}  # the teacher's CFG, theirs
     assert (saved["suite"], saved["model"]) == ("flow", "fashion-flow")
     assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
         ("teacher-50 (CFG)", 50, 100), ("teacher-1 (naive)", 1, 2), ("teacher-2 (naive)", 2, 4),

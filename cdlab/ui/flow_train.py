@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
+from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
 from cdlab.teachers import FLOW_TEACHER
@@ -89,8 +90,8 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
     return out
 
 
-STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000, "guidance": 2.0,
-                    "lora_rank": 16}
+STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
+                    "guidance": FLOW_GUIDANCE, "lora_rank": 16}  # the guidance the shipped students were distilled at
 _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
