@@ -53,7 +53,7 @@ from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss
-from cdlab.paths import FLOW_ID, cache_dir, read_json, shown_path, write_json_atomic
+from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import adapter_role
