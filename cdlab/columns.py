@@ -36,13 +36,14 @@ from cdlab.students import load_external_student, load_student, make_scheduler, 
 from cdlab.teachers import teacher_lock
 from cdlab.timing import sync
 
-__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "Column", "ColumnRun", "teacher_columns", "student_column",
+__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "AS_TRAINED", "Column", "ColumnRun", "teacher_columns", "student_column",
            "check_strength", "scheduler_timesteps", "start_timesteps", "initial_noise", "step_generator",
            "encode_prompts", "sample_column", "short_reason", "run_columns"]
 
 TEACHER_50 = "teacher-50 (CFG)"
 TEACHER_4 = "teacher-4 (naive)"
 STUDENT_STEPS = (1, 2, 4, 8)
+AS_TRAINED = "as trained"  # the student-steps choice that runs each student at its card's ``steps``
 
 Cond = tuple[torch.Tensor, "torch.Tensor | None"]  # one prompt role's (cond, uncond) embeddings, a row per image
 # technique(teacher, column, card, x_T, conds, *, generator, return_trajectory) -> SampleOutput (cdlab.edit)
@@ -100,9 +101,11 @@ def teacher_columns(guidance: float) -> list[Column]:
     return [Column(TEACHER_50, "teacher", 50, float(guidance)), Column(TEACHER_4, "teacher", 4, float(guidance))]
 
 
-def student_column(card: Any, steps: int = 4, label: str = "") -> Column:
+def student_column(card: Any, steps: int | None = 4, label: str = "") -> Column:
     """A student's column from its card: ``"student"`` for a consistency student (cdlab's own), ``"external"``
-    for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``)."""
+    for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``).
+    ``steps`` None: the card's own (a 1-step student at 1 step, a 4-step one at 4)."""
+    steps = int(card.steps) if steps is None else steps
     if getattr(card, "scheduler", "consistency") == "consistency":
         nb = getattr(card, "num_boundaries", None)  # None: a student of any step count (2-rectified flow)
         return Column(card.name, "student", int(steps), 1.0, int(nb) if nb else None, card.name, label=label)

@@ -383,6 +383,52 @@ def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     assert torch.allclose(got, ((z + u - x1) ** 2).mean(), atol=1e-6)
 
 
+def test_piecewise_reflow_pairs_hold_the_teachers_path_at_the_window_edges_and_its_loss_is_the_chord(tiny_unet):
+    """PeRFlow's pairs (``windows=4``): the teacher's Euler states at t = 0.25, 0.5, 0.75 and 1, on the 50-step
+    grid with the edges added; the last is the 2-rectified-flow pair's x1 up to those two extra steps. Each window's
+    target is its chord ``(x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k)``, by hand at each window's start."""
+    from cdlab.flow import distill
+
+    assert distill.window_edges(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    labels = distill.pair_labels(3)
+    z, xs = distill.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1), windows=4)
+    z1, x1 = distill.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1))
+    assert xs.shape == (3, 4, 1, 28, 28) and torch.equal(z, z1)
+    assert (xs[:, -1] - x1).abs().max() < 0.05 * x1.abs().max()
+    velocity = matching.guided_velocity(tiny_unet, matching.one_hot(labels), 3.0)
+    by_hand = matching.sample_euler(velocity, z, torch.tensor([0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16,
+                                                               0.18, 0.2, 0.22, 0.24, 0.25]))
+    assert torch.allclose(xs[:, 0], by_hand, atol=1e-5)
+    g = torch.Generator().manual_seed(5)
+    got = distill.reflow_loss(tiny_unet, z, xs, labels, times="zero", generator=g)["loss"]
+    k = torch.randint(0, 4, (3,), generator=torch.Generator().manual_seed(5))
+    states = torch.cat([z[:, None], xs], 1)
+    start, end = states[torch.arange(3), k], states[torch.arange(3), k + 1]
+    with torch.no_grad():
+        u = tiny_unet(start, k / 4, matching.one_hot(labels))
+    assert torch.allclose(got, ((u - (end - start) * 4) ** 2).mean(), atol=1e-6)
+    card = distill.student_card(distill.StudentConfig(method="reflow", windows=4), "pw", trained_steps=1)
+    assert (card.method, card.num_boundaries, card.steps) == ("reflow", 4, 4)
+
+
+def test_compare_runs_each_student_as_trained_by_default():
+    """The student-steps choice ``"as trained"`` (Compare's and Edit's default) runs each student at its card's
+    steps: the 1-step flow student at 1 NFE beside the 4-step one at 4, not both at 4, where the 1-step student
+    falls apart (docs/flow-evaluation: FID 1207 at 4 steps). A number still runs every student at it."""
+    from cdlab.teachers import load_teacher
+    from cdlab.ui import compare as C
+
+    cmp = C.Comparer(load_teacher("fashion-flow", device="cpu"), adapters_root=REPO_ROOT / "adapters", cache_size=0)
+    res = cmp.run("Sneaker", 0, 1.5, C.AS_TRAINED, ["fashion-reflow-1", "fashion-reflow-4", C.TEACHER_4])
+    assert [(c.label, c.nfe) for c in res.columns] == [
+        ("fashion-reflow-1 (1 step)", 1), ("fashion-reflow-4 (4 steps)", 4), (C.TEACHER_4, 8)]
+    assert res.student_steps is None and C.trajectory_grid(None, cmp._resolve_columns(["fashion-reflow-1"], 1.5, None)) == [999]
+    assert [c.nfe for c in cmp.run("Sneaker", 0, 1.5, "2", ["fashion-reflow-1", "fashion-reflow-4"]).columns] == [2, 2]
+    for bad in ("as trained ", "AS TRAINED", True, "0", 16, None):
+        with pytest.raises(C.InputError, match="Student steps must be 'as trained' or one of"):
+            C.validate_request("Sneaker", 0, 1.5, bad)
+
+
 def _teacher_folder(folder, unet):
     from safetensors.torch import save_file
 

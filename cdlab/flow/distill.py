@@ -31,6 +31,19 @@ teacher's and Euler with few steps follows it. ``--reflow-times zero`` trains at
 "distillation" of a rectified flow into one step (its §2.3, ``L = || z + u_theta(z, 0) - x1 ||^2``), started from
 a reflow student with ``--init``. Guidance is distilled in: the student runs the class alone, 1 NFE a step.
 
+**Piecewise rectified flow** (``--windows W`` > 1; Yan et al. 2024, "PeRFlow: Piecewise Rectified Flow as
+Universal Plug-and-Play Accelerator", §3, eq. 5). Cut time into W windows with edges ``t_0 = 0 < t_1 < ... <
+t_W = 1`` (:func:`window_edges`: the times of the lab's W-step sampler), keep the teacher's states ``x_{t_k}`` at
+the edges of each Euler-50 trajectory (one trajectory gives W pairs), and straighten each window on its own::
+
+    L = E_{i, k, tau ~ U[0, 1]} || u_theta(x_t, t, c) - (x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k) ||^2,
+        t = t_k + tau (t_{k+1} - t_k),   x_t = (1 - tau) x_{t_k} + tau x_{t_{k+1}}
+
+One Euler step a window then lands where the teacher's 50 steps land, up to the student's error: each window
+asks for a shorter, less curved piece of the teacher's path than 2-rectified flow's one line from noise to data.
+W = 1 is 2-rectified flow above; ``--reflow-times zero`` trains at each window's start (tau = 0), the only point
+W Euler steps use.
+
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
 from __future__ import annotations
@@ -60,7 +73,7 @@ from cdlab.students.roles import adapter_role
 from cdlab.train.status import FLOW_STUDENT_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
-__all__ = ["lora_targets", "attach_flow_lora", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
+__all__ = ["lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
            "reflow_loss", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
            "save_flow_student", "student_lora", "main"]
 
@@ -88,12 +101,38 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
     return unet
 
 
+def window_edges(windows: int) -> list[float]:
+    """The flow times ``[0, 1/W, ..., 1]`` that cut ``[0, 1]`` into W windows: where the lab's W-step sampler
+    stands (its timesteps ``consistency_timesteps(W, W)`` are ``t = 1 - k / 1000``, the first, k = 999, taken as
+    pure noise at t = 0), e.g. 4 -> [0, 0.25, 0.5, 0.75, 1]."""
+    if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= 50:
+        raise ValueError(f"windows must be an integer in [1, 50], got {windows!r}")
+    return [j / windows for j in range(windows + 1)]
+
+
 @torch.no_grad()
 def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance: float = matching.GUIDANCE,
-                  generator: torch.Generator | None = None, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG."""
+                  generator: torch.Generator | None = None, batch_size: int = 2000,
+                  windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG.
+
+    ``windows`` W > 1 (piecewise rectified flow): the second tensor is the teacher's states at the window edges
+    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). The Euler grid is then the ``num_steps`` grid with
+    the edges added (50 steps and 4 windows: 52 steps, the edges 0.25 and 0.75 are not on it)."""
     z = torch.randn((len(labels), 1, 28, 28), generator=generator)
-    return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
+    if windows == 1:
+        return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
+    edges = window_edges(windows)
+    grid = sorted({round(i / num_steps, 12) for i in range(num_steps + 1)} | {round(e, 12) for e in edges})
+    device, states = next(unet.parameters()).device, []
+    for i in range(0, len(z), batch_size):
+        velocity = matching.guided_velocity(unet, matching.one_hot(labels[i:i + batch_size]).to(device), guidance)
+        x, row = z[i:i + batch_size].to(device), []
+        for a, b in zip(edges, edges[1:]):
+            x = matching.sample_euler(velocity, x, torch.tensor([t for t in grid if a <= t <= b]))
+            row.append(x.cpu())
+        states.append(torch.stack(row, 1))
+    return z, torch.cat(states)
 
 
 PAIR_CHUNK = 256  # pairs a cache file holds
@@ -108,7 +147,7 @@ def pair_labels(count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: int, num_steps: int = 50,
-                         cache: str | Path | None = None, log: Callable[[str], None] = print,
+                         windows: int = 1, cache: str | Path | None = None, log: Callable[[str], None] = print,
                          should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``count`` reflow pairs (:func:`teacher_pairs`, labels :func:`pair_labels`) made in chunks of
     :data:`PAIR_CHUNK` (fewer when ``count`` is smaller), chunk ``k``'s noise from its own generator, seeded
@@ -122,8 +161,9 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
     from cdlab.train.data import base_fingerprint
 
     chunk = max(1, min(PAIR_CHUNK, count))
+    piecewise = "" if windows == 1 else f"|windows={windows}"
     key = hashlib.sha256(f"flow-pairs|v1|{base_fingerprint(unet)}|{float(guidance)!r}|{num_steps}|{seed}|{chunk}"
-                         .encode()).hexdigest()[:20]
+                         f"{piecewise}".encode()).hexdigest()[:20]
     folder = None if cache is None else Path(cache) / f"flow-pairs-{key}"
     zs, xs, made, start = [], [], 0, time.monotonic()
     for k in range(math.ceil(count / chunk)):
@@ -137,7 +177,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
             return None
         labels = pair_labels((k + 1) * chunk)[k * chunk:]
         z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
-                              batch_size=chunk)
+                              batch_size=chunk, windows=windows)
         zs.append(z)
         xs.append(x1)
         made += chunk
@@ -167,7 +207,21 @@ def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance
 
 def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, times: str = "uniform",
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """2-rectified flow's loss on teacher pairs (module docstring); ``times="zero"``: the one-step distillation."""
+    """2-rectified flow's loss on teacher pairs (module docstring); ``times="zero"``: the one-step distillation.
+
+    ``x1`` ``[B, W, 1, 28, 28]`` (the teacher's states at W window edges, :func:`teacher_pairs`): piecewise
+    rectified flow, each sample in a window drawn uniformly, ``times="zero"`` at that window's start."""
+    if x1.ndim == 5:
+        edges = torch.tensor(window_edges(x1.shape[1]), dtype=z.dtype)
+        k = torch.randint(0, x1.shape[1], (len(z),), generator=generator)
+        tau = torch.rand(len(z), generator=generator) if times == "uniform" else torch.zeros(len(z))
+        rows = torch.arange(len(z))
+        start = torch.cat([z[:, None], x1], 1)[rows, k]
+        width = (edges[k + 1] - edges[k]).to(z.device)
+        t = (edges[k] + tau * (edges[k + 1] - edges[k])).to(z.device)
+        x_t = matching.interpolate(start, x1[rows, k], tau.to(z.device))
+        u = unet(x_t, t, matching.one_hot(labels).to(z.device))
+        return {"loss": torch.nn.functional.mse_loss(u, (x1[rows, k] - start) / width.reshape(-1, 1, 1, 1))}
     t = (torch.rand(len(z), generator=generator) if times == "uniform" else torch.zeros(len(z))).to(z.device)
     loss = matching.flow_matching_loss(unet, x1, matching.one_hot(labels).to(z.device), x0=z, t=t, p_uncond=0.0)
     return {"loss": loss}
@@ -187,6 +241,7 @@ class StudentConfig:
     lora_rank: int = 32
     pairs: int = 20000              # reflow: teacher pairs drawn once
     reflow_times: str = "uniform"   # reflow: "uniform" t ~ U[0, 1], or "zero" (one-step distillation)
+    windows: int = 1                # reflow: W > 1 is piecewise rectified flow (PeRFlow) on W windows
     seed: int = 0
 
 
@@ -232,8 +287,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if cfg.method == "reflow":
         labels_all = pair_labels(cfg.pairs)
         with adapter_role(unet, None):  # the teacher: the adapter off
-            pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, cache=pair_cache,
-                                         log=log, should_stop=should_stop)
+            pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
+                                         cache=pair_cache, log=log, should_stop=should_stop)
         if pairs is None:
             log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
             return unet.eval(), done
@@ -363,15 +418,16 @@ def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None,
                  teacher: str | Path | None = None) -> StudentCard:
-    """The student's card: ``reflow`` (any step count: ``num_boundaries`` None) or ``cd``/``mbcd`` (N boundaries);
+    """The student's card: ``reflow`` (``num_boundaries`` None, or its W windows when piecewise) or ``cd``/``mbcd`` (N boundaries);
     sampled by the lab's consistency jump on the flow path, an Euler step (:mod:`cdlab.flow.model`); guidance
     distilled in; its base is its teacher's (`cdlab.flow.pipeline.flow_base_id`: the shipped one's when None).
     ``training_config`` says the steps it took and the student it started from."""
     from cdlab.flow.pipeline import flow_base_id
 
     method = "reflow" if cfg.method == "reflow" else ("mbcd" if cfg.num_boundaries > 1 else "cd")
+    boundaries = (cfg.windows if cfg.windows > 1 else None) if method == "reflow" else cfg.num_boundaries
     return StudentCard(name=name, base_model=flow_base_id(teacher), method=method,
-                       num_boundaries=None if method == "reflow" else cfg.num_boundaries, steps=cfg.sample_steps,
+                       num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
                        training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init})
 
@@ -407,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
         p.error("--method must be cd or reflow, --reflow-times uniform or zero")
+    if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
+        p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if args.resume and args.run_dir is None:
         p.error("--resume continues a --run-dir")
     try:

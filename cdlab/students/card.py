@@ -180,7 +180,8 @@ def render_readme(card: StudentCard) -> str:
     call = ", ".join(f"{k}={v!r}" for k, v in sampling_kwargs(card).items())
     method = {"ct": "consistency training", "cd": "consistency distillation",
               "mbcd": "multi-boundary consistency distillation", "dmd": "distribution matching distillation (DMD2)",
-              "reflow": "2-rectified flow (Liu et al. 2023)", "external": "external"}[card.method]
+              "reflow": "2-rectified flow (Liu et al. 2023)" if card.num_boundaries is None
+              else f"piecewise rectified flow on {card.num_boundaries} windows (Yan et al. 2024)", "external": "external"}[card.method]
     rows = [
         ("base model", f"`{card.base_model}`"),
         ("method", f"{card.method} ({method})"),

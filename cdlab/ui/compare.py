@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cdlab.batching import MicroBatcher
-from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason
+from cdlab.columns import AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
@@ -32,7 +32,7 @@ from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
 from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
 
-__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "InputError", "Column", "ColumnResult", "CompareResult",
+__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "AS_TRAINED", "STEPS_CHOICES", "InputError", "Column", "ColumnResult", "CompareResult",
            "Comparer", "tiny_prompts", "prompt_presets", "is_tiny", "random_seed", "validate_request", "check_class_prompt",
            "trajectory_grid", "align_to_grid"]
 
@@ -63,8 +63,13 @@ def check_class_prompt(teacher: Any, prompt: str, field_name: str) -> None:
             raise InputError(f"{field_name}: {e}") from None
 
 
-def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) -> tuple[str, int, float, int]:
-    """Check and normalise the Compare inputs; raise `InputError` with a clear message."""
+STEPS_CHOICES = (AS_TRAINED, *(str(k) for k in STUDENT_STEPS))  # the student-steps radio, Compare's and Edit's
+
+
+def validate_request(prompt: Any, seed: Any, guidance: Any,
+                     student_steps: Any) -> tuple[str, int, float, int | None]:
+    """Check and normalise the Compare inputs; raise `InputError` with a clear message. The student steps are
+    one of `STUDENT_STEPS`, or None for `AS_TRAINED` (each student at its card's steps)."""
     if prompt is None or not str(prompt).strip():
         raise InputError("The prompt is empty: type a prompt or pick a preset.")
     if not isinstance(prompt, str):
@@ -88,20 +93,28 @@ def validate_request(prompt: Any, seed: Any, guidance: Any, student_steps: Any) 
     lo, hi = GUIDANCE_RANGE
     if not math.isfinite(g) or not lo <= g <= hi:
         raise InputError(f"The guidance must be between {lo:g} and {hi:g}, got {guidance!r}.")
+    if student_steps == AS_TRAINED:
+        return prompt, int(seed_f), g, None
+    want = f"Student steps must be {AS_TRAINED!r} or one of {STUDENT_STEPS}, got {str(student_steps)[:40]!r}."
     try:
         steps = int(student_steps)
-    except (TypeError, ValueError):
-        raise InputError(f"Student steps must be one of {STUDENT_STEPS}, got {student_steps!r}.") from None
-    if steps not in STUDENT_STEPS or float(student_steps) != steps:
-        raise InputError(f"Student steps must be one of {STUDENT_STEPS}, got {student_steps!r}.")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(want) from None
+    if isinstance(student_steps, bool) or steps not in STUDENT_STEPS or float(student_steps) != steps:
+        raise InputError(want)
     return prompt, int(seed_f), g, steps
 
 
-def trajectory_grid(student_steps: int, columns: list[Column]) -> list[int]:
+def _label(name: str, steps: int) -> str:
+    return f"{name} ({steps} step{'' if steps == 1 else 's'})"
+
+
+def trajectory_grid(student_steps: int | None, columns: list[Column]) -> list[int]:
     """The timesteps a trajectory is shown at: the students' own (``consistency_timesteps(k, k)``: 999, 750,
     500, 250 for 4 steps), and at least the naive teacher's 4 when that column is shown, so every step of
     every few-step column has its cell."""
-    k = max([student_steps] + [c.steps for c in columns if c.kind == "teacher" and c.steps < 50])
+    ks = [c.steps for c in columns if c.kind != "teacher" or c.steps < 50] + ([student_steps] if student_steps else [])
+    k = max(ks or [4])
     return consistency_timesteps(k, k)
 
 
@@ -126,7 +139,7 @@ class _Request:
     prompt: str
     seed: int
     guidance: float
-    student_steps: int
+    student_steps: int | None  # None: each student at its card's steps
     columns: list[Column]
     show_trajectory: bool
     warnings: list[str]
@@ -219,7 +232,7 @@ class Comparer:
         return ([TEACHER_50, TEACHER_4] + [s.name for s in self.students()]
                 + [f"{k} (external)" for k in self.external_keys()])
 
-    def _resolve_columns(self, names: list[str], guidance: float, steps: int) -> list[Column]:
+    def _resolve_columns(self, names: list[str], guidance: float, steps: int | None) -> list[Column]:
         if not names:
             raise InputError("No column selected: tick at least one of the teacher or student columns.")
         if not all(isinstance(n, str) for n in names):
@@ -237,11 +250,12 @@ class Comparer:
                 cols.append(Column(TEACHER_4, "teacher", 4, guidance))
             elif name in students:
                 card = students[name]
-                cols.append(Column(name, "student", steps, 1.0, student=name, card=card,
-                                   label=f"{name} ({steps} steps)"))
+                k = card.steps if steps is None else steps
+                cols.append(Column(name, "student", k, 1.0, student=name, card=card, label=_label(name, k)))
             elif name in externals:
                 key = externals[name]
-                cols.append(Column(key, "external", steps, student=key, label=f"{key} ({steps} steps)"))
+                k = EXTERNAL_STUDENTS[key].steps if steps is None else steps
+                cols.append(Column(key, "external", k, student=key, label=_label(key, k)))
             else:
                 raise InputError(
                     f"Unknown column {name[:80]!r}: the student may have been deleted or does not fit the loaded "
@@ -266,7 +280,7 @@ class Comparer:
                 f"{why}, so expect shapeless colour. Nearest caption: “{caption.text}”.", caption.text)
 
     # -- sampling ----------------------------------------------------------------------------
-    def run(self, prompt: str, seed: int, guidance: float, student_steps: int, columns: list[str],
+    def run(self, prompt: str, seed: int, guidance: float, student_steps: int | str, columns: list[str],
             show_trajectory: bool = False, progress: Callable[[float, str], None] | None = None) -> CompareResult:
         """Sample every selected column from the same noise and text embeddings (validated first): the last
         result of `stream`."""
@@ -274,7 +288,7 @@ class Comparer:
             pass
         return res
 
-    def stream(self, prompt: str, seed: int, guidance: float, student_steps: int, columns: list[str],
+    def stream(self, prompt: str, seed: int, guidance: float, student_steps: int | str, columns: list[str],
                show_trajectory: bool = False, progress: Callable[[float, str], None] | None = None
                ) -> Iterator[CompareResult]:
         """`run`, yielding partial results as the request's columns finish (``pending`` names the rest; the

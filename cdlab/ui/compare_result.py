@@ -81,7 +81,7 @@ class CompareResult:
     prompt: str
     seed: int
     guidance: float
-    student_steps: int
+    student_steps: int | None  # None: each student at its card's steps ("as trained")
     teacher: str
     columns: list[ColumnResult]
     warnings: list[str] = field(default_factory=list)

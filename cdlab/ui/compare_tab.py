@@ -100,7 +100,8 @@ def compare_controls(teacher: Any, comparer: Any, prefix: str = "") -> SimpleNam
         ui.seed = gr.Number(label="Seed", value=0, precision=0, scale=2, min_width=90)  # C.validate_request
         ui.rand = gr.Button("random seed", size="sm", scale=1, min_width=90)  # words: no emoji font
     ui.guidance = gr.Slider(*C.GUIDANCE_RANGE, value=teacher.guidance, step=0.5, label="Teacher guidance (CFG)")
-    ui.steps = gr.Radio([str(k) for k in C.STUDENT_STEPS], value="4", label="Student steps")
+    ui.steps = gr.Radio(list(C.STEPS_CHOICES), value=C.AS_TRAINED, label="Student steps",
+                        info="as trained: each student at its card's steps (a 1-step student at 1)")
     choices = comparer.column_choices()
     ui.columns = gr.CheckboxGroup(choices, value=choices, label="Columns")
     with gr.Row(equal_height=True):

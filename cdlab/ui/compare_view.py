@@ -177,7 +177,7 @@ def compose_comparison(result: Any, cell: int = 256, with_trajectory: bool | Non
     d = ImageDraw.Draw(canvas)
     prompt = result.prompt if len(result.prompt) <= 90 else result.prompt[:87] + "..."
     d.text((8, 4), f"prompt: {prompt}", fill="black")
-    d.text((8, 4 + line), f"seed {result.seed} · guidance {result.guidance:g} · student steps {result.student_steps}",
+    d.text((8, 4 + line), f"seed {result.seed} · guidance {result.guidance:g} · student steps {result.student_steps or 'as trained'}",
            fill="black")
     d.text((8, 4 + 2 * line), f"teacher: {result.teacher}", fill="black")
 

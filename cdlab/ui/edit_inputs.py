@@ -85,7 +85,7 @@ def check_seed(seed: Any) -> int:
         raise InputError(f"seed: {e}") from None
 
 
-def check_steps(steps: Any) -> int:
+def check_steps(steps: Any) -> int | None:
     try:
         return validate_request("x", 0, 1.0, steps)[3]
     except InputError as e:

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from cdlab.columns import STUDENT_STEPS, TEACHER_4, TEACHER_50, run_columns, student_column, teacher_columns
+from cdlab.columns import AS_TRAINED, TEACHER_4, TEACHER_50, run_columns, student_column, teacher_columns
 from cdlab.edit import edit
 from cdlab.evaluate.edit import FAR_SIGMA_PX, inpaint_mask, scribble
 from cdlab.students import StudentError, external_card, load_external_student
 from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui import hosting as H
-from cdlab.ui.compare import InputError, check_class_prompt
+from cdlab.ui.compare import STEPS_CHOICES, InputError, check_class_prompt
 from cdlab.ui.compare_view import row_html, upscale
 from cdlab.ui.edit_inputs import (MAX_LAYERS, MAX_UPLOAD_BYTES, PROMPTS, TECHNIQUES, USES_IMAGE, USES_STRENGTH,
                                   EditInputs, cap_decoding, check_editor_payload, check_prompt, check_seed,
@@ -252,7 +252,7 @@ def _check_columns(comparer: Any, columns: Any) -> list:
     return student_cards
 
 
-def _edit_columns(teacher: Any, student_cards: list, columns: list[str], steps: int) -> tuple[list, list]:
+def _edit_columns(teacher: Any, student_cards: list, columns: list[str], steps: int | None) -> tuple[list, list]:
     """The runner's columns for the ticked names (each once, in order), and a failed view for each published
     student that cannot load (it fails alone; the others still run)."""
     cards = {c.name: c for c in student_cards}
@@ -452,7 +452,8 @@ def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], p
                             info="the noise level the edit starts from (1: pure noise)", elem_id=prefix + "edit-strength")
     with gr.Row(equal_height=True):
         ui.seed = gr.Number(label="Seed", value=0, precision=0, min_width=90)
-        ui.steps = gr.Radio([str(k) for k in STUDENT_STEPS], value="4", label="Student steps")
+        ui.steps = gr.Radio(list(STEPS_CHOICES), value=AS_TRAINED, label="Student steps",
+                            info="as trained: each student at its card's steps (a 1-step student at 1)")
     ui.choices = edit_column_choices(comparer)
     ui.columns = gr.CheckboxGroup(ui.choices, value=ui.choices, label="Columns",
                                   info="the teacher and the consistency students", elem_id=prefix + "edit-columns-pick")
