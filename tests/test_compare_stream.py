@@ -69,10 +69,10 @@ def test_thirty_clients_all_served_and_students_arrive_before_teacher_50(app):
     assert all(r["last"] is not None for r in seen)
     for r in seen:
         assert r["updates"] >= 2, r  # a partial update, then the whole result
-        assert r["order"][-1] == TEACHER_50 and set(r["order"]) == {TEACHER_50, TEACHER_4, f"{student} (1 steps)"}, r
+        assert r["order"][-1] == TEACHER_50 and set(r["order"]) == {TEACHER_50, TEACHER_4, f"{student} (1 step)"}, r
         assert r["first_student"] < r["last"], r
     final = jobs[0].result()
-    assert [row[0] for row in final[2]["data"]] == [TEACHER_50, TEACHER_4, f"{student} (1 steps)"]
+    assert [row[0] for row in final[2]["data"]] == [TEACHER_50, TEACHER_4, f"{student} (1 step)"]
     assert final[0].count("<figure") == 3 and "sampling" not in final[0] and "columns in" in final[5]
 
 

@@ -86,6 +86,7 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
     row.wait_for(timeout=30_000)
     text = row.inner_text()
     assert "Euler 50 steps" in text and "NFE 100" in text and "NFE 8" in text and "fashion-reflow-4" in text
+    assert "fashion-reflow-1 (1 step)" in text  # each student as trained: the 1-step student at 1 step
     before = row.get_attribute("data-result")
     page.locator("#flow-prompt input").click()
     page.get_by_role("option", name="Ankle boot").click()
