@@ -22,9 +22,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "FLOW_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir", "models_dir", "data_roots",
-           "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic", "confine", "PREVIEW_REFERENCE",
-           "preview_file", "preview_step", "preview_rows"]
+__all__ = ["REPO_ROOT", "SD15_ID", "TINY_ID", "FLOW_ID", "adapters_dir", "runs_dir", "evals_dir", "cache_dir",
+           "models_dir", "data_roots", "assets_dir", "shown_path", "shown_text", "read_json", "write_json_atomic",
+           "write_safetensors_atomic", "confine", "PREVIEW_REFERENCE", "preview_file", "preview_step", "preview_rows"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition of the repository root
 
@@ -166,6 +166,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.write(json.dumps(obj, indent=2, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict) -> None:
+    """Save ``tensors`` (name -> tensor) as safetensors to a temporary file beside ``path``, then rename it over
+    ``path``, as `write_json_atomic` does: a cache file is whole or absent, even when the run is killed."""
+    from safetensors.torch import save_file  # lazy: this module is imported before torch is needed
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -66,7 +65,7 @@ from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss
-from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic
+from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic, write_safetensors_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import adapter_role
@@ -182,10 +181,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
         xs.append(x1)
         made += chunk
         if path is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            save_file({"z": z.contiguous(), "x1": x1.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            write_safetensors_atomic(path, {"z": z, "x1": x1})
         log(f"reflow pairs: {min((k + 1) * chunk, count)} of {count} ({made} made, "
             f"{time.monotonic() - start:.0f} s)")
     return torch.cat(zs)[:count], torch.cat(xs)[:count]

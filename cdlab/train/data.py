@@ -327,15 +327,16 @@ def _load_cached(folder: Path) -> TrainData:
 
 
 def build_cache(source: Source, pipe: Any, resolution: int, root: Path, *, batch: int = 64,
-                log=logger.info) -> TrainData:
+                log=logger.info, fingerprint: str | None = None) -> TrainData:
     """Load the cached latents/embeddings for (model, resolution, data), computing them if absent.
+    ``fingerprint``: the pipe's `model_fingerprint`, when the caller has it (None: computed here).
 
     The cache folder is written under a temporary name and renamed into place, so a crash leaves
     no half cache behind; a concurrent writer of the same key simply loses the rename.
     """
     from safetensors.torch import save_file
 
-    key = cache_key(model_fingerprint(pipe), resolution, source)
+    key = cache_key(fingerprint or model_fingerprint(pipe), resolution, source)
     folder = Path(root) / key
     if (folder / "meta.json").is_file() and (folder / "data.safetensors").is_file():
         data = _load_cached(folder)
@@ -386,10 +387,11 @@ def _report_skips(source: Source, good: list[int], skipped: dict[str, int], exam
                         + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ". " + "; ".join(examples))
 
 
-def prepare_data(source: Source, pipe: Any, resolution: int, *, cache: bool, cache_root: Path, log=logger.info):
+def prepare_data(source: Source, pipe: Any, resolution: int, *, cache: bool, cache_root: Path, log=logger.info,
+                 fingerprint: str | None = None):
     """`TrainData` from the cache (built if needed), or an `OnTheFly` loader when ``cache`` is off."""
     if cache:
-        return build_cache(source, pipe, resolution, cache_root, log=log)
+        return build_cache(source, pipe, resolution, cache_root, log=log, fingerprint=fingerprint)
     good, skipped, examples = scan(source, resolution)
     _report_skips(source, good, skipped, examples, log)
     return OnTheFly(source, good, pipe, resolution, skipped)

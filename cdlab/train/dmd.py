@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import time
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cdlab.loss import dmd_fake_loss, dmd_generator_loss, generator_sample
+from cdlab.paths import write_safetensors_atomic
 from cdlab.samplers import ddim_timesteps, sample_ddim
 from cdlab.students.roles import FAKE_SCORE, GENERATOR, TEACHER, adapter_role
 from cdlab.train.config import cache_root
-from cdlab.train.data import base_fingerprint, model_fingerprint
+from cdlab.train.data import base_fingerprint
 
 __all__ = ["dmd_step", "dmd_kwargs", "regression_pairs"]
 
@@ -110,7 +110,7 @@ def regression_pairs(tr: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     a second run with the same recipe reads them back (with ``cache_latents``; without it they are made each time)."""
     cfg = tr.cfg
     n = min(cfg.dmd_regression_pairs, len(tr.data))
-    h = hashlib.sha256(f"v1|{model_fingerprint(tr.teacher.pipe)}|{base_fingerprint(tr.unet)}|"
+    h = hashlib.sha256(f"v1|{tr.model_fingerprint}|{base_fingerprint(tr.unet)}|"
                        f"{getattr(tr.data, 'cache_path', '') or cfg.data}|{cfg.data_seed}|{cfg.data_size}|{n}|"
                        f"{cfg.seed}|{float(cfg.guidance)!r}|{cfg.num_train_timesteps}|"
                        f"{tuple(tr.latent_shape)}"
@@ -143,11 +143,7 @@ def regression_pairs(tr: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
            f"{time.perf_counter() - t0:.1f} s")
     if path is not None and tr.acc.is_main_process:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            save_file({"z": z.cpu().contiguous(), "y": y.cpu().contiguous(), "cond": cond.float().cpu().contiguous()},
-                      str(tmp))
-            os.replace(tmp, path)
+            write_safetensors_atomic(path, {"z": z.cpu(), "y": y.cpu(), "cond": cond.float().cpu()})
         except OSError as e:
             tr.log(f"dmd: could not cache the pairs in {path}: {e}")
     return z, y, cond

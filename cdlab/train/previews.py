@@ -27,7 +27,7 @@ from cdlab.samplers import ddim_timesteps, sample_consistency, sample_ddim
 from cdlab.students.roles import TEACHER, adapter_role
 from cdlab.train.checkpoints import evenly_spaced
 from cdlab.train.config import cache_root
-from cdlab.train.data import base_fingerprint, model_fingerprint
+from cdlab.train.data import base_fingerprint
 
 __all__ = ["REFERENCE_NAME", "MAX_PREVIEWS", "preview_noise", "preview_row", "preview", "preview_reference",
            "prune_previews"]
@@ -125,7 +125,7 @@ def _reference_cache(tr: Any) -> Path | None:
     if not cfg.cache_latents:
         return None
     key = hashlib.sha256(json.dumps([
-        "preview-reference-v1", model_fingerprint(tr.teacher.pipe), base_fingerprint(tr.unet),
+        "preview-reference-v1", tr.model_fingerprint, base_fingerprint(tr.unet),
         list(cfg.preview_prompts), cfg.preview_reference_steps, float(cfg.guidance), cfg.num_train_timesteps,
         cfg.resolution, str(tr.autocast_dtype), str(tr.teacher.pipe.unet.dtype), tr.device.type]).encode())
     return cache_root(cfg) / f"preview-reference-{key.hexdigest()[:20]}.png"

@@ -53,7 +53,7 @@ from cdlab.teachers import load_teacher
 from cdlab.train.checkpoints import list_checkpoints, load_latest, save_checkpoint
 from cdlab.train.config import TrainConfig, cache_root, card_method, check_destination, resolve
 from cdlab.train.consistency import consistency_step, probe_batch, probe_loss
-from cdlab.train.data import make_source, prepare_data
+from cdlab.train.data import make_source, model_fingerprint, prepare_data
 from cdlab.train.dmd import dmd_step, regression_pairs
 from cdlab.train.previews import preview, preview_reference
 from cdlab.train.status import write_status
@@ -114,9 +114,11 @@ class Trainer:
         source = make_source(cfg.data, data_size=cfg.data_size, data_seed=cfg.data_seed, resolution=cfg.resolution,
                              image_column=cfg.image_column, caption_column=cfg.caption_column,
                              data_split=cfg.data_split)
+        # the teacher's VAE and text encoder, hashed once: the keys of the latent, DMD-pair and preview caches
+        self.model_fingerprint = model_fingerprint(pipe)
         with acc.main_process_first():
             self.data = prepare_data(source, pipe, cfg.resolution, cache=cfg.cache_latents,
-                                     cache_root=cache_root(cfg), log=self.log)
+                                     cache_root=cache_root(cfg), log=self.log, fingerprint=self.model_fingerprint)
         self.uncond = self.data.uncond.to(self.device)
         self._attach_adapters()
 
