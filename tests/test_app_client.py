@@ -121,7 +121,7 @@ ENDPOINTS = {
     "/flow_train_start": (["minutes", "num_epochs", "epoch_images", "batch_size", "lr", "num_hiddens", "owner",
                            "instructor_token"], ["runs_app_and_cli", "owner"]),
     "/flow_train_flow_student": (["teacher_run", "method", "steps", "batch_size", "lr", "pairs", "guidance",
-                                  "lora_rank", "owner", "instructor_token"], ["runs_app_and_cli", "owner"]),
+                                  "lora_rank", "windows", "owner", "instructor_token"], ["runs_app_and_cli", "owner"]),
     "/flow_train_stop": (["run_name", "owner", "instructor_token"], ["status"]),
     "/flow_train_resume": (["run_name", "owner", "instructor_token"], ["status"]),
     "/flow_train_status": (["run_name"], ["runs_app_and_cli", "status", "progress", "loss", "previews",

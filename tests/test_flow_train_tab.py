@@ -59,7 +59,7 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, "")
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -173,23 +173,26 @@ def teacher_jobs(tmp_path, fashion_dir) -> JobManager:
 
 @pytest.mark.slow
 def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
-    """A reflow student of a teacher run launched through the JobManager; the poll reads its loss rows."""
+    """A reflow student (piecewise, 2 windows) of a teacher run launched through the JobManager; the poll reads its
+    loss rows."""
     jobs, runs = teacher_jobs, teacher_jobs.runs_dir
     for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "dmd"}, "method"),
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
-                       ({"shell": "rm"}, "shell")]:
+                       ({"shell": "rm"}, "shell"), ({"method": "cd", "windows": 4}, "reflow windows"),
+                       ({"windows": 9}, "reflow windows")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
         jobs.start_flow_student(F.student_settings({"teacher_run": "nope"}))
     settings = F.student_settings({"teacher_run": "teacher", "steps": 6, "batch_size": 8, "pairs": 16,
-                                   "lora_rank": 4}, run_name="student-a")
+                                   "lora_rank": 4, "windows": 2}, run_name="student-a")  # piecewise, 2 windows
     jobs.start_flow_student(settings, owner="tok")
     v = _wait(jobs, "student-a", lambda v: not v.active, timeout=90)
     assert (v.state, v.step, v.max_steps) == ("finished", 6, 6), v.status_md
     assert [r["step"] for r in R.read_metrics(runs / "student-a")] == list(range(1, 7))
     card = json.loads((runs.parent / "adapters" / "student-a" / "card.json").read_text())  # as every student
     assert card["method"] == "reflow" and card["training_config"]["trained_steps"] == 6
+    assert card["num_boundaries"] == card["training_config"]["windows"] == 2
     assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"
 
 
