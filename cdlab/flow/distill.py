@@ -366,10 +366,12 @@ def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
     for key in ("teacher", "init"):
         if saved.get(key) != want[key]:
             raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
+    defaults = asdict(StudentConfig())  # a field newer than the checkpoint: it ran with that field's default
     for key, value in want["config"].items():
-        if (saved.get("config") or {}).get(key) != value:
-            raise StudentError(f"{folder} is a run with {key}={(saved.get('config') or {}).get(key)!r}, "
-                               f"not {value!r}: choose a new folder or the same recipe")
+        got = (saved.get("config") or {}).get(key, defaults[key])
+        if got != value:
+            raise StudentError(f"{folder} is a run with {key}={got!r}, not {value!r}: choose a new folder or the "
+                               f"same recipe")
     step = saved.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= cfg.steps:
         raise StudentError(f"{folder / _CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
