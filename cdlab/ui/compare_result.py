@@ -72,7 +72,7 @@ class ColumnResult:
         """The column's label in full, line by line (under its image)."""
         if self.error:
             return [self.label, f"failed: {self.error}"]
-        return [self.label, self.method, f"{self.steps} steps · NFE {self.nfe}", self.timing_text(),
+        return [self.label, self.method, f"{self.steps} step{'' if self.steps == 1 else 's'} · NFE {self.nfe}", self.timing_text(),
                 f"speed-up {self.speedup_text()} vs teacher-50"]
 
 
