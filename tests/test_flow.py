@@ -525,6 +525,9 @@ def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_m
     assert first == 1 and not made  # stopped after one step, its checkpoint saved; the pairs came from the cache
     assert [p.name for p in sorted((tmp_path / "cut").iterdir())] == [
         "checkpoint.json", "optimizer-0000001.safetensors", "student-0000001.safetensors"]
+    saved = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
+    del saved["config"]["windows"]  # a checkpoint from before the field: it ran with the default, one window
+    (tmp_path / "cut" / "checkpoint.json").write_text(json.dumps(saved))
     again, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", **kw)
     assert done == 6
     w1, w2 = distill.lora_weights(whole), distill.lora_weights(again)
