@@ -641,7 +641,7 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     from cdlab.students import read_card
 
     distilled_at = {read_card(n, REPO_ROOT / "adapters").training_config["guidance"]
-                    for n in ("fashion-reflow-4", "fashion-reflow-1")}
+                    for n in ("fashion-reflow-4", "fashion-reflow-1", "fashion-perflow-4")}
     assert saved["n"] == 40 and distilled_at == {saved["guidance"]} == {FLOW_GUIDANCE}  # the teacher's CFG, theirs
     assert (saved["suite"], saved["model"]) == ("flow", "fashion-flow")
     assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
@@ -649,7 +649,8 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
         ("teacher-4 (naive)", 4, 8), ("teacher-8 (naive)", 8, 16)]
     assert {r["method"] for r in rows[:5]} == {"teacher"}
     students = {r["column"] for r in rows[5:]}
-    assert students == {"fashion-reflow-4", "fashion-reflow-1"} and {r["kind"] for r in rows[5:]} == {"reflow"}
+    assert students == {"fashion-reflow-4", "fashion-reflow-1", "fashion-perflow-4"}
+    assert {r["kind"] for r in rows[5:]} == {"reflow"}
     assert all(r["nfe"] == r["steps"] for r in rows[5:])
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1 for r in rows[5:])
