@@ -8,7 +8,7 @@ import torch
 from cdlab.tiny import train_teacher
 
 FEW = ["--vae_steps", "3", "--vae_batch", "8", "--pool_size", "32", "--unet_steps", "3", "--unet_batch", "8",
-       "--warmup", "1", "--decoder_steps", "2", "--log_every", "1", "--threads", "1"]
+       "--warmup", "1", "--decoder_steps", "2", "--log_every", "1", "--threads", "1", "--report_images", "32"]
 
 
 def test_every_stage_runs_and_saves_a_loadable_teacher(tmp_path, capsys):

@@ -58,6 +58,7 @@ class TeacherConfig:
     out: str = str(DEFAULT_OUT)
     overwrite: bool = False         # replace an existing --out (the shipped teacher is one): refused without it
     log_every: int = 100
+    report_images: int = 512        # images each VAE report reconstructs and the checker reads back
 
 
 def _images_to_tensor(images):
@@ -128,7 +129,7 @@ def train_vae(pipe, cfg: TeacherConfig, log) -> float:
                 f"{time.time() - t0:.0f}s")
     vae.eval()
     with torch.no_grad():
-        caps, x = _render_batch(random.Random(cfg.seed + 2), 512)
+        caps, x = _render_batch(random.Random(cfg.seed + 2), cfg.report_images)
         z = vae.encode(x).latent_dist.mode()
         scaling = float(1.0 / z.std())
         rec = vae.decode(z).sample
