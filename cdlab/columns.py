@@ -36,7 +36,8 @@ from cdlab.students import load_external_student, load_student, make_scheduler, 
 from cdlab.teachers import teacher_lock
 from cdlab.timing import sync
 
-__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "AS_TRAINED", "Column", "ColumnRun", "teacher_columns", "student_column",
+__all__ = ["TEACHER_50", "TEACHER_4", "STUDENT_STEPS", "AS_TRAINED", "Column", "ColumnRun", "teacher_columns",
+           "column_steps", "steps_text", "student_column",
            "check_strength", "scheduler_timesteps", "start_timesteps", "initial_noise", "step_generator",
            "encode_prompts", "sample_column", "short_reason", "run_columns"]
 
@@ -101,11 +102,22 @@ def teacher_columns(guidance: float) -> list[Column]:
     return [Column(TEACHER_50, "teacher", 50, float(guidance)), Column(TEACHER_4, "teacher", 4, float(guidance))]
 
 
+def column_steps(card: Any, steps: int | None) -> int:
+    """The steps a student's column runs: ``steps``, or None (`AS_TRAINED`) for the card's own ``steps`` (a 1-step
+    student at 1, a 4-step one at 4); ``card`` is a `StudentCard` or a published student's entry."""
+    return int(card.steps) if steps is None else int(steps)
+
+
+def steps_text(steps: int) -> str:
+    """``"1 step"``, ``"4 steps"``: a column's step count in its label and caption."""
+    return f"{steps} step{'' if steps == 1 else 's'}"
+
+
 def student_column(card: Any, steps: int | None = 4, label: str = "") -> Column:
     """A student's column from its card: ``"student"`` for a consistency student (cdlab's own), ``"external"``
     for one that samples with its own diffusers scheduler (LCM-LoRA, TCD, PCM, Hyper-SD: ``card.scheduler``).
     ``steps`` None: the card's own (a 1-step student at 1 step, a 4-step one at 4)."""
-    steps = int(card.steps) if steps is None else steps
+    steps = column_steps(card, steps)
     if getattr(card, "scheduler", "consistency") == "consistency":
         nb = getattr(card, "num_boundaries", None)  # None: a student of any step count (2-rectified flow)
         return Column(card.name, "student", int(steps), 1.0, int(nb) if nb else None, card.name, label=label)

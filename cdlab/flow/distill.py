@@ -213,11 +213,12 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
         tau = torch.rand(len(z), generator=generator) if times == "uniform" else torch.zeros(len(z))
         rows = torch.arange(len(z))
         start = torch.cat([z[:, None], x1], 1)[rows, k]
-        width = (edges[k + 1] - edges[k]).to(z.device)
-        t = (edges[k] + tau * (edges[k + 1] - edges[k])).to(z.device)
+        width = edges[k + 1] - edges[k]
+        t = (edges[k] + tau * width).to(z.device)
         x_t = matching.interpolate(start, x1[rows, k], tau.to(z.device))
         u = unet(x_t, t, matching.one_hot(labels).to(z.device))
-        return {"loss": torch.nn.functional.mse_loss(u, (x1[rows, k] - start) / width.reshape(-1, 1, 1, 1))}
+        target = (x1[rows, k] - start) / width.to(z.device).reshape(-1, 1, 1, 1)
+        return {"loss": torch.nn.functional.mse_loss(u, target)}
     t = (torch.rand(len(z), generator=generator) if times == "uniform" else torch.zeros(len(z))).to(z.device)
     loss = matching.flow_matching_loss(unet, x1, matching.one_hot(labels).to(z.device), x0=z, t=t, p_uncond=0.0)
     return {"loss": loss}

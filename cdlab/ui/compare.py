@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cdlab.batching import MicroBatcher
-from cdlab.columns import AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason
+from cdlab.columns import (AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason,
+                           steps_text, column_steps)
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, list_students
@@ -103,10 +104,6 @@ def validate_request(prompt: Any, seed: Any, guidance: Any,
     if isinstance(student_steps, bool) or steps not in STUDENT_STEPS or float(student_steps) != steps:
         raise InputError(want)
     return prompt, int(seed_f), g, steps
-
-
-def _label(name: str, steps: int) -> str:
-    return f"{name} ({steps} step{'' if steps == 1 else 's'})"
 
 
 def trajectory_grid(student_steps: int | None, columns: list[Column]) -> list[int]:
@@ -250,12 +247,12 @@ class Comparer:
                 cols.append(Column(TEACHER_4, "teacher", 4, guidance))
             elif name in students:
                 card = students[name]
-                k = card.steps if steps is None else steps
-                cols.append(Column(name, "student", k, 1.0, student=name, card=card, label=_label(name, k)))
+                k = column_steps(card, steps)
+                cols.append(Column(name, "student", k, 1.0, student=name, card=card, label=f"{name} ({steps_text(k)})"))
             elif name in externals:
                 key = externals[name]
-                k = EXTERNAL_STUDENTS[key].steps if steps is None else steps
-                cols.append(Column(key, "external", k, student=key, label=_label(key, k)))
+                k = column_steps(EXTERNAL_STUDENTS[key], steps)
+                cols.append(Column(key, "external", k, student=key, label=f"{key} ({steps_text(k)})"))
             else:
                 raise InputError(
                     f"Unknown column {name[:80]!r}: the student may have been deleted or does not fit the loaded "

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdlab.columns import TEACHER_50
+from cdlab.columns import TEACHER_50, steps_text
 from cdlab.ui.compare_view import compose_comparison
 
 __all__ = ["ColumnResult", "CompareResult", "fill_speedups"]
@@ -72,7 +72,7 @@ class ColumnResult:
         """The column's label in full, line by line (under its image)."""
         if self.error:
             return [self.label, f"failed: {self.error}"]
-        return [self.label, self.method, f"{self.steps} step{'' if self.steps == 1 else 's'} · NFE {self.nfe}", self.timing_text(),
+        return [self.label, self.method, f"{steps_text(self.steps)} · NFE {self.nfe}", self.timing_text(),
                 f"speed-up {self.speedup_text()} vs teacher-50"]
 
 
