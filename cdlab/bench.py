@@ -75,16 +75,15 @@ def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: An
         if model != "tiny":
             raise
         # The embedded teacher is not built yet: its architecture with random weights times the same.
-        d = tempfile.mkdtemp(prefix="cdlab-bench-tiny-")
-        build_pipeline(seed=0).save_pretrained(d, safe_serialization=True)
-        teacher = load_teacher(d, device=device, dtype=dtype)
+        with tempfile.TemporaryDirectory(prefix="cdlab-bench-tiny-") as d:  # read into memory, then removed
+            build_pipeline(seed=0).save_pretrained(d, safe_serialization=True)
+            teacher = load_teacher(d, device=device, dtype=dtype)
         teacher.name = "tiny (random weights: the embedded teacher is not built)"
         return teacher
 
 
 def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
     """Save a random LoRA student of the teacher's UNet and load it the way trained students are loaded."""
-    root = Path(tempfile.mkdtemp(prefix="cdlab-bench-adapters-"))
     unet = teacher.unet
     attach_lora(unet, rank=rank, adapter_name="bench-tmp")
     with torch.no_grad():
@@ -92,9 +91,10 @@ def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
             if "lora_B" in n and ".bench-tmp." in n:
                 p.normal_(0, 1e-3)
     card = StudentCard(name=STUDENT_NAME, base_model=teacher.base_id, method="mbcd", num_boundaries=4, steps=4)
-    save_student(unet, STUDENT_NAME, card, root=root, adapter_name="bench-tmp")
-    unet.delete_adapters("bench-tmp")
-    load_student(teacher.pipe, STUDENT_NAME, root=root, base_model=teacher.base_id)
+    with tempfile.TemporaryDirectory(prefix="cdlab-bench-adapters-") as root:  # loaded into memory, then removed
+        save_student(unet, STUDENT_NAME, card, root=root, adapter_name="bench-tmp")
+        unet.delete_adapters("bench-tmp")
+        load_student(teacher.pipe, STUDENT_NAME, root=root, base_model=teacher.base_id)
     return STUDENT_NAME
 
 

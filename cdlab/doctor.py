@@ -23,6 +23,7 @@ fast; they say nothing about image quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -31,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -100,23 +101,26 @@ def check_externals(teacher: Any, offline: bool) -> Part:
     return part
 
 
-def _random_student(teacher: Any, name: str) -> Path:
-    """Save a rank-64 LoRA student of the teacher that changes the output (random LoRA B); its adapters root."""
+@contextlib.contextmanager
+def _random_student(teacher: Any, name: str) -> Iterator[Path]:
+    """A rank-64 LoRA student of the teacher that changes the output (random LoRA B), saved in a temporary
+    adapters root: yields that root, which is removed afterwards (the student is 257 MB at SD1.5's size)."""
     from cdlab.students import StudentCard, attach_lora, save_student
 
-    root = Path(tempfile.mkdtemp(prefix="cdlab-doctor-adapters-"))
-    attach_lora(teacher.unet, rank=64, adapter_name=name)
-    try:
-        with torch.no_grad():  # a student that changes the output: random LoRA B (A is random already)
-            g = torch.Generator().manual_seed(0)
-            for pname, p in teacher.unet.named_parameters():
-                if f"lora_B.{name}" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
-        save_student(teacher.unet, name, StudentCard(name=name, base_model=teacher.base_id, method="mbcd",
-                                                     num_boundaries=4, steps=4), root=root, adapter_name=name)
-    finally:
-        teacher.unet.delete_adapters(name)
-    return root
+    with tempfile.TemporaryDirectory(prefix="cdlab-doctor-adapters-") as d:
+        root = Path(d)
+        attach_lora(teacher.unet, rank=64, adapter_name=name)
+        try:
+            with torch.no_grad():  # a student that changes the output: random LoRA B (A is random already)
+                g = torch.Generator().manual_seed(0)
+                for pname, p in teacher.unet.named_parameters():
+                    if f"lora_B.{name}" in pname:
+                        p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
+            save_student(teacher.unet, name, StudentCard(name=name, base_model=teacher.base_id, method="mbcd",
+                                                         num_boundaries=4, steps=4), root=root, adapter_name=name)
+        finally:
+            teacher.unet.delete_adapters(name)
+        yield root
 
 
 def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50) -> Part:
@@ -129,16 +133,17 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
 
     part = Part("compare")
     name = "doctor-student"
-    root = _random_student(teacher, name)
     g = teacher.guidance if guidance is None else float(guidance)
     cols = teacher_columns(g)
     if teacher_steps != cols[0].steps:
         cols[0] = Column(f"teacher-{teacher_steps} (CFG)", "teacher", int(teacher_steps), g)
     cols += [Column(k, kind, 4, student=k, label=f"{k} (4 steps)")
              for k, kind in [(name, "student")] + [(k, "external") for k in externals]]
-    _reset_peak(teacher.device)
-    with torch.inference_mode():
-        runs = run_columns(teacher, cols, [PROMPT], [0], adapters_root=root, check_base=False, capture_errors=True)
+    with _random_student(teacher, name) as root:
+        _reset_peak(teacher.device)
+        with torch.inference_mode():
+            runs = run_columns(teacher, cols, [PROMPT], [0], adapters_root=root, check_base=False,
+                               capture_errors=True)
     try:
         teacher.pipe.delete_adapters(name)
     except Exception:  # not loaded (it failed) or already gone

@@ -11,7 +11,11 @@ import torch
 from cdlab import bench
 
 
-def test_sampling_quick_prints_ratios(tiny_pipe_dir, tmp_path, capsys):
+def test_sampling_quick_prints_ratios(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     out_json = tmp_path / "s.json"
     assert bench.main(["sampling", "--model", tiny_pipe_dir, "--quick", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
@@ -28,6 +32,7 @@ def test_sampling_quick_prints_ratios(tiny_pipe_dir, tmp_path, capsys):
     for name in ("SDPA attention", "channels_last", "fused LoRA"):
         entry = res["fast_paths"][name]
         assert entry["student4"]["speedup"] == pytest.approx(entry["student4"]["without_s"] / entry["student4"]["with_s"])
+    assert not list((tmp_path / "tmp").glob("cdlab-*"))  # its random student's folder was removed after loading
 
 
 def test_train_quick_prints_mfu(tiny_pipe_dir, tmp_path, capsys):

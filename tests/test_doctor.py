@@ -6,10 +6,13 @@ import pytest
 
 @pytest.mark.sd15
 @pytest.mark.slow
-def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch):
+def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch, tmp_path):
+    import tempfile
+
     from cdlab import doctor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary student goes, to be removed
     # guidance 1 (no CFG, `--guidance 1`) and the reference teacher at 10 steps (`--teacher-steps 10`): 10 UNet
     # passes, not 50 batched pairs (0.9 s each here). CFG on SD1.5's architecture runs in
     # test_sd15_externals::test_compare_with_every_column; teacher-50 is teacher-4's loop with more steps.
@@ -28,6 +31,7 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     assert t["samples_per_s"] > 0 and 0 < t["mfu"] < 1 and 4.0 <= t["forwards_per_step"] <= 5.5
     assert any("teacher-10 ÷ student-4" in line for line in lines) and lines[-1].startswith("RESULT: all parts passed")
     assert "doctor-student" not in (getattr(sd15_teacher.unet, "peft_config", None) or {})
+    assert not list(tmp_path.glob("cdlab-*"))  # the 257 MB student folder is gone: a doctor run leaves no files
 
 
 def test_doctor_exits_non_zero_when_a_part_fails(monkeypatch, capsys):

@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from gradio_client import Client
@@ -132,7 +132,11 @@ def bench_compare(model: str = "tiny", repeats: int = 5, n_students: int = 3) ->
       steps changed, or only the student columns: the teacher columns come from the cache (target <= 0.3 s).
     """
     teacher = load_teacher(model)
-    root = Path(tempfile.mkdtemp(prefix="cdlab-bench-adapters-"))
+    with tempfile.TemporaryDirectory(prefix="cdlab-bench-adapters-") as d:  # the random students, removed after
+        return _bench_compare(teacher, Path(d), repeats, n_students)
+
+
+def _bench_compare(teacher: Any, root: Path, repeats: int, n_students: int) -> dict:
     names = make_random_students(teacher.base_id, root, n=n_students)
     cmp = Comparer(teacher, adapters_root=root, batching=False)
     cols = [TEACHER_50, TEACHER_4, *names]
@@ -243,7 +247,10 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     ``url``: an app already serving ``workdir`` on ``model``'s base (a test's own app, so it is not launched twice);
     by default this launches ``python app.py --model MODEL`` on ``workdir`` and stops it afterwards.
     """
-    work = Path(workdir or tempfile.mkdtemp(prefix="cdlab-load-"))
+    if workdir is None:  # a temporary app folder (its students, runs and caches), removed afterwards
+        with tempfile.TemporaryDirectory(prefix="cdlab-load-", ignore_cleanup_errors=True) as d:
+            return bench_load(requests, columns, train, model, Path(d), train_steps, client_nice, url)
+    work = Path(workdir)
     names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
     cols = ([TEACHER_50, TEACHER_4] + names)[:columns]
     prompts = tiny_prompts(requests)
