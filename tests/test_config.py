@@ -111,9 +111,12 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_default_cli_run_leaves_every_student_byte_identical(tmp_path):
+def test_default_cli_run_leaves_every_student_byte_identical(tmp_path, monkeypatch, capsys):
     """`python -m cdlab train --model tiny --max_steps 1` (the README's first command, shortened) adds a new
-    student and changes no file of the shipped ones; a taken name is refused without --overwrite."""
+    student and changes no file of the shipped ones; a taken name is refused without --overwrite. The first
+    run is the command itself (a subprocess); the next two call its ``main`` in this process, with the same
+    environment (a process start costs seconds of the suite)."""
+    from cdlab.__main__ import main
     adapters = tmp_path / "adapters"
     shutil.copytree(REPO / "adapters", adapters)
     before = _hashes(adapters)
@@ -127,15 +130,20 @@ def test_default_cli_run_leaves_every_student_byte_identical(tmp_path):
     assert {k: v for k, v in after.items() if k in before} == before
     new = {k.split("/")[0] for k in after if k not in before}
     assert len(new) == 1 and next(iter(new)).startswith("tiny-mbcd-4-")
+    for k in ("CDLAB_ADAPTERS_DIR", "CDLAB_RUNS_DIR", "CDLAB_CACHE_DIR", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.chdir(REPO)
+    argv = cmd[3:]  # after "python -m cdlab"
     # the shipped name again: refused before any training, exit 2, files untouched
-    r = subprocess.run(cmd + ["--student_name", "tiny-mbcd-4"], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
-    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    try:
+        code = main(argv + ["--student_name", "tiny-mbcd-4"])
+    except SystemExit as e:  # argparse's exit, as the command's process exits
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err and "--overwrite" in err
     assert {k: v for k, v in _hashes(adapters).items() if k in before} == before
     # with --overwrite (a bare flag) the CLI may replace it deliberately
-    r = subprocess.run(cmd + ["--student_name", "tiny-mbcd-4", "--overwrite"], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(argv + ["--student_name", "tiny-mbcd-4", "--overwrite"]) == 0
     card = json.loads((adapters / "tiny-mbcd-4" / "card.json").read_text())
     assert card["metrics"]["train_steps"] == 1
 

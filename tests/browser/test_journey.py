@@ -16,10 +16,6 @@ from cdlab.ui.bench import make_random_students
 from drive import (error_toast, fill_training, launch_browser, open_app, refresh_columns, run_compare,
                    run_evaluation, wait_edit_result, wait_status)
 
-# Finishes in a few seconds on 2 cores; a loss point every step, two previews and checkpoints on the way.
-SHORT_STEPS = 6
-SHORT = f'{{"max_steps": {SHORT_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 3, "probe_size": 4, ' \
-        '"batch_size": 8, "checkpoint_every": 3}'
 # Long enough to be stopped part-way (stop is pressed at step 1 or 2 and lands on the next checkpoint; about 1 s a
 # step here), then resumed to its end: three checkpoint intervals, so a stop lands before the end.
 STOPPABLE_STEPS = 12
@@ -62,11 +58,21 @@ def test_one_persons_whole_session(browser, journey_app):
     captions = run_compare(page, 2 + len(students))
     assert "teacher-50" in captions and students[0] in captions
 
-    # 2. Train a short run to completion: the student lands in adapters/.
-    fill_training(page, "journey-student", SHORT)
-    status = wait_status(page, r"\bfinished\b")
-    assert "journey-student" in status and _step(status) == SHORT_STEPS
+    # 2. Train a run, stop it half-way and resume it to its end: one curve, and the student lands in adapters/.
+    fill_training(page, "journey-student", STOPPABLE)
+    wait_status(page, rf"\brunning\b.*step ([1-9]\d*)/{STOPPABLE_STEPS}")
+    page.locator("#train-stop").click()
+    stopped = wait_status(page, r"\bstopped\b")
+    at_stop = _step(stopped)
+    assert 0 < at_stop < STOPPABLE_STEPS
+    page.locator("#train-resume").click()
+    done = wait_status(page, r"\bfinished\b")
+    assert "journey-student" in done and _step(done) == STOPPABLE_STEPS
+    run_dir = next(p for p in (work / "runs").iterdir() if p.name.startswith("journey-student"))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    assert steps == sorted(steps) and steps[-1] == STOPPABLE_STEPS  # one curve across the resume
     assert (work / "adapters" / "journey-student" / "pytorch_lora_weights.safetensors").is_file()
+    assert (work / "adapters" / "journey-student" / "card.json").is_file()
 
     # 3. Compare shows the new student, without a restart.
     assert "journey-student" in refresh_columns(page)
@@ -82,24 +88,9 @@ def test_one_persons_whole_session(browser, journey_app):
     edited = wait_edit_result(page, "sdedit", 1 + 3 + len(students))
     assert "journey-student" in edited and "teacher-50" in edited
 
-    # 6. A run stopped half-way resumes to its end.
-    fill_training(page, "journey-resumed", STOPPABLE)
-    wait_status(page, rf"\brunning\b.*step ([1-9]\d*)/{STOPPABLE_STEPS}")
-    page.locator("#train-stop").click()
-    stopped = wait_status(page, r"\bstopped\b")
-    at_stop = _step(stopped)
-    assert 0 < at_stop < STOPPABLE_STEPS
-    page.locator("#train-resume").click()
-    done = wait_status(page, r"\bfinished\b")
-    assert _step(done) == STOPPABLE_STEPS
-    run_dir = next(p for p in (work / "runs").iterdir() if p.name.startswith("journey-resumed"))
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    assert steps == sorted(steps) and steps[-1] == STOPPABLE_STEPS  # one curve across the resume
-    assert (work / "adapters" / "journey-resumed" / "card.json").is_file()
-
-    # 7. Nothing lost by default: the same name again is refused, the first student untouched.
+    # 6. Nothing lost by default: the same name again is refused, the first student untouched.
     before = (work / "adapters" / "journey-student" / "pytorch_lora_weights.safetensors").read_bytes()
-    fill_training(page, "journey-student", SHORT)
+    fill_training(page, "journey-student", STOPPABLE)
     assert "already exists" in error_toast(page, "already exists")
     assert (work / "adapters" / "journey-student" / "pytorch_lora_weights.safetensors").read_bytes() == before
     page.close()
