@@ -198,3 +198,22 @@ def test_delete_cache_setting_and_its_file_sets(monkeypatch):
         plain = set(files)
         for name in plain:
             plain.add(name + "-again")
+
+
+def test_an_idle_app_polls_its_queue_every_10_ms_not_every_1():
+    """`quiet_idle_queue`: Gradio's queue polls every 1 ms for events and 10 ms for progress while idle (about 5%
+    of a core for an app nobody uses); the app's queue polls every 10 and 50 ms, never faster than Gradio's own,
+    and an object without Gradio's queue attributes is left alone."""
+    import gradio as gr
+
+    from cdlab.ui import hosting as H
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    q = demo._queue
+    assert (q.sleep_when_free, q.progress_update_sleep_when_free) == (0.001, 0.01)  # Gradio's, on Linux
+    assert H.quiet_idle_queue(demo)
+    assert (q.sleep_when_free, q.progress_update_sleep_when_free) == (H.IDLE_POLL_S, H.PROGRESS_POLL_S) == (0.01, 0.05)
+    q.sleep_when_free = 0.2  # slower already: kept
+    assert H.quiet_idle_queue(demo) and q.sleep_when_free == 0.2
+    assert not H.quiet_idle_queue(object())

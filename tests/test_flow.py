@@ -310,21 +310,25 @@ def test_flow_model_ddim_loop_is_euler(tiny_unet):
 # ----------------------------------------------------------------------------- the teacher's training CLI
 
 
-def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path, ema_decay):
     from safetensors.torch import load_file
 
     from cdlab.flow import train_teacher
 
     folder = write_train_set(tmp_path / "data", 24)
-    cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2)
+    cfg = train_teacher.TeacherConfig(num_hiddens=4, batch_size=8, epoch_images=16, num_epochs=2, ema_decay=ema_decay)
     quiet = dict(data_root=str(folder), grid_steps=2, log=lambda line: None)
     whole = train_teacher.train(tmp_path / "whole", 5, cfg, max_steps=4, **quiet)
     train_teacher.train(tmp_path / "split", 5, cfg, max_steps=3, **quiet)
     split = train_teacher.train(tmp_path / "split", 5, cfg, max_steps=4, resume=True, **quiet)
     assert whole == {**split, "seconds": whole["seconds"]} == {"step": 4, "epoch": 2, "position": 0,
                                                                "seconds": whole["seconds"]}
-    a, b = (load_file(str(tmp_path / run / "unet.safetensors")) for run in ("whole", "split"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = ["unet.safetensors"] + (["ema.safetensors", "teacher.safetensors"] if ema_decay else [])
+    assert sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors")) == sorted(files + ["optimizer.safetensors"])
+    for name in files:  # the weights, and with an EMA its average and the teacher exported from it
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("whole", "split"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     curves = [[(r["step"], r["epoch"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]
               for run in ("whole", "split")]
     assert curves[0] == curves[1] and [s for s, _, _ in curves[0]] == [1, 2, 3, 4]  # one row a step, steps done
@@ -332,7 +336,14 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path):
     assert (status["state"], status["step"], status["max_steps"]) == ("finished", 4, 4)  # the run protocol's
     assert sorted(p.name for p in (tmp_path / "whole" / "previews").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert (tmp_path / "whole" / "samples-epoch1.png").is_file()  # the seed's epoch-1 grid
-    assert train_teacher.load_unet(tmp_path / "whole").num_hiddens == 4
+    teacher = train_teacher.load_unet(tmp_path / "whole")
+    assert teacher.num_hiddens == 4 and not teacher.training
+    if ema_decay:  # the teacher is the average (its parameters) with BatchNorm statistics of its own
+        ema, raw = (load_file(str(tmp_path / "whole" / n)) for n in ("ema.safetensors", "unet.safetensors"))
+        sd = teacher.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in ema.items()) and not all(torch.equal(ema[k], raw[k]) for k in ema)
+        stats = [k for k in sd if k.endswith("running_mean")]
+        assert stats and not any(torch.equal(sd[k], raw[k]) for k in stats)
     with pytest.raises(FileExistsError, match="--resume"):
         train_teacher.train(tmp_path / "whole", 5, cfg, **quiet)
     state = json.loads((tmp_path / "whole" / "state.json").read_text())

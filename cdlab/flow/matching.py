@@ -45,7 +45,7 @@ from torch import nn
 from cdlab.math import cfg_eps
 
 __all__ = ["P_UNCOND", "GUIDANCE", "NUM_CLASSES", "SeedRecipe", "Velocity", "interpolate", "velocity_to_data",
-           "velocity_to_noise", "one_hot", "drop_class", "flow_matching_loss", "guided_velocity",
+           "velocity_to_noise", "one_hot", "drop_class", "training_inputs", "flow_matching_loss", "guided_velocity",
            "euler_timesteps", "sample_euler", "sample", "make_optimizer", "make_lr_scheduler", "train_step"]
 
 P_UNCOND = 0.1      # §2.4: the class is dropped 10% of the time
@@ -112,6 +112,23 @@ def drop_class(c: torch.Tensor, p_uncond: float = P_UNCOND, generator: torch.Gen
     return c * keep.to(device=c.device, dtype=c.dtype)[:, None]
 
 
+def training_inputs(x1: torch.Tensor, c: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
+                    t: torch.Tensor | None = None, p_uncond: float = P_UNCOND,
+                    generator: torch.Generator | None = None) -> tuple[tuple, torch.Tensor]:
+    """What the flow-matching loss feeds the network, and its target: ``((x_t, t, c), x_1 - x_0)``.
+
+    ``x0`` ~ N(0, I) and ``t`` ~ U[0, 1) are drawn from ``generator`` (in that order) when not given, then the
+    classes are dropped with ``p_uncond`` (§2.4). Arguments as in :func:`flow_matching_loss`.
+    """
+    if x0 is None:
+        x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
+    if t is None:
+        t = torch.rand(x1.shape[0], generator=generator, dtype=x1.dtype).to(x1.device)
+    if c is not None and p_uncond > 0:
+        c = drop_class(c, p_uncond, generator)
+    return (interpolate(x0, x1, t), t, c), x1 - x0
+
+
 def flow_matching_loss(unet: nn.Module, x1: torch.Tensor, c: torch.Tensor | None = None, *,
                        x0: torch.Tensor | None = None, t: torch.Tensor | None = None, p_uncond: float = P_UNCOND,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -126,14 +143,8 @@ def flow_matching_loss(unet: nn.Module, x1: torch.Tensor, c: torch.Tensor | None
             (``N(0, I)`` and ``U[0, 1)``, from ``generator``) when not given.
         p_uncond (`float`): the class-dropout probability (0: keep every class).
     """
-    if x0 is None:
-        x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
-    if t is None:
-        t = torch.rand(x1.shape[0], generator=generator, dtype=x1.dtype).to(x1.device)
-    if c is not None and p_uncond > 0:
-        c = drop_class(c, p_uncond, generator)
-    u = unet(interpolate(x0, x1, t), t, c)
-    return F.mse_loss(u, x1 - x0)
+    inputs, target = training_inputs(x1, c, x0=x0, t=t, p_uncond=p_uncond, generator=generator)
+    return F.mse_loss(unet(*inputs), target)
 
 
 def guided_velocity(unet: nn.Module, c: torch.Tensor | None, guidance: float | None = GUIDANCE) -> Velocity:

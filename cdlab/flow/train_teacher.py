@@ -4,7 +4,11 @@
     python -m cdlab.flow.train_teacher --minutes 9 --out runs/flow-teacher --resume     # continue it
 
 Each step is :func:`cdlab.flow.matching.train_step` (the flow-matching loss with 10% of the classes dropped);
-the learning rate decays by the seed's exponential schedule once per epoch. The defaults are the CPU sketch of
+the learning rate decays by the seed's exponential schedule once per epoch. With ``--ema-decay d`` (not in the
+seed) the run also keeps an exponential moving average of the weights, ``theta_ema <- d theta_ema + (1 - d) theta``
+with the usual warm-up ``d_k = min(d, (1 + k) / (10 + k))``, and the teacher it exports is that average. The
+UNet's BatchNorm statistics belong to the raw weights, so the average gets its own, recomputed on training
+inputs: averaged weights with the raw statistics sample blobs (issue 24: class accuracy 0.13). The defaults are the CPU sketch of
 issue 24 (D = 32, batch 128, Adam 2e-3: recognisable garments after about 9 minutes on 2 cores), not the seed's
 GPU settings (:class:`cdlab.flow.matching.SeedRecipe`); ``--epoch-images`` sets what "an epoch" covers (the app's
 Train tab starts runs with short epochs: `cdlab.ui.flow_train`).
@@ -15,6 +19,9 @@ The folder ``--out`` is a run folder as the app's Train tab reads it (`cdlab.ui.
 =========================  ===================================================================================
 ``unet.safetensors``       the UNet's weights and BatchNorm statistics (the checkpoint, with the next two)
 ``optimizer.safetensors``  Adam's moments, to resume
+``ema.safetensors``        with ``--ema-decay``: the weights' running average, to resume
+``teacher.safetensors``    with ``--ema-decay``: the teacher, that average with its BatchNorm statistics recomputed
+                           (:func:`cdlab.flow.unet.recalibrate_batchnorm`); `load_unet` reads it first
 ``state.json``             the config, the step, the epoch and the position in it, the learning rate
 ``config.json``            what the run is: ``"kind": "flow-teacher"``, its config, its time budget, the grids'
                            captions (the classes) and Euler steps
@@ -32,6 +39,7 @@ that holds a run is never overwritten: ``--resume`` continues it, else choose a 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import time
@@ -46,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from cdlab.flow import matching
 from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
-from cdlab.flow.unet import UNet
+from cdlab.flow.unet import UNet, recalibrate_batchnorm
 from cdlab.paths import load_json_object, preview_file, write_json_atomic
 from cdlab.train.status import FLOW_TEACHER_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
@@ -56,6 +64,9 @@ __all__ = ["TeacherConfig", "GRID_EPOCHS", "RUN_KIND", "train", "class_grid", "l
 GRID_EPOCHS = (1, 5, 10)  # the seed's deliverables (§2.3, §2.6)
 RUN_KIND = FLOW_TEACHER_RUN  # config.json's "kind": how the app's Train tab tells this run from a distillation's
 FLUSH_STEPS, FLUSH_SECONDS = 10, 2.0  # metrics.jsonl is flushed this often: the Train tab's curve moves live
+TEACHER_FILE = "teacher.safetensors"  # a run with an EMA: the average with its own BatchNorm statistics
+EMA_FILE = "ema.safetensors"  # the running average of the parameters (to resume)
+RECALIBRATION_BATCHES = 20  # batches of training inputs that recompute the EMA's BatchNorm statistics
 PREVIEW_SCALE = 3  # the previews' pixels per image pixel (the page shows 28 px images; the seed's grids stay 1x)
 _RUN_FILES = ("state.json", "config.json", "metrics.jsonl")  # a folder holding any of them holds a run
 
@@ -72,6 +83,7 @@ class TeacherConfig:
     lr_decay_to: float = 0.1
     p_uncond: float = matching.P_UNCOND
     seed: int = 0
+    ema_decay: float = 0.0       # 0: no average (the seed's recipe); e.g. 0.999: the teacher is the weights' EMA
 
     def check(self) -> "TeacherConfig":
         limits = {"num_hiddens": (1, 256), "batch_size": (1, 4096), "num_epochs": (1, 1000),
@@ -80,9 +92,11 @@ class TeacherConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        for name, (lo, hi) in {"lr": (1e-6, 1.0), "lr_decay_to": (1e-4, 1.0), "p_uncond": (0.0, 1.0)}.items():
+        for name, (lo, hi) in {"lr": (1e-6, 1.0), "lr_decay_to": (1e-4, 1.0), "p_uncond": (0.0, 1.0),
+                               "ema_decay": (0.0, 0.99999)}.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not lo <= value <= hi:
                 raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
         return self
 
@@ -126,11 +140,13 @@ def _read_state(folder: Path) -> tuple[TeacherConfig, dict]:
 
 
 def load_unet(folder: str | Path) -> UNet:
-    """The UNet of a run folder (its ``state.json`` config and ``unet.safetensors``), in eval mode."""
+    """The teacher of a run folder, in eval mode: its ``teacher.safetensors`` (the EMA, with its own BatchNorm
+    statistics) when the run kept an average, else ``unet.safetensors``; the architecture from ``state.json``."""
     folder = Path(folder)
     cfg, _ = _read_state(folder)
     unet = UNet(num_hiddens=cfg.num_hiddens)
-    unet.load_state_dict(load_file(str(folder / "unet.safetensors")))
+    weights = folder / TEACHER_FILE if (folder / TEACHER_FILE).is_file() else folder / "unet.safetensors"
+    unet.load_state_dict(load_file(str(weights)))
     return unet.eval()
 
 
@@ -148,11 +164,9 @@ def class_grid(unet: UNet, per_class: int = 4, num_steps: int = 50, guidance: fl
     return Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L")
 
 
-def _checkpoint(out: Path, unet: UNet, opt: torch.optim.Optimizer, cfg: TeacherConfig, progress: dict) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
-    save_optimizer_state(opt, out / "optimizer.safetensors")
-    write_json_atomic(out / "state.json", {"config": dataclasses.asdict(cfg), **progress,
-                                           "lr": opt.param_groups[0]["lr"]})
+def _save_weights(module_or_tensors, path: Path) -> None:
+    tensors = module_or_tensors.state_dict() if isinstance(module_or_tensors, torch.nn.Module) else module_or_tensors
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) -> tuple[TeacherConfig, UNet, torch.optim.Optimizer, dict]:
@@ -175,6 +189,21 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) ->
     return cfg, unet, opt, progress
 
 
+def _start_ema(out: Path, unet: UNet, cfg: TeacherConfig, resume: bool) -> dict[str, torch.Tensor] | None:
+    """The parameters' running average (``None`` without ``ema_decay``): the saved one on ``resume``, else a copy
+    of the weights."""
+    if cfg.ema_decay <= 0:
+        return None
+    ema = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    if resume:
+        saved = load_file(str(out / EMA_FILE))
+        if saved.keys() != ema.keys():
+            raise ValueError(f"{out / EMA_FILE}: not this UNet's parameters")
+        for n in ema:
+            ema[n].copy_(saved[n])
+    return ema
+
+
 def total_steps(cfg: TeacherConfig, epoch_images: int | None = None) -> int:
     """The steps of a whole run: ``num_epochs`` epochs of ``ceil(epoch_images / batch_size)`` steps each
     (``epoch_images``: what an epoch covers here, at most the data set)."""
@@ -189,6 +218,7 @@ class _Run:
         self.out, self.minutes, self.max_steps, self.grid_steps, self.device, self.log = \
             out, minutes, max_steps, grid_steps, device, log
         self.cfg, self.unet, self.opt, self.progress = _start(out, cfg, resume, device)
+        self.ema = _start_ema(out, self.unet, self.cfg, resume)
         self.stop = StopFlag()
         self.sched = matching.make_lr_scheduler(self.opt, self.cfg.num_epochs, self.cfg.lr_decay_to)
         self.end = total_steps(self.cfg) if max_steps is None else min(max_steps, total_steps(self.cfg))
@@ -204,9 +234,39 @@ class _Run:
         """``status.json``, as the distillation trainer writes it (`cdlab.train.status`; no student: a teacher run)."""
         write_status(self.out, state, step=self.progress["step"], max_steps=self.end, message=message)
 
-    def grids(self) -> None:
-        """After an epoch: the class grid as the run's preview row, and as the seed's figure after 1, 5, 10."""
-        grid = class_grid(self.unet, num_steps=self.grid_steps)
+    def teacher(self, images: torch.Tensor, labels: torch.Tensor) -> UNet:
+        """The model the run exports: the UNet itself, or, with an EMA, a copy holding the average with its
+        BatchNorm statistics recomputed on `RECALIBRATION_BATCHES` batches drawn as training draws them (the
+        same batches every time: the generator is seeded from the run's seed)."""
+        if self.ema is None:
+            return self.unet
+        model = copy.deepcopy(self.unet)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.ema[n])
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 - 1)
+        batches = []
+        for _ in range(RECALIBRATION_BATCHES):
+            idx = torch.randint(len(images), (min(self.cfg.batch_size, len(images)),), generator=g)
+            inputs, _ = matching.training_inputs(images[idx].to(self.device), matching.one_hot(labels[idx]).to(self.device),
+                                                 p_uncond=self.cfg.p_uncond, generator=g)
+            batches.append(inputs)
+        return recalibrate_batchnorm(model, batches)
+
+    def save(self, teacher: UNet) -> None:
+        """A checkpoint: the weights, Adam's state, the average and the exported teacher, then ``state.json``."""
+        _save_weights(self.unet, self.out / "unet.safetensors")
+        save_optimizer_state(self.opt, self.out / "optimizer.safetensors")
+        if self.ema is not None:
+            _save_weights(self.ema, self.out / EMA_FILE)
+            _save_weights(teacher, self.out / TEACHER_FILE)
+        write_json_atomic(self.out / "state.json", {"config": dataclasses.asdict(self.cfg), **self.progress,
+                                                    "lr": self.opt.param_groups[0]["lr"]})
+
+    def grids(self, teacher: UNet) -> None:
+        """After an epoch: the teacher's class grid as the run's preview row, and as the seed's figure after
+        epochs 1, 5 and 10."""
+        grid = class_grid(teacher, num_steps=self.grid_steps)
         big = grid.resize((grid.width * PREVIEW_SCALE, grid.height * PREVIEW_SCALE), Image.Resampling.NEAREST)
         big.save(self.out / "previews" / preview_file(self.progress["step"]))
         if self.progress["epoch"] in GRID_EPOCHS:
@@ -237,6 +297,11 @@ class _Run:
         lr = self.opt.param_groups[0]["lr"]
         loss = matching.train_step(self.unet, self.opt, images[idx].to(self.device),
                                    matching.one_hot(labels[idx]).to(self.device), p_uncond=cfg.p_uncond, generator=g)
+        if self.ema is not None:  # the usual warm-up: the average forgets the first steps' weights quickly
+            decay = min(cfg.ema_decay, (1 + p["step"]) / (10 + p["step"]))
+            with torch.no_grad():
+                for n, param in self.unet.named_parameters():
+                    self.ema[n].lerp_(param.detach(), 1.0 - decay)
         p["step"] += 1
         p["position"] += len(idx)
         return {"step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": lr,
@@ -260,9 +325,10 @@ class _Run:
                     self.sched.step()
                     metrics.flush()
                     self.log(f"epoch {p['epoch']}/{cfg.num_epochs}: step {p['step']}, loss {row['loss']:.4f}")
-                    self.grids()
+                    teacher = self.teacher(images, labels)
+                    self.grids(teacher)
                     p["seconds"] = spent + time.monotonic() - start
-                    _checkpoint(self.out, self.unet, self.opt, cfg, p)
+                    self.save(teacher)
         p["seconds"] = spent + time.monotonic() - start
         return end
 
@@ -292,7 +358,7 @@ def train(out: str | Path, minutes: float, cfg: TeacherConfig = TeacherConfig(),
             state, message = run.loop(images, labels)
             if state == "stopped":
                 run.status("stopping", "saving a checkpoint")
-            _checkpoint(run.out, run.unet, run.opt, run.cfg, run.progress)
+            run.save(run.teacher(images, labels))
         except BaseException as e:
             run.status("failed", f"{type(e).__name__}: {e}")
             raise
