@@ -25,7 +25,7 @@ import pytest
 from cdlab.paths import REPO_ROOT, TINY_ID
 
 TOKEN = "instructor-secret-for-tests"
-CAP_S = 20  # the classroom app's wall-clock cap per run (CDLAB_SHARED_MAX_SECONDS)
+CAP_S = 15  # the classroom app's wall-clock cap per run (CDLAB_SHARED_MAX_SECONDS)
 
 
 def _form(**change):
