@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,18 +82,30 @@ def load_bench_teacher(model: str = "auto", device: str | None = None, dtype: An
         return teacher
 
 
+@contextlib.contextmanager
+def random_student(teacher: Any, name: str, rank: int = STUDENT_RANK) -> Iterator[Path]:
+    """A rank-``rank`` LoRA student ``name`` of the teacher's UNet that changes its output (LoRA B drawn from
+    N(0, 1e-3²), seed 0; A is random already), saved in a temporary adapters root: yields that root, which is
+    removed afterwards (the student is 257 MB at SD1.5's size at rank 64). The UNet is left without it."""
+    with tempfile.TemporaryDirectory(prefix="cdlab-random-student-") as d:
+        attach_lora(teacher.unet, rank=rank, adapter_name=name)
+        try:
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(0)
+                for pname, p in teacher.unet.named_parameters():
+                    if f"lora_B.{name}" in pname:
+                        p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
+            card = StudentCard(name=name, base_model=teacher.base_id, method="mbcd", num_boundaries=4, steps=4)
+            save_student(teacher.unet, name, card, root=d, adapter_name=name)
+        finally:
+            teacher.unet.delete_adapters(name)
+        yield Path(d)
+
+
 def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
-    """Save a random LoRA student of the teacher's UNet and load it the way trained students are loaded."""
-    unet = teacher.unet
-    attach_lora(unet, rank=rank, adapter_name="bench-tmp")
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n and ".bench-tmp." in n:
-                p.normal_(0, 1e-3)
-    card = StudentCard(name=STUDENT_NAME, base_model=teacher.base_id, method="mbcd", num_boundaries=4, steps=4)
-    with tempfile.TemporaryDirectory(prefix="cdlab-bench-adapters-") as root:  # loaded into memory, then removed
-        save_student(unet, STUDENT_NAME, card, root=root, adapter_name="bench-tmp")
-        unet.delete_adapters("bench-tmp")
+    """Save a random LoRA student of the teacher's UNet (`random_student`) and load it the way trained students
+    are loaded (into memory: its temporary folder is gone afterwards)."""
+    with random_student(teacher, STUDENT_NAME, rank) as root:
         load_student(teacher.pipe, STUDENT_NAME, root=root, base_model=teacher.base_id)
     return STUDENT_NAME
 

@@ -23,16 +23,13 @@ fast; they say nothing about image quality.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -101,34 +98,13 @@ def check_externals(teacher: Any, offline: bool) -> Part:
     return part
 
 
-@contextlib.contextmanager
-def _random_student(teacher: Any, name: str) -> Iterator[Path]:
-    """A rank-64 LoRA student of the teacher that changes the output (random LoRA B), saved in a temporary
-    adapters root: yields that root, which is removed afterwards (the student is 257 MB at SD1.5's size)."""
-    from cdlab.students import StudentCard, attach_lora, save_student
-
-    with tempfile.TemporaryDirectory(prefix="cdlab-doctor-adapters-") as d:
-        root = Path(d)
-        attach_lora(teacher.unet, rank=64, adapter_name=name)
-        try:
-            with torch.no_grad():  # a student that changes the output: random LoRA B (A is random already)
-                g = torch.Generator().manual_seed(0)
-                for pname, p in teacher.unet.named_parameters():
-                    if f"lora_B.{name}" in pname:
-                        p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
-            save_student(teacher.unet, name, StudentCard(name=name, base_model=teacher.base_id, method="mbcd",
-                                                         num_boundaries=4, steps=4), root=root, adapter_name=name)
-        finally:
-            teacher.unet.delete_adapters(name)
-        yield root
-
-
 def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50) -> Part:
     """Compare's columns (teacher-50, teacher-4, a 4-step student, the externals that loaded) through the column
     runner as Compare runs them: fused students, each column failing alone.
 
     ``teacher_steps``: the reference teacher's DDIM steps (50, Compare's teacher-50; fewer for a quicker check on
     a CPU, where the ratio is then teacher-N ÷ student-4)."""
+    from cdlab.bench import random_student
     from cdlab.columns import Column, run_columns, short_reason, teacher_columns
 
     part = Part("compare")
@@ -139,7 +115,7 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
         cols[0] = Column(f"teacher-{teacher_steps} (CFG)", "teacher", int(teacher_steps), g)
     cols += [Column(k, kind, 4, student=k, label=f"{k} (4 steps)")
              for k, kind in [(name, "student")] + [(k, "external") for k in externals]]
-    with _random_student(teacher, name) as root:
+    with random_student(teacher, name, rank=64) as root:
         _reset_peak(teacher.device)
         with torch.inference_mode():
             runs = run_columns(teacher, cols, [PROMPT], [0], adapters_root=root, check_base=False,

@@ -164,8 +164,7 @@ def class_grid(unet: UNet, per_class: int = 4, num_steps: int = 50, guidance: fl
     return Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L")
 
 
-def _save_weights(module_or_tensors, path: Path) -> None:
-    tensors = module_or_tensors.state_dict() if isinstance(module_or_tensors, torch.nn.Module) else module_or_tensors
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
@@ -255,11 +254,11 @@ class _Run:
 
     def save(self, teacher: UNet) -> None:
         """A checkpoint: the weights, Adam's state, the average and the exported teacher, then ``state.json``."""
-        _save_weights(self.unet, self.out / "unet.safetensors")
+        _save_weights(self.unet.state_dict(), self.out / "unet.safetensors")
         save_optimizer_state(self.opt, self.out / "optimizer.safetensors")
         if self.ema is not None:
             _save_weights(self.ema, self.out / EMA_FILE)
-            _save_weights(teacher, self.out / TEACHER_FILE)
+            _save_weights(teacher.state_dict(), self.out / TEACHER_FILE)
         write_json_atomic(self.out / "state.json", {"config": dataclasses.asdict(self.cfg), **self.progress,
                                                     "lr": self.opt.param_groups[0]["lr"]})
 
