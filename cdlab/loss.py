@@ -287,6 +287,7 @@ def generator_sample(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     grad: bool = True,
+    model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
     """The generator's output with DMD2's backward simulation (module notes above).
 
@@ -304,7 +305,7 @@ def generator_sample(
         steps = torch.randint(0, k, (bsz,), generator=generator)
     steps = steps.to(device).long()
     x = noise.float()
-    model = _fp32_eps(unet, autocast_dtype)
+    model = _fp32_eps(unet, autocast_dtype, model_class=model_class)
     with torch.no_grad():
         for i in range(k - 1):  # carry every example still below its own step one jump further
             move = steps > i
@@ -322,22 +323,24 @@ def generator_sample(
 
 
 def _scores_x0(unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               guidance: float, scheduler: Any, fake_adapter: str,
-               autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+               guidance: float, scheduler: Any, fake_adapter: str, autocast_dtype: torch.dtype | None,
+               model_class: type[EpsModel] = EpsModel) -> tuple[torch.Tensor, torch.Tensor]:
     """What the real score (the frozen base, every adapter off, with CFG) and the fake score (its adapter) denoise
     ``x_t`` to: ``(x0_real, x0_fake)``, without gradient."""
     with torch.no_grad():
         with adapter_role(unet, None):
-            eps_real = _fp32_eps(unet, autocast_dtype, guidance)(x_t, t, cond, _expand_uncond(uncond, cond))
+            eps_real = _fp32_eps(unet, autocast_dtype, guidance, model_class)(x_t, t, cond,
+                                                                             _expand_uncond(uncond, cond))
         x0_real = predict_x0(eps_real, x_t, t, scheduler)
         with adapter_role(unet, fake_adapter):
-            x0_fake = predict_x0(_fp32_eps(unet, autocast_dtype)(x_t, t, cond), x_t, t, scheduler)
+            x0_fake = predict_x0(_fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond), x_t, t,
+                                 scheduler)
     return x0_real, x0_fake
 
 
 def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cond: torch.Tensor,
                      scheduler: Any, generator_adapter: str, t_first: int,
-                     autocast_dtype: torch.dtype | None) -> torch.Tensor:
+                     autocast_dtype: torch.dtype | None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
     """DMD's regression term on teacher ODE pairs ``(z, y, c)``: ``mean (G(z, tau_0, c) - y)^2``."""
     z, y, c = regression
     device = cond.device
@@ -345,7 +348,7 @@ def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, to
         one = torch.full((z.shape[0],), int(t_first), device=device, dtype=torch.long)
         c = c.to(device=device, dtype=cond.dtype)
         z = z.to(device).float()
-        y_hat = predict_x0(_fp32_eps(unet, autocast_dtype)(z, one, c), z, one, scheduler)
+        y_hat = predict_x0(_fp32_eps(unet, autocast_dtype, model_class=model_class)(z, one, c), z, one, scheduler)
     return (y_hat - y.to(device).float()).pow(2).mean()
 
 
@@ -357,6 +360,7 @@ def dmd_generator_loss(
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
     dm_weight: float = 1.0, steps: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+    model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
     """The generator's DMD2 loss on one batch of conditions (module notes above for the equations).
 
@@ -373,6 +377,8 @@ def dmd_generator_loss(
         dm_weight (`float`): the distribution-matching term's weight (1; 0 with a regression weight is the
             regression-only ablation: the same generator, sampler and pairs without DMD).
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
+        model_class: the eps model of ``unet`` (:class:`cdlab.flow.model.FlowModel` on a flow teacher, with
+            ``scheduler`` its path, as in :func:`consistency_loss`).
 
     Returns:
         dict: ``loss`` (differentiable: ``dm_weight * loss_dm + regression_weight * loss_reg``), ``loss_dm``, ``loss_reg``,
@@ -385,7 +391,7 @@ def dmd_generator_loss(
         noise = torch.randn((bsz, *latent_shape), generator=generator).to(device)
     with adapter_role(unet, generator_adapter):
         sim = generator_sample(unet, noise, cond, scheduler, gen_timesteps=gen_timesteps, steps=steps,
-                               generator=generator, autocast_dtype=autocast_dtype)
+                               generator=generator, autocast_dtype=autocast_dtype, model_class=model_class)
     x_g = sim["x_g"]
     lo, hi = int(t_range[0]), int(t_range[1])
     t = (torch.randint(lo, hi + 1, (bsz,), generator=generator).to(device) if timesteps is None
@@ -393,13 +399,14 @@ def dmd_generator_loss(
     n = torch.randn(x_g.shape, generator=generator).to(device)
     with torch.no_grad():
         x_t = q_sample(x_g.detach(), t, scheduler, noise=n)
-    x0_real, x0_fake = _scores_x0(unet, x_t, t, cond, uncond, guidance, scheduler, fake_adapter, autocast_dtype)
+    x0_real, x0_fake = _scores_x0(unet, x_t, t, cond, uncond, guidance, scheduler, fake_adapter, autocast_dtype,
+                                  model_class)
     g = dmd_gradient(x_g.detach(), x0_real, x0_fake)
     loss_dm = 0.5 * (x_g - (x_g.detach() - g["grad"])).pow(2).mean()
     loss_reg = torch.zeros((), device=device)
     if regression is not None and regression_weight > 0:
         loss_reg = _regression_loss(unet, regression, cond, scheduler, generator_adapter, gen_timesteps[0],
-                                    autocast_dtype)
+                                    autocast_dtype, model_class)
     return {
         "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg,
         "loss_dm": loss_dm, "loss_reg": loss_reg,
@@ -420,6 +427,7 @@ def dmd_fake_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
     """The fake score's denoising loss on the generator's samples (detached): ``mean (eps_fake(x_t) - n)^2``
     with ``t ~ U{0..T-1}``; gradients reach the fake adapter only. Returns ``loss``, ``t``, ``x_t``."""
@@ -430,6 +438,6 @@ def dmd_fake_loss(
     n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
     x_t = q_sample(x0, t, scheduler, noise=n)
     with adapter_role(unet, fake_adapter):
-        eps = _fp32_eps(unet, autocast_dtype)(x_t, t, cond)
+        eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
     loss = (eps - n).pow(2).mean()
     return {"loss": loss, "t": t, "x_t": x_t.detach()}

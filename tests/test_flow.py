@@ -381,6 +381,53 @@ def test_cd_teacher_point_on_the_flow_is_an_euler_step_of_the_guided_velocity(ti
     assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)  # the teacher does not
 
 
+def test_dmd_on_the_flow_is_the_flow_native_gradient_and_each_update_trains_its_own_adapter(tiny_unet):
+    """DMD on the flow teacher (cdlab.loss's DMD with FlowModel): the generator's gradient is
+    ``(x1_fake - x1_real) / mean |x_g - x1_real|`` with each score's data prediction ``x_t + (1 - t) u`` at the
+    flow point, the real score guided; the generator's update reaches the student's LoRA only, the fake score's
+    update the fake LoRA only, and the teacher's weights never."""
+    from cdlab.flow import distill
+    from cdlab.flow.model import flow_time, vp_scale
+    from cdlab.students.roles import FAKE_SCORE, adapter_role
+
+    torch.manual_seed(4)
+    unet = distill.attach_flow_lora(tiny_unet, rank=4)
+    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
+    with torch.no_grad():  # a fake score and a generator that differ from the teacher
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    unet.eval()
+    g = torch.Generator().manual_seed(5)
+    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, generator=g)
+    tf = flow_time(out["t"]).float()
+    x_t = out["x_t"] * vp_scale(tf).reshape(-1, 1, 1, 1)  # the VP state as the flow's point
+    c, gap = matching.one_hot(labels), (1 - tf).reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        with adapter_role(unet, None):
+            x1_real = x_t + gap * matching.guided_velocity(unet, c, 2.0)(x_t, tf)
+        with adapter_role(unet, FAKE_SCORE):
+            x1_fake = x_t + gap * unet(x_t, tf, c)
+    norm = (out["x_g"] - x1_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out["grad"], (x1_fake - x1_real) / norm, atol=2e-4)
+    assert float((x1_fake - x1_real).abs().max()) > 1e-2  # the two scores differ: the check has something to see
+    assert torch.isfinite(out["loss"]) and float(out["loss_reg"]) > 0
+
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    opt = torch.optim.Adam(lora, lr=1e-2)
+    out["loss"].backward()
+    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert owners == {distill.ADAPTER}  # the generator's step: the student's adapter alone
+    opt.step()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    loss = distill.dmd_fake_update(unet, opt, lora, out["x_g"], labels, generator=g)
+    moved = {n.split(".")[-2] for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {FAKE_SCORE} and loss > 0  # the fake score's step: its own adapter alone
+
+
 def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
     from cdlab.flow import distill

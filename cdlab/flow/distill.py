@@ -2,6 +2,7 @@
 
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --num-boundaries 4 --name fashion-mbcd-4
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --name fashion-rf
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method dmd --sample-steps 1 --init fashion-reflow-1 --name fashion-dmd-1
     python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s
     python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s --resume
 
@@ -44,6 +45,20 @@ asks for a shorter, less curved piece of the teacher's path than 2-rectified flo
 W = 1 is 2-rectified flow above; ``--reflow-times zero`` trains at each window's start (tau = 0), the only point
 W Euler steps use.
 
+**Distribution matching distillation** (``method="dmd"``; Yin et al. 2024, "One-step Diffusion with Distribution
+Matching Distillation", eq. 7-9, with DMD2's fake-score updates, Yin et al. 2024b). The lab's one DMD loss
+(:func:`cdlab.loss.dmd_generator_loss`, :func:`cdlab.loss.dmd_fake_loss`) with :class:`FlowModel`, as CD above:
+the generator G is the student's LoRA, the real score the teacher with CFG, the fake score a second LoRA
+(``"fake"``) fitted to G's samples. Diffuse a sample along the flow path, ``x_t = t G(z) + (1 - t) n``, and move
+G(z) along::
+
+    grad = (x1_fake(x_t) - x1_real(x_t)) / mean |G(z) - x1_real(x_t)|,    x1(x_t) = x_t + (1 - t) u(x_t, t)
+
+(each score's data prediction, :func:`cdlab.flow.matching.velocity_to_data`), plus ``regression_weight`` times
+DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :func:`cached_teacher_pairs`).
+Matching the teacher's distribution, not each pair's image, is what FID measures; the regression keeps G on
+the teacher's modes. Start it from a one-step student (``--init``, e.g. the reflow-distilled one).
+
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
 from __future__ import annotations
@@ -64,16 +79,16 @@ from torch import nn
 from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
-from cdlab.loss import consistency_loss
+from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic, write_safetensors_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
-from cdlab.students.roles import adapter_role
+from cdlab.students.roles import FAKE_SCORE, adapter_role
 from cdlab.train.status import FLOW_STUDENT_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
 
 __all__ = ["lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
-           "reflow_loss", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
+           "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
            "save_flow_student", "student_lora", "main"]
 
 ADAPTER = "student"
@@ -81,8 +96,10 @@ STUDENT_RUN_KIND = FLOW_STUDENT_RUN  # config.json's "kind" in a --run-dir (the 
 
 
 def lora_targets(unet: nn.Module) -> list[str]:
-    """The names of the UNet's Conv2d and Linear layers (peft's LoRA has no ConvTranspose2d)."""
-    return [n for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    """The names of the UNet's Conv2d and Linear layers (peft's LoRA has no ConvTranspose2d); on a UNet that
+    already carries an adapter, the names of the layers it wraps (not its own ``lora_A``/``lora_B``)."""
+    names = [n.removesuffix(".base_layer") for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    return [n for n in names if ".lora_" not in n]
 
 
 def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None,
@@ -93,8 +110,11 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
 
     config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
                         target_modules=lora_targets(unet), init_lora_weights=True)
+    others = getattr(unet, "peft_config", None) or {}
+    if others:  # a second adapter (DMD's fake score): peft warns when the model already has a config
+        del unet.peft_config
     unet = inject_adapter_in_model(config, unet, adapter_name=adapter_name)
-    unet.peft_config = {**(getattr(unet, "peft_config", None) or {}), adapter_name: config}  # as diffusers keeps it
+    unet.peft_config = {**others, adapter_name: config}  # as diffusers keeps it
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name)
     return unet
@@ -224,9 +244,40 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
     return {"loss": loss}
 
 
+def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
+             sample_steps: int = 1, regression_weight: float = 10.0,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
+    with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
+    ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
+    students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise)."""
+    c = matching.one_hot(labels).to(z.device)
+    return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
+                              generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
+                              gen_timesteps=consistency_timesteps(sample_steps, sample_steps),
+                              latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
+                              regression_weight=regression_weight, generator=generator, model_class=FlowModel)
+
+
+def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
+                    labels: torch.Tensor, *, generator: torch.Generator | None = None) -> float:
+    """One update of the fake score on the generator's samples ``x_g`` (detached): the flow path's denoising loss
+    (:func:`cdlab.loss.dmd_fake_loss`), at timesteps 1..999 (at 0 the path is the data itself and its noise
+    cannot be predicted). Only the fake adapter has gradients, so ``opt`` steps it alone. Returns the loss."""
+    c = matching.one_hot(labels).to(x_g.device)
+    k = torch.randint(1, FLOW_SCHEDULE.config.num_train_timesteps, (len(x_g),), generator=generator)
+    out = dmd_fake_loss(unet, x_g, c, FLOW_SCHEDULE, fake_adapter=FAKE_SCORE, timesteps=k, generator=generator,
+                        model_class=FlowModel)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(out["loss"].item())
+
+
 @dataclass(frozen=True)
 class StudentConfig:
-    method: str = "cd"              # "cd" (consistency distillation; N > 1: multi-boundary) | "reflow"
+    method: str = "cd"              # "cd" (consistency distillation; N > 1: multi-boundary) | "reflow" | "dmd"
     num_boundaries: int = 1
     sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
     guidance: float = 5.0           # the teacher's CFG scale, distilled in
@@ -239,6 +290,8 @@ class StudentConfig:
     pairs: int = 20000              # reflow: teacher pairs drawn once
     reflow_times: str = "uniform"   # reflow: "uniform" t ~ U[0, 1], or "zero" (one-step distillation)
     windows: int = 1                # reflow: W > 1 is piecewise rectified flow (PeRFlow) on W windows
+    regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
+    fake_steps: int = 1             # dmd: fake-score updates per generator update
     seed: int = 0
 
 
@@ -267,12 +320,15 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
         torch.manual_seed(cfg.seed)
         unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
+        if cfg.method == "dmd":  # the fake score: a second LoRA, starting as the teacher (its B is zero)
+            attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
     if init is not None:
         set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    # One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients.
     # CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta, mu = 0.95 as
     # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
@@ -281,7 +337,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, **run)
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})")
-    if cfg.method == "reflow":
+    if cfg.method in ("reflow", "dmd"):
         labels_all = pair_labels(cfg.pairs)
         with adapter_role(unet, None):  # the teacher: the adapter off
             pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
@@ -300,6 +356,10 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
             out = reflow_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], times=cfg.reflow_times,
                               generator=g)
+        elif cfg.method == "dmd":
+            idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
+            out = dmd_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
+                           sample_steps=cfg.sample_steps, regression_weight=cfg.regression_weight, generator=g)
         else:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
             out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
@@ -309,6 +369,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if cfg.method == "dmd":
+            _fake_updates(unet, opt, params, out["x_g"], labels_all[idx], cfg, g)
         if ema is not None:
             with torch.no_grad():
                 for n, p in named:
@@ -327,6 +389,19 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}, after {max_seconds} s")
             break
     return unet.eval(), done
+
+
+def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
+                  labels: torch.Tensor, cfg: StudentConfig, g: torch.Generator) -> None:
+    """DMD's ``cfg.fake_steps`` fake-score updates: the first on this step's samples, the others on fresh ones."""
+    for k in range(cfg.fake_steps):
+        if k:
+            z = torch.randn(x_g.shape, generator=g).to(x_g.device)
+            with adapter_role(unet, ADAPTER):
+                x_g = generator_sample(unet, z, matching.one_hot(labels).to(z.device), FLOW_SCHEDULE,
+                                       gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),
+                                       generator=g, grad=False, model_class=FlowModel)["x_g"]
+        dmd_fake_update(unet, opt, params, x_g, labels, generator=g)
 
 
 def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
@@ -423,8 +498,9 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
     ``training_config`` says the steps it took and the student it started from."""
     from cdlab.flow.pipeline import flow_base_id
 
-    method = "reflow" if cfg.method == "reflow" else ("mbcd" if cfg.num_boundaries > 1 else "cd")
-    boundaries = (cfg.windows if cfg.windows > 1 else None) if method == "reflow" else cfg.num_boundaries
+    method = cfg.method if cfg.method in ("reflow", "dmd") else ("mbcd" if cfg.num_boundaries > 1 else "cd")
+    boundaries = {"reflow": cfg.windows if cfg.windows > 1 else None, "dmd": cfg.sample_steps}.get(method,
+                                                                                                  cfg.num_boundaries)
     return StudentCard(name=name, base_model=flow_base_id(teacher), method=method,
                        num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
@@ -460,8 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    if cfg.method not in ("cd", "reflow") or cfg.reflow_times not in ("uniform", "zero"):
-        p.error("--method must be cd or reflow, --reflow-times uniform or zero")
+    if cfg.method not in ("cd", "reflow", "dmd") or cfg.reflow_times not in ("uniform", "zero"):
+        p.error("--method must be cd, reflow or dmd, --reflow-times uniform or zero")
+    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10:
+        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10]")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if args.resume and args.run_dir is None:
@@ -515,7 +593,7 @@ def run_in_folder(args: argparse.Namespace, cfg: StudentConfig) -> int:
             return stop.requested
 
         try:
-            status("running", "loading the teacher" + (" and drawing its pairs" if cfg.method == "reflow" else ""))
+            status("running", "loading the teacher" + (" and drawing its pairs" if cfg.method != "cd" else ""))
             unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
                                  max_seconds=args.max_seconds, on_step=on_step, checkpoint=run / "checkpoint",
                                  pair_cache=args.pair_cache or cache_dir(), log=log,
