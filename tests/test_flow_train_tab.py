@@ -176,7 +176,7 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     """A reflow student (piecewise, 2 windows) of a teacher run launched through the JobManager; the poll reads its
     loss rows."""
     jobs, runs = teacher_jobs, teacher_jobs.runs_dir
-    for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "dmd"}, "method"),
+    for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "gan"}, "method"),
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
                        ({"shell": "rm"}, "shell"), ({"method": "cd", "windows": 4}, "reflow windows"),
                        ({"windows": 9}, "reflow windows")]:
@@ -198,15 +198,17 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
 
 @pytest.mark.slow
 def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs):
-    """A student run has no checkpoint: Stop saves the student as trained so far, and there is no Resume."""
+    """A student run has no checkpoint: Stop saves the student as trained so far, and there is no Resume (a DMD
+    student: the generator and fake-score LoRAs train from the tab, and the card names the method)."""
     jobs, runs = teacher_jobs, teacher_jobs.runs_dir
-    long = F.student_settings({"teacher_run": "teacher", "steps": 20000, "batch_size": 8, "pairs": 16,
-                               "lora_rank": 4}, run_name="student-b")
+    long = F.student_settings({"teacher_run": "teacher", "method": "dmd", "steps": 20000, "batch_size": 8,
+                               "pairs": 16, "lora_rank": 4}, run_name="student-b")
     jobs.start_flow_student(long, owner="tok")
     _wait(jobs, "student-b", lambda v: v.step >= 10)
     jobs.stop("student-b", wait=True, owner="tok", check_owner=True)
     v = T.poll(jobs, "student-b")
     card = json.loads((runs.parent / "adapters" / "student-b" / "card.json").read_text())
     assert v.state == "stopped" and card["training_config"]["trained_steps"] == v.step >= 10, v.status_md
+    assert (card["method"], card["steps"], card["num_boundaries"]) == ("dmd", 4, 4)
     with pytest.raises(JobError, match="no complete checkpoint"):
         jobs.resume("student-b", owner="tok")

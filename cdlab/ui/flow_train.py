@@ -101,7 +101,7 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("lora_rank", "LoRA rank", "int", 1, 64),
     ("windows", "reflow windows (1: 2-rectified flow; 4: piecewise, PeRFlow)", "int", 1, 8),
 ]
-METHODS = ("reflow", "cd")
+METHODS = ("reflow", "cd", "dmd")
 
 
 def student_fields() -> list[FormField]:
@@ -113,7 +113,7 @@ def student_fields() -> list[FormField]:
 def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> dict[str, Any]:
     """Check the student form (every field hostile) and return the settings for
     `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
-    checks it is a flow teacher run with weights), ``method`` (``reflow`` or ``cd``), the numbers of
+    checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), the numbers of
     `student_fields` and ``run_name``. Raises ``ValueError`` whose message names the field."""
     if not isinstance(values, dict):
         raise ValueError("config: the form must be a set of named fields.")
@@ -211,7 +211,9 @@ def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> Simpl
                                                      elem_id=prefix + "flow-teacher-run"),
                              method=gr.Radio(list(METHODS), value=STUDENT_DEFAULTS["method"], label="method",
                                              info="reflow: 2-rectified flow on teacher pairs (piecewise with "
-                                                  "windows > 1) · cd: consistency distillation on the flow ODE"))
+                                                  "windows > 1) · cd: consistency distillation on the flow ODE · "
+                                                  "dmd: distribution matching against the teacher, with a fake-score "
+                                                  "LoRA and a regression on the teacher pairs"))
         st.inputs = form_inputs(student_fields())
         st.start = gr.Button("Distil", interactive=training_on, elem_id=prefix + "flow-student-start")
     return st
