@@ -46,11 +46,11 @@ W = 1 is 2-rectified flow above; ``--reflow-times zero`` trains at each window's
 W Euler steps use.
 
 **Distribution matching distillation** (``method="dmd"``; Yin et al. 2024, "One-step Diffusion with Distribution
-Matching Distillation", eq. 7-9, with DMD2's fake-score updates, Yin et al. 2024b). The lab's one DMD loss
+Matching Distillation", §3.2 and §3.3; the fake score's updates as DMD2's, Yin et al. 2024b). The lab's one DMD loss
 (:func:`cdlab.loss.dmd_generator_loss`, :func:`cdlab.loss.dmd_fake_loss`) with :class:`FlowModel`, as CD above:
 the generator G is the student's LoRA, the real score the teacher with CFG, the fake score a second LoRA
-(``"fake"``) fitted to G's samples. Diffuse a sample along the flow path, ``x_t = t G(z) + (1 - t) n``, and move
-G(z) along::
+(``"fake"``) fitted to G's samples. Diffuse a sample along the flow path, ``x_t = t G(z) + (1 - t) n``; G(z)
+moves against::
 
     grad = (x1_fake(x_t) - x1_real(x_t)) / mean |G(z) - x1_real(x_t)|,    x1(x_t) = x_t + (1 - t) u(x_t, t)
 
