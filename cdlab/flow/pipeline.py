@@ -37,8 +37,8 @@ __all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "
 
 FLOW_TEACHER_DIR = assets_dir() / "fashion-flow"
 # The teacher's CFG scale in the app and for its students: 1.5, not the seed's 5. In the judge's features the
-# shipped teacher reads FID 60.96 / 24.57 / 31.37 at CFG 1 / 1.5 / 2 (accuracy 0.857 / 0.956 / 0.979), and 5
-# trades diversity for accuracy (docs/flow.md).
+# 10-epoch teacher read FID 60.96 / 24.57 / 31.37 at CFG 1 / 1.5 / 2 (accuracy 0.857 / 0.956 / 0.979), the shipped
+# 13-epoch one 22.40 at 1.5 (0.961), and 5 trades diversity for accuracy (docs/flow.md).
 FLOW_GUIDANCE = 1.5
 _PREFIX = "unet."  # the file's keys, as diffusers' save_lora_weights writes them
 
