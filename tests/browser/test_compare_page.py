@@ -79,14 +79,14 @@ def test_trajectories_are_aligned_by_timestep_without_empty_space(page, shipped_
 
 def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, shots):
     """The flow-matching section (issue 24): opened, it shows the flow teacher's opening comparison (teacher-50
-    by Euler with CFG, naive Euler-4, the shipped reflow students) with NFE; a class picked from the dropdown
+    by Euler with CFG, naive Euler-4, the shipped reflow and DMD students) with NFE; a class picked from the dropdown
     and Compare give a new result for it."""
     page.get_by_role("tab", name="Flow matching (Fashion-MNIST)").click()
     row = page.locator("#flow-compare-columns")
     row.wait_for(timeout=30_000)
     text = row.inner_text()
     assert "Euler 50 steps" in text and "NFE 100" in text and "NFE 8" in text and "fashion-reflow-4" in text
-    assert "fashion-reflow-1 (1 step)" in text  # each student as trained: the 1-step student at 1 step
+    assert "fashion-reflow-1 (1 step)" in text and "fashion-dmd-1 (1 step)" in text  # each student as trained
     before = row.get_attribute("data-result")
     page.locator("#flow-prompt input").click()
     page.get_by_role("option", name="Ankle boot").click()
@@ -95,7 +95,7 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
         "(b) => { const r = document.querySelector('#flow-compare-columns'); return r && r.dataset.result !== b"
         " && /columns in/.test((document.querySelector('#flow-compare-info') || {}).innerText || ''); }",
         arg=before, timeout=60_000)
-    assert page.locator("#flow-compare-columns figure img").count() == 5  # the teacher twice, three students
+    assert page.locator("#flow-compare-columns figure img").count() == 6  # the teacher twice, four students
     page.screenshot(path=str(shots / "flow-compare.png"))
     # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot)
     page.get_by_role("tab", name="Edit (flow)").click()
