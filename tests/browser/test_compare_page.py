@@ -97,9 +97,9 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
         arg=before, timeout=60_000)
     assert page.locator("#flow-compare-columns figure img").count() == 6  # the teacher twice, four students
     page.screenshot(path=str(shots / "flow-compare.png"))
-    # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot)
+    # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot): six
     page.get_by_role("tab", name="Edit (flow)").click()
-    page.wait_for_function("() => /5 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
+    page.wait_for_function("() => /6 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
                            " || '')", timeout=60_000)
     assert "NFE 60" in page.locator("#flow-edit-columns").inner_text()  # teacher-50 from strength 0.6: 30 steps
     legend = page.locator("#flow-edit-legend").inner_text()  # in the flow teacher's terms, no tiny-world checker
