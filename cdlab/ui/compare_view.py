@@ -21,7 +21,7 @@ LEGEND = (
 )
 FLOW_LEGEND = (
     "**teacher-50**: Euler, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
-    "**students**: LoRAs on the flow teacher (2-rectified flow, piecewise on N windows), Euler on their own velocity, no CFG · **NFE**: "
+    "**students**: LoRAs on the flow teacher (2-rectified flow, DMD), Euler on their own velocity, no CFG · **NFE**: "
     "network evaluations · **speed-up**: teacher-50's time per image ÷ the column's"
 )
 

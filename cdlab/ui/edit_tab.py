@@ -54,7 +54,7 @@ LEGEND = (
 FLOW_LEGEND = (
     "**input**: what SDEdit and inpainting start from (noised to the strength's time on the flow's path) · "
     "**teacher-50**: Euler, 50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: "
-    "LoRAs on the flow teacher (2-rectified flow, piecewise on N windows), from the strength's time · anagrams show the image and its "
+    "LoRAs on the flow teacher (2-rectified flow, DMD), from the strength's time · anagrams show the image and its "
     "flip, hybrids the image and its far (blurred) view"
 )
 

@@ -65,7 +65,7 @@ def header_line(teacher: Any) -> str:
 def flow_line(teacher: Any) -> str:
     """The flow-matching section's header: its teacher, what the prompt is, and where the method is told."""
     return (f"**Teacher:** {teacher.describe()} — flow matching from scratch (seed 003, part B): the prompt is a "
-            "class; the teacher samples by Euler with CFG, its students (2-rectified flow, and piecewise) in 1 to 8 steps "
+            "class; the teacher samples by Euler with CFG, its students (2-rectified flow and DMD) in 1 to 8 steps "
             "without CFG. Method and figures: `docs/flow.md`.")
 
 
