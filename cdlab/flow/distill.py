@@ -349,14 +349,12 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         images, labels_all = load_fashion_mnist("train")
     start = time.monotonic()
     for step in range(done, cfg.steps):
-        if cfg.method == "reflow":
+        if cfg.method in ("reflow", "dmd"):  # a batch of the teacher's pairs
             idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
-            out = reflow_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], times=cfg.reflow_times,
-                              generator=g)
-        elif cfg.method == "dmd":
-            idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
-            out = dmd_loss(unet, z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
-                           sample_steps=cfg.sample_steps, regression_weight=cfg.regression_weight, generator=g)
+            z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx]
+            out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
+                   dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
+                            regression_weight=cfg.regression_weight, generator=g))
         else:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
             out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
@@ -496,8 +494,12 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
     from cdlab.flow.pipeline import flow_base_id
 
     method = cfg.method if cfg.method in ("reflow", "dmd") else ("mbcd" if cfg.num_boundaries > 1 else "cd")
-    boundaries = {"reflow": cfg.windows if cfg.windows > 1 else None, "dmd": cfg.sample_steps}.get(method,
-                                                                                                  cfg.num_boundaries)
+    if method == "reflow":
+        boundaries = cfg.windows if cfg.windows > 1 else None
+    elif method == "dmd":  # a K-step generator: its K jumps are its boundaries, as the lab's DMD students
+        boundaries = cfg.sample_steps
+    else:
+        boundaries = cfg.num_boundaries
     return StudentCard(name=name, base_model=flow_base_id(teacher), method=method,
                        num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
