@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -262,7 +262,8 @@ def consistency_loss(
 # DMD2 drops DMD's regression loss by default; ``regression_weight > 0`` adds it back for comparison:
 # loss_reg = mean (G(z, 999) - y)^2 on pairs (z, y) of the teacher's own ODE (DDIM with CFG from noise z).
 
-__all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "generator_sample", "DMD_T_RANGE"]
+__all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
+            "generator_sample", "DMD_T_RANGE"]
 
 DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
 
@@ -415,6 +416,27 @@ def dmd_generator_loss(
     }
 
 
+def dmd_fake_updates(count: int, samples: tuple[torch.Tensor, torch.Tensor],
+                     fresh: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                     update: Callable[[torch.Tensor, torch.Tensor], float]) -> float:
+    """DMD2's two time-scale update rule (Yin et al. 2024b, §4.1): ``count`` fake-score updates per generator
+    update, so that the fake score keeps up with the generator's distribution. The first runs on this step's
+    ``samples`` ``(x_g, cond)``, each other on ``fresh()`` generator samples; ``update(x_g, cond)`` is one step of
+    the fake score's optimiser on :func:`dmd_fake_loss` (the trainer's: it owns the optimiser). Returns the sum of
+    the updates' losses."""
+    total = 0.0
+    for k in range(count):
+        total += update(*(samples if k == 0 else fresh()))
+    return total
+
+
+def first_noisy_timestep(scheduler: Any) -> int:
+    """The first timestep whose state holds noise (``alphas_cumprod < 1``): 0 on a diffusion schedule, 1 on the
+    flow path (:data:`cdlab.flow.model.FLOW_SCHEDULE`, whose timestep 0 is t = 1, the data)."""
+    ac = scheduler.alphas_cumprod
+    return int((torch.as_tensor(ac) >= 1.0).sum())
+
+
 def dmd_fake_loss(
     unet: Any,
     x_g: torch.Tensor,
@@ -430,10 +452,13 @@ def dmd_fake_loss(
     model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
     """The fake score's denoising loss on the generator's samples (detached): ``mean (eps_fake(x_t) - n)^2``
-    with ``t ~ U{0..T-1}``; gradients reach the fake adapter only. Returns ``loss``, ``t``, ``x_t``."""
+    with ``t ~ U{t_0..T-1}``, ``t_0`` the first timestep that has noise (:func:`first_noisy_timestep`: 0 on SD1.5's
+    schedule, 1 on the flow path, whose timestep 0 is the data itself and whose noise there cannot be predicted);
+    gradients reach the fake adapter only. Returns ``loss``, ``t``, ``x_t``."""
     device, bsz = x_g.device, x_g.shape[0]
     x0 = x_g.detach().float()
-    t = (torch.randint(0, num_train_timesteps, (bsz,), generator=generator).to(device) if timesteps is None
+    lo = first_noisy_timestep(scheduler)
+    t = (torch.randint(lo, num_train_timesteps, (bsz,), generator=generator).to(device) if timesteps is None
          else _per_example(timesteps, bsz, device))
     n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
     x_t = q_sample(x0, t, scheduler, noise=n)

@@ -431,6 +431,32 @@ def test_dmd_on_the_flow_is_the_flow_native_gradient_and_each_update_trains_its_
     assert moved == {FAKE_SCORE} and loss > 0  # the fake score's step: its own adapter alone
 
 
+def test_the_fake_score_learns_at_its_own_rate_and_never_at_the_flows_noiseless_timestep(tmp_path, tiny_unet):
+    """``fake_lr``: the fake score's LoRA is an Adam group of its own. Adam's first step moves each weight by its
+    rate (B starts at zero, so B after one step is that move): the student's by ``lr``, the fake's by
+    ``fake_lr``. The fake score's timesteps start at the first one that holds noise: 1 on the flow path (its
+    timestep 0 is the data), 0 on a diffusion schedule."""
+    from diffusers import DDPMScheduler
+
+    from cdlab.flow import distill
+    from cdlab.flow.model import FLOW_SCHEDULE
+    from cdlab.loss import first_noisy_timestep
+
+    assert first_noisy_timestep(FLOW_SCHEDULE) == 1 and first_noisy_timestep(DDPMScheduler()) == 0
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="dmd", sample_steps=1, steps=1, batch_size=4, lr=1e-3, fake_lr=1e-2,
+                                lora_rank=2, pairs=4, guidance=2.0, regression_weight=1.0)
+    unet, done = distill.distill(teacher_dir, cfg, log=lambda line: None, pair_cache=tmp_path / "cache")
+    moved = {}
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            role = n.split(".")[-2]
+            moved[role] = max(moved.get(role, 0.0), float(p.abs().max()))
+    assert done == 1
+    assert moved[distill.ADAPTER] == pytest.approx(1e-3, rel=1e-2)
+    assert moved["fake"] == pytest.approx(1e-2, rel=1e-2)
+
+
 def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
     from cdlab.flow import distill

@@ -79,17 +79,18 @@ from torch import nn
 from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.unet import UNet
-from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_generator_loss, generator_sample
+from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic, write_safetensors_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
 
-__all__ = ["lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
+__all__ = ["METHODS", "lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
            "save_flow_student", "student_lora", "main"]
 
 ADAPTER = "student"
+METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 
 
 def lora_targets(unet: nn.Module) -> list[str]:
@@ -259,11 +260,10 @@ def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.T
 def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
                     labels: torch.Tensor, *, generator: torch.Generator | None = None) -> float:
     """One update of the fake score on the generator's samples ``x_g`` (detached): the flow path's denoising loss
-    (:func:`cdlab.loss.dmd_fake_loss`), at timesteps 1..999 (at 0 the path is the data itself and its noise
-    cannot be predicted). Only the fake adapter has gradients, so ``opt`` steps it alone. Returns the loss."""
+    (:func:`cdlab.loss.dmd_fake_loss`, at timesteps 1..999: at 0 the path is the data itself). Only the fake
+    adapter has gradients, so ``opt`` steps it alone. Returns the loss."""
     c = matching.one_hot(labels).to(x_g.device)
-    k = torch.randint(1, FLOW_SCHEDULE.config.num_train_timesteps, (len(x_g),), generator=generator)
-    out = dmd_fake_loss(unet, x_g, c, FLOW_SCHEDULE, fake_adapter=FAKE_SCORE, timesteps=k, generator=generator,
+    out = dmd_fake_loss(unet, x_g, c, FLOW_SCHEDULE, fake_adapter=FAKE_SCORE, generator=generator,
                         model_class=FlowModel)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
@@ -274,7 +274,7 @@ def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn
 
 @dataclass(frozen=True)
 class StudentConfig:
-    method: str = "cd"              # "cd" (consistency distillation; N > 1: multi-boundary) | "reflow" | "dmd"
+    method: str = "cd"              # one of METHODS: "cd" (consistency distillation; N > 1: multi-boundary) | "reflow" | "dmd"
     num_boundaries: int = 1
     sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
     guidance: float = 5.0           # the teacher's CFG scale, distilled in
@@ -289,6 +289,7 @@ class StudentConfig:
     windows: int = 1                # reflow: W > 1 is piecewise rectified flow (PeRFlow) on W windows
     regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
     fake_steps: int = 1             # dmd: fake-score updates per generator update
+    fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
     seed: int = 0
 
 
@@ -324,8 +325,11 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    # One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients.
+    # One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients;
+    # with ``fake_lr`` the fake score's parameters are a group of their own, at that rate.
+    fake = [p for n, p in named if f".{FAKE_SCORE}." in n] if cfg.fake_lr > 0 else []
+    opt = torch.optim.Adam([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]},
+                            {"params": fake, "lr": cfg.fake_lr}] if fake else params, lr=cfg.lr)
     # CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta, mu = 0.95 as
     # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
@@ -388,15 +392,18 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
 
 def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
                   labels: torch.Tensor, cfg: StudentConfig, g: torch.Generator) -> None:
-    """DMD's ``cfg.fake_steps`` fake-score updates: the first on this step's samples, the others on fresh ones."""
-    for k in range(cfg.fake_steps):
-        if k:
-            z = torch.randn(x_g.shape, generator=g).to(x_g.device)
-            with adapter_role(unet, ADAPTER):
-                x_g = generator_sample(unet, z, matching.one_hot(labels).to(z.device), FLOW_SCHEDULE,
-                                       gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),
-                                       generator=g, grad=False, model_class=FlowModel)["x_g"]
-        dmd_fake_update(unet, opt, params, x_g, labels, generator=g)
+    """DMD's ``cfg.fake_steps`` fake-score updates (:func:`cdlab.loss.dmd_fake_updates`): the first on this step's
+    samples, the others on fresh ones of the same classes."""
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(x_g.shape, generator=g).to(x_g.device)
+        with adapter_role(unet, ADAPTER):
+            x = generator_sample(unet, z, matching.one_hot(labels).to(z.device), FLOW_SCHEDULE,
+                                 gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),
+                                 generator=g, grad=False, model_class=FlowModel)["x_g"]
+        return x, labels
+
+    dmd_fake_updates(cfg.fake_steps, (x_g, labels), fresh,
+                     lambda x, y: dmd_fake_update(unet, opt, params, x, y, generator=g))
 
 
 def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
@@ -535,10 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    if cfg.method not in ("cd", "reflow", "dmd") or cfg.reflow_times not in ("uniform", "zero"):
-        p.error("--method must be cd, reflow or dmd, --reflow-times uniform or zero")
-    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10:
-        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10]")
+    if cfg.method not in METHODS or cfg.reflow_times not in ("uniform", "zero"):
+        p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
+    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
+        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if args.resume and args.run_dir is None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cdlab.loss import dmd_fake_loss, dmd_generator_loss, generator_sample
+from cdlab.loss import dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import write_safetensors_atomic
 from cdlab.samplers import ddim_timesteps, sample_ddim
 from cdlab.students.roles import FAKE_SCORE, GENERATOR, TEACHER, adapter_role
@@ -73,20 +73,20 @@ def dmd_step(tr: Any) -> tuple[float, float]:
 
 
 def _fake_steps(tr: Any, samples: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """``dmd_fake_steps`` updates of the fake score: the first on ``samples`` (this step's), the others on fresh
-    generator samples. Returns the sum of their losses."""
+    """``dmd_fake_steps`` updates of the fake score (`cdlab.loss.dmd_fake_updates`): the first on ``samples``
+    (this step's), the others on fresh generator samples. Returns the sum of their losses."""
     cfg, acc, sched = tr.cfg, tr.acc, tr.teacher.scheduler
-    fake_total = 0.0
-    for k in range(cfg.dmd_fake_steps):
-        if k == 0:
-            x_g, cond = samples
-        else:
-            idx = torch.randint(0, len(tr.data), (cfg.batch_size,), generator=tr.data_gen)
-            _, cond = tr.data.batch(idx, tr.data_gen, tr.device)
-            z = torch.randn((cfg.batch_size, *tr.latent_shape), generator=tr.loss_gen).to(tr.device)
-            with torch.no_grad(), adapter_role(tr.student, GENERATOR):
-                x_g = generator_sample(tr.student, z, cond, sched, gen_timesteps=tr.sampler_timesteps,
-                                       generator=tr.loss_gen, autocast_dtype=tr.autocast_dtype, grad=False)["x_g"]
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(tr.data), (cfg.batch_size,), generator=tr.data_gen)
+        _, cond = tr.data.batch(idx, tr.data_gen, tr.device)
+        z = torch.randn((cfg.batch_size, *tr.latent_shape), generator=tr.loss_gen).to(tr.device)
+        with torch.no_grad(), adapter_role(tr.student, GENERATOR):
+            x_g = generator_sample(tr.student, z, cond, sched, gen_timesteps=tr.sampler_timesteps,
+                                   generator=tr.loss_gen, autocast_dtype=tr.autocast_dtype, grad=False)["x_g"]
+        return x_g, cond
+
+    def update(x_g: torch.Tensor, cond: torch.Tensor) -> float:
         fl = dmd_fake_loss(tr.student, x_g, cond, sched, fake_adapter=FAKE_SCORE,
                            num_train_timesteps=cfg.num_train_timesteps, generator=tr.loss_gen,
                            autocast_dtype=tr.autocast_dtype)
@@ -95,8 +95,9 @@ def _fake_steps(tr: Any, samples: tuple[torch.Tensor, torch.Tensor]) -> float:
             acc.clip_grad_norm_(tr.fake_params, cfg.max_grad_norm)
         tr.fake_optimizer.step()
         tr.fake_optimizer.zero_grad(set_to_none=True)
-        fake_total += float(fl["loss"].detach())
-    return fake_total
+        return float(fl["loss"].detach())
+
+    return dmd_fake_updates(cfg.dmd_fake_steps, samples, fresh, update)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
+from cdlab.flow.distill import METHODS  # the one list of the flow students' methods
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
@@ -101,7 +102,6 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("lora_rank", "LoRA rank", "int", 1, 64),
     ("windows", "reflow windows (1: 2-rectified flow; 4: piecewise, PeRFlow)", "int", 1, 8),
 ]
-METHODS = ("reflow", "cd", "dmd")
 
 
 def student_fields() -> list[FormField]:
