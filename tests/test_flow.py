@@ -592,12 +592,16 @@ def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_m
                                                                                           monkeypatch):
     """Issue 24: a student run cut off (here by ``max_seconds``) and started again on the same checkpoint folder
     ends with the LoRA, EMA-free Adam state and samples of the run that never stopped; reflow's teacher pairs are
-    cached by chunk and read back, not made again; another recipe on that checkpoint is refused by name."""
+    cached by chunk and read back, not made again; another recipe on that checkpoint is refused by name. The
+    student it returns is its weights' average (``student_ema``), kept in the checkpoint beside its weights."""
+    from safetensors.torch import load_file
+
     from cdlab.flow import distill
     from cdlab.students import StudentError
 
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
-    cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0)
+    cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0,
+                                student_ema=0.5)
     cache, quiet = tmp_path / "cache", (lambda line: None)
     kw = dict(log=quiet, pair_cache=cache, checkpoint_every=2)
     _, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "stopped", should_stop=lambda: True, **kw)
@@ -620,6 +624,10 @@ def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_m
     w1, w2 = distill.lora_weights(whole), distill.lora_weights(again)
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(float(v.abs().max()) > 0 for k, v in w1.items() if "lora_B" in k)  # it trained
+    # the student returned is its average (student_ema), which the checkpoint keeps beside the last weights
+    saved = load_file(str(tmp_path / "whole" / "student-0000006.safetensors"))
+    assert all(torch.equal(w1[k], saved[f"average.{k}"]) for k in w1)
+    assert not all(torch.equal(w1[k], saved[k]) for k in w1)
     other = dataclasses.replace(cfg, lr=2e-2)
     with pytest.raises(StudentError, match="lr=0.01"):
         distill.distill(teacher_dir, other, checkpoint=tmp_path / "cut", **kw)

@@ -290,6 +290,7 @@ class StudentConfig:
     regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
     fake_steps: int = 1             # dmd: fake-score updates per generator update
     fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
+    student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     seed: int = 0
 
 
@@ -305,12 +306,13 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None,
             should_stop: Callable[[], bool] | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
-    returns the UNet with the adapter (eval mode) and the steps taken. ``init``: start from that student's LoRA
+    returns the UNet with the adapter (eval mode; with ``cfg.student_ema``, the adapter's average) and the steps
+    taken. ``init``: start from that student's LoRA
     (a name in ``root``, default ``adapters/``). ``on_step(steps_done, loss)`` after each step (a run folder's
     metrics row, `main`'s ``--run-dir``) stops the training when it returns True.
 
-    ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its EMA, Adam's state
-    and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit for bit
+    ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its averages, Adam's
+    state and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit for bit
     as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
     reflow's teacher pairs are kept (:func:`cached_teacher_pairs`); ``should_stop`` ends the run while they are
     drawn (the steps taken are then the checkpoint's, or 0)."""
@@ -333,9 +335,12 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     # CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta, mu = 0.95 as
     # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
+    # The student's own average (Polyak; DMD's generator moves from step to step, its average less): what is saved.
+    average = ({n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None)
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg)
-    done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, **run)
+    done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
+                                                           **run)
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})")
     if cfg.method in ("reflow", "dmd"):
@@ -370,15 +375,16 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         opt.step()
         if cfg.method == "dmd":
             _fake_updates(unet, opt, params, out["x_g"], labels_all[idx], cfg, g)
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in named:
-                    ema[n].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        with torch.no_grad():
+            for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
+                for n, p in named if avg is not None else ():
+                    if n in avg:
+                        avg[n].lerp_(p.detach(), 1.0 - decay)
         done = step + 1
         stop = on_step is not None and on_step(done, float(out["loss"].item()))
         late = max_seconds is not None and time.monotonic() - start > max_seconds
         if checkpoint is not None and (stop or late or done % checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(Path(checkpoint), unet, opt, ema, g, done, **run)
+            save_checkpoint(Path(checkpoint), unet, opt, ema, g, done, average=average, **run)
         if stop:
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}")
             break
@@ -387,6 +393,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         if late:
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}, after {max_seconds} s")
             break
+    if average is not None:  # the student is the average (the checkpoint above keeps the last weights too)
+        set_lora_weights(unet, average)
     return unet.eval(), done
 
 
@@ -414,14 +422,15 @@ def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
 
 def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                     generator: torch.Generator, step: int, *, cfg: StudentConfig, teacher: str | Path,
-                    init: str | None) -> None:
+                    init: str | None, average: dict[str, torch.Tensor] | None = None) -> None:
     """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
-    its EMA, the generator's state), ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming
+    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state), ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming
     the step, written last and atomically, so a run killed while saving keeps its previous checkpoint."""
     from cdlab.flow.train_teacher import save_optimizer_state
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
+               **{f"average.{n}": v.cpu().contiguous() for n, v in (average or {}).items()},
                "generator": generator.get_state()}
     save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
     save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
@@ -432,7 +441,8 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
 
 
 def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-                    generator: torch.Generator, *, cfg: StudentConfig, teacher: str | Path, init: str | None) -> int:
+                    generator: torch.Generator, *, cfg: StudentConfig, teacher: str | Path, init: str | None,
+                    average: dict[str, torch.Tensor] | None = None) -> int:
     """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
     checkpoint of another recipe is refused with the field that differs."""
     from cdlab.flow.train_teacher import load_optimizer_state
@@ -455,10 +465,10 @@ def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
         raise StudentError(f"{folder / _CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
     tensors = load_file(str(folder / f"student-{step:07d}.safetensors"))
     generator.set_state(tensors.pop("generator"))
-    if ema is not None:
-        with torch.no_grad():
-            for n in ema:
-                ema[n].copy_(tensors.pop(f"ema.{n}"))
+    with torch.no_grad():
+        for prefix, avg in (("ema", ema), ("average", average)):
+            for n in avg or {}:
+                avg[n].copy_(tensors.pop(f"{prefix}.{n}"))
     set_lora_weights(unet, tensors)
     load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
     return step
@@ -546,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
     if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
+    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1:
+        p.error("--student-ema and --ema-decay must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if args.resume and args.run_dir is None:
