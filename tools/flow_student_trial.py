@@ -1,0 +1,97 @@
+"""A flow student's quality as it trains: FID, class accuracy and diversity every ``--every`` steps.
+
+    python tools/flow_student_trial.py --out runs/trial-dmd-1 --init fashion-reflow-1 --every 100 -- \\
+        --method dmd --sample-steps 1 --guidance 1.5 --pairs 4096 --batch-size 64 --lr 2e-5 \\
+        --regression-weight 1 --steps 800
+
+The arguments after ``--`` are ``python -m cdlab.flow.distill``'s recipe (its ``StudentConfig`` flags). The run
+trains in pieces of ``--every`` steps on one checkpoint folder (``<out>/checkpoint``), which continues bit for bit
+(:func:`cdlab.flow.distill.distill`), so step k here is step k of the one-piece command with ``--steps k``. After
+each piece the student is saved in ``<out>/students/s<k>`` and scored as the shipped evaluation scores it: its own
+sampler at its card's steps (``--eval-steps`` another count) through the column runner, on the evaluation's
+2,000 noises (:func:`cdlab.flow.evaluate.noise`, classes i mod 10), against the real test set
+(:func:`cdlab.flow.evaluate.score`). Each line printed is also appended to ``<out>/trial.jsonl``.
+
+Choosing a step count by these figures is choosing it on the evaluation's own noise and test set: say so beside
+any figure chosen that way. docs/flow.md has the trials it printed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cdlab.columns import run_columns, student_column  # noqa: E402
+from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
+from cdlab.flow.distill import StudentConfig, distill, save_flow_student  # noqa: E402
+from cdlab.flow.evaluate import noise, score  # noqa: E402
+from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
+from cdlab.paths import cache_dir  # noqa: E402
+from cdlab.students import read_card  # noqa: E402
+
+
+def recipe(argv: list[str]) -> StudentConfig:
+    """``StudentConfig`` from distill's flags (``--lr 2e-5 ...``); an unknown flag is refused by name."""
+    p = argparse.ArgumentParser(prog="recipe")
+    for name, value in dataclasses.asdict(StudentConfig()).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = p.parse_args(argv)
+    return StudentConfig(**{k: getattr(args, k) for k in dataclasses.asdict(StudentConfig())})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(prog="python tools/flow_student_trial.py", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="the trial's folder (checkpoint/, students/, trial.jsonl)")
+    p.add_argument("--teacher", default="cdlab/assets/fashion-flow")
+    p.add_argument("--init", default=None, help="start from this student in adapters/")
+    p.add_argument("--every", type=int, default=100, help="steps between scores")
+    p.add_argument("--eval-steps", type=int, default=None, help="sample at this many steps (default: the recipe's)")
+    p.add_argument("--n", type=int, default=2000, help="samples per score")
+    args = p.parse_args(ours)
+    cfg = recipe(theirs)
+    if not 1 <= args.every <= cfg.steps:
+        p.error(f"--every must be in [1, {cfg.steps}]")
+    out = Path(args.out)
+    if (out / "checkpoint").exists():  # a trial's pieces start at its first step: it is not continued
+        p.error(f"{out} holds a trial already; choose a new --out")
+    teacher = load_flow_teacher(args.teacher, "cpu")
+    classifier, reference = load_classifier(), load_reference_stats()
+    z, labels = noise(args.n, 0)
+    prompts = [teacher.classes[int(y)] for y in labels]
+    k = args.eval_steps or cfg.sample_steps
+
+    def scored(name: str, root: Path | None) -> dict:
+        col = student_column(read_card(name, root), k)
+        run = run_columns(teacher, [col], prompts, list(range(args.n)), noise=z, decode=None, adapters_root=root,
+                          max_rows=args.n)[0]
+        return score(run.latents.float().cpu(), labels, classifier, reference)
+
+    def report(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        with open(out / "trial.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    if args.init is not None:
+        report({"step": 0, "init": args.init, "eval_steps": k, **scored(args.init, None)})
+    for steps in range(args.every, cfg.steps + 1, args.every):
+        unet, done = distill(args.teacher, dataclasses.replace(cfg, steps=steps), init=args.init,
+                             checkpoint=out / "checkpoint", pair_cache=cache_dir(), log=lambda line: None)
+        name = f"s{done}"
+        save_flow_student(unet, name, cfg, out / "students", teacher=args.teacher, trained_steps=done,
+                          init=args.init, overwrite=True)
+        report({"step": done, "eval_steps": k, **scored(name, out / "students"),
+                "seconds": round(time.monotonic() - start, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
