@@ -327,16 +327,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    # One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients;
-    # with ``fake_lr`` the fake score's parameters are a group of their own, at that rate.
-    fake = [p for n, p in named if f".{FAKE_SCORE}." in n] if cfg.fake_lr > 0 else []
-    opt = torch.optim.Adam([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]},
-                            {"params": fake, "lr": cfg.fake_lr}] if fake else params, lr=cfg.lr)
-    # CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta, mu = 0.95 as
-    # LCM uses): with the online weights (mu = 0) the flow students drifted from the teacher (docs/flow.md).
-    ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
-    # The student's own average (Polyak; DMD's generator moves from step to step, its average less): what is saved.
-    average = ({n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None)
+    opt, ema, average = _optimizer_and_averages(named, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg)
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
@@ -396,6 +387,25 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if average is not None:  # the student is the average (the checkpoint above keeps the last weights too)
         set_lora_weights(unet, average)
     return unet.eval(), done
+
+
+def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentConfig
+                            ) -> tuple[torch.optim.Optimizer, dict | None, dict | None]:
+    """The run's Adam and its two optional averages of the LoRA weights (name -> tensor), as ``distill`` uses them.
+
+    * One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients; with
+      ``cfg.fake_lr`` the fake score's parameters are a group of their own, at that rate.
+    * ``ema``: CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta,
+      mu = ``cfg.ema_decay``, 0.95 as LCM uses); with the online weights (mu = 0) the flow students drifted from the
+      teacher (docs/flow.md).
+    * ``average``: the student's own average (Polyak, rate ``cfg.student_ema``), what is saved: DMD's generator
+      moves from step to step, its average less."""
+    fake = [p for n, p in named if f".{FAKE_SCORE}." in n] if cfg.fake_lr > 0 else []
+    groups = ([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]}, {"params": fake, "lr": cfg.fake_lr}]
+              if fake else [p for _, p in named])
+    ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
+    average = {n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None
+    return torch.optim.Adam(groups, lr=cfg.lr), ema, average
 
 
 def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
