@@ -277,7 +277,8 @@ def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn
 
 @dataclass(frozen=True)
 class StudentConfig:
-    method: str = "cd"              # one of METHODS: "cd" (consistency distillation; N > 1: multi-boundary) | "reflow" | "dmd"
+    method: str = "cd"              # one of METHODS: "cd" (consistency distillation; N > 1: multi-boundary),
+                                    # "reflow" or "dmd"
     num_boundaries: int = 1
     sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
     guidance: float = 5.0           # the teacher's CFG scale, distilled in
@@ -310,13 +311,13 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             should_stop: Callable[[], bool] | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode; with ``cfg.student_ema``, the adapter's average) and the steps
-    taken. ``init``: start from that student's LoRA
-    (a name in ``root``, default ``adapters/``). ``on_step(steps_done, loss)`` after each step (a run folder's
-    metrics row, `main`'s ``--run-dir``) stops the training when it returns True.
+    taken. ``init``: start from that student's LoRA (a name in ``root``, default ``adapters/``).
+    ``on_step(steps_done, loss)`` after each step (a run folder's metrics row, `main`'s ``--run-dir``) stops the
+    training when it returns True.
 
     ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its averages, Adam's
-    state and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit for bit
-    as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
+    state and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit
+    for bit as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
     reflow's teacher pairs are kept (:func:`cached_teacher_pairs`); ``should_stop`` ends the run while they are
     drawn (the steps taken are then the checkpoint's, or 0)."""
     dev = torch.device(device)
@@ -437,8 +438,9 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
                     generator: torch.Generator, step: int, *, cfg: StudentConfig, teacher: str | Path,
                     init: str | None, average: dict[str, torch.Tensor] | None = None) -> None:
     """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
-    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state), ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming
-    the step, written last and atomically, so a run killed while saving keeps its previous checkpoint."""
+    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state),
+    ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step, written last and
+    atomically, so a run killed while saving keeps its previous checkpoint."""
     from cdlab.flow.train_teacher import save_optimizer_state
 
     folder.mkdir(parents=True, exist_ok=True)
