@@ -76,21 +76,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
+from cdlab.flow.student_checkpoint import load_checkpoint, lora_weights, save_checkpoint, set_lora_weights
 from cdlab.flow.unet import UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
-from cdlab.paths import cache_dir, read_json, shown_path, write_json_atomic, write_safetensors_atomic
+from cdlab.paths import cache_dir, shown_path, write_safetensors_atomic
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
 
 __all__ = ["METHODS", "lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
-           "save_flow_student", "student_lora", "main"]
+           "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "main"]
 
 ADAPTER = "student"
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
@@ -157,7 +158,6 @@ def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, gu
 
 PAIR_CHUNK = 256  # pairs a cache file holds
 CHECKPOINT_EVERY = 100  # steps between a student run's checkpoints
-_CHECKPOINT_JSON = "checkpoint.json"
 
 
 def pair_labels(count: int) -> torch.Tensor:
@@ -428,71 +428,6 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
                      lambda x, y: dmd_fake_update(unet, opt, params, x, y, generator=g))
 
 
-def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
-    """What a checkpoint must share with the run that continues it: everything but the step budget."""
-    return {"config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
-            "teacher": str(Path(teacher).resolve()), "init": init}
-
-
-def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-                    generator: torch.Generator, step: int, *, cfg: StudentConfig, teacher: str | Path,
-                    init: str | None, average: dict[str, torch.Tensor] | None = None) -> None:
-    """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
-    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state),
-    ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step, written last and
-    atomically, so a run killed while saving keeps its previous checkpoint."""
-    from cdlab.flow.train_teacher import save_optimizer_state
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
-               **{f"average.{n}": v.cpu().contiguous() for n, v in (average or {}).items()},
-               "generator": generator.get_state()}
-    save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
-    save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
-    write_json_atomic(folder / _CHECKPOINT_JSON, {"step": step, **_recipe(cfg, teacher, init)})
-    for old in [*folder.glob("student-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
-        if old.stem.split("-")[-1] != f"{step:07d}":
-            old.unlink(missing_ok=True)
-
-
-def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-                    generator: torch.Generator, *, cfg: StudentConfig, teacher: str | Path, init: str | None,
-                    average: dict[str, torch.Tensor] | None = None) -> int:
-    """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
-    checkpoint of another recipe is refused with the field that differs."""
-    from cdlab.flow.train_teacher import load_optimizer_state
-
-    saved = read_json(folder / _CHECKPOINT_JSON)
-    if saved is None:
-        return 0
-    want = _recipe(cfg, teacher, init)
-    for key in ("teacher", "init"):
-        if saved.get(key) != want[key]:
-            raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
-    defaults = asdict(StudentConfig())  # a field newer than the checkpoint: it ran with that field's default
-    for key, value in want["config"].items():
-        got = (saved.get("config") or {}).get(key, defaults[key])
-        if got != value:
-            raise StudentError(f"{folder} is a run with {key}={got!r}, not {value!r}: choose a new folder or the "
-                               f"same recipe")
-    step = saved.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= cfg.steps:
-        raise StudentError(f"{folder / _CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
-    tensors = load_file(str(folder / f"student-{step:07d}.safetensors"))
-    generator.set_state(tensors.pop("generator"))
-    with torch.no_grad():
-        for prefix, avg in (("ema", ema), ("average", average)):
-            for n in avg or {}:
-                avg[n].copy_(tensors.pop(f"{prefix}.{n}"))
-    set_lora_weights(unet, tensors)
-    load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
-    return step
-
-
-def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n}
-
-
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
     file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
@@ -505,16 +440,6 @@ def student_lora(name: str, root: str | Path | None = None, teacher: str | Path 
         raise StudentError(f"student {name!r} is a student of {card.base_model!r}, not of {flow_base_id(teacher)!r}")
     state = load_file(str(student_dir(name, root) / WEIGHT_NAME))
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
-
-
-def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(unet.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"student weights name {unknown[0]!r}, which this UNet's LoRA does not have")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
 
 
 def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None,

@@ -1,0 +1,100 @@
+"""A flow student run's checkpoint (:func:`cdlab.flow.distill.distill`'s ``checkpoint`` folder): what it saves,
+what it restores, and the recipe a run must share with the checkpoint it continues.
+
+A checkpoint is ``student-<step>.safetensors`` (the LoRA weights of every adapter, the run's averages, the random
+generator's state), ``optimizer-<step>.safetensors`` (Adam's moments) and ``checkpoint.json`` (the step and the
+recipe), written last and atomically: a run continued from it repeats, bit for bit, the run that never stopped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdlab.paths import read_json, write_json_atomic
+from cdlab.students import StudentError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "lora_weights", "set_lora_weights"]
+
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
+    """What a checkpoint must share with the run that continues it: everything but the step budget."""
+    return {"config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
+            "teacher": str(Path(teacher).resolve()), "init": init}
+
+
+def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                    generator: torch.Generator, step: int, *, cfg: Any, teacher: str | Path,
+                    init: str | None, average: dict[str, torch.Tensor] | None = None) -> None:
+    """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
+    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state),
+    ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step, written last and
+    atomically, so a run killed while saving keeps its previous checkpoint."""
+    from cdlab.flow.train_teacher import save_optimizer_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
+               **{f"average.{n}": v.cpu().contiguous() for n, v in (average or {}).items()},
+               "generator": generator.get_state()}
+    save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
+    save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
+    write_json_atomic(folder / CHECKPOINT_JSON, {"step": step, **_recipe(cfg, teacher, init)})
+    for old in [*folder.glob("student-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
+        if old.stem.split("-")[-1] != f"{step:07d}":
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                    generator: torch.Generator, *, cfg: Any, teacher: str | Path, init: str | None,
+                    average: dict[str, torch.Tensor] | None = None) -> int:
+    """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
+    checkpoint of another recipe is refused with the field that differs."""
+    from cdlab.flow.train_teacher import load_optimizer_state
+
+    saved = read_json(folder / CHECKPOINT_JSON)
+    if saved is None:
+        return 0
+    want = _recipe(cfg, teacher, init)
+    for key in ("teacher", "init"):
+        if saved.get(key) != want[key]:
+            raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
+    defaults = asdict(type(cfg)())  # a field newer than the checkpoint: it ran with that field's default
+    for key, value in want["config"].items():
+        got = (saved.get("config") or {}).get(key, defaults[key])
+        if got != value:
+            raise StudentError(f"{folder} is a run with {key}={got!r}, not {value!r}: choose a new folder or the "
+                               f"same recipe")
+    step = saved.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= cfg.steps:
+        raise StudentError(f"{folder / CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
+    tensors = load_file(str(folder / f"student-{step:07d}.safetensors"))
+    generator.set_state(tensors.pop("generator"))
+    with torch.no_grad():
+        for prefix, avg in (("ema", ema), ("average", average)):
+            for n in avg or {}:
+                avg[n].copy_(tensors.pop(f"{prefix}.{n}"))
+    set_lora_weights(unet, tensors)
+    load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
+    return step
+
+
+def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA parameter of ``unet`` (all its adapters), detached on the CPU, by its parameter name."""
+    return {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def set_lora_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (parameter name -> tensor) into ``unet``'s LoRA; a name it does not have is refused."""
+    params = dict(unet.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"student weights name {unknown[0]!r}, which this UNet's LoRA does not have")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
