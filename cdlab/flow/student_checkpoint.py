@@ -4,6 +4,8 @@ what it restores, and the recipe a run must share with the checkpoint it continu
 A checkpoint is ``student-<step>.safetensors`` (the LoRA weights of every adapter, the run's averages, the random
 generator's state), ``optimizer-<step>.safetensors`` (Adam's moments) and ``checkpoint.json`` (the step and the
 recipe), written last and atomically: a run continued from it repeats, bit for bit, the run that never stopped.
+``cfg`` below is the run's :class:`cdlab.flow.distill.StudentConfig` (typed ``Any`` here: that module imports
+this one).
 """
 from __future__ import annotations
 
