@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdlab.columns import run_columns, student_column  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
-from cdlab.flow.distill import StudentConfig, distill, save_flow_student  # noqa: E402
+from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from_args, distill,  # noqa: E402
+                                 save_flow_student)
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.paths import cache_dir  # noqa: E402
@@ -36,12 +37,10 @@ from cdlab.students import read_card  # noqa: E402
 
 
 def recipe(argv: list[str]) -> StudentConfig:
-    """``StudentConfig`` from distill's flags (``--lr 2e-5 ...``); an unknown flag is refused by name."""
+    """``StudentConfig`` from distill's own flags and checks (``--lr 2e-5 ...``); an unknown flag is refused."""
     p = argparse.ArgumentParser(prog="recipe")
-    for name, value in dataclasses.asdict(StudentConfig()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    args = p.parse_args(argv)
-    return StudentConfig(**{k: getattr(args, k) for k in dataclasses.asdict(StudentConfig())})
+    add_config_arguments(p)
+    return config_from_args(p, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,6 +331,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    weights = dict(named)
     opt, ema, average = _optimizer_and_averages(named, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg)
@@ -372,9 +373,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             _fake_updates(unet, opt, params, out["x_g"], labels_all[idx], cfg, g)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
-                for n, p in named if avg is not None else ():
-                    if n in avg:
-                        avg[n].lerp_(p.detach(), 1.0 - decay)
+                for n, value in (avg or {}).items():
+                    value.lerp_(weights[n].detach(), 1.0 - decay)
         done = step + 1
         stop = on_step is not None and on_step(done, float(out["loss"].item()))
         late = max_seconds is not None and time.monotonic() - start > max_seconds
@@ -474,6 +474,27 @@ def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str 
     return save_student(unet, name, card, root, adapter_name=ADAPTER, overwrite=overwrite)
 
 
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`StudentConfig` field (``--lora-rank 16``), its default the field's."""
+    for name, value in asdict(StudentConfig()).items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
+def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> StudentConfig:
+    """The :class:`StudentConfig` of :func:`add_config_arguments`' flags, each checked (``p.error`` names the
+    flag out of range)."""
+    cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(StudentConfig())})
+    if cfg.method not in METHODS or cfg.reflow_times not in ("uniform", "zero"):
+        p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
+    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
+        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
+    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1:
+        p.error("--student-ema and --ema-decay must be in [0, 1)")
+    if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
+        p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cdlab.flow.distill", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", required=True, help="the teacher's folder (unet.safetensors, state.json)")
@@ -487,19 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     p.add_argument("--pair-cache", default=None, help="where reflow's teacher pairs are kept (default: the cache "
                    "folder, $CDLAB_CACHE_DIR or cache/)")
-    defaults = StudentConfig()
-    for name, value in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_config_arguments(p)
     args = p.parse_args(argv)
-    cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    if cfg.method not in METHODS or cfg.reflow_times not in ("uniform", "zero"):
-        p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
-    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
-        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
-    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1:
-        p.error("--student-ema and --ema-decay must be in [0, 1)")
-    if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
-        p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
+    cfg = config_from_args(p, args)
     if args.resume and args.run_dir is None:
         p.error("--resume continues a --run-dir")
     try:
