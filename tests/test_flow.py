@@ -457,6 +457,47 @@ def test_the_fake_score_learns_at_its_own_rate_and_never_at_the_flows_noiseless_
     assert moved["fake"] == pytest.approx(1e-2, rel=1e-2)
 
 
+def test_a_dmd_warm_up_trains_the_fake_score_alone_then_both(tmp_path, tiny_unet):
+    """``fake_warmup`` k: the first k steps fit the fake score to the generator's samples and leave the student
+    as it started (LoRA B zero: the teacher); the steps after move both."""
+    from cdlab.flow import distill
+
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+
+    def moved_after(steps: int) -> dict[str, float]:
+        cfg = distill.StudentConfig(method="dmd", sample_steps=1, steps=steps, batch_size=4, lr=1e-3, lora_rank=2,
+                                    pairs=4, guidance=2.0, regression_weight=1.0, fake_warmup=2)
+        unet, done = distill.distill(teacher_dir, cfg, log=lambda line: None, pair_cache=tmp_path / "cache")
+        assert done == steps
+        return {role: max(float(p.abs().max()) for n, p in unet.named_parameters()
+                          if "lora_B" in n and n.split(".")[-2] == role) for role in (distill.ADAPTER, "fake")}
+
+    warm = moved_after(2)
+    assert warm[distill.ADAPTER] == 0.0 and warm["fake"] > 0
+    assert moved_after(3)[distill.ADAPTER] > 0
+
+
+def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_range(capsys):
+    """``adam_beta1`` (DMD2 trains both players at 0) reaches the run's Adam; ``--adam-beta1 1`` is refused by
+    name before anything is loaded."""
+    from torch import nn
+
+    from cdlab.flow import distill
+
+    named = [("w.lora_A.student.weight", nn.Parameter(torch.zeros(2))),
+             ("w.lora_A.fake.weight", nn.Parameter(torch.zeros(2)))]
+    cfg = distill.StudentConfig(method="dmd", adam_beta1=0.0, fake_lr=1e-2)
+    opt, _, _ = distill._optimizer_and_averages(named, cfg)
+    assert [g["betas"] for g in opt.param_groups] == [(0.0, 0.999), (0.0, 0.999)]
+    assert distill.StudentConfig().adam_beta1 == 0.9  # torch's default: the shipped students' recipe
+    with pytest.raises(SystemExit):
+        distill.main(["--teacher", "nowhere", "--name", "x", "--method", "dmd", "--adam-beta1", "1"])
+    assert "--adam-beta1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--fake-warmup", "10"])
+    assert "--fake-warmup" in capsys.readouterr().err
+
+
 def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
     from cdlab.flow import distill

@@ -294,7 +294,10 @@ class StudentConfig:
     regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
     fake_steps: int = 1             # dmd: fake-score updates per generator update
     fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
+    fake_warmup: int = 0            # dmd: the first steps train the fake score alone (a run started --init from
+                                    # a generator that is not the teacher: its fake score must learn it first)
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
+    adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     seed: int = 0
 
 
@@ -357,6 +360,10 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         if cfg.method in ("reflow", "dmd"):  # a batch of the teacher's pairs
             idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
             z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx]
+        if cfg.method == "dmd" and step < cfg.fake_warmup:  # the fake score alone learns the generator's samples
+            loss = _fake_updates(unet, opt, params, None, y, cfg, g)
+            out = {"loss": torch.tensor(loss)}
+        elif cfg.method in ("reflow", "dmd"):
             out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                    dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
                             regression_weight=cfg.regression_weight, generator=g))
@@ -365,12 +372,13 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
                           num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
                           target_weights=ema, generator=g)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if cfg.method == "dmd":
-            _fake_updates(unet, opt, params, out["x_g"], labels_all[idx], cfg, g)
+        if "x_g" in out or cfg.method != "dmd":  # not a warm-up step: the student learns
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        if "x_g" in out:
+            _fake_updates(unet, opt, params, out["x_g"], y, cfg, g)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
                 for n, value in (avg or {}).items():
@@ -398,7 +406,9 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
     """The run's Adam and its two optional averages of the LoRA weights (name -> tensor), as ``distill`` uses them.
 
     * One Adam for every LoRA: DMD's generator and fake score each step only the adapter that has gradients; with
-      ``cfg.fake_lr`` the fake score's parameters are a group of their own, at that rate.
+      ``cfg.fake_lr`` the fake score's parameters are a group of their own, at that rate. Its beta_1 is
+      ``cfg.adam_beta1``: DMD2 (Yin et al. 2024b) trains both at 0, no momentum in a two-player game whose
+      target (the fake score) moves every step.
     * ``ema``: CD's target network theta^- (Song et al. 2023, Alg. 2: theta^- <- mu theta^- + (1 - mu) theta,
       mu = ``cfg.ema_decay``, 0.95 as LCM uses); with the online weights (mu = 0) the flow students drifted from the
       teacher (docs/flow.md).
@@ -409,23 +419,26 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
               if fake else [p for _, p in named])
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     average = {n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None
-    return torch.optim.Adam(groups, lr=cfg.lr), ema, average
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999)), ema, average
 
 
-def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
-                  labels: torch.Tensor, cfg: StudentConfig, g: torch.Generator) -> None:
+def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor | None,
+                  labels: torch.Tensor, cfg: StudentConfig, g: torch.Generator) -> float:
     """DMD's ``cfg.fake_steps`` fake-score updates (:func:`cdlab.loss.dmd_fake_updates`): the first on this step's
-    samples, the others on fresh ones of the same classes."""
+    samples ``x_g`` (None, a warm-up step: fresh ones too), the others on fresh ones of the same classes. Returns
+    the sum of their losses."""
+    device = next(unet.parameters()).device
+
     def fresh() -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(x_g.shape, generator=g).to(x_g.device)
+        z = torch.randn((len(labels), 1, 28, 28), generator=g).to(device)
         with adapter_role(unet, ADAPTER):
-            x = generator_sample(unet, z, matching.one_hot(labels).to(z.device), FLOW_SCHEDULE,
+            x = generator_sample(unet, z, matching.one_hot(labels).to(device), FLOW_SCHEDULE,
                                  gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),
                                  generator=g, grad=False, model_class=FlowModel)["x_g"]
         return x, labels
 
-    dmd_fake_updates(cfg.fake_steps, (x_g, labels), fresh,
-                     lambda x, y: dmd_fake_update(unet, opt, params, x, y, generator=g))
+    return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh,
+                            lambda x, y: dmd_fake_update(unet, opt, params, x, y, generator=g))
 
 
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
@@ -488,8 +501,10 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
     if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
-    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1:
-        p.error("--student-ema and --ema-decay must be in [0, 1)")
+    if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
+        p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
+    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
+        p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     return cfg
