@@ -21,7 +21,7 @@ from cdlab.paths import REPO_ROOT
 from cdlab.flow.unet import UNet, recalibrate_batchnorm
 
 
-SHIPPED_FLOW_STUDENTS = ("fashion-reflow-4", "fashion-reflow-1", "fashion-dmd-1", "fashion-dmd-4")
+SHIPPED_FLOW_STUDENTS = ("fashion-reflow-4", "fashion-reflow-1", "fashion-dmd-1", "fashion-dmd-4", "fashion-mbcd-4")
 
 
 @pytest.fixture
@@ -786,7 +786,7 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     assert {r["method"] for r in rows[:5]} == {"teacher"}
     students = {r["column"] for r in rows[5:]}
     assert students == set(SHIPPED_FLOW_STUDENTS)
-    assert {r["kind"] for r in rows[5:]} == {"reflow", "dmd"}
+    assert {r["kind"] for r in rows[5:]} == {"reflow", "dmd", "mbcd"}
     assert all(r["nfe"] == r["steps"] for r in rows[5:])
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1 for r in rows[5:])

@@ -267,7 +267,8 @@ def test_shipped_students(made, tmp_path):
 def test_the_repository_lists_its_shipped_students():
     repo_adapters = Path(S.__file__).resolve().parent.parent.parent / "adapters"
     assert S.shipped_students(repo_adapters) == {"tiny-ct-4", "tiny-cd-4", "tiny-mbcd-4", "tiny-dmd-1", "tiny-dmd-4",
-                                                  "fashion-reflow-4", "fashion-reflow-1", "fashion-dmd-1", "fashion-dmd-4"}
+                                                  "fashion-reflow-4", "fashion-reflow-1", "fashion-dmd-1", "fashion-dmd-4",
+                                                  "fashion-mbcd-4"}
     assert {c.name for c in S.list_students(repo_adapters)} >= S.shipped_students(repo_adapters)
 
 
