@@ -477,6 +477,40 @@ def test_a_dmd_warm_up_trains_the_fake_score_alone_then_both(tmp_path, tiny_unet
     assert moved_after(3)[distill.ADAPTER] > 0
 
 
+def test_a_student_trial_scores_each_piece_and_resumed_ends_on_the_one_piece_runs_student(tmp_path, monkeypatch,
+                                                                                          tiny_unet):
+    """``tools/flow_student_trial.py``: one scored row per piece; a trial is continued only with ``--resume``, to a
+    larger ``--steps``, and its last student is the one-piece run's, bit for bit."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from cdlab.flow import distill
+    from cdlab.students import WEIGHT_NAME
+
+    monkeypatch.setenv("CDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("flow_student_trial", REPO_ROOT / "tools" / "flow_student_trial.py")
+    trial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trial)
+    teacher = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    recipe = ["--method", "reflow", "--pairs", "4", "--batch-size", "4", "--lora-rank", "2", "--guidance", "1.5",
+              "--sample-steps", "1"]
+    ours = ["--out", str(tmp_path / "t"), "--teacher", str(teacher), "--every", "1", "--n", "40"]
+    assert trial.main([*ours, "--", *recipe, "--steps", "2"]) == 0
+    with pytest.raises(SystemExit):  # not continued unless asked
+        trial.main([*ours, "--", *recipe, "--steps", "3"])
+    assert trial.main([*ours, "--resume", "--", *recipe, "--steps", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "t" / "trial.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    unet, done = distill.distill(teacher, trial.recipe([*recipe, "--steps", "3"]), log=lambda line: None,
+                                 pair_cache=tmp_path / "cache")
+    distill.save_flow_student(unet, "one-piece", trial.recipe([*recipe, "--steps", "3"]), tmp_path / "a",
+                              teacher=teacher, trained_steps=done)
+    ours3, one = (load_file(str(d / WEIGHT_NAME)) for d in (tmp_path / "t" / "students" / "s3",
+                                                             tmp_path / "a" / "one-piece"))
+    assert done == 3 and ours3.keys() == one.keys() and all(torch.equal(ours3[k], one[k]) for k in one)
+
+
 def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_range(capsys):
     """``adam_beta1`` (DMD2 trains both players at 0) reaches the run's Adam; ``--adam-beta1 1`` is refused by
     name before anything is loaded."""

@@ -10,7 +10,8 @@ trains in pieces of ``--every`` steps on one checkpoint folder (``<out>/checkpoi
 each piece the student is saved in ``<out>/students/s<k>`` and scored as the shipped evaluation scores it: its own
 sampler at its card's steps (``--eval-steps`` another count) through the column runner, on the evaluation's
 2,000 noises (:func:`cdlab.flow.evaluate.noise`, classes i mod 10), against the real test set
-(:func:`cdlab.flow.evaluate.score`). Each line printed is also appended to ``<out>/trial.jsonl``.
+(:func:`cdlab.flow.evaluate.score`). Each line printed is also appended to ``<out>/trial.jsonl``. ``--resume`` with
+a larger ``--steps`` (the recipe otherwise the same, which the checkpoint checks) continues a trial.
 
 Choosing a step count by these figures is choosing it on the evaluation's own noise and test set: say so beside
 any figure chosen that way. docs/flow.md has the trials it printed.
@@ -32,7 +33,7 @@ from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from
                                  save_flow_student)
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
-from cdlab.paths import cache_dir  # noqa: E402
+from cdlab.paths import cache_dir, read_json  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
 
@@ -53,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=100, help="steps between scores")
     p.add_argument("--eval-steps", type=int, default=None, help="sample at this many steps (default: the recipe's)")
     p.add_argument("--n", type=int, default=2000, help="samples per score")
+    p.add_argument("--resume", action="store_true", help="continue the trial in --out to the recipe's --steps")
     args = p.parse_args(ours)
     cfg = recipe(theirs)
     if not 1 <= args.every <= cfg.steps:
         p.error(f"--every must be in [1, {cfg.steps}]")
     out = Path(args.out)
-    if (out / "checkpoint").exists():  # a trial's pieces start at its first step: it is not continued
-        p.error(f"{out} holds a trial already; choose a new --out")
+    done = (read_json(out / "checkpoint" / "checkpoint.json") or {}).get("step", 0)
+    if (out / "checkpoint").exists() and not args.resume:  # a trial is continued only when asked
+        p.error(f"{out} holds a trial already; choose a new --out, or --resume it")
+    if args.resume and not (isinstance(done, int) and 0 < done < cfg.steps):
+        p.error(f"--resume: {out} holds no checkpoint before step {cfg.steps}")
     teacher = load_flow_teacher(args.teacher, "cpu")
     classifier, reference = load_classifier(), load_reference_stats()
     z, labels = noise(args.n, 0)
@@ -79,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    if args.init is not None:
+    if args.init is not None and not done:
         report({"step": 0, "init": args.init, "eval_steps": k, **scored(args.init, None)})
-    for steps in range(args.every, cfg.steps + 1, args.every):
+    for steps in range(done + args.every, cfg.steps + 1, args.every):
         unet, done = distill(args.teacher, dataclasses.replace(cfg, steps=steps), init=args.init,
                              checkpoint=out / "checkpoint", pair_cache=cache_dir(), log=lambda line: None)
         name = f"s{done}"
