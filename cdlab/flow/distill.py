@@ -343,42 +343,20 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})")
     if cfg.method in ("reflow", "dmd"):
-        labels_all = pair_labels(cfg.pairs)
         with adapter_role(unet, None):  # the teacher: the adapter off
             pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
                                          cache=pair_cache, log=log, should_stop=should_stop)
         if pairs is None:
             log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
             return unet.eval(), done
-        z_all, x1_all = pairs
+        data = (*pairs, pair_labels(cfg.pairs))
     else:
         from cdlab.flow.data import load_fashion_mnist
 
-        images, labels_all = load_fashion_mnist("train")
+        data = load_fashion_mnist("train")
     start = time.monotonic()
     for step in range(done, cfg.steps):
-        if cfg.method in ("reflow", "dmd"):  # a batch of the teacher's pairs
-            idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
-            z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels_all[idx]
-        if cfg.method == "dmd" and step < cfg.fake_warmup:  # the fake score alone learns the generator's samples
-            loss = _fake_updates(unet, opt, params, None, y, cfg, g)
-            out = {"loss": torch.tensor(loss)}
-        elif cfg.method in ("reflow", "dmd"):
-            out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
-                   dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
-                            regression_weight=cfg.regression_weight, generator=g))
-        else:
-            idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-            out = cd_loss(unet, images[idx].to(dev), labels_all[idx], guidance=cfg.guidance,
-                          num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
-                          target_weights=ema, generator=g)
-        if "x_g" in out or cfg.method != "dmd":  # not a warm-up step: the student learns
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        if "x_g" in out:
-            _fake_updates(unet, opt, params, out["x_g"], y, cfg, g)
+        out = _train_step(unet, cfg, step, data, opt, params, ema, g)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
                 for n, value in (avg or {}).items():
@@ -399,6 +377,37 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if average is not None:  # the student is the average (the checkpoint above keeps the last weights too)
         set_lora_weights(unet, average)
     return unet.eval(), done
+
+
+def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torch.Tensor, ...],
+                opt: torch.optim.Optimizer, params: list[nn.Parameter], ema: dict[str, torch.Tensor] | None,
+                g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One step of :func:`distill`: a batch of ``data`` (the teacher's pairs ``(z, x1, labels)`` for reflow and
+    DMD, the training images ``(images, labels)`` for CD), the method's loss and Adam's step, then DMD's fake-score
+    updates (only those during its first ``cfg.fake_warmup`` steps). Returns the loss terms."""
+    dev = next(unet.parameters()).device
+    if cfg.method == "cd":
+        images, labels = data
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
+        out = cd_loss(unet, images[idx].to(dev), labels[idx], guidance=cfg.guidance,
+                      num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
+                      target_weights=ema, generator=g)
+    else:
+        z_all, x1_all, labels = data
+        idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
+        z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels[idx]
+        if cfg.method == "dmd" and step < cfg.fake_warmup:  # the fake score alone learns the generator's samples
+            return {"loss": torch.tensor(_fake_updates(unet, opt, params, None, y, cfg, g))}
+        out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
+               dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
+                        regression_weight=cfg.regression_weight, generator=g))
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if "x_g" in out:  # DMD: the fake score follows the generator's new samples
+        _fake_updates(unet, opt, params, out["x_g"], y, cfg, g)
+    return out
 
 
 def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentConfig
