@@ -3,8 +3,10 @@
 (loss rows, status, class grids), stopped at a checkpoint and resumed where it stopped."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -59,7 +61,7 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, "")
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -179,7 +181,8 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "gan"}, "method"),
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
                        ({"shell": "rm"}, "shell"), ({"method": "cd", "windows": 4}, "reflow windows"),
-                       ({"windows": 9}, "reflow windows")]:
+                       ({"windows": 9}, "reflow windows"), ({"num_boundaries": 4}, "CD boundaries"),
+                       ({"method": "cd", "num_boundaries": 0}, "CD boundaries")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -212,3 +215,20 @@ def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs)
     assert (card["method"], card["steps"], card["num_boundaries"]) == ("dmd", 4, 4)
     with pytest.raises(JobError, match="no complete checkpoint"):
         jobs.resume("student-b", owner="tok")
+
+
+def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
+    """The student form's CD boundaries (fashion-mbcd-4 has 4) become ``--num-boundaries`` of the distillation
+    command, whose own parser reads every flag back."""
+    from cdlab.flow import distill
+    from cdlab.ui.jobs import flow_student_command
+
+    settings = F.student_settings({"teacher_run": "teacher", "method": "cd", "num_boundaries": 4, "lr": 2e-4},
+                                  run_name="mbcd")
+    cmd = flow_student_command("python", Path("runs/teacher"), Path("runs/mbcd"), settings)
+    p = argparse.ArgumentParser()
+    distill.add_config_arguments(p)
+    args, rest = p.parse_known_args(cmd[3:])
+    cfg = distill.config_from_args(p, args)
+    assert (cfg.method, cfg.num_boundaries, cfg.lr, cfg.windows) == ("cd", 4, 2e-4, 1)
+    assert rest == ["--teacher", "runs/teacher", "--run-dir", "runs/mbcd", "--name", "mbcd"]

@@ -92,7 +92,7 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 
 
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
-                    "guidance": FLOW_GUIDANCE, "lora_rank": 16, "windows": 1}  # the guidance the shipped students were distilled at
+                    "guidance": FLOW_GUIDANCE, "lora_rank": 16, "windows": 1, "num_boundaries": 1}  # the guidance the shipped students were distilled at
 _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
@@ -101,6 +101,7 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("guidance", "teacher CFG distilled in", "float", 1.0, 10.0),
     ("lora_rank", "LoRA rank", "int", 1, 64),
     ("windows", "reflow windows (1: 2-rectified flow; 4: piecewise, PeRFlow)", "int", 1, 8),
+    ("num_boundaries", "CD boundaries (1: CD; 4: multi-boundary, as fashion-mbcd-4)", "int", 1, 8),
 ]
 
 
@@ -130,6 +131,8 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
     out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
     if out["windows"] > 1 and method != "reflow":
         raise ValueError(f"config: reflow windows must be 1 with method {method!r} (windows belong to reflow).")
+    if out["num_boundaries"] > 1 and method != "cd":
+        raise ValueError(f"config: CD boundaries must be 1 with method {method!r} (boundaries belong to cd).")
     return {**out, "teacher_run": teacher, "method": method,
             "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
@@ -182,15 +185,15 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
     import gradio as gr
 
     @user_errors
-    def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, windows, owner,
-                         instructor_token=""):
+    def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, windows,
+                         num_boundaries, owner, instructor_token=""):
         """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
         if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         policy.require_instructor(instructor_token, "Training")
         settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
                                          lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank,
-                                         windows=windows))
+                                         windows=windows, num_boundaries=num_boundaries))
         owner = owner if isinstance(owner, str) and owner else new_owner_token()
         job = jobs.start_flow_student(settings, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
@@ -211,7 +214,8 @@ def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> Simpl
                                                      elem_id=prefix + "flow-teacher-run"),
                              method=gr.Radio(list(METHODS), value=STUDENT_DEFAULTS["method"], label="method",
                                              info="reflow: 2-rectified flow on teacher pairs (piecewise with "
-                                                  "windows > 1) · cd: consistency distillation on the flow ODE · "
+                                                  "windows > 1) · cd: consistency distillation on the flow ODE "
+                                                  "(multi-boundary with boundaries > 1) · "
                                                   "dmd: distribution matching against the teacher, with a fake-score "
                                                   "LoRA and a regression on the teacher pairs"))
         st.inputs = form_inputs(student_fields())

@@ -477,7 +477,7 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``."""
-    flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows")
+    flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
     shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
             "--name", Path(run_dir).name,
