@@ -21,8 +21,8 @@ LEGEND = (
 )
 FLOW_LEGEND = (
     "**teacher-50**: Euler, 50 steps, CFG, the reference · **teacher-4**: the same teacher naively at 4 steps · "
-    "**students**: LoRAs on the flow teacher (2-rectified flow, DMD), Euler on their own velocity, no CFG · **NFE**: "
-    "network evaluations · **speed-up**: teacher-50's time per image ÷ the column's"
+    "**students**: LoRAs on the flow teacher (2-rectified flow, multi-boundary CD, DMD), Euler on their own "
+    "velocity, no CFG · **NFE**: network evaluations · **speed-up**: teacher-50's time per image ÷ the column's"
 )
 
 

@@ -54,8 +54,8 @@ LEGEND = (
 FLOW_LEGEND = (
     "**input**: what SDEdit and inpainting start from (noised to the strength's time on the flow's path) · "
     "**teacher-50**: Euler, 50 steps at strength 1, CFG · **teacher-4**: the same naively at 4 · **students**: "
-    "LoRAs on the flow teacher (2-rectified flow, DMD), from the strength's time · anagrams show the image and its "
-    "flip, hybrids the image and its far (blurred) view"
+    "LoRAs on the flow teacher (2-rectified flow, multi-boundary CD, DMD), from the strength's time · anagrams "
+    "show the image and its flip, hybrids the image and its far (blurred) view"
 )
 
 

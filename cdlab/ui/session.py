@@ -65,8 +65,8 @@ def header_line(teacher: Any) -> str:
 def flow_line(teacher: Any) -> str:
     """The flow-matching section's header: its teacher, what the prompt is, and where the method is told."""
     return (f"**Teacher:** {teacher.describe()} — flow matching from scratch (seed 003, part B): the prompt is a "
-            "class; the teacher samples by Euler with CFG, its students (2-rectified flow and DMD) in 1 to 8 steps "
-            "without CFG. Method and figures: `docs/flow.md`.")
+            "class; the teacher samples by Euler with CFG, its students (2-rectified flow, multi-boundary CD and DMD) "
+            "in 1 to 8 steps without CFG. Method and figures: `docs/flow.md`.")
 
 
 # The page's ready signal, written by the page-load event once the lists are fresh: browser tests and

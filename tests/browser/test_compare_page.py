@@ -79,7 +79,7 @@ def test_trajectories_are_aligned_by_timestep_without_empty_space(page, shipped_
 
 def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, shots):
     """The flow-matching section (issue 24): opened, it shows the flow teacher's opening comparison (teacher-50
-    by Euler with CFG, naive Euler-4, the shipped reflow and DMD students) with NFE; a class picked from the dropdown
+    by Euler with CFG, naive Euler-4, the shipped reflow, DMD and CD students) with NFE; a class picked from the dropdown
     and Compare give a new result for it."""
     page.get_by_role("tab", name="Flow matching (Fashion-MNIST)").click()
     row = page.locator("#flow-compare-columns")
@@ -87,6 +87,7 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
     text = row.inner_text()
     assert "Euler 50 steps" in text and "NFE 100" in text and "NFE 8" in text and "fashion-reflow-4" in text
     assert "fashion-reflow-1 (1 step)" in text and "fashion-dmd-1 (1 step)" in text  # each student as trained
+    assert "fashion-mbcd-4 (4 steps)" in text
     before = row.get_attribute("data-result")
     page.locator("#flow-prompt input").click()
     page.get_by_role("option", name="Ankle boot").click()
@@ -95,11 +96,11 @@ def test_the_flow_section_compares_a_class_with_its_students(page, shipped_app, 
         "(b) => { const r = document.querySelector('#flow-compare-columns'); return r && r.dataset.result !== b"
         " && /columns in/.test((document.querySelector('#flow-compare-info') || {}).innerText || ''); }",
         arg=before, timeout=60_000)
-    assert page.locator("#flow-compare-columns figure img").count() == 6  # the teacher twice, four students
+    assert page.locator("#flow-compare-columns figure img").count() == 7  # the teacher twice, five students
     page.screenshot(path=str(shots / "flow-compare.png"))
-    # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot): six
+    # its Edit tab opens with its first preset run in every column (SDEdit: a sneaker into an ankle boot): seven
     page.get_by_role("tab", name="Edit (flow)").click()
-    page.wait_for_function("() => /6 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
+    page.wait_for_function("() => /7 columns in/.test((document.querySelector('#flow-edit-info') || {}).innerText"
                            " || '')", timeout=60_000)
     assert "NFE 60" in page.locator("#flow-edit-columns").inner_text()  # teacher-50 from strength 0.6: 30 steps
     legend = page.locator("#flow-edit-legend").inner_text()  # in the flow teacher's terms, no tiny-world checker
