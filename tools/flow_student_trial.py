@@ -33,6 +33,7 @@ from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from
                                  save_flow_student)
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
+from cdlab.flow.student_checkpoint import CHECKPOINT_JSON  # noqa: E402
 from cdlab.paths import cache_dir, read_json  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.every <= cfg.steps:
         p.error(f"--every must be in [1, {cfg.steps}]")
     out = Path(args.out)
-    done = (read_json(out / "checkpoint" / "checkpoint.json") or {}).get("step", 0)
+    done = (read_json(out / "checkpoint" / CHECKPOINT_JSON) or {}).get("step", 0)
     if (out / "checkpoint").exists() and not args.resume:  # a trial is continued only when asked
         p.error(f"{out} holds a trial already; choose a new --out, or --resume it")
     if args.resume and not (isinstance(done, int) and 0 < done < cfg.steps):

@@ -397,7 +397,7 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
         idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
         z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels[idx]
         if cfg.method == "dmd" and step < cfg.fake_warmup:  # the fake score alone learns the generator's samples
-            return {"loss": torch.tensor(_fake_updates(unet, opt, params, None, y, cfg, g))}
+            return {"loss": torch.tensor(_fake_updates(unet, opt, params, None, y, z.shape, cfg, g))}
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
                         regression_weight=cfg.regression_weight, generator=g))
@@ -406,7 +406,7 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     if "x_g" in out:  # DMD: the fake score follows the generator's new samples
-        _fake_updates(unet, opt, params, out["x_g"], y, cfg, g)
+        _fake_updates(unet, opt, params, out["x_g"], y, z.shape, cfg, g)
     return out
 
 
@@ -432,14 +432,14 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
 
 
 def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor | None,
-                  labels: torch.Tensor, cfg: StudentConfig, g: torch.Generator) -> float:
+                  labels: torch.Tensor, shape: torch.Size, cfg: StudentConfig, g: torch.Generator) -> float:
     """DMD's ``cfg.fake_steps`` fake-score updates (:func:`cdlab.loss.dmd_fake_updates`): the first on this step's
-    samples ``x_g`` (None, a warm-up step: fresh ones too), the others on fresh ones of the same classes. Returns
-    the sum of their losses."""
+    samples ``x_g`` (None, a warm-up step: fresh ones too), the others on fresh ones of the same classes, from
+    noise of the batch's ``shape``. Returns the sum of their losses."""
     device = next(unet.parameters()).device
 
     def fresh() -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn((len(labels), 1, 28, 28), generator=g).to(device)
+        z = torch.randn(shape, generator=g).to(device)
         with adapter_role(unet, ADAPTER):
             x = generator_sample(unet, z, matching.one_hot(labels).to(device), FLOW_SCHEDULE,
                                  gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),

@@ -92,7 +92,8 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 
 
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
-                    "guidance": FLOW_GUIDANCE, "lora_rank": 16, "windows": 1, "num_boundaries": 1}  # the guidance the shipped students were distilled at
+                    "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
+                    "lora_rank": 16, "windows": 1, "num_boundaries": 1}
 _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
