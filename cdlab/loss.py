@@ -261,9 +261,20 @@ def consistency_loss(
 #
 # DMD2 drops DMD's regression loss by default; ``regression_weight > 0`` adds it back for comparison:
 # loss_reg = mean (G(z, 999) - y)^2 on pairs (z, y) of the teacher's own ODE (DDIM with CFG from noise z).
+#
+# DMD2's GAN term (Yin et al. 2024b, §4.3), the one part of DMD that sees real images. A discriminator is a small
+# head on the fake score's features (``gan = (feature_module, head)``: the fake UNet's layer whose output the head
+# reads, a forward hook) at a diffused point. With softplus(a) = log(1 + e^a) (the non-saturating GAN loss):
+#
+#     generator:    loss_gan = mean softplus(-D(x_t(G)))             x_t(G) = alpha_t x_g + sigma_t n (with grad)
+#     fake score:   loss_disc = mean softplus(D(x_t(sg[x_g]))) + mean softplus(-D(x_t(x_real)))
+#
+# so the generator is moved towards what the discriminator takes for real data, not only towards the teacher's
+# distribution: DMD2's route past its teacher's FID. The generator's pass through the fake score trains neither
+# the fake score nor the head (their parameters are frozen for it).
 
 __all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
-            "generator_sample", "DMD_T_RANGE"]
+            "generator_sample", "gan_logits", "DMD_T_RANGE"]
 
 DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
 
@@ -339,6 +350,40 @@ def _scores_x0(unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
     return x0_real, x0_fake
 
 
+@contextlib.contextmanager
+def _frozen(*modules: torch.nn.Module):
+    """Every parameter of ``modules`` without gradient inside the block (restored after): a pass that must move
+    only its input (the generator's GAN term through the fake score and the discriminator's head)."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gan_logits(unet: Any, gan: tuple[torch.nn.Module, torch.nn.Module], x_t: torch.Tensor, t: torch.Tensor,
+               cond: torch.Tensor, scheduler: Any, *, fake_adapter: str = "fake",
+               autocast_dtype: torch.dtype | None = None, model_class: type[EpsModel] = EpsModel
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMD2's discriminator on diffused points ``x_t`` (module notes above): the fake score's pass (its adapter
+    active) with ``gan = (feature_module, head)`` reading ``feature_module``'s output. Returns the logits ``[B]``
+    and the fake score's eps (the same pass: its denoising loss needs no second one)."""
+    feature_module, head = gan
+    store: list[torch.Tensor] = []
+    hook = feature_module.register_forward_hook(lambda _m, _i, out: store.append(out))
+    try:
+        with adapter_role(unet, fake_adapter):
+            eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
+    finally:
+        hook.remove()
+    if len(store) != 1:
+        raise ValueError(f"the GAN's feature module ran {len(store)} times in one pass of the fake score, not once")
+    return head(store[0].float()).reshape(-1), eps
+
+
 def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cond: torch.Tensor,
                      scheduler: Any, generator_adapter: str, t_first: int,
                      autocast_dtype: torch.dtype | None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
@@ -359,6 +404,7 @@ def dmd_generator_loss(
     gen_timesteps: Sequence[int] = (999,), t_range: tuple[int, int] = DMD_T_RANGE,
     noise: torch.Tensor | None = None, latent_shape: Sequence[int] | None = None,
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
+    gan: tuple[torch.nn.Module, torch.nn.Module] | None = None, gan_weight: float = 0.0,
     dm_weight: float = 1.0, steps: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
     model_class: type[EpsModel] = EpsModel,
@@ -375,6 +421,8 @@ def dmd_generator_loss(
         noise / latent_shape: the generator's input z, or the shape to draw it (``[C, H, W]``).
         regression: optional ``(z, y, c)`` teacher ODE pairs (noise, the teacher's image latents from it, the
             caption embeddings); with ``regression_weight > 0`` adds ``weight * mean (G(z, 999, c) - y)^2``.
+        gan / gan_weight: DMD2's GAN term (module notes above): ``(feature_module, head)`` of the discriminator,
+            and with ``gan_weight > 0`` adds ``gan_weight * mean softplus(-D(x_t(G)))`` at the matching's t and n.
         dm_weight (`float`): the distribution-matching term's weight (1; 0 with a regression weight is the
             regression-only ablation: the same generator, sampler and pairs without DMD).
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
@@ -382,7 +430,8 @@ def dmd_generator_loss(
             ``scheduler`` its path, as in :func:`consistency_loss`).
 
     Returns:
-        dict: ``loss`` (differentiable: ``dm_weight * loss_dm + regression_weight * loss_reg``), ``loss_dm``, ``loss_reg``,
+        dict: ``loss`` (differentiable: ``dm_weight * loss_dm + regression_weight * loss_reg + gan_weight *
+        loss_gan``), ``loss_dm``, ``loss_reg``, ``loss_gan``,
         and detached ``x_g``, ``grad``, ``normalizer``, ``x0_real``, ``x0_fake``, ``t``, ``t_start``.
     """
     device, bsz = cond.device, cond.shape[0]
@@ -408,9 +457,15 @@ def dmd_generator_loss(
     if regression is not None and regression_weight > 0:
         loss_reg = _regression_loss(unet, regression, cond, scheduler, generator_adapter, gen_timesteps[0],
                                     autocast_dtype, model_class)
+    loss_gan = torch.zeros((), device=device)
+    if gan is not None and gan_weight > 0:
+        with _frozen(unet, gan[1]):  # the generator's pass moves x_g only (its own weights, through x_g's graph)
+            logits, _ = gan_logits(unet, gan, q_sample(x_g, t, scheduler, noise=n), t, cond, scheduler,
+                                   fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
+        loss_gan = torch.nn.functional.softplus(-logits).mean()
     return {
-        "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg,
-        "loss_dm": loss_dm, "loss_reg": loss_reg,
+        "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg + float(gan_weight) * loss_gan,
+        "loss_dm": loss_dm, "loss_reg": loss_reg, "loss_gan": loss_gan,
         "x_g": x_g.detach(), "grad": g["grad"], "normalizer": g["normalizer"],
         "x0_real": x0_real, "x0_fake": x0_fake, "x_t": x_t, "t": t, "t_start": sim["t_start"],
     }
@@ -450,11 +505,17 @@ def dmd_fake_loss(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     model_class: type[EpsModel] = EpsModel,
+    gan: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+    real: torch.Tensor | None = None,
+    gan_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The fake score's denoising loss on the generator's samples (detached): ``mean (eps_fake(x_t) - n)^2``
     with ``t ~ U{t_0..T-1}``, ``t_0`` the first timestep that has noise (:func:`first_noisy_timestep`: 0 on SD1.5's
     schedule, 1 on the flow path, whose timestep 0 is the data itself and whose noise there cannot be predicted);
-    gradients reach the fake adapter only. Returns ``loss``, ``t``, ``x_t``."""
+    gradients reach the fake adapter only. With ``gan`` and ``gan_weight > 0`` it also trains DMD2's discriminator
+    (module notes above) on those points and on the ``real`` images diffused to the same t (the head's and the fake
+    adapter's gradients): ``loss = loss_denoise + gan_weight * loss_disc``. Returns ``loss``, ``loss_denoise``,
+    ``loss_disc``, ``t``, ``x_t``."""
     device, bsz = x_g.device, x_g.shape[0]
     x0 = x_g.detach().float()
     lo = first_noisy_timestep(scheduler)
@@ -462,7 +523,20 @@ def dmd_fake_loss(
          else _per_example(timesteps, bsz, device))
     n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
     x_t = q_sample(x0, t, scheduler, noise=n)
-    with adapter_role(unet, fake_adapter):
-        eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
-    loss = (eps - n).pow(2).mean()
-    return {"loss": loss, "t": t, "x_t": x_t.detach()}
+    loss_disc = torch.zeros((), device=device)
+    if gan is not None and gan_weight > 0:
+        if real is None or real.shape != x0.shape:
+            raise ValueError(f"dmd_fake_loss: the GAN term needs real images of the samples' shape {tuple(x0.shape)}")
+        kw = dict(fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
+        logits_fake, eps = gan_logits(unet, gan, x_t, t, cond, scheduler, **kw)
+        n_real = torch.randn(x0.shape, generator=generator).to(device)
+        logits_real, _ = gan_logits(unet, gan, q_sample(real.float().to(device), t, scheduler, noise=n_real), t,
+                                    cond, scheduler, **kw)
+        sp = torch.nn.functional.softplus
+        loss_disc = sp(logits_fake).mean() + sp(-logits_real).mean()
+    else:
+        with adapter_role(unet, fake_adapter):
+            eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
+    loss_denoise = (eps - n).pow(2).mean()
+    return {"loss": loss_denoise + float(gan_weight) * loss_disc, "loss_denoise": loss_denoise,
+            "loss_disc": loss_disc, "t": t, "x_t": x_t.detach()}

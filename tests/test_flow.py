@@ -532,6 +532,98 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     assert "--fake-warmup" in capsys.readouterr().err
 
 
+def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_real_from_fake(tiny_unet):
+    """DMD2's GAN term (``gan_weight``): the generator's loss adds ``softplus(-D(x_t(G)))``, D the head on the fake
+    score's ``up1`` features at the matching's point, computed here by hand; its backward reaches the student's
+    adapter alone (not the fake score, not the head). The fake score's update adds the discriminator's loss on
+    real and generated points and moves the fake adapter and the head, never the student; without real images it
+    is refused."""
+    from cdlab.flow import distill
+    from cdlab.flow.model import FLOW_SCHEDULE, flow_time, vp_scale
+    from cdlab.flow.unet import DiscriminatorHead
+    from cdlab.loss import dmd_fake_loss
+    from cdlab.students.roles import FAKE_SCORE, adapter_role
+
+    torch.manual_seed(4)
+    unet = distill.attach_flow_lora(tiny_unet, rank=4)
+    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    unet.eval()
+    head = DiscriminatorHead(unet.num_hiddens)
+    gan = (unet.up1, head)
+    g = torch.Generator().manual_seed(5)
+    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=gan, gan_weight=0.25,
+                           generator=g)
+    tf = flow_time(out["t"]).float()
+    feats = []
+    hook = unet.up1.register_forward_hook(lambda _m, _i, o: feats.append(o))
+    with torch.no_grad(), adapter_role(unet, FAKE_SCORE):
+        unet(out["x_t"] * vp_scale(tf).reshape(-1, 1, 1, 1), tf, matching.one_hot(labels))
+    hook.remove()
+    by_hand = torch.nn.functional.softplus(-head(feats[0]).reshape(-1)).mean()
+    assert float(out["loss_gan"]) == pytest.approx(float(by_hand), rel=1e-4)
+    total = out["loss_dm"] + 0.5 * out["loss_reg"] + 0.25 * out["loss_gan"]
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-6)
+    out["loss"].backward()
+    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert owners == {distill.ADAPTER} and all(p.grad is None for p in head.parameters())
+    assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)  # restored after the pass
+
+    params = [p for n, p in unet.named_parameters() if "lora_" in n] + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in [*unet.named_parameters(), *head.named_parameters()]}
+    loss = distill.dmd_fake_update(unet, opt, params, out["x_g"], labels, generator=g, gan=gan, real=x1,
+                                   disc_weight=1.0)
+    moved = {n.split(".")[-2] if "lora_" in n else "head" for n, p in [*unet.named_parameters(),
+                                                                       *head.named_parameters()]
+             if not torch.equal(p, before[n])}
+    assert moved == {FAKE_SCORE, "head"} and loss > 0
+    terms = dmd_fake_loss(unet, out["x_g"], matching.one_hot(labels), FLOW_SCHEDULE, fake_adapter=FAKE_SCORE,
+                          generator=g, model_class=distill.FlowModel, gan=gan, real=x1, gan_weight=2.0)
+    assert float(terms["loss"]) == pytest.approx(float(terms["loss_denoise"] + 2.0 * terms["loss_disc"]), rel=1e-6)
+    assert float(terms["loss_disc"]) > 0
+    with pytest.raises(ValueError, match="real images"):
+        dmd_fake_loss(unet, out["x_g"], matching.one_hot(labels), FLOW_SCHEDULE, fake_adapter=FAKE_SCORE,
+                      model_class=distill.FlowModel, gan=gan, gan_weight=1.0)
+
+
+def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_keeps_it_to_dmd(
+        tmp_path, tiny_unet, monkeypatch, capsys):
+    """A DMD run with DMD2's GAN term reads the real training images, and its discriminator head is part of its
+    checkpoint: a run cut off after one step and continued ends with the LoRA and the head of the run that never
+    stopped. ``--gan-weight`` is DMD's only, and out-of-range values are refused by name."""
+    from safetensors.torch import load_file
+
+    from cdlab.flow import distill
+
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(write_train_set(tmp_path / "data", 40)))
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="dmd", sample_steps=2, steps=3, batch_size=4, lr=1e-3, lora_rank=2, pairs=4,
+                                guidance=2.0, regression_weight=1.0, gan_weight=0.5, disc_weight=1.0)
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    whole, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "whole", **kw)
+    _, first = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", max_seconds=0.0, **kw)
+    again, done2 = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", **kw)
+    assert (done, first, done2) == (3, 1, 3)
+    w1, w2 = distill.lora_weights(whole), distill.lora_weights(again)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    h1, h2 = (load_file(str(tmp_path / run / "student-0000003.safetensors")) for run in ("whole", "cut"))
+    heads = [k for k in h1 if k.startswith("disc.")]
+    assert heads and all(torch.equal(h1[k], h2[k]) for k in heads)
+    fresh = distill.DiscriminatorHead(tiny_unet.num_hiddens).state_dict()
+    assert any(not torch.equal(h1[f"disc.{k}"], fresh[k]) for k in fresh)  # the head trained
+    for flags in (["--method", "reflow", "--gan-weight", "0.1"], ["--method", "dmd", "--gan-weight", "11"],
+                  ["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"]):
+        with pytest.raises(SystemExit):
+            distill.main(["--teacher", "nowhere", "--name", "x", *flags])
+        assert "--gan-weight" in capsys.readouterr().err
+
+
 def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
     from cdlab.flow import distill

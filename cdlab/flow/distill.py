@@ -61,6 +61,10 @@ moves against::
 DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :func:`cached_teacher_pairs`).
 Matching the teacher's distribution, not each pair's image, is what FID measures; the regression keeps G on
 the teacher's modes. Start it from a one-step student (``--init``, e.g. the reflow-distilled one).
+``--gan-weight`` > 0 adds DMD2's GAN term (Yin et al. 2024b, §4.3; :mod:`cdlab.loss` has its equations): a
+discriminator head (:class:`cdlab.flow.unet.DiscriminatorHead`) on the fake score's features tells the real
+training images from G's samples, both diffused to one t, and G also descends ``gan_weight * mean
+softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
 
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
@@ -82,7 +86,7 @@ from torch import nn
 from cdlab.flow import matching
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.student_checkpoint import load_checkpoint, lora_weights, save_checkpoint, set_lora_weights
-from cdlab.flow.unet import UNet
+from cdlab.flow.unet import DiscriminatorHead, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, shown_path, write_safetensors_atomic
 from cdlab.samplers import consistency_timesteps
@@ -246,28 +250,33 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 
 
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
-             sample_steps: int = 1, regression_weight: float = 10.0,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             sample_steps: int = 1, regression_weight: float = 10.0, gan: tuple[nn.Module, nn.Module] | None = None,
+             gan_weight: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
-    students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise)."""
+    students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise). ``gan``
+    ``(unet.up1, head)`` and ``gan_weight``: DMD2's GAN term (module docstring)."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
                               gen_timesteps=consistency_timesteps(sample_steps, sample_steps),
                               latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
-                              regression_weight=regression_weight, generator=generator, model_class=FlowModel)
+                              regression_weight=regression_weight, gan=gan, gan_weight=gan_weight,
+                              generator=generator, model_class=FlowModel)
 
 
 def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
-                    labels: torch.Tensor, *, generator: torch.Generator | None = None) -> float:
+                    labels: torch.Tensor, *, generator: torch.Generator | None = None,
+                    gan: tuple[nn.Module, nn.Module] | None = None, real: torch.Tensor | None = None,
+                    disc_weight: float = 0.0) -> float:
     """One update of the fake score on the generator's samples ``x_g`` (detached): the flow path's denoising loss
     (:func:`cdlab.loss.dmd_fake_loss`, at timesteps 1..999: at 0 the path is the data itself). Only the fake
-    adapter has gradients, so ``opt`` steps it alone. Returns the loss."""
+    adapter has gradients, so ``opt`` steps it alone; with ``gan``, the fake adapter and the head also learn to
+    tell ``real`` images (of ``labels``' classes) from ``x_g``, at weight ``disc_weight``. Returns the loss."""
     c = matching.one_hot(labels).to(x_g.device)
     out = dmd_fake_loss(unet, x_g, c, FLOW_SCHEDULE, fake_adapter=FAKE_SCORE, generator=generator,
-                        model_class=FlowModel)
+                        model_class=FlowModel, gan=gan, real=real, gan_weight=disc_weight)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -296,6 +305,8 @@ class StudentConfig:
     fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
     fake_warmup: int = 0            # dmd: the first steps train the fake score alone (a run started --init from
                                     # a generator that is not the teacher: its fake score must learn it first)
+    gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
+    disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     seed: int = 0
@@ -329,15 +340,16 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
         if cfg.method == "dmd":  # the fake score: a second LoRA, starting as the teacher (its B is zero)
             attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
+        head = DiscriminatorHead(unet.num_hiddens).to(dev) if cfg.gan_weight > 0 else None
     if init is not None:
         set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     weights = dict(named)
-    opt, ema, average = _optimizer_and_averages(named, cfg)
+    opt, ema, average = _optimizer_and_averages(named, cfg, head)
     g = torch.Generator().manual_seed(cfg.seed)
-    run = dict(teacher=teacher, init=init, cfg=cfg)
+    run = dict(teacher=teacher, init=init, cfg=cfg, head=head)
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
                                                            **run)
     if done:
@@ -350,13 +362,15 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
             return unet.eval(), done
         data = (*pairs, pair_labels(cfg.pairs))
-    else:
+    if cfg.method == "cd" or head is not None:  # the real training images: CD's data, the GAN's real side
         from cdlab.flow.data import load_fashion_mnist
 
-        data = load_fashion_mnist("train")
+        real = load_fashion_mnist("train")
+        data = real if cfg.method == "cd" else (*data, *real)
+    gan = None if head is None else (unet.up1, head)
     start = time.monotonic()
     for step in range(done, cfg.steps):
-        out = _train_step(unet, cfg, step, data, opt, params, ema, g)
+        out = _train_step(unet, cfg, step, data, opt, params, ema, g, gan)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
                 for n, value in (avg or {}).items():
@@ -381,10 +395,11 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
 
 def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torch.Tensor, ...],
                 opt: torch.optim.Optimizer, params: list[nn.Parameter], ema: dict[str, torch.Tensor] | None,
-                g: torch.Generator) -> dict[str, torch.Tensor]:
+                g: torch.Generator, gan: tuple[nn.Module, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """One step of :func:`distill`: a batch of ``data`` (the teacher's pairs ``(z, x1, labels)`` for reflow and
-    DMD, the training images ``(images, labels)`` for CD), the method's loss and Adam's step, then DMD's fake-score
-    updates (only those during its first ``cfg.fake_warmup`` steps). Returns the loss terms."""
+    DMD, then with ``gan`` the training images and their labels; the training images ``(images, labels)`` for
+    CD), the method's loss and Adam's step, then DMD's fake-score updates (only those during its first
+    ``cfg.fake_warmup`` steps). Returns the loss terms."""
     dev = next(unet.parameters()).device
     if cfg.method == "cd":
         images, labels = data
@@ -393,24 +408,25 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
                       num_boundaries=cfg.num_boundaries, step_size=cfg.step_size, sample_steps=cfg.sample_steps,
                       target_weights=ema, generator=g)
     else:
-        z_all, x1_all, labels = data
+        z_all, x1_all, labels, *real = data
         idx = torch.randint(0, cfg.pairs, (cfg.batch_size,), generator=g)
         z, x1, y = z_all[idx].to(dev), x1_all[idx].to(dev), labels[idx]
+        fake = lambda x_g: _fake_updates(unet, opt, params, x_g, y, z.shape, cfg, g, gan, real)  # noqa: E731
         if cfg.method == "dmd" and step < cfg.fake_warmup:  # the fake score alone learns the generator's samples
-            return {"loss": torch.tensor(_fake_updates(unet, opt, params, None, y, z.shape, cfg, g))}
+            return {"loss": torch.tensor(fake(None))}
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
-                        regression_weight=cfg.regression_weight, generator=g))
+                        regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     if "x_g" in out:  # DMD: the fake score follows the generator's new samples
-        _fake_updates(unet, opt, params, out["x_g"], y, z.shape, cfg, g)
+        fake(out["x_g"])
     return out
 
 
-def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentConfig
+def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentConfig, head: nn.Module | None = None
                             ) -> tuple[torch.optim.Optimizer, dict | None, dict | None]:
     """The run's Adam and its two optional averages of the LoRA weights (name -> tensor), as ``distill`` uses them.
 
@@ -422,21 +438,28 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
       mu = ``cfg.ema_decay``, 0.95 as LCM uses); with the online weights (mu = 0) the flow students drifted from the
       teacher (docs/flow.md).
     * ``average``: the student's own average (Polyak, rate ``cfg.student_ema``), what is saved: DMD's generator
-      moves from step to step, its average less."""
+      moves from step to step, its average less.
+
+    DMD2's discriminator ``head`` (with ``cfg.gan_weight``) is a last group, at the fake score's rate."""
     fake = [p for n, p in named if f".{FAKE_SCORE}." in n] if cfg.fake_lr > 0 else []
     groups = ([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]}, {"params": fake, "lr": cfg.fake_lr}]
-              if fake else [p for _, p in named])
+              if fake else [{"params": [p for _, p in named]}])
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr": cfg.fake_lr or cfg.lr})
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     average = {n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999)), ema, average
 
 
 def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor | None,
-                  labels: torch.Tensor, shape: torch.Size, cfg: StudentConfig, g: torch.Generator) -> float:
+                  labels: torch.Tensor, shape: torch.Size, cfg: StudentConfig, g: torch.Generator,
+                  gan: tuple[nn.Module, nn.Module] | None = None, real: list[torch.Tensor] | None = None) -> float:
     """DMD's ``cfg.fake_steps`` fake-score updates (:func:`cdlab.loss.dmd_fake_updates`): the first on this step's
     samples ``x_g`` (None, a warm-up step: fresh ones too), the others on fresh ones of the same classes, from
-    noise of the batch's ``shape``. Returns the sum of their losses."""
+    noise of the batch's ``shape``. With ``gan``, each also trains the discriminator on training images of the
+    same classes (``real``: the images and their labels). Returns the sum of their losses."""
     device = next(unet.parameters()).device
+    kw = {} if gan is None else dict(gan=gan, disc_weight=cfg.disc_weight)
 
     def fresh() -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(shape, generator=g).to(device)
@@ -446,8 +469,21 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
                                  generator=g, grad=False, model_class=FlowModel)["x_g"]
         return x, labels
 
-    return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh,
-                            lambda x, y: dmd_fake_update(unet, opt, params, x, y, generator=g))
+    def update(x: torch.Tensor, y: torch.Tensor) -> float:
+        if gan is not None:
+            kw["real"] = _of_classes(*real, y, g).to(device)
+        return dmd_fake_update(unet, opt, params, x, y, generator=g, **kw)
+
+    return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh, update)
+
+
+def _of_classes(images: torch.Tensor, labels: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each class in ``y``, an image of that class drawn at random from ``images`` (labelled ``labels``)."""
+    pick = torch.empty(len(y), dtype=torch.long)
+    for k in y.unique().tolist():
+        rows, where = (labels == k).nonzero()[:, 0], (y == k).nonzero()[:, 0]
+        pick[where] = rows[torch.randint(0, len(rows), (len(where),), generator=g)]
+    return images[pick]
 
 
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
@@ -512,6 +548,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
+    if not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or (cfg.gan_weight and cfg.method != "dmd"):
+        p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100]")
     if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
         p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):

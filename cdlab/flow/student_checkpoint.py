@@ -33,9 +33,11 @@ def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
 
 def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                     generator: torch.Generator, step: int, *, cfg: Any, teacher: str | Path,
-                    init: str | None, average: dict[str, torch.Tensor] | None = None) -> None:
+                    init: str | None, average: dict[str, torch.Tensor] | None = None,
+                    head: nn.Module | None = None) -> None:
     """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
-    CD's target EMA, ``average.``-prefixed the student's own average, the generator's state),
+    CD's target EMA, ``average.``-prefixed the student's own average, ``disc.``-prefixed DMD2's discriminator
+    head, the generator's state),
     ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step, written last and
     atomically, so a run killed while saving keeps its previous checkpoint."""
     from cdlab.flow.train_teacher import save_optimizer_state
@@ -43,6 +45,7 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
                **{f"average.{n}": v.cpu().contiguous() for n, v in (average or {}).items()},
+               **{f"disc.{n}": v.detach().cpu().contiguous() for n, v in (head.state_dict() if head else {}).items()},
                "generator": generator.get_state()}
     save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
     save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
@@ -54,7 +57,7 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
 
 def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                     generator: torch.Generator, *, cfg: Any, teacher: str | Path, init: str | None,
-                    average: dict[str, torch.Tensor] | None = None) -> int:
+                    average: dict[str, torch.Tensor] | None = None, head: nn.Module | None = None) -> int:
     """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
     checkpoint of another recipe is refused with the field that differs."""
     from cdlab.flow.train_teacher import load_optimizer_state
@@ -81,6 +84,8 @@ def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
         for prefix, avg in (("ema", ema), ("average", average)):
             for n in avg or {}:
                 avg[n].copy_(tensors.pop(f"{prefix}.{n}"))
+    if head is not None:
+        head.load_state_dict({n[len("disc."):]: tensors.pop(n) for n in list(tensors) if n.startswith("disc.")})
     set_lora_weights(unet, tensors)
     load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
     return step

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 __all__ = ["Conv", "DownConv", "UpConv", "Flatten", "Unflatten", "ConvBlock", "DownBlock", "UpBlock", "FCBlock",
-           "UNet", "recalibrate_batchnorm"]
+           "DiscriminatorHead", "UNet", "recalibrate_batchnorm"]
 
 
 class _ConvBNGELU(nn.Sequential):
@@ -200,6 +200,17 @@ class UNet(nn.Module):
         if c is None:
             c = h.new_zeros(h.shape[0], self.num_classes)
         return _per_channel(fc_c(c.to(h.dtype))) * h + shift
+
+
+class DiscriminatorHead(nn.Sequential):
+    """DMD2's discriminator head (Yin et al. 2024b, §4.3) for this UNet: it reads ``up1``'s output u1 ``[D, 14,
+    14]``, the first map after the class and the time have been injected (the encoder before it sees neither),
+    ``Conv2d(4, stride 2, pad 1) -> GELU -> Conv2d(7)`` to one logit, real versus generated
+    (:func:`cdlab.loss.gan_logits` hooks ``unet.up1``)."""
+
+    def __init__(self, num_hiddens: int) -> None:
+        d = num_hiddens
+        super().__init__(nn.Conv2d(d, d, 4, 2, 1), nn.GELU(), nn.Conv2d(d, 1, 7))
 
 
 @torch.no_grad()
