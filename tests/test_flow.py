@@ -530,6 +530,9 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     with pytest.raises(SystemExit):
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--fake-warmup", "10"])
     assert "--fake-warmup" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the form's twin rule: boundaries belong to cd
+        distill.main(["--teacher", "nowhere", "--name", "x", "--method", "dmd", "--num-boundaries", "4"])
+    assert "--num-boundaries" in capsys.readouterr().err
 
 
 def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_real_from_fake(tiny_unet):

@@ -43,6 +43,8 @@ def test_flow_form_refuses_hostile_fields_naming_each():
                           ({"num_epochs": 100, "epoch_images": 60000, "batch_size": 16}, "epochs x images an epoch")]:
         with pytest.raises(ValueError, match=named):
             F.form_to_settings({**TINY, **change})
+    with pytest.raises(ValueError, match=r"time budget \(minutes\) must be a number, got a true/false"):
+        F.form_to_settings({**TINY, "minutes": True})  # refused as what it is, not as "empty"
     with pytest.raises(ValueError, match="named fields"):
         F.form_to_settings(["minutes", 5])
 

@@ -554,6 +554,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
+    if not 1 <= cfg.num_boundaries <= 50 or (cfg.num_boundaries > 1 and cfg.method != "cd"):
+        p.error("--num-boundaries must be in [1, 50], and more than 1 only with --method cd")
     return cfg
 
 

@@ -27,7 +27,9 @@ class FormField:
 def check_number(f: FormField, v: Any) -> int | float:
     """A form number (from the browser or the API: hostile), checked: finite, whole for int fields, inside the
     field's range. Raises ``ValueError`` whose message names the field."""
-    if isinstance(v, bool) or v is None or (isinstance(v, str) and not v.strip()):
+    if isinstance(v, bool):
+        raise ValueError(f"config: {f.label} must be a number, got a true/false value {v!r}.")
+    if v is None or (isinstance(v, str) and not v.strip()):
         raise ValueError(f"config: {f.label} is empty.")
     try:
         fv = float(v)
