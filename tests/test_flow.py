@@ -93,6 +93,16 @@ def test_load_fashion_mnist_reads_a_crafted_folder_and_says_how_to_install(tmp_p
 
 @pytest.mark.skipif(not (data.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_images_of_classes_draws_each_from_its_class():
+    images = torch.arange(30, dtype=torch.float32).reshape(30, 1, 1, 1)
+    labels = torch.arange(30) % 3
+    want = torch.tensor([2, 0, 0, 1, 2, 2])
+    got = data.images_of_classes(images, labels, want, torch.Generator().manual_seed(0))
+    assert torch.equal(labels[got.reshape(-1).long()], want)
+    with pytest.raises(ValueError, match="class 7"):
+        data.images_of_classes(images, labels, torch.tensor([7]))
+
+
 def test_load_fashion_mnist_from_the_debian_package(monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     x, y = data.load_fashion_mnist("test")
@@ -524,6 +534,11 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     opt, _, _ = distill._optimizer_and_averages(named, cfg)
     assert [g["betas"] for g in opt.param_groups] == [(0.0, 0.999), (0.0, 0.999)]
     assert distill.StudentConfig().adam_beta1 == 0.9  # torch's default: the shipped students' recipe
+    head = distill.DiscriminatorHead(8)  # DMD2's discriminator: a last group at its own rate, else the fake score's
+    for disc_lr, want in ((1e-3, 1e-3), (0.0, 1e-2)):
+        opt, _, _ = distill._optimizer_and_averages(named, dataclasses.replace(cfg, gan_weight=0.1, disc_lr=disc_lr),
+                                                    head)
+        assert opt.param_groups[-1]["lr"] == want and opt.param_groups[-1]["params"] == list(head.parameters())
     with pytest.raises(SystemExit):
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "dmd", "--adam-beta1", "1"])
     assert "--adam-beta1" in capsys.readouterr().err

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "INSTALL_HINT", "MAX_IDX_BYTES", "SPLITS", "data_root",
-           "find_split", "load_fashion_mnist", "read_idx"]
+           "find_split", "images_of_classes", "load_fashion_mnist", "read_idx"]
 
 # The 10 classes of Fashion-MNIST, in label order (Xiao, Rasul & Vollgraf 2017, Table 1).
 CLASS_NAMES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -140,3 +140,16 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
         raise ValueError(f"{folder}: {split} label {int(labels.max())} outside 0..{len(CLASS_NAMES) - 1}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def images_of_classes(images: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each entry of ``classes``, an image of that class drawn at random from ``images`` (labelled
+    ``labels``, as :func:`load_fashion_mnist` gives them): real images to set beside generated ones of those classes."""
+    pick = torch.empty(len(classes), dtype=torch.long)
+    for k in classes.unique().tolist():
+        rows, where = (labels == k).nonzero()[:, 0], (classes == k).nonzero()[:, 0]
+        if not len(rows):
+            raise ValueError(f"no image of class {k} to draw from")
+        pick[where] = rows[torch.randint(0, len(rows), (len(where),), generator=generator)]
+    return images[pick]

@@ -84,6 +84,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cdlab.flow import matching
+from cdlab.flow.data import images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.student_checkpoint import load_checkpoint, lora_weights, save_checkpoint, set_lora_weights
 from cdlab.flow.unet import DiscriminatorHead, UNet
@@ -307,6 +308,7 @@ class StudentConfig:
                                     # a generator that is not the teacher: its fake score must learn it first)
     gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
     disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
+    disc_lr: float = 0.0            # dmd with gan_weight > 0: the discriminator head's rate (0: the fake score's)
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     seed: int = 0
@@ -440,12 +442,13 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
     * ``average``: the student's own average (Polyak, rate ``cfg.student_ema``), what is saved: DMD's generator
       moves from step to step, its average less.
 
-    DMD2's discriminator ``head`` (with ``cfg.gan_weight``) is a last group, at the fake score's rate."""
+    DMD2's discriminator ``head`` (with ``cfg.gan_weight``) is a last group, at ``cfg.disc_lr`` (0: the fake
+    score's rate): a new network learns at a higher rate than the adapters' small one."""
     fake = [p for n, p in named if f".{FAKE_SCORE}." in n] if cfg.fake_lr > 0 else []
     groups = ([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]}, {"params": fake, "lr": cfg.fake_lr}]
               if fake else [{"params": [p for _, p in named]}])
     if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": cfg.fake_lr or cfg.lr})
+        groups.append({"params": list(head.parameters()), "lr": cfg.disc_lr or cfg.fake_lr or cfg.lr})
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     average = {n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999)), ema, average
@@ -471,19 +474,11 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
 
     def update(x: torch.Tensor, y: torch.Tensor) -> float:
         if gan is not None:
-            kw["real"] = _of_classes(*real, y, g).to(device)
+            kw["real"] = images_of_classes(*real, y, g).to(device)
         return dmd_fake_update(unet, opt, params, x, y, generator=g, **kw)
 
     return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh, update)
 
-
-def _of_classes(images: torch.Tensor, labels: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """For each class in ``y``, an image of that class drawn at random from ``images`` (labelled ``labels``)."""
-    pick = torch.empty(len(y), dtype=torch.long)
-    for k in y.unique().tolist():
-        rows, where = (labels == k).nonzero()[:, 0], (y == k).nonzero()[:, 0]
-        pick[where] = rows[torch.randint(0, len(rows), (len(where),), generator=g)]
-    return images[pick]
 
 
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
@@ -548,8 +543,10 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
-    if not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or (cfg.gan_weight and cfg.method != "dmd"):
-        p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100]")
+    if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
+            or (cfg.gan_weight and cfg.method != "dmd")):
+        p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100], "
+                "--disc-lr in [0, 1]")
     if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
         p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
