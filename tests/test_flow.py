@@ -9,6 +9,7 @@ import gzip
 import os
 import dataclasses
 import json
+import re
 import struct
 
 import numpy as np
@@ -635,6 +636,17 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
     assert heads and all(torch.equal(h1[k], h2[k]) for k in heads)
     fresh = distill.DiscriminatorHead(tiny_unet.num_hiddens).state_dict()
     assert any(not torch.equal(h1[f"disc.{k}"], fresh[k]) for k in fresh)  # the head trained
+    import importlib.util  # tools/flow_gan_probe.py reads that checkpoint: gradient norms and the head's accuracy
+
+    spec = importlib.util.spec_from_file_location("flow_gan_probe", REPO_ROOT / "tools" / "flow_gan_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main([str(tmp_path / "whole"), "--teacher", str(teacher_dir), "--sample-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    norms = [float(v) for v in re.findall(r"norm(?: at weight 1)? ([0-9.e+-]+)", printed)]
+    accs = [float(v) for v in re.findall(r"(?:accuracy|500:|below:) ([0-9.]+)", printed)]
+    assert printed.startswith("step 3:") and len(norms) == 2 and all(v > 0 for v in norms)
+    assert len(accs) == 3 and all(0 <= a <= 1 for a in accs)
     for flags in (["--method", "reflow", "--gan-weight", "0.1"], ["--method", "dmd", "--gan-weight", "11"],
                   ["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"]):
         with pytest.raises(SystemExit):
