@@ -654,6 +654,22 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
         assert "--gan-weight" in capsys.readouterr().err
 
 
+def test_the_teacher_grid_tool_shifts_the_euler_grid_as_sd3_and_scores_it(capsys):
+    """``tools/flow_teacher_grid.py``: shift 1 is the teacher's uniform Euler grid, a shift above 1 puts more of
+    the 50 steps near the noise (t = 0) and below 1 near the data; a run prints the shipped evaluation's scores."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flow_teacher_grid", REPO_ROOT / "tools" / "flow_teacher_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    assert torch.allclose(grid.shifted_times(1.0), matching.euler_timesteps(50))
+    below_half = {s: int((grid.shifted_times(s) < 0.5).sum()) for s in (0.333, 1.0, 3.0)}
+    assert below_half[0.333] < below_half[1.0] == 25 < below_half[3.0]
+    assert grid.main(["3", "--n", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("shift 3: {'fid': ") and "'accuracy': " in printed
+
+
 def test_reflow_loss_at_t_zero_is_the_one_step_distillation_by_hand(tiny_unet):
     """2-rectified flow's loss ``|| u(x_t, t, c) - (x1 - z) ||^2`` at t = 0 is ``|| z + u(z, 0, c) - x1 ||^2``."""
     from cdlab.flow import distill
