@@ -480,7 +480,6 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
     return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh, update)
 
 
-
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
     file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
