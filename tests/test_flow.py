@@ -92,8 +92,6 @@ def test_load_fashion_mnist_reads_a_crafted_folder_and_says_how_to_install(tmp_p
         data.load_fashion_mnist("test")
 
 
-@pytest.mark.skipif(not (data.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_images_of_classes_draws_each_from_its_class():
     images = torch.arange(30, dtype=torch.float32).reshape(30, 1, 1, 1)
     labels = torch.arange(30) % 3
@@ -104,6 +102,8 @@ def test_images_of_classes_draws_each_from_its_class():
         data.images_of_classes(images, labels, torch.tensor([7]))
 
 
+@pytest.mark.skipif(not (data.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_load_fashion_mnist_from_the_debian_package(monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     x, y = data.load_fashion_mnist("test")
