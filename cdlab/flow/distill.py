@@ -462,7 +462,6 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
     noise of the batch's ``shape``. With ``gan``, each also trains the discriminator on training images of the
     same classes (``real``: the images and their labels). Returns the sum of their losses."""
     device = next(unet.parameters()).device
-    kw = {} if gan is None else dict(gan=gan, disc_weight=cfg.disc_weight)
 
     def fresh() -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(shape, generator=g).to(device)
@@ -473,9 +472,9 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
         return x, labels
 
     def update(x: torch.Tensor, y: torch.Tensor) -> float:
-        if gan is not None:
-            kw["real"] = images_of_classes(*real, y, g).to(device)
-        return dmd_fake_update(unet, opt, params, x, y, generator=g, **kw)
+        disc = {} if gan is None else dict(gan=gan, disc_weight=cfg.disc_weight,
+                                           real=images_of_classes(*real, y, g).to(device))
+        return dmd_fake_update(unet, opt, params, x, y, generator=g, **disc)
 
     return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh, update)
 

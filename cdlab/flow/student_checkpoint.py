@@ -45,7 +45,8 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {**lora_weights(unet), **{f"ema.{n}": v.cpu().contiguous() for n, v in (ema or {}).items()},
                **{f"average.{n}": v.cpu().contiguous() for n, v in (average or {}).items()},
-               **{f"disc.{n}": v.detach().cpu().contiguous() for n, v in (head.state_dict() if head else {}).items()},
+               **{f"disc.{n}": v.detach().cpu().contiguous()
+                  for n, v in (head.state_dict() if head is not None else {}).items()},
                "generator": generator.get_state()}
     save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
     save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
