@@ -1,8 +1,8 @@
 """How strong DMD2's discriminator is in a flow DMD run, and how hard its GAN term pushes the generator.
 
-    python tools/flow_gan_probe.py runs/trial-dmd4-gan05/checkpoint --sample-steps 4
+    python tools/flow_gan_probe.py runs/trial-dmd4-gan05/checkpoint
 
-Reads a checkpoint of ``python -m cdlab.flow.distill --method dmd --gan-weight ...`` (its last step), draws one
+Reads (with the run's own :func:`cdlab.flow.student_checkpoint.load_checkpoint`) a checkpoint of ``python -m cdlab.flow.distill --method dmd --gan-weight ...`` (its last step), draws one
 batch of 64 generator samples (classes i mod 10, seed 1) and 64 real training images of the same classes, diffuses
 both to the DMD matching's t with the same noise, and prints:
 
@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdlab.flow import distill, matching  # noqa: E402
 from cdlab.flow.data import images_of_classes, load_fashion_mnist  # noqa: E402
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel  # noqa: E402
+from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, load_checkpoint  # noqa: E402
 from cdlab.loss import dmd_generator_loss, gan_logits  # noqa: E402
 from cdlab.math import q_sample  # noqa: E402
 from cdlab.paths import read_json  # noqa: E402
@@ -35,25 +35,28 @@ from cdlab.students.roles import FAKE_SCORE  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/flow_gan_probe.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a DMD run's checkpoint folder (with --gan-weight > 0)")
-    p.add_argument("--teacher", default="cdlab/assets/fashion-flow")
-    p.add_argument("--sample-steps", type=int, default=1)
+    p.add_argument("--teacher", default=None, help="the run's teacher folder (default: the one it names)")
+    p.add_argument("--sample-steps", type=int, default=None, help="the generator's steps (default: the run's)")
     args = p.parse_args(argv)
     folder = Path(args.checkpoint)
-    saved = read_json(folder / "checkpoint.json") or p.error(f"{folder}: no checkpoint.json")
-    cfg = saved["config"]
-    unet = distill.attach_flow_lora(distill._load_teacher_unet(args.teacher, torch.device("cpu")), cfg["lora_rank"])
-    distill.attach_flow_lora(unet, cfg["lora_rank"], adapter_name=FAKE_SCORE)
-    tensors = load_file(str(folder / f"student-{saved['step']:07d}.safetensors"))
+    saved = read_json(folder / CHECKPOINT_JSON) or p.error(f"{folder}: no {CHECKPOINT_JSON}")
+    cfg = distill.StudentConfig(**{**saved["config"], "steps": saved["step"]})
+    if cfg.gan_weight <= 0:
+        p.error(f"{folder}: a run without the GAN term (--gan-weight 0) has no discriminator to probe")
+    teacher = args.teacher or saved["teacher"]
+    unet = distill.attach_flow_lora(distill._load_teacher_unet(teacher, torch.device("cpu")), cfg.lora_rank)
+    distill.attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
     head = distill.DiscriminatorHead(unet.num_hiddens)
-    head.load_state_dict({k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")})
-    distill.set_lora_weights(unet, {k: v for k, v in tensors.items()
-                                    if k != "generator" and not k.startswith(("ema.", "average.", "disc."))})
+    opt, ema, average = distill._optimizer_and_averages(
+        [(n, q) for n, q in unet.named_parameters() if q.requires_grad], cfg, head)
+    load_checkpoint(folder, unet, opt, ema, torch.Generator(), cfg=cfg, teacher=teacher, init=saved["init"],
+                    average=average, head=head)  # the run's own reader: its recipe checked, every part restored
     unet.eval()
     g = torch.Generator().manual_seed(1)
     y = torch.arange(64) % matching.NUM_CLASSES
     c = matching.one_hot(y)
-    k = args.sample_steps
-    out = dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=cfg["guidance"],
+    k = args.sample_steps or cfg.sample_steps
+    out = dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=cfg.guidance,
                              generator_adapter=distill.ADAPTER, fake_adapter=FAKE_SCORE,
                              gen_timesteps=consistency_timesteps(k, k), latent_shape=(1, 28, 28), generator=g,
                              model_class=FlowModel)
