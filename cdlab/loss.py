@@ -272,6 +272,11 @@ def consistency_loss(
 # so the generator is moved towards what the discriminator takes for real data, not only towards the teacher's
 # distribution: DMD2's route past its teacher's FID. The generator's pass through the fake score trains neither
 # the fake score nor the head (their parameters are frozen for it).
+#
+# A discriminator of its own (``gan`` an ``nn.Module``, ``D(x, c) -> logits``) judges the clean images instead, as
+# ADD's does (Sauer et al. 2023, "Adversarial Diffusion Distillation", §3.2): the same two losses with x_g and
+# x_real in place of their diffused points. It shares nothing with the fake score, so it can be as strong as it
+# needs to be; the head above sees only what the fake score learns for denoising.
 
 __all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
             "generator_sample", "gan_logits", "DMD_T_RANGE"]
@@ -404,7 +409,7 @@ def dmd_generator_loss(
     gen_timesteps: Sequence[int] = (999,), t_range: tuple[int, int] = DMD_T_RANGE,
     noise: torch.Tensor | None = None, latent_shape: Sequence[int] | None = None,
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
-    gan: tuple[torch.nn.Module, torch.nn.Module] | None = None, gan_weight: float = 0.0,
+    gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module | None = None, gan_weight: float = 0.0,
     dm_weight: float = 1.0, steps: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
     model_class: type[EpsModel] = EpsModel,
@@ -422,7 +427,8 @@ def dmd_generator_loss(
         regression: optional ``(z, y, c)`` teacher ODE pairs (noise, the teacher's image latents from it, the
             caption embeddings); with ``regression_weight > 0`` adds ``weight * mean (G(z, 999, c) - y)^2``.
         gan / gan_weight: DMD2's GAN term (module notes above): ``(feature_module, head)`` of the discriminator,
-            and with ``gan_weight > 0`` adds ``gan_weight * mean softplus(-D(x_t(G)))`` at the matching's t and n.
+            and with ``gan_weight > 0`` adds ``gan_weight * mean softplus(-D(x_t(G)))`` at the matching's t and n;
+            or a discriminator of its own ``D(x, c)``, and the term is ``mean softplus(-D(G(z), c))``.
         dm_weight (`float`): the distribution-matching term's weight (1; 0 with a regression weight is the
             regression-only ablation: the same generator, sampler and pairs without DMD).
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
@@ -459,10 +465,12 @@ def dmd_generator_loss(
                                     autocast_dtype, model_class)
     loss_gan = torch.zeros((), device=device)
     if gan is not None and gan_weight > 0:
-        with _frozen(unet, gan[1]):  # the generator's pass moves x_g only (its own weights, through x_g's graph)
-            logits, _ = gan_logits(unet, gan, q_sample(x_g, t, scheduler, noise=n), t, cond, scheduler,
-                                   fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
-        loss_gan = torch.nn.functional.softplus(-logits).mean()
+        own = isinstance(gan, torch.nn.Module)  # a discriminator of its own, on the clean image
+        with _frozen(unet, gan if own else gan[1]):  # the generator's pass moves x_g only (through x_g's graph)
+            logits = gan(x_g, cond) if own else gan_logits(
+                unet, gan, q_sample(x_g, t, scheduler, noise=n), t, cond, scheduler, fake_adapter=fake_adapter,
+                autocast_dtype=autocast_dtype, model_class=model_class)[0]
+        loss_gan = torch.nn.functional.softplus(-logits.reshape(-1)).mean()
     return {
         "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg + float(gan_weight) * loss_gan,
         "loss_dm": loss_dm, "loss_reg": loss_reg, "loss_gan": loss_gan,
@@ -505,7 +513,7 @@ def dmd_fake_loss(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     model_class: type[EpsModel] = EpsModel,
-    gan: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+    gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module | None = None,
     real: torch.Tensor | None = None,
     gan_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
@@ -514,7 +522,8 @@ def dmd_fake_loss(
     schedule, 1 on the flow path, whose timestep 0 is the data itself and whose noise there cannot be predicted);
     gradients reach the fake adapter only. With ``gan`` and ``gan_weight > 0`` it also trains DMD2's discriminator
     (module notes above) on those points and on the ``real`` images diffused to the same t (the head's and the fake
-    adapter's gradients): ``loss = loss_denoise + gan_weight * loss_disc``. Returns ``loss``, ``loss_denoise``,
+    adapter's gradients), or a discriminator of its own (an ``nn.Module``) on ``x_g`` and ``real`` themselves:
+    ``loss = loss_denoise + gan_weight * loss_disc``. Returns ``loss``, ``loss_denoise``,
     ``loss_disc``, ``t``, ``x_t``."""
     device, bsz = x_g.device, x_g.shape[0]
     x0 = x_g.detach().float()
@@ -528,10 +537,15 @@ def dmd_fake_loss(
         if real is None or real.shape != x0.shape:
             raise ValueError(f"dmd_fake_loss: the GAN term needs real images of the samples' shape {tuple(x0.shape)}")
         kw = dict(fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
-        logits_fake, eps = gan_logits(unet, gan, x_t, t, cond, scheduler, **kw)
-        n_real = torch.randn(x0.shape, generator=generator).to(device)
-        logits_real, _ = gan_logits(unet, gan, q_sample(real.float().to(device), t, scheduler, noise=n_real), t,
-                                    cond, scheduler, **kw)
+        if isinstance(gan, torch.nn.Module):  # a discriminator of its own, on the clean images
+            logits_fake, logits_real = gan(x0, cond).reshape(-1), gan(real.float().to(device), cond).reshape(-1)
+            with adapter_role(unet, fake_adapter):
+                eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
+        else:
+            logits_fake, eps = gan_logits(unet, gan, x_t, t, cond, scheduler, **kw)
+            n_real = torch.randn(x0.shape, generator=generator).to(device)
+            logits_real, _ = gan_logits(unet, gan, q_sample(real.float().to(device), t, scheduler, noise=n_real),
+                                        t, cond, scheduler, **kw)
         sp = torch.nn.functional.softplus
         loss_disc = sp(logits_fake).mean() + sp(-logits_real).mean()
     else:

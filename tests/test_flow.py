@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdlab.flow import data, matching
+from cdlab.flow import data, matching, pairs
 from fashion_files import idx_bytes, write_train_set
 from cdlab.paths import REPO_ROOT
 from cdlab.flow.unet import UNet, recalibrate_batchnorm
@@ -611,11 +611,59 @@ def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_r
                       model_class=distill.FlowModel, gan=gan, gan_weight=1.0)
 
 
+def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_from_the_student(tiny_unet):
+    """``--disc pixel`` (:class:`PixelDiscriminator`): the generator's GAN term is ``softplus(-D(G(z), c))`` on the
+    clean sample, computed here by hand, and reaches the student's adapter alone; the fake score's update trains
+    the discriminator on the generated and the real images and never moves the student. D sees what the user
+    sees (clamped to [0, 1]) and its class term makes the same image score differently in another class."""
+    from cdlab.flow import distill
+    from cdlab.flow.unet import PixelDiscriminator
+    from cdlab.students.roles import FAKE_SCORE
+
+    torch.manual_seed(6)
+    unet = distill.attach_flow_lora(tiny_unet, rank=4)
+    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    unet.eval()
+    disc = PixelDiscriminator().eval()  # eval: spectral norm's power iteration holds still, so calls repeat
+    g = torch.Generator().manual_seed(7)
+    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=disc, gan_weight=0.25,
+                           generator=g)
+    with torch.no_grad():
+        c = matching.one_hot(labels)
+        by_hand = torch.nn.functional.softplus(-disc(out["x_g"], c)).mean()
+        assert torch.equal(disc(out["x_g"], c), disc(out["x_g"].clamp(0, 1), c))
+        assert not torch.allclose(disc(out["x_g"], c), disc(out["x_g"], c.roll(1, 0)))
+    assert float(out["loss_gan"]) == pytest.approx(float(by_hand), rel=1e-5)
+    out["loss"].backward()
+    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert owners == {distill.ADAPTER} and all(p.grad is None for p in disc.parameters())
+    assert all(p.requires_grad for p in disc.parameters())  # restored after the generator's pass
+
+    disc.train()
+    params = [p for n, p in unet.named_parameters() if "lora_" in n] + list(disc.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in [*unet.named_parameters(), *disc.named_parameters()]}
+    loss = distill.dmd_fake_update(unet, opt, params, out["x_g"], labels, generator=g, gan=disc, real=x1,
+                                   disc_weight=1.0)
+    moved = {n.split(".")[-2] if "lora_" in n else "disc" for n, p in [*unet.named_parameters(),
+                                                                       *disc.named_parameters()]
+             if not torch.equal(p, before[n])}
+    assert moved == {FAKE_SCORE, "disc"} and loss > 0
+
+
+@pytest.mark.parametrize("disc", ["head", "pixel"])
 def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_keeps_it_to_dmd(
-        tmp_path, tiny_unet, monkeypatch, capsys):
-    """A DMD run with DMD2's GAN term reads the real training images, and its discriminator head is part of its
-    checkpoint: a run cut off after one step and continued ends with the LoRA and the head of the run that never
-    stopped. ``--gan-weight`` is DMD's only, and out-of-range values are refused by name."""
+        tmp_path, tiny_unet, monkeypatch, capsys, disc):
+    """A DMD run with DMD2's GAN term reads the real training images, and its discriminator (DMD2's head, or one
+    of its own with its spectral norms' state) is part of its checkpoint: a run cut off after one step and
+    continued ends with the LoRA and the discriminator of the run that never stopped; the probe reads it.
+    ``--gan-weight`` is DMD's only, and out-of-range values are refused by name."""
     from safetensors.torch import load_file
 
     from cdlab.flow import distill
@@ -623,7 +671,7 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
     monkeypatch.setenv("CDLAB_FASHION_MNIST", str(write_train_set(tmp_path / "data", 40)))
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
     cfg = distill.StudentConfig(method="dmd", sample_steps=2, steps=3, batch_size=4, lr=1e-3, lora_rank=2, pairs=4,
-                                guidance=2.0, regression_weight=1.0, gan_weight=0.5, disc_weight=1.0)
+                                guidance=2.0, regression_weight=1.0, gan_weight=0.5, disc_weight=1.0, disc=disc)
     kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
     whole, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "whole", **kw)
     _, first = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", max_seconds=0.0, **kw)
@@ -634,8 +682,12 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
     h1, h2 = (load_file(str(tmp_path / run / "student-0000003.safetensors")) for run in ("whole", "cut"))
     heads = [k for k in h1 if k.startswith("disc.")]
     assert heads and all(torch.equal(h1[k], h2[k]) for k in heads)
-    fresh = distill.DiscriminatorHead(tiny_unet.num_hiddens).state_dict()
-    assert any(not torch.equal(h1[f"disc.{k}"], fresh[k]) for k in fresh)  # the head trained
+    torch.manual_seed(cfg.seed)  # the run's start, drawn as distill draws it: the discriminator must have moved
+    start = distill.attach_flow_lora(distill._load_teacher_unet(teacher_dir, torch.device("cpu")), cfg.lora_rank)
+    distill.attach_flow_lora(start, cfg.lora_rank, adapter_name=distill.FAKE_SCORE)
+    fresh = distill.make_discriminator(start, cfg).state_dict()
+    assert sorted(heads) == sorted(f"disc.{k}" for k in fresh)
+    assert any(not torch.equal(h1[f"disc.{k}"], fresh[k]) for k in fresh if not k.endswith(("._u", "._v")))
     import importlib.util  # tools/flow_gan_probe.py reads that checkpoint: gradient norms and the head's accuracy
 
     spec = importlib.util.spec_from_file_location("flow_gan_probe", REPO_ROOT / "tools" / "flow_gan_probe.py")
@@ -646,9 +698,12 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
     norms = [float(v) for v in re.findall(r"norm(?: at weight 1)? ([0-9.e+-]+)", printed)]
     accs = [float(v) for v in re.findall(r"(?:accuracy|500:|below:) ([0-9.]+)", printed)]
     assert printed.startswith("step 3:") and len(norms) == 2 and all(v > 0 for v in norms)
-    assert len(accs) == 3 and all(0 <= a <= 1 for a in accs)
+    assert len(accs) == (3 if disc == "head" else 1) and all(0 <= a <= 1 for a in accs)
+    if disc == "pixel":
+        return
     for flags in (["--method", "reflow", "--gan-weight", "0.1"], ["--method", "dmd", "--gan-weight", "11"],
-                  ["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"]):
+                  ["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"],
+                  ["--method", "dmd", "--gan-weight", "0.1", "--disc", "stylegan"]):
         with pytest.raises(SystemExit):
             distill.main(["--teacher", "nowhere", "--name", "x", *flags])
         assert "--gan-weight" in capsys.readouterr().err
@@ -689,10 +744,10 @@ def test_piecewise_reflow_pairs_hold_the_teachers_path_at_the_window_edges_and_i
     target is its chord ``(x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k)``, by hand at each window's start."""
     from cdlab.flow import distill
 
-    assert distill.window_edges(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    labels = distill.pair_labels(3)
-    z, xs = distill.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1), windows=4)
-    z1, x1 = distill.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1))
+    assert pairs.window_edges(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    labels = pairs.pair_labels(3)
+    z, xs = pairs.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1), windows=4)
+    z1, x1 = pairs.teacher_pairs(tiny_unet, labels, 50, 3.0, torch.Generator().manual_seed(1))
     assert xs.shape == (3, 4, 1, 28, 28) and torch.equal(z, z1)
     assert (xs[:, -1] - x1).abs().max() < 0.05 * x1.abs().max()
     velocity = matching.guided_velocity(tiny_unet, matching.one_hot(labels), 3.0)
@@ -823,7 +878,7 @@ def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_m
     chunks = sorted(cache.glob("flow-pairs-*/chunk-*.safetensors"))
     assert done == 6 and len(chunks) == 1  # 12 pairs: one chunk of 12
     made = []
-    monkeypatch.setattr(distill, "teacher_pairs", lambda *a, **k: made.append(1) or (_ for _ in ()).throw(
+    monkeypatch.setattr(pairs, "teacher_pairs", lambda *a, **k: made.append(1) or (_ for _ in ()).throw(
         AssertionError("pairs made again")))
     _, first = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", max_seconds=0.0, **kw)
     assert first == 1 and not made  # stopped after one step, its checkpoint saved; the pairs came from the cache

@@ -9,7 +9,8 @@ both to the DMD matching's t with the same noise, and prints:
 * the norm of the distribution-matching gradient on the samples (``grad / numel``, what ``loss_dm`` puts on
   ``x_g``) beside the GAN term's at weight 1 (``d mean softplus(-D) / d x_g``): multiply the second by the run's
   ``--gan-weight`` to compare them;
-* the discriminator's accuracy (real logits > 0, generated < 0), over all t and split at timestep 500.
+* the discriminator's accuracy (real logits > 0, generated < 0), over all t and split at timestep 500 (a
+  discriminator of its own, ``--disc pixel``, judges the clean images: its accuracy alone).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = args.teacher or saved["teacher"]
     unet = distill.attach_flow_lora(distill._load_teacher_unet(teacher, torch.device("cpu")), cfg.lora_rank)
     distill.attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
-    head = distill.DiscriminatorHead(unet.num_hiddens)
+    head = distill.make_discriminator(unet, cfg)  # DMD2's head, or a discriminator of its own (--disc pixel)
     opt, ema, average = distill._optimizer_and_averages(
         [(n, q) for n, q in unet.named_parameters() if q.requires_grad], cfg, head)
     load_checkpoint(folder, unet, opt, ema, torch.Generator(), cfg=cfg, teacher=teacher, init=saved["init"],
@@ -63,18 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     x_g, t = out["x_g"].clone().requires_grad_(True), out["t"]
     n = torch.randn(x_g.shape, generator=g)
     gan, kw = (unet.up1, head), dict(fake_adapter=FAKE_SCORE, model_class=FlowModel)
-    fake, _ = gan_logits(unet, gan, q_sample(x_g, t, FLOW_SCHEDULE, noise=n), t, c, FLOW_SCHEDULE, **kw)
+    own = cfg.disc != "head"  # a discriminator of its own judges the clean images (t plays no part)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return head(x, c) if own else gan_logits(unet, gan, q_sample(x, t, FLOW_SCHEDULE, noise=n), t, c,
+                                                 FLOW_SCHEDULE, **kw)[0]
+
+    head.eval()  # a pixel discriminator's spectral norm holds still: the probe changes nothing it reads
+    fake = logits(x_g)
     torch.nn.functional.softplus(-fake).mean().backward()
     real = images_of_classes(*load_fashion_mnist("train"), y, g)
     with torch.no_grad():
-        real_logits, _ = gan_logits(unet, gan, q_sample(real, t, FLOW_SCHEDULE, noise=n), t, c, FLOW_SCHEDULE, **kw)
+        real_logits = logits(real)
 
     def acc(m: torch.Tensor) -> float:
         return float(((fake.detach()[m] < 0).float().mean() + (real_logits[m] > 0).float().mean()) / 2)
 
     print(f"step {saved['step']}: matching gradient norm {float((out['grad'] / x_g.numel()).norm()):.3e}, "
           f"GAN gradient norm at weight 1 {float(x_g.grad.norm()):.3e}")
-    print(f"discriminator accuracy {acc(t >= 0):.3f} (timestep >= 500: {acc(t >= 500):.3f}, below: {acc(t < 500):.3f})")
+    split = "on the clean images" if own else f"timestep >= 500: {acc(t >= 500):.3f}, below: {acc(t < 500):.3f}"
+    print(f"discriminator accuracy {acc(t >= 0):.3f} ({split})")
     return 0
 
 

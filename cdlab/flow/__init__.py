@@ -9,6 +9,7 @@
 :mod:`cdlab.flow.train_teacher`         ``python -m cdlab.flow.train_teacher``: a time-budgeted, resumable teacher run whose
                                         folder the app's Train tab reads (status, ``metrics.jsonl``, class grids)
 :mod:`cdlab.flow.classifier`            the judge: a CNN on the real training set, its 128-d features for FID
+:mod:`cdlab.flow.pairs`                 the teacher's own samples from fixed noise (reflow's coupling, DMD's regression), cached
 :mod:`cdlab.flow.distill`               few-step students as LoRAs: CD / multi-boundary CD on the flow ODE, 2-rectified flow,
                                         piecewise rectified flow (PeRFlow) and DMD
 :mod:`cdlab.flow.student_run`           a student run's folder for the Train tab (``--run-dir``)

@@ -14,7 +14,8 @@ that is taken is refused.
 
 ``--run-dir`` also writes the run folder the app's Train tab reads (:mod:`cdlab.flow.student_run`), as the app's student runs do,
 with a checkpoint every 100 steps that ``--resume`` continues. Reflow's teacher pairs are cached
-(:func:`cached_teacher_pairs`, ``--pair-cache``), so a second run, or one cut off, does not pay for them again.
+(:func:`cdlab.flow.pairs.cached_teacher_pairs`, ``--pair-cache``), so a second run, or one cut off, does not pay
+for them again.
 
 **Consistency distillation on the flow ODE** (``method="cd"``, ``num_boundaries`` N; N > 1 is multi-boundary CD).
 The lab's one consistency loss (:func:`cdlab.loss.consistency_loss`) with the flow teacher's eps model
@@ -25,8 +26,8 @@ loss is new: a flow teacher is a new model class, not a second copy of CD.
 
 **2-rectified flow** (``method="reflow"``; Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate
 and Transfer Data with Rectified Flow", §2.2, eq. 6). Draw pairs ``(z, x1)`` with ``x1`` the teacher's own
-Euler-50 sample with CFG from noise ``z`` (:func:`teacher_pairs`), then fit the flow-matching loss on the pairs
-instead of on independent noise and data::
+Euler-50 sample with CFG from noise ``z`` (:func:`cdlab.flow.pairs.teacher_pairs`), then fit the flow-matching
+loss on the pairs instead of on independent noise and data::
 
     L = E_{(z, x1), t ~ U[0, 1]} || u_theta((1 - t) z + t x1, t, c) - (x1 - z) ||^2
 
@@ -37,8 +38,9 @@ a reflow student with ``--init``. Guidance is distilled in: the student runs the
 
 **Piecewise rectified flow** (``--windows W`` > 1; Yan et al. 2024, "PeRFlow: Piecewise Rectified Flow as
 Universal Plug-and-Play Accelerator", §3, eq. 5). Cut time into W windows with edges ``t_0 = 0 < t_1 < ... <
-t_W = 1`` (:func:`window_edges`: the times of the lab's W-step sampler), keep the teacher's states ``x_{t_k}`` at
-the edges of each Euler-50 trajectory (one trajectory gives W pairs), and straighten each window on its own::
+t_W = 1`` (:func:`cdlab.flow.pairs.window_edges`: the times of the lab's W-step sampler), keep the teacher's
+states ``x_{t_k}`` at the edges of each Euler-50 trajectory (one trajectory gives W pairs), and straighten each
+window on its own::
 
     L = E_{i, k, tau ~ U[0, 1]} || u_theta(x_t, t, c) - (x_{t_{k+1}} - x_{t_k}) / (t_{k+1} - t_k) ||^2,
         t = t_k + tau (t_{k+1} - t_k),   x_t = (1 - tau) x_{t_k} + tau x_{t_{k+1}}
@@ -58,21 +60,20 @@ moves against::
     grad = (x1_fake(x_t) - x1_real(x_t)) / mean |G(z) - x1_real(x_t)|,    x1(x_t) = x_t + (1 - t) u(x_t, t)
 
 (each score's data prediction, :func:`cdlab.flow.matching.velocity_to_data`), plus ``regression_weight`` times
-DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :func:`cached_teacher_pairs`).
+DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :mod:`cdlab.flow.pairs`).
 Matching the teacher's distribution, not each pair's image, is what FID measures; the regression keeps G on
 the teacher's modes. Start it from a one-step student (``--init``, e.g. the reflow-distilled one).
 ``--gan-weight`` > 0 adds DMD2's GAN term (Yin et al. 2024b, §4.3; :mod:`cdlab.loss` has its equations): a
 discriminator head (:class:`cdlab.flow.unet.DiscriminatorHead`) on the fake score's features tells the real
 training images from G's samples, both diffused to one t, and G also descends ``gan_weight * mean
 softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
+``--disc pixel`` gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`).
 
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -86,19 +87,21 @@ from torch import nn
 from cdlab.flow import matching
 from cdlab.flow.data import images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
+from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
 from cdlab.flow.student_checkpoint import load_checkpoint, lora_weights, save_checkpoint, set_lora_weights
-from cdlab.flow.unet import DiscriminatorHead, UNet
+from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
-from cdlab.paths import cache_dir, shown_path, write_safetensors_atomic
+from cdlab.paths import cache_dir, shown_path
 from cdlab.samplers import consistency_timesteps
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
 
-__all__ = ["METHODS", "lora_targets", "attach_flow_lora", "window_edges", "teacher_pairs", "cached_teacher_pairs", "pair_labels", "cd_loss",
+__all__ = ["METHODS", "lora_targets", "attach_flow_lora", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
            "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "main"]
 
 ADAPTER = "student"
+Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or a PixelDiscriminator
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 
 
@@ -127,90 +130,7 @@ def attach_flow_lora(unet: nn.Module, rank: int = 32, alpha: float | None = None
     return unet
 
 
-def window_edges(windows: int) -> list[float]:
-    """The flow times ``[0, 1/W, ..., 1]`` that cut ``[0, 1]`` into W windows: where the lab's W-step sampler
-    stands (its timesteps ``consistency_timesteps(W, W)`` are ``t = 1 - k / 1000``, the first, k = 999, taken as
-    pure noise at t = 0), e.g. 4 -> [0, 0.25, 0.5, 0.75, 1]."""
-    if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= 50:
-        raise ValueError(f"windows must be an integer in [1, 50], got {windows!r}")
-    return [j / windows for j in range(windows + 1)]
-
-
-@torch.no_grad()
-def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance: float = matching.GUIDANCE,
-                  generator: torch.Generator | None = None, batch_size: int = 2000,
-                  windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG.
-
-    ``windows`` W > 1 (piecewise rectified flow): the second tensor is the teacher's states at the window edges
-    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). The Euler grid is then the ``num_steps`` grid with
-    the edges added (50 steps and 4 windows: 52 steps, the edges 0.25 and 0.75 are not on it)."""
-    z = torch.randn((len(labels), 1, 28, 28), generator=generator)
-    if windows == 1:
-        return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
-    edges = window_edges(windows)
-    grid = sorted({round(i / num_steps, 12) for i in range(num_steps + 1)} | {round(e, 12) for e in edges})
-    device, states = next(unet.parameters()).device, []
-    for i in range(0, len(z), batch_size):
-        velocity = matching.guided_velocity(unet, matching.one_hot(labels[i:i + batch_size]).to(device), guidance)
-        x, row = z[i:i + batch_size].to(device), []
-        for a, b in zip(edges, edges[1:]):
-            x = matching.sample_euler(velocity, x, torch.tensor([t for t in grid if a <= t <= b]))
-            row.append(x.cpu())
-        states.append(torch.stack(row, 1))
-    return z, torch.cat(states)
-
-
-PAIR_CHUNK = 256  # pairs a cache file holds
 CHECKPOINT_EVERY = 100  # steps between a student run's checkpoints
-
-
-def pair_labels(count: int) -> torch.Tensor:
-    """The class of pair ``i`` is ``i % 10``: every class equally often."""
-    return torch.arange(count) % matching.NUM_CLASSES
-
-
-@torch.no_grad()
-def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: int, num_steps: int = 50,
-                         windows: int = 1, cache: str | Path | None = None, log: Callable[[str], None] = print,
-                         should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``count`` reflow pairs (:func:`teacher_pairs`, labels :func:`pair_labels`) made in chunks of
-    :data:`PAIR_CHUNK` (fewer when ``count`` is smaller), chunk ``k``'s noise from its own generator, seeded
-    ``seed * 100003 + k``, so that the pairs do not depend on how many are asked for or how often the run stopped.
-
-    At 50 steps with CFG a pair costs 100 NFE (about 0.3 s on one CPU thread), so with ``cache`` (a folder) every
-    chunk is written there as it is made (``flow-pairs-<key>/chunk-<k>.safetensors``, atomically) and read back
-    by any later run of the same teacher weights, guidance, steps, seed and chunk size: a run cut off loses at
-    most the chunk it was making, and a run with more pairs reuses a shorter one's. ``should_stop`` is asked
-    before each chunk is made: True returns None (a Stop while the pairs are drawn, which take minutes)."""
-    from cdlab.train.data import base_fingerprint
-
-    chunk = max(1, min(PAIR_CHUNK, count))
-    piecewise = "" if windows == 1 else f"|windows={windows}"
-    key = hashlib.sha256(f"flow-pairs|v1|{base_fingerprint(unet)}|{float(guidance)!r}|{num_steps}|{seed}|{chunk}"
-                         f"{piecewise}".encode()).hexdigest()[:20]
-    folder = None if cache is None else Path(cache) / f"flow-pairs-{key}"
-    zs, xs, made, start = [], [], 0, time.monotonic()
-    for k in range(math.ceil(count / chunk)):
-        path = None if folder is None else folder / f"chunk-{k:05d}.safetensors"
-        if path is not None and path.is_file():
-            t = load_file(str(path))
-            zs.append(t["z"])
-            xs.append(t["x1"])
-            continue
-        if should_stop is not None and should_stop():
-            return None
-        labels = pair_labels((k + 1) * chunk)[k * chunk:]
-        z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
-                              batch_size=chunk, windows=windows)
-        zs.append(z)
-        xs.append(x1)
-        made += chunk
-        if path is not None:
-            write_safetensors_atomic(path, {"z": z, "x1": x1})
-        log(f"reflow pairs: {min((k + 1) * chunk, count)} of {count} ({made} made, "
-            f"{time.monotonic() - start:.0f} s)")
-    return torch.cat(zs)[:count], torch.cat(xs)[:count]
 
 
 def cd_loss(unet: nn.Module, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float, num_boundaries: int = 1,
@@ -231,7 +151,7 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """2-rectified flow's loss on teacher pairs (module docstring); ``times="zero"``: the one-step distillation.
 
-    ``x1`` ``[B, W, 1, 28, 28]`` (the teacher's states at W window edges, :func:`teacher_pairs`): piecewise
+    ``x1`` ``[B, W, 1, 28, 28]`` (the teacher's states at W window edges, :mod:`cdlab.flow.pairs`): piecewise
     rectified flow, each sample in a window drawn uniformly, ``times="zero"`` at that window's start."""
     if x1.ndim == 5:
         edges = torch.tensor(window_edges(x1.shape[1]), dtype=z.dtype)
@@ -251,13 +171,13 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 
 
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
-             sample_steps: int = 1, regression_weight: float = 10.0, gan: tuple[nn.Module, nn.Module] | None = None,
+             sample_steps: int = 1, regression_weight: float = 10.0, gan: Discriminator | None = None,
              gan_weight: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
     students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise). ``gan``
-    ``(unet.up1, head)`` and ``gan_weight``: DMD2's GAN term (module docstring)."""
+    ``(unet.up1, head)`` or a discriminator of its own, and ``gan_weight``: DMD2's GAN term (module docstring)."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
@@ -269,7 +189,7 @@ def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.T
 
 def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
                     labels: torch.Tensor, *, generator: torch.Generator | None = None,
-                    gan: tuple[nn.Module, nn.Module] | None = None, real: torch.Tensor | None = None,
+                    gan: Discriminator | None = None, real: torch.Tensor | None = None,
                     disc_weight: float = 0.0) -> float:
     """One update of the fake score on the generator's samples ``x_g`` (detached): the flow path's denoising loss
     (:func:`cdlab.loss.dmd_fake_loss`, at timesteps 1..999: at 0 the path is the data itself). Only the fake
@@ -309,9 +229,19 @@ class StudentConfig:
     gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
     disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
     disc_lr: float = 0.0            # dmd with gan_weight > 0: the discriminator head's rate (0: the fake score's)
+    disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score) or "pixel" (its own)
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     seed: int = 0
+
+
+def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
+    """The GAN term's trainable network (None without it), on the UNet's device: DMD2's head on ``unet``'s features,
+    or a discriminator of its own (``cfg.disc``)."""
+    if cfg.gan_weight == 0:
+        return None
+    net = DiscriminatorHead(unet.num_hiddens) if cfg.disc == "head" else PixelDiscriminator()
+    return net.to(next(unet.parameters()).device)
 
 
 def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
@@ -334,7 +264,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     ``checkpoint`` (a folder): every ``checkpoint_every`` steps and when it stops, the LoRA, its averages, Adam's
     state and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit
     for bit as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
-    reflow's teacher pairs are kept (:func:`cached_teacher_pairs`); ``should_stop`` ends the run while they are
+    reflow's teacher pairs are kept (:mod:`cdlab.flow.pairs`); ``should_stop`` ends the run while they are
     drawn (the steps taken are then the checkpoint's, or 0)."""
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
@@ -342,7 +272,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
         if cfg.method == "dmd":  # the fake score: a second LoRA, starting as the teacher (its B is zero)
             attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
-        head = DiscriminatorHead(unet.num_hiddens).to(dev) if cfg.gan_weight > 0 else None
+        head = make_discriminator(unet, cfg)
     if init is not None:
         set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
@@ -369,7 +299,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
 
         real = load_fashion_mnist("train")
         data = real if cfg.method == "cd" else (*data, *real)
-    gan = None if head is None else (unet.up1, head)
+    gan = None if head is None else ((unet.up1, head) if cfg.disc == "head" else head)
     start = time.monotonic()
     for step in range(done, cfg.steps):
         out = _train_step(unet, cfg, step, data, opt, params, ema, g, gan)
@@ -397,7 +327,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
 
 def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torch.Tensor, ...],
                 opt: torch.optim.Optimizer, params: list[nn.Parameter], ema: dict[str, torch.Tensor] | None,
-                g: torch.Generator, gan: tuple[nn.Module, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+                g: torch.Generator, gan: Discriminator | None = None) -> dict[str, torch.Tensor]:
     """One step of :func:`distill`: a batch of ``data`` (the teacher's pairs ``(z, x1, labels)`` for reflow and
     DMD, then with ``gan`` the training images and their labels; the training images ``(images, labels)`` for
     CD), the method's loss and Adam's step, then DMD's fake-score updates (only those during its first
@@ -456,7 +386,7 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
 
 def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor | None,
                   labels: torch.Tensor, shape: torch.Size, cfg: StudentConfig, g: torch.Generator,
-                  gan: tuple[nn.Module, nn.Module] | None = None, real: list[torch.Tensor] | None = None) -> float:
+                  gan: Discriminator | None = None, real: list[torch.Tensor] | None = None) -> float:
     """DMD's ``cfg.fake_steps`` fake-score updates (:func:`cdlab.loss.dmd_fake_updates`): the first on this step's
     samples ``x_g`` (None, a warm-up step: fresh ones too), the others on fresh ones of the same classes, from
     noise of the batch's ``shape``. With ``gan``, each also trains the discriminator on training images of the
@@ -542,9 +472,9 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
     if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
-            or (cfg.gan_weight and cfg.method != "dmd")):
+            or (cfg.gan_weight and cfg.method != "dmd") or cfg.disc not in ("head", "pixel")):
         p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100], "
-                "--disc-lr in [0, 1]")
+                "--disc-lr in [0, 1], --disc head or pixel")
     if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
         p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
