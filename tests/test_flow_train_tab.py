@@ -184,7 +184,9 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
                        ({"shell": "rm"}, "shell"), ({"method": "cd", "windows": 4}, "reflow windows"),
                        ({"windows": 9}, "reflow windows"), ({"num_boundaries": 4}, "CD boundaries"),
-                       ({"method": "cd", "num_boundaries": 0}, "CD boundaries")]:
+                       ({"method": "cd", "num_boundaries": 0}, "CD boundaries"),
+                       ({"gan_weight": 0.05}, "GAN term"), ({"method": "dmd", "gan_weight": 2}, "GAN term"),
+                       ({"method": "dmd", "gan_weight": 0.05, "disc_lr": 0}, "discriminator's learning rate")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -221,7 +223,8 @@ def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs)
 
 def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     """The student form's CD boundaries (fashion-mbcd-4 has 4) become ``--num-boundaries`` of the distillation
-    command, whose own parser reads every flag back."""
+    command, whose own parser reads every flag back; its GAN weight and the discriminator's rate reach a DMD run
+    (fashion-dmd-4's term), and a run without the term gets neither flag."""
     from cdlab.flow import distill
     from cdlab.ui.jobs import flow_student_command
 
@@ -234,3 +237,8 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     cfg = distill.config_from_args(p, args)
     assert (cfg.method, cfg.num_boundaries, cfg.lr, cfg.windows) == ("cd", 4, 2e-4, 1)
     assert rest == ["--teacher", "runs/teacher", "--run-dir", "runs/mbcd", "--name", "mbcd"]
+    assert cfg.gan_weight == 0 and "--gan-weight" not in cmd and "--disc-lr" not in cmd  # the CLI's defaults kept
+    gan = F.student_settings({"teacher_run": "teacher", "method": "dmd", "gan_weight": 0.05}, run_name="dmd")
+    args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), gan)[3:])
+    cfg = distill.config_from_args(p, args)  # fashion-dmd-4's GAN term: weight 0.05, DMD2's head at rate 1e-3
+    assert (cfg.method, cfg.gan_weight, cfg.disc_lr, cfg.disc) == ("dmd", 0.05, 1e-3, "head")

@@ -93,7 +93,7 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
                     "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
-                    "lora_rank": 16, "windows": 1, "num_boundaries": 1}
+                    "lora_rank": 16, "windows": 1, "num_boundaries": 1, "gan_weight": 0.0, "disc_lr": 1e-3}
 _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
@@ -103,6 +103,8 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("lora_rank", "LoRA rank", "int", 1, 64),
     ("windows", "reflow windows (1: 2-rectified flow; 4: piecewise, PeRFlow)", "int", 1, 8),
     ("num_boundaries", "CD boundaries (1: CD; 4: multi-boundary, as fashion-mbcd-4)", "int", 1, 8),
+    ("gan_weight", "DMD's GAN term on real images (0: off; fashion-dmd-4: 0.05)", "float", 0.0, 1.0),
+    ("disc_lr", "GAN discriminator's learning rate (with the GAN term)", "float", 1e-5, 0.05),
 ]
 
 
@@ -134,6 +136,8 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
         raise ValueError(f"config: reflow windows must be 1 with method {method!r} (windows belong to reflow).")
     if out["num_boundaries"] > 1 and method != "cd":
         raise ValueError(f"config: CD boundaries must be 1 with method {method!r} (boundaries belong to cd).")
+    if out["gan_weight"] > 0 and method != "dmd":
+        raise ValueError(f"config: DMD's GAN term must be 0 with method {method!r} (the GAN term belongs to dmd).")
     return {**out, "teacher_run": teacher, "method": method,
             "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
@@ -187,14 +191,18 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
 
     @user_errors
     def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, windows,
-                         num_boundaries, owner, instructor_token=""):
+                         num_boundaries, gan_weight, disc_lr, owner, instructor_token=""):
         """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
         if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         policy.require_instructor(instructor_token, "Training")
         settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
                                          lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank,
-                                         windows=windows, num_boundaries=num_boundaries))
+                                         windows=windows, num_boundaries=num_boundaries, gan_weight=gan_weight,
+                                         disc_lr=disc_lr))
+        problem = data_problem() if settings["method"] == "cd" or settings["gan_weight"] > 0 else None
+        if problem:  # CD's data and the GAN term's real side are the training images
+            raise gr.Error(problem)
         owner = owner if isinstance(owner, str) and owner else new_owner_token()
         job = jobs.start_flow_student(settings, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
@@ -218,7 +226,8 @@ def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> Simpl
                                                   "windows > 1) · cd: consistency distillation on the flow ODE "
                                                   "(multi-boundary with boundaries > 1) · "
                                                   "dmd: distribution matching against the teacher, with a fake-score "
-                                                  "LoRA and a regression on the teacher pairs"))
+                                                  "LoRA and a regression on the teacher pairs (and, with a GAN "
+                                                  "weight, DMD2's discriminator on real images)"))
         st.inputs = form_inputs(student_fields())
         st.start = gr.Button("Distil", interactive=training_on, elem_id=prefix + "flow-student-start")
     return st

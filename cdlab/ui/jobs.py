@@ -478,6 +478,7 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``."""
     flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
+    flags += ("gan_weight", "disc_lr") if settings.get("gan_weight") else ()  # DMD2's head on the real images
     shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
             "--name", Path(run_dir).name,
