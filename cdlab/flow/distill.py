@@ -67,7 +67,8 @@ the teacher's modes. Start it from a one-step student (``--init``, e.g. the refl
 discriminator head (:class:`cdlab.flow.unet.DiscriminatorHead`) on the fake score's features tells the real
 training images from G's samples, both diffused to one t, and G also descends ``gan_weight * mean
 softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
-``--disc pixel`` gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`).
+``--disc pixel`` gives it a discriminator of its own on the clean images
+(:class:`cdlab.flow.unet.PixelDiscriminator`).
 
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
@@ -98,7 +99,7 @@ from cdlab.students.roles import FAKE_SCORE, adapter_role
 
 __all__ = ["METHODS", "lora_targets", "attach_flow_lora", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
-           "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "main"]
+           "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "make_discriminator", "main"]
 
 ADAPTER = "student"
 Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or a PixelDiscriminator

@@ -220,9 +220,9 @@ class PixelDiscriminator(nn.Module):
     ``x`` clamped to [0, 1] (what the user sees: the pipeline clamps) -> four ``Conv2d -> LeakyReLU(0.2)``
     (28 -> 28 -> 14 -> 7 -> 4) -> features phi ``[16 * width]`` -> ``w . phi + <E c, phi>``: the projection
     discriminator's class term (Miyato & Koyama 2018, "cGANs with Projection Discriminator", eq. 3), so that an
-    image is judged as an image of its class. Every layer is spectrally normalised (Miyato et al. 2018), which
-    keeps a small discriminator's gradients bounded on few hundred steps. No BatchNorm: real and generated
-    images never meet in one normalisation."""
+    image is judged as an image of its class. Every layer is spectrally normalised (Miyato et al. 2018, "Spectral
+    Normalization for Generative Adversarial Networks"): D is about 1-Lipschitz, so its push on the generator
+    stays bounded. No BatchNorm: real and generated images never meet in one normalisation."""
 
     def __init__(self, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
