@@ -279,7 +279,7 @@ def consistency_loss(
 # needs to be; the head above sees only what the fake score learns for denoising.
 
 __all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
-            "generator_sample", "gan_logits", "DMD_T_RANGE"]
+            "generator_sample", "gan_logits", "discriminate", "DMD_T_RANGE"]
 
 DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
 
@@ -389,6 +389,18 @@ def gan_logits(unet: Any, gan: tuple[torch.nn.Module, torch.nn.Module], x_t: tor
     return head(store[0].float()).reshape(-1), eps
 
 
+def discriminate(unet: Any, gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module, x: torch.Tensor,
+                 t: torch.Tensor, noise: torch.Tensor | None, cond: torch.Tensor, scheduler: Any, **kw: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GAN term's logits ``[B]`` on images ``x`` (module notes above), for either discriminator: one of its own
+    (an ``nn.Module``) judges ``x`` itself, and the eps returned is None; DMD2's ``(feature_module, head)`` judges
+    ``x`` diffused to ``t`` with ``noise`` (:func:`gan_logits`, ``kw`` its keywords), with the fake score's eps of
+    that point."""
+    if isinstance(gan, torch.nn.Module):
+        return gan(x, cond).reshape(-1), None
+    return gan_logits(unet, gan, q_sample(x, t, scheduler, noise=noise), t, cond, scheduler, **kw)
+
+
 def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cond: torch.Tensor,
                      scheduler: Any, generator_adapter: str, t_first: int,
                      autocast_dtype: torch.dtype | None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
@@ -465,12 +477,11 @@ def dmd_generator_loss(
                                     autocast_dtype, model_class)
     loss_gan = torch.zeros((), device=device)
     if gan is not None and gan_weight > 0:
-        own = isinstance(gan, torch.nn.Module)  # a discriminator of its own, on the clean image
-        with _frozen(unet, gan if own else gan[1]):  # the generator's pass moves x_g only (through x_g's graph)
-            logits = gan(x_g, cond) if own else gan_logits(
-                unet, gan, q_sample(x_g, t, scheduler, noise=n), t, cond, scheduler, fake_adapter=fake_adapter,
-                autocast_dtype=autocast_dtype, model_class=model_class)[0]
-        loss_gan = torch.nn.functional.softplus(-logits.reshape(-1)).mean()
+        trained = gan if isinstance(gan, torch.nn.Module) else gan[1]
+        with _frozen(unet, trained):  # the generator's pass moves x_g only (through x_g's graph)
+            logits, _ = discriminate(unet, gan, x_g, t, n, cond, scheduler, fake_adapter=fake_adapter,
+                                     autocast_dtype=autocast_dtype, model_class=model_class)
+        loss_gan = torch.nn.functional.softplus(-logits).mean()
     return {
         "loss": float(dm_weight) * loss_dm + float(regression_weight) * loss_reg + float(gan_weight) * loss_gan,
         "loss_dm": loss_dm, "loss_reg": loss_reg, "loss_gan": loss_gan,
@@ -532,23 +543,18 @@ def dmd_fake_loss(
          else _per_example(timesteps, bsz, device))
     n = (torch.randn(x0.shape, generator=generator).to(device) if noise is None else noise.float())
     x_t = q_sample(x0, t, scheduler, noise=n)
-    loss_disc = torch.zeros((), device=device)
+    loss_disc, eps = torch.zeros((), device=device), None
     if gan is not None and gan_weight > 0:
         if real is None or real.shape != x0.shape:
             raise ValueError(f"dmd_fake_loss: the GAN term needs real images of the samples' shape {tuple(x0.shape)}")
         kw = dict(fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
-        if isinstance(gan, torch.nn.Module):  # a discriminator of its own, on the clean images
-            logits_fake, logits_real = gan(x0, cond).reshape(-1), gan(real.float().to(device), cond).reshape(-1)
-            with adapter_role(unet, fake_adapter):
-                eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
-        else:
-            logits_fake, eps = gan_logits(unet, gan, x_t, t, cond, scheduler, **kw)
-            n_real = torch.randn(x0.shape, generator=generator).to(device)
-            logits_real, _ = gan_logits(unet, gan, q_sample(real.float().to(device), t, scheduler, noise=n_real),
-                                        t, cond, scheduler, **kw)
+        logits_fake, eps = discriminate(unet, gan, x0, t, n, cond, scheduler, **kw)  # DMD2's: eps of that pass
+        own = isinstance(gan, torch.nn.Module)  # its own judges the clean images: no noise for the real ones
+        n_real = None if own else torch.randn(x0.shape, generator=generator).to(device)
+        logits_real, _ = discriminate(unet, gan, real.float().to(device), t, n_real, cond, scheduler, **kw)
         sp = torch.nn.functional.softplus
         loss_disc = sp(logits_fake).mean() + sp(-logits_real).mean()
-    else:
+    if eps is None:  # no pass of the fake score yet
         with adapter_role(unet, fake_adapter):
             eps = _fp32_eps(unet, autocast_dtype, model_class=model_class)(x_t, t, cond)
     loss_denoise = (eps - n).pow(2).mean()

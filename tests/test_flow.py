@@ -551,6 +551,38 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     assert "--num-boundaries" in capsys.readouterr().err
 
 
+def _generator_and_fake_score(tiny_unet: UNet, seed: int) -> UNet:
+    """The tiny UNet with DMD's two adapters (the student's and the fake score's), their B drawn away from zero so
+    that each differs from the teacher; eval mode."""
+    from cdlab.flow import distill
+    from cdlab.students.roles import FAKE_SCORE
+
+    torch.manual_seed(seed)
+    unet = distill.attach_flow_lora(tiny_unet, rank=4)
+    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return unet.eval()
+
+
+def _moved_by_a_fake_update(unet: UNet, net: torch.nn.Module, gan, x_g: torch.Tensor, labels: torch.Tensor,
+                            real: torch.Tensor, g: torch.Generator) -> tuple[set[str], float]:
+    """One fake-score update with the GAN term (``net`` the discriminator's trainable network, ``gan`` the form
+    the loss takes): the adapters that moved by name, ``"discriminator"`` when ``net`` did, and the loss."""
+    from cdlab.flow import distill
+
+    params = [p for n, p in unet.named_parameters() if "lora_" in n] + list(net.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    named = [*unet.named_parameters(), *(("net." + n, p) for n, p in net.named_parameters())]
+    before = {n: p.detach().clone() for n, p in named}
+    loss = distill.dmd_fake_update(unet, opt, params, x_g, labels, generator=g, gan=gan, real=real, disc_weight=1.0)
+    moved = {"discriminator" if n.startswith("net.") else n.split(".")[-2] for n, p in named
+             if not torch.equal(p, before[n])}
+    return moved, loss
+
+
 def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_real_from_fake(tiny_unet):
     """DMD2's GAN term (``gan_weight``): the generator's loss adds ``softplus(-D(x_t(G)))``, D the head on the fake
     score's ``up1`` features at the matching's point, computed here by hand; its backward reaches the student's
@@ -563,14 +595,7 @@ def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_r
     from cdlab.loss import dmd_fake_loss
     from cdlab.students.roles import FAKE_SCORE, adapter_role
 
-    torch.manual_seed(4)
-    unet = distill.attach_flow_lora(tiny_unet, rank=4)
-    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    unet.eval()
+    unet = _generator_and_fake_score(tiny_unet, seed=4)
     head = DiscriminatorHead(unet.num_hiddens)
     gan = (unet.up1, head)
     g = torch.Generator().manual_seed(5)
@@ -593,15 +618,8 @@ def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_r
     assert owners == {distill.ADAPTER} and all(p.grad is None for p in head.parameters())
     assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_" in n)  # restored after the pass
 
-    params = [p for n, p in unet.named_parameters() if "lora_" in n] + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=1e-2)
-    before = {n: p.detach().clone() for n, p in [*unet.named_parameters(), *head.named_parameters()]}
-    loss = distill.dmd_fake_update(unet, opt, params, out["x_g"], labels, generator=g, gan=gan, real=x1,
-                                   disc_weight=1.0)
-    moved = {n.split(".")[-2] if "lora_" in n else "head" for n, p in [*unet.named_parameters(),
-                                                                       *head.named_parameters()]
-             if not torch.equal(p, before[n])}
-    assert moved == {FAKE_SCORE, "head"} and loss > 0
+    moved, loss = _moved_by_a_fake_update(unet, head, gan, out["x_g"], labels, x1, g)
+    assert moved == {FAKE_SCORE, "discriminator"} and loss > 0
     terms = dmd_fake_loss(unet, out["x_g"], matching.one_hot(labels), FLOW_SCHEDULE, fake_adapter=FAKE_SCORE,
                           generator=g, model_class=distill.FlowModel, gan=gan, real=x1, gan_weight=2.0)
     assert float(terms["loss"]) == pytest.approx(float(terms["loss_denoise"] + 2.0 * terms["loss_disc"]), rel=1e-6)
@@ -620,14 +638,7 @@ def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_fro
     from cdlab.flow.unet import PixelDiscriminator
     from cdlab.students.roles import FAKE_SCORE
 
-    torch.manual_seed(6)
-    unet = distill.attach_flow_lora(tiny_unet, rank=4)
-    distill.attach_flow_lora(unet, rank=4, adapter_name=FAKE_SCORE)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    unet.eval()
+    unet = _generator_and_fake_score(tiny_unet, seed=6)
     disc = PixelDiscriminator().eval()  # eval: spectral norm's power iteration holds still, so calls repeat
     g = torch.Generator().manual_seed(7)
     z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
@@ -646,15 +657,8 @@ def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_fro
     assert all(p.requires_grad for p in disc.parameters())  # restored after the generator's pass
 
     disc.train()
-    params = [p for n, p in unet.named_parameters() if "lora_" in n] + list(disc.parameters())
-    opt = torch.optim.Adam(params, lr=1e-2)
-    before = {n: p.detach().clone() for n, p in [*unet.named_parameters(), *disc.named_parameters()]}
-    loss = distill.dmd_fake_update(unet, opt, params, out["x_g"], labels, generator=g, gan=disc, real=x1,
-                                   disc_weight=1.0)
-    moved = {n.split(".")[-2] if "lora_" in n else "disc" for n, p in [*unet.named_parameters(),
-                                                                       *disc.named_parameters()]
-             if not torch.equal(p, before[n])}
-    assert moved == {FAKE_SCORE, "disc"} and loss > 0
+    moved, loss = _moved_by_a_fake_update(unet, disc, disc, out["x_g"], labels, x1, g)
+    assert moved == {FAKE_SCORE, "discriminator"} and loss > 0
 
 
 @pytest.mark.parametrize("disc", ["head", "pixel"])

@@ -26,8 +26,7 @@ from cdlab.flow import distill, matching  # noqa: E402
 from cdlab.flow.data import images_of_classes, load_fashion_mnist  # noqa: E402
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, load_checkpoint  # noqa: E402
-from cdlab.loss import dmd_generator_loss, gan_logits  # noqa: E402
-from cdlab.math import q_sample  # noqa: E402
+from cdlab.loss import discriminate, dmd_generator_loss  # noqa: E402
 from cdlab.paths import read_json  # noqa: E402
 from cdlab.samplers import consistency_timesteps  # noqa: E402
 from cdlab.students.roles import FAKE_SCORE  # noqa: E402
@@ -63,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                              model_class=FlowModel)
     x_g, t = out["x_g"].clone().requires_grad_(True), out["t"]
     n = torch.randn(x_g.shape, generator=g)
-    gan, kw = (unet.up1, head), dict(fake_adapter=FAKE_SCORE, model_class=FlowModel)
+    gan, kw = distill.gan_argument(unet, head), dict(fake_adapter=FAKE_SCORE, model_class=FlowModel)
     own = cfg.disc != "head"  # a discriminator of its own judges the clean images (t plays no part)
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        return head(x, c) if own else gan_logits(unet, gan, q_sample(x, t, FLOW_SCHEDULE, noise=n), t, c,
-                                                 FLOW_SCHEDULE, **kw)[0]
+        return discriminate(unet, gan, x, t, n, c, FLOW_SCHEDULE, **kw)[0]
 
     head.eval()  # a pixel discriminator's spectral norm holds still: the probe changes nothing it reads
     fake = logits(x_g)

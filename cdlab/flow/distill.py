@@ -99,7 +99,8 @@ from cdlab.students.roles import FAKE_SCORE, adapter_role
 
 __all__ = ["METHODS", "lora_targets", "attach_flow_lora", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
-           "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "make_discriminator", "main"]
+           "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "make_discriminator", "gan_argument",
+           "main"]
 
 ADAPTER = "student"
 Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or a PixelDiscriminator
@@ -245,6 +246,12 @@ def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
     return net.to(next(unet.parameters()).device)
 
 
+def gan_argument(unet: UNet, net: nn.Module | None) -> Discriminator | None:
+    """What :mod:`cdlab.loss` takes as ``gan`` for :func:`make_discriminator`'s network: DMD2's head with the layer
+    it reads, ``(unet.up1, head)``, or a discriminator of its own as it is."""
+    return None if net is None else (net if isinstance(net, PixelDiscriminator) else (unet.up1, net))
+
+
 def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
     from cdlab.flow.train_teacher import load_unet
 
@@ -300,7 +307,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
 
         real = load_fashion_mnist("train")
         data = real if cfg.method == "cd" else (*data, *real)
-    gan = None if head is None else ((unet.up1, head) if cfg.disc == "head" else head)
+    gan = gan_argument(unet, head)
     start = time.monotonic()
     for step in range(done, cfg.steps):
         out = _train_step(unet, cfg, step, data, opt, params, ema, g, gan)
