@@ -1022,7 +1022,7 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1 for r in rows[5:])
     one_step = {(r["column"], r["steps"]): r for r in rows}
-    # the one-step students beat the teacher's own single Euler step by far (docs/flow-evaluation: 4.6x and 5.7x against 27.9x)
+    # the one-step students beat the teacher's own single Euler step by far (docs/flow-evaluation: 3.0x and 6.9x against 29.9x)
     for student in ("fashion-reflow-1", "fashion-dmd-1"):
         assert one_step[(student, 1)]["fid"] < 0.5 * one_step[("teacher-1 (naive)", 1)]["fid"]
     table = (out / "table.md").read_text()
