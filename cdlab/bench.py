@@ -95,7 +95,8 @@ def random_student(teacher: Any, name: str, rank: int = STUDENT_RANK) -> Iterato
                 for pname, p in teacher.unet.named_parameters():
                     if f"lora_B.{name}" in pname:
                         p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 1e-3)
-            card = StudentCard(name=name, base_model=teacher.base_id, method="mbcd", num_boundaries=4, steps=4)
+            card = StudentCard(name=name, base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint,
+                               method="mbcd", num_boundaries=4, steps=4)
             save_student(teacher.unet, name, card, root=d, adapter_name=name)
         finally:
             teacher.unet.delete_adapters(name)
@@ -106,7 +107,7 @@ def attach_bench_student(teacher: Any, rank: int = STUDENT_RANK) -> str:
     """Save a random LoRA student of the teacher's UNet (`random_student`) and load it the way trained students
     are loaded (into memory: its temporary folder is gone afterwards)."""
     with random_student(teacher, STUDENT_NAME, rank) as root:
-        load_student(teacher.pipe, STUDENT_NAME, root=root, base_model=teacher.base_id)
+        load_student(teacher, STUDENT_NAME, root=root)
     return STUDENT_NAME
 
 

@@ -216,7 +216,9 @@ def _load(teacher: Any, col: Column, root: Any, check_base: bool, fuse: bool) ->
     base = teacher.base_id if check_base else None
     card = col.card
     if col.kind == "student":
-        loaded = load_student(pipe, col.student, root=root, base_model=base, activate=False)
+        fingerprint = teacher.base_fingerprint if check_base else None
+        loaded = load_student(pipe, col.student, root=root, base_model=base, base_fingerprint=fingerprint,
+                              activate=False)
         card = loaded if card is None else card
     elif col.kind == "external":
         loaded = load_external_student(pipe, col.student, base_model=base)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = load_teacher(args.model)
     prompts = tiny_prompts(args.rows)
-    students = [c.name for c in list_students(base_model=teacher.base_id) if c.method != "external"]
+    cards = list_students(base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)
+    students = [c.name for c in cards if c.method != "external"]
     grid = comparison_grid(teacher, prompts, list(range(args.rows)), students=students)
     grid.save(args.out)
     print(f"wrote {args.out}: {len(prompts)} prompts x {len(TEACHER_STEPS) + len(students)} samplers")

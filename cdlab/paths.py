@@ -16,6 +16,7 @@ Paths that come from users go through :func:`confine`: resolved, and refused unl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -155,6 +156,20 @@ def load_json_object(path: str | os.PathLike, error: type[Exception] = ValueErro
     if not isinstance(data, dict):
         raise error(f"{shown_path(p)}: a {what} must be a JSON object, not {type(data).__name__}")
     return data
+
+
+FINGERPRINT_DIGITS = 16  # of a weights file's sha256, as a student's card and a Teacher keep it
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """The first `FINGERPRINT_DIGITS` hex digits of the sha256 of a weights file: which weights a teacher is,
+    whatever device or dtype it is loaded on. A student's card records its teacher's
+    (`cdlab.students.card.StudentCard.base_fingerprint`): a LoRA is a delta on those exact weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:FINGERPRINT_DIGITS]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cdlab.models import EpsModel
-from cdlab.paths import SD15_ID, TINY_ID, assets_dir
+from cdlab.paths import SD15_ID, TINY_ID, assets_dir, weights_fingerprint
 
 __all__ = ["TeacherLoadError", "TINY_TEACHER_DIR", "SD15_ID", "SD15_RANDOM_ID", "FLOW_TEACHER", "Teacher", "load_teacher",
            "load_teacher_with_fallback", "is_tiny", "class_names", "teacher_lock"]
@@ -56,6 +56,11 @@ class Teacher:
         device (`torch.device`), dtype (`torch.dtype`): where the weights live.
         fallback_reason (`str`, *optional*): set by :func:`load_teacher_with_fallback` when this teacher
             replaces one that failed to load (one line).
+        base_id (`str`): the id its students' cards name (``card.base_model``).
+        base_fingerprint (`str`, *optional*): its UNet weights file's `cdlab.paths.weights_fingerprint`, for the
+            embedded tiny teacher, which the lab may rebuild under the same id: only students whose cards
+            record these weights (or none) are its own. None for SD1.5 and folders, whose id names the weights
+            (hashing SD1.5's 3.4 GB UNet would take seconds at every start).
     """
 
     pipe: Any
@@ -64,6 +69,7 @@ class Teacher:
     dtype: torch.dtype
     fallback_reason: str | None = None
     base_id: str = ""
+    base_fingerprint: str | None = None
     # Held while adapters are switched and the UNet samples (Compare, Evaluate): one pipeline, one user
     # at a time, whatever the web queue's concurrency.
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
@@ -342,7 +348,11 @@ def load_teacher(
             raise TeacherLoadError(
                 f"The embedded tiny teacher is missing ({str(folder)!r} has no model_index.json). "
                 "Build it with `python -m cdlab build-teacher`.")
-        return _load_local(folder, name, TINY_ID, dev, dtype)
+        teacher = _load_local(folder, name, TINY_ID, dev, dtype)
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+        teacher.base_fingerprint = weights_fingerprint(folder / "unet" / SAFETENSORS_WEIGHTS_NAME)
+        return teacher
     if name.lower() in _SD15_NAMES:
         return _load_hub(SD15_ID, name, dev, dtype)
     if name == FLOW_TEACHER:

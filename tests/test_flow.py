@@ -808,10 +808,12 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     from cdlab.columns import run_columns, student_column
     from cdlab.flow import distill
     from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
-    from cdlab.flow.pipeline import load_flow_teacher
+    from safetensors.torch import save_file
+
+    from cdlab.flow.pipeline import flow_fingerprint, load_flow_teacher
     from cdlab.paths import FLOW_ID
     from cdlab.samplers import consistency_timesteps, sample_consistency
-    from cdlab.students import StudentError, load_student, unload_student
+    from cdlab.students import StudentError, list_students, load_student, unload_student
     from cdlab.teachers import TeacherLoadError, load_teacher
 
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
@@ -858,6 +860,17 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     ts = consistency_timesteps(2, 2)
     assert torch.equal(sample_consistency(fresh, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents,
                        sample_consistency(plain, x_T, cond, ts, FLOW_SCHEDULE, model_class=FlowModel).latents)
+    # the card records the teacher's weights; the folder trained again in place is another teacher, under one id
+    assert card.base_fingerprint == teacher.base_fingerprint == flow_fingerprint(teacher_dir)
+    retrained = UNet(num_hiddens=8).eval()  # the same shapes: its LoRA would load, and sample wrongly
+    save_file(retrained.state_dict(), str(teacher_dir / "unet.safetensors"))
+    again = load_flow_teacher(teacher_dir)
+    assert again.base_id == base and again.base_fingerprint != card.base_fingerprint
+    assert list_students(root, base_model=base, base_fingerprint=again.base_fingerprint) == []
+    with pytest.raises(StudentError, match="distilled from other weights of"):
+        load_student(again, "fashion-mbcd-4", root)
+    with pytest.raises(StudentError, match="other weights .* the teacher was trained again since"):
+        distill.student_lora("fashion-mbcd-4", root, teacher_dir)
 
 
 def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,

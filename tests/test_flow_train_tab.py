@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cdlab.flow.pipeline import flow_fingerprint
 from cdlab.ui import flow_train as F
 from fashion_files import write_train_set
 from cdlab.ui import runs as R
@@ -204,6 +205,7 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     assert [r["step"] for r in R.read_metrics(runs / "student-a")] == list(range(1, 7))
     card = json.loads((runs.parent / "adapters" / "student-a" / "card.json").read_text())  # as every student
     assert card["method"] == "reflow" and card["training_config"]["trained_steps"] == 6
+    assert card["base_fingerprint"] == flow_fingerprint(runs / "teacher")  # the run's weights, not only its folder
     assert card["num_boundaries"] == card["training_config"]["windows"] == 2
     assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"
 

@@ -159,6 +159,10 @@ def test_card_round_trip_and_readme(made):
     ({"scheduler_kwargs": []}, "scheduler_kwargs"),
     ({"target_modules": "to_q"}, "target_modules"),
     ({"name": "../up"}, "invalid student name"),
+    ({"base_fingerprint": "38A4775E86D6F4B4"}, "base_fingerprint"),
+    ({"base_fingerprint": "38a4775e86d6f4b"}, "base_fingerprint"),
+    ({"base_fingerprint": "38a4775e86d6f4b4\n"}, "base_fingerprint"),
+    ({"base_fingerprint": 38}, "base_fingerprint"),
 ])
 def test_card_validation_names_the_field(change, field):
     d = _card(name="ok").to_dict() | change
@@ -342,6 +346,49 @@ def test_weights_that_do_not_fit_the_unet_are_refused(made, tiny_pipe_dir, tmp_p
     with pytest.raises(S.StudentError, match="does not load into this UNet"):
         S.load_student(pipe, "s1", root)
     assert "s1" not in (getattr(pipe.unet, "peft_config", None) or {})
+
+
+def test_a_card_of_other_weights_of_its_base_is_neither_listed_nor_loaded(made, tiny_pipe_dir, tmp_path):
+    """A teacher retrained under the same id (the tiny teacher rebuilt, a flow run folder trained again, the
+    shipped flow teacher replaced) is another base: a card that records other weights is not its student. A card
+    that records none (older than the field, or a hub model's) is judged by the id alone, as before."""
+    root = _copy_root(made, tmp_path)
+    ours, other = "38a4775e86d6f4b4", "0c3c55286fb213ab"
+    S.save_student(made.train_unet, "s-ours", _card(base_fingerprint=ours), root=root)
+    S.save_student(made.train_unet, "s-other", _card(base_fingerprint=other), root=root)
+    assert S.read_card("s-other", root).base_fingerprint == other
+    assert "| base weights | sha256 `0c3c55286fb213ab...`" in (root / "s-other" / "README.md").read_text()
+    listed = [c.name for c in S.list_students(root, base_model=TINY, base_fingerprint=ours)]
+    assert listed == ["s-ours", "s1", "s2"]  # s1, s2 record no weights
+    assert [c.name for c in S.list_students(root, base_model=TINY)] == ["s-other", "s-ours", "s1", "s2"]
+    assert [c.fits(TINY, other) for c in S.list_students(root, base_model=TINY)] == [True, False, True, True]
+    pipe = _pipe(tiny_pipe_dir)
+    teacher = SimpleNamespace(pipe=pipe, base_id=TINY, base_fingerprint=ours)  # a cdlab Teacher carries both
+    with pytest.raises(S.StudentError, match="distilled from other weights of 'cdlab/tiny-teacher' "
+                                             "\\(fingerprint 0c3c55286fb213ab; this teacher's is 38a4775e86d6f4b4\\)"):
+        S.load_student(teacher, "s-other", root)
+    with pytest.raises(S.StudentError, match="other weights"):  # the same through the explicit arguments
+        S.load_student(pipe, "s-other", root, base_model=TINY, base_fingerprint=ours)
+    assert not any("s-other" in n for n, _ in pipe.unet.named_parameters())  # refused before anything loads
+    assert S.load_student(teacher, "s-ours", root).name == "s-ours"
+    assert S.load_student(teacher, "s1", root).name == "s1"
+
+
+def test_the_shipped_students_record_the_shipped_teachers_weights():
+    """Each shipped student names its teacher's weights, and they are the shipped teacher's: a teacher replaced in
+    the repository without its students distilled again fails here, not in a user's Compare tab."""
+    from cdlab.flow.pipeline import flow_fingerprint
+    from cdlab.paths import FLOW_ID, REPO_ROOT, weights_fingerprint
+    from cdlab.teachers import TINY_TEACHER_DIR
+
+    shipped = {TINY: weights_fingerprint(TINY_TEACHER_DIR / "unet" / "diffusion_pytorch_model.safetensors"),
+               FLOW_ID: flow_fingerprint()}
+    cards = S.list_students(REPO_ROOT / "adapters")
+    assert {c.base_model for c in cards} == set(shipped) and len(cards) == 10
+    assert [(c.name, c.base_fingerprint) for c in cards] == [(c.name, shipped[c.base_model]) for c in cards]
+    import hashlib
+    digest = hashlib.sha256((TINY_TEACHER_DIR / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    assert shipped[TINY] == digest.hexdigest()[:16]  # what `sha256sum` prints, cut to 16 digits
 
 
 def test_base_model_mismatch_is_refused(made, tiny_pipe_dir):

@@ -306,7 +306,8 @@ def _control_row(p: _Prepared, teacher: Any, guidance: float, noise: torch.Tenso
 
 def _edit_students(teacher: Any, students: Sequence[str] | None, adapters_root: Any) -> list:
     """The consistency students of the teacher to evaluate (default: all of them)."""
-    cards = [c for c in list_students(root=adapters_root, base_model=teacher.base_id) if c.scheduler == "consistency"]
+    cards = [c for c in list_students(root=adapters_root, base_model=teacher.base_id,
+                                        base_fingerprint=teacher.base_fingerprint) if c.scheduler == "consistency"]
     if students is not None:
         missing = set(students) - {c.name for c in cards}
         if missing:
@@ -362,7 +363,7 @@ def run_edit_evaluation(
                 rows.append(_input_row(p, teacher))
             tick(f"{p.technique}: inputs")
         for cd in cards:  # every student loads (or fails) before anything samples
-            load_student(teacher.pipe, cd.name, root=adapters_root, base_model=teacher.base_id, activate=False)
+            load_student(teacher, cd.name, root=adapters_root, activate=False)  # its base and fingerprint
         for col in columns:
             for p in prepared:
                 rows.append(_edit_row(p, teacher, col, noise, seeds, adapters_root))

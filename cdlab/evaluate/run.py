@@ -142,7 +142,7 @@ def _settings(teacher: Any, *, n, steps, student_steps, suite, guidance, metadat
 
 def _fitting_students(teacher: Any, students: Sequence[str] | None, adapters_root: Any) -> list:
     """The cards of the students to evaluate (default: every one whose base model is the teacher's), loaded."""
-    cards = list_students(root=adapters_root, base_model=teacher.base_id)
+    cards = list_students(root=adapters_root, base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)
     if students is not None:
         wanted = set(students)
         missing = wanted - {c.name for c in cards}
@@ -152,7 +152,7 @@ def _fitting_students(teacher: Any, students: Sequence[str] | None, adapters_roo
                 f"available: {[c.name for c in cards] or 'none'}")
         cards = [c for c in cards if c.name in wanted]
     for card in cards:  # every student loads (or fails) before anything samples
-        load_student(teacher.pipe, card.name, root=adapters_root, base_model=teacher.base_id, activate=False)
+        load_student(teacher, card.name, root=adapters_root, activate=False)  # its base and fingerprint
     return cards
 
 
@@ -263,7 +263,8 @@ def _results(ev: _Evaluation, scores: list[RowScores], cards: list, fid_min: int
                         if base and r["seconds_per_image"] > 0 else None)
     return EvaluationResult({
         "created": datetime.now().isoformat(timespec="seconds"), "model": getattr(teacher, "name", "teacher"),
-        "base_id": teacher.base_id, "describe": teacher.describe() if hasattr(teacher, "describe") else "",
+        "base_id": teacher.base_id, "base_fingerprint": teacher.base_fingerprint,
+        "describe": teacher.describe() if hasattr(teacher, "describe") else "",
         "device": str(teacher.device), "dtype": str(teacher.dtype).replace("torch.", ""),
         "suite": "world" if ev.world else "sd",
         "primary_metric": "adherence" if ev.world else "clip_score",

@@ -420,13 +420,18 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
 def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
     file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
-    must be ``teacher``'s (its folder; None: the shipped teacher)."""
-    from cdlab.flow.pipeline import flow_base_id
+    must be ``teacher``'s (its folder; None: the shipped teacher): its id, and its weights where the card records
+    them (`StudentCard.fits`)."""
+    from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
     from cdlab.students import WEIGHT_NAME, read_card
 
     card = read_card(name, root)
     if card.base_model != flow_base_id(teacher):
         raise StudentError(f"student {name!r} is a student of {card.base_model!r}, not of {flow_base_id(teacher)!r}")
+    weights = flow_fingerprint(teacher)
+    if not card.fits(card.base_model, weights):
+        raise StudentError(f"student {name!r} is a student of other weights of {card.base_model!r} (fingerprint "
+                           f"{card.base_fingerprint}, this teacher's {weights}): the teacher was trained again since")
     state = load_file(str(student_dir(name, root) / WEIGHT_NAME))
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
 
@@ -435,9 +440,10 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
                  teacher: str | Path | None = None) -> StudentCard:
     """The student's card: ``reflow`` (``num_boundaries`` None, or its W windows when piecewise) or ``cd``/``mbcd`` (N boundaries);
     sampled by the lab's consistency jump on the flow path, an Euler step (:mod:`cdlab.flow.model`); guidance
-    distilled in; its base is its teacher's (`cdlab.flow.pipeline.flow_base_id`: the shipped one's when None).
-    ``training_config`` says the steps it took and the student it started from."""
-    from cdlab.flow.pipeline import flow_base_id
+    distilled in; its base is its teacher's (`cdlab.flow.pipeline.flow_base_id`: the shipped one's when None), and
+    so are the weights it records (`cdlab.flow.pipeline.flow_fingerprint`). ``training_config`` says the steps it
+    took and the student it started from."""
+    from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
 
     method = cfg.method if cfg.method in ("reflow", "dmd") else ("mbcd" if cfg.num_boundaries > 1 else "cd")
     if method == "reflow":
@@ -446,8 +452,8 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
         boundaries = cfg.sample_steps
     else:
         boundaries = cfg.num_boundaries
-    return StudentCard(name=name, base_model=flow_base_id(teacher), method=method,
-                       num_boundaries=boundaries, steps=cfg.sample_steps,
+    return StudentCard(name=name, base_model=flow_base_id(teacher), base_fingerprint=flow_fingerprint(teacher),
+                       method=method, num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
                        training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init})
 

@@ -31,7 +31,7 @@ import torch
 
 from cdlab.flow.data import CLASS_NAMES
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
-from cdlab.paths import FLOW_ID, assets_dir
+from cdlab.paths import FLOW_ID, assets_dir, weights_fingerprint
 
 __all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "flow_base_id", "load_flow_teacher"]
 
@@ -152,6 +152,7 @@ class FlowTeacher:
     dtype: torch.dtype = torch.float32
     classes: tuple[str, ...] = CLASS_NAMES
     base_id: str = FLOW_ID
+    base_fingerprint: str | None = None  # `flow_fingerprint`: which weights its students' cards must name
     fallback_reason: str | None = None
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -233,12 +234,23 @@ def flow_base_id(folder: str | Path | None = None) -> str:
     return str(Path(folder).resolve())
 
 
+def flow_fingerprint(folder: str | Path | None = None) -> str:
+    """The `cdlab.paths.weights_fingerprint` of the flow teacher's weights file in ``folder`` (None: the shipped
+    one), what its students' cards record beside `flow_base_id`: a run folder may be trained again in place,
+    and the shipped teacher is replaced from time to time, under the same id."""
+    from cdlab.flow.train_teacher import teacher_weights
+
+    return weights_fingerprint(teacher_weights(FLOW_TEACHER_DIR if folder is None else folder))
+
+
 def load_flow_teacher(folder: str | Path | None = None, device: str | torch.device | None = None,
                       name: str = "fashion-flow") -> FlowTeacher:
     """The flow teacher of a run folder (``state.json`` and ``unet.safetensors``; default the shipped one), with
-    its `flow_base_id`: only its own students load on it."""
+    its `flow_base_id` and the fingerprint of its weights: only its own students load on it (a run folder is
+    trained again in place, and the shipped teacher is replaced from time to time)."""
     from cdlab.flow.train_teacher import load_unet
 
     dev = torch.device(device or "cpu")
     unet = load_unet(FLOW_TEACHER_DIR if folder is None else folder).to(dev).eval().requires_grad_(False)
-    return FlowTeacher(pipe=FlowPipeline(unet), name=name, device=dev, base_id=flow_base_id(folder))
+    return FlowTeacher(pipe=FlowPipeline(unet), name=name, device=dev, base_id=flow_base_id(folder),
+                       base_fingerprint=flow_fingerprint(folder))

@@ -139,14 +139,18 @@ def _read_state(folder: Path) -> tuple[TeacherConfig, dict]:
     return TeacherConfig(**config).check(), {k: saved[k] for k in _PROGRESS}
 
 
-def load_unet(folder: str | Path) -> UNet:
-    """The teacher of a run folder, in eval mode: its ``teacher.safetensors`` (the EMA, with its own BatchNorm
-    statistics) when the run kept an average, else ``unet.safetensors``; the architecture from ``state.json``."""
+def teacher_weights(folder: str | Path) -> Path:
+    """The teacher's weights file in a run folder: ``teacher.safetensors`` (the EMA, with its own BatchNorm
+    statistics) when the run kept an average, else ``unet.safetensors``."""
     folder = Path(folder)
-    cfg, _ = _read_state(folder)
+    return folder / TEACHER_FILE if (folder / TEACHER_FILE).is_file() else folder / "unet.safetensors"
+
+
+def load_unet(folder: str | Path) -> UNet:
+    """The teacher of a run folder (`teacher_weights`), in eval mode; the architecture from ``state.json``."""
+    cfg, _ = _read_state(Path(folder))
     unet = UNet(num_hiddens=cfg.num_hiddens)
-    weights = folder / TEACHER_FILE if (folder / TEACHER_FILE).is_file() else folder / "unet.safetensors"
-    unet.load_state_dict(load_file(str(weights)))
+    unet.load_state_dict(load_file(str(teacher_weights(folder))))
     return unet.eval()
 
 

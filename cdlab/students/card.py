@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cdlab.paths import FLOW_ID, TINY_ID
+from cdlab.paths import FINGERPRINT_DIGITS, FLOW_ID, TINY_ID
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ METHODS = ("ct", "cd", "mbcd", "dmd", "reflow", "external")
 # Letters, digits, "_" and "-": a name is both a folder and a peft adapter name, and peft keeps
 # adapters in nn.ModuleDicts, whose keys cannot contain ".". No leading "." or "-": hidden / flag-like.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: "name\n" is refused
+_FINGERPRINT_RE = re.compile(f"[0-9a-f]{{{FINGERPRINT_DIGITS}}}")
 
 
 class StudentError(ValueError):
@@ -60,6 +61,11 @@ class StudentCard:
         name (`str`): folder and peft adapter name.
         base_model (`str`): the teacher it was distilled from (``Teacher.base_id``), e.g.
             ``"cdlab/tiny-teacher"`` or ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+        base_fingerprint (`str`, *optional*): the teacher's UNet weights file's `cdlab.paths.weights_fingerprint`
+            (``Teacher.base_fingerprint``), for the teachers the lab makes and may replace (the tiny and the
+            flow teacher): a LoRA is a delta on those exact weights, and a teacher retrained under the same id
+            is another base. None: not recorded (a hub model, whose id names its
+            weights, or a card older than the field); then the id alone decides (`StudentCard.fits`).
         method (`str`): ``"ct"`` | ``"cd"`` | ``"mbcd"`` (multi-boundary CD) | ``"dmd"`` (distribution matching)
             | ``"reflow"`` (2-rectified flow, a flow teacher's student) | ``"external"``.
         num_boundaries (`int`, *optional*): N, the consistency segments it was trained with
@@ -79,6 +85,7 @@ class StudentCard:
     name: str
     base_model: str
     method: str
+    base_fingerprint: str | None = None
     num_boundaries: int | None = None
     steps: int = 4
     guidance: float = 1.0
@@ -90,6 +97,13 @@ class StudentCard:
     training_config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created: str = ""
+
+    def fits(self, base_model: str | None, base_fingerprint: str | None = None) -> bool:
+        """Whether this student was distilled from that teacher: the same ``base_model`` id (None: any), and
+        the same weights where both the card and the teacher record a fingerprint."""
+        if base_model is not None and self.base_model != base_model:
+            return False
+        return base_fingerprint is None or self.base_fingerprint is None or self.base_fingerprint == base_fingerprint
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (a deep copy)."""
@@ -128,6 +142,9 @@ class StudentCard:
         validate_name(self.name)
         if not isinstance(self.base_model, str) or not self.base_model:
             raise bad("base_model", "a non-empty string")
+        if self.base_fingerprint is not None and not (
+                isinstance(self.base_fingerprint, str) and _FINGERPRINT_RE.fullmatch(self.base_fingerprint)):
+            raise bad("base_fingerprint", f"{FINGERPRINT_DIGITS} lowercase hex digits or null")
         if self.method not in METHODS:
             raise bad("method", f"one of {', '.join(METHODS)}")
         if self.num_boundaries is not None and not (is_int(self.num_boundaries) and self.num_boundaries >= 1):
@@ -184,6 +201,8 @@ def render_readme(card: StudentCard) -> str:
               else f"piecewise rectified flow on {card.num_boundaries} windows (Yan et al. 2024)", "external": "external"}[card.method]
     rows = [
         ("base model", f"`{card.base_model}`"),
+        ("base weights", f"sha256 `{card.base_fingerprint}...` of its UNet's weights file" if card.base_fingerprint
+         else "-"),
         ("method", f"{card.method} ({method})"),
         ("boundaries N", card.num_boundaries if card.num_boundaries is not None else "-"),
         ("steps", card.steps),

@@ -264,8 +264,11 @@ def _check_weights(path: Path, name: str) -> None:
         raise StudentError(f"student {name!r}: {shown_path(path)} holds no LoRA weights")
 
 
-def list_students(root: str | os.PathLike | None = None, base_model: str | None = None) -> list[StudentCard]:
-    """Valid students under ``root``, sorted by name, optionally only those of ``base_model``.
+def list_students(root: str | os.PathLike | None = None, base_model: str | None = None,
+                  base_fingerprint: str | None = None) -> list[StudentCard]:
+    """Valid students under ``root``, sorted by name, optionally only those of ``base_model`` (and, where a
+    card records one, of the weights with ``base_fingerprint``: `StudentCard.fits`; a teacher passes its
+    ``base_id`` and ``base_fingerprint``).
 
     Folders that are not valid students (bad name, missing or malformed card, missing or
     non-safetensors weights) are skipped with a warning; temporary ``.``-folders and files (such as
@@ -284,6 +287,6 @@ def list_students(root: str | os.PathLike | None = None, base_model: str | None 
         except StudentError as e:
             logger.warning("skipping %s: %s", entry, e)
             continue
-        if base_model is None or card.base_model == base_model:
+        if card.fits(base_model, base_fingerprint):
             cards.append(card)
     return cards

@@ -198,6 +198,7 @@ def load_student(
     root: str | os.PathLike | None = None,
     *,
     base_model: str | None = None,
+    base_fingerprint: str | None = None,
     activate: bool = True,
 ) -> StudentCard:
     """Load student ``name`` as the peft adapter ``name`` on ``pipe.unet`` and make it the active one.
@@ -213,18 +214,28 @@ def load_student(
         root: the adapters root (default `adapters_dir()`).
         base_model (`str`, *optional*): the pipeline's base; a card for another base is refused.
             Defaults to ``Teacher.base_id`` when a Teacher is passed.
+        base_fingerprint (`str`, *optional*): the pipeline's base weights (``Teacher.base_fingerprint``); a card
+            that records other weights is refused (`StudentCard.fits`). Defaults to the Teacher's, when one is
+            passed.
         activate (`bool`): make it the active adapter (default); False leaves the active set as it is
             (`use_student` does not need it).
 
     Raises:
         StudentError: bad name, missing folder/card/weights, weights not safetensors, a card for
-            another base model, or weights that do not fit this UNet.
+            another base model or for other weights of it, or weights that do not fit this UNet.
     """
+    if base_fingerprint is None:
+        base_fingerprint = getattr(pipe, "base_fingerprint", None)
     pipe, base_model = as_pipeline(pipe, base_model)
     card = read_card(name, root)
     if base_model is not None and card.base_model != base_model:
         raise StudentError(
             f"student {name!r} was distilled from {card.base_model!r}, but this pipeline is {base_model!r}")
+    if not card.fits(base_model, base_fingerprint):
+        raise StudentError(
+            f"student {name!r} was distilled from other weights of {card.base_model!r} (fingerprint "
+            f"{card.base_fingerprint}; this teacher's is {base_fingerprint}): the teacher was retrained or "
+            "replaced since, and a LoRA fits only the weights it was trained on. Distil it again from this teacher.")
     path = student_dir(name, root) / WEIGHT_NAME
     try:
         version = _file_version(path)

@@ -353,7 +353,8 @@ class Trainer:
         cfg = self.cfg
         row = getattr(self, "last_row", {})
         card = StudentCard(
-            name=cfg.student_name, base_model=self.teacher.base_id, method=card_method(cfg),
+            name=cfg.student_name, base_model=self.teacher.base_id, base_fingerprint=self.teacher.base_fingerprint,
+            method=card_method(cfg),
             num_boundaries=cfg.num_boundaries, steps=cfg.sample_steps, guidance=1.0, scheduler="consistency",
             training_config=cfg.to_dict(),
             metrics={"train_steps": self.step, "final_loss": row.get("loss"), "final_probe_loss": row.get("probe_loss"),

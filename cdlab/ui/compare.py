@@ -217,7 +217,8 @@ class Comparer:
     # -- columns -----------------------------------------------------------------------------
     def students(self) -> list[Any]:
         """Local students that fit the teacher, read fresh from disk (a new one shows up at once)."""
-        return list_students(root=self.adapters_root, base_model=self.teacher.base_id)
+        return list_students(root=self.adapters_root, base_model=self.teacher.base_id,
+                             base_fingerprint=self.teacher.base_fingerprint)
 
     def external_keys(self) -> list[str]:
         if not self.allow_external:
