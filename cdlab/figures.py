@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from cdlab.columns import Column, run_columns
 from cdlab.prompts import tiny_prompts
-from cdlab.students import list_students
+from cdlab.students import students_of
 from cdlab.teachers import load_teacher
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = load_teacher(args.model)
     prompts = tiny_prompts(args.rows)
-    cards = list_students(base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)
-    students = [c.name for c in cards if c.method != "external"]
+    students = [c.name for c in students_of(teacher) if c.method != "external"]
     grid = comparison_grid(teacher, prompts, list(range(args.rows)), students=students)
     grid.save(args.out)
     print(f"wrote {args.out}: {len(prompts)} prompts x {len(TEACHER_STEPS) + len(students)} samplers")

@@ -813,7 +813,7 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     from cdlab.flow.pipeline import flow_fingerprint, load_flow_teacher
     from cdlab.paths import FLOW_ID
     from cdlab.samplers import consistency_timesteps, sample_consistency
-    from cdlab.students import StudentError, list_students, load_student, unload_student
+    from cdlab.students import StudentError, load_student, students_of, unload_student
     from cdlab.teachers import TeacherLoadError, load_teacher
 
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
@@ -866,7 +866,7 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
     save_file(retrained.state_dict(), str(teacher_dir / "unet.safetensors"))
     again = load_flow_teacher(teacher_dir)
     assert again.base_id == base and again.base_fingerprint != card.base_fingerprint
-    assert list_students(root, base_model=base, base_fingerprint=again.base_fingerprint) == []
+    assert students_of(again, root) == []
     with pytest.raises(StudentError, match="distilled from other weights of"):
         load_student(again, "fashion-mbcd-4", root)
     with pytest.raises(StudentError, match="other weights .* the teacher was trained again since"):

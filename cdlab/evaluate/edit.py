@@ -58,7 +58,7 @@ from cdlab.edit import TECHNIQUES as EDITS
 from cdlab.evaluate.store import check_out_dir, new_out_dir
 from cdlab.images import decode_unit, encode_image, image_to_tensor, to_pil
 from cdlab.paths import write_json_atomic
-from cdlab.students import list_students, load_student
+from cdlab.students import load_student, students_of
 from cdlab.teachers import is_tiny, teacher_lock
 from cdlab.world import BACKGROUNDS, COLORS, SHAPES, SIZES, check, render, sample_captions
 from cdlab.world.checker import read
@@ -306,8 +306,7 @@ def _control_row(p: _Prepared, teacher: Any, guidance: float, noise: torch.Tenso
 
 def _edit_students(teacher: Any, students: Sequence[str] | None, adapters_root: Any) -> list:
     """The consistency students of the teacher to evaluate (default: all of them)."""
-    cards = [c for c in list_students(root=adapters_root, base_model=teacher.base_id,
-                                        base_fingerprint=teacher.base_fingerprint) if c.scheduler == "consistency"]
+    cards = [c for c in students_of(teacher, adapters_root) if c.scheduler == "consistency"]
     if students is not None:
         missing = set(students) - {c.name for c in cards}
         if missing:

@@ -35,7 +35,7 @@ from cdlab.evaluate.store import EvaluationResult, check_out_dir, write_evaluati
 from cdlab.images import decode_unit
 from cdlab.metrics import SDMetrics, agreement_error, seed_diversity, world_adherence
 from cdlab.paths import shown_path
-from cdlab.students import list_students, load_student
+from cdlab.students import load_student, students_of
 from cdlab.teachers import is_tiny, teacher_lock
 from cdlab.timing import sync
 
@@ -142,7 +142,7 @@ def _settings(teacher: Any, *, n, steps, student_steps, suite, guidance, metadat
 
 def _fitting_students(teacher: Any, students: Sequence[str] | None, adapters_root: Any) -> list:
     """The cards of the students to evaluate (default: every one whose base model is the teacher's), loaded."""
-    cards = list_students(root=adapters_root, base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)
+    cards = students_of(teacher, adapters_root)
     if students is not None:
         wanted = set(students)
         missing = wanted - {c.name for c in cards}

@@ -34,7 +34,7 @@ from cdlab.columns import TEACHER_50, Column, run_columns, student_column
 from cdlab.flow import matching
 from cdlab.flow.classifier import accuracy, as_feature, load_classifier, load_reference_stats
 from cdlab.metrics import fid_of_features, seed_diversity
-from cdlab.students import StudentCard, list_students, read_card
+from cdlab.students import StudentCard, read_card, students_of
 from cdlab.teachers import FLOW_TEACHER
 
 __all__ = ["STEPS", "noise", "columns", "score", "evaluate", "run_flow_evaluation", "main"]
@@ -130,8 +130,7 @@ def run_flow_evaluation(teacher, *, n: int = 2000, cards: list[StudentCard] | No
         raise ValueError(f"n: samples per column must be an integer in [{MIN_SAMPLES}, {MAX_SAMPLES}], got {n!r}")
     out = Path(out_dir) if out_dir is not None else new_out_dir("flow-")
     check_out_dir(out, "results.json", overwrite)
-    cards = (list_students(adapters_root, base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)
-             if cards is None else cards)
+    cards = students_of(teacher, adapters_root) if cards is None else cards
     w = float(guidance if guidance is not None else (_students_guidance(cards) or teacher.guidance))
     rows = evaluate(teacher, cards, n=n, guidance=w, classifier=load_classifier(classifier_dir),
                     reference=load_reference_stats(classifier_dir), adapters_root=adapters_root, progress=progress)
@@ -175,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(out, "results.json", args.overwrite)
         teacher = load_flow_teacher(args.teacher, args.device)
         cards = ([read_card(s, args.adapters) for s in args.student] if args.student is not None
-                 else list_students(args.adapters, base_model=teacher.base_id,
-                                    base_fingerprint=teacher.base_fingerprint))
+                 else students_of(teacher, args.adapters))
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

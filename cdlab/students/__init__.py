@@ -26,7 +26,7 @@ importable from ``cdlab.students``):
 ``card``           `StudentCard` (``card.json``), `StudentError`, `METHODS`, `validate_name`, `sampling_kwargs`,
                    `render_readme`
 ``lora``           `attach_lora`, the LoRA file format (`WEIGHT_NAME`, `DEFAULT_TARGET_MODULES`)
-``registry``       on disk: `adapters_dir`, `student_dir`, `save_student`, `read_card`, `list_students`,
+``registry``       on disk: `adapters_dir`, `student_dir`, `save_student`, `read_card`, `list_students`, `students_of`,
                    `is_shipped`, `shipped_students` (``adapters/SHIPPED``)
 ``switch``         on a pipeline: `load_student`, `unload_student`, `use_student`, `prepare_student`
 ``external``       `ExternalStudent`, `EXTERNAL_STUDENTS`, `external_card`, `load_external_student`,
@@ -44,7 +44,7 @@ from cdlab.students.external import (EXTERNAL_STUDENTS, ExternalStudent, externa
                                      make_scheduler)
 from cdlab.students.lora import DEFAULT_TARGET_MODULES, WEIGHT_NAME, attach_lora
 from cdlab.students.registry import (CARD_NAME, SHIPPED_NAME, is_shipped, list_students, read_card, save_student,
-                                     shipped_students, student_dir)
+                                     shipped_students, student_dir, students_of)
 from cdlab.students.switch import load_student, prepare_student, unload_student, use_student
 # Deprecated switches (not in __all__): `use_student` replaces them; kept until their callers move.
 from cdlab.students.switch import activate_student, forget_swapped, fused_student, fused_weights, swapped_student  # noqa: F401
@@ -68,6 +68,7 @@ __all__ = [
     "save_student",
     "read_card",
     "list_students",
+    "students_of",
     "is_shipped",
     "shipped_students",
     "load_student",

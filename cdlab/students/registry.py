@@ -290,3 +290,9 @@ def list_students(root: str | os.PathLike | None = None, base_model: str | None 
         if card.fits(base_model, base_fingerprint):
             cards.append(card)
     return cards
+
+
+def students_of(teacher: Any, root: str | os.PathLike | None = None) -> list[StudentCard]:
+    """`list_students` of a teacher (a cdlab ``Teacher`` or ``FlowTeacher``): its ``base_id`` and its
+    ``base_fingerprint``, so that no caller lists by the id and forgets the weights."""
+    return list_students(root, base_model=teacher.base_id, base_fingerprint=teacher.base_fingerprint)

@@ -27,7 +27,7 @@ from cdlab.columns import (AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Col
                            steps_text, column_steps)
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps
-from cdlab.students import EXTERNAL_STUDENTS, list_students
+from cdlab.students import EXTERNAL_STUDENTS, students_of
 from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
 from cdlab.ui.compare_view import error_image
@@ -217,8 +217,7 @@ class Comparer:
     # -- columns -----------------------------------------------------------------------------
     def students(self) -> list[Any]:
         """Local students that fit the teacher, read fresh from disk (a new one shows up at once)."""
-        return list_students(root=self.adapters_root, base_model=self.teacher.base_id,
-                             base_fingerprint=self.teacher.base_fingerprint)
+        return students_of(self.teacher, self.adapters_root)
 
     def external_keys(self) -> list[str]:
         if not self.allow_external:
