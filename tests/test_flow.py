@@ -770,6 +770,23 @@ def test_piecewise_reflow_pairs_hold_the_teachers_path_at_the_window_edges_and_i
     assert (card.method, card.num_boundaries, card.steps) == ("reflow", 4, 4)
 
 
+@pytest.mark.parametrize("windows", [1, 2])
+def test_teacher_pairs_do_not_depend_on_the_calls_size(tiny_unet, windows):
+    """The pairs are drawn in calls of ``matching.ROWS`` UNet rows (25 images with CFG), not all at once: the
+    same noise gives the same pairs in calls of 2 images or of all 5, up to float rounding (in eval() mode an
+    image does not see the others of its call; `python tools/flow_eval_rows.py --pairs` measures it on the shipped
+    teacher), so a cache made at one size is the cache of any other."""
+    import inspect
+
+    assert inspect.signature(pairs.teacher_pairs).parameters["batch_size"].default == matching.ROWS // 2
+    labels = pairs.pair_labels(5)
+    got = [pairs.teacher_pairs(tiny_unet, labels, 5, 1.5, torch.Generator().manual_seed(3), batch_size=bs,
+                               windows=windows) for bs in (2, 5)]
+    assert torch.equal(got[0][0], got[1][0])
+    assert (got[0][1] - got[1][1]).abs().max() < 1e-5 * got[1][1].abs().max()
+    assert got[0][1].shape == ((5, 1, 28, 28) if windows == 1 else (5, 2, 1, 28, 28))
+
+
 def test_compare_runs_each_student_as_trained_by_default():
     """The student-steps choice ``"as trained"`` (Compare's and Edit's default) runs each student at its card's
     steps: the 1-step flow student at 1 NFE beside the 4-step one at 4, not both at 4, where the 1-step student

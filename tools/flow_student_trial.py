@@ -31,6 +31,7 @@ from cdlab.columns import run_columns, student_column  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
 from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from_args, distill,  # noqa: E402
                                  save_flow_student)
+from cdlab.flow import matching  # noqa: E402
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON  # noqa: E402
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     def scored(name: str, root: Path | None) -> dict:
         col = student_column(read_card(name, root), k)
         run = run_columns(teacher, [col], prompts, list(range(args.n)), noise=z, decode=None, adapters_root=root,
-                          max_rows=args.n)[0]
+                          max_rows=matching.ROWS)[0]
         return score(run.latents.float().cpu(), labels, classifier, reference)
 
     def report(row: dict) -> None:

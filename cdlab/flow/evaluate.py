@@ -42,11 +42,6 @@ __all__ = ["STEPS", "noise", "columns", "score", "evaluate", "run_flow_evaluatio
 STEPS = (1, 2, 4, 8)
 DIVERSITY_SEEDS = 16
 MIN_SAMPLES, MAX_SAMPLES = 20, 50000  # per column; FID is biased at small n (the docs' figures use 2000)
-# UNet rows a call (a CFG image counts 2). On the CPU a call of 400 rows spends 40% of its time in the kernel (page
-# faults: its activations are fresh memory at every step, likely from above glibc's mmap threshold): `python
-# tools/flow_eval_rows.py --n 200 --rows 400 50` read 395 ms an image at 400 rows and 241 at 50 (1.64x), the samples
-# equal bit for bit. The shipped evaluation was 2,000 rows a call; at 50 its table is the same to the last digit.
-ROWS = 50
 NOTE = ("FID is in the features of the track's own classifier (cdlab.flow.classifier) against the 10,000 real "
         "test images: compare the rows of one table, at one n, not with FID elsewhere.")
 
@@ -103,7 +98,7 @@ def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[i
         if progress:
             progress(i / len(cols), f"{col.label} ({col.steps} steps), {n} samples")
         run = run_columns(teacher, [col], prompts, list(range(n)), noise=z.to(teacher.device), decode=None,
-                          adapters_root=adapters_root, max_rows=ROWS)[0]
+                          adapters_root=adapters_root, max_rows=matching.ROWS)[0]
         teacher_row = col.kind == "teacher"
         row = {"method": "teacher" if teacher_row else col.name, "column": col.name,
                "kind": "teacher" if teacher_row else run.card.method, "steps": col.steps, "nfe": run.nfe,

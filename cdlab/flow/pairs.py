@@ -37,12 +37,13 @@ def window_edges(windows: int) -> list[float]:
 
 @torch.no_grad()
 def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, guidance: float = matching.GUIDANCE,
-                  generator: torch.Generator | None = None, batch_size: int = 2000,
+                  generator: torch.Generator | None = None, batch_size: int = matching.ROWS // 2,
                   windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG.
 
     ``windows`` W > 1 (piecewise rectified flow): the second tensor is the teacher's states at the window edges
-    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). The Euler grid is then the ``num_steps`` grid with
+    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). ``batch_size`` images a UNet call (CFG: twice as
+    many rows, :data:`cdlab.flow.matching.ROWS`): the samples do not depend on it. The Euler grid is then the ``num_steps`` grid with
     the edges added (50 steps and 4 windows: 52 steps, the edges 0.25 and 0.75 are not on it)."""
     z = torch.randn((len(labels), 1, 28, 28), generator=generator)
     if windows == 1:
@@ -100,7 +101,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
             return None
         labels = pair_labels((k + 1) * chunk)[k * chunk:]
         z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
-                              batch_size=chunk, windows=windows)
+                              windows=windows)
         zs.append(z)
         xs.append(x1)
         made += chunk
