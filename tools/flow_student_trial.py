@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdlab.columns import run_columns, student_column  # noqa: E402
+from cdlab.flow import matching  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
 from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from_args, distill,  # noqa: E402
                                  save_flow_student)
-from cdlab.flow import matching  # noqa: E402
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON  # noqa: E402
