@@ -9,6 +9,7 @@ Teachers (loaded once per module, or once per worker for SD1.5's size; a test le
 
 Folders and processes:
 
+    cache_outside_the_repository  (autouse) ``$CDLAB_CACHE_DIR`` under the session's tmp, never the repo's cache/
     run_dirs          RunDirs: ``$CDLAB_RUNS_DIR`` and ``$CDLAB_ADAPTERS_DIR`` under the test's tmp_path
     child_env         the environment for a ``python -m cdlab`` subprocess writing into ``run_dirs``
     latent_cache_dir  one encoded-latents cache for a module's training runs
@@ -37,6 +38,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Set before anything imports torch, which reads these once.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_outside_the_repository(tmp_path_factory) -> Iterator[Path]:
+    """``$CDLAB_CACHE_DIR`` (encoded latents, teacher pairs) under the session's tmp for every test and every
+    process a test starts, unless a test sets its own: a test never writes into the repository's ``cache/``,
+    where a user's cached pairs are (hours of a teacher's sampling). The models cache is ``$CDLAB_MODELS_DIR``
+    and stays shared: SD1.5's random stand-in is built once a machine."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("cache")
+        mp.setenv("CDLAB_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
