@@ -5,9 +5,10 @@ not a trained model's quality).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import os
-import dataclasses
 import json
 import re
 import struct
@@ -888,6 +889,36 @@ def test_flow_student_is_a_lab_student_load_student_reads_and_the_column_runner_
         load_student(again, "fashion-mbcd-4", root)
     with pytest.raises(StudentError, match="other weights .* the teacher was trained again since"):
         distill.student_lora("fashion-mbcd-4", root, teacher_dir)
+
+
+def test_a_falling_rate_follows_one_cosine_over_its_steps_and_a_run_in_pieces_keeps_it(tmp_path, tiny_unet):
+    """``lr_decay_steps`` T: every rate is ``rate * (1 + cos(pi min(k, T) / T)) / 2`` at step k, 1 at the start, 0
+    from T on, set before each step. A run trained to step 3, then continued to 6 on its checkpoint (as the trial
+    tool trains in pieces) ends with the one-piece run's weights bit for bit, because T, not ``--steps``, sets the
+    schedule; and the schedule changes the weights (its last steps move them less)."""
+    import math
+
+    from cdlab.flow import distill
+
+    assert distill.rate_factor(0, 6) == 1.0 and distill.rate_factor(5, 0) == distill.rate_factor(5, -1) == 1.0
+    assert math.isclose(distill.rate_factor(3, 6), 0.5) and distill.rate_factor(6, 6) == distill.rate_factor(9, 6)
+    assert math.isclose(distill.rate_factor(6, 6), 0.0, abs_tol=1e-12)
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0,
+                                lr_decay_steps=6)
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    whole, _ = distill.distill(teacher_dir, cfg, **kw)
+    distill.distill(teacher_dir, dataclasses.replace(cfg, steps=3), checkpoint=tmp_path / "pieces", **kw)
+    pieces, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "pieces", **kw)
+    constant, _ = distill.distill(teacher_dir, dataclasses.replace(cfg, lr_decay_steps=0), **kw)
+    w, p, c = (distill.lora_weights(u) for u in (whole, pieces, constant))
+    assert done == 6 and all(torch.equal(w[k], p[k]) for k in w)
+    assert not all(torch.equal(w[k], c[k]) for k in w)
+    parser = argparse.ArgumentParser()
+    distill.add_config_arguments(parser)
+    with pytest.raises(SystemExit):
+        distill.config_from_args(parser, parser.parse_args(["--lr-decay-steps", "-1"]))
+    assert distill.config_from_args(parser, parser.parse_args(["--lr-decay-steps", "600"])).lr_decay_steps == 600
 
 
 def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,

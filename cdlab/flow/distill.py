@@ -75,6 +75,7 @@ The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA tra
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -234,7 +235,19 @@ class StudentConfig:
     disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score) or "pixel" (its own)
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
+    lr_decay_steps: int = 0         # 0: every rate constant; T > 0: each falls along a half cosine to 0 at step T
+                                    # (rate_factor), whatever --steps is, so a run in pieces keeps one schedule
     seed: int = 0
+
+
+def rate_factor(step: int, decay_steps: int) -> float:
+    """The factor on every learning rate at step ``step`` (from 0): 1 without a schedule (``decay_steps`` 0), else
+    ``(1 + cos(pi min(step, T) / T)) / 2`` with ``T = decay_steps`` (SGDR's cosine, Loshchilov & Hutter 2017, one
+    cycle): from 1 at the start to 0 at step T, where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run")
+    dies down instead of stopping wherever it stands."""
+    if decay_steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
 
 
 def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
@@ -288,6 +301,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     params = [p for _, p in named]
     weights = dict(named)
     opt, ema, average = _optimizer_and_averages(named, cfg, head)
+    rates = [group["lr"] for group in opt.param_groups]  # each group's own, before any schedule
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg, head=head)
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
@@ -310,6 +324,9 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     gan = gan_argument(unet, head)
     start = time.monotonic()
     for step in range(done, cfg.steps):
+        if cfg.lr_decay_steps:
+            for group, rate in zip(opt.param_groups, rates):
+                group["lr"] = rate * rate_factor(step, cfg.lr_decay_steps)
         out = _train_step(unet, cfg, step, data, opt, params, ema, g, gan)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
@@ -495,6 +512,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if not 1 <= cfg.num_boundaries <= 50 or (cfg.num_boundaries > 1 and cfg.method != "cd"):
         p.error("--num-boundaries must be in [1, 50], and more than 1 only with --method cd")
+    if not 0 <= cfg.lr_decay_steps <= 10 ** 6:
+        p.error("--lr-decay-steps must be in [0, 1000000]")
     return cfg
 
 
