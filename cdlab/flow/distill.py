@@ -75,7 +75,6 @@ The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA tra
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +94,7 @@ from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, shown_path
 from cdlab.samplers import consistency_timesteps
+from cdlab.train import schedule
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
 
@@ -242,12 +242,10 @@ class StudentConfig:
 
 def rate_factor(step: int, decay_steps: int) -> float:
     """The factor on every learning rate at step ``step`` (from 0): 1 without a schedule (``decay_steps`` 0), else
-    ``(1 + cos(pi min(step, T) / T)) / 2`` with ``T = decay_steps`` (SGDR's cosine, Loshchilov & Hutter 2017, one
-    cycle): from 1 at the start to 0 at step T, where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run")
-    dies down instead of stopping wherever it stands."""
-    if decay_steps <= 0:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, decay_steps) / decay_steps))
+    the lab's cosine without warm-up over ``T = decay_steps`` (:func:`cdlab.train.schedule.rate_factor`):
+    ``(1 + cos(pi min(step, T) / T)) / 2``, from 1 at the start to 0 at step T, where an adversarial run's swing
+    (docs/flow.md, "A longer DMD-4 run") dies down instead of stopping wherever it stands."""
+    return 1.0 if decay_steps <= 0 else schedule.rate_factor(step, decay_steps)
 
 
 def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:

@@ -14,7 +14,8 @@ The latent cache's effect, measured with the trainer's own samples/s (metrics.js
     python -m cdlab train --model tiny --data_size 2048 --max_steps 30 --log_every 10 --cache_latents false --run_name speed-uncached
 
 Modules: `config` (the flat `TrainConfig` and per-teacher defaults), `data` (sources and the latent
-cache), `trainer` (`train`, `Trainer`), `cli` (``main(argv)``), `coco` (the COCO recipe).
+cache), `trainer` (`train`, `Trainer`), `schedule` (the rate's warm-up and cosine, the flow students' too), `cli`
+(``main(argv)``), `coco` (the COCO recipe).
 The loss itself is `cdlab.loss.consistency_loss`.
 """
 from __future__ import annotations

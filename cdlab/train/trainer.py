@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import resource
@@ -56,6 +55,7 @@ from cdlab.train.consistency import consistency_step, probe_batch, probe_loss
 from cdlab.train.data import make_source, model_fingerprint, prepare_data
 from cdlab.train.dmd import dmd_step, regression_pairs
 from cdlab.train.previews import preview, preview_reference
+from cdlab.train.schedule import rate_factor
 from cdlab.train.status import write_status
 from cdlab.train.stopping import StopFlag, watch_parent  # watch_parent: re-exported
 
@@ -385,13 +385,8 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def _lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.lr_schedule == "cosine":
-            frac = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * frac))
-        return warm
-    return f
+    """The run's schedule for ``LambdaLR``: warm-up, then constant or cosine (`cdlab.train.schedule`)."""
+    return lambda step: rate_factor(step, cfg.max_steps, cfg.warmup_steps, cosine=cfg.lr_schedule == "cosine")
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device, log):

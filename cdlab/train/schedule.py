@@ -1,0 +1,28 @@
+"""The learning-rate schedule of the lab's trainers, as one factor on the base rate a step.
+
+    from cdlab.train.schedule import rate_factor
+    rate_factor(250, total_steps=1000, warmup_steps=50)          # the distillation trainer's --lr_schedule cosine
+
+The distillation trainer (`cdlab.train.trainer`, ``--lr_schedule`` and ``--warmup_steps``) and the flow students
+(`cdlab.flow.distill`, ``--lr-decay-steps``) both set their rates from it.
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = ["rate_factor"]
+
+
+def rate_factor(step: int, total_steps: int, warmup_steps: int = 0, cosine: bool = True) -> float:
+    """The factor on the base learning rate at step ``step`` (counted from 0).
+
+    A linear warm-up ``min(1, (step + 1) / W)`` over ``W = warmup_steps`` (none at 0), times, with ``cosine``, one
+    half cosine ``(1 + cos(pi f)) / 2`` over the steps after the warm-up, ``f = (step - W) / (total_steps - W)``
+    clipped to [0, 1] (SGDR's cosine, Loshchilov & Hutter 2017, one cycle): 1 after the warm-up, 0 from
+    ``total_steps`` on. Without ``cosine`` the rate stays at the warm-up's end.
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if not cosine:
+        return warm
+    frac = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * frac))
