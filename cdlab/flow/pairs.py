@@ -42,9 +42,11 @@ def teacher_pairs(unet: nn.Module, labels: torch.Tensor, num_steps: int = 50, gu
     """Reflow's coupling: noise ``z`` (CPU ``generator``) and the teacher's Euler sample ``x1`` from it, with CFG.
 
     ``windows`` W > 1 (piecewise rectified flow): the second tensor is the teacher's states at the window edges
-    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). ``batch_size`` images a UNet call (CFG: twice as
-    many rows, :data:`cdlab.flow.matching.ROWS`): the samples do not depend on it. The Euler grid is then the ``num_steps`` grid with
-    the edges added (50 steps and 4 windows: 52 steps, the edges 0.25 and 0.75 are not on it)."""
+    after the start, ``[B, W, 1, 28, 28]`` (the last is ``x1``). The Euler grid is then the ``num_steps`` grid with
+    the edges added (50 steps and 4 windows: 52 steps, the edges 0.25 and 0.75 are not on it).
+
+    ``batch_size``: images a UNet call (with CFG twice as many rows, :data:`cdlab.flow.matching.ROWS`); the samples
+    do not depend on it, up to float rounding."""
     z = torch.randn((len(labels), 1, 28, 28), generator=generator)
     if windows == 1:
         return z, matching.sample(unet, labels, num_steps, guidance, x0=z, batch_size=batch_size).cpu()
