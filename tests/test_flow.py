@@ -921,6 +921,101 @@ def test_a_falling_rate_follows_one_cosine_over_its_steps_and_a_run_in_pieces_ke
     assert distill.config_from_args(parser, parser.parse_args(["--lr-decay-steps", "600"])).lr_decay_steps == 600
 
 
+def test_a_constant_run_continues_into_a_fall_that_starts_at_its_checkpoint(tmp_path, tiny_unet):
+    """``lr_decay_start`` S with ``lr_decay_steps`` T (warmup-stable-decay without the warm-up): the rates stay
+    constant to step S, then fall along the half cosine to 0 at T. A constant run's checkpoint at step S continues
+    into that fall, and ends with the weights of the run planned so from the start, bit for bit; a schedule that
+    would have given another rate at a step the checkpoint took is refused, naming the step."""
+    import math
+
+    from cdlab.flow import distill
+    from cdlab.students import StudentError
+
+    assert [distill.rate_factor(k, 8, 4) for k in (0, 3, 4)] == [1.0, 1.0, 1.0]
+    assert math.isclose(distill.rate_factor(6, 8, 4), 0.5) and distill.rate_factor(8, 8, 4) == distill.rate_factor(
+        20, 8, 4)
+    assert math.isclose(distill.rate_factor(8, 8, 4), 0.0, abs_tol=1e-12)
+    assert distill.rate_factor(5, 8, 4) == distill.rate_factor(1, 4)  # the cosine itself, moved to start at S
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    planned = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12,
+                                    guidance=2.0, lr_decay_steps=6, lr_decay_start=3)
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    whole, _ = distill.distill(teacher_dir, planned, **kw)
+    constant = dataclasses.replace(planned, steps=3, lr_decay_steps=0, lr_decay_start=0)
+    distill.distill(teacher_dir, constant, checkpoint=tmp_path / "trunk", **kw)
+    branched, done = distill.distill(teacher_dir, planned, checkpoint=tmp_path / "trunk", **kw)
+    w, b = distill.lora_weights(whole), distill.lora_weights(branched)
+    assert done == 6 and all(torch.equal(w[k], b[k]) for k in w)
+    distill.distill(teacher_dir, constant, checkpoint=tmp_path / "trunk2", **kw)
+    with pytest.raises(StudentError, match="ran step 2 at rate factor 1, where .*lr_decay_start=1.* has 0.9045"):
+        distill.distill(teacher_dir, dataclasses.replace(planned, lr_decay_start=1), checkpoint=tmp_path / "trunk2",
+                        **kw)
+    parser = argparse.ArgumentParser()
+    distill.add_config_arguments(parser)
+    for bad in (["--lr-decay-start", "5"], ["--lr-decay-steps", "6", "--lr-decay-start", "6"],
+                ["--lr-decay-steps", "6", "--lr-decay-start", "-1"]):
+        with pytest.raises(SystemExit):
+            distill.config_from_args(parser, parser.parse_args(bad))
+    cfg = distill.config_from_args(parser, parser.parse_args(["--lr-decay-steps", "2400", "--lr-decay-start", "1800"]))
+    assert (cfg.lr_decay_steps, cfg.lr_decay_start) == (2400, 1800)
+
+
+def test_a_run_without_an_average_continues_with_one_that_starts_at_its_checkpoint(tmp_path, tiny_unet):
+    """``student_ema`` never steers the training, so a constant run's checkpoint may continue with an average of
+    the student's weights: the average starts at the checkpoint's weights and follows every step after it
+    (``a <- a + (1 - mu)(w - a)``), the weights themselves are the run without it, bit for bit, and the student
+    returned is the average. An average at another rate than the checkpoint's is refused."""
+    from safetensors.torch import load_file
+
+    from cdlab.flow import distill
+    from cdlab.students import StudentError
+
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="reflow", steps=3, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0)
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    weights = [distill.lora_weights(distill.distill(teacher_dir, dataclasses.replace(cfg, steps=k),
+                                                    checkpoint=tmp_path / "plain", **kw)[0]) for k in (3, 4, 5)]
+    distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "branch", **kw)
+    averaged, done = distill.distill(teacher_dir, dataclasses.replace(cfg, steps=5, student_ema=0.5),
+                                     checkpoint=tmp_path / "branch", **kw)
+    got = distill.lora_weights(averaged)
+    student = [n for n in got if f".{distill.ADAPTER}." in n]
+    expected = {n: weights[0][n].lerp(weights[1][n], 0.5).lerp(weights[2][n], 0.5) for n in student}
+    assert done == 5 and all(torch.allclose(got[n], expected[n], atol=1e-7) for n in student)
+    assert not all(torch.equal(got[n], weights[2][n]) for n in student)
+    saved = load_file(str(tmp_path / "branch" / "student-0000005.safetensors"))
+    assert all(torch.equal(saved[n], weights[2][n]) for n in student)  # the training itself: as without it
+    with pytest.raises(StudentError, match="student_ema=0.5, not 0.9"):
+        distill.distill(teacher_dir, dataclasses.replace(cfg, steps=6, student_ema=0.9),
+                        checkpoint=tmp_path / "branch", **kw)
+
+
+def test_a_branch_continues_a_checkpoint_under_another_rate_with_its_state_kept(tmp_path, tiny_unet):
+    """``branch``: a checkpoint continues under another rate or loss weight only when asked, and only for
+    ``BRANCHABLE``'s fields. Adam's moments and the random stream are the checkpoint's: a branch that changes a
+    weight reflow does not use ends bit for bit on the plain continuation, and one at another rate does not."""
+    from cdlab.flow import distill
+    from cdlab.students import StudentError
+
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="reflow", steps=3, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0)
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    for name in ("plain", "unused", "rate", "rank"):
+        distill.distill(teacher_dir, cfg, checkpoint=tmp_path / name, **kw)
+    plain, _ = distill.distill(teacher_dir, dataclasses.replace(cfg, steps=5), checkpoint=tmp_path / "plain", **kw)
+    unused = dataclasses.replace(cfg, steps=5, regression_weight=3.0)
+    with pytest.raises(StudentError, match="regression_weight=10.0, not 3.0: choose a new folder or the same recipe$"):
+        distill.distill(teacher_dir, unused, checkpoint=tmp_path / "unused", **kw)
+    same, done = distill.distill(teacher_dir, unused, checkpoint=tmp_path / "unused", branch=True, **kw)
+    faster, _ = distill.distill(teacher_dir, dataclasses.replace(cfg, steps=5, lr=5e-2), checkpoint=tmp_path / "rate",
+                                branch=True, **kw)
+    p, u, f = (distill.lora_weights(x) for x in (plain, same, faster))
+    assert done == 5 and all(torch.equal(p[k], u[k]) for k in p) and not all(torch.equal(p[k], f[k]) for k in p)
+    with pytest.raises(StudentError, match="lora_rank=2, not 4.*a branch may change lr"):
+        distill.distill(teacher_dir, dataclasses.replace(cfg, steps=5, lora_rank=4), checkpoint=tmp_path / "rank",
+                        branch=True, **kw)
+
+
 def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,
                                                                                           monkeypatch):
     """Issue 24: a student run cut off (here by ``max_seconds``) and started again on the same checkpoint folder

@@ -192,7 +192,9 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
                        ({"windows": 9}, "reflow windows"), ({"num_boundaries": 4}, "CD boundaries"),
                        ({"method": "cd", "num_boundaries": 0}, "CD boundaries"),
                        ({"gan_weight": 0.05}, "GAN term"), ({"method": "dmd", "gan_weight": 2}, "GAN term"),
-                       ({"method": "dmd", "gan_weight": 0.05, "disc_lr": 0}, "discriminator's learning rate")]:
+                       ({"method": "dmd", "gan_weight": 0.05, "disc_lr": 0}, "discriminator's learning rate"),
+                       ({"lr_decay_steps": -1}, "falling rate"), ({"lr_decay_steps": 1.5}, "falling rate"),
+                       ({"lr_decay_steps": 10 ** 9}, "falling rate")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -231,7 +233,8 @@ def test_a_stopped_student_run_saves_its_student_and_has_no_resume(teacher_jobs)
 def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     """The student form's CD boundaries (fashion-mbcd-4 has 4) become ``--num-boundaries`` of the distillation
     command, whose own parser reads every flag back; its GAN weight and the discriminator's rate reach a DMD run
-    (fashion-dmd-4's term), and a run without the term gets neither flag."""
+    (fashion-dmd-4's term), and a run without the term gets neither flag; the falling rate reaches the run when
+    it is set, and the CLI's constant rate is kept when it is not."""
     from cdlab.flow import distill
     from cdlab.ui.jobs import flow_student_command
 
@@ -249,3 +252,8 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), gan)[3:])
     cfg = distill.config_from_args(p, args)  # fashion-dmd-4's GAN term: weight 0.05, DMD2's head at rate 1e-3
     assert (cfg.method, cfg.gan_weight, cfg.disc_lr, cfg.disc) == ("dmd", 0.05, 1e-3, "head")
+    assert cfg.lr_decay_steps == 0 and "--lr-decay-steps" not in cmd
+    falling = F.student_settings({"teacher_run": "teacher", "method": "dmd", "steps": 900, "lr_decay_steps": 900},
+                                 run_name="dmd")  # the form's falling rate reaches the run
+    args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), falling)[3:])
+    assert distill.config_from_args(p, args).lr_decay_steps == 900

@@ -11,7 +11,16 @@ each piece the student is saved in ``<out>/students/s<k>`` and scored as the shi
 sampler at its card's steps (``--eval-steps`` another count) through the column runner, on the evaluation's
 2,000 noises (:func:`cdlab.flow.evaluate.noise`, classes i mod 10), against the real test set
 (:func:`cdlab.flow.evaluate.score`). Each line printed is also appended to ``<out>/trial.jsonl``. ``--resume`` with
-a larger ``--steps`` (the recipe otherwise the same, which the checkpoint checks) continues a trial.
+a larger ``--steps`` (the recipe otherwise the same, which the checkpoint checks) continues a trial. Its rate
+schedule may change where it agrees on every step already taken, so a copy of a constant-rate trial continues
+into a fall from its last step (a branch; the first trial's folder stays as it was):
+
+    cp -r runs/trial-d40-dmd4-1800 runs/trial-d40-wsd-2400
+    python tools/flow_student_trial.py --out runs/trial-d40-wsd-2400 --init fashion-reflow-4 --every 150 --resume \
+        -- <the first trial's recipe> --lr-decay-start 1800 --lr-decay-steps 2400 --steps 2400
+
+``--branch`` lets that copy continue under other rates, loss weights or pairs (``--regression-weight 3``, ...),
+with the fake score, the discriminator and Adam's moments kept: from the branch's step on, it is another run.
 
 Choosing a step count by these figures is choosing it on the evaluation's own noise and test set: say so beside
 any figure chosen that way. docs/flow.md has the trials it printed.
@@ -34,7 +43,7 @@ from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from
                                  save_flow_student)
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
-from cdlab.flow.student_checkpoint import CHECKPOINT_JSON  # noqa: E402
+from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, recipe_changes  # noqa: E402
 from cdlab.paths import cache_dir, read_json  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-steps", type=int, default=None, help="sample at this many steps (default: the recipe's)")
     p.add_argument("--n", type=int, default=2000, help="samples per score")
     p.add_argument("--resume", action="store_true", help="continue the trial in --out to the recipe's --steps")
+    p.add_argument("--branch", action="store_true", help="with --resume: the recipe may change a rate, a loss "
+                   "weight or the pairs from the checkpoint's (distill's branch; a row says what changed)")
     args = p.parse_args(ours)
     cfg = recipe(theirs)
     if not 1 <= args.every <= cfg.steps:
@@ -67,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out} holds a trial already; choose a new --out, or --resume it")
     if args.resume and not (isinstance(done, int) and 0 < done < cfg.steps):
         p.error(f"--resume: {out} holds no checkpoint before step {cfg.steps}")
+    if args.branch and not args.resume:
+        p.error("--branch continues a trial: it needs --resume")
+    changes = recipe_changes(out / "checkpoint", cfg) if args.branch else {}
     teacher = load_flow_teacher(args.teacher, "cpu")
     classifier, reference = load_classifier(), load_reference_stats()
     z, labels = noise(args.n, 0)
@@ -88,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     if args.init is not None and not done:
         report({"step": 0, "init": args.init, "eval_steps": k, **scored(args.init, None)})
+    if changes:
+        report({"step": done, "branch": {key: [old, new] for key, (old, new) in changes.items()}})
     for steps in range(done + args.every, cfg.steps + 1, args.every):
         unet, done = distill(args.teacher, dataclasses.replace(cfg, steps=steps), init=args.init,
-                             checkpoint=out / "checkpoint", pair_cache=cache_dir(), log=lambda line: None)
+                             checkpoint=out / "checkpoint", pair_cache=cache_dir(), log=lambda line: None,
+                             branch=args.branch)
         name = f"s{done}"
         save_flow_student(unet, name, cfg, out / "students", teacher=args.teacher, trained_steps=done,
                           init=args.init, overwrite=True)

@@ -89,7 +89,8 @@ from cdlab.flow import matching
 from cdlab.flow.data import images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
-from cdlab.flow.student_checkpoint import load_checkpoint, lora_weights, save_checkpoint, set_lora_weights
+from cdlab.flow.student_checkpoint import (load_checkpoint, lora_weights, recipe_changes, save_checkpoint,
+                                           set_lora_weights)
 from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, shown_path
@@ -237,15 +238,26 @@ class StudentConfig:
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     lr_decay_steps: int = 0         # 0: every rate constant; T > 0: each falls along a half cosine to 0 at step T
                                     # (rate_factor), whatever --steps is, so a run in pieces keeps one schedule
+    lr_decay_start: int = 0         # with lr_decay_steps T: the rates stay constant to step S, then fall to 0 at T
+                                    # (warmup-stable-decay): a constant run's checkpoint at S continues into it
     seed: int = 0
 
+    def rate(self, step: int) -> float:
+        """The factor on every learning rate at step ``step`` under this recipe's schedule (:func:`rate_factor`)."""
+        return rate_factor(step, self.lr_decay_steps, self.lr_decay_start)
 
-def rate_factor(step: int, decay_steps: int) -> float:
+
+def rate_factor(step: int, decay_steps: int, decay_start: int = 0) -> float:
     """The factor on every learning rate at step ``step`` (from 0): 1 without a schedule (``decay_steps`` 0), else
-    the lab's cosine without warm-up over ``T = decay_steps`` (:func:`cdlab.train.schedule.rate_factor`):
-    ``(1 + cos(pi min(step, T) / T)) / 2``, from 1 at the start to 0 at step T, where an adversarial run's swing
-    (docs/flow.md, "A longer DMD-4 run") dies down instead of stopping wherever it stands."""
-    return 1.0 if decay_steps <= 0 else schedule.rate_factor(step, decay_steps)
+    1 up to ``S = decay_start`` and then the lab's cosine without warm-up from S to ``T = decay_steps``
+    (:func:`cdlab.train.schedule.rate_factor`): ``(1 + cos(pi min(step - S, T - S) / (T - S))) / 2``, from 1 at
+    step S to 0 at step T, where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run") dies down instead
+    of stopping wherever it stands. With S > 0 it is a warmup-stable-decay schedule without the warm-up (Hägele et
+    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"): the constant part is
+    the constant-rate run itself, so one constant run can be continued from its checkpoint into several falls."""
+    if decay_steps <= 0 or step < decay_start:
+        return 1.0
+    return schedule.rate_factor(step - decay_start, decay_steps - decay_start)
 
 
 def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
@@ -273,7 +285,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             device: str = "cpu", max_seconds: float | None = None, log: Callable[[str], None] = print,
             on_step: Callable[[int, float], bool] | None = None, checkpoint: str | Path | None = None,
             checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None,
-            should_stop: Callable[[], bool] | None = None) -> tuple[nn.Module, int]:
+            should_stop: Callable[[], bool] | None = None, branch: bool = False) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode; with ``cfg.student_ema``, the adapter's average) and the steps
     taken. ``init``: start from that student's LoRA (a name in ``root``, default ``adapters/``).
@@ -284,7 +296,9 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     state and the generator are saved there (:func:`save_checkpoint`); a folder that holds one continues it, bit
     for bit as if it had not stopped, provided the recipe is the same (``cfg.steps`` may grow). ``pair_cache``: where
     reflow's teacher pairs are kept (:mod:`cdlab.flow.pairs`); ``should_stop`` ends the run while they are
-    drawn (the steps taken are then the checkpoint's, or 0)."""
+    drawn (the steps taken are then the checkpoint's, or 0). ``branch``: the checkpoint continues under this recipe
+    where it differs in a rate, a loss weight or the pairs (:func:`load_checkpoint`'s ``BRANCHABLE``), keeping the
+    fake score, the discriminator and Adam's state."""
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
         torch.manual_seed(cfg.seed)
@@ -296,16 +310,17 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         set_lora_weights(unet, student_lora(init, root, teacher))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    weights = dict(named)
+    params, weights = [p for _, p in named], dict(named)
     opt, ema, average = _optimizer_and_averages(named, cfg, head)
     rates = [group["lr"] for group in opt.param_groups]  # each group's own, before any schedule
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg, head=head)
+    changes = {} if checkpoint is None else recipe_changes(Path(checkpoint), cfg)
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
-                                                           **run)
+                                                           branch=branch, **run)
     if done:
-        log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})")
+        log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})"
+            + "".join(f"; {k} {old} -> {new}" for k, (old, new) in changes.items()))
     if cfg.method in ("reflow", "dmd"):
         with adapter_role(unet, None):  # the teacher: the adapter off
             pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
@@ -324,7 +339,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     for step in range(done, cfg.steps):
         if cfg.lr_decay_steps:
             for group, rate in zip(opt.param_groups, rates):
-                group["lr"] = rate * rate_factor(step, cfg.lr_decay_steps)
+                group["lr"] = rate * cfg.rate(step)
         out = _train_step(unet, cfg, step, data, opt, params, ema, g, gan)
         with torch.no_grad():
             for avg, decay in ((ema, cfg.ema_decay), (average, cfg.student_ema)):
@@ -510,8 +525,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
     if not 1 <= cfg.num_boundaries <= 50 or (cfg.num_boundaries > 1 and cfg.method != "cd"):
         p.error("--num-boundaries must be in [1, 50], and more than 1 only with --method cd")
-    if not 0 <= cfg.lr_decay_steps <= 10 ** 6:
-        p.error("--lr-decay-steps must be in [0, 1000000]")
+    if not 0 <= cfg.lr_decay_steps <= 10 ** 6 or not 0 <= cfg.lr_decay_start < max(1, cfg.lr_decay_steps):
+        p.error("--lr-decay-steps must be in [0, 1000000], --lr-decay-start in [0, --lr-decay-steps) (0 without it)")
     return cfg
 
 
@@ -526,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="also write a run folder the app's Train tab reads (status, "
                    "metrics.jsonl, checkpoint/), and stop on SIGTERM (the app's Stop) or when the app is gone")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--branch", action="store_true", help="with --resume: continue the checkpoint under this recipe "
+                   "where it changes a rate, a loss weight or the pairs (student_checkpoint.BRANCHABLE), keeping "
+                   "the fake score, the discriminator and Adam's state")
     p.add_argument("--pair-cache", default=None, help="where reflow's teacher pairs are kept (default: the cache "
                    "folder, $CDLAB_CACHE_DIR or cache/)")
     add_config_arguments(p)
@@ -533,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(p, args)
     if args.resume and args.run_dir is None:
         p.error("--resume continues a --run-dir")
+    if args.branch and not args.resume:
+        p.error("--branch continues a checkpoint: it needs --resume")
     try:
         validate_name(args.name)
         if student_dir(args.name, args.root).exists():  # refused now, not after the training

@@ -20,9 +20,13 @@ from torch import nn
 from cdlab.paths import read_json, write_json_atomic
 from cdlab.students import StudentError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "lora_weights", "set_lora_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint", "recipe_changes", "lora_weights", "set_lora_weights"]
 
 CHECKPOINT_JSON = "checkpoint.json"
+SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must agree on the steps taken, not after
+AVERAGE = "student_ema"  # the saved student's average never steers the training: a run without one may start one
+BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight", "disc_weight",
+              "disc_lr", "adam_beta1")  # what a branch may change: not the networks or Adam's groups
 
 
 def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
@@ -56,11 +60,32 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
             old.unlink(missing_ok=True)
 
 
+def recipe_changes(folder: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """The fields of ``cfg`` (the steps aside) whose value differs from the recipe of the checkpoint in ``folder``,
+    each as ``(checkpoint's, cfg's)``; a field newer than the checkpoint counts as its default there. Empty when
+    there is no checkpoint."""
+    saved = (read_json(folder / CHECKPOINT_JSON) or {}).get("config") or {}
+    defaults = asdict(type(cfg)())
+    return {key: (saved.get(key, defaults[key]), value) for key, value in asdict(cfg).items()
+            if key != "steps" and saved.get(key, defaults[key]) != value}
+
+
 def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                     generator: torch.Generator, *, cfg: Any, teacher: str | Path, init: str | None,
-                    average: dict[str, torch.Tensor] | None = None, head: nn.Module | None = None) -> int:
+                    average: dict[str, torch.Tensor] | None = None, head: nn.Module | None = None,
+                    branch: bool = False) -> int:
     """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A
-    checkpoint of another recipe is refused with the field that differs."""
+    checkpoint of another recipe is refused with the field that differs. The rate schedule (``SCHEDULE``'s fields)
+    may differ where it gives the same rate at every step the checkpoint took: a constant run's checkpoint at step
+    S continues into a fall that starts at S (``--lr-decay-start S``), as if that run had been planned so. A run
+    without the student's average (``AVERAGE`` 0) may continue with one, which starts at the checkpoint's weights:
+    the average of the steps from the branch on.
+
+    ``branch``: the checkpoint also continues under other values of ``BRANCHABLE``'s fields (a rate, a loss's
+    weight, the pairs; the GAN term neither added nor removed), asked for by name. Such a run is no longer the
+    one planned from the start: it is that run up to the checkpoint's step, then another recipe, with the fake
+    score, the discriminator and Adam's moments kept (a student restarted with ``--init`` loses them, and every
+    such restart in docs/flow.md first lost ground)."""
     from cdlab.flow.train_teacher import load_optimizer_state
 
     saved = read_json(folder / CHECKPOINT_JSON)
@@ -71,23 +96,41 @@ def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
         if saved.get(key) != want[key]:
             raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
     defaults = asdict(type(cfg)())  # a field newer than the checkpoint: it ran with that field's default
-    for key, value in want["config"].items():
-        got = (saved.get("config") or {}).get(key, defaults[key])
-        if got != value:
-            raise StudentError(f"{folder} is a run with {key}={got!r}, not {value!r}: choose a new folder or the "
-                               f"same recipe")
+    ran = {key: (saved.get("config") or {}).get(key, defaults[key]) for key in want["config"]}
+    for key, (got, value) in recipe_changes(folder, cfg).items():
+        if key in SCHEDULE or (key == AVERAGE and got == 0):
+            continue
+        if branch and key in BRANCHABLE and (key != "gan_weight" or (got > 0) == (value > 0)):
+            continue
+        raise StudentError(f"{folder} is a run with {key}={got!r}, not {value!r}: choose a new folder or the same "
+                           f"recipe" + (f" (a branch may change {', '.join(BRANCHABLE)}; the GAN term stays on or off)"
+                                        if branch else ""))
     step = saved.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= cfg.steps:
         raise StudentError(f"{folder / CHECKPOINT_JSON}: step must be in [1, {cfg.steps}], got {step!r}")
+    if any(isinstance(ran[key], bool) or not isinstance(ran[key], int) for key in SCHEDULE):
+        raise StudentError(f"{folder / CHECKPOINT_JSON}: {', '.join(SCHEDULE)} must be whole numbers")
+    before = type(cfg)(**{**asdict(cfg), **{key: ran[key] for key in SCHEDULE}})
+    differ = next((k for k in range(step) if before.rate(k) != cfg.rate(k)), None)
+    if differ is not None:  # another schedule continues a run only where the two agree on every step it took
+        raise StudentError(f"{folder} ran step {differ} at rate factor {before.rate(differ):g}, where this recipe's "
+                           f"schedule ({', '.join(f'{k}={getattr(cfg, k)}' for k in SCHEDULE)}) has "
+                           f"{cfg.rate(differ):g}: choose a new folder, or a schedule that agrees up to step {step}")
     tensors = load_file(str(folder / f"student-{step:07d}.safetensors"))
     generator.set_state(tensors.pop("generator"))
+    started = average is not None and ran[AVERAGE] == 0  # a branch: its average starts at the weights below
     with torch.no_grad():
-        for prefix, avg in (("ema", ema), ("average", average)):
+        for prefix, avg in (("ema", ema), ("average", None if started else average)):
             for n in avg or {}:
                 avg[n].copy_(tensors.pop(f"{prefix}.{n}"))
     if head is not None:
         head.load_state_dict({n[len("disc."):]: tensors.pop(n) for n in list(tensors) if n.startswith("disc.")})
     set_lora_weights(unet, tensors)
+    if started:
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n in average:
+                average[n].copy_(params[n])
     load_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
     return step
 

@@ -63,7 +63,7 @@ def run_in_folder(args: argparse.Namespace, cfg: Any, *, distill: Callable, save
             unet, done = distill(args.teacher, cfg, init=args.init, root=args.root, device=args.device,
                                  max_seconds=args.max_seconds, on_step=on_step, checkpoint=run / "checkpoint",
                                  pair_cache=args.pair_cache or cache_dir(), log=log,
-                                 should_stop=lambda: stop.requested)
+                                 should_stop=lambda: stop.requested, branch=getattr(args, "branch", False))
         except BaseException as e:
             status("failed", f"{type(e).__name__}: {e}")
             raise
