@@ -993,7 +993,8 @@ def test_a_run_without_an_average_continues_with_one_that_starts_at_its_checkpoi
 def test_a_branch_continues_a_checkpoint_under_another_rate_with_its_state_kept(tmp_path, tiny_unet):
     """``branch``: a checkpoint continues under another rate or loss weight only when asked, and only for
     ``BRANCHABLE``'s fields. Adam's moments and the random stream are the checkpoint's: a branch that changes a
-    weight reflow does not use ends bit for bit on the plain continuation, and one at another rate does not."""
+    weight reflow does not use ends bit for bit on the plain continuation, and one at another rate does not. The
+    changes are kept with the checkpoint and written on the student's card (``branches``)."""
     from cdlab.flow import distill
     from cdlab.students import StudentError
 
@@ -1011,9 +1012,20 @@ def test_a_branch_continues_a_checkpoint_under_another_rate_with_its_state_kept(
                                 branch=True, **kw)
     p, u, f = (distill.lora_weights(x) for x in (plain, same, faster))
     assert done == 5 and all(torch.equal(p[k], u[k]) for k in p) and not all(torch.equal(p[k], f[k]) for k in p)
+    # the run's changes are kept with its checkpoint and reach the student's card, which holds the last recipe
+    history = [{"step": 3, "changed": {"lr": [1e-2, 5e-2]}}]
+    assert distill.branches_of(tmp_path / "rate") == history and distill.branches_of(tmp_path / "plain") == []
+    distill.distill(teacher_dir, dataclasses.replace(cfg, steps=6, lr=5e-2), checkpoint=tmp_path / "rate", **kw)
+    assert distill.branches_of(tmp_path / "rate") == history  # continued under the new recipe: no new branch
+    distill.save_flow_student(faster, "b", dataclasses.replace(cfg, lr=5e-2), tmp_path / "adapters",
+                              teacher=teacher_dir, branches=distill.branches_of(tmp_path / "rate"))
+    card = json.loads((tmp_path / "adapters" / "b" / "card.json").read_text())
+    assert card["training_config"]["branches"] == history and card["training_config"]["lr"] == 5e-2
     with pytest.raises(StudentError, match="lora_rank=2, not 4.*a branch may change lr"):
         distill.distill(teacher_dir, dataclasses.replace(cfg, steps=5, lora_rank=4), checkpoint=tmp_path / "rank",
                         branch=True, **kw)
+    with pytest.raises(SystemExit):  # the command line's branch continues a run folder's checkpoint
+        distill.main(["--teacher", str(teacher_dir), "--name", "b", "--root", str(tmp_path / "adapters"), "--branch"])
 
 
 def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,

@@ -43,7 +43,7 @@ from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from
                                  save_flow_student)
 from cdlab.flow.evaluate import noise, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
-from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, recipe_changes  # noqa: E402
+from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, branches_of, recipe_changes  # noqa: E402
 from cdlab.paths import cache_dir, read_json  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                              branch=args.branch)
         name = f"s{done}"
         save_flow_student(unet, name, cfg, out / "students", teacher=args.teacher, trained_steps=done,
-                          init=args.init, overwrite=True)
+                          init=args.init, overwrite=True, branches=branches_of(out / "checkpoint"))
         report({"step": done, "eval_steps": k, **scored(name, out / "students"),
                 "seconds": round(time.monotonic() - start, 1)})
     return 0

@@ -89,7 +89,7 @@ from cdlab.flow import matching
 from cdlab.flow.data import images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
-from cdlab.flow.student_checkpoint import (load_checkpoint, lora_weights, recipe_changes, save_checkpoint,
+from cdlab.flow.student_checkpoint import (branches_of, load_checkpoint, lora_weights, save_checkpoint,
                                            set_lora_weights)
 from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
@@ -315,12 +315,13 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     rates = [group["lr"] for group in opt.param_groups]  # each group's own, before any schedule
     g = torch.Generator().manual_seed(cfg.seed)
     run = dict(teacher=teacher, init=init, cfg=cfg, head=head)
-    changes = {} if checkpoint is None else recipe_changes(Path(checkpoint), cfg)
+    history = [] if checkpoint is None else branches_of(Path(checkpoint), cfg)  # before the load, which checks it
     done = 0 if checkpoint is None else load_checkpoint(Path(checkpoint), unet, opt, ema, g, average=average,
                                                            branch=branch, **run)
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})"
-            + "".join(f"; {k} {old} -> {new}" for k, (old, new) in changes.items()))
+            + "".join(f"; {k} {old} -> {new}" for b in history[-1:] if b["step"] == done
+                      for k, (old, new) in b["changed"].items()))
     if cfg.method in ("reflow", "dmd"):
         with adapter_role(unet, None):  # the teacher: the adapter off
             pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
@@ -349,7 +350,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         stop = on_step is not None and on_step(done, float(out["loss"].item()))
         late = max_seconds is not None and time.monotonic() - start > max_seconds
         if checkpoint is not None and (stop or late or done % checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(Path(checkpoint), unet, opt, ema, g, done, average=average, **run)
+            save_checkpoint(Path(checkpoint), unet, opt, ema, g, done, average=average, branches=history, **run)
         if stop:
             log(f"{cfg.method}: stopped at step {done} of {cfg.steps}")
             break
@@ -467,12 +468,13 @@ def student_lora(name: str, root: str | Path | None = None, teacher: str | Path 
 
 
 def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str | None = None,
-                 teacher: str | Path | None = None) -> StudentCard:
+                 teacher: str | Path | None = None, branches: list[dict] | None = None) -> StudentCard:
     """The student's card: ``reflow`` (``num_boundaries`` None, or its W windows when piecewise) or ``cd``/``mbcd`` (N boundaries);
     sampled by the lab's consistency jump on the flow path, an Euler step (:mod:`cdlab.flow.model`); guidance
     distilled in; its base is its teacher's (`cdlab.flow.pipeline.flow_base_id`: the shipped one's when None), and
     so are the weights it records (`cdlab.flow.pipeline.flow_fingerprint`). ``training_config`` says the steps it
-    took and the student it started from."""
+    took and the student it started from, and a run continued under another recipe its ``branches``
+    (:func:`cdlab.flow.student_checkpoint.branches_of`): the recipe it holds is the last one."""
     from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
 
     method = cfg.method if cfg.method in ("reflow", "dmd") else ("mbcd" if cfg.num_boundaries > 1 else "cd")
@@ -485,17 +487,18 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
     return StudentCard(name=name, base_model=flow_base_id(teacher), base_fingerprint=flow_fingerprint(teacher),
                        method=method, num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
-                       training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init})
+                       training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init,
+                                        **({"branches": branches} if branches else {})})
 
 
 def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str | Path | None = None, *,
                       teacher: str | Path | None = None, trained_steps: int | None = None, init: str | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, branches: list[dict] | None = None) -> Path:
     """Save the LoRA as the lab saves every student: ``<root>/<name>/`` (default ``adapters/``) with its card
     (:func:`cdlab.students.save_student`), whose base is ``teacher``'s (the folder it was distilled from; None:
     the shipped teacher); ``load_student(load_flow_teacher(teacher), name)`` reads it."""
     card = student_card(cfg, name, trained_steps=cfg.steps if trained_steps is None else trained_steps, init=init,
-                        teacher=teacher)
+                        teacher=teacher, branches=branches)
     return save_student(unet, name, card, root, adapter_name=ADAPTER, overwrite=overwrite)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from cdlab.paths import read_json, write_json_atomic
 from cdlab.students import StudentError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "recipe_changes", "lora_weights", "set_lora_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint", "recipe_changes", "branches_of", "lora_weights", "set_lora_weights"]
 
 CHECKPOINT_JSON = "checkpoint.json"
 SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must agree on the steps taken, not after
@@ -38,12 +38,13 @@ def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
 def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                     generator: torch.Generator, step: int, *, cfg: Any, teacher: str | Path,
                     init: str | None, average: dict[str, torch.Tensor] | None = None,
-                    head: nn.Module | None = None) -> None:
+                    head: nn.Module | None = None, branches: list[dict] | None = None) -> None:
     """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
     CD's target EMA, ``average.``-prefixed the student's own average, ``disc.``-prefixed DMD2's discriminator
     head, the generator's state),
-    ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step, written last and
-    atomically, so a run killed while saving keeps its previous checkpoint."""
+    ``optimizer-<step>.safetensors`` (Adam's), then ``checkpoint.json`` naming the step (and ``branches``, the
+    run's recipe changes, :func:`branches_of`), written last and atomically, so a run killed while saving keeps its
+    previous checkpoint."""
     from cdlab.flow.train_teacher import save_optimizer_state
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,8 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
                "generator": generator.get_state()}
     save_file(tensors, str(folder / f"student-{step:07d}.safetensors"))
     save_optimizer_state(opt, folder / f"optimizer-{step:07d}.safetensors")
-    write_json_atomic(folder / CHECKPOINT_JSON, {"step": step, **_recipe(cfg, teacher, init)})
+    write_json_atomic(folder / CHECKPOINT_JSON, {"step": step, **_recipe(cfg, teacher, init),
+                                                 **({"branches": branches} if branches else {})})
     for old in [*folder.glob("student-*.safetensors"), *folder.glob("optimizer-*.safetensors")]:
         if old.stem.split("-")[-1] != f"{step:07d}":
             old.unlink(missing_ok=True)
@@ -68,6 +70,18 @@ def recipe_changes(folder: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
     defaults = asdict(type(cfg)())
     return {key: (saved.get(key, defaults[key]), value) for key, value in asdict(cfg).items()
             if key != "steps" and saved.get(key, defaults[key]) != value}
+
+
+def branches_of(folder: Path, cfg: Any | None = None) -> list[dict]:
+    """The recipe changes of the run whose checkpoint is in ``folder``, oldest first: ``{"step": S, "changed":
+    {field: [before, after]}}`` for each time it continued under another recipe from step S, so the student's
+    card does not read as one recipe from its first step. With ``cfg``, the run about to continue under it adds
+    its own change, if any. Empty for a run that kept one recipe."""
+    saved = read_json(folder / CHECKPOINT_JSON) or {}
+    past = [b for b in saved.get("branches") or [] if isinstance(b, dict)]
+    changed = {} if cfg is None or not saved else recipe_changes(folder, cfg)
+    return past + ([{"step": saved.get("step"), "changed": {k: list(v) for k, v in changed.items()}}]
+                   if changed else [])
 
 
 def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from cdlab.flow.student_checkpoint import branches_of
 from cdlab.paths import cache_dir, shown_path, write_json_atomic
 from cdlab.train.status import FLOW_STUDENT_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
@@ -74,6 +75,6 @@ def run_in_folder(args: argparse.Namespace, cfg: Any, *, distill: Callable, save
         status("stopped", "stopped before its first step; nothing saved (the pairs drawn so far are cached)")
         return 0
     saved = save_flow_student(unet, args.name, cfg, args.root, teacher=args.teacher, trained_steps=done,
-                              init=args.init)
+                              init=args.init, branches=branches_of(run / "checkpoint"))
     status("stopped" if stop.requested else "finished", f"saved {shown_path(saved)} after {done} steps", done)
     return 0
