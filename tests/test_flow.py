@@ -1026,6 +1026,13 @@ def test_a_branch_continues_a_checkpoint_under_another_rate_with_its_state_kept(
                         branch=True, **kw)
     with pytest.raises(SystemExit):  # the command line's branch continues a run folder's checkpoint
         distill.main(["--teacher", str(teacher_dir), "--name", "b", "--root", str(tmp_path / "adapters"), "--branch"])
+    common = ["--teacher", str(teacher_dir), "--root", str(tmp_path / "adapters"), "--run-dir", str(tmp_path / "r"),
+              "--pair-cache", str(tmp_path / "cache"), "--method", "reflow", "--batch-size", "4", "--lora-rank", "2",
+              "--pairs", "12", "--guidance", "2.0"]  # the documented two commands: a run, then its branch
+    assert distill.main([*common, "--name", "stage1", "--steps", "3", "--lr", "0.01"]) == 0
+    assert distill.main([*common, "--name", "stage2", "--steps", "5", "--lr", "0.05", "--resume", "--branch"]) == 0
+    card = json.loads((tmp_path / "adapters" / "stage2" / "card.json").read_text())["training_config"]
+    assert card["branches"] == [{"step": 3, "changed": {"lr": [0.01, 0.05]}}] and card["trained_steps"] == 5
 
 
 def test_a_cut_off_student_run_continues_bit_for_bit_and_its_teacher_pairs_are_made_once(tmp_path, tiny_unet,
