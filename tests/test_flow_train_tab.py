@@ -64,12 +64,12 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, "")
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, "")
     for method, gan in (("cd", 0.0), ("dmd", 0.05)):  # CD's data and the GAN term's real images: the hint
         with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
-            tab.fn.start_student("teacher", method, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, "")
+            tab.fn.start_student("teacher", method, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, "")
     with pytest.raises(gr.Error, match="No flow teacher run"):  # reflow and DMD alone need no real images
-        tab.fn.start_student("teacher", "dmd", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, "")
+        tab.fn.start_student("teacher", "dmd", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
