@@ -249,15 +249,12 @@ class StudentConfig:
 
 def rate_factor(step: int, decay_steps: int, decay_start: int = 0) -> float:
     """The factor on every learning rate at step ``step`` (from 0): 1 without a schedule (``decay_steps`` 0), else
-    1 up to ``S = decay_start`` and then the lab's cosine without warm-up from S to ``T = decay_steps``
-    (:func:`cdlab.train.schedule.rate_factor`): ``(1 + cos(pi min(step - S, T - S) / (T - S))) / 2``, from 1 at
-    step S to 0 at step T, where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run") dies down instead
-    of stopping wherever it stands. With S > 0 it is a warmup-stable-decay schedule without the warm-up (Hägele et
-    al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"): the constant part is
-    the constant-rate run itself, so one constant run can be continued from its checkpoint into several falls."""
-    if decay_steps <= 0 or step < decay_start:
-        return 1.0
-    return schedule.rate_factor(step - decay_start, decay_steps - decay_start)
+    the lab's cosine without warm-up (:func:`cdlab.train.schedule.rate_factor`), 1 up to ``S = decay_start`` and
+    ``(1 + cos(pi min(step - S, T - S) / (T - S))) / 2`` after, from 1 at step S to 0 at step ``T = decay_steps``,
+    where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run") dies down instead of stopping wherever it
+    stands. With S > 0 (warmup-stable-decay) the constant part is the constant-rate run itself, so one constant run
+    can be continued from its checkpoint into several falls."""
+    return 1.0 if decay_steps <= 0 else schedule.rate_factor(step, decay_steps, decay_start=decay_start)
 
 
 def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
@@ -320,8 +317,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
                                                            branch=branch, **run)
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})"
-            + "".join(f"; {k} {old} -> {new}" for b in history[-1:] if b["step"] == done
-                      for k, (old, new) in b["changed"].items()))
+            + (f"; its recipe's changes: {history}" if history else ""))
     if cfg.method in ("reflow", "dmd"):
         with adapter_role(unet, None):  # the teacher: the adapter off
             pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,

@@ -62,14 +62,18 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
             old.unlink(missing_ok=True)
 
 
+def _changes(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """:func:`recipe_changes` on a checkpoint's ``checkpoint.json`` as read (``{}``: none)."""
+    ran, defaults = saved.get("config") or {}, asdict(type(cfg)())  # a field newer than the checkpoint: its default
+    return {key: (ran.get(key, defaults[key]), value) for key, value in asdict(cfg).items()
+            if key != "steps" and ran.get(key, defaults[key]) != value}
+
+
 def recipe_changes(folder: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
     """The fields of ``cfg`` (the steps aside) whose value differs from the recipe of the checkpoint in ``folder``,
     each as ``(checkpoint's, cfg's)``; a field newer than the checkpoint counts as its default there. Empty when
     there is no checkpoint."""
-    saved = (read_json(folder / CHECKPOINT_JSON) or {}).get("config") or {}
-    defaults = asdict(type(cfg)())
-    return {key: (saved.get(key, defaults[key]), value) for key, value in asdict(cfg).items()
-            if key != "steps" and saved.get(key, defaults[key]) != value}
+    return _changes(read_json(folder / CHECKPOINT_JSON) or {}, cfg)
 
 
 def branches_of(folder: Path, cfg: Any | None = None) -> list[dict]:
@@ -79,7 +83,7 @@ def branches_of(folder: Path, cfg: Any | None = None) -> list[dict]:
     its own change, if any. Empty for a run that kept one recipe."""
     saved = read_json(folder / CHECKPOINT_JSON) or {}
     past = [b for b in saved.get("branches") or [] if isinstance(b, dict)]
-    changed = {} if cfg is None or not saved else recipe_changes(folder, cfg)
+    changed = {} if cfg is None or not saved else _changes(saved, cfg)
     return past + ([{"step": saved.get("step"), "changed": {k: list(v) for k, v in changed.items()}}]
                    if changed else [])
 
@@ -109,9 +113,9 @@ def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
     for key in ("teacher", "init"):
         if saved.get(key) != want[key]:
             raise StudentError(f"{folder} is a run of {key} {saved.get(key)!r}, not {want[key]!r}")
-    defaults = asdict(type(cfg)())  # a field newer than the checkpoint: it ran with that field's default
-    ran = {key: (saved.get("config") or {}).get(key, defaults[key]) for key in want["config"]}
-    for key, (got, value) in recipe_changes(folder, cfg).items():
+    changes = _changes(saved, cfg)
+    ran = {key: changes[key][0] if key in changes else value for key, value in want["config"].items()}
+    for key, (got, value) in changes.items():
         if key in SCHEDULE or (key == AVERAGE and got == 0):
             continue
         if branch and key in BRANCHABLE and (key != "gan_weight" or (got > 0) == (value > 0)):
