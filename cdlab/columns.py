@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cdlab.models import EpsModel
-from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps, sample_ddim, sample_student
+from cdlab.samplers import SampleOutput, consistency_timesteps, ddim_timesteps, grid_shift, sample_ddim, sample_student
 from cdlab.students import load_external_student, load_student, make_scheduler, prepare_student, use_student
 from cdlab.teachers import teacher_lock
 from cdlab.timing import sync
@@ -161,13 +161,15 @@ def scheduler_timesteps(scheduler: Any, steps: int, strength: float = 1.0) -> li
 
 
 def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: int = 1000,
-                    scheduler: Any = None) -> list[int]:
+                    scheduler: Any = None, card: Any = None) -> list[int]:
     """The timesteps a column runs at ``strength`` (the first is where the image is noised to; [] = no step).
 
     Teacher (diffusers' img2img ``get_timesteps``): the last ``min(int(N s), N)`` of ``ddim_timesteps(N)``;
     50 steps at s = 0.5 -> 25 steps from 499. Student (its boundaries B = ``consistency_timesteps(N, N)``,
     999/750/500/250 for N = 4): ``consistency_timesteps(k, N)`` restricted to ``<= min{b in B : b >= s T}``;
     k = N = 4 at s = 0.5 -> [500, 250], at s = 0.6 -> [750, 500, 250]; an N = 1 student always starts at 999.
+    A student whose card (``card``, else ``column.card``) carries a timestep shift has it on both grids
+    (:func:`cdlab.samplers.grid_shift`).
     External student: :func:`scheduler_timesteps` of its fresh ``scheduler`` (required), diffusers' rule.
     """
     s = check_strength(strength)
@@ -181,10 +183,11 @@ def start_timesteps(column: Column, strength: float = 1.0, num_train_timesteps: 
     if column.kind == "teacher":
         return _img2img_tail(ddim_timesteps(column.steps, T), column.steps, s)
     n = int(column.num_boundaries or column.steps)
-    boundaries = consistency_timesteps(n, n, T)
+    shift = grid_shift(card if card is not None else column.card)
+    boundaries = consistency_timesteps(n, n, T, shift)
     t_start = min(int(round(s * T)), T - 1)
     top = min(b for b in boundaries if b >= t_start)
-    return [t for t in consistency_timesteps(column.steps, n, T) if t <= top]
+    return [t for t in consistency_timesteps(column.steps, n, T, shift) if t <= top]
 
 
 # ----------------------------------------------------------------------------- the seeding rule

@@ -333,7 +333,8 @@ class EditTechnique:
             step = SchedulerStep(sched, eta=(card.scheduler_kwargs or {}).get("eta"), generator=generator)
         model_class = getattr(teacher, "model_class", EpsModel)  # the flow teacher's: FlowModel
         model = model_class(teacher.unet, None if column.kind == "student" else column.guidance)
-        ts = start_timesteps(column, self.strength, int(teacher.scheduler.config.num_train_timesteps), sched)
+        ts = start_timesteps(column, self.strength, int(teacher.scheduler.config.num_train_timesteps), sched,
+                             card if column.kind == "student" else None)
         return self.fn(model, x_T, conds, ts, sched, x0=self.x0, mask=self.mask, strength=self.strength,
                        sigma=self.sigma, return_trajectory=return_trajectory, step=step)
 

@@ -37,7 +37,7 @@ import torch
 from cdlab.math import ddim_solver_step, predict_x0, q_sample
 from cdlab.models import EpsModel
 
-__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "sample_loop", "StepRule", "DDIMStep",
+__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "SHIFT_RANGE", "check_shift", "grid_shift", "sample_loop", "StepRule", "DDIMStep",
            "ConsistencyStep", "SchedulerStep", "sample_ddim", "sample_consistency", "sample_scheduler", "sample_student"]
 
 # callback(i, t, x0_pred): called after step i at timestep t with that step's x_0 prediction.
@@ -92,7 +92,8 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]
     return [int(t) - 1 for t in np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64)]
 
 
-def consistency_timesteps(num_steps: int, num_boundaries: int, num_train_timesteps: int = 1000) -> list[int]:
+def consistency_timesteps(num_steps: int, num_boundaries: int, num_train_timesteps: int = 1000,
+                          shift: float = 1.0) -> list[int]:
     """Multistep consistency timesteps (Song et al. 2023, Alg. 1; Heek et al. 2024): ``T - i T / k``, the first
     mapped to ``T - 1``. With ``k == N`` they are the student's boundaries from the top: N=4 -> [999, 750, 500, 250].
 
@@ -102,14 +103,43 @@ def consistency_timesteps(num_steps: int, num_boundaries: int, num_train_timeste
     [999, 875, 750, ...]; ``k < N`` skips boundaries, so a jump crosses several segments and extrapolates the
     student's eps with DDIM beyond the boundary it was trained to reach, e.g. N=4, k=2 -> [999, 500].
     ``num_steps`` is at most ``2 T / 3`` (666), so that the rounded timesteps stay strictly decreasing.
+
+    ``shift`` moves every point but the first by SD3's timestep shift (Esser et al. 2024, §5.3.2), on
+    ``u = t / T``: ``u' = s u / (1 + (s - 1) u)``; ``s < 1`` puts the steps nearer the data, e.g. 4 steps at
+    ``s = 0.3`` -> [999, 474, 231, 91]. A student trained on a shifted grid carries its ``s`` in its card
+    (:func:`grid_shift`). A shift that makes two rounded points meet, or one reach 0, is refused.
     """
     # Beyond 2T/3 steps the spacing drops below 1.5 and rounding would repeat a timestep.
     num_steps = _check_steps(num_steps, num_train_timesteps * 2 // 3)
     if not 1 <= num_boundaries <= num_train_timesteps:
         raise ValueError(f"num_boundaries must be in [1, {num_train_timesteps}], got {num_boundaries!r}")
-    ts = [int(round(num_train_timesteps - i * num_train_timesteps / num_steps)) for i in range(num_steps)]
-    ts[0] = num_train_timesteps - 1
+    shift = check_shift(shift)
+    T = num_train_timesteps
+    ts_f = [T - i * T / num_steps for i in range(num_steps)]
+    if shift != 1.0:
+        ts_f = [T * shift * (t / T) / (1 + (shift - 1) * (t / T)) for t in ts_f]
+    ts = [int(round(t)) for t in ts_f]
+    ts[0] = T - 1
+    if any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 1:
+        raise ValueError(f"shift {shift:g} at {num_steps} steps gives timesteps {ts}: they must stay strictly "
+                         "decreasing and above 0; use fewer steps or a shift nearer 1")
     return ts
+
+
+SHIFT_RANGE = (0.05, 20.0)  # the timestep shifts a card or a recipe may carry
+
+
+def check_shift(shift: Any) -> float:
+    """``shift`` as a float in :data:`SHIFT_RANGE` (finite), else ValueError naming it."""
+    lo, hi = SHIFT_RANGE
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not lo <= float(shift) <= hi:
+        raise ValueError(f"shift must be a number in [{lo:g}, {hi:g}], got {shift!r}")
+    return float(shift)
+
+
+def grid_shift(card: Any) -> float:
+    """The timestep shift a consistency student samples with: its card's ``scheduler_kwargs["shift"]`` (1: none)."""
+    return check_shift((getattr(card, "scheduler_kwargs", None) or {}).get("shift", 1.0))
 
 
 def _check_timesteps(timesteps: Any, scheduler: Any) -> list[int]:
@@ -408,7 +438,7 @@ def sample_student(
     Evaluate, generate, doctor) samples a student.
 
     ``card.scheduler == "consistency"`` (cdlab's students): :func:`sample_consistency` over
-    ``consistency_timesteps(steps, card.num_boundaries)``, no CFG (it is distilled in); any other scheduler
+    ``consistency_timesteps(steps, card.num_boundaries, shift=grid_shift(card))``, no CFG (it is distilled in); any other scheduler
     (LCM-LoRA, TCD, PCM, Hyper-SD): :func:`sample_scheduler` with the card's guidance and ``eta``.
 
     Args:
@@ -421,7 +451,7 @@ def sample_student(
     """
     if getattr(card, "scheduler", "consistency") == "consistency":
         k = int(getattr(card, "num_boundaries", 0) or steps)
-        ts = consistency_timesteps(steps, k, int(scheduler.config.num_train_timesteps))
+        ts = consistency_timesteps(steps, k, int(scheduler.config.num_train_timesteps), grid_shift(card))
         return sample_consistency(unet, x_T, cond, ts, scheduler, stochastic=stochastic, generator=generator,
                                   return_trajectory=return_trajectory, model_class=model_class)
     if model_class is not EpsModel:

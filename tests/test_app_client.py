@@ -122,7 +122,7 @@ ENDPOINTS = {
                            "instructor_token"], ["runs_app_and_cli", "owner"]),
     "/flow_train_flow_student": (["teacher_run", "method", "steps", "batch_size", "lr", "pairs", "guidance",
                                   "lora_rank", "windows", "num_boundaries", "gan_weight", "disc_lr", "lr_decay_steps",
-                                  "owner", "instructor_token"],
+                                  "shift", "owner", "instructor_token"],
                                  ["runs_app_and_cli", "owner"]),
     "/flow_train_stop": (["run_name", "owner", "instructor_token"], ["status"]),
     "/flow_train_resume": (["run_name", "owner", "instructor_token"], ["status"]),

@@ -198,6 +198,13 @@ def test_start_rule():
     assert E.start_timesteps(s4, 0.1) == [250]
     assert E.start_timesteps(E.Column("s", "student", 4, num_boundaries=1), 0.3) == [999, 750, 500, 250]
     assert E.start_timesteps(E.Column("s", "student", 8, num_boundaries=4), 0.6) == [750, 625, 500, 375, 250, 125]
+    # a student trained on a shifted grid (its card's shift): its boundaries 999/474/231/91 and its steps move together
+    from cdlab.students import StudentCard
+
+    card = StudentCard(name="s", base_model="m", method="dmd", num_boundaries=4, steps=4, scheduler_kwargs={"shift": 0.3})
+    assert E.start_timesteps(s4, 1.0, card=card) == [999, 474, 231, 91]
+    assert E.start_timesteps(s4, 0.4, card=card) == [474, 231, 91]   # 400 -> the boundary above, 474
+    assert E.start_timesteps(E.Column("s", "student", 4, num_boundaries=4, card=card), 0.2) == [231, 91]
 
 
 def test_nfe_of_every_column_kind(teacher):

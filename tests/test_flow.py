@@ -489,6 +489,42 @@ def test_a_dmd_warm_up_trains_the_fake_score_alone_then_both(tmp_path, tiny_unet
     assert moved_after(3)[distill.ADAPTER] > 0
 
 
+def test_a_dmd_student_trains_and_samples_on_its_shifted_grid(tmp_path, tiny_unet, monkeypatch, capsys):
+    """``shift``: the generator's K jumps, in its own loss and in the fake score's samples, run on SD3's shifted
+    grid (999/231 for K = 2 at 0.3, 999/474/231/91 for K = 4), the grid its card then samples on (``scheduler_kwargs``); a branch may
+    change it; the command line keeps it in range and to DMD."""
+    from cdlab.flow import distill
+    from cdlab.students import StudentCard, StudentError
+
+    seen = []
+    for name in ("dmd_generator_loss", "generator_sample"):
+        real = getattr(distill, name)
+        monkeypatch.setattr(distill, name, lambda *a, _f=real, _n=name, **k: seen.append(
+            (_n, list(k["gen_timesteps"]))) or _f(*a, **k))
+    teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="dmd", sample_steps=2, steps=2, batch_size=4, lr=1e-3, lora_rank=2, pairs=4,
+                                guidance=2.0, regression_weight=1.0, shift=0.3, fake_steps=2)  # the 2nd on fresh samples
+    kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
+    unet, _ = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "run", **kw)
+    assert {n for n, _ in seen} == {"dmd_generator_loss", "generator_sample"}
+    assert all(ts == [999, 231] for _, ts in seen)  # 500 -> 231
+    distill.save_flow_student(unet, "shifted", cfg, tmp_path / "adapters", teacher=teacher_dir)
+    card = StudentCard.from_dict(json.loads((tmp_path / "adapters" / "shifted" / "card.json").read_text()))
+    assert card.scheduler_kwargs == {"shift": 0.3} and card.steps == card.num_boundaries == 2
+    plain = distill.student_card(dataclasses.replace(cfg, shift=1.0), "p", trained_steps=2, teacher=teacher_dir)
+    assert plain.scheduler_kwargs == {}  # the uniform grid: no option written
+    back = dataclasses.replace(cfg, steps=3, shift=1.0)
+    with pytest.raises(StudentError, match="shift=0.3, not 1.0"):
+        distill.distill(teacher_dir, back, checkpoint=tmp_path / "run", **kw)
+    distill.distill(teacher_dir, back, checkpoint=tmp_path / "run", branch=True, **kw)
+    assert distill.branches_of(tmp_path / "run") == [{"step": 2, "changed": {"shift": [0.3, 1.0]}}]
+    for bad in (["--method", "dmd", "--shift", "0"], ["--method", "dmd", "--shift", "nan"],
+                ["--method", "reflow", "--shift", "0.3"]):
+        with pytest.raises(SystemExit):
+            distill.main(["--teacher", "nowhere", "--name", "x", *bad])
+        assert "--shift" in capsys.readouterr().err
+
+
 def test_a_student_trial_scores_each_piece_and_resumed_ends_on_the_one_piece_runs_student(tmp_path, monkeypatch,
                                                                                           tiny_unet):
     """``tools/flow_student_trial.py``: one scored row per piece; a trial is continued only with ``--resume``, to a

@@ -64,12 +64,12 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, "")
+        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, "")
     for method, gan in (("cd", 0.0), ("dmd", 0.05)):  # CD's data and the GAN term's real images: the hint
         with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
-            tab.fn.start_student("teacher", method, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, "")
+            tab.fn.start_student("teacher", method, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, 1.0, "")
     with pytest.raises(gr.Error, match="No flow teacher run"):  # reflow and DMD alone need no real images
-        tab.fn.start_student("teacher", "dmd", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, "")
+        tab.fn.start_student("teacher", "dmd", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -194,7 +194,9 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
                        ({"gan_weight": 0.05}, "GAN term"), ({"method": "dmd", "gan_weight": 2}, "GAN term"),
                        ({"method": "dmd", "gan_weight": 0.05, "disc_lr": 0}, "discriminator's learning rate"),
                        ({"lr_decay_steps": -1}, "falling rate"), ({"lr_decay_steps": 1.5}, "falling rate"),
-                       ({"lr_decay_steps": 10 ** 9}, "falling rate")]:
+                       ({"lr_decay_steps": 10 ** 9}, "falling rate"), ({"shift": 0.3}, "timestep shift"),
+                       ({"method": "dmd", "shift": 0}, "timestep shift"),
+                       ({"method": "dmd", "shift": float("inf")}, "timestep shift")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -256,4 +258,7 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     falling = F.student_settings({"teacher_run": "teacher", "method": "dmd", "steps": 900, "lr_decay_steps": 900},
                                  run_name="dmd")  # the form's falling rate reaches the run
     args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), falling)[3:])
-    assert distill.config_from_args(p, args).lr_decay_steps == 900
+    assert distill.config_from_args(p, args).lr_decay_steps == 900 and "--shift" not in cmd
+    shifted = F.student_settings({"teacher_run": "teacher", "method": "dmd", "shift": 0.3}, run_name="dmd")
+    args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), shifted)[3:])
+    assert distill.config_from_args(p, args).shift == 0.3  # the form's shifted grid reaches the run

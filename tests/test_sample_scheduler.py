@@ -105,3 +105,7 @@ def test_sample_student_is_the_cards_recipe():
     assert out.timesteps == ref.timesteps and out.nfe == 4 and torch.equal(out.latents, ref.latents)
     assert not torch.equal(out.latents, sample_student(t.unet, x_T, cond, uncond, card, 4, make_scheduler(
         t.pipe, card)).latents)  # the two recipes differ
+    shifted = dataclasses.replace(card, scheduler_kwargs={"shift": 0.3})  # its grid nearer the data
+    out = sample_student(t.unet, x_T, cond, uncond, shifted, 4, make_scheduler(t.pipe, shifted))
+    ref = sample_consistency(t.unet, x_T, cond, [999, 474, 231, 91], t.scheduler)
+    assert out.timesteps == [999, 474, 231, 91] and torch.equal(out.latents, ref.latents)

@@ -87,6 +87,22 @@ def test_consistency_timesteps_other_k():
     assert ddim_timesteps(np.int64(4)) == [999, 749, 499, 249]
 
 
+def test_consistency_timesteps_under_sd3s_shift():
+    """``shift`` is SD3's ``u' = s u / (1 + (s - 1) u)`` on u = t / T, every point but the first (999)."""
+    assert consistency_timesteps(4, 4, shift=1.0) == consistency_timesteps(4, 4)
+    for k, s in [(4, 0.3), (8, 0.5), (2, 0.25), (3, 3.0)]:
+        us = [1 - i / k for i in range(k)]
+        want = [999] + [round(1000 * s * u / (1 + (s - 1) * u)) for u in us[1:]]
+        assert consistency_timesteps(k, k, shift=s) == want, (k, s)
+    assert consistency_timesteps(4, 4, shift=0.3) == [999, 474, 231, 91]  # nearer the data than 750/500/250
+    assert consistency_timesteps(1, 1, shift=0.3) == [999]  # one step starts at pure noise whatever the shift
+    for bad in (0.0, 0.01, 25.0, float("nan"), float("inf"), True, "0.3", None):
+        with pytest.raises(ValueError, match="shift"):
+            consistency_timesteps(4, 4, shift=bad)
+    with pytest.raises(ValueError, match="strictly decreasing"):  # rounding would merge two points
+        consistency_timesteps(600, 600, shift=0.05)
+
+
 @pytest.mark.parametrize("steps,guidance", [(50, 7.5), (4, 3.0), (10, 1.0)])
 def test_sample_ddim_equals_the_diffusers_pipeline(random_teacher, embeddings, steps, guidance):
     cond, uncond = embeddings.cond, embeddings.uncond

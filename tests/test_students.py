@@ -157,6 +157,11 @@ def test_card_round_trip_and_readme(made):
     ({"guidance": "high"}, "guidance"),
     ({"num_boundaries": 0}, "num_boundaries"),
     ({"scheduler_kwargs": []}, "scheduler_kwargs"),
+    ({"scheduler_kwargs": {"eta": 0.3}}, "scheduler_kwargs"),  # the consistency sampler has no eta
+    ({"scheduler_kwargs": {"shift": 0.0}}, "scheduler_kwargs"),
+    ({"scheduler_kwargs": {"shift": float("nan")}}, "scheduler_kwargs"),
+    ({"scheduler_kwargs": {"shift": "0.3"}}, "scheduler_kwargs"),
+    ({"scheduler_kwargs": {"shift": True}}, "scheduler_kwargs"),
     ({"target_modules": "to_q"}, "target_modules"),
     ({"name": "../up"}, "invalid student name"),
     ({"base_fingerprint": "38A4775E86D6F4B4"}, "base_fingerprint"),
@@ -168,6 +173,13 @@ def test_card_validation_names_the_field(change, field):
     d = _card(name="ok").to_dict() | change
     with pytest.raises(S.StudentError, match=field):
         S.StudentCard.from_dict(d)
+
+
+def test_a_consistency_card_carries_its_grids_shift():
+    card = S.StudentCard.from_dict(_card(name="ok").to_dict() | {"scheduler_kwargs": {"shift": 0.3}, "steps": 4,
+                                                                   "num_boundaries": 4})
+    assert card.scheduler_kwargs == {"shift": 0.3}
+    assert "| timesteps | [999, 474, 231, 91] at 4 steps (shift 0.3) |" in S.render_readme(card)
 
 
 def test_card_missing_fields_and_wrong_type():

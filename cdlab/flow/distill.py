@@ -69,6 +69,10 @@ training images from G's samples, both diffused to one t, and G also descends ``
 softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
 ``--disc pixel`` gives it a discriminator of its own on the clean images
 (:class:`cdlab.flow.unet.PixelDiscriminator`).
+A K-step G jumps on the grid it will sample on, ``consistency_timesteps(K, K)`` (999/750/500/250 for K = 4);
+``--shift s`` moves that grid by SD3's timestep shift (Esser et al. 2024), ``u' = s u / (1 + (s - 1) u)`` on
+``u = k / 1000``, and its card samples on the same grid (``scheduler_kwargs``): at ``s = 0.3`` the four steps are
+999/474/231/91, more of them near the data, where the fine texture that FID sees is made.
 
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
@@ -94,7 +98,7 @@ from cdlab.flow.student_checkpoint import (branches_of, load_checkpoint, lora_we
 from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
 from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
 from cdlab.paths import cache_dir, shown_path
-from cdlab.samplers import consistency_timesteps
+from cdlab.samplers import SHIFT_RANGE, consistency_timesteps
 from cdlab.train import schedule
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
@@ -176,16 +180,18 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
              sample_steps: int = 1, regression_weight: float = 10.0, gan: Discriminator | None = None,
-             gan_weight: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             gan_weight: float = 0.0, generator: torch.Generator | None = None, shift: float = 1.0
+             ) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
-    students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise). ``gan``
+    students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise), on its
+    grid shifted by ``shift`` (:func:`cdlab.samplers.consistency_timesteps`; the card carries it). ``gan``
     ``(unet.up1, head)`` or a discriminator of its own, and ``gan_weight``: DMD2's GAN term (module docstring)."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
-                              gen_timesteps=consistency_timesteps(sample_steps, sample_steps),
+                              gen_timesteps=consistency_timesteps(sample_steps, sample_steps, shift=shift),
                               latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
                               regression_weight=regression_weight, gan=gan, gan_weight=gan_weight,
                               generator=generator, model_class=FlowModel)
@@ -240,6 +246,8 @@ class StudentConfig:
                                     # (rate_factor), whatever --steps is, so a run in pieces keeps one schedule
     lr_decay_start: int = 0         # with lr_decay_steps T: the rates stay constant to step S, then fall to 0 at T
                                     # (warmup-stable-decay): a constant run's checkpoint at S continues into it
+    shift: float = 1.0              # dmd: the K jumps' grid under SD3's timestep shift (< 1: nearer the data,
+                                    # consistency_timesteps); the card samples on it (scheduler_kwargs)
     seed: int = 0
 
     def rate(self, step: int) -> float:
@@ -383,7 +391,8 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
             return {"loss": torch.tensor(fake(None))}
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
-                        regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g))
+                        regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g,
+                        shift=cfg.shift))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -432,7 +441,8 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
         z = torch.randn(shape, generator=g).to(device)
         with adapter_role(unet, ADAPTER):
             x = generator_sample(unet, z, matching.one_hot(labels).to(device), FLOW_SCHEDULE,
-                                 gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps),
+                                 gen_timesteps=consistency_timesteps(cfg.sample_steps, cfg.sample_steps,
+                                                                     shift=cfg.shift),
                                  generator=g, grad=False, model_class=FlowModel)["x_g"]
         return x, labels
 
@@ -483,6 +493,7 @@ def student_card(cfg: StudentConfig, name: str, *, trained_steps: int, init: str
     return StudentCard(name=name, base_model=flow_base_id(teacher), base_fingerprint=flow_fingerprint(teacher),
                        method=method, num_boundaries=boundaries, steps=cfg.sample_steps,
                        guidance=1.0, scheduler="consistency",
+                       scheduler_kwargs={"shift": cfg.shift} if cfg.shift != 1.0 else {},
                        training_config={**asdict(cfg), "trained_steps": trained_steps, "init": init,
                                         **({"branches": branches} if branches else {})})
 
@@ -526,6 +537,13 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
         p.error("--num-boundaries must be in [1, 50], and more than 1 only with --method cd")
     if not 0 <= cfg.lr_decay_steps <= 10 ** 6 or not 0 <= cfg.lr_decay_start < max(1, cfg.lr_decay_steps):
         p.error("--lr-decay-steps must be in [0, 1000000], --lr-decay-start in [0, --lr-decay-steps) (0 without it)")
+    lo, hi = SHIFT_RANGE
+    if not lo <= cfg.shift <= hi or (cfg.shift != 1.0 and cfg.method != "dmd"):
+        p.error(f"--shift must be in [{lo:g}, {hi:g}], and other than 1 only with --method dmd")
+    try:
+        consistency_timesteps(cfg.sample_steps, cfg.sample_steps, shift=cfg.shift)
+    except ValueError as e:
+        p.error(f"--shift: {e}")
     return cfg
 
 

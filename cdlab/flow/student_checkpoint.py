@@ -26,7 +26,7 @@ CHECKPOINT_JSON = "checkpoint.json"
 SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must agree on the steps taken, not after
 AVERAGE = "student_ema"  # the saved student's average never steers the training: a run without one may start one
 BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight", "disc_weight",
-              "disc_lr", "adam_beta1")  # what a branch may change: not the networks or Adam's groups
+              "disc_lr", "adam_beta1", "shift")  # what a branch may change: not the networks or Adam's groups
 
 
 def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:

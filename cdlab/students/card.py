@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cdlab.paths import FINGERPRINT_DIGITS, FLOW_ID, TINY_ID
+from cdlab.samplers import SHIFT_RANGE, consistency_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class StudentCard:
         scheduler (`str`): ``"consistency"`` (cdlab's ``sample_consistency``) or a diffusers scheduler
             class name such as ``"TCDScheduler"``.
         scheduler_kwargs (`dict`): options for that scheduler (constructor options such as
-            ``timestep_spacing``; ``eta`` is a step option, see `sampling_kwargs`).
+            ``timestep_spacing``; ``eta`` is a step option, see `sampling_kwargs`). ``"consistency"`` takes one,
+            ``shift``: its grid's timestep shift (`cdlab.samplers.consistency_timesteps`), 1 when absent.
         lora_rank, lora_alpha, target_modules: the LoRA as trained (``save_student`` fills them in).
         training_config (`dict`): the trainer's flat config. metrics (`dict`): evaluation numbers.
         created (`str`): ISO-8601 UTC time of saving.
@@ -158,6 +160,13 @@ class StudentCard:
         for name in ("scheduler_kwargs", "training_config", "metrics"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "an object")
+        if self.scheduler == "consistency":  # the lab's sampler reads one option: its grid's timestep shift
+            lo, hi = SHIFT_RANGE
+            unknown = sorted(set(self.scheduler_kwargs) - {"shift"})
+            shift = self.scheduler_kwargs.get("shift", 1.0)
+            if unknown or not is_num(shift) or not lo <= shift <= hi:
+                raise bad("scheduler_kwargs", f'{{}} or {{"shift": s}} with s in [{lo:g}, {hi:g}] for the '
+                          '"consistency" scheduler')
         if self.lora_rank is not None and not (is_int(self.lora_rank) and self.lora_rank >= 1):
             raise bad("lora_rank", "a positive integer or null")
         if self.lora_alpha is not None and not is_num(self.lora_alpha):
@@ -208,6 +217,9 @@ def render_readme(card: StudentCard) -> str:
         ("steps", card.steps),
         ("guidance", card.guidance),
         ("scheduler", f"`{card.scheduler}` {json.dumps(card.scheduler_kwargs) if card.scheduler_kwargs else ''}".strip()),
+        *([("timesteps", f"{consistency_timesteps(card.steps, card.num_boundaries or card.steps, shift=card.scheduler_kwargs['shift'])}"
+            f" at {card.steps} steps (shift {card.scheduler_kwargs['shift']:g})")]
+          if card.scheduler == "consistency" and "shift" in card.scheduler_kwargs else []),
         ("LoRA", f"rank {card.lora_rank}, alpha {card.lora_alpha} (alpha/rank folded into the saved "
                  f"weights), {len(card.target_modules)} target module names"),
         ("created", card.created or "-"),

@@ -94,7 +94,7 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
                     "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
                     "lora_rank": 16, "windows": 1, "num_boundaries": 1, "gan_weight": 0.0, "disc_lr": 1e-3,
-                    "lr_decay_steps": 0}
+                    "lr_decay_steps": 0, "shift": 1.0}
 _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
@@ -108,6 +108,8 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
     ("disc_lr", "GAN discriminator's learning rate (with the GAN term)", "float", 1e-5, 0.05),
     ("lr_decay_steps", "falling rate: every rate reaches 0 at this step, along a half cosine (0: constant)", "int",
      0, 20000),
+    ("shift", "DMD: its steps' grid under SD3's timestep shift (1: uniform; fashion-dmd-4: 0.3, nearer the data)",
+     "float", 0.1, 4.0),
 ]
 
 
@@ -141,6 +143,8 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
         raise ValueError(f"config: CD boundaries must be 1 with method {method!r} (boundaries belong to cd).")
     if out["gan_weight"] > 0 and method != "dmd":
         raise ValueError(f"config: DMD's GAN term must be 0 with method {method!r} (the GAN term belongs to dmd).")
+    if out["shift"] != 1.0 and method != "dmd":
+        raise ValueError(f"config: DMD's timestep shift must be 1 with method {method!r} (the shift belongs to dmd).")
     return {**out, "teacher_run": teacher, "method": method,
             "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
@@ -194,7 +198,7 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
 
     @user_errors
     def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, windows,
-                         num_boundaries, gan_weight, disc_lr, lr_decay_steps, owner, instructor_token=""):
+                         num_boundaries, gan_weight, disc_lr, lr_decay_steps, shift, owner, instructor_token=""):
         """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
         if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
@@ -202,7 +206,7 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
         settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
                                          lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank,
                                          windows=windows, num_boundaries=num_boundaries, gan_weight=gan_weight,
-                                         disc_lr=disc_lr, lr_decay_steps=lr_decay_steps))
+                                         disc_lr=disc_lr, lr_decay_steps=lr_decay_steps, shift=shift))
         problem = data_problem() if settings["method"] == "cd" or settings["gan_weight"] > 0 else None
         if problem:  # CD's data and the GAN term's real side are the training images
             raise gr.Error(problem)

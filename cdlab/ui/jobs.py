@@ -480,6 +480,7 @@ def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings
     flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
     flags += ("gan_weight", "disc_lr") if settings.get("gan_weight") else ()  # DMD2's head on the real images
     flags += ("lr_decay_steps",) if settings.get("lr_decay_steps") else ()  # a falling rate (the CLI's default: none)
+    flags += ("shift",) if settings.get("shift", 1.0) != 1.0 else ()  # DMD's shifted grid (the CLI's default: none)
     shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
             "--name", Path(run_dir).name,
