@@ -1240,6 +1240,17 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     assert "| teacher | 50 | 100 |" in table and "FID ↓" in table and (out / "quality_vs_nfe.png").is_file()
     assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+    # another draw of the same table: other noises, one student, one step count (docs/flow.md's seed-1 check)
+    assert main(["--model", "fashion-flow", "--n", "20", "--out", str(tmp_path / "s1"), "--device", "cpu", "--seed",
+                 "1", "--student-steps", "4", "--students", "fashion-dmd-4"]) == 0
+    other = json.loads((tmp_path / "s1" / "results.json").read_text())
+    assert other["prompt_source"] == "classes i mod 10, noise seed 1"
+    assert [(r["column"], r["steps"]) for r in other["rows"]] == [
+        ("teacher-50 (CFG)", 50), ("teacher-4 (naive)", 4), ("fashion-dmd-4", 4)]
+    assert main(["--model", "fashion-flow", "--n", "20", "--out", str(tmp_path / "s0"), "--device", "cpu",
+                 "--student-steps", "4", "--students", "fashion-dmd-4"]) == 0
+    same = json.loads((tmp_path / "s0" / "results.json").read_text())
+    assert [r["fid"] for r in same["rows"]] != [r["fid"] for r in other["rows"]]  # the seed reached the noises
 
 
 def test_fid_of_features_matches_torchmetrics_and_takes_shipped_statistics():

@@ -112,12 +112,15 @@ def _edit_main(args: argparse.Namespace) -> int:
 
 def _flow_main(args: argparse.Namespace) -> int:
     """``--model fashion-flow``: the flow track's evaluation (`cdlab.flow.evaluate`: FID in the judge's features,
-    class accuracy, diversity) of the shipped flow teacher and its students."""
+    class accuracy, diversity) of the shipped flow teacher and its students (``--students``, default all), at
+    ``--student-steps`` on the noises of ``--seed``."""
     from cdlab.flow.evaluate import main as flow_main
 
-    argv = ["--n", str(args.n or 2000)] + (["--out", args.out] if args.out else []) + (
-        ["--overwrite"] if args.overwrite else []) + (["--device", args.device] if args.device else []) + (
-        ["--guidance", str(args.guidance)] if args.guidance is not None else [])
+    argv = ["--n", str(args.n or 2000), "--seed", str(args.seed), "--steps", *map(str, args.student_steps)] + (
+        ["--out", args.out] if args.out else []) + (["--overwrite"] if args.overwrite else []) + (
+        ["--device", args.device] if args.device else []) + (
+        ["--guidance", str(args.guidance)] if args.guidance is not None else []) + [
+        x for name in (args.students.split(",") if args.students else []) for x in ("--student", name.strip())]
     return flow_main(argv)
 
 

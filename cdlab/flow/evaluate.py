@@ -114,8 +114,10 @@ def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[i
 def run_flow_evaluation(teacher, *, n: int = 2000, cards: list[StudentCard] | None = None,
                         guidance: float | None = None, adapters_root: str | Path | None = None,
                         classifier_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                        overwrite: bool = False, progress: Callable[[float, str], None] | None = None) -> dict:
-    """Evaluate the flow teacher and its students (default: every student of it in ``adapters_root``) and write
+                        overwrite: bool = False, progress: Callable[[float, str], None] | None = None,
+                        seed: int = 0, steps: tuple[int, ...] = STEPS) -> dict:
+    """Evaluate the flow teacher and its students (default: every student of it in ``adapters_root``) at ``steps``
+    on the 2,000 (``n``) noises of ``seed`` (:func:`noise`; another seed: another draw of the same table) and write
     the evaluation as every evaluation is written (``results.json``, ``table.md``, ``quality_vs_nfe.png``:
     :func:`cdlab.evaluate.store.write_evaluation`, suite ``"flow"``); default folder ``evals/flow-<time>``.
     Returns the results, with ``out_dir``. ``guidance`` defaults to the one the students were distilled at."""
@@ -123,16 +125,21 @@ def run_flow_evaluation(teacher, *, n: int = 2000, cards: list[StudentCard] | No
 
     if isinstance(n, bool) or not isinstance(n, int) or not MIN_SAMPLES <= n <= MAX_SAMPLES:
         raise ValueError(f"n: samples per column must be an integer in [{MIN_SAMPLES}, {MAX_SAMPLES}], got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed: the noise seed must be an integer in [0, 2^31), got {seed!r}")
+    if not steps or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 50 for k in steps):
+        raise ValueError(f"steps: step counts must be integers in [1, 50], got {steps!r}")
     out = Path(out_dir) if out_dir is not None else new_out_dir("flow-")
     check_out_dir(out, "results.json", overwrite)
     cards = students_of(teacher, adapters_root) if cards is None else cards
     w = float(guidance if guidance is not None else (_students_guidance(cards) or teacher.guidance))
     rows = evaluate(teacher, cards, n=n, guidance=w, classifier=load_classifier(classifier_dir),
-                    reference=load_reference_stats(classifier_dir), adapters_root=adapters_root, progress=progress)
+                    reference=load_reference_stats(classifier_dir), adapters_root=adapters_root, progress=progress,
+                    seed=seed, steps=tuple(steps))
     results = {"created": datetime.now().isoformat(timespec="seconds"), "model": FLOW_TEACHER,
                "base_id": teacher.base_id, "base_fingerprint": teacher.base_fingerprint,
                "describe": teacher.describe(), "device": str(teacher.device), "suite": "flow", "n": n,
-               "guidance": w, "reference_steps": 50, "prompt_source": "classes i mod 10, noise seed 0",
+               "guidance": w, "reference_steps": 50, "prompt_source": f"classes i mod 10, noise seed {seed}",
                "rows": rows, "notes": [NOTE]}
     results["out_dir"] = str(write_evaluation(results, out, overwrite))
     return results
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the teacher's CFG scale (default: the one its students were distilled at, else the teacher's)")
     p.add_argument("--out", default=None, help="output folder (default evals/flow-<time>); one that holds an "
                                                "evaluation is refused unless --overwrite")
+    p.add_argument("--seed", type=int, default=0, help="the noises' seed (default 0, the shipped evaluation's)")
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS),
+                   help=f"the few-step columns' step counts (default {' '.join(map(str, STEPS))})")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_flow_evaluation(teacher, n=args.n, cards=cards, guidance=args.guidance,
                                       adapters_root=args.adapters, classifier_dir=args.classifier, out_dir=out,
-                                      overwrite=args.overwrite,
+                                      overwrite=args.overwrite, seed=args.seed, steps=tuple(args.steps),
                                       progress=lambda f, d: print(f"[{f:4.0%}] {d}", file=sys.stderr, flush=True))
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
