@@ -199,6 +199,24 @@ def test_align_to_grid():
     assert C.align_to_grid([], [999]) == [None]
 
 
+def test_a_student_on_a_shifted_grid_has_a_cell_for_each_of_its_steps():
+    """fashion-dmd-4 samples at 999/474/231/91 (its card's shift 0.3): the grid gains 91, the one step no uniform
+    point is near, so each of its steps has its own cell; the other columns keep theirs, and a grid without a
+    shifted student is the uniform one."""
+    from cdlab.students import StudentCard
+
+    card = StudentCard(name="s", base_model="m", method="dmd", num_boundaries=4, steps=4, scheduler_kwargs={"shift": 0.3})
+    shifted = C.Column("s", "student", 4, 1.0, student="s", card=card)
+    plain = C.Column("p", "student", 4, 1.0, student="p", card=StudentCard(name="p", base_model="m", method="cd",
+                                                                           num_boundaries=4, steps=4))
+    teacher4 = C.Column(C.TEACHER_4, "teacher", 4, 5.0)
+    assert C.trajectory_grid(None, [teacher4, plain]) == [999, 750, 500, 250]
+    grid = C.trajectory_grid(None, [teacher4, plain, shifted])
+    assert grid == [999, 750, 500, 250, 91]
+    assert C.align_to_grid([999, 474, 231, 91], grid) == [0, None, 1, 2, 3]  # every step in a cell, none twice
+    assert C.align_to_grid([999, 749, 499, 249], grid) == [0, 1, 2, 3, None]
+
+
 def test_concurrent_requests_are_batched_and_equal_their_solo_runs(compare_students):
     """Requests that arrive while one samples are served together: one batched UNet call per column, and
     each request's images are its solo run's (its own noise, prompt, seed and guidance)."""

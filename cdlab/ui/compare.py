@@ -26,7 +26,7 @@ from cdlab.batching import MicroBatcher
 from cdlab.columns import (AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason,
                            steps_text, column_steps)
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
-from cdlab.samplers import consistency_timesteps
+from cdlab.samplers import consistency_timesteps, grid_shift
 from cdlab.students import EXTERNAL_STUDENTS, students_of
 from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
@@ -109,10 +109,19 @@ def validate_request(prompt: Any, seed: Any, guidance: Any,
 def trajectory_grid(student_steps: int | None, columns: list[Column]) -> list[int]:
     """The timesteps a trajectory is shown at: the students' own (``consistency_timesteps(k, k)``: 999, 750,
     500, 250 for 4 steps), and at least the naive teacher's 4 when that column is shown, so every step of
-    every few-step column has its cell."""
+    every few-step column has its cell. A student sampled on a shifted grid (its card's shift,
+    :func:`cdlab.samplers.grid_shift`: 999, 474, 231, 91 at 0.3) adds the steps of it that are farther than
+    half a spacing from every point (91: [999, 750, 500, 250, 91]); its others share the nearest cell."""
     ks = [c.steps for c in columns if c.kind != "teacher" or c.steps < 50] + ([student_steps] if student_steps else [])
     k = max(ks or [4])
-    return consistency_timesteps(k, k)
+    grid = consistency_timesteps(k, k)
+    half = (grid[0] - grid[1]) / 2 if len(grid) > 1 else grid[0]
+    for c in columns:
+        shift = grid_shift(c.card) if c.kind == "student" and c.card is not None else 1.0
+        if shift != 1.0:
+            n = int(getattr(c.card, "num_boundaries", None) or c.steps)
+            grid += [t for t in consistency_timesteps(c.steps, n, shift=shift) if all(abs(t - g) > half for g in grid)]
+    return sorted(set(grid), reverse=True)
 
 
 def align_to_grid(timesteps: list[int], grid: list[int]) -> list[int | None]:
