@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cdlab.columns import Column, run_columns, student_column
-from cdlab.samplers import consistency_timesteps, grid_shift
+from cdlab.samplers import student_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, external_card, read_card
 from cdlab import teachers
 
@@ -68,7 +68,7 @@ def _column(teacher: Any, args: argparse.Namespace) -> tuple[Column, str, str | 
     if card.scheduler == "consistency":
         if args.guidance not in (None, 1.0):
             note = f"note: --guidance is ignored for consistency student {card.name!r} (guidance is distilled in)"
-        label = f"student {card.name} ({steps} consistency steps {consistency_timesteps(steps, card.num_boundaries or steps, shift=grid_shift(card))})"
+        label = f"student {card.name} ({steps} consistency steps {student_timesteps(card, steps)})"
     else:  # a diffusers-scheduler student (LCM, TCD, ...): its card's scheduler, as in Compare (same seed, same image)
         if args.guidance is not None:
             card = dataclasses.replace(card, guidance=float(args.guidance))

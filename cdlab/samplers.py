@@ -37,7 +37,7 @@ import torch
 from cdlab.math import ddim_solver_step, predict_x0, q_sample
 from cdlab.models import EpsModel
 
-__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "SHIFT_RANGE", "check_shift", "grid_shift", "sample_loop", "StepRule", "DDIMStep",
+__all__ = ["SampleOutput", "ddim_timesteps", "consistency_timesteps", "SHIFT_RANGE", "check_shift", "grid_shift", "student_timesteps", "sample_loop", "StepRule", "DDIMStep",
            "ConsistencyStep", "SchedulerStep", "sample_ddim", "sample_consistency", "sample_scheduler", "sample_student"]
 
 # callback(i, t, x0_pred): called after step i at timestep t with that step's x_0 prediction.
@@ -140,6 +140,13 @@ def check_shift(shift: Any) -> float:
 def grid_shift(card: Any) -> float:
     """The timestep shift a consistency student samples with: its card's ``scheduler_kwargs["shift"]`` (1: none)."""
     return check_shift((getattr(card, "scheduler_kwargs", None) or {}).get("shift", 1.0))
+
+
+def student_timesteps(card: Any, steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """A consistency student's ``steps`` timesteps by its card: ``consistency_timesteps(steps, N, T, shift)`` with its
+    ``num_boundaries`` N (None: ``steps``) and its :func:`grid_shift`; what :func:`sample_student` runs."""
+    n = int(getattr(card, "num_boundaries", 0) or steps)
+    return consistency_timesteps(steps, n, num_train_timesteps, grid_shift(card))
 
 
 def _check_timesteps(timesteps: Any, scheduler: Any) -> list[int]:
@@ -438,7 +445,7 @@ def sample_student(
     Evaluate, generate, doctor) samples a student.
 
     ``card.scheduler == "consistency"`` (cdlab's students): :func:`sample_consistency` over
-    ``consistency_timesteps(steps, card.num_boundaries, shift=grid_shift(card))``, no CFG (it is distilled in); any other scheduler
+    :func:`student_timesteps` (its boundaries and its grid's shift), no CFG (it is distilled in); any other scheduler
     (LCM-LoRA, TCD, PCM, Hyper-SD): :func:`sample_scheduler` with the card's guidance and ``eta``.
 
     Args:
@@ -450,8 +457,7 @@ def sample_student(
         model_class: as in :func:`sample_ddim` (a flow student: consistency jumps on the flow are Euler steps).
     """
     if getattr(card, "scheduler", "consistency") == "consistency":
-        k = int(getattr(card, "num_boundaries", 0) or steps)
-        ts = consistency_timesteps(steps, k, int(scheduler.config.num_train_timesteps), grid_shift(card))
+        ts = student_timesteps(card, steps, int(scheduler.config.num_train_timesteps))
         return sample_consistency(unet, x_T, cond, ts, scheduler, stochastic=stochastic, generator=generator,
                                   return_trajectory=return_trajectory, model_class=model_class)
     if model_class is not EpsModel:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cdlab.paths import FINGERPRINT_DIGITS, FLOW_ID, TINY_ID
-from cdlab.samplers import SHIFT_RANGE, consistency_timesteps
+from cdlab.samplers import SHIFT_RANGE, check_shift, student_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +162,13 @@ class StudentCard:
                 raise bad(name, "an object")
         if self.scheduler == "consistency":  # the lab's sampler reads one option: its grid's timestep shift
             lo, hi = SHIFT_RANGE
-            unknown = sorted(set(self.scheduler_kwargs) - {"shift"})
-            shift = self.scheduler_kwargs.get("shift", 1.0)
-            if unknown or not is_num(shift) or not lo <= shift <= hi:
+            try:
+                if set(self.scheduler_kwargs) - {"shift"}:
+                    raise ValueError("unknown option")
+                check_shift(self.scheduler_kwargs.get("shift", 1.0))
+            except ValueError:
                 raise bad("scheduler_kwargs", f'{{}} or {{"shift": s}} with s in [{lo:g}, {hi:g}] for the '
-                          '"consistency" scheduler')
+                          '"consistency" scheduler') from None
         if self.lora_rank is not None and not (is_int(self.lora_rank) and self.lora_rank >= 1):
             raise bad("lora_rank", "a positive integer or null")
         if self.lora_alpha is not None and not is_num(self.lora_alpha):
@@ -217,7 +219,7 @@ def render_readme(card: StudentCard) -> str:
         ("steps", card.steps),
         ("guidance", card.guidance),
         ("scheduler", f"`{card.scheduler}` {json.dumps(card.scheduler_kwargs) if card.scheduler_kwargs else ''}".strip()),
-        *([("timesteps", f"{consistency_timesteps(card.steps, card.num_boundaries or card.steps, shift=card.scheduler_kwargs['shift'])}"
+        *([("timesteps", f"{student_timesteps(card, card.steps)}"
             f" at {card.steps} steps (shift {card.scheduler_kwargs['shift']:g})")]
           if card.scheduler == "consistency" and "shift" in card.scheduler_kwargs else []),
         ("LoRA", f"rank {card.lora_rank}, alpha {card.lora_alpha} (alpha/rank folded into the saved "

@@ -26,7 +26,7 @@ from cdlab.batching import MicroBatcher
 from cdlab.columns import (AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Column, run_columns, short_reason,
                            steps_text, column_steps)
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
-from cdlab.samplers import consistency_timesteps, grid_shift
+from cdlab.samplers import consistency_timesteps, grid_shift, student_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, students_of
 from cdlab.teachers import class_names, is_tiny, teacher_lock
 from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
@@ -117,10 +117,8 @@ def trajectory_grid(student_steps: int | None, columns: list[Column]) -> list[in
     grid = consistency_timesteps(k, k)
     half = (grid[0] - grid[1]) / 2 if len(grid) > 1 else grid[0]
     for c in columns:
-        shift = grid_shift(c.card) if c.kind == "student" and c.card is not None else 1.0
-        if shift != 1.0:
-            n = int(getattr(c.card, "num_boundaries", None) or c.steps)
-            grid += [t for t in consistency_timesteps(c.steps, n, shift=shift) if all(abs(t - g) > half for g in grid)]
+        if c.kind == "student" and c.card is not None and grid_shift(c.card) != 1.0:
+            grid += [t for t in student_timesteps(c.card, c.steps) if all(abs(t - g) > half for g in grid)]
     return sorted(set(grid), reverse=True)
 
 
