@@ -559,6 +559,52 @@ def test_a_student_trial_scores_each_piece_and_resumed_ends_on_the_one_piece_run
     assert done == 3 and ours3.keys() == one.keys() and all(torch.equal(ours3[k], one[k]) for k in one)
 
 
+def test_the_selection_tool_scores_on_its_own_draw_against_training_images_and_refuses_the_evaluations(
+        tmp_path, monkeypatch, capsys, tiny_unet):
+    """``tools/flow_select.py``: one row per student, its samples from noise seed ``--seed`` scored against the
+    first ``--reference`` *training* images' features (the evaluation reads neither); seed 0, the evaluation's
+    draw, is refused by name before anything is loaded."""
+    import importlib.util
+
+    from cdlab.columns import run_columns, student_column
+    from cdlab.flow import distill
+    from cdlab.flow.classifier import as_feature, load_classifier
+    from cdlab.flow.evaluate import noise, score
+    from cdlab.flow.pipeline import load_flow_teacher
+    from cdlab.metrics import feature_stats
+    from cdlab.students import read_card
+
+    spec = importlib.util.spec_from_file_location("flow_select", REPO_ROOT / "tools" / "flow_select.py")
+    select = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(select)
+    with pytest.raises(SystemExit):
+        select.main(["--seed", "0", "fashion-dmd-1"])
+    assert "--seed 0 is the evaluation's draw" in capsys.readouterr().err
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(write_train_set(tmp_path / "data", 150)))
+    monkeypatch.setenv("CDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    cfg = distill.StudentConfig(method="reflow", sample_steps=1, steps=1, batch_size=4, lr=1e-3, lora_rank=2,
+                                pairs=4, guidance=1.5)
+    unet, done = distill.distill(teacher, cfg, log=lambda line: None, pair_cache=tmp_path / "cache")
+    distill.save_flow_student(unet, "s1", cfg, tmp_path / "a", teacher=teacher, trained_steps=done)
+    args = ["--teacher", str(teacher), "--n", "40", "--reference", "120", str(tmp_path / "a" / "s1")]
+    assert select.main([*args, "--seed", "1"]) == 0 and select.main([*args, "--seed", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["student"], r["seed"], r["steps"]) for r in rows] == [(str(tmp_path / "a" / "s1"), 1, 1),
+                                                                      (str(tmp_path / "a" / "s1"), 2, 1)]
+    flow, judge = load_flow_teacher(str(teacher), "cpu"), load_classifier()
+    with torch.no_grad():
+        reference = feature_stats(as_feature(judge)(data.load_fashion_mnist("train")[0][:120]))
+    for row in rows:  # the same figures from the column runner on that draw, against those 120 training images
+        z, labels = noise(40, row["seed"])
+        run = run_columns(flow, [student_column(read_card("s1", tmp_path / "a"), 1)],
+                          [flow.classes[int(y)] for y in labels], list(range(40)), noise=z, decode=None,
+                          adapters_root=tmp_path / "a")[0]
+        assert {k: row[k] for k in ("fid", "accuracy", "diversity")} == score(run.latents.float(), labels, judge,
+                                                                               reference)
+    assert rows[0]["fid"] != rows[1]["fid"]  # another draw, another figure
+
+
 def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_range(capsys):
     """``adam_beta1`` (DMD2 trains both players at 0) reaches the run's Adam; ``--adam-beta1 1`` is refused by
     name before anything is loaded."""

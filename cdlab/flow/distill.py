@@ -2,10 +2,12 @@
 
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method cd --num-boundaries 4 --name fashion-mbcd-4
     python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method reflow --steps 4000 --name fashion-rf
-    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method dmd --sample-steps 1 \
-        --init fashion-reflow-1 --name fashion-dmd-1-stage1
-    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method dmd --sample-steps 1 \
-        --regression-weight 1 --lr 2e-5 --steps 400 --init fashion-dmd-1-stage1 --name fashion-dmd-1
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method dmd --sample-steps 1 --guidance 1.5 \
+        --pairs 4096 --batch-size 64 --lr 1e-4 --gan-weight 0.05 --disc-lr 1e-3 --steps 1200 \
+        --init fashion-reflow-1 --name fashion-dmd-1-1200 --run-dir runs/dmd-1
+    python -m cdlab.flow.distill --teacher cdlab/assets/fashion-flow --method dmd --sample-steps 1 --guidance 1.5 \
+        --pairs 4096 --batch-size 64 --lr 2e-5 --gan-weight 0.05 --disc-lr 1e-3 --regression-weight 1 --steps 1300 \
+        --init fashion-reflow-1 --name fashion-dmd-1 --run-dir runs/dmd-1 --resume --branch   # docs/flow.md
     python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s
     python -m cdlab.flow.distill --teacher runs/flow-teacher --method reflow --run-dir runs/s --name s --resume
 
