@@ -22,11 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdlab.columns import run_columns, student_column  # noqa: E402
-from cdlab.flow import matching  # noqa: E402
+from cdlab.columns import student_column  # noqa: E402
 from cdlab.flow.classifier import as_feature, load_classifier  # noqa: E402
 from cdlab.flow.data import load_fashion_mnist  # noqa: E402
-from cdlab.flow.evaluate import noise, score  # noqa: E402
+from cdlab.flow.evaluate import noise, sample_and_score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.metrics import feature_stats  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
@@ -50,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         reference = feature_stats(as_feature(classifier)(load_fashion_mnist("train")[0][:args.reference]))
     z, labels = noise(args.n, args.seed)
-    prompts = [teacher.classes[int(y)] for y in labels]
     for spec in args.students:
         root, name = (None, spec) if "/" not in spec else spec.rsplit("/", 1)
         start = time.monotonic()
-        run = run_columns(teacher, [student_column(read_card(name, root), args.steps)], prompts,
-                          list(range(args.n)), noise=z, decode=None, adapters_root=root, max_rows=matching.ROWS)[0]
-        row = score(run.latents.float().cpu(), labels, classifier, reference)
+        col = student_column(read_card(name, root), args.steps)
+        row = sample_and_score(teacher, col, z, labels, classifier, reference, root)[1]
         print(json.dumps({"student": spec, "steps": args.steps, "seed": args.seed, **row,
                           "seconds": round(time.monotonic() - start, 1)}), flush=True)
     return 0

@@ -36,12 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdlab.columns import run_columns, student_column  # noqa: E402
-from cdlab.flow import matching  # noqa: E402
+from cdlab.columns import student_column  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
 from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from_args, distill,  # noqa: E402
                                  save_flow_student)
-from cdlab.flow.evaluate import noise, score  # noqa: E402
+from cdlab.flow.evaluate import noise, sample_and_score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, branches_of, recipe_changes  # noqa: E402
 from cdlab.paths import cache_dir, read_json  # noqa: E402
@@ -84,14 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_flow_teacher(args.teacher, "cpu")
     classifier, reference = load_classifier(), load_reference_stats()
     z, labels = noise(args.n, 0)
-    prompts = [teacher.classes[int(y)] for y in labels]
     k = args.eval_steps or cfg.sample_steps
 
     def scored(name: str, root: Path | None) -> dict:
         col = student_column(read_card(name, root), k)
-        run = run_columns(teacher, [col], prompts, list(range(args.n)), noise=z, decode=None, adapters_root=root,
-                          max_rows=matching.ROWS)[0]
-        return score(run.latents.float().cpu(), labels, classifier, reference)
+        return sample_and_score(teacher, col, z, labels, classifier, reference, root)[1]
 
     def report(row: dict) -> None:
         print(json.dumps(row), flush=True)

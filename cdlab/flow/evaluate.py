@@ -25,7 +25,7 @@ import argparse
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from cdlab.metrics import fid_of_features, seed_diversity
 from cdlab.students import StudentCard, read_card, students_of
 from cdlab.teachers import FLOW_TEACHER
 
-__all__ = ["STEPS", "noise", "columns", "score", "evaluate", "run_flow_evaluation", "main"]
+__all__ = ["STEPS", "noise", "columns", "score", "sample_and_score", "evaluate", "run_flow_evaluation", "main"]
 
 STEPS = (1, 2, 4, 8)
 DIVERSITY_SEEDS = 16
@@ -71,6 +71,18 @@ def score(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
             "diversity": None if div is None else round(div, 4)}
 
 
+def sample_and_score(teacher, col: Column, z: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
+                     reference: torch.Tensor | dict[str, torch.Tensor], adapters_root: str | Path | None = None
+                     ) -> tuple[Any, dict]:
+    """One column sampled from the noises ``z`` of classes ``labels`` as the evaluation samples every column
+    (:func:`cdlab.columns.run_columns`, calls of ``matching.ROWS`` rows, no decoding), and its :func:`score`
+    against ``reference``. Returns the column's run and the score (the evaluation, the trial and selection tools)."""
+    prompts = [teacher.classes[int(y)] for y in labels]
+    run = run_columns(teacher, [col], prompts, list(range(len(labels))), noise=z.to(teacher.device), decode=None,
+                      adapters_root=adapters_root, max_rows=matching.ROWS)[0]
+    return run, score(run.latents.float().cpu(), labels, classifier, reference)
+
+
 def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[int, ...] = STEPS,
              guidance: float | None = None, classifier: nn.Module | None = None,
              reference: torch.Tensor | dict[str, torch.Tensor] | None = None, adapters_root: str | Path | None = None,
@@ -90,20 +102,17 @@ def evaluate(teacher, cards: list[StudentCard], *, n: int = 2000, steps: tuple[i
         reference = load_fashion_mnist("test")[0]
     ref_feats = reference if isinstance(reference, dict) else as_feature(classifier)(reference)
     z, labels = noise(n, seed)
-    prompts = [teacher.classes[int(y)] for y in labels]
     w = float(teacher.guidance if guidance is None else guidance)
     rows: list[dict] = []
     cols = columns(cards, w, steps)
     for i, col in enumerate(cols):
         if progress:
             progress(i / len(cols), f"{col.label} ({col.steps} steps), {n} samples")
-        run = run_columns(teacher, [col], prompts, list(range(n)), noise=z.to(teacher.device), decode=None,
-                          adapters_root=adapters_root, max_rows=matching.ROWS)[0]
+        run, scores = sample_and_score(teacher, col, z, labels, classifier, ref_feats, adapters_root)
         teacher_row = col.kind == "teacher"
         row = {"method": "teacher" if teacher_row else col.name, "column": col.name,
                "kind": "teacher" if teacher_row else run.card.method, "steps": col.steps, "nfe": run.nfe,
-               **score(run.latents.float().cpu(), labels, classifier, ref_feats),
-               "seconds_per_image": run.seconds / n}
+               **scores, "seconds_per_image": run.seconds / n}
         first = rows[0] if rows else row
         row["fid_ratio"] = round(row["fid"] / first["fid"], 3)
         row["speedup"] = first["seconds_per_image"] / row["seconds_per_image"]
