@@ -422,7 +422,8 @@ def dmd_generator_loss(
     noise: torch.Tensor | None = None, latent_shape: Sequence[int] | None = None,
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
     gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module | None = None, gan_weight: float = 0.0,
-    dm_weight: float = 1.0, steps: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+    gan_range: tuple[float, float] | None = None, dm_weight: float = 1.0, steps: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
     model_class: type[EpsModel] = EpsModel,
 ) -> dict[str, torch.Tensor]:
@@ -441,6 +442,10 @@ def dmd_generator_loss(
         gan / gan_weight: DMD2's GAN term (module notes above): ``(feature_module, head)`` of the discriminator,
             and with ``gan_weight > 0`` adds ``gan_weight * mean softplus(-D(x_t(G)))`` at the matching's t and n;
             or a discriminator of its own ``D(x, c)``, and the term is ``mean softplus(-D(G(z), c))``.
+        gan_range: ``(lo, hi)``: the discriminator judges the images as shown, ``clip(x_g, lo, hi)``. Real images
+            never leave the data's range; unclipped, a generator value beyond it (a pixel below black) is a tell
+            the discriminator learns, and the GAN term then pushes every such pixel back inside, where the clip
+            would have shown it the same (on the flow track: grey backgrounds, docs/flow.md).
         dm_weight (`float`): the distribution-matching term's weight (1; 0 with a regression weight is the
             regression-only ablation: the same generator, sampler and pairs without DMD).
         steps / timesteps: the backward-simulation step per example and the matching t (tests).
@@ -479,7 +484,8 @@ def dmd_generator_loss(
     if gan is not None and gan_weight > 0:
         trained = gan if isinstance(gan, torch.nn.Module) else gan[1]
         with _frozen(unet, trained):  # the generator's pass moves x_g only (through x_g's graph)
-            logits, _ = discriminate(unet, gan, x_g, t, n, cond, scheduler, fake_adapter=fake_adapter,
+            shown = x_g if gan_range is None else x_g.clamp(*gan_range)
+            logits, _ = discriminate(unet, gan, shown, t, n, cond, scheduler, fake_adapter=fake_adapter,
                                      autocast_dtype=autocast_dtype, model_class=model_class)
         loss_gan = torch.nn.functional.softplus(-logits).mean()
     return {
@@ -527,6 +533,7 @@ def dmd_fake_loss(
     gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module | None = None,
     real: torch.Tensor | None = None,
     gan_weight: float = 0.0,
+    gan_range: tuple[float, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The fake score's denoising loss on the generator's samples (detached): ``mean (eps_fake(x_t) - n)^2``
     with ``t ~ U{t_0..T-1}``, ``t_0`` the first timestep that has noise (:func:`first_noisy_timestep`: 0 on SD1.5's
@@ -534,7 +541,9 @@ def dmd_fake_loss(
     gradients reach the fake adapter only. With ``gan`` and ``gan_weight > 0`` it also trains DMD2's discriminator
     (module notes above) on those points and on the ``real`` images diffused to the same t (the head's and the fake
     adapter's gradients), or a discriminator of its own (an ``nn.Module``) on ``x_g`` and ``real`` themselves:
-    ``loss = loss_denoise + gan_weight * loss_disc``. Returns ``loss``, ``loss_denoise``,
+    ``loss = loss_denoise + gan_weight * loss_disc``. ``gan_range``: the discriminator judges the samples as
+    shown, clipped to the data's range (:func:`dmd_generator_loss`); the denoising loss stays on them as they are,
+    the distribution the fake score must follow. Returns ``loss``, ``loss_denoise``,
     ``loss_disc``, ``t``, ``x_t``."""
     device, bsz = x_g.device, x_g.shape[0]
     x0 = x_g.detach().float()
@@ -548,7 +557,10 @@ def dmd_fake_loss(
         if real is None or real.shape != x0.shape:
             raise ValueError(f"dmd_fake_loss: the GAN term needs real images of the samples' shape {tuple(x0.shape)}")
         kw = dict(fake_adapter=fake_adapter, autocast_dtype=autocast_dtype, model_class=model_class)
-        logits_fake, eps = discriminate(unet, gan, x0, t, n, cond, scheduler, **kw)  # DMD2's: eps of that pass
+        shown = x0 if gan_range is None else x0.clamp(*gan_range)
+        logits_fake, eps = discriminate(unet, gan, shown, t, n, cond, scheduler, **kw)  # DMD2's: eps of that pass
+        if gan_range is not None:  # that pass saw the clipped samples: the denoising loss needs its own
+            eps = None
         own = isinstance(gan, torch.nn.Module)  # its own judges the clean images: no noise for the real ones
         n_real = None if own else torch.randn(x0.shape, generator=generator).to(device)
         logits_real, _ = discriminate(unet, gan, real.float().to(device), t, n_real, cond, scheduler, **kw)

@@ -712,6 +712,54 @@ def test_dmd2s_gan_term_moves_the_generator_alone_and_its_discriminator_learns_r
                       model_class=distill.FlowModel, gan=gan, gan_weight=1.0)
 
 
+def test_gan_clip_shows_dmd2s_head_the_samples_as_shown_and_leaves_the_fake_scores_denoising_as_it_was(
+        tiny_unet, monkeypatch):
+    """``gan_clip``: DMD2's head judges the generator's sample clipped to [0, 1] (the generator's term and the
+    discriminator's update alike), so a pixel below black is no tell and costs the generator nothing there; the
+    matching and the fake score's denoising loss stay on the samples as they are. The command line takes it only
+    with the GAN term."""
+    import cdlab.loss
+    from cdlab.flow import distill
+    from cdlab.flow.model import FLOW_SCHEDULE
+    from cdlab.flow.unet import DiscriminatorHead
+    from cdlab.students.roles import FAKE_SCORE
+
+    shown = []
+    real_discriminate = cdlab.loss.discriminate
+    monkeypatch.setattr(cdlab.loss, "discriminate", lambda u, gan, x, *a, **k: (shown.append(x.detach().clone()),
+                                                                              real_discriminate(u, gan, x, *a, **k))[1])
+    unet = _generator_and_fake_score(tiny_unet, seed=4)
+    gan = (unet.up1, DiscriminatorHead(unet.num_hiddens))
+    z, x1 = torch.randn(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    outs = {}
+    for clip in (False, True):
+        shown.clear()
+        outs[clip] = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=gan,
+                                      gan_weight=0.25, generator=torch.Generator().manual_seed(5), gan_clip=clip)
+        x_g = outs[clip]["x_g"]
+        assert len(shown) == 1 and torch.equal(shown[0], x_g.clamp(0, 1) if clip else x_g)
+    assert float((x_g < 0).float().mean()) > 0.05 and torch.equal(x_g, outs[False]["x_g"])  # same draws, some black
+    assert float(outs[True]["loss_dm"]) == pytest.approx(float(outs[False]["loss_dm"]), rel=1e-6)  # DMD's: as is
+
+    terms = {}
+    for clip in (False, True):
+        shown.clear()
+        terms[clip] = cdlab.loss.dmd_fake_loss(unet, x_g, matching.one_hot(labels), FLOW_SCHEDULE,
+                                               fake_adapter=FAKE_SCORE, generator=torch.Generator().manual_seed(9),
+                                               model_class=distill.FlowModel, gan=gan, real=x1, gan_weight=2.0,
+                                               gan_range=(0.0, 1.0) if clip else None)
+        assert torch.equal(shown[0], x_g.clamp(0, 1) if clip else x_g) and torch.equal(shown[1], x1)
+    assert float(terms[True]["loss_denoise"]) == pytest.approx(float(terms[False]["loss_denoise"]), rel=1e-5)
+
+    p = argparse.ArgumentParser()
+    distill.add_config_arguments(p)
+    assert distill.config_from_args(p, p.parse_args(["--method", "dmd", "--gan-weight", "0.05", "--gan-clip"])).gan_clip
+    assert not distill.config_from_args(p, p.parse_args(["--method", "dmd", "--gan-weight", "0.05"])).gan_clip
+    with pytest.raises(SystemExit):
+        distill.config_from_args(p, p.parse_args(["--method", "dmd", "--gan-clip"]))
+
+
 def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_from_the_student(tiny_unet):
     """``--disc pixel`` (:class:`PixelDiscriminator`): the generator's GAN term is ``softplus(-D(G(z), c))`` on the
     clean sample, computed here by hand, and reaches the student's adapter alone; the fake score's update trains

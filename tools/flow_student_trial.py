@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def scored(name: str, root: Path | None) -> dict:
         col = student_column(read_card(name, root), k)
-        return sample_and_score(teacher, col, z, labels, classifier, reference, root)[1]
+        run, row = sample_and_score(teacher, col, z, labels, classifier, reference, root)
+        return {**row, "below_zero": round(float((run.latents < 0).float().mean()), 4)}  # pixels the clip makes black
 
     def report(row: dict) -> None:
         print(json.dumps(row), flush=True)

@@ -30,8 +30,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "INSTALL_HINT", "MAX_IDX_BYTES", "SPLITS", "data_root",
-           "find_split", "images_of_classes", "load_fashion_mnist", "read_idx"]
+__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "INSTALL_HINT", "MAX_IDX_BYTES", "PIXEL_RANGE", "SPLITS",
+           "data_root", "find_split", "images_of_classes", "load_fashion_mnist", "read_idx"]
+
+PIXEL_RANGE = (0.0, 1.0)  # the images' values (x / 255): what the app and the evaluation show, clipped to it
 
 # The 10 classes of Fashion-MNIST, in label order (Xiao, Rasul & Vollgraf 2017, Table 1).
 CLASS_NAMES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

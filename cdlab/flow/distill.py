@@ -69,12 +69,12 @@ the teacher's modes. Start it from a one-step student (``--init``, e.g. the refl
 discriminator head (:class:`cdlab.flow.unet.DiscriminatorHead`) on the fake score's features tells the real
 training images from G's samples, both diffused to one t, and G also descends ``gan_weight * mean
 softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
-``--disc pixel`` gives it a discriminator of its own on the clean images
-(:class:`cdlab.flow.unet.PixelDiscriminator`).
+``--gan-clip`` shows D the samples clipped to [0, 1], as they are shown: real pixels are never below black, so
+unclipped, such a pixel is a tell, and the term pushes G's backgrounds grey (docs/flow.md). ``--disc pixel``
+gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`).
 A K-step G jumps on the grid it will sample on, ``consistency_timesteps(K, K)`` (999/750/500/250 for K = 4);
-``--shift s`` moves that grid by SD3's timestep shift (Esser et al. 2024), ``u' = s u / (1 + (s - 1) u)`` on
-``u = k / 1000``, and its card samples on the same grid (``scheduler_kwargs``): at ``s = 0.3`` the four steps are
-999/474/231/91, more of them near the data, where the fine texture that FID sees is made.
+``--shift s`` moves it by SD3's timestep shift (Esser et al. 2024), ``u' = s u / (1 + (s - 1) u)`` on ``u = k /
+1000``, the grid its card samples on: at ``s = 0.3``, 999/474/231/91, more steps near the data.
 
 The UNet keeps the teacher's BatchNorm statistics (eval mode) while the LoRA trains: only the adapter changes.
 """
@@ -92,7 +92,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cdlab.flow import matching
-from cdlab.flow.data import images_of_classes
+from cdlab.flow.data import PIXEL_RANGE, images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
 from cdlab.flow.student_checkpoint import (branches_of, load_checkpoint, lora_weights, save_checkpoint,
@@ -182,34 +182,37 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
              sample_steps: int = 1, regression_weight: float = 10.0, gan: Discriminator | None = None,
-             gan_weight: float = 0.0, generator: torch.Generator | None = None, shift: float = 1.0
-             ) -> dict[str, torch.Tensor]:
+             gan_weight: float = 0.0, generator: torch.Generator | None = None, shift: float = 1.0,
+             gan_clip: bool = False) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
     students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise), on its
     grid shifted by ``shift`` (:func:`cdlab.samplers.consistency_timesteps`; the card carries it). ``gan``
-    ``(unet.up1, head)`` or a discriminator of its own, and ``gan_weight``: DMD2's GAN term (module docstring)."""
+    ``(unet.up1, head)`` or a discriminator of its own, ``gan_weight`` and ``gan_clip``: DMD2's GAN term (above)."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
                               gen_timesteps=consistency_timesteps(sample_steps, sample_steps, shift=shift),
                               latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
                               regression_weight=regression_weight, gan=gan, gan_weight=gan_weight,
+                              gan_range=PIXEL_RANGE if gan_clip else None,
                               generator=generator, model_class=FlowModel)
 
 
 def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], x_g: torch.Tensor,
                     labels: torch.Tensor, *, generator: torch.Generator | None = None,
                     gan: Discriminator | None = None, real: torch.Tensor | None = None,
-                    disc_weight: float = 0.0) -> float:
+                    disc_weight: float = 0.0, gan_clip: bool = False) -> float:
     """One update of the fake score on the generator's samples ``x_g`` (detached): the flow path's denoising loss
     (:func:`cdlab.loss.dmd_fake_loss`, at timesteps 1..999: at 0 the path is the data itself). Only the fake
     adapter has gradients, so ``opt`` steps it alone; with ``gan``, the fake adapter and the head also learn to
-    tell ``real`` images (of ``labels``' classes) from ``x_g``, at weight ``disc_weight``. Returns the loss."""
+    tell ``real`` images (of ``labels``' classes) from ``x_g`` (clipped: ``gan_clip``), at weight ``disc_weight``.
+    Returns the loss."""
     c = matching.one_hot(labels).to(x_g.device)
     out = dmd_fake_loss(unet, x_g, c, FLOW_SCHEDULE, fake_adapter=FAKE_SCORE, generator=generator,
-                        model_class=FlowModel, gan=gan, real=real, gan_weight=disc_weight)
+                        model_class=FlowModel, gan=gan, real=real, gan_weight=disc_weight,
+                        gan_range=PIXEL_RANGE if gan_clip else None)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,6 +245,7 @@ class StudentConfig:
     disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
     disc_lr: float = 0.0            # dmd with gan_weight > 0: the discriminator head's rate (0: the fake score's)
     disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score) or "pixel" (its own)
+    gan_clip: bool = False          # dmd with gan_weight > 0: its discriminator sees the samples as shown, in [0, 1]
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
     lr_decay_steps: int = 0         # 0: every rate constant; T > 0: each falls along a half cosine to 0 at step T
@@ -394,7 +398,7 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
                         regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g,
-                        shift=cfg.shift))
+                        shift=cfg.shift, gan_clip=cfg.gan_clip))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -449,7 +453,7 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
         return x, labels
 
     def update(x: torch.Tensor, y: torch.Tensor) -> float:
-        disc = {} if gan is None else dict(gan=gan, disc_weight=cfg.disc_weight,
+        disc = {} if gan is None else dict(gan=gan, disc_weight=cfg.disc_weight, gan_clip=cfg.gan_clip,
                                            real=images_of_classes(*real, y, g).to(device))
         return dmd_fake_update(unet, opt, params, x, y, generator=g, **disc)
 
@@ -512,9 +516,11 @@ def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str 
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`StudentConfig` field (``--lora-rank 16``), its default the field's."""
+    """One ``--flag`` per :class:`StudentConfig` field (``--lora-rank 16``), its default the field's; a yes/no
+    field is ``--gan-clip`` or ``--no-gan-clip``."""
     for name, value in asdict(StudentConfig()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
+        p.add_argument("--" + name.replace("_", "-"), default=value, **kind)
 
 
 def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> StudentConfig:
@@ -531,6 +537,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
             or (cfg.gan_weight and cfg.method != "dmd") or cfg.disc not in ("head", "pixel")):
         p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100], "
                 "--disc-lr in [0, 1], --disc head or pixel")
+    if cfg.gan_clip and not cfg.gan_weight:
+        p.error("--gan-clip clips what the GAN term's discriminator judges: it needs --gan-weight > 0")
     if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
         p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
     if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):

@@ -25,8 +25,9 @@ __all__ = ["save_checkpoint", "load_checkpoint", "recipe_changes", "branches_of"
 CHECKPOINT_JSON = "checkpoint.json"
 SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must agree on the steps taken, not after
 AVERAGE = "student_ema"  # the saved student's average never steers the training: a run without one may start one
-BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight", "disc_weight",
-              "disc_lr", "adam_beta1", "shift")  # what a branch may change: not the networks or Adam's groups
+# what a branch may change: not the networks or Adam's groups
+BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight",
+              "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift")
 
 
 def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
