@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import os
 import json
+import math
 import re
 import struct
 
@@ -603,6 +604,55 @@ def test_the_selection_tool_scores_on_its_own_draw_against_training_images_and_r
         assert {k: row[k] for k in ("fid", "accuracy", "diversity")} == score(run.latents.float(), labels, judge,
                                                                                reference)
     assert rows[0]["fid"] != rows[1]["fid"]  # another draw, another figure
+
+
+def test_the_background_tool_scores_pixels_below_black_and_logs_each_terms_push_on_a_copy_of_the_run(
+        tmp_path, monkeypatch, capsys, tiny_unet):
+    """``tools/flow_background.py``: ``score`` gives a one-step student's FID and accuracy on the evaluation's draw
+    (as the column runner and ``score`` give them), the fraction of its pixels below 0, and the FID of its samples
+    moved by ``--shift`` before the clip; ``pushes`` continues a copy of a DMD run's checkpoint, one row a step,
+    and leaves the run's own checkpoint as it was."""
+    import importlib.util
+
+    from cdlab.columns import run_columns, student_column
+    from cdlab.flow import distill
+    from cdlab.flow.classifier import load_classifier, load_reference_stats
+    from cdlab.flow.evaluate import noise, score
+    from cdlab.flow.pipeline import load_flow_teacher
+    from cdlab.students import read_card
+
+    spec = importlib.util.spec_from_file_location("flow_background", REPO_ROOT / "tools" / "flow_background.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setenv("CDLAB_FASHION_MNIST", str(write_train_set(tmp_path / "data", 40)))
+    monkeypatch.setenv("CDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    flags = ["--method", "dmd", "--sample-steps", "1", "--batch-size", "4", "--lr", "1e-3", "--lora-rank", "2",
+             "--pairs", "4", "--guidance", "2.0", "--regression-weight", "1", "--gan-weight", "0.5", "--gan-clip"]
+    parser = argparse.ArgumentParser()
+    distill.add_config_arguments(parser)
+    cfg = distill.config_from_args(parser, parser.parse_args([*flags, "--steps", "1"]))
+    unet, done = distill.distill(teacher, cfg, checkpoint=tmp_path / "run", log=lambda line: None,
+                                 pair_cache=tmp_path / "cache")
+    distill.save_flow_student(unet, "s1", cfg, tmp_path / "a", teacher=teacher, trained_steps=done)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+
+    assert tool.main(["--teacher", str(teacher), "score", str(tmp_path / "a" / "s1"), "--n", "40",
+                      "--shift", "-0.5"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    flow, judge, reference = load_flow_teacher(str(teacher), "cpu"), load_classifier(), load_reference_stats()
+    z, labels = noise(40, 0)
+    x = run_columns(flow, [student_column(read_card("s1", tmp_path / "a"), 1)], [flow.classes[int(y)] for y in labels],
+                    list(range(40)), noise=z, decode=None, adapters_root=tmp_path / "a")[0].latents.float()
+    assert row["fid"] == score(x, labels, judge, reference)["fid"]
+    assert row["fid_shift-0.5"] == score(x - 0.5, labels, judge, reference)["fid"] != row["fid"]
+    assert row["below_zero"] == round(float((x < 0).float().mean()), 4)
+
+    assert tool.main(["--teacher", str(teacher), "pushes", str(tmp_path / "run"), "--steps", "3", "--", *flags]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("background", "push_dm", "push_gan"))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before  # the run's own: untouched
 
 
 def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_range(capsys):
