@@ -648,7 +648,11 @@ def test_the_background_tool_scores_pixels_below_black_and_logs_each_terms_push_
     assert row["fid_shift-0.5"] == score(x - 0.5, labels, judge, reference)["fid"] != row["fid"]
     assert row["below_zero"] == round(float((x < 0).float().mean()), 4)
 
+    import cdlab.loss
+
+    originals = (cdlab.loss.generator_sample, distill.dmd_loss)
     assert tool.main(["--teacher", str(teacher), "pushes", str(tmp_path / "run"), "--steps", "3", "--", *flags]) == 0
+    assert (cdlab.loss.generator_sample, distill.dmd_loss) == originals  # its wrappers are gone once it returns
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["step"] for r in rows] == [2, 3]
     assert all(math.isfinite(r[k]) for r in rows for k in ("background", "push_dm", "push_gan"))

@@ -42,6 +42,8 @@ from cdlab.flow.evaluate import noise, sample_and_score, score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.paths import cache_dir  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
+from tools.flow_select import student_at  # noqa: E402
+from tools.flow_student_trial import recipe as parse_recipe  # noqa: E402
 
 BACKGROUND = 0.1  # a sample's pixels below this are its background
 
@@ -51,7 +53,7 @@ def scores(args: argparse.Namespace) -> None:
     classifier, reference = load_classifier(), load_reference_stats()
     z, labels = noise(args.n, args.seed)
     for spec in args.students:
-        root, name = (None, spec) if "/" not in spec else spec.rsplit("/", 1)
+        name, root = student_at(spec)
         col = student_column(read_card(name, root), 1)
         run, row = sample_and_score(teacher, col, z, labels, classifier, reference, root)
         x = run.latents.float().cpu()
@@ -61,9 +63,7 @@ def scores(args: argparse.Namespace) -> None:
 
 
 def pushes(args: argparse.Namespace, recipe: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="recipe")  # distill's own flags and checks
-    distill.add_config_arguments(parser)
-    cfg = distill.config_from_args(parser, parser.parse_args(recipe))
+    cfg = parse_recipe(recipe)  # distill's own flags and checks
     kept: dict = {}
     generator_sample, dmd_loss = cdlab.loss.generator_sample, distill.dmd_loss
 
@@ -89,13 +89,16 @@ def pushes(args: argparse.Namespace, recipe: list[str]) -> None:
         print(json.dumps({"step": done, **kept["row"]}), flush=True)
         return False
 
-    cdlab.loss.generator_sample, distill.dmd_loss = sample, loss
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "checkpoint"
-        shutil.copytree(args.checkpoint, copy)
-        distill.distill(args.teacher, dataclasses.replace(cfg, steps=args.steps), init=args.init,
-                        checkpoint=copy, checkpoint_every=10 ** 9, pair_cache=cache_dir(), log=lambda _: None,
-                        on_step=on_step, branch=True)
+    cdlab.loss.generator_sample, distill.dmd_loss = sample, loss  # put back below, whatever happens
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "checkpoint"
+            shutil.copytree(args.checkpoint, copy)
+            distill.distill(args.teacher, dataclasses.replace(cfg, steps=args.steps), init=args.init,
+                            checkpoint=copy, checkpoint_every=10 ** 9, pair_cache=cache_dir(), log=lambda _: None,
+                            on_step=on_step, branch=True)
+    finally:
+        cdlab.loss.generator_sample, distill.dmd_loss = generator_sample, dmd_loss
 
 
 def main(argv: list[str] | None = None) -> int:

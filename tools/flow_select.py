@@ -31,6 +31,13 @@ from cdlab.metrics import feature_stats  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
 
+def student_at(spec: str) -> tuple[str, str | None]:
+    """A student as the flow tools name one: ``(name, root)`` of a name in ``adapters/`` (root None) or of a
+    student folder's path ``<root>/<name>``."""
+    root, name = (None, spec) if "/" not in spec else spec.rsplit("/", 1)
+    return name, root
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/flow_select.py", description=__doc__.split("\n")[0])
     p.add_argument("students", nargs="+", help="names in adapters/, or student folders (<root>/<name>)")
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = feature_stats(as_feature(classifier)(load_fashion_mnist("train")[0][:args.reference]))
     z, labels = noise(args.n, args.seed)
     for spec in args.students:
-        root, name = (None, spec) if "/" not in spec else spec.rsplit("/", 1)
+        name, root = student_at(spec)
         start = time.monotonic()
         col = student_column(read_card(name, root), args.steps)
         row = sample_and_score(teacher, col, z, labels, classifier, reference, root)[1]
