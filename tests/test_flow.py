@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdlab.flow import data, matching, pairs
+from cdlab.flow import data, matching, pairs, student_config
 from fashion_files import idx_bytes, write_train_set
 from cdlab.paths import REPO_ROOT
 from cdlab.flow.unet import UNet, recalibrate_batchnorm
@@ -814,6 +814,35 @@ def test_gan_clip_shows_dmd2s_head_the_samples_as_shown_and_leaves_the_fake_scor
         distill.config_from_args(p, p.parse_args(["--method", "dmd", "--gan-clip"]))
 
 
+
+def test_dmd_t_max_draws_the_matchings_timesteps_below_it_and_is_a_branchable_dmd_flag(tiny_unet):
+    """``--dmd-t-max T``: the generator's matching (and its GAN term) diffuse the sample to ``t ~ U{20..T}``; at
+    DMD2's 980 it is the run it was (the same draws, the same loss); the command line takes it in (20, 980], below
+    980 only with DMD; a checkpoint continues under another T with ``--branch``."""
+    from cdlab.flow import distill
+    from cdlab.flow.student_checkpoint import BRANCHABLE
+    from cdlab.loss import DMD_T_RANGE
+
+    unet = _generator_and_fake_score(tiny_unet, seed=4)
+    z, x1 = torch.randn(64, 1, 28, 28), torch.rand(64, 1, 28, 28)
+    labels = torch.arange(64) % 10
+    run = lambda **kw: distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(5), **kw)
+    default, full, low = run(), run(t_max=DMD_T_RANGE[1]), run(t_max=60)
+    assert torch.equal(default["t"], full["t"]) and float(default["loss"]) == float(full["loss"])
+    assert int(low["t"].min()) >= 20 and int(low["t"].max()) <= 60 and int(default["t"].max()) > 60
+    assert torch.equal(low["x_g"], default["x_g"])  # the same generator's sample, matched nearer the data
+
+    p = argparse.ArgumentParser()
+    distill.add_config_arguments(p)
+    assert distill.config_from_args(p, p.parse_args(["--method", "dmd", "--dmd-t-max", "200"])).dmd_t_max == 200
+    assert distill.config_from_args(p, p.parse_args([])).dmd_t_max == DMD_T_RANGE[1]
+    for bad in (["--method", "dmd", "--dmd-t-max", "20"], ["--method", "dmd", "--dmd-t-max", "981"],
+                ["--method", "reflow", "--dmd-t-max", "200"]):
+        with pytest.raises(SystemExit):
+            distill.config_from_args(p, p.parse_args(bad))
+    assert "dmd_t_max" in BRANCHABLE
+
 def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_from_the_student(tiny_unet):
     """``--disc pixel`` (:class:`PixelDiscriminator`): the generator's GAN term is ``softplus(-D(G(z), c))`` on the
     clean sample, computed here by hand, and reaches the student's adapter alone; the fake score's update trains
@@ -1084,9 +1113,9 @@ def test_a_falling_rate_follows_one_cosine_over_its_steps_and_a_run_in_pieces_ke
 
     from cdlab.flow import distill
 
-    assert distill.rate_factor(0, 6) == 1.0 and distill.rate_factor(5, 0) == distill.rate_factor(5, -1) == 1.0
-    assert math.isclose(distill.rate_factor(3, 6), 0.5) and distill.rate_factor(6, 6) == distill.rate_factor(9, 6)
-    assert math.isclose(distill.rate_factor(6, 6), 0.0, abs_tol=1e-12)
+    assert student_config.rate_factor(0, 6) == 1.0 and student_config.rate_factor(5, 0) == student_config.rate_factor(5, -1) == 1.0
+    assert math.isclose(student_config.rate_factor(3, 6), 0.5) and student_config.rate_factor(6, 6) == student_config.rate_factor(9, 6)
+    assert math.isclose(student_config.rate_factor(6, 6), 0.0, abs_tol=1e-12)
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
     cfg = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12, guidance=2.0,
                                 lr_decay_steps=6)
@@ -1115,11 +1144,11 @@ def test_a_constant_run_continues_into_a_fall_that_starts_at_its_checkpoint(tmp_
     from cdlab.flow import distill
     from cdlab.students import StudentError
 
-    assert [distill.rate_factor(k, 8, 4) for k in (0, 3, 4)] == [1.0, 1.0, 1.0]
-    assert math.isclose(distill.rate_factor(6, 8, 4), 0.5) and distill.rate_factor(8, 8, 4) == distill.rate_factor(
+    assert [student_config.rate_factor(k, 8, 4) for k in (0, 3, 4)] == [1.0, 1.0, 1.0]
+    assert math.isclose(student_config.rate_factor(6, 8, 4), 0.5) and student_config.rate_factor(8, 8, 4) == student_config.rate_factor(
         20, 8, 4)
-    assert math.isclose(distill.rate_factor(8, 8, 4), 0.0, abs_tol=1e-12)
-    assert distill.rate_factor(5, 8, 4) == distill.rate_factor(1, 4)  # the cosine itself, moved to start at S
+    assert math.isclose(student_config.rate_factor(8, 8, 4), 0.0, abs_tol=1e-12)
+    assert student_config.rate_factor(5, 8, 4) == student_config.rate_factor(1, 4)  # the cosine itself, moved to start at S
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
     planned = distill.StudentConfig(method="reflow", steps=6, batch_size=4, lr=1e-2, lora_rank=2, pairs=12,
                                     guidance=2.0, lr_decay_steps=6, lr_decay_start=3)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdlab.columns import student_column  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
-from cdlab.flow.distill import (StudentConfig, add_config_arguments, config_from_args, distill,  # noqa: E402
-                                 save_flow_student)
+from cdlab.flow.distill import distill, save_flow_student  # noqa: E402
+from cdlab.flow.student_config import StudentConfig, add_config_arguments, config_from_args  # noqa: E402
 from cdlab.flow.evaluate import noise, sample_and_score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, branches_of, recipe_changes  # noqa: E402

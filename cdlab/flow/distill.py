@@ -83,7 +83,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -95,24 +95,24 @@ from cdlab.flow import matching
 from cdlab.flow.data import PIXEL_RANGE, images_of_classes
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
+from cdlab.flow.student_config import StudentConfig, add_config_arguments, config_from_args
 from cdlab.flow.student_checkpoint import (branches_of, load_checkpoint, lora_weights, save_checkpoint,
                                            set_lora_weights)
 from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
-from cdlab.loss import consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss, generator_sample
+from cdlab.loss import (DMD_T_RANGE, consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss,
+                        generator_sample)
 from cdlab.paths import cache_dir, shown_path
 from cdlab.samplers import consistency_timesteps
-from cdlab.train import schedule
 from cdlab.students import StudentCard, StudentError, save_student, student_dir, validate_name
 from cdlab.students.roles import FAKE_SCORE, adapter_role
 
-__all__ = ["METHODS", "lora_targets", "attach_flow_lora", "cd_loss",
+__all__ = ["lora_targets", "attach_flow_lora", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
            "save_flow_student", "student_lora", "lora_weights", "set_lora_weights", "make_discriminator", "gan_argument",
            "main"]
 
 ADAPTER = "student"
 Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or a PixelDiscriminator
-METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 
 
 def lora_targets(unet: nn.Module) -> list[str]:
@@ -183,20 +183,21 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
              sample_steps: int = 1, regression_weight: float = 10.0, gan: Discriminator | None = None,
              gan_weight: float = 0.0, generator: torch.Generator | None = None, shift: float = 1.0,
-             gan_clip: bool = False) -> dict[str, torch.Tensor]:
+             gan_clip: bool = False, t_max: int = DMD_T_RANGE[1]) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
     students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise), on its
     grid shifted by ``shift`` (:func:`cdlab.samplers.consistency_timesteps`; the card carries it). ``gan``
-    ``(unet.up1, head)`` or a discriminator of its own, ``gan_weight`` and ``gan_clip``: DMD2's GAN term (above)."""
+    ``(unet.up1, head)`` or a discriminator of its own, ``gan_weight`` and ``gan_clip``: DMD2's GAN term (above).
+    ``t_max``: the matching's (and the GAN term's) timesteps are ``U{20..t_max}``."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
                               gen_timesteps=consistency_timesteps(sample_steps, sample_steps, shift=shift),
                               latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
                               regression_weight=regression_weight, gan=gan, gan_weight=gan_weight,
-                              gan_range=PIXEL_RANGE if gan_clip else None,
+                              gan_range=PIXEL_RANGE if gan_clip else None, t_range=(DMD_T_RANGE[0], t_max),
                               generator=generator, model_class=FlowModel)
 
 
@@ -218,57 +219,6 @@ def dmd_fake_update(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return float(out["loss"].item())
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    method: str = "cd"              # one of METHODS: "cd" (consistency distillation; N > 1: multi-boundary),
-                                    # "reflow" or "dmd"
-    num_boundaries: int = 1
-    sample_steps: int = 4           # the steps it is meant for (its card's ``steps``)
-    guidance: float = 5.0           # the teacher's CFG scale, distilled in
-    step_size: int = 20
-    ema_decay: float = 0.95         # cd: the target f_theta^- uses an EMA of the LoRA (0: the online weights)
-    steps: int = 2000
-    batch_size: int = 256
-    lr: float = 1e-3
-    lora_rank: int = 32
-    pairs: int = 20000              # reflow: teacher pairs drawn once
-    reflow_times: str = "uniform"   # reflow: "uniform" t ~ U[0, 1], or "zero" (one-step distillation)
-    windows: int = 1                # reflow: W > 1 is piecewise rectified flow (PeRFlow) on W windows
-    regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
-    fake_steps: int = 1             # dmd: fake-score updates per generator update
-    fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
-    fake_warmup: int = 0            # dmd: the first steps train the fake score alone (a run started --init from
-                                    # a generator that is not the teacher: its fake score must learn it first)
-    gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
-    disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
-    disc_lr: float = 0.0            # dmd with gan_weight > 0: the discriminator head's rate (0: the fake score's)
-    disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score) or "pixel" (its own)
-    gan_clip: bool = False          # dmd with gan_weight > 0: its discriminator sees the samples as shown, in [0, 1]
-    student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
-    adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
-    lr_decay_steps: int = 0         # 0: every rate constant; T > 0: each falls along a half cosine to 0 at step T
-                                    # (rate_factor), whatever --steps is, so a run in pieces keeps one schedule
-    lr_decay_start: int = 0         # with lr_decay_steps T: the rates stay constant to step S, then fall to 0 at T
-                                    # (warmup-stable-decay): a constant run's checkpoint at S continues into it
-    shift: float = 1.0              # dmd: the K jumps' grid under SD3's timestep shift (< 1: nearer the data,
-                                    # consistency_timesteps); the card samples on it (scheduler_kwargs)
-    seed: int = 0
-
-    def rate(self, step: int) -> float:
-        """The factor on every learning rate at step ``step`` under this recipe's schedule (:func:`rate_factor`)."""
-        return rate_factor(step, self.lr_decay_steps, self.lr_decay_start)
-
-
-def rate_factor(step: int, decay_steps: int, decay_start: int = 0) -> float:
-    """The factor on every learning rate at step ``step`` (from 0): 1 without a schedule (``decay_steps`` 0), else
-    the lab's cosine without warm-up (:func:`cdlab.train.schedule.rate_factor`), 1 up to ``S = decay_start`` and
-    ``(1 + cos(pi min(step - S, T - S) / (T - S))) / 2`` after, from 1 at step S to 0 at step ``T = decay_steps``,
-    where an adversarial run's swing (docs/flow.md, "A longer DMD-4 run") dies down instead of stopping wherever it
-    stands. With S > 0 (warmup-stable-decay) the constant part is the constant-rate run itself, so one constant run
-    can be continued from its checkpoint into several falls."""
-    return 1.0 if decay_steps <= 0 else schedule.rate_factor(step, decay_steps, decay_start=decay_start)
 
 
 def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
@@ -398,7 +348,7 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
                         regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g,
-                        shift=cfg.shift, gan_clip=cfg.gan_clip))
+                        shift=cfg.shift, gan_clip=cfg.gan_clip, t_max=cfg.dmd_t_max))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -513,47 +463,6 @@ def save_flow_student(unet: nn.Module, name: str, cfg: StudentConfig, root: str 
     card = student_card(cfg, name, trained_steps=cfg.steps if trained_steps is None else trained_steps, init=init,
                         teacher=teacher, branches=branches)
     return save_student(unet, name, card, root, adapter_name=ADAPTER, overwrite=overwrite)
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`StudentConfig` field (``--lora-rank 16``), its default the field's; a yes/no
-    field is ``--gan-clip`` or ``--no-gan-clip``."""
-    for name, value in asdict(StudentConfig()).items():
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
-        p.add_argument("--" + name.replace("_", "-"), default=value, **kind)
-
-
-def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> StudentConfig:
-    """The :class:`StudentConfig` of :func:`add_config_arguments`' flags, each checked (``p.error`` names the
-    flag out of range)."""
-    cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(StudentConfig())})
-    if cfg.method not in METHODS or cfg.reflow_times not in ("uniform", "zero"):
-        p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
-    if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
-        p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
-    if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
-        p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
-    if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
-            or (cfg.gan_weight and cfg.method != "dmd") or cfg.disc not in ("head", "pixel")):
-        p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100], "
-                "--disc-lr in [0, 1], --disc head or pixel")
-    if cfg.gan_clip and not cfg.gan_weight:
-        p.error("--gan-clip clips what the GAN term's discriminator judges: it needs --gan-weight > 0")
-    if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
-        p.error("--student-ema, --ema-decay and --adam-beta1 must be in [0, 1)")
-    if not 1 <= cfg.windows <= 50 or (cfg.windows > 1 and cfg.method != "reflow"):
-        p.error("--windows must be in [1, 50], and more than 1 only with --method reflow")
-    if not 1 <= cfg.num_boundaries <= 50 or (cfg.num_boundaries > 1 and cfg.method != "cd"):
-        p.error("--num-boundaries must be in [1, 50], and more than 1 only with --method cd")
-    if not 0 <= cfg.lr_decay_steps <= 10 ** 6 or not 0 <= cfg.lr_decay_start < max(1, cfg.lr_decay_steps):
-        p.error("--lr-decay-steps must be in [0, 1000000], --lr-decay-start in [0, --lr-decay-steps) (0 without it)")
-    if cfg.shift != 1.0 and cfg.method != "dmd":
-        p.error("--shift must be 1 except with --method dmd (its K jumps' grid)")
-    try:  # the range (cdlab.samplers.SHIFT_RANGE) and a grid whose rounded points stay apart
-        consistency_timesteps(cfg.sample_steps, cfg.sample_steps, shift=cfg.shift)
-    except ValueError as e:
-        p.error(f"--shift: {e}")
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must ag
 AVERAGE = "student_ema"  # the saved student's average never steers the training: a run without one may start one
 # what a branch may change: not the networks or Adam's groups
 BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight",
-              "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift")
+              "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift", "dmd_t_max")
 
 
 def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
-from cdlab.flow.distill import METHODS  # the one list of the flow students' methods
+from cdlab.flow.student_config import METHODS  # the one list of the flow students' methods
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
