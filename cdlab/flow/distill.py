@@ -72,6 +72,7 @@ softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G
 ``--gan-clip`` shows D the samples clipped to [0, 1], as they are shown: real pixels are never below black, so
 unclipped, such a pixel is a tell, and the term pushes G's backgrounds grey (docs/flow.md). ``--disc pixel``
 gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`).
+``--dmd-t-max T`` diffuses the samples for the matching and the GAN term to ``t ~ U{20..T}`` (DMD2's T is 980).
 A K-step G jumps on the grid it will sample on, ``consistency_timesteps(K, K)`` (999/750/500/250 for K = 4);
 ``--shift s`` moves it by SD3's timestep shift (Esser et al. 2024), ``u' = s u / (1 + (s - 1) u)`` on ``u = k /
 1000``, the grid its card samples on: at ``s = 0.3``, 999/474/231/91, more steps near the data.
