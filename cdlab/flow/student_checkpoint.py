@@ -4,8 +4,7 @@ what it restores, and the recipe a run must share with the checkpoint it continu
 A checkpoint is ``student-<step>.safetensors`` (the LoRA weights of every adapter, the run's averages, the random
 generator's state), ``optimizer-<step>.safetensors`` (Adam's moments) and ``checkpoint.json`` (the step and the
 recipe), written last and atomically: a run continued from it repeats, bit for bit, the run that never stopped.
-``cfg`` below is the run's :class:`cdlab.flow.distill.StudentConfig` (typed ``Any`` here: that module imports
-this one).
+``cfg`` below is the run's :class:`cdlab.flow.student_config.StudentConfig`.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cdlab.flow.student_config import StudentConfig
 from cdlab.paths import read_json, write_json_atomic
 from cdlab.students import StudentError
 
@@ -30,14 +30,14 @@ BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fak
               "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift", "dmd_t_max")
 
 
-def _recipe(cfg: Any, teacher: str | Path, init: str | None) -> dict:
+def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:
     """What a checkpoint must share with the run that continues it: everything but the step budget."""
     return {"config": {k: v for k, v in asdict(cfg).items() if k != "steps"},
             "teacher": str(Path(teacher).resolve()), "init": init}
 
 
 def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-                    generator: torch.Generator, step: int, *, cfg: Any, teacher: str | Path,
+                    generator: torch.Generator, step: int, *, cfg: StudentConfig, teacher: str | Path,
                     init: str | None, average: dict[str, torch.Tensor] | None = None,
                     head: nn.Module | None = None, branches: list[dict] | None = None) -> None:
     """A student run's state after ``step`` steps: ``student-<step>.safetensors`` (the LoRA, ``ema.``-prefixed
@@ -63,21 +63,21 @@ def save_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, e
             old.unlink(missing_ok=True)
 
 
-def _changes(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
+def _changes(saved: dict, cfg: StudentConfig) -> dict[str, tuple[Any, Any]]:
     """:func:`recipe_changes` on a checkpoint's ``checkpoint.json`` as read (``{}``: none)."""
     ran, defaults = saved.get("config") or {}, asdict(type(cfg)())  # a field newer than the checkpoint: its default
     return {key: (ran.get(key, defaults[key]), value) for key, value in asdict(cfg).items()
             if key != "steps" and ran.get(key, defaults[key]) != value}
 
 
-def recipe_changes(folder: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
+def recipe_changes(folder: Path, cfg: StudentConfig) -> dict[str, tuple[Any, Any]]:
     """The fields of ``cfg`` (the steps aside) whose value differs from the recipe of the checkpoint in ``folder``,
     each as ``(checkpoint's, cfg's)``; a field newer than the checkpoint counts as its default there. Empty when
     there is no checkpoint."""
     return _changes(read_json(folder / CHECKPOINT_JSON) or {}, cfg)
 
 
-def branches_of(folder: Path, cfg: Any | None = None) -> list[dict]:
+def branches_of(folder: Path, cfg: StudentConfig | None = None) -> list[dict]:
     """The recipe changes of the run whose checkpoint is in ``folder``, oldest first: ``{"step": S, "changed":
     {field: [before, after]}}`` for each time it continued under another recipe from step S, so the student's
     card does not read as one recipe from its first step. With ``cfg``, the run about to continue under it adds
@@ -90,7 +90,7 @@ def branches_of(folder: Path, cfg: Any | None = None) -> list[dict]:
 
 
 def load_checkpoint(folder: Path, unet: nn.Module, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-                    generator: torch.Generator, *, cfg: Any, teacher: str | Path, init: str | None,
+                    generator: torch.Generator, *, cfg: StudentConfig, teacher: str | Path, init: str | None,
                     average: dict[str, torch.Tensor] | None = None, head: nn.Module | None = None,
                     branch: bool = False) -> int:
     """Restore what :func:`save_checkpoint` wrote into the run's objects; returns its step (0: none there). A

@@ -19,6 +19,7 @@ __all__ = ["METHODS", "StudentConfig", "rate_factor", "add_config_arguments", "c
 
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 
+
 @dataclass(frozen=True)
 class StudentConfig:
     method: str = "cd"              # one of METHODS: "cd" (consistency distillation; N > 1: multi-boundary),
@@ -70,6 +71,7 @@ def rate_factor(step: int, decay_steps: int, decay_start: int = 0) -> float:
     stands. With S > 0 (warmup-stable-decay) the constant part is the constant-rate run itself, so one constant run
     can be continued from its checkpoint into several falls."""
     return 1.0 if decay_steps <= 0 else schedule.rate_factor(step, decay_steps, decay_start=decay_start)
+
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`StudentConfig` field (``--lora-rank 16``), its default the field's; a yes/no
