@@ -261,6 +261,10 @@ def consistency_loss(
 #
 # DMD2 drops DMD's regression loss by default; ``regression_weight > 0`` adds it back for comparison:
 # loss_reg = mean (G(z, 999) - y)^2 on pairs (z, y) of the teacher's own ODE (DDIM with CFG from noise z).
+# DMD itself measures that distance with LPIPS (Yin et al. 2024, eq. 6), a network this lab does not have for
+# every world. ``regression_distance="l1"`` takes mean |G(z, 999) - y| instead: its gradient is the sign, so a
+# pixel off by 0.03 is pulled back as hard as one off by 0.5, where the squared distance's pull on it is 2 x 0.03.
+# The squared one leaves small, dense errors (a faint speckle over a black background) to the matching term.
 #
 # DMD2's GAN term (Yin et al. 2024b, §4.3), the one part of DMD that sees real images. A discriminator is a small
 # head on the fake score's features (``gan = (feature_module, head)``: the fake UNet's layer whose output the head
@@ -279,9 +283,10 @@ def consistency_loss(
 # needs to be; the head above sees only what the fake score learns for denoising.
 
 __all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
-            "generator_sample", "gan_logits", "discriminate", "DMD_T_RANGE"]
+            "generator_sample", "gan_logits", "discriminate", "DMD_T_RANGE", "REGRESSION_DISTANCES"]
 
 DMD_T_RANGE = (20, 980)  # DMD2's min_step / max_step: 0.02 T and 0.98 T
+REGRESSION_DISTANCES = ("l2", "l1")  # DMD's regression: the squared distance, or the absolute one (notes above)
 
 
 def dmd_gradient(x_g: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -403,8 +408,10 @@ def discriminate(unet: Any, gan: tuple[torch.nn.Module, torch.nn.Module] | torch
 
 def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cond: torch.Tensor,
                      scheduler: Any, generator_adapter: str, t_first: int,
-                     autocast_dtype: torch.dtype | None, model_class: type[EpsModel] = EpsModel) -> torch.Tensor:
-    """DMD's regression term on teacher ODE pairs ``(z, y, c)``: ``mean (G(z, tau_0, c) - y)^2``."""
+                     autocast_dtype: torch.dtype | None, model_class: type[EpsModel] = EpsModel,
+                     distance: str = "l2") -> torch.Tensor:
+    """DMD's regression term on teacher ODE pairs ``(z, y, c)``: ``mean (G(z, tau_0, c) - y)^2``, or with
+    ``distance="l1"`` ``mean |G(z, tau_0, c) - y|`` (the notes above)."""
     z, y, c = regression
     device = cond.device
     with adapter_role(unet, generator_adapter):
@@ -412,7 +419,10 @@ def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, to
         c = c.to(device=device, dtype=cond.dtype)
         z = z.to(device).float()
         y_hat = predict_x0(_fp32_eps(unet, autocast_dtype, model_class=model_class)(z, one, c), z, one, scheduler)
-    return (y_hat - y.to(device).float()).pow(2).mean()
+    error = y_hat - y.to(device).float()
+    if distance not in REGRESSION_DISTANCES:
+        raise ValueError(f"regression distance must be one of {', '.join(REGRESSION_DISTANCES)}, got {distance!r}")
+    return error.abs().mean() if distance == "l1" else error.pow(2).mean()
 
 
 def dmd_generator_loss(
@@ -421,6 +431,7 @@ def dmd_generator_loss(
     gen_timesteps: Sequence[int] = (999,), t_range: tuple[int, int] = DMD_T_RANGE,
     noise: torch.Tensor | None = None, latent_shape: Sequence[int] | None = None,
     regression: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, regression_weight: float = 0.0,
+    regression_distance: str = "l2",
     gan: tuple[torch.nn.Module, torch.nn.Module] | torch.nn.Module | None = None, gan_weight: float = 0.0,
     gan_range: tuple[float, float] | None = None, dm_weight: float = 1.0, steps: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
@@ -439,6 +450,7 @@ def dmd_generator_loss(
         noise / latent_shape: the generator's input z, or the shape to draw it (``[C, H, W]``).
         regression: optional ``(z, y, c)`` teacher ODE pairs (noise, the teacher's image latents from it, the
             caption embeddings); with ``regression_weight > 0`` adds ``weight * mean (G(z, 999, c) - y)^2``.
+        regression_distance (`str`): ``"l2"`` (that squared distance) or ``"l1"`` (``mean |G(z, 999, c) - y|``).
         gan / gan_weight: DMD2's GAN term (module notes above): ``(feature_module, head)`` of the discriminator,
             and with ``gan_weight > 0`` adds ``gan_weight * mean softplus(-D(x_t(G)))`` at the matching's t and n;
             or a discriminator of its own ``D(x, c)``, and the term is ``mean softplus(-D(G(z), c))``.
@@ -479,7 +491,7 @@ def dmd_generator_loss(
     loss_reg = torch.zeros((), device=device)
     if regression is not None and regression_weight > 0:
         loss_reg = _regression_loss(unet, regression, cond, scheduler, generator_adapter, gen_timesteps[0],
-                                    autocast_dtype, model_class)
+                                    autocast_dtype, model_class, regression_distance)
     loss_gan = torch.zeros((), device=device)
     if gan is not None and gan_weight > 0:
         trained = gan if isinstance(gan, torch.nn.Module) else gan[1]

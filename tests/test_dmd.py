@@ -184,6 +184,28 @@ def test_the_fake_scores_denoising_loss_falls(roles):
     assert after < 0.9 * before, (before, after)
 
 
+def test_the_regression_distance_is_the_squared_or_the_absolute_error_of_the_generators_sample(roles):
+    """``regression_distance``: ``"l2"`` is ``mean (G(z) - y)^2``, ``"l1"`` is ``mean |G(z) - y|``, G(z) the one-step
+    generator's sample of the same noise (the matching's ``x_g`` when it draws from that noise); another name is
+    refused by name."""
+    t, cond, uncond = roles.teacher, roles.cond, roles.uncond
+    z = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    y = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * 0.5
+
+    def run(distance):
+        return dmd_generator_loss(t.unet, cond, t.scheduler, uncond=uncond, guidance=5.0, noise=z,
+                                  timesteps=torch.tensor(600), generator=torch.Generator().manual_seed(4),
+                                  regression=(z, y, cond), regression_weight=2.0, regression_distance=distance)
+
+    l2, l1 = run("l2"), run("l1")
+    error = l2["x_g"].float() - y
+    assert float(l2["loss_reg"]) == pytest.approx(float(error.pow(2).mean()), rel=1e-5)
+    assert float(l1["loss_reg"]) == pytest.approx(float(error.abs().mean()), rel=1e-5)
+    assert float(l1["loss"] - l2["loss"]) == pytest.approx(2.0 * float(l1["loss_reg"] - l2["loss_reg"]), rel=1e-4)
+    with pytest.raises(ValueError, match="regression distance must be one of l2, l1, got 'lpips'"):
+        run("lpips")
+
+
 def test_the_loss_weighs_its_terms_and_dm_weight_zero_is_regression_alone(roles):
     """``loss = dm_weight * loss_dm + regression_weight * loss_reg`` for the same draws; with ``dm_weight=0``
     (the regression-only ablation) the generator's gradient is the regression term's alone."""

@@ -844,6 +844,23 @@ def test_dmd_t_max_draws_the_matchings_timesteps_below_it_and_is_a_branchable_dm
     assert "dmd_t_max" in BRANCHABLE
 
 
+def test_regression_loss_is_a_checked_branchable_dmd_flag():
+    """``--regression-loss l1`` reaches the recipe with ``--method dmd`` only; another distance is refused; a
+    checkpoint continues under the other distance with ``--branch``."""
+    from cdlab.flow import distill
+    from cdlab.flow.student_checkpoint import BRANCHABLE
+
+    p = argparse.ArgumentParser()
+    distill.add_config_arguments(p)
+    assert distill.config_from_args(p, p.parse_args([])).regression_loss == "l2"
+    assert distill.config_from_args(p, p.parse_args(["--method", "dmd", "--regression-loss", "l1"])
+                                    ).regression_loss == "l1"
+    for bad in (["--method", "dmd", "--regression-loss", "lpips"], ["--method", "reflow", "--regression-loss", "l1"]):
+        with pytest.raises(SystemExit):
+            distill.config_from_args(p, p.parse_args(bad))
+    assert "regression_loss" in BRANCHABLE
+
+
 def test_widen_lora_gives_a_larger_rank_the_same_student_and_learns_in_its_new_directions():
     """``--init`` a student of a larger ``--lora-rank`` (``widen_lora``): ``B' = [B, 0]``, ``A' = [A; A_new]``, so the
     wider LoRA's UNet gives the same velocities; its new columns of B start at 0 while A's new rows are not 0, so

@@ -184,20 +184,23 @@ def reflow_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torc
 def dmd_loss(unet: nn.Module, z: torch.Tensor, x1: torch.Tensor, labels: torch.Tensor, *, guidance: float,
              sample_steps: int = 1, regression_weight: float = 10.0, gan: Discriminator | None = None,
              gan_weight: float = 0.0, generator: torch.Generator | None = None, shift: float = 1.0,
-             gan_clip: bool = False, t_max: int = DMD_T_RANGE[1]) -> dict[str, torch.Tensor]:
+             gan_clip: bool = False, t_max: int = DMD_T_RANGE[1], regression_loss: str = "l2"
+             ) -> dict[str, torch.Tensor]:
     """The generator's DMD loss on the flow teacher (module docstring): :func:`cdlab.loss.dmd_generator_loss`
     with :class:`FlowModel` on the flow path, classes ``labels`` for the matching (fresh noise from
     ``generator``) and teacher pairs ``(z, x1)`` of those classes for the regression. The generator runs as the
     students are sampled: the lab's ``sample_steps``-step consistency sampler (1 step: from pure noise), on its
     grid shifted by ``shift`` (:func:`cdlab.samplers.consistency_timesteps`; the card carries it). ``gan``
     ``(unet.up1, head)`` or a discriminator of its own, ``gan_weight`` and ``gan_clip``: DMD2's GAN term (above).
-    ``t_max``: the matching's (and the GAN term's) timesteps are ``U{20..t_max}``."""
+    ``t_max``: the matching's (and the GAN term's) timesteps are ``U{20..t_max}``; ``regression_loss``: the
+    regression's distance, ``"l2"`` or ``"l1"``."""
     c = matching.one_hot(labels).to(z.device)
     return dmd_generator_loss(unet, c, FLOW_SCHEDULE, uncond=torch.zeros_like(c[:1]), guidance=guidance,
                               generator_adapter=ADAPTER, fake_adapter=FAKE_SCORE,
                               gen_timesteps=consistency_timesteps(sample_steps, sample_steps, shift=shift),
                               latent_shape=tuple(z.shape[1:]), regression=(z, x1, c),
-                              regression_weight=regression_weight, gan=gan, gan_weight=gan_weight,
+                              regression_weight=regression_weight, regression_distance=regression_loss,
+                              gan=gan, gan_weight=gan_weight,
                               gan_range=PIXEL_RANGE if gan_clip else None, t_range=(DMD_T_RANGE[0], t_max),
                               generator=generator, model_class=FlowModel)
 
@@ -350,7 +353,8 @@ def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torc
         out = (reflow_loss(unet, z, x1, y, times=cfg.reflow_times, generator=g) if cfg.method == "reflow" else
                dmd_loss(unet, z, x1, y, guidance=cfg.guidance, sample_steps=cfg.sample_steps,
                         regression_weight=cfg.regression_weight, gan=gan, gan_weight=cfg.gan_weight, generator=g,
-                        shift=cfg.shift, gan_clip=cfg.gan_clip, t_max=cfg.dmd_t_max))
+                        shift=cfg.shift, gan_clip=cfg.gan_clip, t_max=cfg.dmd_t_max,
+                        regression_loss=cfg.regression_loss))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

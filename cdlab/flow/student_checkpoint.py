@@ -26,8 +26,8 @@ CHECKPOINT_JSON = "checkpoint.json"
 SCHEDULE = ("lr_decay_steps", "lr_decay_start")  # the rate schedule: it must agree on the steps taken, not after
 AVERAGE = "student_ema"  # the saved student's average never steers the training: a run without one may start one
 # what a branch may change: not the networks or Adam's groups
-BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "fake_steps", "gan_weight",
-              "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift", "dmd_t_max")
+BRANCHABLE = ("lr", "batch_size", "pairs", "guidance", "regression_weight", "regression_loss", "fake_steps",
+              "gan_weight", "disc_weight", "disc_lr", "gan_clip", "adam_beta1", "shift", "dmd_t_max")
 
 
 def _recipe(cfg: StudentConfig, teacher: str | Path, init: str | None) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from cdlab.loss import DMD_T_RANGE
+from cdlab.loss import DMD_T_RANGE, REGRESSION_DISTANCES
 from cdlab.samplers import consistency_timesteps
 from cdlab.train import schedule
 
@@ -37,6 +37,7 @@ class StudentConfig:
     reflow_times: str = "uniform"   # reflow: "uniform" t ~ U[0, 1], or "zero" (one-step distillation)
     windows: int = 1                # reflow: W > 1 is piecewise rectified flow (PeRFlow) on W windows
     regression_weight: float = 10.0  # dmd: the weight of the regression on the teacher's pairs (cdlab's tiny-dmd-1's)
+    regression_loss: str = "l2"     # dmd: the regression's distance, "l2" (squared) or "l1" (cdlab.loss's notes)
     fake_steps: int = 1             # dmd: fake-score updates per generator update
     fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
     fake_warmup: int = 0            # dmd: the first steps train the fake score alone (a run started --init from
@@ -87,6 +88,9 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
     cfg = StudentConfig(**{k: getattr(args, k) for k in asdict(StudentConfig())})
     if cfg.method not in METHODS or cfg.reflow_times not in ("uniform", "zero"):
         p.error(f"--method must be one of {', '.join(METHODS)}, --reflow-times uniform or zero")
+    if cfg.regression_loss not in REGRESSION_DISTANCES or (cfg.regression_loss != "l2" and cfg.method != "dmd"):
+        p.error(f"--regression-loss must be one of {', '.join(REGRESSION_DISTANCES)}, and other than l2 only with "
+                "--method dmd")
     if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
