@@ -62,9 +62,11 @@ moves against::
     grad = (x1_fake(x_t) - x1_real(x_t)) / mean |G(z) - x1_real(x_t)|,    x1(x_t) = x_t + (1 - t) u(x_t, t)
 
 (each score's data prediction, :func:`cdlab.flow.matching.velocity_to_data`), plus ``regression_weight`` times
-DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :mod:`cdlab.flow.pairs`).
+DMD's regression on the teacher's pairs, ``|| G(z) - x1 ||^2`` (reflow's pairs, :mod:`cdlab.flow.pairs`;
+``--regression-loss l1``: ``mean |G(z) - x1|``).
 Matching the teacher's distribution, not each pair's image, is what FID measures; the regression keeps G on
-the teacher's modes. Start it from a one-step student (``--init``, e.g. the reflow-distilled one).
+the teacher's modes. Start it from a one-step student (``--init``, e.g. the reflow-distilled one; a
+``--lora-rank`` above that student's widens its LoRA with the same product, :func:`widen_lora`).
 ``--gan-weight`` > 0 adds DMD2's GAN term (Yin et al. 2024b, §4.3; :mod:`cdlab.loss` has its equations): a
 discriminator head (:class:`cdlab.flow.unet.DiscriminatorHead`) on the fake score's features tells the real
 training images from G's samples, both diffused to one t, and G also descends ``gan_weight * mean
