@@ -412,6 +412,8 @@ def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, to
                      distance: str = "l2") -> torch.Tensor:
     """DMD's regression term on teacher ODE pairs ``(z, y, c)``: ``mean (G(z, tau_0, c) - y)^2``, or with
     ``distance="l1"`` ``mean |G(z, tau_0, c) - y|`` (the notes above)."""
+    if distance not in REGRESSION_DISTANCES:
+        raise ValueError(f"regression distance must be one of {', '.join(REGRESSION_DISTANCES)}, got {distance!r}")
     z, y, c = regression
     device = cond.device
     with adapter_role(unet, generator_adapter):
@@ -420,8 +422,6 @@ def _regression_loss(unet: Any, regression: tuple[torch.Tensor, torch.Tensor, to
         z = z.to(device).float()
         y_hat = predict_x0(_fp32_eps(unet, autocast_dtype, model_class=model_class)(z, one, c), z, one, scheduler)
     error = y_hat - y.to(device).float()
-    if distance not in REGRESSION_DISTANCES:
-        raise ValueError(f"regression distance must be one of {', '.join(REGRESSION_DISTANCES)}, got {distance!r}")
     return error.abs().mean() if distance == "l1" else error.pow(2).mean()
 
 

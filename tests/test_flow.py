@@ -862,9 +862,10 @@ def test_regression_loss_is_a_checked_branchable_dmd_flag():
 
 
 def test_widen_lora_gives_a_larger_rank_the_same_student_and_learns_in_its_new_directions():
-    """``--init`` a student of a larger ``--lora-rank`` (``widen_lora``): ``B' = [B, 0]``, ``A' = [A; A_new]``, so the
-    wider LoRA's UNet gives the same velocities; its new columns of B start at 0 while A's new rows are not 0, so
-    a step moves them; a wider LoRA than asked is refused, and the same rank passes unchanged."""
+    """``--init`` a student of a larger ``--lora-rank`` (``widen_lora``): ``B' = [B, 0]``, ``A' = [A; the rest of
+    the wide LoRA's own A]``, so the wider LoRA's UNet gives the same velocities; its new columns of B start at 0
+    while A's new rows (peft's draw) are not 0, so a step moves them; a source wider than the LoRA it goes into is
+    refused, and the same rank passes unchanged."""
     from cdlab.flow import distill
 
     torch.manual_seed(3)
@@ -873,13 +874,14 @@ def test_widen_lora_gives_a_larger_rank_the_same_student_and_learns_in_its_new_d
         for n, p in narrow.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    weights = {n: w for n, w in distill.lora_weights(narrow).items()}
+    weights = distill.lora_weights(narrow)
     wide = distill.attach_flow_lora(UNet(num_hiddens=8).eval(), rank=12)
     wide.load_state_dict({k: v for k, v in narrow.state_dict().items() if "lora_" not in k}, strict=False)
     for n, p in wide.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, dict(narrow.named_parameters())[n])
-    widened = distill.widen_lora(weights, 12, torch.Generator().manual_seed(0))
+    drawn = distill.lora_weights(wide)
+    widened = distill.widen_lora(weights, drawn)
     distill.set_lora_weights(wide, widened)
     x, t, c = torch.randn(5, 1, 28, 28), torch.rand(5), torch.eye(10)[:5]
     with torch.no_grad():
@@ -890,9 +892,11 @@ def test_widen_lora_gives_a_larger_rank_the_same_student_and_learns_in_its_new_d
     assert widened[name_a].shape[0] == 12 and widened[name_b].shape[1] == 12
     assert torch.equal(widened[name_b][:, 4:], torch.zeros_like(widened[name_b][:, 4:]))
     assert widened[name_a][4:].abs().min() > 0 and torch.equal(widened[name_a][:4], weights[name_a])
-    assert distill.widen_lora(weights, 4) == weights
+    assert torch.equal(widened[name_a][4:], drawn[name_a][4:])
+    assert distill.widen_lora(weights, weights) == weights
+    narrower = distill.lora_weights(distill.attach_flow_lora(UNet(num_hiddens=8).eval(), rank=2))
     with pytest.raises(ValueError, match="rank 4, above the student's --lora-rank 2"):
-        distill.widen_lora(weights, 2)
+        distill.widen_lora(weights, narrower)
 
 
 def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_from_the_student(tiny_unet):

@@ -274,8 +274,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
         head = make_discriminator(unet, cfg)
     if init is not None:
-        set_lora_weights(unet, widen_lora(student_lora(init, root, teacher), cfg.lora_rank,
-                                          torch.Generator().manual_seed(cfg.seed)))
+        set_lora_weights(unet, widen_lora(student_lora(init, root, teacher), lora_weights(unet)))
     unet.to(dev).eval()
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     params, weights = [p for _, p in named], dict(named)
@@ -437,30 +436,24 @@ def student_lora(name: str, root: str | Path | None = None, teacher: str | Path 
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
 
 
-def widen_lora(weights: dict[str, torch.Tensor], rank: int,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A student's LoRA (scale 1, :func:`student_lora`) as a LoRA of a larger ``rank`` with the same product:
-    ``B' = [B, 0]`` and ``A' = [A; A_new]``, so ``B' A' = B A`` exactly (the new rows of A are drawn as peft draws
-    them, Kaiming-uniform, and learn once B's new columns leave 0). ``--init`` a rank-128 student from a rank-32
-    one. A larger rank than ``rank`` is refused; at the same rank the weights are returned as they are."""
+def widen_lora(weights: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A student's LoRA (scale 1, :func:`student_lora`) fitted to the LoRA ``into`` (:func:`lora_weights` of the
+    UNet it is for, as :func:`attach_flow_lora` drew it) of a larger rank, with the same product: ``B' = [B, 0]``
+    and ``A' = [A; the rest of into's A]``, so ``B' A' = B A`` exactly (the new rows of A are peft's own draw, and
+    learn once B's new columns leave 0). ``--init`` a rank-128 student from a rank-32 one. A source of a larger
+    rank than ``into``'s is refused; at the same rank, or under a name ``into`` lacks (which
+    :func:`set_lora_weights` refuses by name), the weights are returned as they are."""
     out = {}
     for name, w in weights.items():
         axis = 0 if ".lora_A." in name else 1
-        have = w.shape[axis]
+        have, rank = w.shape[axis], into[name].shape[axis] if name in into else w.shape[axis]
         if have > rank:
             raise ValueError(f"{name!r} has rank {have}, above the student's --lora-rank {rank}")
         if have == rank:
             out[name] = w
             continue
-        shape = list(w.shape)
-        shape[axis] = rank - have
-        if axis == 0:  # A: [r, in, ...]; nn.init.kaiming_uniform_(a=sqrt(5)) as peft's reset_lora_parameters
-            extra = torch.empty(shape, dtype=w.dtype)
-            bound = 1.0 / float(w[0].numel()) ** 0.5
-            extra.uniform_(-bound, bound, generator=generator)
-        else:
-            extra = torch.zeros(shape, dtype=w.dtype)
-        out[name] = torch.cat([w, extra], dim=axis)
+        rest = into[name].narrow(axis, have, rank - have)
+        out[name] = torch.cat([w, rest if axis == 0 else torch.zeros_like(rest)], dim=axis)
     return out
 
 
