@@ -64,12 +64,13 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, "")
+        tab.fn.start_student("../../etc", "reflow", 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 10.0, 0.9, "no", "")
     for method, gan in (("cd", 0.0), ("dmd", 0.05)):  # CD's data and the GAN term's real images: the hint
         with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
-            tab.fn.start_student("teacher", method, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, 1.0, "")
+            tab.fn.start_student("teacher", method, 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, 1.0, 10.0, 0.9, "no",
+                                 "")
     with pytest.raises(gr.Error, match="No flow teacher run"):  # reflow and DMD alone need no real images
-        tab.fn.start_student("teacher", "dmd", 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, "")
+        tab.fn.start_student("teacher", "dmd", 1, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 0.3, 0.0, "no", "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -196,7 +197,14 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
                        ({"lr_decay_steps": -1}, "falling rate"), ({"lr_decay_steps": 1.5}, "falling rate"),
                        ({"lr_decay_steps": 10 ** 9}, "falling rate"), ({"shift": 0.3}, "timestep shift"),
                        ({"method": "dmd", "shift": 0}, "timestep shift"),
-                       ({"method": "dmd", "shift": float("inf")}, "timestep shift")]:
+                       ({"method": "dmd", "shift": float("inf")}, "timestep shift"),
+                       ({"sample_steps": 0}, "samples with"), ({"sample_steps": 1.5}, "samples with"),
+                       ({"regression_weight": 1}, "regression weight"),
+                       ({"method": "dmd", "regression_weight": -1}, "regression on the teacher pairs"),
+                       ({"adam_beta1": 1}, "beta1"), ({"adam_beta1": "nan"}, "beta1"),
+                       ({"method": "dmd", "gan_clip": "yes"}, "gan clip"),
+                       ({"method": "dmd", "gan_weight": 0.05, "gan_clip": True}, "clipped to"),
+                       ({"method": "dmd", "gan_weight": 0.05, "gan_clip": "on"}, "clipped to")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -262,3 +270,11 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     shifted = F.student_settings({"teacher_run": "teacher", "method": "dmd", "shift": 0.3}, run_name="dmd")
     args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), shifted)[3:])
     assert distill.config_from_args(p, args).shift == 0.3  # the form's shifted grid reaches the run
+    cfg = distill.config_from_args(p, args)
+    assert (cfg.sample_steps, cfg.adam_beta1, cfg.gan_clip) == (4, 0.9, False)  # the CLI's defaults kept
+    assert "--gan-clip" not in cmd and "--adam-beta1" not in cmd
+    one = F.student_settings({"teacher_run": "teacher", "method": "dmd", "sample_steps": 1, "regression_weight": 0.3,
+                              "gan_weight": 0.05, "adam_beta1": 0, "gan_clip": "yes"}, run_name="dmd")
+    args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), one)[3:])
+    cfg = distill.config_from_args(p, args)  # a one-step DMD run held still ("From the first step", docs/flow.md)
+    assert (cfg.sample_steps, cfg.regression_weight, cfg.adam_beta1, cfg.gan_clip) == (1, 0.3, 0.0, True)

@@ -30,7 +30,7 @@ from cdlab.teachers import FLOW_TEACHER
 from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
 from cdlab.ui import runs as runs_mod
-from cdlab.ui.form import FormField, check_number, form_inputs
+from cdlab.ui.form import FormField, check_field, check_number, form_inputs
 from cdlab.ui.jobs import JobManager, new_owner_token
 from cdlab.ui.session import user_errors
 
@@ -94,8 +94,11 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
                     "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
                     "lora_rank": 16, "windows": 1, "num_boundaries": 1, "gan_weight": 0.0, "disc_lr": 1e-3,
-                    "lr_decay_steps": 0, "shift": 1.0}
-_STUDENT_FORM = [  # key, label, kind, minimum, maximum
+                    "lr_decay_steps": 0, "shift": 1.0, "sample_steps": 4, "regression_weight": 10.0,
+                    "adam_beta1": 0.9, "gan_clip": "no"}  # the last four: the CLI's defaults
+_STUDENT_FORM = [  # key, label, kind, minimum (a choice: its choices), maximum
+    ("sample_steps", "the steps it samples with (1: one step from noise, as fashion-dmd-1 and fashion-reflow-1)",
+     "int", 1, 8),
     ("steps", "student steps", "int", 1, 20000),
     ("batch_size", "student batch size", "int", 1, 512),
     ("lr", "student learning rate", "float", 1e-5, 0.05),
@@ -110,20 +113,31 @@ _STUDENT_FORM = [  # key, label, kind, minimum, maximum
      0, 20000),
     ("shift", "DMD: its steps' grid under SD3's timestep shift (1: uniform; fashion-dmd-4: 0.3, nearer the data)",
      "float", 0.1, 4.0),
+    ("regression_weight", "DMD: the regression on the teacher pairs (the shipped runs: 10, then 1 or 0.3)",
+     "float", 0.0, 1000.0),
+    ("adam_beta1", "Adam's beta1 (0.9: torch's; 0: DMD2's, which holds a one-step DMD run still)", "float", 0.0, 0.99),
+    ("gan_clip", "DMD's GAN term judges the samples as shown, clipped to [0, 1] (with a GAN weight)", "choice",
+     ("no", "yes"), None),
 ]
+# A field that belongs to one method keeps its default with the others: (key, method, what the message calls it)
+_BELONGS = [("windows", "reflow", "reflow windows"), ("num_boundaries", "cd", "CD boundaries"),
+            ("gan_weight", "dmd", "DMD's GAN term"), ("shift", "dmd", "DMD's timestep shift"),
+            ("regression_weight", "dmd", "DMD's regression weight")]
 
 
 def student_fields() -> list[FormField]:
-    """The student form's numbers (the method and the teacher run are choices beside them)."""
-    return [FormField(key, label, kind, STUDENT_DEFAULTS[key], minimum=lo, maximum=hi)
+    """The student form's fields (the method and the teacher run are choices beside them)."""
+    return [FormField(key, label, kind, STUDENT_DEFAULTS[key], choices=lo)
+            if kind == "choice" else FormField(key, label, kind, STUDENT_DEFAULTS[key], minimum=lo, maximum=hi)
             for key, label, kind, lo, hi in _STUDENT_FORM]
 
 
 def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> dict[str, Any]:
     """Check the student form (every field hostile) and return the settings for
     `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
-    checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), the numbers of
-    `student_fields` and ``run_name``. Raises ``ValueError`` whose message names the field."""
+    checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), the values of
+    `student_fields` (``gan_clip`` a bool) and ``run_name``. Raises ``ValueError`` whose message names the field:
+    an unknown key, a value out of its range or choices, or a method's own field set with another method."""
     if not isinstance(values, dict):
         raise ValueError("config: the form must be a set of named fields.")
     fields = student_fields()
@@ -136,15 +150,14 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
     method = values.get("method", STUDENT_DEFAULTS["method"])
     if method not in METHODS:
         raise ValueError(f"config: method must be one of {METHODS}, got {str(method)[:40]!r}.")
-    out: dict[str, Any] = {f.key: check_number(f, values.get(f.key, f.default)) for f in fields}
-    if out["windows"] > 1 and method != "reflow":
-        raise ValueError(f"config: reflow windows must be 1 with method {method!r} (windows belong to reflow).")
-    if out["num_boundaries"] > 1 and method != "cd":
-        raise ValueError(f"config: CD boundaries must be 1 with method {method!r} (boundaries belong to cd).")
-    if out["gan_weight"] > 0 and method != "dmd":
-        raise ValueError(f"config: DMD's GAN term must be 0 with method {method!r} (the GAN term belongs to dmd).")
-    if out["shift"] != 1.0 and method != "dmd":
-        raise ValueError(f"config: DMD's timestep shift must be 1 with method {method!r} (the shift belongs to dmd).")
+    out: dict[str, Any] = {f.key: check_field(f, values.get(f.key, f.default)) for f in fields}
+    for key, owner, called in _BELONGS:
+        if out[key] != STUDENT_DEFAULTS[key] and method != owner:
+            raise ValueError(f"config: {called} must be {STUDENT_DEFAULTS[key]:g} with method {method!r} "
+                             f"(it belongs to {owner}).")
+    out["gan_clip"] = out["gan_clip"] == "yes"
+    if out["gan_clip"] and not out["gan_weight"]:
+        raise ValueError("config: DMD's GAN term judges clipped samples only with a GAN weight above 0 (gan clip).")
     return {**out, "teacher_run": teacher, "method": method,
             "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
@@ -197,16 +210,18 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
     import gradio as gr
 
     @user_errors
-    def do_start_student(teacher_run, method, steps, batch_size, lr, pairs, guidance, lora_rank, windows,
-                         num_boundaries, gan_weight, disc_lr, lr_decay_steps, shift, owner, instructor_token=""):
+    def do_start_student(teacher_run, method, sample_steps, steps, batch_size, lr, pairs, guidance, lora_rank,
+                         windows, num_boundaries, gan_weight, disc_lr, lr_decay_steps, shift, regression_weight,
+                         adam_beta1, gan_clip, owner, instructor_token=""):
         """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
         if not policy.training_allowed():
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         policy.require_instructor(instructor_token, "Training")
-        settings = student_settings(dict(teacher_run=teacher_run, method=method, steps=steps, batch_size=batch_size,
-                                         lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank,
-                                         windows=windows, num_boundaries=num_boundaries, gan_weight=gan_weight,
-                                         disc_lr=disc_lr, lr_decay_steps=lr_decay_steps, shift=shift))
+        settings = student_settings(dict(
+            teacher_run=teacher_run, method=method, sample_steps=sample_steps, steps=steps, batch_size=batch_size,
+            lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank, windows=windows,
+            num_boundaries=num_boundaries, gan_weight=gan_weight, disc_lr=disc_lr, lr_decay_steps=lr_decay_steps,
+            shift=shift, regression_weight=regression_weight, adam_beta1=adam_beta1, gan_clip=gan_clip))
         problem = data_problem() if settings["method"] == "cd" or settings["gan_weight"] > 0 else None
         if problem:  # CD's data and the GAN term's real side are the training images
             raise gr.Error(problem)

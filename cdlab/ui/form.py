@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FormField", "check_number", "form_inputs"]
+__all__ = ["FormField", "check_number", "check_field", "form_inputs"]
 
 
 @dataclass
@@ -42,6 +42,16 @@ def check_number(f: FormField, v: Any) -> int | float:
     if f.minimum is not None and not f.minimum <= fv <= f.maximum:
         raise ValueError(f"config: {f.label} must be between {f.minimum:g} and {f.maximum:g}, got {v!r}.")
     return int(fv) if f.kind == "int" else fv
+
+
+def check_field(f: FormField, v: Any) -> int | float | str:
+    """A form value (hostile): for a choice field one of its choices, compared by equality; else `check_number`.
+    Raises ``ValueError`` whose message names the field."""
+    if f.kind != "choice":
+        return check_number(f, v)
+    if not isinstance(v, str) or v not in f.choices:
+        raise ValueError(f"config: {f.label} must be one of {list(f.choices)}, got {str(v)[:40]!r}.")
+    return v
 
 
 def form_inputs(fields: list[FormField]) -> list:

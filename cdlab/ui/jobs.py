@@ -478,12 +478,15 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``."""
     flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
+    flags += ("sample_steps",) if "sample_steps" in settings else ()  # the steps it samples with (the CLI's: 4)
     flags += ("gan_weight", "disc_lr") if settings.get("gan_weight") else ()  # DMD2's head on the real images
     flags += ("lr_decay_steps",) if settings.get("lr_decay_steps") else ()  # a falling rate (the CLI's default: none)
     flags += ("shift",) if settings.get("shift", 1.0) != 1.0 else ()  # DMD's shifted grid (the CLI's default: none)
+    flags += ("regression_weight",) if settings["method"] == "dmd" and "regression_weight" in settings else ()
+    flags += ("adam_beta1",) if settings.get("adam_beta1", 0.9) != 0.9 else ()  # DMD2's 0 (the CLI's: 0.9)
     shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
-            "--name", Path(run_dir).name,
+            "--name", Path(run_dir).name, *(["--gan-clip"] if settings.get("gan_clip") else []),
             *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
 
 
