@@ -269,8 +269,8 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     assert distill.config_from_args(p, args).lr_decay_steps == 900 and "--shift" not in cmd
     shifted = F.student_settings({"teacher_run": "teacher", "method": "dmd", "shift": 0.3}, run_name="dmd")
     args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), shifted)[3:])
-    assert distill.config_from_args(p, args).shift == 0.3  # the form's shifted grid reaches the run
     cfg = distill.config_from_args(p, args)
+    assert cfg.shift == 0.3  # the form's shifted grid reaches the run
     assert (cfg.sample_steps, cfg.adam_beta1, cfg.gan_clip) == (4, 0.9, False)  # the CLI's defaults kept
     assert "--gan-clip" not in cmd and "--adam-beta1" not in cmd
     one = F.student_settings({"teacher_run": "teacher", "method": "dmd", "sample_steps": 1, "regression_weight": 0.3,
@@ -278,3 +278,6 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), one)[3:])
     cfg = distill.config_from_args(p, args)  # a one-step DMD run held still ("From the first step", docs/flow.md)
     assert (cfg.sample_steps, cfg.regression_weight, cfg.adam_beta1, cfg.gan_clip) == (1, 0.3, 0.0, True)
+    from cdlab.flow.student_config import config_flags  # the command line's one writer refuses a stray key by name
+    with pytest.raises(ValueError, match="not StudentConfig fields: .'shell'."):
+        config_flags({"method": "dmd", "shell": "rm"})

@@ -15,7 +15,7 @@ from cdlab.loss import DMD_T_RANGE, REGRESSION_DISTANCES
 from cdlab.samplers import consistency_timesteps
 from cdlab.train import schedule
 
-__all__ = ["METHODS", "StudentConfig", "rate_factor", "add_config_arguments", "config_from_args"]
+__all__ = ["METHODS", "StudentConfig", "rate_factor", "add_config_arguments", "config_flags", "config_from_args"]
 
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 
@@ -80,6 +80,24 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     for name, value in asdict(StudentConfig()).items():
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
         p.add_argument("--" + name.replace("_", "-"), default=value, **kind)
+
+
+def config_flags(values: dict, always: tuple[str, ...] = ()) -> list[str]:
+    """The command line of :func:`add_config_arguments` for ``values`` (:class:`StudentConfig` fields): the fields in
+    ``always``, then every other one that differs from its default (the flags a run needs, and no more). A number
+    is written ``%g``, a yes/no field ``--gan-clip`` or ``--no-gan-clip``. An unknown field is refused by name."""
+    defaults = asdict(StudentConfig())
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"not StudentConfig fields: {unknown}")
+    out = []
+    for name in [*always, *(k for k in values if k not in always and values[k] != defaults[k])]:
+        flag, value = "--" + name.replace("_", "-"), values[name]
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return out
 
 
 def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> StudentConfig:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from cdlab.flow.data import INSTALL_HINT, data_root, find_split
-from cdlab.flow.student_config import METHODS  # the one list of the flow students' methods
+from cdlab.flow.student_config import METHODS, StudentConfig  # METHODS: the one list of the methods
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
@@ -91,11 +91,13 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
     return out
 
 
+_CLI = StudentConfig()  # python -m cdlab.flow.distill's defaults
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
                     "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
                     "lora_rank": 16, "windows": 1, "num_boundaries": 1, "gan_weight": 0.0, "disc_lr": 1e-3,
-                    "lr_decay_steps": 0, "shift": 1.0, "sample_steps": 4, "regression_weight": 10.0,
-                    "adam_beta1": 0.9, "gan_clip": "no"}  # the last four: the CLI's defaults
+                    "lr_decay_steps": 0, "shift": 1.0,  # then four of the CLI's own defaults:
+                    "sample_steps": _CLI.sample_steps, "regression_weight": _CLI.regression_weight,
+                    "adam_beta1": _CLI.adam_beta1, "gan_clip": "yes" if _CLI.gan_clip else "no"}
 _STUDENT_FORM = [  # key, label, kind, minimum (a choice: its choices), maximum
     ("sample_steps", "the steps it samples with (1: one step from noise, as fashion-dmd-1 and fashion-reflow-1)",
      "int", 1, 8),

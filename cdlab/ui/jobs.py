@@ -24,12 +24,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cdlab.flow.student_config import StudentConfig, config_flags
 from cdlab.paths import REPO_ROOT, read_json, write_json_atomic
 from cdlab.train.config import RUN_NAME_RE
 from cdlab.train.stopping import PARENT_ENV  # the app's pid, given to its trainer: it stops when that is gone
@@ -476,18 +477,14 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 
 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
-    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``."""
-    flags = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
-    flags += ("sample_steps",) if "sample_steps" in settings else ()  # the steps it samples with (the CLI's: 4)
-    flags += ("gan_weight", "disc_lr") if settings.get("gan_weight") else ()  # DMD2's head on the real images
-    flags += ("lr_decay_steps",) if settings.get("lr_decay_steps") else ()  # a falling rate (the CLI's default: none)
-    flags += ("shift",) if settings.get("shift", 1.0) != 1.0 else ()  # DMD's shifted grid (the CLI's default: none)
-    flags += ("regression_weight",) if settings["method"] == "dmd" and "regression_weight" in settings else ()
-    flags += ("adam_beta1",) if settings.get("adam_beta1", 0.9) != 0.9 else ()  # DMD2's 0 (the CLI's: 0.9)
-    shown = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in settings.items()}
+    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``:
+    the form's main numbers always, every other setting where it differs from the CLI's default
+    (`cdlab.flow.student_config.config_flags`), and the discriminator's rate only with the GAN term."""
+    fields = {f.name for f in dataclass_fields(StudentConfig)}
+    recipe = {k: v for k, v in settings.items() if k in fields and (k != "disc_lr" or settings.get("gan_weight"))}
+    always = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
-            "--name", Path(run_dir).name, *(["--gan-clip"] if settings.get("gan_clip") else []),
-            *[x for k in flags for x in ("--" + k.replace("_", "-"), shown[k])]]
+            "--name", Path(run_dir).name, *config_flags(recipe, always)]
 
 
 def trainer_thread_env() -> dict[str, str]:
