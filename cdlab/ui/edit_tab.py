@@ -424,6 +424,9 @@ def edit_handlers(teacher: Any, comparer: Any, edit_presets: list[EditPreset], p
                            columns_on_select=edit_columns_on_select)
 
 
+OPENING_LABEL = "Edit (opening the first preset…)"
+
+
 def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], prefix: str = "") -> SimpleNamespace:
     """The left column: presets, technique, the image editor (the teacher's canvas), prompts (a class-conditioned
     teacher's: class names), strength, seed, student steps, columns and the button; ``prefix``: of the elem_ids."""
@@ -457,7 +460,10 @@ def edit_controls(teacher: Any, comparer: Any, edit_presets: list[EditPreset], p
     ui.choices = edit_column_choices(comparer)
     ui.columns = gr.CheckboxGroup(ui.choices, value=ui.choices, label="Columns",
                                   info="the teacher and the consistency students", elem_id=prefix + "edit-columns-pick")
-    ui.btn = gr.Button("Edit", variant="primary", elem_id=prefix + "edit-btn")
+    # Off until the tab's first visit has filled the inputs from the first preset (`EditTab._wire`): a press
+    # before that would send the empty editor the page opened with, and be refused while the preset's image
+    # appears in the box.
+    ui.btn = gr.Button(OPENING_LABEL, variant="primary", interactive=False, elem_id=prefix + "edit-btn")
     return ui
 
 
@@ -555,7 +561,8 @@ class EditTab:
         preset_outputs = [ui.tech, ui.image, ui.prompt, ui.prompt2, ui.strength, ui.seed, *outputs]
         known = gr.State(ui.choices)  # the columns offered so far
         tab.select(fn.columns_on_select, [ui.columns, known], [ui.columns, known], api_visibility="private").then(
-            fn.first_visit, [ui.row, ui.steps, ui.columns], preset_outputs, api_visibility="private", **GPU)
+            fn.first_visit, [ui.row, ui.steps, ui.columns], preset_outputs, api_visibility="private", **GPU).then(
+            lambda: gr.Button("Edit", interactive=True), None, ui.btn, api_visibility="private", queue=False)
         # .select carries the option picked (the dropdown's value as read by an .input event can be the
         # previous one); picking the same preset again runs it again.
         ui.preset.select(fn.preset_selected, [ui.steps, ui.columns], preset_outputs, api_visibility="private", **GPU)

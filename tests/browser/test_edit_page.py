@@ -16,6 +16,10 @@ def page(page):
     return page
 
 
+def _toasts(page) -> str:
+    return " | ".join(page.locator(".toast-body, [data-testid='toast-body']").all_inner_texts())
+
+
 def _input_src(page) -> str:
     return page.locator('#edit-columns figure[data-label="input"] img').first.get_attribute("src")
 
@@ -25,7 +29,14 @@ def test_opens_with_a_result_and_runs_every_technique_from_its_preset(page, ship
     from cdlab.ui.edit_tab import presets
 
     n_cols = 2 + len(shipped_app.students)
-    text = wait_edit_result(page, "sdedit", 1 + n_cols)  # the first visit loads the first preset
+    # Edit pressed as soon as the tab opens, nothing filled in: the button waits for the first visit to fill the
+    # inputs from the first preset (a press before that sent an empty editor while the preset's image appeared).
+    assert page.locator("#edit-btn").is_disabled()
+    page.locator("#edit-btn").click()  # Playwright waits until it is enabled
+    opening = edit_result_id(page)
+    assert opening, "the button was enabled before the opening result was on screen"
+    text = wait_edit_result(page, "sdedit", 1 + n_cols, opening)  # the press's own result
+    assert "no image" not in _toasts(page) and not _toasts(page)
     assert "teacher-50 (CFG)" in text and "reads:" in text and "NFE" in text
     page.screenshot(path=str(shots / "edit.png"))
     for p in presets(load_teacher("tiny", device="cpu"))[1:]:
