@@ -4,6 +4,7 @@
     python app.py --model sd15 --host 0.0.0.0 --port 7860 [--share]
     python app.py --model sd15-random         # SD1.5's architecture with random weights: the SD1.5 path offline
     python app.py --model fashion-flow        # every tab on the flow-matching teacher (seed 003 part B)
+    python app.py --model runs/flow-teacher-1 # a flow teacher trained in the Train tab, with its own students
     python app.py --model path/to/diffusers/pipeline
 
 This file parses the arguments, builds the page from one builder per tab and launches it. Each tab's layout
@@ -92,7 +93,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="cdlab's Gradio app")
     p.add_argument("--model", default=None, help="tiny | sd15 | sd15-random (SD1.5 architecture, random weights, "
                    "64 px: the SD1.5 code path offline) | fashion-flow (the flow-matching teacher: every tab on "
-                   "it) | a local diffusers pipeline folder "
+                   "it) | a flow teacher's run folder (runs/<name>, trained in the Train tab: every tab on it and "
+                   "its students) | a local diffusers pipeline folder "
                    "(default: sd15 on CUDA, falling back to tiny; tiny elsewhere)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         print(f"cdlab app: {e}", file=sys.stderr)
         return 2
     model_arg = args.model or ("tiny" if teacher.fallback_reason else S.default_model())
-    flow_teacher = S.load_flow(model_arg)
+    flow_teacher = S.load_flow(teacher)
     print(f"cdlab app: {teacher.describe()}" + (f" ({teacher.fallback_reason})" if teacher.fallback_reason else ""),
           flush=True)
     policy, token = H.host_policy(args.host, args.share, args.classroom, args.instructor_token)

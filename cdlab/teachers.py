@@ -311,7 +311,8 @@ def load_teacher(
 
     Args:
         name_or_path: ``"tiny"`` (the embedded teacher in ``TINY_TEACHER_DIR``), ``"fashion-flow"`` (the
-            flow-matching teacher, `cdlab.flow.pipeline.FlowTeacher`: classes as prompts), ``"sd15"`` (the hub's
+            flow-matching teacher, `cdlab.flow.pipeline.FlowTeacher`: classes as prompts) or a flow teacher's run
+            folder (`cdlab.flow.pipeline.is_flow_run`: the Train tab's ``runs/<name>``), ``"sd15"`` (the hub's
             ``stable-diffusion-v1-5/stable-diffusion-v1-5``), ``"sd15-random"`` (SD1.5's architecture with
             random weights, built once offline: `cdlab.sd15_random`) or a local diffusers pipeline folder.
         device: default ``cuda`` when available, else ``cpu``.
@@ -356,20 +357,29 @@ def load_teacher(
     if name.lower() in _SD15_NAMES:
         return _load_hub(SD15_ID, name, dev, dtype)
     if name == FLOW_TEACHER:
-        from cdlab.flow.pipeline import load_flow_teacher
-
-        if dtype != torch.float32:
-            raise TeacherLoadError(f"teacher {name!r} runs in float32 (a 0.5M-parameter UNet with BatchNorm)")
-        try:
-            return load_flow_teacher(device=dev)
-        except (OSError, ValueError) as e:
-            raise TeacherLoadError(f"teacher {name!r}: {e}") from None
+        return _load_flow(None, name, dev, dtype)
     path = Path(name).expanduser()
     if not path.exists():
         raise TeacherLoadError(
-            f"unknown teacher {name!r}: expected 'tiny', 'sd15' or an existing diffusers pipeline folder, "
-            f"and no folder {str(path.resolve())!r} exists.")
+            f"unknown teacher {name!r}: expected 'tiny', 'sd15', a flow teacher's run folder or an existing "
+            f"diffusers pipeline folder, and no folder {str(path.resolve())!r} exists.")
+    from cdlab.flow.pipeline import is_flow_run
+
+    if is_flow_run(path):  # a flow teacher trained by `cdlab.flow.train_teacher` (the Train tab): its students load on it
+        return _load_flow(path, name, dev, dtype)
     return _load_local(path, name, str(path.resolve()), dev, dtype)
+
+
+def _load_flow(folder: Path | None, name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The flow teacher of ``folder`` (None: the shipped one), named ``name``; `TeacherLoadError` on a bad one."""
+    from cdlab.flow.pipeline import load_flow_teacher
+
+    if dtype != torch.float32:
+        raise TeacherLoadError(f"teacher {name!r} runs in float32 (a 0.5M-parameter UNet with BatchNorm)")
+    try:
+        return load_flow_teacher(folder, device=device, name=name)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit the state's UNet
+        raise TeacherLoadError(f"teacher {name!r}: {e}") from None
 
 
 def load_teacher_with_fallback(

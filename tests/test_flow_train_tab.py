@@ -185,7 +185,7 @@ def teacher_jobs(tmp_path, fashion_dir) -> JobManager:
 @pytest.mark.slow
 def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     """A reflow student (piecewise, 2 windows) of a teacher run launched through the JobManager; the poll reads its
-    loss rows."""
+    loss rows. The app then serves the teacher run with that student."""
     jobs, runs = teacher_jobs, teacher_jobs.runs_dir
     for bad, named in [({"teacher_run": "../x"}, "teacher run"), ({"method": "gan"}, "method"),
                        ({"pairs": 10 ** 6}, "reflow pairs"), ({"lr": "nan"}, "student learning rate"),
@@ -220,6 +220,29 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     assert card["base_fingerprint"] == flow_fingerprint(runs / "teacher")  # the run's weights, not only its folder
     assert card["num_boundaries"] == card["training_config"]["windows"] == 2
     assert not R.resumable(runs / "student-a") and R.run_kind(runs / "student-a") == "flow-student"
+
+    # The app serves that teacher run (`python app.py --model runs/teacher`): every tab on it, Compare with its
+    # own student and none of the shipped ones (a LoRA fits only the weights it was trained on), no second flow
+    # section beside it; the evaluation CLI takes the same folder.
+    from cdlab.paths import REPO_ROOT
+    from cdlab.teachers import TeacherLoadError, load_teacher
+    from cdlab.ui import session as S
+    from cdlab.ui.compare import TEACHER_50, Comparer
+
+    teacher = load_teacher(str(runs / "teacher"), device="cpu")
+    assert teacher.base_id == str((runs / "teacher").resolve()) and teacher.base_fingerprint == card["base_fingerprint"]
+    assert f"of the run {str(runs / 'teacher')!r}" in teacher.describe() and teacher.unet.num_hiddens == 8
+    assert S.load_flow(teacher) is None and F.is_flow_teacher(str(runs / "teacher"), teacher)
+    assert [c.name for c in Comparer(teacher, adapters_root=REPO_ROOT / "adapters").students()] == []
+    comparer = Comparer(teacher, adapters_root=runs.parent / "adapters", batching=False)
+    assert comparer.column_choices() == [TEACHER_50, "teacher-4 (naive)", "student-a"]
+    res = comparer.run("Sneaker", 0, teacher.guidance, "as trained", ["student-a", TEACHER_50])
+    assert [(c.label, c.nfe, c.error) for c in res.columns] == [("student-a (4 steps)", 4, None), (TEACHER_50, 100, None)]
+    (runs / "not-a-teacher").mkdir()
+    (runs / "not-a-teacher" / "state.json").write_text("{}")
+    (runs / "not-a-teacher" / "unet.safetensors").write_bytes(b"")
+    with pytest.raises(TeacherLoadError, match="not-a-teacher"):
+        load_teacher(str(runs / "not-a-teacher"), device="cpu")
 
 
 @pytest.mark.slow

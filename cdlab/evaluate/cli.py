@@ -4,6 +4,7 @@
     python -m cdlab evaluate --edit [--n 128]                # the edits of cdlab.edit (cdlab.evaluate.edit)
     python -m cdlab evaluate --model sd15 --n 2048 --prompts data/coco/metadata.jsonl   # CLIP, FID-SD, LPIPS
     python -m cdlab evaluate --model fashion-flow --n 2000   # the flow track (cdlab.flow.evaluate): FID, accuracy
+    python -m cdlab evaluate --model runs/flow-teacher-1     # the same, on a flow teacher run and its students
 
 Writes ``evals/<timestamp>/{results.json, table.md, quality_vs_nfe.png}`` (``CDLAB_EVALS_DIR`` overrides
 ``evals/``), or with ``--edit`` ``evals/edit-<timestamp>/{edit_results.json, edit_table.md}``. ``--out`` and a
@@ -45,7 +46,8 @@ def _names(text: str | None) -> list[str] | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdlab evaluate", description=DESCRIPTION)
-    parser.add_argument("--model", default="tiny", help="tiny | sd15 | fashion-flow | a local pipeline folder (default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | sd15 | fashion-flow | a flow teacher's run folder | a local pipeline folder "
+                        "(default tiny)")
     parser.add_argument("--n", type=int, default=None,
                         help=f"prompts (default {DEFAULT_N} for the tiny world, all of --prompts, or the course's 8); "
                              "FID-SD needs 2048 or more")
@@ -111,12 +113,13 @@ def _edit_main(args: argparse.Namespace) -> int:
 
 
 def _flow_main(args: argparse.Namespace) -> int:
-    """``--model fashion-flow``: the flow track's evaluation (`cdlab.flow.evaluate`: FID in the judge's features,
-    class accuracy, diversity) of the shipped flow teacher and its students (``--students``, default all), at
-    ``--student-steps`` on the noises of ``--seed``."""
+    """``--model fashion-flow`` or a flow teacher's run folder: the flow track's evaluation (`cdlab.flow.evaluate`:
+    FID in the judge's features, class accuracy, diversity) of that teacher and its students (``--students``,
+    default all), at ``--student-steps`` on the noises of ``--seed``."""
     from cdlab.flow.evaluate import main as flow_main
 
-    argv = ["--n", str(args.n or 2000), "--seed", str(args.seed), "--steps", *map(str, args.student_steps)] + (
+    teacher = [] if args.model == teachers.FLOW_TEACHER else ["--teacher", args.model]
+    argv = teacher + ["--n", str(args.n or 2000), "--seed", str(args.seed), "--steps", *map(str, args.student_steps)] + (
         ["--out", args.out] if args.out else []) + (["--overwrite"] if args.overwrite else []) + (
         ["--device", args.device] if args.device else []) + (
         ["--guidance", str(args.guidance)] if args.guidance is not None else []) + [
@@ -126,7 +129,9 @@ def _flow_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.model == teachers.FLOW_TEACHER:
+    from cdlab.flow.pipeline import is_flow_run
+
+    if args.model == teachers.FLOW_TEACHER or is_flow_run(args.model):
         return _flow_main(args)
     if args.edit:
         return _edit_main(args)

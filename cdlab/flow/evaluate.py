@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else None
     try:
         check_out_dir(out, "results.json", args.overwrite)
-        teacher = load_flow_teacher(args.teacher, args.device)
+        teacher = load_flow_teacher(args.teacher, args.device, name=args.teacher or FLOW_TEACHER)
         cards = ([read_card(s, args.adapters) for s in args.student] if args.student is not None
                  else students_of(teacher, args.adapters))
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:

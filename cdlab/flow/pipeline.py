@@ -33,7 +33,8 @@ from cdlab.flow.data import CLASS_NAMES
 from cdlab.flow.model import FLOW_SCHEDULE, FlowModel
 from cdlab.paths import FLOW_ID, assets_dir, weights_fingerprint
 
-__all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "flow_base_id", "load_flow_teacher"]
+__all__ = ["FLOW_TEACHER_DIR", "FLOW_GUIDANCE", "FlowPipeline", "FlowTeacher", "is_flow_run", "flow_base_id",
+           "load_flow_teacher"]
 
 FLOW_TEACHER_DIR = assets_dir() / "fashion-flow"
 # The teacher's CFG scale in the app and for its students: 1.5, not the seed's 5. In the judge's features the
@@ -223,7 +224,19 @@ class FlowTeacher:
         return latents.float().clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def describe(self) -> str:
-        return f"Fashion-MNIST flow teacher (class-conditioned, 28 px) · {self.device} · float32"
+        which = "" if self.base_id == FLOW_ID else f" of the run {self.name!r}"
+        return f"Fashion-MNIST flow teacher{which} (class-conditioned, 28 px) · {self.device} · float32"
+
+
+def is_flow_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a flow teacher as `cdlab.flow.train_teacher` writes one (its ``state.json`` beside
+    the weights: the shipped teacher, or a run of the Train tab's), not a diffusers pipeline (``model_index.json``).
+    Only the files' presence: `load_flow_teacher` reads and checks them."""
+    from cdlab.flow.train_teacher import teacher_weights
+
+    folder = Path(folder)
+    return (folder / "state.json").is_file() and teacher_weights(folder).is_file() and \
+        not (folder / "model_index.json").exists()
 
 
 def flow_base_id(folder: str | Path | None = None) -> str:

@@ -26,7 +26,7 @@ from cdlab.flow.student_config import METHODS, StudentConfig  # METHODS: the one
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
-from cdlab.teachers import FLOW_TEACHER
+from cdlab.teachers import FLOW_TEACHER, class_names
 from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
 from cdlab.ui import runs as runs_mod
@@ -56,9 +56,10 @@ _INFO = {"minutes": "the run stops at a checkpoint then; Resume continues it",
 
 
 def is_flow_teacher(model: str, teacher: Any) -> bool:
-    """Whether the app serves the flow teacher: model ``"fashion-flow"`` or a teacher whose ``base_id`` is
-    ``"cdlab/fashion-flow"`` (any object: the app's `FlowTeacher`, a test's stand-in)."""
-    return model == FLOW_TEACHER or getattr(teacher, "base_id", None) == FLOW_ID
+    """Whether the app serves a flow teacher: model ``"fashion-flow"``, a teacher whose ``base_id`` is
+    ``"cdlab/fashion-flow"`` (any object: the app's `FlowTeacher`, a test's stand-in), or one whose prompt is a
+    class (`cdlab.teachers.class_names`: a flow teacher's run folder)."""
+    return model == FLOW_TEACHER or getattr(teacher, "base_id", None) == FLOW_ID or bool(class_names(teacher))
 
 
 def form_fields() -> list[FormField]:

@@ -28,8 +28,8 @@ def default_model() -> str:
 
 
 def load(model: str | None = None) -> Any:
-    """Load the teacher for the app: ``tiny`` | ``sd15`` | ``sd15-random`` | ``fashion-flow`` | a local folder;
-    None picks `default_model`.
+    """Load the teacher for the app: ``tiny`` | ``sd15`` | ``sd15-random`` | ``fashion-flow`` | a local folder (a
+    diffusers pipeline, or a flow teacher's run folder); None picks `default_model`.
 
     SD1.5 (asked for or chosen by default) falls back to the tiny teacher when it cannot load; the
     returned teacher's ``fallback_reason`` says why. Other failures raise ``TeacherLoadError``.
@@ -42,12 +42,12 @@ def load(model: str | None = None) -> Any:
     return load_teacher(name)
 
 
-def load_flow(model: str | None) -> Any:
-    """The flow teacher for the page's flow-matching section, beside the main teacher; None when the main
-    teacher is the flow teacher already (``--model fashion-flow``)."""
-    from cdlab.teachers import FLOW_TEACHER, load_teacher
+def load_flow(teacher: Any) -> Any:
+    """The shipped flow teacher for the page's flow-matching section, beside the main ``teacher``; None when the
+    main teacher is a flow teacher already (``--model fashion-flow``, or a flow teacher's run folder)."""
+    from cdlab.teachers import FLOW_TEACHER, class_names, load_teacher
 
-    return None if model == FLOW_TEACHER else load_teacher(FLOW_TEACHER, device="cpu")
+    return None if class_names(teacher) else load_teacher(FLOW_TEACHER, device="cpu")
 
 
 def header_line(teacher: Any) -> str:
