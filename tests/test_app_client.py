@@ -120,7 +120,7 @@ ENDPOINTS = {
     "/flow_show_evaluation": (["name"], ["table", "quality_against_nfe", "summary"]),
     "/flow_train_start": (["minutes", "num_epochs", "epoch_images", "batch_size", "lr", "num_hiddens", "owner",
                            "instructor_token"], ["runs_app_and_cli", "owner"]),
-    "/flow_train_flow_student": (["teacher_run", "method", "sample_steps", "steps", "batch_size", "lr", "pairs",
+    "/flow_train_flow_student": (["teacher_run", "method", "init", "sample_steps", "steps", "batch_size", "lr", "pairs",
                                   "guidance", "lora_rank", "windows", "num_boundaries", "gan_weight", "disc_lr",
                                   "lr_decay_steps", "shift", "regression_weight", "adam_beta1", "gan_clip", "owner",
                                   "instructor_token"],

@@ -63,14 +63,15 @@ def test_flow_train_tab_builds_and_says_how_to_get_missing_data(tmp_path, monkey
     assert [c.label for c in tab.ui.inputs] == [f.label for f in F.form_fields()]
     assert tab.ui.form_extra == [] and not tab.ui.start.interactive  # no data: Start is off, the page says why
     assert [c.label for c in tab.ui.student.inputs] == [f.label for f in F.student_fields()]  # the folded 2nd form
+    assert tab.ui.student.init.choices == [(F.NO_INIT, "")]  # no teacher run yet: no student to start from
     with pytest.raises(gr.Error, match="teacher run"):
-        tab.fn.start_student("../../etc", "reflow", 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 10.0, 0.9, "no", "")
+        tab.fn.start_student("../../etc", "reflow", "", 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 10.0, 0.9, "no", "")
     for method, gan in (("cd", 0.0), ("dmd", 0.05)):  # CD's data and the GAN term's real images: the hint
         with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
-            tab.fn.start_student("teacher", method, 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, 1.0, 10.0, 0.9, "no",
+            tab.fn.start_student("teacher", method, "", 4, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, gan, 1e-3, 0, 1.0, 10.0, 0.9, "no",
                                  "")
     with pytest.raises(gr.Error, match="No flow teacher run"):  # reflow and DMD alone need no real images
-        tab.fn.start_student("teacher", "dmd", 1, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 0.3, 0.0, "no", "")
+        tab.fn.start_student("teacher", "dmd", "", 1, 5, 8, 1e-3, 16, 2.0, 4, 1, 1, 0.0, 1e-3, 0, 1.0, 0.3, 0.0, "no", "")
     with pytest.raises(gr.Error, match="apt-get install dataset-fashion-mnist"):
         tab.fn.start(*TINY.values(), "")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -204,7 +205,9 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
                        ({"adam_beta1": 1}, "beta1"), ({"adam_beta1": "nan"}, "beta1"),
                        ({"method": "dmd", "gan_clip": "yes"}, "gan clip"),
                        ({"method": "dmd", "gan_weight": 0.05, "gan_clip": True}, "clipped to"),
-                       ({"method": "dmd", "gan_weight": 0.05, "gan_clip": "on"}, "clipped to")]:
+                       ({"method": "dmd", "gan_weight": 0.05, "gan_clip": "on"}, "clipped to"),
+                       ({"init": "../x"}, "start from student"), ({"init": 5}, "start from student"),
+                       ({"init": "a" * 65}, "start from student")]:
         with pytest.raises(ValueError, match=named):
             F.student_settings({"teacher_run": "teacher", **bad})
     with pytest.raises(JobError, match="No flow teacher run"):
@@ -243,6 +246,22 @@ def test_a_student_of_a_flow_teacher_run_from_the_tab(teacher_jobs):
     (runs / "not-a-teacher" / "unet.safetensors").write_bytes(b"")
     with pytest.raises(TeacherLoadError, match="not-a-teacher"):
         load_teacher(str(runs / "not-a-teacher"), device="cpu")
+
+    # A second student started from the first (`--init`, as fashion-dmd-1 from fashion-reflow-1): the form offers
+    # the run's own students; one of another teacher, a missing one or a wider one than the run's rank is refused.
+    assert F.init_choices(jobs, "teacher") == [(F.NO_INIT, ""), ("student-a", "student-a")]
+    assert F.init_choices(jobs, "../teacher") == F.init_choices(jobs, "nope") == [(F.NO_INIT, "")]
+    for init, rank, named in [("fashion-reflow-1", 4, "no student 'fashion-reflow-1'"),
+                              ("student-a", 2, "rank 4; a run started from it needs a rank of at least that")]:
+        with pytest.raises(JobError, match=f"Start from student: .*{named}"):
+            jobs.start_flow_student(F.student_settings({"teacher_run": "teacher", "init": init, "lora_rank": rank}))
+    settings = F.student_settings({"teacher_run": "teacher", "method": "dmd", "init": "student-a", "steps": 2,
+                                   "batch_size": 4, "pairs": 16, "lora_rank": 4}, run_name="student-c")
+    jobs.start_flow_student(settings, owner="tok")
+    v = _wait(jobs, "student-c", lambda v: not v.active, timeout=90)
+    assert (v.state, v.step) == ("finished", 2), v.status_md
+    card_c = json.loads((runs.parent / "adapters" / "student-c" / "card.json").read_text())
+    assert card_c["method"] == "dmd" and card_c["training_config"]["init"] == "student-a"
 
 
 @pytest.mark.slow
@@ -298,9 +317,15 @@ def test_a_multi_boundary_cd_student_from_the_form_reaches_the_command_line():
     assert "--gan-clip" not in cmd and "--adam-beta1" not in cmd
     one = F.student_settings({"teacher_run": "teacher", "method": "dmd", "sample_steps": 1, "regression_weight": 0.3,
                               "gan_weight": 0.05, "adam_beta1": 0, "gan_clip": "yes"}, run_name="dmd")
-    args, _ = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), one)[3:])
+    args, rest = p.parse_known_args(flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), one)[3:])
     cfg = distill.config_from_args(p, args)  # a one-step DMD run held still ("From the first step", docs/flow.md)
     assert (cfg.sample_steps, cfg.regression_weight, cfg.adam_beta1, cfg.gan_clip) == (1, 0.3, 0.0, True)
+    assert "--init" not in rest  # a fresh LoRA unless a student is picked
+    from_reflow = F.student_settings({"teacher_run": "teacher", "method": "dmd", "init": "fashion-reflow-1"},
+                                     run_name="dmd")  # the shipped one-step recipe's start
+    cmd = flow_student_command("python", Path("runs/teacher"), Path("runs/dmd"), from_reflow)
+    assert cmd[cmd.index("--init") + 1] == "fashion-reflow-1" and F.student_settings(
+        {"teacher_run": "teacher", "init": ""})["init"] is None
     from cdlab.flow.student_config import config_flags  # the command line's one writer refuses a stray key by name
     with pytest.raises(ValueError, match="not StudentConfig fields: .'shell'."):
         config_flags({"method": "dmd", "shell": "rm"})

@@ -111,7 +111,7 @@ from cdlab.students.roles import FAKE_SCORE, adapter_role
 
 __all__ = ["lora_targets", "attach_flow_lora", "cd_loss",
            "reflow_loss", "dmd_loss", "dmd_fake_update", "StudentConfig", "distill", "save_checkpoint", "load_checkpoint", "student_card",
-           "save_flow_student", "student_lora", "widen_lora", "lora_weights", "set_lora_weights", "make_discriminator", "gan_argument",
+           "save_flow_student", "init_card", "student_lora", "widen_lora", "lora_weights", "set_lora_weights", "make_discriminator", "gan_argument",
            "main"]
 
 ADAPTER = "student"
@@ -417,13 +417,13 @@ def _fake_updates(unet: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
     return dmd_fake_updates(cfg.fake_steps, fresh() if x_g is None else (x_g, labels), fresh, update)
 
 
-def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
-    file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
-    must be ``teacher``'s (its folder; None: the shipped teacher): its id, and its weights where the card records
-    them (`StudentCard.fits`)."""
+def init_card(name: str, root: str | Path | None = None, teacher: str | Path | None = None,
+              lora_rank: int | None = None) -> StudentCard:
+    """The card of the student a run starts from (``--init``), refused (`StudentError`, naming it) unless it is
+    ``teacher``'s (its folder; None: the shipped teacher): its id, and its weights where the card records them
+    (`StudentCard.fits`); with ``lora_rank``, unless its rank is at most that (`widen_lora` pads, never cuts)."""
     from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
-    from cdlab.students import WEIGHT_NAME, read_card
+    from cdlab.students import read_card
 
     card = read_card(name, root)
     if card.base_model != flow_base_id(teacher):
@@ -432,6 +432,20 @@ def student_lora(name: str, root: str | Path | None = None, teacher: str | Path 
     if not card.fits(card.base_model, weights):
         raise StudentError(f"student {name!r} is a student of other weights of {card.base_model!r} (fingerprint "
                            f"{card.base_fingerprint}, this teacher's {weights}): the teacher was trained again since")
+    if lora_rank is not None and card.lora_rank is not None and card.lora_rank > lora_rank:
+        raise StudentError(f"student {name!r} has LoRA rank {card.lora_rank}; a run started from it needs a rank of "
+                           f"at least that, not {lora_rank}")
+    return card
+
+
+def student_lora(name: str, root: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """A saved student's LoRA as this module's adapter parameters (``...lora_A.student.weight``), from the lab's
+    file (``unet.``-prefixed peft keys with alpha/r folded into ``lora_B``; rank = alpha, so scale 1). The student
+    must be ``teacher``'s (its folder; None: the shipped teacher): its id, and its weights where the card records
+    them (`StudentCard.fits`)."""
+    from cdlab.students import WEIGHT_NAME
+
+    init_card(name, root, teacher)
     state = load_file(str(student_dir(name, root) / WEIGHT_NAME))
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k[len("unet."):]): v for k, v in state.items()}
 

@@ -26,6 +26,7 @@ from cdlab.flow.student_config import METHODS, StudentConfig  # METHODS: the one
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.flow.train_teacher import TeacherConfig, total_steps
 from cdlab.paths import FLOW_ID, shown_path
+from cdlab.students import StudentError, validate_name
 from cdlab.teachers import FLOW_TEACHER, class_names
 from cdlab.train.config import APP_LIMITS, RUN_NAME_RE
 from cdlab.ui import hosting as H
@@ -93,6 +94,7 @@ def form_to_settings(values: dict[str, Any], *, grid_steps: int = GRID_STEPS,
 
 
 _CLI = StudentConfig()  # python -m cdlab.flow.distill's defaults
+NO_INIT = "none: a fresh LoRA on the teacher"
 STUDENT_DEFAULTS = {"method": "reflow", "steps": 500, "batch_size": 128, "lr": 1e-3, "pairs": 2000,
                     "guidance": FLOW_GUIDANCE,  # the guidance the shipped students were distilled at
                     "lora_rank": 16, "windows": 1, "num_boundaries": 1, "gan_weight": 0.0, "disc_lr": 1e-3,
@@ -138,13 +140,14 @@ def student_fields() -> list[FormField]:
 def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> dict[str, Any]:
     """Check the student form (every field hostile) and return the settings for
     `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
-    checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), the values of
-    `student_fields` (``gan_clip`` a bool) and ``run_name``. Raises ``ValueError`` whose message names the field:
+    checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), ``init`` (the
+    student it starts from, a name by `cdlab.students.validate_name`, or None; the job manager checks it is one of
+    that teacher run's), the values of `student_fields` (``gan_clip`` a bool) and ``run_name``. Raises ``ValueError`` whose message names the field:
     an unknown key, a value out of its range or choices, or a method's own field set with another method."""
     if not isinstance(values, dict):
         raise ValueError("config: the form must be a set of named fields.")
     fields = student_fields()
-    unknown = sorted(str(k)[:40] for k in set(values) - {f.key for f in fields} - {"teacher_run", "method"})
+    unknown = sorted(str(k)[:40] for k in set(values) - {f.key for f in fields} - {"teacher_run", "method", "init"})
     if unknown:
         raise ValueError(f"config: unknown form field(s) {unknown}.")
     teacher = values.get("teacher_run")
@@ -153,6 +156,11 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
     method = values.get("method", STUDENT_DEFAULTS["method"])
     if method not in METHODS:
         raise ValueError(f"config: method must be one of {METHODS}, got {str(method)[:40]!r}.")
+    init = values.get("init") or None  # "" and None: from the teacher (a fresh LoRA)
+    try:
+        init = None if init is None else validate_name(init)
+    except StudentError:
+        raise ValueError(f"config: start from student must be a student's name, got {str(init)[:40]!r}.") from None
     out: dict[str, Any] = {f.key: check_field(f, values.get(f.key, f.default)) for f in fields}
     for key, owner, called in _BELONGS:
         if out[key] != STUDENT_DEFAULTS[key] and method != owner:
@@ -161,7 +169,7 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
     out["gan_clip"] = out["gan_clip"] == "yes"
     if out["gan_clip"] and not out["gan_weight"]:
         raise ValueError("config: DMD's GAN term judges clipped samples only with a GAN weight above 0 (gan clip).")
-    return {**out, "teacher_run": teacher, "method": method,
+    return {**out, "teacher_run": teacher, "method": method, "init": init,
             "run_name": run_name or f"flow-student-{time.strftime('%Y%m%d-%H%M%S')}"}
 
 
@@ -207,13 +215,28 @@ def teacher_runs(jobs: JobManager) -> list[str]:
             if runs_mod.run_kind(r.path) == runs_mod.FLOW_TEACHER and runs_mod.resumable(r.path)]
 
 
+def init_choices(jobs: JobManager, teacher_run: Any) -> list[tuple[str, str]]:
+    """The students a run of ``teacher_run`` may start from (``--init``): those of that run's weights in the
+    manager's adapters folder, after ``("none: a fresh LoRA", "")``."""
+    from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
+    from cdlab.students import list_students
+
+    choices = [(NO_INIT, "")]
+    folder = jobs.runs_dir / str(teacher_run or "")
+    if not isinstance(teacher_run, str) or not RUN_NAME_RE.fullmatch(teacher_run) or \
+            runs_mod.run_kind(folder) != runs_mod.FLOW_TEACHER or not runs_mod.resumable(folder):
+        return choices
+    cards = list_students(jobs.adapters_root(), flow_base_id(folder), flow_fingerprint(folder))
+    return choices + [(c.name, c.name) for c in cards]
+
+
 def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[JobManager], list]) -> Callable:
     """The tab's ``/train_flow_student``: a few-step student of a flow teacher run (`student_settings`), through
     `cdlab.ui.jobs.JobManager.start_flow_student`; the host's rules as for Start."""
     import gradio as gr
 
     @user_errors
-    def do_start_student(teacher_run, method, sample_steps, steps, batch_size, lr, pairs, guidance, lora_rank,
+    def do_start_student(teacher_run, method, init, sample_steps, steps, batch_size, lr, pairs, guidance, lora_rank,
                          windows, num_boundaries, gan_weight, disc_lr, lr_decay_steps, shift, regression_weight,
                          adam_beta1, gan_clip, owner, instructor_token=""):
         """Distil a student from a flow teacher run; every field is checked (every value is untrusted)."""
@@ -221,7 +244,7 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         policy.require_instructor(instructor_token, "Training")
         settings = student_settings(dict(
-            teacher_run=teacher_run, method=method, sample_steps=sample_steps, steps=steps, batch_size=batch_size,
+            teacher_run=teacher_run, method=method, init=init, sample_steps=sample_steps, steps=steps, batch_size=batch_size,
             lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank, windows=windows,
             num_boundaries=num_boundaries, gan_weight=gan_weight, disc_lr=disc_lr, lr_decay_steps=lr_decay_steps,
             shift=shift, regression_weight=regression_weight, adam_beta1=adam_beta1, gan_clip=gan_clip))
@@ -232,14 +255,14 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
         job = jobs.start_flow_student(settings, owner=owner)
         return gr.Dropdown(choices=run_choices(jobs), value=job.run_name), owner
 
-    keys = ["teacher_run", "method", *(f.key for f in student_fields())]
+    keys = ["teacher_run", "method", "init", *(f.key for f in student_fields())]
     assert keys == list(inspect.signature(do_start_student).parameters)[:len(keys)], "form != do_start_student"
     return do_start_student
 
 
 def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> SimpleNamespace:
-    """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, `student_fields` and the
-    Distil button. Its student is saved as every student is, ``adapters/<run name>/`` with its card."""
+    """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, the student it starts from
+    (`init_choices`), `student_fields` and the Distil button. Its student is saved as every student is, ``adapters/<run name>/`` with its card."""
     import gradio as gr
 
     with gr.Accordion("Distil a few-step student from a teacher run", open=False):
@@ -253,6 +276,10 @@ def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> Simpl
                                                   "dmd: distribution matching against the teacher, with a fake-score "
                                                   "LoRA and a regression on the teacher pairs (and, with a GAN "
                                                   "weight, DMD2's discriminator on real images)"))
+        st.init = gr.Dropdown(init_choices(jobs, st.teacher_run.value), value="", label="start from student",
+                              info="a student of this teacher run (--init): fashion-dmd-1 started from "
+                                   "fashion-reflow-1, itself from fashion-reflow-4; a LoRA rank at least its own",
+                              elem_id=prefix + "flow-student-init")
         st.inputs = form_inputs(student_fields())
         st.start = gr.Button("Distil", interactive=training_on, elem_id=prefix + "flow-student-start")
     return st

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cdlab.flow.student_config import StudentConfig, config_flags
-from cdlab.paths import REPO_ROOT, read_json, write_json_atomic
+from cdlab.paths import REPO_ROOT, adapters_dir, read_json, shown_text, write_json_atomic
 from cdlab.train.config import RUN_NAME_RE
 from cdlab.train.stopping import PARENT_ENV  # the app's pid, given to its trainer: it stops when that is gone
 from cdlab.ui import runs as runs_mod
@@ -97,6 +97,11 @@ class JobManager:
         self.reap_orphan()
 
     # -- queries -----------------------------------------------------------------------------
+    def adapters_root(self) -> Path:
+        """Where this manager's trainers save their students: ``CDLAB_ADAPTERS_DIR`` as their environment has it."""
+        value = self.env.get("CDLAB_ADAPTERS_DIR")
+        return Path(value) if value else adapters_dir()
+
     @property
     def job(self) -> Job | None:
         return self._job
@@ -163,6 +168,14 @@ class JobManager:
         if not RUN_NAME_RE.fullmatch(teacher.name) or runs_mod.run_kind(teacher) != runs_mod.FLOW_TEACHER or \
                 not runs_mod.resumable(teacher):
             raise JobError(f"No flow teacher run named {teacher.name[:40]!r} with saved weights in runs/.")
+        if settings.get("init"):  # the student it starts from: one of this teacher run's, of no larger rank
+            from cdlab.flow.distill import init_card
+            from cdlab.students import StudentError
+
+            try:
+                init_card(settings["init"], self.adapters_root(), teacher, lora_rank=settings.get("lora_rank"))
+            except StudentError as e:
+                raise JobError(f"Start from student: {shown_text(str(e))}") from None
         return self._start_new({**settings, "kind": runs_mod.FLOW_STUDENT},
                                lambda cfg_path, run_dir: flow_student_command(self.python, teacher, run_dir, settings),
                                owner)
@@ -477,14 +490,15 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 
 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
-    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``:
-    the form's main numbers always, every other setting where it differs from the CLI's default
+    """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``,
+    from the student ``settings["init"]`` when set: the form's main numbers always, every other setting where it differs from the CLI's default
     (`cdlab.flow.student_config.config_flags`), and the discriminator's rate only with the GAN term."""
     fields = {f.name for f in dataclass_fields(StudentConfig)}
     recipe = {k: v for k, v in settings.items() if k in fields and (k != "disc_lr" or settings.get("gan_weight"))}
     always = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
+    init = ["--init", settings["init"]] if settings.get("init") else []
     return [python, "-m", "cdlab.flow.distill", "--teacher", str(teacher_dir), "--run-dir", str(run_dir),
-            "--name", Path(run_dir).name, *config_flags(recipe, always)]
+            "--name", Path(run_dir).name, *init, *config_flags(recipe, always)]
 
 
 def trainer_thread_env() -> dict[str, str]:

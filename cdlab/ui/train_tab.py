@@ -491,12 +491,17 @@ class TrainTab:
             lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
         if ui.student is not None:  # the flow teacher's second form: a student of a teacher run
             st = ui.student
-            named_errors(st.teacher_run, st.method, *st.inputs)
-            st.start.click(fn.start_student, [st.teacher_run, st.method, *st.inputs, owner, ui.instructor],
+            named_errors(st.teacher_run, st.method, st.init, *st.inputs)
+            st.start.click(fn.start_student, [st.teacher_run, st.method, st.init, *st.inputs, owner, ui.instructor],
                            [ui.run_dd, owner_out], api_name=self.api + "train_flow_student").success(
                 lambda o: o, owner_out, owner, api_visibility="private").success(**start_polling)
             ui.runs_refresh.click(lambda: gr.Dropdown(choices=flow_train.teacher_runs(self.jobs)), None,
                                   st.teacher_run, api_visibility="private")
+            # the students of the teacher run picked, fresh (one distilled since shows up)
+            init_of = dict(fn=lambda run: gr.Dropdown(choices=flow_train.init_choices(self.jobs, run), value=""),
+                           inputs=st.teacher_run, outputs=st.init, api_visibility="private")
+            st.teacher_run.change(**init_of)
+            ui.runs_refresh.click(**init_of)
         ui.stop.click(fn.stop, [ui.run_dd, owner, ui.instructor], ui.status, api_name=self.api + "train_stop").success(
             **start_polling)
         ui.resume.click(fn.resume, [ui.run_dd, owner, ui.instructor], ui.status, api_name=self.api + "train_resume").success(
