@@ -22,6 +22,17 @@ into a fall from its last step (a branch; the first trial's folder stays as it w
 ``--branch`` lets that copy continue under other rates, loss weights or pairs (``--regression-weight 3``, ...),
 with the fake score, the discriminator and Adam's moments kept: from the branch's step on, it is another run.
 
+``--pairs-from STUDENT`` learns from a few-step student's samples instead of the teacher's Euler-50 pairs
+(reflow's coupling, DMD's regression): ``(z, x1)`` with ``x1`` that student's sample from ``z`` at its card's
+steps, ``z`` and the classes as the teacher's pairs draw them (:func:`cdlab.flow.pairs.pair_labels`, the recipe's
+seed), kept in ``<out>/pairs-<student>-<count>.safetensors``. A 4-step student costs 4 NFE a pair where the
+teacher's pair costs 100, so a one-step student can be regressed on 25 times as many: knowledge distillation
+(Luhman & Luhman 2021) from a cheaper sampler:
+
+    python tools/flow_student_trial.py --out runs/trial-kd1 --init fashion-dmd-4 --pairs-from fashion-dmd-4 \
+        --every 500 -- --method reflow --reflow-times zero --sample-steps 1 --pairs 65536 --batch-size 128 \
+        --lr 1e-3 --steps 2000
+
 Choosing a step count by these figures is choosing it on the evaluation's own noise and test set: say so beside
 any figure chosen that way. docs/flow.md has the trials it printed.
 """
@@ -36,14 +47,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdlab.columns import student_column  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from cdlab.columns import run_columns, student_column  # noqa: E402
+from cdlab.flow import matching  # noqa: E402
+from cdlab.flow.pairs import pair_labels  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
 from cdlab.flow.distill import distill, save_flow_student  # noqa: E402
 from cdlab.flow.student_config import StudentConfig, add_config_arguments, config_from_args  # noqa: E402
 from cdlab.flow.evaluate import noise, sample_and_score  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 from cdlab.flow.student_checkpoint import CHECKPOINT_JSON, branches_of, recipe_changes  # noqa: E402
-from cdlab.paths import cache_dir, read_json  # noqa: E402
+from cdlab.paths import cache_dir, read_json, write_safetensors_atomic  # noqa: E402
 from cdlab.students import read_card  # noqa: E402
 
 
@@ -52,6 +68,29 @@ def recipe(argv: list[str]) -> StudentConfig:
     p = argparse.ArgumentParser(prog="recipe")
     add_config_arguments(p)
     return config_from_args(p, p.parse_args(argv))
+
+
+def student_pairs(teacher, name: str, cfg: StudentConfig, out: Path, report) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, x1)``: ``cfg.pairs`` noises drawn as the teacher's pairs draw them (the recipe's seed, the classes of
+    :func:`cdlab.flow.pairs.pair_labels`) and student ``name``'s samples from them at its card's steps, through
+    the column runner; read back from ``out`` when kept there."""
+    path = out / f"pairs-{name}-{cfg.pairs}.safetensors"
+    if path.is_file():
+        saved = load_file(str(path))
+        return saved["z"], saved["x1"]
+    began = time.monotonic()
+    labels = pair_labels(cfg.pairs)
+    z = torch.randn((cfg.pairs, 1, 28, 28), generator=torch.Generator().manual_seed(cfg.seed))
+    card = read_card(name)
+    col = student_column(card, None)  # its card's steps
+    prompts = [teacher.classes[int(y)] for y in labels]
+    x1 = torch.cat([run_columns(teacher, [col], prompts[i:i + 4096], list(range(i, min(i + 4096, cfg.pairs))),
+                                noise=z[i:i + 4096], decode=None, max_rows=matching.ROWS)[0].latents.float().cpu()
+                    for i in range(0, cfg.pairs, 4096)])
+    write_safetensors_atomic(path, {"z": z.contiguous(), "x1": x1.contiguous()})
+    report({"pairs_from": name, "pairs": cfg.pairs, "student_steps": col.steps,
+            "seconds": round(time.monotonic() - began, 1)})
+    return z, x1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-steps", type=int, default=None, help="sample at this many steps (default: the recipe's)")
     p.add_argument("--n", type=int, default=2000, help="samples per score")
     p.add_argument("--resume", action="store_true", help="continue the trial in --out to the recipe's --steps")
+    p.add_argument("--pairs-from", default=None, help="learn from this student's samples (a name in adapters/), "
+                   "not the teacher's pairs")
     p.add_argument("--branch", action="store_true", help="with --resume: the recipe may change a rate, a loss "
                    "weight or the pairs from the checkpoint's (distill's branch; a row says what changed)")
     args = p.parse_args(ours)
@@ -97,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    pairs = None if args.pairs_from is None else student_pairs(teacher, args.pairs_from, cfg, out, report)
     if args.init is not None and not done:
         report({"step": 0, "init": args.init, "eval_steps": k, **scored(args.init, None)})
     if changes:
@@ -104,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for steps in range(done + args.every, cfg.steps + 1, args.every):
         unet, done = distill(args.teacher, dataclasses.replace(cfg, steps=steps), init=args.init,
                              checkpoint=out / "checkpoint", pair_cache=cache_dir(), log=lambda line: None,
-                             branch=args.branch)
+                             branch=args.branch, pairs=pairs)
         name = f"s{done}"
         save_flow_student(unet, name, cfg, out / "students", teacher=args.teacher, trained_steps=done,
                           init=args.init, overwrite=True, branches=branches_of(out / "checkpoint"))

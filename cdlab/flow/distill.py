@@ -252,7 +252,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
             device: str = "cpu", max_seconds: float | None = None, log: Callable[[str], None] = print,
             on_step: Callable[[int, float], bool] | None = None, checkpoint: str | Path | None = None,
             checkpoint_every: int = CHECKPOINT_EVERY, pair_cache: str | Path | None = None,
-            should_stop: Callable[[], bool] | None = None, branch: bool = False) -> tuple[nn.Module, int]:
+            should_stop: Callable[[], bool] | None = None, branch: bool = False,
+            pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
     """Train a student LoRA on the teacher's UNet for ``cfg.steps`` steps (or until ``max_seconds`` have passed);
     returns the UNet with the adapter (eval mode; with ``cfg.student_ema``, the adapter's average) and the steps
     taken. ``init``: start from that student's LoRA (a name in ``root``, default ``adapters/``).
@@ -265,8 +266,12 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     reflow's teacher pairs are kept (:mod:`cdlab.flow.pairs`); ``should_stop`` ends the run while they are
     drawn (the steps taken are then the checkpoint's, or 0). ``branch``: the checkpoint continues under this recipe
     where it differs in a rate, a loss weight or the pairs (:func:`load_checkpoint`'s ``BRANCHABLE``), keeping the
-    fake score, the discriminator and Adam's state."""
+    fake score, the discriminator and Adam's state. ``pairs``: ``(z, x1)`` of the classes `pair_labels` gives, learnt
+    from in place of the teacher's (reflow, DMD's regression): another sampler's (`tools/flow_kd_trial.py`: a few-step
+    student's samples, knowledge distillation as Luhman & Luhman 2021 from a cheaper sampler)."""
     dev = torch.device(device)
+    if pairs is not None and (len(pairs) != 2 or any(len(p) != cfg.pairs for p in pairs)):
+        raise ValueError(f"pairs: two tensors of cfg.pairs = {cfg.pairs} rows each (z, x1)")
     with torch.random.fork_rng(devices=[]):  # LoRA A's random start from cfg.seed: a run is reproducible
         torch.manual_seed(cfg.seed)
         unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
@@ -289,9 +294,10 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})"
             + (f"; its recipe's changes: {history}" if history else ""))
     if cfg.method in ("reflow", "dmd"):
-        with adapter_role(unet, None):  # the teacher: the adapter off
-            pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed, windows=cfg.windows,
-                                         cache=pair_cache, log=log, should_stop=should_stop)
+        if pairs is None:
+            with adapter_role(unet, None):  # the teacher: the adapter off
+                pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed,
+                                             windows=cfg.windows, cache=pair_cache, log=log, should_stop=should_stop)
         if pairs is None:
             log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
             return unet.eval(), done
