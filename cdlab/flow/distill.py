@@ -88,7 +88,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -267,8 +267,8 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     drawn (the steps taken are then the checkpoint's, or 0). ``branch``: the checkpoint continues under this recipe
     where it differs in a rate, a loss weight or the pairs (:func:`load_checkpoint`'s ``BRANCHABLE``), keeping the
     fake score, the discriminator and Adam's state. ``pairs``: ``(z, x1)`` of the classes `pair_labels` gives, learnt
-    from in place of the teacher's (reflow, DMD's regression): another sampler's (`tools/flow_kd_trial.py`: a few-step
-    student's samples, knowledge distillation as Luhman & Luhman 2021 from a cheaper sampler)."""
+    from in place of the teacher's (reflow, DMD's regression): another sampler's (`tools/flow_student_trial.py --pairs-from`:
+    a few-step student's samples, knowledge distillation as Luhman & Luhman 2021 from a cheaper sampler)."""
     dev = torch.device(device)
     if pairs is not None and (len(pairs) != 2 or any(len(p) != cfg.pairs for p in pairs)):
         raise ValueError(f"pairs: two tensors of cfg.pairs = {cfg.pairs} rows each (z, x1)")
@@ -293,20 +293,10 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if done:
         log(f"{cfg.method}: continuing from step {done} ({shown_path(checkpoint)})"
             + (f"; its recipe's changes: {history}" if history else ""))
-    if cfg.method in ("reflow", "dmd"):
-        if pairs is None:
-            with adapter_role(unet, None):  # the teacher: the adapter off
-                pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed,
-                                             windows=cfg.windows, cache=pair_cache, log=log, should_stop=should_stop)
-        if pairs is None:
-            log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
-            return unet.eval(), done
-        data = (*pairs, pair_labels(cfg.pairs))
-    if cfg.method == "cd" or head is not None:  # the real training images: CD's data, the GAN's real side
-        from cdlab.flow.data import load_fashion_mnist
-
-        real = load_fashion_mnist("train")
-        data = real if cfg.method == "cd" else (*data, *real)
+    data = _training_data(unet, cfg, head, pairs, cache=pair_cache, log=log, should_stop=should_stop)
+    if data is None:
+        log(f"{cfg.method}: stopped while drawing the teacher's pairs, at step {done}")
+        return unet.eval(), done
     gan = gan_argument(unet, head)
     start = time.monotonic()
     for step in range(done, cfg.steps):
@@ -334,6 +324,27 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     if average is not None:  # the student is the average (the checkpoint above keeps the last weights too)
         set_lora_weights(unet, average)
     return unet.eval(), done
+
+
+def _training_data(unet: nn.Module, cfg: StudentConfig, head: Any, pairs: tuple | None, **draw: Any) -> tuple | None:
+    """What :func:`distill` trains on: reflow's and DMD's pairs ``(z, x1, labels)`` (``pairs``, else the teacher's,
+    drawn or read back by :func:`cdlab.flow.pairs.cached_teacher_pairs` with ``draw``), CD's real images and
+    labels, and after the pairs the real images of the GAN's real side; None when stopped while drawing."""
+    data: tuple = ()
+    if cfg.method in ("reflow", "dmd"):
+        if pairs is None:
+            with adapter_role(unet, None):  # the teacher: the adapter off
+                pairs = cached_teacher_pairs(unet, cfg.pairs, guidance=cfg.guidance, seed=cfg.seed,
+                                             windows=cfg.windows, **draw)
+        if pairs is None:
+            return None
+        data = (*pairs, pair_labels(cfg.pairs))
+    if cfg.method == "cd" or head is not None:  # the real training images: CD's data, the GAN's real side
+        from cdlab.flow.data import load_fashion_mnist
+
+        real = load_fashion_mnist("train")
+        data = real if cfg.method == "cd" else (*data, *real)
+    return data
 
 
 def _train_step(unet: nn.Module, cfg: StudentConfig, step: int, data: tuple[torch.Tensor, ...],
