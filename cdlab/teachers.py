@@ -365,7 +365,7 @@ def load_teacher(
             f"diffusers pipeline folder, and no folder {str(path.resolve())!r} exists.")
     from cdlab.flow.pipeline import is_flow_run
 
-    if is_flow_run(path):  # a flow teacher trained by `cdlab.flow.train_teacher` (the Train tab): its students load on it
+    if is_flow_run(path):  # a flow teacher trained by `cdlab.flow.train_teacher` (the Train tab), with its students
         return _load_flow(path, name, dev, dtype)
     return _load_local(path, name, str(path.resolve()), dev, dtype)
 

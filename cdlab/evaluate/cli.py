@@ -119,7 +119,8 @@ def _flow_main(args: argparse.Namespace) -> int:
     from cdlab.flow.evaluate import main as flow_main
 
     teacher = [] if args.model == teachers.FLOW_TEACHER else ["--teacher", args.model]
-    argv = teacher + ["--n", str(args.n or 2000), "--seed", str(args.seed), "--steps", *map(str, args.student_steps)] + (
+    argv = teacher + ["--n", str(args.n or 2000), "--seed", str(args.seed),
+                      "--steps", *map(str, args.student_steps)] + (
         ["--out", args.out] if args.out else []) + (["--overwrite"] if args.overwrite else []) + (
         ["--device", args.device] if args.device else []) + (
         ["--guidance", str(args.guidance)] if args.guidance is not None else []) + [

@@ -266,9 +266,10 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
     reflow's teacher pairs are kept (:mod:`cdlab.flow.pairs`); ``should_stop`` ends the run while they are
     drawn (the steps taken are then the checkpoint's, or 0). ``branch``: the checkpoint continues under this recipe
     where it differs in a rate, a loss weight or the pairs (:func:`load_checkpoint`'s ``BRANCHABLE``), keeping the
-    fake score, the discriminator and Adam's state. ``pairs``: ``(z, x1)`` of the classes `pair_labels` gives, learnt
-    from in place of the teacher's (reflow, DMD's regression): another sampler's (`tools/flow_student_trial.py --pairs-from`:
-    a few-step student's samples, knowledge distillation as Luhman & Luhman 2021 from a cheaper sampler)."""
+    fake score, the discriminator and Adam's state. ``pairs``: ``(z, x1)`` of the classes `pair_labels` gives,
+    learnt from in place of the teacher's (reflow, DMD's regression): another sampler's (`tools/flow_student_trial.py
+    --pairs-from`: a few-step student's samples, knowledge distillation as Luhman & Luhman 2021 from a cheaper
+    sampler)."""
     dev = torch.device(device)
     if pairs is not None and (len(pairs) != 2 or any(len(p) != cfg.pairs for p in pairs)):
         raise ValueError(f"pairs: two tensors of cfg.pairs = {cfg.pairs} rows each (z, x1)")

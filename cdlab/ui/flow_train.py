@@ -142,8 +142,9 @@ def student_settings(values: dict[str, Any], *, run_name: str | None = None) -> 
     `cdlab.ui.jobs.JobManager.start_flow_student`: ``teacher_run`` (a run name, by ``fullmatch``; the job manager
     checks it is a flow teacher run with weights), ``method`` (``reflow``, ``cd`` or ``dmd``), ``init`` (the
     student it starts from, a name by `cdlab.students.validate_name`, or None; the job manager checks it is one of
-    that teacher run's), the values of `student_fields` (``gan_clip`` a bool) and ``run_name``. Raises ``ValueError`` whose message names the field:
-    an unknown key, a value out of its range or choices, or a method's own field set with another method."""
+    that teacher run's), the values of `student_fields` (``gan_clip`` a bool) and ``run_name``. Raises
+    ``ValueError`` whose message names the field: an unknown key, a value out of its range or choices, or a
+    method's own field set with another method."""
     if not isinstance(values, dict):
         raise ValueError("config: the form must be a set of named fields.")
     fields = student_fields()
@@ -217,7 +218,7 @@ def teacher_runs(jobs: JobManager) -> list[str]:
 
 def init_choices(jobs: JobManager, teacher_run: Any) -> list[tuple[str, str]]:
     """The students a run of ``teacher_run`` may start from (``--init``): those of that run's weights in the
-    manager's adapters folder, after ``("none: a fresh LoRA", "")``."""
+    manager's adapters folder, after ``(NO_INIT, "")``: none, a fresh LoRA."""
     from cdlab.flow.pipeline import flow_base_id, flow_fingerprint
     from cdlab.students import list_students
 
@@ -244,8 +245,8 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
             raise gr.Error(H.TRAINING_OFF_MESSAGE)
         policy.require_instructor(instructor_token, "Training")
         settings = student_settings(dict(
-            teacher_run=teacher_run, method=method, init=init, sample_steps=sample_steps, steps=steps, batch_size=batch_size,
-            lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank, windows=windows,
+            teacher_run=teacher_run, method=method, init=init, sample_steps=sample_steps, steps=steps,
+            batch_size=batch_size, lr=lr, pairs=pairs, guidance=guidance, lora_rank=lora_rank, windows=windows,
             num_boundaries=num_boundaries, gan_weight=gan_weight, disc_lr=disc_lr, lr_decay_steps=lr_decay_steps,
             shift=shift, regression_weight=regression_weight, adam_beta1=adam_beta1, gan_clip=gan_clip))
         problem = data_problem() if settings["method"] == "cd" or settings["gan_weight"] > 0 else None
@@ -262,7 +263,8 @@ def student_start_handler(jobs: JobManager, policy: H.Policy, run_choices: Calla
 
 def student_form(jobs: JobManager, training_on: bool, prefix: str = "") -> SimpleNamespace:
     """The flow tab's second form, folded: a teacher run (`teacher_runs`), the method, the student it starts from
-    (`init_choices`), `student_fields` and the Distil button. Its student is saved as every student is, ``adapters/<run name>/`` with its card."""
+    (`init_choices`), `student_fields` and the Distil button. Its student is saved as every student is,
+    ``adapters/<run name>/`` with its card."""
     import gradio as gr
 
     with gr.Accordion("Distil a few-step student from a teacher run", open=False):
