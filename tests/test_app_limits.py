@@ -375,6 +375,23 @@ def test_unknown_errors_show_an_id_not_their_text(caplog):
     assert e.value.message == "student 'x' exists in adapters/x"
 
 
+def test_a_refused_choice_is_named_and_not_echoed_whole():
+    """A value outside a dropdown's choices (a 100k-character one through the API) is refused by the field's
+    name, Gradio's own message cut to a few hundred characters: the start and the choices it lists."""
+    import gradio as gr
+
+    from cdlab.ui.session import MAX_ECHO, named_errors
+
+    with gr.Blocks():
+        (dd,) = named_errors(gr.Dropdown(["", "student-a"], value="", label="start from student"))
+    assert dd.preprocess("student-a") == "student-a"
+    with pytest.raises(gr.Error) as e:
+        dd.preprocess("a" * 100_000)
+    message = e.value.message
+    assert message.startswith("start from student: Value: aaa") and message.endswith("['', 'student-a']")
+    assert len(message) <= len("start from student: ") + MAX_ECHO
+
+
 def test_docs_show_the_limits_the_code_has():
     """docs/hosting.md's limits are the constants: the training table as `app_limits_markdown` prints it."""
     from cdlab.paths import REPO_ROOT

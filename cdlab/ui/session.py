@@ -124,6 +124,14 @@ def user_errors(fn: Callable) -> Callable:
 _NAMED_CLASSES: dict[tuple, type] = {}
 
 
+MAX_ECHO = 300  # characters of Gradio's own refusal a field's message keeps (it quotes the value sent)
+
+
+def _cut(message: str) -> str:
+    """``message`` as it is, or its start and its end around an ellipsis when over `MAX_ECHO` characters."""
+    return message if len(message) <= MAX_ECHO else f"{message[:MAX_ECHO - 80]} … {message[-70:]}"
+
+
 def _named_class(cls: type, check: Callable | None = None, methods: tuple = ()) -> type:
     """A subclass of component class ``cls``, with the same name (the page picks a component's code by its
     class name), whose ``preprocess`` prefixes Gradio's own input errors with the component's label. With
@@ -141,8 +149,8 @@ def _named_class(cls: type, check: Callable | None = None, methods: tuple = ()) 
                     raise gr.Error(str(e)) from None
             try:
                 return cls.preprocess(self, payload)
-            except gr.Error as e:
-                raise gr.Error(f"{self.label}: {e.message}") from None
+            except gr.Error as e:  # Gradio's message quotes the value sent: a hostile one is cut, not echoed whole
+                raise gr.Error(f"{self.label}: {_cut(e.message)}") from None
             except Exception as e:  # e.g. an upload that is not an image: refused by name, the server goes on
                 raise gr.Error(f"{self.label}: could not read the value ({type(e).__name__})") from None
 
