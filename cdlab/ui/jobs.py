@@ -491,8 +491,9 @@ def flow_teacher_command(python: str, run_dir: Path, settings: dict[str, Any] | 
 
 def flow_student_command(python: str, teacher_dir: Path, run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """``python -m cdlab.flow.distill`` on a teacher run, writing ``run_dir`` and its student ``adapters/<run name>``,
-    from the student ``settings["init"]`` when set: the form's main numbers always, every other setting where it differs from the CLI's default
-    (`cdlab.flow.student_config.config_flags`), and the discriminator's rate only with the GAN term."""
+    from the student ``settings["init"]`` when set: the form's main numbers always, every other setting where it
+    differs from the CLI's default (`cdlab.flow.student_config.config_flags`), and the discriminator's rate only
+    with the GAN term."""
     fields = {f.name for f in dataclass_fields(StudentConfig)}
     recipe = {k: v for k, v in settings.items() if k in fields and (k != "disc_lr" or settings.get("gan_weight"))}
     always = ("method", "steps", "batch_size", "lr", "pairs", "guidance", "lora_rank", "windows", "num_boundaries")
