@@ -561,26 +561,31 @@ def test_a_student_trial_scores_each_piece_and_resumed_ends_on_the_one_piece_run
 
     # --pairs-from: a student's samples in place of the teacher's pairs (the one-piece student, at its 1 step)
     from cdlab.columns import run_columns, student_column
-    from cdlab.flow.pairs import pair_labels
+    from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, pair_noise
     from cdlab.flow.pipeline import load_flow_teacher
     from cdlab.students import read_card
 
+    assert torch.equal(pair_noise(600, 3), cached_teacher_pairs(tiny_unet, 600, guidance=1.0, seed=3, num_steps=1,
+                                                                log=lambda line: None)[0])  # three chunks
     monkeypatch.setenv("CDLAB_ADAPTERS_DIR", str(tmp_path / "a"))
     kd = ["--out", str(tmp_path / "kd"), "--teacher", str(teacher), "--every", "1", "--n", "40"]
-    assert trial.main([*kd, "--pairs-from", "one-piece", "--", *recipe, "--steps", "1"]) == 0
+    seeded = [*recipe, "--seed", "1", "--steps", "1"]  # seed 1: chunk 0's generator is seeded 100003, not 1
+    assert trial.main([*kd, "--pairs-from", "one-piece", "--", *seeded]) == 0
     first = json.loads((tmp_path / "kd" / "trial.jsonl").read_text().splitlines()[0])
     assert (first["pairs_from"], first["pairs"], first["student_steps"]) == ("one-piece", 4, 1)
-    kept = load_file(str(tmp_path / "kd" / "pairs-one-piece-4.safetensors"))
+    kept = load_file(str(tmp_path / "kd" / "pairs-one-piece-4-s1.safetensors"))
     flow = load_flow_teacher(str(teacher), "cpu")
-    z = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(0))  # as the teacher's pairs draw it
+    z, _ = cached_teacher_pairs(flow.unet, 4, guidance=1.5, seed=1, log=lambda line: None)  # the teacher's pairs'
     mine = run_columns(flow, [student_column(read_card("one-piece"), None)],
                        [flow.classes[int(y)] for y in pair_labels(4)], [0, 1, 2, 3], noise=z, decode=None)[0]
     assert torch.equal(kept["z"], z) and torch.allclose(kept["x1"], mine.latents.float(), atol=1e-5)
-    cfg1 = trial.recipe([*recipe, "--steps", "1"])
+    cfg1 = trial.recipe(seeded)
     unet, _ = distill.distill(teacher, cfg1, log=lambda line: None, pairs=(kept["z"], kept["x1"]))
     distill.save_flow_student(unet, "kd-one-piece", cfg1, tmp_path / "b", teacher=teacher, trained_steps=1)
+    unet, _ = distill.distill(teacher, cfg1, log=lambda line: None, pair_cache=tmp_path / "cache")
+    distill.save_flow_student(unet, "on-teacher-pairs", cfg1, tmp_path / "b", teacher=teacher, trained_steps=1)
     ours1, kd1, teachers1 = (load_file(str(d / WEIGHT_NAME)) for d in (
-        tmp_path / "kd" / "students" / "s1", tmp_path / "b" / "kd-one-piece", tmp_path / "t" / "students" / "s1"))
+        tmp_path / "kd" / "students" / "s1", tmp_path / "b" / "kd-one-piece", tmp_path / "b" / "on-teacher-pairs"))
     assert all(torch.equal(ours1[k], kd1[k]) for k in kd1)  # the trial trained on the student's pairs
     assert not all(torch.equal(teachers1[k], kd1[k]) for k in kd1)  # not on the teacher's
     with pytest.raises(ValueError, match="pairs: two tensors of cfg.pairs = 4 rows"):

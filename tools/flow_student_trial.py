@@ -24,10 +24,10 @@ with the fake score, the discriminator and Adam's moments kept: from the branch'
 
 ``--pairs-from STUDENT`` learns from a few-step student's samples instead of the teacher's Euler-50 pairs
 (reflow's coupling, DMD's regression): ``(z, x1)`` with ``x1`` that student's sample from ``z`` at its card's
-steps, ``z`` and the classes as the teacher's pairs draw them (:func:`cdlab.flow.pairs.pair_labels`, the recipe's
-seed), kept in ``<out>/pairs-<student>-<count>.safetensors``. A 4-step student costs 4 NFE a pair where the
-teacher's pair costs 100, so a one-step student can be regressed on 25 times as many: knowledge distillation
-(Luhman & Luhman 2021) from a cheaper sampler:
+steps, ``z`` and the classes the teacher's pairs have (:func:`cdlab.flow.pairs.pair_noise` and ``pair_labels``,
+the recipe's seed), kept in ``<out>/pairs-<student>-<count>-s<seed>.safetensors``. A 4-step student costs 4 NFE
+a pair where the teacher's pair costs 100, so a one-step student can be regressed on 25 times as many: knowledge
+distillation (Luhman & Luhman 2021) from a cheaper sampler:
 
     python tools/flow_student_trial.py --out runs/trial-kd1 --init fashion-dmd-4 --pairs-from fashion-dmd-4 \
         --every 500 -- --method reflow --reflow-times zero --sample-steps 1 --pairs 65536 --batch-size 128 \
@@ -52,7 +52,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from cdlab.columns import run_columns, student_column  # noqa: E402
 from cdlab.flow import matching  # noqa: E402
-from cdlab.flow.pairs import pair_labels  # noqa: E402
+from cdlab.flow.pairs import pair_labels, pair_noise  # noqa: E402
 from cdlab.flow.classifier import load_classifier, load_reference_stats  # noqa: E402
 from cdlab.flow.distill import distill, save_flow_student  # noqa: E402
 from cdlab.flow.student_config import StudentConfig, add_config_arguments, config_from_args  # noqa: E402
@@ -71,16 +71,15 @@ def recipe(argv: list[str]) -> StudentConfig:
 
 
 def student_pairs(teacher, name: str, cfg: StudentConfig, out: Path, report) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, x1)``: ``cfg.pairs`` noises drawn as the teacher's pairs draw them (the recipe's seed, the classes of
-    :func:`cdlab.flow.pairs.pair_labels`) and student ``name``'s samples from them at its card's steps, through
-    the column runner; read back from ``out`` when kept there."""
-    path = out / f"pairs-{name}-{cfg.pairs}.safetensors"
+    """``(z, x1)``: the noises of the teacher's pairs (:func:`cdlab.flow.pairs.pair_noise`, the recipe's seed; the
+    classes of :func:`cdlab.flow.pairs.pair_labels`) and student ``name``'s samples from them at its card's steps,
+    through the column runner; read back from ``out`` when kept there."""
+    path = out / f"pairs-{name}-{cfg.pairs}-s{cfg.seed}.safetensors"
     if path.is_file():
         saved = load_file(str(path))
         return saved["z"], saved["x1"]
     began = time.monotonic()
-    labels = pair_labels(cfg.pairs)
-    z = torch.randn((cfg.pairs, 1, 28, 28), generator=torch.Generator().manual_seed(cfg.seed))
+    labels, z = pair_labels(cfg.pairs), pair_noise(cfg.pairs, cfg.seed)
     card = read_card(name)
     col = student_column(card, None)  # its card's steps
     prompts = [teacher.classes[int(y)] for y in labels]

@@ -23,7 +23,7 @@ from torch import nn
 from cdlab.flow import matching
 from cdlab.paths import write_safetensors_atomic
 
-__all__ = ["PAIR_CHUNK", "window_edges", "teacher_pairs", "pair_labels", "cached_teacher_pairs"]
+__all__ = ["PAIR_CHUNK", "window_edges", "teacher_pairs", "pair_labels", "pair_noise", "cached_teacher_pairs"]
 
 
 def window_edges(windows: int) -> list[float]:
@@ -71,6 +71,23 @@ def pair_labels(count: int) -> torch.Tensor:
     return torch.arange(count) % matching.NUM_CLASSES
 
 
+def _chunk_size(count: int) -> int:
+    return max(1, min(PAIR_CHUNK, count))
+
+
+def _chunk_generator(seed: int, k: int) -> torch.Generator:
+    """Chunk ``k``'s generator: its pairs' noise is its first draw (:func:`teacher_pairs`)."""
+    return torch.Generator().manual_seed(seed * 100003 + k)
+
+
+def pair_noise(count: int, seed: int) -> torch.Tensor:
+    """The noises ``z`` of :func:`cached_teacher_pairs`' first ``count`` pairs, without the teacher: another
+    sampler's pairs from the same noises and classes (``tools/flow_student_trial.py --pairs-from``)."""
+    chunk = _chunk_size(count)
+    return torch.cat([torch.randn((chunk, 1, 28, 28), generator=_chunk_generator(seed, k))
+                      for k in range(math.ceil(count / chunk))])[:count]
+
+
 @torch.no_grad()
 def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: int, num_steps: int = 50,
                          windows: int = 1, cache: str | Path | None = None, log: Callable[[str], None] = print,
@@ -86,7 +103,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
     before each chunk is made: True returns None (a Stop while the pairs are drawn, which take minutes)."""
     from cdlab.train.data import base_fingerprint
 
-    chunk = max(1, min(PAIR_CHUNK, count))
+    chunk = _chunk_size(count)
     piecewise = "" if windows == 1 else f"|windows={windows}"
     key = hashlib.sha256(f"flow-pairs|v1|{base_fingerprint(unet)}|{float(guidance)!r}|{num_steps}|{seed}|{chunk}"
                          f"{piecewise}".encode()).hexdigest()[:20]
@@ -102,8 +119,7 @@ def cached_teacher_pairs(unet: nn.Module, count: int, *, guidance: float, seed: 
         if should_stop is not None and should_stop():
             return None
         labels = pair_labels((k + 1) * chunk)[k * chunk:]
-        z, x1 = teacher_pairs(unet, labels, num_steps, guidance, torch.Generator().manual_seed(seed * 100003 + k),
-                              windows=windows)
+        z, x1 = teacher_pairs(unet, labels, num_steps, guidance, _chunk_generator(seed, k), windows=windows)
         zs.append(z)
         xs.append(x1)
         made += chunk
