@@ -212,8 +212,7 @@ def start_handler(jobs: JobManager, policy: H.Policy, run_choices: Callable[[Job
 
 def teacher_runs(jobs: JobManager) -> list[str]:
     """The flow teacher runs a student can be distilled from (their weights saved), newest first."""
-    return [r.name for r in runs_mod.list_runs(jobs.runs_dir)
-            if runs_mod.run_kind(r.path) == runs_mod.FLOW_TEACHER and runs_mod.resumable(r.path)]
+    return [r.name for r in runs_mod.list_runs(jobs.runs_dir) if jobs.flow_teacher_run(r.name) is not None]
 
 
 def init_choices(jobs: JobManager, teacher_run: Any) -> list[tuple[str, str]]:
@@ -223,9 +222,8 @@ def init_choices(jobs: JobManager, teacher_run: Any) -> list[tuple[str, str]]:
     from cdlab.students import list_students
 
     choices = [(NO_INIT, "")]
-    folder = jobs.runs_dir / str(teacher_run or "")
-    if not isinstance(teacher_run, str) or not RUN_NAME_RE.fullmatch(teacher_run) or \
-            runs_mod.run_kind(folder) != runs_mod.FLOW_TEACHER or not runs_mod.resumable(folder):
+    folder = jobs.flow_teacher_run(teacher_run)
+    if folder is None:
         return choices
     cards = list_students(jobs.adapters_root(), flow_base_id(folder), flow_fingerprint(folder))
     return choices + [(c.name, c.name) for c in cards]

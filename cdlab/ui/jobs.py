@@ -102,6 +102,15 @@ class JobManager:
         value = self.env.get("CDLAB_ADAPTERS_DIR")
         return Path(value) if value else adapters_dir()
 
+    def flow_teacher_run(self, name: Any) -> Path | None:
+        """The folder of the flow teacher run ``name`` in ``runs/`` when it has saved weights (a student can be
+        distilled from it), else None: not a run name (``fullmatch``), not a flow teacher's run, or no weights yet."""
+        if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name):
+            return None
+        folder = self.runs_dir / name
+        ok = runs_mod.run_kind(folder) == runs_mod.FLOW_TEACHER and runs_mod.resumable(folder)
+        return folder if ok else None
+
     @property
     def job(self) -> Job | None:
         return self._job
@@ -164,10 +173,10 @@ class JobManager:
         teacher run ``settings["teacher_run"]`` (checked ones: `cdlab.ui.flow_train.student_settings`), saved as
         every student is, ``adapters/<run name>/`` with its card (never replacing one: a name taken is refused); the
         same slot, owner and stop rules as `start` (a student run has no Resume)."""
-        teacher = self.runs_dir / str(settings.get("teacher_run") or "")
-        if not RUN_NAME_RE.fullmatch(teacher.name) or runs_mod.run_kind(teacher) != runs_mod.FLOW_TEACHER or \
-                not runs_mod.resumable(teacher):
-            raise JobError(f"No flow teacher run named {teacher.name[:40]!r} with saved weights in runs/.")
+        name = str(settings.get("teacher_run") or "")
+        teacher = self.flow_teacher_run(name)
+        if teacher is None:
+            raise JobError(f"No flow teacher run named {name[:40]!r} with saved weights in runs/.")
         if settings.get("init"):  # the student it starts from: one of this teacher run's, of no larger rank
             from cdlab.flow.distill import init_card
             from cdlab.students import StudentError
