@@ -46,8 +46,8 @@ def _names(text: str | None) -> list[str] | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cdlab evaluate", description=DESCRIPTION)
-    parser.add_argument("--model", default="tiny", help="tiny | sd15 | fashion-flow | a flow teacher's run folder | a local pipeline folder "
-                        "(default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | sd15 | fashion-flow | a flow teacher's run folder | "
+                        "a local pipeline folder (default tiny)")
     parser.add_argument("--n", type=int, default=None,
                         help=f"prompts (default {DEFAULT_N} for the tiny world, all of --prompts, or the course's 8); "
                              "FID-SD needs 2048 or more")
