@@ -92,10 +92,11 @@ def test_thirty_clients_all_served_and_students_arrive_before_teacher_50_and_lea
 @pytest.mark.slow
 def test_twenty_concurrent_compares_beside_a_training_run(app):
     """Load (issue 10): 20 Compare requests at once while a training run steps: all served, none failed.
-    ``bench_load`` on this module's app (after the file count above: the run writes its own files)."""
+    ``bench_load`` on this module's app (after the file count above: the run writes its own files), at guidance 1
+    as the test above (no CFG: a teacher-50 of 50 UNet passes, not 100; the CLI's load runs CFG 5)."""
     from cdlab.ui.bench import bench_load
 
-    r = bench_load(requests=20, columns=3, train=True, workdir=app["work"], url=app["url"])
+    r = bench_load(requests=20, columns=3, train=True, workdir=app["work"], url=app["url"], guidance=1.0)
     print(f"load: served {r['served']}/20, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, wall {r['wall_s']:.1f} s")
     assert r["served"] == 20 and r["failed"] == 0, r["errors"]
     assert r["training_state"] == "running" and r["training_step"] >= 1  # it trained the whole time

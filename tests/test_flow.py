@@ -1473,11 +1473,13 @@ def test_cd_on_the_shipped_flow_teacher_reduces_the_4_step_error_against_teacher
                     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist; .ci/run installs it)")
 def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp_path, capsys):
     """``python -m cdlab evaluate --model fashion-flow``: teacher-50 and naive 1/2/4/8, each shipped student at
-    1/2/4/8, with FID (ratio to teacher-50), accuracy, diversity and NFE; an existing evaluation is not replaced."""
+    1/2/4/8, with FID (ratio to teacher-50), accuracy, diversity and NFE; an existing evaluation is not replaced;
+    ``--seed`` draws other noises. Two runs at the evaluation's floor of 20 samples (teacher-50 is most of a run's
+    cost): the whole table, then three of its columns on seed 1."""
     from cdlab.evaluate.cli import main
 
     out = tmp_path / "flow-eval"
-    assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["--model", "fashion-flow", "--n", "20", "--out", str(out), "--device", "cpu"]) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
     from cdlab.flow.pipeline import FLOW_GUIDANCE
@@ -1485,8 +1487,9 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
 
     distilled_at = {read_card(n, REPO_ROOT / "adapters").training_config["guidance"]
                     for n in SHIPPED_FLOW_STUDENTS}
-    assert saved["n"] == 40 and distilled_at == {saved["guidance"]} == {FLOW_GUIDANCE}  # the teacher's CFG, theirs
+    assert saved["n"] == 20 and distilled_at == {saved["guidance"]} == {FLOW_GUIDANCE}  # the teacher's CFG, theirs
     assert (saved["suite"], saved["model"]) == ("flow", "fashion-flow")
+    assert saved["prompt_source"] == "classes i mod 10, noise seed 0"
     assert [(r["column"], r["steps"], r["nfe"]) for r in rows[:5]] == [
         ("teacher-50 (CFG)", 50, 100), ("teacher-1 (naive)", 1, 2), ("teacher-2 (naive)", 2, 4),
         ("teacher-4 (naive)", 4, 8), ("teacher-8 (naive)", 8, 16)]
@@ -1497,25 +1500,24 @@ def test_cdlab_evaluate_fashion_flow_scores_the_shipped_teacher_and_students(tmp
     assert all(r["nfe"] == r["steps"] for r in rows[5:])
     assert rows[0]["fid_ratio"] == 1.0 and all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 1 for r in rows[5:])
-    one_step = {(r["column"], r["steps"]): r for r in rows}
-    # the one-step students beat the teacher's own single Euler step by far (docs/flow-evaluation: 3.0x and 6.9x against 29.9x)
+    by = {(r["column"], r["steps"]): r for r in rows}
+    # the one-step students beat the teacher's own single Euler step by far (docs/flow-evaluation at n = 2000:
+    # 2.0x and 6.9x teacher-50's FID against 29.9x; at 20 samples every FID is far higher and the gap narrower,
+    # 0.50x and 0.56x of teacher-1's)
     for student in ("fashion-reflow-1", "fashion-dmd-1"):
-        assert one_step[(student, 1)]["fid"] < 0.5 * one_step[("teacher-1 (naive)", 1)]["fid"]
+        assert by[(student, 1)]["fid"] < 0.7 * by[("teacher-1 (naive)", 1)]["fid"]
     table = (out / "table.md").read_text()
     assert "| teacher | 50 | 100 |" in table and "FID ↓" in table and (out / "quality_vs_nfe.png").is_file()
-    assert main(["--model", "fashion-flow", "--n", "40", "--out", str(out), "--device", "cpu"]) == 1
+    assert main(["--model", "fashion-flow", "--n", "20", "--out", str(out), "--device", "cpu"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     # another draw of the same table: other noises, one student, one step count (docs/flow.md's seed-1 check)
     assert main(["--model", "fashion-flow", "--n", "20", "--out", str(tmp_path / "s1"), "--device", "cpu", "--seed",
                  "1", "--student-steps", "4", "--students", "fashion-dmd-4"]) == 0
     other = json.loads((tmp_path / "s1" / "results.json").read_text())
     assert other["prompt_source"] == "classes i mod 10, noise seed 1"
-    assert [(r["column"], r["steps"]) for r in other["rows"]] == [
-        ("teacher-50 (CFG)", 50), ("teacher-4 (naive)", 4), ("fashion-dmd-4", 4)]
-    assert main(["--model", "fashion-flow", "--n", "20", "--out", str(tmp_path / "s0"), "--device", "cpu",
-                 "--student-steps", "4", "--students", "fashion-dmd-4"]) == 0
-    same = json.loads((tmp_path / "s0" / "results.json").read_text())
-    assert [r["fid"] for r in same["rows"]] != [r["fid"] for r in other["rows"]]  # the seed reached the noises
+    columns = [("teacher-50 (CFG)", 50), ("teacher-4 (naive)", 4), ("fashion-dmd-4", 4)]
+    assert [(r["column"], r["steps"]) for r in other["rows"]] == columns
+    assert [r["fid"] for r in other["rows"]] != [by[c]["fid"] for c in columns]  # the seed reached the noises
 
 
 def test_fid_of_features_matches_torchmetrics_and_takes_shipped_statistics():

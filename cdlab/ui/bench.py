@@ -232,7 +232,7 @@ def _start_training(url: str, work: Path, train_steps: int) -> tuple[Client, str
 
 def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model: str = "tiny",
                workdir: Path | None = None, train_steps: int = 20_000,  # 20_000: the app's cap, APP_LIMITS
-               client_nice: int = 0, url: str | None = None) -> dict:
+               client_nice: int = 0, url: str | None = None, guidance: float = 5.0) -> dict:
     """``requests`` concurrent Compare requests (and, with ``train``, one training run) against the launched app.
 
     Each request streams its columns (students first); returns served/failed counts, the seconds from submission
@@ -246,10 +246,12 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
 
     ``url``: an app already serving ``workdir`` on ``model``'s base (a test's own app, so it is not launched twice);
     by default this launches ``python app.py --model MODEL`` on ``workdir`` and stops it afterwards.
+
+    ``guidance``: the requests' CFG scale (5: the teacher columns at two UNet passes a step; 1: one).
     """
     if workdir is None:  # a temporary app folder (its students, runs and caches), removed afterwards
         with tempfile.TemporaryDirectory(prefix="cdlab-load-", ignore_cleanup_errors=True) as d:
-            return bench_load(requests, columns, train, model, Path(d), train_steps, client_nice, url)
+            return bench_load(requests, columns, train, model, Path(d), train_steps, client_nice, url, guidance)
     work = Path(workdir)
     names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
     cols = ([TEACHER_50, TEACHER_4] + names)[:columns]
@@ -267,7 +269,7 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
         t0 = time.perf_counter()
         jobs = []
         for i in range(requests):
-            job = client.submit(prompt=prompts[i % len(prompts)], seed=1000 + i, guidance=5.0, steps="4",
+            job = client.submit(prompt=prompts[i % len(prompts)], seed=1000 + i, guidance=guidance, steps="4",
                                 columns=cols, show_trajectory=False, api_name="/compare")
             job.t0 = time.perf_counter()
             jobs.append(job)
