@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +64,22 @@ DAMAGE = {
 }
 
 
+@pytest.fixture(scope="module")
+def four_steps(tiny_pipe_dir, latent_cache_dir, tmp_path_factory) -> Path:
+    """A 4-step run "r" (checkpoints at 2 and 4), trained once; each damage test damages a copy of it."""
+    tmp = tmp_path_factory.mktemp("four-steps")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
+        mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
+        first = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r"), log=lambda m: None)
+    assert first.state == "finished" and first.step == 4
+    return first.run_dir
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_resume_falls_back_to_the_previous_checkpoint(tiny_pipe_dir, latent_cache_dir, run_dirs, reference, damage):
-    first = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r"), log=lambda m: None)
-    run = first.run_dir
+def test_resume_falls_back_to_the_previous_checkpoint(four_steps, run_dirs, reference, damage):
+    run = run_dirs.runs / "r"
+    shutil.copytree(four_steps, run)
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
     state = json.loads((run / "checkpoints" / "ckpt_000004" / "state.json").read_text())
     assert state["files"] == {p.name: p.stat().st_size for p in (run / "checkpoints" / "ckpt_000004").iterdir()
