@@ -1,6 +1,6 @@
 """The trainer on SD1.5's architecture (random weights, 64 px, CPU): the precisions a GPU user runs.
 
-Multi-boundary CD (N=4), 2 steps each, in fp32 and under bf16 autocast, and DMD (one step); the finished student loads
+Multi-boundary CD (N=4), 2 steps each, in fp32 and under bf16 autocast, and DMD, one step; the finished student loads
 into the same architecture with plain ``pipe.load_lora_weights(dir)``. fp16 with the gradient scaler (a skipped
 step moves neither the LR schedule nor the EMA) and stop and resume are the trainer's whatever the architecture:
 tests/test_train.py checks them on the tiny one (their SD1.5 copies cost 45 s of the suite for no branch of
@@ -102,7 +102,7 @@ def test_bf16_steps(run_dirs, work):
     assert _lr_epoch(r.run_dir) == 2 and not (_last(r.run_dir, "scaler.pt")).exists()  # bf16: no loss scaling
 
 
-def test_dmd_two_steps(run_dirs, work):
+def test_dmd_one_step(run_dirs, work):
     """DMD on SD1.5's architecture: the real score (CFG, every adapter off), the fake score and the generator
     on one UNet at 64 px, one step with its fake update (a run of several steps, and its resume, is
     tests/test_train.py's on the tiny architecture: the roles' switch is the same code)."""
