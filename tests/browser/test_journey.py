@@ -16,11 +16,12 @@ from cdlab.ui.bench import make_random_students
 from drive import (error_toast, fill_training, launch_browser, open_app, refresh_columns, run_compare,
                    run_evaluation, wait_edit_result, wait_status)
 
-# Long enough to be stopped part-way (stop is pressed at step 1 or 2 and lands on the next checkpoint; about 1 s a
-# step here), then resumed to its end: three checkpoint intervals, so a stop lands before the end.
+# Long enough to be stopped part-way (stop is pressed once a step is logged and lands on the next checkpoint), then
+# resumed to its end: three checkpoint intervals, so a stop lands before the end. Batch 4: the run is the
+# session's largest cost, and its loss curve only has to continue across the resume.
 STOPPABLE_STEPS = 12
 STOPPABLE = f'{{"max_steps": {STOPPABLE_STEPS}, "data_size": 32, "log_every": 1, "preview_every": 0, "probe_size": 4, ' \
-            '"batch_size": 8, "checkpoint_every": 4}'
+            '"batch_size": 4, "checkpoint_every": 4}'
 
 
 @pytest.fixture(scope="module")
