@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from cdlab.train import checkpoints as C
 from cdlab.train.config import TrainConfig, load_json
 from cdlab.train.trainer import list_checkpoints, train
-from conftest import use_run_dirs  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,8 +41,10 @@ def _lora(run_dir):
 @pytest.fixture(scope="module")
 def reference(tiny_pipe_dir, latent_cache_dir, tmp_path_factory):
     """An uninterrupted 6-step run: its final LoRA weights and its metrics."""
+    tmp = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
-        use_run_dirs(mp, tmp_path_factory.mktemp("reference"))
+        mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
+        mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
         res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="ref", max_steps=6), log=lambda m: None)
     assert res.state == "finished" and res.step == 6
     return SimpleNamespace(lora=_lora(res.run_dir), rows=_metrics(res.run_dir))
@@ -66,8 +67,10 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def four_steps(tiny_pipe_dir, latent_cache_dir, tmp_path_factory) -> Path:
     """A 4-step run "r" (checkpoints at 2 and 4), trained once; each damage test damages a copy of it."""
+    tmp = tmp_path_factory.mktemp("four-steps")
     with pytest.MonkeyPatch.context() as mp:
-        use_run_dirs(mp, tmp_path_factory.mktemp("four-steps"))
+        mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
+        mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
         first = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r"), log=lambda m: None)
     assert first.state == "finished" and first.step == 4
     return first.run_dir
