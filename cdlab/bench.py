@@ -439,7 +439,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = None, quick: bool = False,
-                num_boundaries: int = 4, out: Printer = print) -> dict:
+                num_boundaries: int = 4, rank: int = STUDENT_RANK, out: Printer = print) -> dict:
     """Consistency-distillation training throughput (samples/s) and model-FLOP utilisation.
 
     One step = ``cdlab.loss.consistency_loss`` with the teacher (CFG: cond + uncond in one pass), the
@@ -456,7 +456,7 @@ def bench_train(teacher: Any, *, batch: int | None = None, steps: int | None = N
     batch = batch or (2 if quick else (16 if cuda else 32))
     steps = steps or (2 if quick else 10)
     unet = teacher.unet
-    attach_lora(unet, rank=STUDENT_RANK, adapter_name="bench-train")
+    attach_lora(unet, rank=rank, adapter_name="bench-train")
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     autocast = teacher.dtype if cuda and teacher.dtype != torch.float32 else None

@@ -14,7 +14,7 @@ It runs the product's own code, part by part, and prints for each ``PASS``, ``SK
    made for the check, and every external student that loaded), each column's latency and NFE, and the
    teacher-50 ÷ student-4 latency ratio;
 4. train: 5 consistency-distillation steps (teacher with CFG, target, student forward and backward, AdamW
-   on a rank-64 LoRA) at the teacher's resolution: samples/s, MFU (FLOPs counted over a whole step) and
+   on a rank-64 LoRA, ``--student-rank``) at the teacher's resolution: samples/s, MFU (FLOPs counted over a whole step) and
    peak memory.
 
 Exit status 0 when no part failed, 1 otherwise. With random weights the numbers say the code runs and how
@@ -98,12 +98,14 @@ def check_externals(teacher: Any, offline: bool) -> Part:
     return part
 
 
-def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50) -> Part:
+def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50,
+                  student_rank: int = 64) -> Part:
     """Compare's columns (teacher-50, teacher-4, a 4-step student, the externals that loaded) through the column
     runner as Compare runs them: fused students, each column failing alone.
 
     ``teacher_steps``: the reference teacher's DDIM steps (50, Compare's teacher-50; fewer for a quicker check on
-    a CPU, where the ratio is then teacher-N ÷ student-4)."""
+    a CPU, where the ratio is then teacher-N ÷ student-4); ``student_rank``: the check's student's LoRA rank
+    (64, LCM-LoRA's: fusing it into SD1.5's UNet is about 10 s on one CPU thread, on top of its 4 steps)."""
     from cdlab.bench import random_student
     from cdlab.columns import Column, run_columns, short_reason, teacher_columns
 
@@ -115,7 +117,7 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
         cols[0] = Column(f"teacher-{teacher_steps} (CFG)", "teacher", int(teacher_steps), g)
     cols += [Column(k, kind, 4, student=k, label=f"{k} (4 steps)")
              for k, kind in [(name, "student")] + [(k, "external") for k in externals]]
-    with random_student(teacher, name, rank=64) as root:
+    with random_student(teacher, name, rank=student_rank) as root:
         _reset_peak(teacher.device)
         with torch.inference_mode():
             runs = run_columns(teacher, cols, [PROMPT], [0], adapters_root=root, check_base=False,
@@ -141,16 +143,17 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
     return part
 
 
-def check_train(teacher: Any, steps: int = 5, batch: int | None = None) -> Part:
+def check_train(teacher: Any, steps: int = 5, batch: int | None = None, rank: int = 64) -> Part:
     from cdlab.bench import bench_train
 
     part = Part("train")
     cuda = str(teacher.device).startswith("cuda")
     batch = batch or (8 if cuda else 1)
     _reset_peak(teacher.device)
-    r = bench_train(teacher, batch=batch, steps=steps, out=lambda *_: None)
+    r = bench_train(teacher, batch=batch, steps=steps, rank=rank, out=lambda *_: None)
     part.data.update(r, peak_mem_mb=_peak_mem_mb(teacher.device))
-    part.lines.append(f"{steps} CD steps, batch {batch} at {teacher.resolution}²: {r['samples_per_s']:.2f} samples/s "
+    part.lines.append(f"{steps} CD steps, rank-{rank} LoRA, batch {batch} at {teacher.resolution}²: "
+                      f"{r['samples_per_s']:.2f} samples/s "
                       f"({r['step_s'] * 1000:.0f} ms/step)")
     mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "unknown (no peak for this device)"
     part.lines.append(f"MFU {mfu} of {r['peak_source']}; {r['forwards_per_step']:.2f} UNet forwards a step "
@@ -170,11 +173,12 @@ def _run(name: str, fn: Callable[[], Part]) -> Part:
 
 def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | None = None,
                device: str | None = None, train_steps: int = 5, guidance: float | None = None,
-               teacher_steps: int = 50, out: Callable[[str], Any] = print) -> list[Part]:
+               teacher_steps: int = 50, student_rank: int = 64, out: Callable[[str], Any] = print) -> list[Part]:
     """Run every part and print it; returns the parts (``status`` PASS / SKIP / FAIL).
 
     ``guidance``: the teacher columns' CFG scale in the compare part (default: the teacher's; 1 turns CFG off,
-    which halves teacher-50's cost on a CPU); ``teacher_steps``: the reference teacher's steps (default 50)."""
+    which halves teacher-50's cost on a CPU); ``teacher_steps``: the reference teacher's steps (default 50);
+    ``student_rank``: the LoRA rank of the compare part's student and of the train part's LoRA (default 64)."""
     out(f"cdlab doctor ({'offline: SD1.5 architecture, random weights' if offline else 'SD1.5 from the hub'}) · "
         f"torch {torch.__version__} · CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
         f" · {torch.get_num_threads()} CPU threads")
@@ -200,8 +204,9 @@ def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | 
         tpart = Part("teacher", "PASS", [f"{teacher.describe()} (given)"])
     show(tpart)
     ext = show(_run("external students", lambda: check_externals(teacher, offline)))
-    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), guidance, teacher_steps)))
-    show(_run("train", lambda: check_train(teacher, train_steps)))
+    show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), guidance, teacher_steps,
+                                               student_rank)))
+    show(_run("train", lambda: check_train(teacher, train_steps, rank=student_rank)))
     failed = [p.name for p in parts if p.status == "FAIL"]
     out("RESULT: " + (f"FAIL ({', '.join(failed)})" if failed else "all parts passed"
                       + (" (some skipped)" if any(p.status == "SKIP" for p in parts) else "")))
@@ -218,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="CFG scale of the teacher columns (default: the teacher's, 7.5; 1: no CFG, half the time)")
     p.add_argument("--teacher-steps", type=int, default=50, metavar="N",
                    help="DDIM steps of the reference teacher column (default 50; fewer: a quicker check on a CPU)")
+    p.add_argument("--student-rank", type=int, default=64, metavar="R",
+                   help="LoRA rank of the check's student and of the trained LoRA (default 64, LCM-LoRA's; "
+                        "lower: a quicker check on a CPU)")
     a = p.parse_args(argv)
     if not 1 <= a.teacher_steps <= 1000:
         p.error(f"--teacher-steps must be 1 to 1000, got {a.teacher_steps}")
+    if not 1 <= a.student_rank <= 256:
+        p.error(f"--student-rank must be 1 to 256, got {a.student_rank}")
     if a.offline:  # no network retries: the hub is not asked, only its local cache
         os.environ["HF_HUB_OFFLINE"] = "1"
     parts = run_doctor(a.offline, resolution=a.resolution, device=a.device, guidance=a.guidance,
-                       teacher_steps=a.teacher_steps)
+                       teacher_steps=a.teacher_steps, student_rank=a.student_rank)
     return 1 if any(x.status == "FAIL" for x in parts) else 0
 
 

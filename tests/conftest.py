@@ -11,6 +11,7 @@ Folders and processes:
 
     cache_outside_the_repository  (autouse) ``$CDLAB_CACHE_DIR`` under the session's tmp, never the repo's cache/
     run_dirs          RunDirs: ``$CDLAB_RUNS_DIR`` and ``$CDLAB_ADAPTERS_DIR`` under the test's tmp_path
+    module_run_dirs   ``with module_run_dirs(name) as dirs``: the same for a module fixture's run, under a new tmp folder
     child_env         the environment for a ``python -m cdlab`` subprocess writing into ``run_dirs``
     latent_cache_dir  one encoded-latents cache for a module's training runs
     fake_hub          FakeHub: ``cdlab.students.external._hub_download`` patched to serve local files, recording calls
@@ -186,6 +187,17 @@ def use_run_dirs(monkeypatch: pytest.MonkeyPatch, root: Path) -> RunDirs:
 def run_dirs(tmp_path, monkeypatch) -> RunDirs:
     """This test's runs and students under its ``tmp_path`` (the environment variables restored after it)."""
     return use_run_dirs(monkeypatch, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_run_dirs(tmp_path_factory):
+    """``with module_run_dirs(name) as dirs:`` a module fixture's runs and students (a `RunDirs`) under a new
+    tmp folder ``name``, for a run trained once per module; the environment variables are restored on exit."""
+    @contextlib.contextmanager
+    def under(name: str) -> Iterator[RunDirs]:
+        with pytest.MonkeyPatch.context() as mp:
+            yield use_run_dirs(mp, tmp_path_factory.mktemp(name))
+    return under
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,9 @@ def _lora(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_pipe_dir, latent_cache_dir, tmp_path_factory):
+def reference(tiny_pipe_dir, latent_cache_dir, module_run_dirs):
     """An uninterrupted 6-step run: its final LoRA weights and its metrics."""
-    tmp = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
-        mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
+    with module_run_dirs("reference"):
         res = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="ref", max_steps=6), log=lambda m: None)
     assert res.state == "finished" and res.step == 6
     return SimpleNamespace(lora=_lora(res.run_dir), rows=_metrics(res.run_dir))
@@ -65,12 +62,9 @@ DAMAGE = {
 
 
 @pytest.fixture(scope="module")
-def four_steps(tiny_pipe_dir, latent_cache_dir, tmp_path_factory) -> Path:
+def four_steps(tiny_pipe_dir, latent_cache_dir, module_run_dirs) -> Path:
     """A 4-step run "r" (checkpoints at 2 and 4), trained once; each damage test damages a copy of it."""
-    tmp = tmp_path_factory.mktemp("four-steps")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CDLAB_RUNS_DIR", str(tmp / "runs"))
-        mp.setenv("CDLAB_ADAPTERS_DIR", str(tmp / "adapters"))
+    with module_run_dirs("four-steps"):
         first = train(_cfg(tiny_pipe_dir, latent_cache_dir, run_name="r"), log=lambda m: None)
     assert first.state == "finished" and first.step == 4
     return first.run_dir

@@ -52,16 +52,11 @@ def _lr_epoch(run_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def fp32_run(work):
+def fp32_run(work, module_run_dirs):
     """The reference run: fp32, 2 steps, saving its student (the other runs do not)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CDLAB_RUNS_DIR", str(work / "runs"))
-    mp.setenv("CDLAB_ADAPTERS_DIR", str(work / "adapters"))
-    try:
+    with module_run_dirs("sd15-fp32"):
         return train(_cfg(work, run_name="fp32", student_name="sd15r-student", save_student=True,
                           mixed_precision="no"), log=_quiet)
-    finally:
-        mp.undo()
 
 
 def test_fp32_steps_and_the_student_loads_in_plain_diffusers(fp32_run, work):
