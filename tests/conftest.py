@@ -71,11 +71,16 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
 # sd15 in its node id (its file's or its own name), which collection checks. The browser page tests share one
 # app (``shipped_app``, a session fixture: one per worker), so their three files are one unit too; so do
 # test_app_hostile and test_app_limits (``hostile_app``).
-# The longest units first (measured), so the two workers finish together; the rest keep their order.
-FIRST_UNITS = ("sd15", "tests/browser/test_journey.py", "tests/test_classroom.py", "tests/test_evaluate.py",
-               "tests/test_flow.py", "tests/test_train.py", "browser-pages", "tests/test_compare_stream.py",
-               "tests/test_train_process.py", "tests/test_app_client.py", "tests/test_checkpoints.py", "served-hostile",
-               "tests/test_flow_train_tab.py", "tests/test_build_teacher.py")
+# Every unit longer than a few seconds, the longest first (the mean of three runs' `--durations=0`, summed per unit,
+# docs/performance.md), so each worker takes the next longest when it is free and the two end on short units, within
+# seconds of each other (longest-processing-time-first); the rest keep their order, after these.
+FIRST_UNITS = ("sd15", "browser-pages", "tests/browser/test_journey.py", "tests/test_flow.py", "tests/test_classroom.py",
+               "tests/test_evaluate.py", "tests/test_train.py", "tests/test_compare_stream.py",
+               "tests/test_train_process.py", "tests/test_flow_train_tab.py", "tests/test_app_client.py",
+               "tests/test_checkpoints.py", "tests/test_ui_compare.py", "served-hostile", "tests/test_build_teacher.py",
+               "tests/test_dmd.py", "tests/test_students.py", "tests/test_edit_tab.py", "tests/test_student_loading.py",
+               "tests/test_bench.py", "tests/test_config.py", "tests/test_edit.py", "tests/test_readme.py",
+               "tests/test_generate.py", "tests/test_samplers.py", "tests/test_probe.py", "tests/test_world.py")
 SHARED_UNITS = {**{f"tests/browser/{f}": "browser-pages"
                    for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")},
                 **{f"tests/{f}": "served-hostile" for f in ("test_app_hostile.py", "test_app_limits.py")}}
