@@ -14,8 +14,8 @@ It runs the product's own code, part by part, and prints for each ``PASS``, ``SK
    made for the check, and every external student that loaded), each column's latency and NFE, and the
    teacher-50 ÷ student-4 latency ratio;
 4. train: 5 consistency-distillation steps (teacher with CFG, target, student forward and backward, AdamW
-   on a rank-64 LoRA, ``--student-rank``) at the teacher's resolution: samples/s, MFU (FLOPs counted over a whole step) and
-   peak memory.
+   on a rank-64 LoRA; ``--student-rank`` sets this rank and the compare part's student's) at the teacher's
+   resolution: samples/s, MFU (FLOPs counted over a whole step) and peak memory.
 
 Exit status 0 when no part failed, 1 otherwise. With random weights the numbers say the code runs and how
 fast; they say nothing about image quality.

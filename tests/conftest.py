@@ -11,7 +11,7 @@ Folders and processes:
 
     cache_outside_the_repository  (autouse) ``$CDLAB_CACHE_DIR`` under the session's tmp, never the repo's cache/
     run_dirs          RunDirs: ``$CDLAB_RUNS_DIR`` and ``$CDLAB_ADAPTERS_DIR`` under the test's tmp_path
-    module_run_dirs   ``with module_run_dirs(name) as dirs``: the same for a module fixture's run, under a new tmp folder
+    module_run_dirs   ``with module_run_dirs(name) as dirs``: the same for a module fixture's run (a new tmp folder)
     child_env         the environment for a ``python -m cdlab`` subprocess writing into ``run_dirs``
     latent_cache_dir  one encoded-latents cache for a module's training runs
     fake_hub          FakeHub: ``cdlab.students.external._hub_download`` patched to serve local files, recording calls
@@ -74,13 +74,14 @@ def tiny_pipe_dir(tmp_path_factory) -> str:
 # Every unit longer than a few seconds, the longest first (the mean of three runs' `--durations=0`, summed per unit,
 # docs/performance.md), so each worker takes the next longest when it is free and the two end on short units, within
 # seconds of each other (longest-processing-time-first); the rest keep their order, after these.
-FIRST_UNITS = ("sd15", "browser-pages", "tests/browser/test_journey.py", "tests/test_flow.py", "tests/test_classroom.py",
-               "tests/test_evaluate.py", "tests/test_train.py", "tests/test_compare_stream.py",
-               "tests/test_train_process.py", "tests/test_flow_train_tab.py", "tests/test_app_client.py",
-               "tests/test_checkpoints.py", "tests/test_ui_compare.py", "served-hostile", "tests/test_build_teacher.py",
-               "tests/test_dmd.py", "tests/test_students.py", "tests/test_edit_tab.py", "tests/test_student_loading.py",
-               "tests/test_bench.py", "tests/test_config.py", "tests/test_edit.py", "tests/test_readme.py",
-               "tests/test_generate.py", "tests/test_samplers.py", "tests/test_probe.py", "tests/test_world.py")
+FIRST_UNITS = ("sd15", "browser-pages", "tests/browser/test_journey.py", "tests/test_flow.py",
+               "tests/test_classroom.py", "tests/test_evaluate.py", "tests/test_train.py",
+               "tests/test_compare_stream.py", "tests/test_train_process.py", "tests/test_flow_train_tab.py",
+               "tests/test_app_client.py", "tests/test_checkpoints.py", "tests/test_ui_compare.py", "served-hostile",
+               "tests/test_build_teacher.py", "tests/test_dmd.py", "tests/test_students.py", "tests/test_edit_tab.py",
+               "tests/test_student_loading.py", "tests/test_bench.py", "tests/test_config.py", "tests/test_edit.py",
+               "tests/test_readme.py", "tests/test_generate.py", "tests/test_samplers.py", "tests/test_probe.py",
+               "tests/test_world.py")
 SHARED_UNITS = {**{f"tests/browser/{f}": "browser-pages"
                    for f in ("test_browser.py", "test_compare_page.py", "test_edit_page.py")},
                 **{f"tests/{f}": "served-hostile" for f in ("test_app_hostile.py", "test_app_limits.py")}}

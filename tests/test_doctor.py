@@ -34,7 +34,7 @@ def test_doctor_runs_every_part_offline_on_sd15_random(sd15_teacher, monkeypatch
     assert any(line.strip().startswith("1 CD steps, rank-4 LoRA, batch 1 at 64²") for line in lines), lines
     assert any("teacher-10 ÷ student-4" in line for line in lines) and lines[-1].startswith("RESULT: all parts passed")
     assert "doctor-student" not in (getattr(sd15_teacher.unet, "peft_config", None) or {})
-    assert not list(tmp_path.glob("cdlab-*"))  # the 257 MB student folder is gone: a doctor run leaves no files
+    assert not list(tmp_path.glob("cdlab-*"))  # its student's folder (257 MB at rank 64) is gone: no files left
 
 
 def test_doctor_exits_non_zero_when_a_part_fails(monkeypatch, capsys):
