@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 
+from cdlab.bench import STUDENT_RANK  # the bench's student rank, 64 (LCM-LoRA's); cdlab.bench imports no hub module
+
 # The modules that import diffusers / huggingface_hub are imported in the functions: ``--offline`` sets
 # HF_HUB_OFFLINE in main(), and huggingface_hub reads it when it is first imported.
 
@@ -99,7 +101,7 @@ def check_externals(teacher: Any, offline: bool) -> Part:
 
 
 def check_compare(teacher: Any, externals: list[str], guidance: float | None = None, teacher_steps: int = 50,
-                  student_rank: int = 64) -> Part:
+                  student_rank: int = STUDENT_RANK) -> Part:
     """Compare's columns (teacher-50, teacher-4, a 4-step student, the externals that loaded) through the column
     runner as Compare runs them: fused students, each column failing alone.
 
@@ -143,16 +145,16 @@ def check_compare(teacher: Any, externals: list[str], guidance: float | None = N
     return part
 
 
-def check_train(teacher: Any, steps: int = 5, batch: int | None = None, rank: int = 64) -> Part:
+def check_train(teacher: Any, steps: int = 5, batch: int | None = None, student_rank: int = STUDENT_RANK) -> Part:
     from cdlab.bench import bench_train
 
     part = Part("train")
     cuda = str(teacher.device).startswith("cuda")
     batch = batch or (8 if cuda else 1)
     _reset_peak(teacher.device)
-    r = bench_train(teacher, batch=batch, steps=steps, rank=rank, out=lambda *_: None)
+    r = bench_train(teacher, batch=batch, steps=steps, rank=student_rank, out=lambda *_: None)
     part.data.update(r, peak_mem_mb=_peak_mem_mb(teacher.device))
-    part.lines.append(f"{steps} CD steps, rank-{rank} LoRA, batch {batch} at {teacher.resolution}²: "
+    part.lines.append(f"{steps} CD steps, rank-{student_rank} LoRA, batch {batch} at {teacher.resolution}²: "
                       f"{r['samples_per_s']:.2f} samples/s "
                       f"({r['step_s'] * 1000:.0f} ms/step)")
     mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "unknown (no peak for this device)"
@@ -173,7 +175,8 @@ def _run(name: str, fn: Callable[[], Part]) -> Part:
 
 def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | None = None,
                device: str | None = None, train_steps: int = 5, guidance: float | None = None,
-               teacher_steps: int = 50, student_rank: int = 64, out: Callable[[str], Any] = print) -> list[Part]:
+               teacher_steps: int = 50, student_rank: int = STUDENT_RANK,
+               out: Callable[[str], Any] = print) -> list[Part]:
     """Run every part and print it; returns the parts (``status`` PASS / SKIP / FAIL).
 
     ``guidance``: the teacher columns' CFG scale in the compare part (default: the teacher's; 1 turns CFG off,
@@ -206,7 +209,7 @@ def run_doctor(offline: bool = False, *, teacher: Any = None, resolution: int | 
     ext = show(_run("external students", lambda: check_externals(teacher, offline)))
     show(_run("compare", lambda: check_compare(teacher, ext.data.get("loaded", []), guidance, teacher_steps,
                                                student_rank)))
-    show(_run("train", lambda: check_train(teacher, train_steps, rank=student_rank)))
+    show(_run("train", lambda: check_train(teacher, train_steps, student_rank=student_rank)))
     failed = [p.name for p in parts if p.status == "FAIL"]
     out("RESULT: " + (f"FAIL ({', '.join(failed)})" if failed else "all parts passed"
                       + (" (some skipped)" if any(p.status == "SKIP" for p in parts) else "")))
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CFG scale of the teacher columns (default: the teacher's, 7.5; 1: no CFG, half the time)")
     p.add_argument("--teacher-steps", type=int, default=50, metavar="N",
                    help="DDIM steps of the reference teacher column (default 50; fewer: a quicker check on a CPU)")
-    p.add_argument("--student-rank", type=int, default=64, metavar="R",
+    p.add_argument("--student-rank", type=int, default=STUDENT_RANK, metavar="R",
                    help="LoRA rank of the check's student and of the trained LoRA (default 64, LCM-LoRA's; "
                         "lower: a quicker check on a CPU)")
     a = p.parse_args(argv)

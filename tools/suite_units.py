@@ -47,8 +47,9 @@ def main(argv: list[str]) -> int:
             print(f"{log}: {worker} ran {sum(seconds[t] for t in tests):.1f} s of tests")
             runs: list[list] = []  # [unit, its seconds], in the order the worker ran them
             for test in tests:
-                if not runs or runs[-1][0] != xdist_unit(test):
-                    runs.append([xdist_unit(test), 0.0])
+                unit = xdist_unit(test)
+                if not runs or runs[-1][0] != unit:
+                    runs.append([unit, 0.0])
                 runs[-1][1] += seconds[test]
             total = 0.0
             for unit, s in runs:
