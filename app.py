@@ -145,4 +145,6 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cdlab import shutdown
+
+    shutdown.exit(main())

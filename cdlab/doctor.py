@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -242,4 +241,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cdlab import shutdown
+
+    shutdown.exit(main())

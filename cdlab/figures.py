@@ -6,7 +6,6 @@ students at k steps (columns), every cell of a row from the same initial noise.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
@@ -56,4 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cdlab import shutdown
+
+    shutdown.exit(main())

@@ -399,4 +399,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from cdlab import shutdown
+
+    shutdown.exit(main())

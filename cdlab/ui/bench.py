@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python -m cdlab.ui.bench [--model tiny] [--repeats 5]      # one request's latency
     python -m cdlab.ui.bench load [--requests 30] [--columns 5] [--train] [--client-nice 19]   # a classroom at once
+    python -m cdlab.ui.bench exit [--repeats 3]          # how long the app and a trainer take to end (cdlab.shutdown)
 
 ``bench_compare``: teacher-50 (CFG), teacher-4 and 3 students, 4 student steps, on 2 CPU cores; targets
 (issue 11): a cold five-column request <= 1.2 s median; teacher-50 / student-4 >= 13x; <= 0.3 s when only
@@ -56,10 +57,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, str] | None = None) -> Iterator[str]:
+def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, str] | None = None,
+              command: list[str] | None = None) -> Iterator[str]:
     """Run ``python app.py --model MODEL`` with runs/adapters/evals/data/cache under ``workdir``; yield its URL.
+    Leaving the ``with`` block stops it as a host does: SIGTERM, then waiting for its end.
 
-    What `bench_load` measures against, and what the client and browser tests drive.
+    What `bench_load` measures against, and what the client and browser tests drive. ``command``: what runs in
+    place of ``[python, app.py]`` (`bench_exit`'s variant of the app's ``__main__``), given the same arguments.
 
     The server's output goes to ``workdir/server.log``; a server that dies or never answers raises
     ``RuntimeError`` with that log's tail.
@@ -74,7 +78,8 @@ def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, 
                 "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--model", model, "--port", str(port)],
+        proc = subprocess.Popen([*(command or [sys.executable, str(REPO_ROOT / "app.py")]), "--model", model,
+                                 "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
                                 cwd=str(REPO_ROOT), start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
@@ -291,6 +296,46 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     return out
 
 
+# ----------------------------------------------------------------------------- how a process ends
+
+# The app's and a trainer's __main__ as they were (``sys.exit``) and as they are (`cdlab.shutdown.exit`): each child
+# runs the command's own main, then ends the way {end} names; the trainer's prints when its main has returned.
+_APP_CHILD = ("import sys; sys.path.insert(0, {root!r}); import app; from cdlab import shutdown; "
+              "{end}(app.main(sys.argv[1:]))")
+_TRAINER_CHILD = ("import sys, time; from cdlab import shutdown; from cdlab.__main__ import main; "
+                  "rc = main(sys.argv[1:]); "
+                  "print('cdlab-returned', time.monotonic(), file=sys.stderr, flush=True); {end}(rc)")
+_ENDS = ("sys.exit", "shutdown.exit")
+
+
+def bench_exit(repeats: int = 3) -> dict:
+    """Seconds a process takes to end, ``sys.exit`` against `cdlab.shutdown.exit`, the two alternating, ``repeats``
+    times each: the app (tiny teacher, one thread) from its SIGTERM to its end (leaving `serve_app`), and a
+    one-step trainer (``python -m cdlab train --model tiny --max_steps 1``) from its main's return to its end.
+    Returns ``{"app": {way: [seconds, ...]}, "trainer": {...}}``."""
+    out: dict[str, dict[str, list[float]]] = {"app": {w: [] for w in _ENDS}, "trainer": {w: [] for w in _ENDS}}
+    env = {"OMP_NUM_THREADS": "1"}
+    for i, way in enumerate(_ENDS * repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            command = [sys.executable, "-c", _APP_CHILD.format(root=str(REPO_ROOT), end=way)]
+            with serve_app("tiny", work / "app", env=env, command=command):
+                t0 = time.monotonic()
+            out["app"][way].append(time.monotonic() - t0)
+            full_env = {**os.environ, **env, "CDLAB_RUNS_DIR": str(work / "runs"), "HF_HUB_OFFLINE": "1",
+                        "CDLAB_ADAPTERS_DIR": str(work / "adapters"), "CDLAB_CACHE_DIR": str(work / "cache")}
+            proc = subprocess.run([sys.executable, "-c", _TRAINER_CHILD.format(end=way), "train", "--model", "tiny",
+                                   "--max_steps", "1", "--data_size", "16", "--batch_size", "4", "--preview_every", "0",
+                                   "--probe_size", "2", "--run_name", f"exit-{i}", "--student_name", f"exit-{i}"],
+                                  env=full_env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=300)
+            end = time.monotonic()
+            returned = [line for line in proc.stderr.splitlines() if line.startswith("cdlab-returned ")]
+            if proc.returncode != 0 or not returned:
+                raise RuntimeError(f"the trainer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            out["trainer"][way].append(end - float(returned[-1].split()[1]))
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     if argv[:1] == ["load"]:
@@ -315,6 +360,21 @@ def main(argv=None) -> int:
         for e in r["errors"]:
             print("  error:", e)
         return 0 if r["failed"] == 0 else 1
+    if argv[:1] == ["exit"]:
+        p = argparse.ArgumentParser(prog="python -m cdlab.ui.bench exit",
+                                    description=bench_exit.__doc__.splitlines()[0])
+        p.add_argument("--repeats", type=int, default=3)
+        a = p.parse_args(argv[1:])
+        if not 1 <= a.repeats <= 20:
+            p.error(f"--repeats must be 1 to 20, got {a.repeats}")
+        r = bench_exit(a.repeats)
+        for what, label in (("app", "the app, SIGTERM to its end"),
+                            ("trainer", "a trainer, its main's return to its end")):
+            plain, fast = (statistics.median(r[what][w]) for w in _ENDS)
+            print(f"{label}: sys.exit median {plain:.2f} s, shutdown.exit median {fast:.2f} s "
+                  f"({plain / fast:.1f}x; each of {len(r[what][_ENDS[0]])} runs: "
+                  + ", ".join(f"{w} {' '.join(f'{x:.2f}' for x in r[what][w])}" for w in _ENDS) + ")")
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--repeats", type=int, default=7)
@@ -333,4 +393,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from cdlab import shutdown
+
+    shutdown.exit(main())
