@@ -3,7 +3,7 @@
 When a command returns, CPython runs the ``atexit`` handlers and then tears its modules down, running its cyclic
 garbage collector over every object still alive as it goes. After torch, diffusers and Gradio are imported that
 walk is most of the end: the app took about 1.8 s to end after a SIGTERM (Ctrl-C, a host stopping it, a test), and
-a trainer about 1 s after its last step, busy on a CPU core all that time. `gc.freeze` moves every tracked
+a trainer about 1 s after its main returned, busy on a CPU core all that time. `gc.freeze` moves every tracked
 object to a permanent generation the collector no longer walks (CPython's own API, documented for servers that fork),
 so the end takes a fraction of that. ``python -m cdlab.ui.bench exit`` measures both ways on the same machine.
 
