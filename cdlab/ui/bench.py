@@ -56,6 +56,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch_env(workdir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` with cdlab's working folders (runs, adapters, evals, data, cache) under ``workdir``, the first
+    four made, offline, then ``env`` on top: what `serve_app`'s app and `bench_exit`'s trainer run in."""
+    workdir = Path(workdir)
+    for d in ("runs", "adapters", "evals", "data"):
+        (workdir / d).mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "CDLAB_RUNS_DIR": str(workdir / "runs"), "CDLAB_ADAPTERS_DIR": str(workdir / "adapters"),
+            "CDLAB_EVALS_DIR": str(workdir / "evals"), "CDLAB_DATA_DIRS": str(workdir / "data"),
+            "CDLAB_CACHE_DIR": str(workdir / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 @contextlib.contextmanager
 def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, str] | None = None,
               command: list[str] | None = None) -> Iterator[str]:
@@ -69,13 +81,8 @@ def serve_app(model: str, workdir: Path, timeout: float = 120.0, env: dict[str, 
     ``RuntimeError`` with that log's tail.
     """
     workdir = Path(workdir)
-    for d in ("runs", "adapters", "evals", "data"):
-        (workdir / d).mkdir(parents=True, exist_ok=True)
+    full_env = scratch_env(workdir, env)
     port = free_port()
-    full_env = {**os.environ, "CDLAB_RUNS_DIR": str(workdir / "runs"), "CDLAB_ADAPTERS_DIR": str(workdir / "adapters"),
-                "CDLAB_EVALS_DIR": str(workdir / "evals"), "CDLAB_DATA_DIRS": str(workdir / "data"),
-                "CDLAB_CACHE_DIR": str(workdir / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
-                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*(command or [sys.executable, str(REPO_ROOT / "app.py")]), "--model", model,
@@ -300,8 +307,8 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
 
 # The app's and a trainer's __main__ as they were (``sys.exit``) and as they are (`cdlab.shutdown.exit`): each child
 # runs the command's own main, then ends the way {end} names; the trainer's prints when its main has returned.
-_APP_CHILD = ("import sys; sys.path.insert(0, {root!r}); import app; from cdlab import shutdown; "
-              "{end}(app.main(sys.argv[1:]))")
+# (Both run with the repository as their folder, which ``python -c`` puts first on sys.path.)
+_APP_CHILD = "import sys; import app; from cdlab import shutdown; {end}(app.main(sys.argv[1:]))"
 _TRAINER_CHILD = ("import sys, time; from cdlab import shutdown; from cdlab.__main__ import main; "
                   "rc = main(sys.argv[1:]); "
                   "print('cdlab-returned', time.monotonic(), file=sys.stderr, flush=True); {end}(rc)")
@@ -318,16 +325,15 @@ def bench_exit(repeats: int = 3) -> dict:
     for i, way in enumerate(_ENDS * repeats):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            command = [sys.executable, "-c", _APP_CHILD.format(root=str(REPO_ROOT), end=way)]
-            with serve_app("tiny", work / "app", env=env, command=command):
+            command = [sys.executable, "-c", _APP_CHILD.format(end=way)]
+            with serve_app("tiny", work, env=env, command=command):
                 t0 = time.monotonic()
             out["app"][way].append(time.monotonic() - t0)
-            full_env = {**os.environ, **env, "CDLAB_RUNS_DIR": str(work / "runs"), "HF_HUB_OFFLINE": "1",
-                        "CDLAB_ADAPTERS_DIR": str(work / "adapters"), "CDLAB_CACHE_DIR": str(work / "cache")}
             proc = subprocess.run([sys.executable, "-c", _TRAINER_CHILD.format(end=way), "train", "--model", "tiny",
                                    "--max_steps", "1", "--data_size", "16", "--batch_size", "4", "--preview_every", "0",
                                    "--probe_size", "2", "--run_name", f"exit-{i}", "--student_name", f"exit-{i}"],
-                                  env=full_env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=300)
+                                  env=scratch_env(work, env), cwd=str(REPO_ROOT), capture_output=True, text=True,
+                                  timeout=300)
             end = time.monotonic()
             returned = [line for line in proc.stderr.splitlines() if line.startswith("cdlab-returned ")]
             if proc.returncode != 0 or not returned:
