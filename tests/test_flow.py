@@ -477,17 +477,20 @@ def test_a_dmd_warm_up_trains_the_fake_score_alone_then_both(tmp_path, tiny_unet
 
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
 
-    def moved_after(steps: int) -> dict[str, float]:
+    def moved_after(steps: int, fake_rank: int = 0) -> dict[str, float]:
         cfg = distill.StudentConfig(method="dmd", sample_steps=1, steps=steps, batch_size=4, lr=1e-3, lora_rank=2,
-                                    pairs=4, guidance=2.0, regression_weight=1.0, fake_warmup=2)
+                                    pairs=4, guidance=2.0, regression_weight=1.0, fake_warmup=2, fake_rank=fake_rank)
         unet, done = distill.distill(teacher_dir, cfg, log=lambda line: None, pair_cache=tmp_path / "cache")
         assert done == steps
+        ranks = {role: {p.shape[0] for n, p in unet.named_parameters() if "lora_A" in n and n.split(".")[-2] == role}
+                 for role in (distill.ADAPTER, "fake")}  # lora_A's rows: the adapter's rank
+        assert ranks == {distill.ADAPTER: {2}, "fake": {fake_rank or 2}}
         return {role: max(float(p.abs().max()) for n, p in unet.named_parameters()
                           if "lora_B" in n and n.split(".")[-2] == role) for role in (distill.ADAPTER, "fake")}
 
     warm = moved_after(2)
     assert warm[distill.ADAPTER] == 0.0 and warm["fake"] > 0
-    assert moved_after(3)[distill.ADAPTER] > 0
+    assert moved_after(3, fake_rank=6)[distill.ADAPTER] > 0  # the fake score may have a rank of its own
 
 
 def test_a_dmd_student_trains_and_samples_on_its_shifted_grid(tmp_path, tiny_unet, monkeypatch, capsys):
@@ -715,6 +718,9 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     with pytest.raises(SystemExit):
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--fake-warmup", "10"])
     assert "--fake-warmup" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--fake-rank", "64"])
+    assert "--fake-rank" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the form's twin rule: boundaries belong to cd
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "dmd", "--num-boundaries", "4"])
     assert "--num-boundaries" in capsys.readouterr().err

@@ -277,7 +277,7 @@ def distill(teacher: str | Path, cfg: StudentConfig, *, init: str | None = None,
         torch.manual_seed(cfg.seed)
         unet = attach_flow_lora(_load_teacher_unet(teacher, dev), cfg.lora_rank)
         if cfg.method == "dmd":  # the fake score: a second LoRA, starting as the teacher (its B is zero)
-            attach_flow_lora(unet, cfg.lora_rank, adapter_name=FAKE_SCORE)
+            attach_flow_lora(unet, cfg.fake_rank or cfg.lora_rank, adapter_name=FAKE_SCORE)
         head = make_discriminator(unet, cfg)
     if init is not None:
         set_lora_weights(unet, widen_lora(student_lora(init, root, teacher), lora_weights(unet)))

@@ -40,6 +40,8 @@ class StudentConfig:
     regression_loss: str = "l2"     # dmd: the regression's distance, "l2" (squared) or "l1" (cdlab.loss's notes)
     fake_steps: int = 1             # dmd: fake-score updates per generator update
     fake_lr: float = 0.0            # dmd: the fake score's learning rate (0: lr, one rate for both adapters)
+    fake_rank: int = 0              # dmd: the fake score's LoRA rank (0: lora_rank's). At 80 or more on the D = 40
+                                    # UNet (its widest layers' 80 outputs) it can move every adapted weight freely
     fake_warmup: int = 0            # dmd: the first steps train the fake score alone (a run started --init from
                                     # a generator that is not the teacher: its fake score must learn it first)
     gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
@@ -111,6 +113,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
                 "--method dmd")
     if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
+    if not 0 <= cfg.fake_rank <= 512 or (cfg.fake_rank and cfg.method != "dmd"):
+        p.error("--fake-rank must be in [0, 512], and more than 0 only with --method dmd (0: --lora-rank's)")
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
     if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
