@@ -721,6 +721,9 @@ def test_adams_beta1_is_the_recipes_and_the_command_line_refuses_one_out_of_rang
     with pytest.raises(SystemExit):
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--fake-rank", "64"])
     assert "--fake-rank" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the student's own rank, the fake score's twin check
+        distill.main(["--teacher", "nowhere", "--name", "x", "--method", "reflow", "--lora-rank", "0"])
+    assert "--lora-rank must be in [1, 512]" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the form's twin rule: boundaries belong to cd
         distill.main(["--teacher", "nowhere", "--name", "x", "--method", "dmd", "--num-boundaries", "4"])
     assert "--num-boundaries" in capsys.readouterr().err

@@ -113,8 +113,9 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
                 "--method dmd")
     if not 0 <= cfg.regression_weight <= 1000 or not 1 <= cfg.fake_steps <= 10 or not 0 <= cfg.fake_lr <= 1:
         p.error("--regression-weight must be in [0, 1000], --fake-steps in [1, 10], --fake-lr in [0, 1]")
-    if not 0 <= cfg.fake_rank <= 512 or (cfg.fake_rank and cfg.method != "dmd"):
-        p.error("--fake-rank must be in [0, 512], and more than 0 only with --method dmd (0: --lora-rank's)")
+    if not 1 <= cfg.lora_rank <= 512 or not 0 <= cfg.fake_rank <= 512 or (cfg.fake_rank and cfg.method != "dmd"):
+        p.error("--lora-rank must be in [1, 512]; --fake-rank in [0, 512], and more than 0 only with --method dmd "
+                "(0: --lora-rank's)")
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
     if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
