@@ -103,6 +103,23 @@ def test_twenty_concurrent_compares_beside_a_training_run(app):
     assert r["p50_s"] <= r["p95_s"] <= r["max_s"]
 
 
+def test_the_load_benchmark_on_the_flow_section_uses_the_shipped_flow_students(tmp_path):
+    """``python -m cdlab.ui.bench load --section flow``'s students: copies of the shipped flow students, the 4-step
+    ones first (its timings are docs/performance.md's, from the command, not a test's); any other section is
+    refused by name before an app starts."""
+    from cdlab.paths import REPO_ROOT
+    from cdlab.ui import bench as B
+
+    with pytest.raises(ValueError, match="section must be 'main' or 'flow', got 'edit'"):
+        B.bench_load(section="edit", workdir=tmp_path)
+    assert not any(tmp_path.iterdir())
+    names = B._flow_students(tmp_path / "adapters", 3)
+    assert names == ["fashion-dmd-4", "fashion-mbcd-4", "fashion-reflow-4"]
+    for name in names:
+        for f in ("card.json", "pytorch_lora_weights.safetensors"):
+            assert (tmp_path / "adapters" / name / f).read_bytes() == (REPO_ROOT / "adapters" / name / f).read_bytes()
+
+
 def test_a_batch_samples_students_first_and_streams_each_request(tiny_teacher, tmp_path):
     """Without Gradio: three requests queued together are one or two batches; each batch samples the student,
     then teacher-4, then teacher-50 (cheapest first), and each request's stream yields a partial result with the

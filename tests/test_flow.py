@@ -6,6 +6,7 @@ not a trained model's quality).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gzip
 import os
@@ -354,6 +355,14 @@ def test_train_teacher_resumes_exactly_and_never_overwrites(tmp_path, ema_decay)
     assert (tmp_path / "whole" / "samples-epoch1.png").is_file()  # the seed's epoch-1 grid
     teacher = train_teacher.load_unet(tmp_path / "whole")
     assert teacher.num_hiddens == 4 and not teacher.training
+    # loaded in the lab's layout (cdlab.flow.unet.channels_last): the same function as the default layout's
+    convs = [m.weight for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                         if w.shape[1] > 1)
+    plain = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)
+    x, t, c = torch.randn(3, 1, 28, 28), torch.rand(3), torch.eye(10)[[0, 4, 9]]
+    with torch.no_grad():
+        assert torch.allclose(teacher(x, t, c), plain(x, t, c), atol=2e-5)
     if ema_decay:  # the teacher is the average (its parameters) with BatchNorm statistics of its own
         ema, raw = (load_file(str(tmp_path / "whole" / n)) for n in ("ema.safetensors", "unet.safetensors"))
         sd = teacher.state_dict()

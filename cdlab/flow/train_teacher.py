@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from cdlab.flow import matching
 from cdlab.flow.data import CLASS_NAMES, load_fashion_mnist
-from cdlab.flow.unet import UNet, recalibrate_batchnorm
+from cdlab.flow.unet import UNet, channels_last, recalibrate_batchnorm
 from cdlab.paths import load_json_object, preview_file, write_json_atomic
 from cdlab.train.status import FLOW_TEACHER_RUN, MetricsWriter, write_status
 from cdlab.train.stopping import StopFlag, watch_parent
@@ -147,11 +147,12 @@ def teacher_weights(folder: str | Path) -> Path:
 
 
 def load_unet(folder: str | Path) -> UNet:
-    """The teacher of a run folder (`teacher_weights`), in eval mode; the architecture from ``state.json``."""
+    """The teacher of a run folder (`teacher_weights`), in eval mode and channels-last
+    (`cdlab.flow.unet.channels_last`); the architecture from ``state.json``."""
     cfg, _ = _read_state(Path(folder))
     unet = UNet(num_hiddens=cfg.num_hiddens)
     unet.load_state_dict(load_file(str(teacher_weights(folder))))
-    return unet.eval()
+    return channels_last(unet).eval()
 
 
 @torch.no_grad()
@@ -183,7 +184,7 @@ def _start(out: Path, cfg: TeacherConfig, resume: bool, device: torch.device) ->
     unet = UNet(num_hiddens=cfg.num_hiddens)
     if resume:
         unet.load_state_dict(load_file(str(out / "unet.safetensors")))
-    unet.to(device)
+    channels_last(unet.to(device))  # before the optimizer: Adam's moments take the weights' layout
     opt = matching.make_optimizer(unet, cfg.lr)
     if resume:
         load_optimizer_state(opt, out / "optimizer.safetensors")

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python -m cdlab.ui.bench [--model tiny] [--repeats 5]      # one request's latency
     python -m cdlab.ui.bench load [--requests 30] [--columns 5] [--train] [--client-nice 19]   # a classroom at once
+    python -m cdlab.ui.bench load --section flow         # the same on the flow-matching section (a class a request)
     python -m cdlab.ui.bench exit [--repeats 3]          # how long the app and a trainer take to end (cdlab.shutdown)
 
 ``bench_compare``: teacher-50 (CFG), teacher-4 and 3 students, 4 student steps, on 2 CPU cores; targets
@@ -16,7 +17,7 @@ student time per image. Targets (issue 23): 30/30 served, first student p95 <= 3
 worst request >= 13x.
 
 Students are random LoRAs (speed does not depend on their weights) in a scratch adapters folder
-(`make_random_students`), and the launched app runs on scratch folders (`serve_app`); the client and browser
+(`make_random_students`; ``--section flow``: copies of the shipped flow students), and the launched app runs on scratch folders (`serve_app`); the client and browser
 tests run against the same.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -39,9 +41,11 @@ import torch
 from gradio_client import Client
 
 from cdlab.columns import TEACHER_4, TEACHER_50
-from cdlab.paths import REPO_ROOT, TINY_ID, read_json
+from cdlab.flow.data import CLASS_NAMES
+from cdlab.flow.pipeline import FLOW_GUIDANCE
+from cdlab.paths import FLOW_ID, REPO_ROOT, TINY_ID, read_json
 from cdlab.prompts import tiny_prompts
-from cdlab.students import StudentCard, attach_lora, save_student
+from cdlab.students import StudentCard, attach_lora, list_students, save_student
 from cdlab.teachers import load_teacher
 from cdlab.tiny.architecture import build_pipeline
 from cdlab.ui.compare import Comparer
@@ -244,7 +248,8 @@ def _start_training(url: str, work: Path, train_steps: int) -> tuple[Client, str
 
 def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model: str = "tiny",
                workdir: Path | None = None, train_steps: int = 20_000,  # 20_000: the app's cap, APP_LIMITS
-               client_nice: int = 0, url: str | None = None, guidance: float = 5.0) -> dict:
+               client_nice: int = 0, url: str | None = None, guidance: float | None = None,
+               section: str = "main") -> dict:
     """``requests`` concurrent Compare requests (and, with ``train``, one training run) against the launched app.
 
     Each request streams its columns (students first); returns served/failed counts, the seconds from submission
@@ -259,16 +264,29 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
     ``url``: an app already serving ``workdir`` on ``model``'s base (a test's own app, so it is not launched twice);
     by default this launches ``python app.py --model MODEL`` on ``workdir`` and stops it afterwards.
 
-    ``guidance``: the requests' CFG scale (5: the teacher columns at two UNet passes a step; 1: one).
+    ``guidance``: the requests' CFG scale (the teacher columns at two UNet passes a step; 1: one). Default: 5 on
+    the main section, the flow teacher's own (``FLOW_GUIDANCE``) on the flow section.
+
+    ``section``: ``"main"``, the page's Compare on ``model`` (random students, the tiny world's prompts), or
+    ``"flow"``, the flow-matching section's Compare beside it (``/flow_compare``: a class name for a prompt, the
+    shipped flow students, copied into ``workdir``, the 4-step ones first).
     """
+    if section not in ("main", "flow"):
+        raise ValueError(f"section must be 'main' or 'flow', got {section!r}")
     if workdir is None:  # a temporary app folder (its students, runs and caches), removed afterwards
         with tempfile.TemporaryDirectory(prefix="cdlab-load-", ignore_cleanup_errors=True) as d:
-            return bench_load(requests, columns, train, model, Path(d), train_steps, client_nice, url, guidance)
+            return bench_load(requests, columns, train, model, Path(d), train_steps, client_nice, url, guidance,
+                              section)
     work = Path(workdir)
-    names = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2))
+    if section == "flow":
+        names, prompts, api = _flow_students(work / "adapters", columns - 2), list(CLASS_NAMES), "/flow_compare"
+        guidance = FLOW_GUIDANCE if guidance is None else guidance
+    else:
+        names, prompts, api = make_random_students(TINY_ID, work / "adapters", n=max(0, columns - 2)), \
+            tiny_prompts(requests), "/compare"
+        guidance = 5.0 if guidance is None else guidance
     cols = ([TEACHER_50, TEACHER_4] + names)[:columns]
-    prompts = tiny_prompts(requests)
-    out: dict = {"requests": requests, "columns": len(cols), "train": train}
+    out: dict = {"requests": requests, "columns": len(cols), "train": train, "section": section}
     with (contextlib.nullcontext(url) if url else serve_app(model, work)) as url:
         if train:
             boss, owner, run = _start_training(url, work, train_steps)
@@ -282,7 +300,7 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
         jobs = []
         for i in range(requests):
             job = client.submit(prompt=prompts[i % len(prompts)], seed=1000 + i, guidance=guidance, steps="4",
-                                columns=cols, show_trajectory=False, api_name="/compare")
+                                columns=cols, show_trajectory=False, api_name=api)
             job.t0 = time.perf_counter()
             jobs.append(job)
         seen = watch_compares(jobs, names)
@@ -301,6 +319,15 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
                ratio_worst=min(ratios, default=float("nan")), ratio_median=percentile(ratios, 50),
                updates=sum(r["updates"] for r in ok))
     return out
+
+
+def _flow_students(root: Path, n: int) -> list[str]:
+    """Copy ``n`` of the shipped flow students (the 4-step ones first, then by name) into ``root``; their names."""
+    shipped = sorted(list_students(root=REPO_ROOT / "adapters", base_model=FLOW_ID), key=lambda c: (c.steps != 4, c.name))
+    names = [c.name for c in shipped[:max(0, n)]]
+    for name in names:
+        shutil.copytree(REPO_ROOT / "adapters" / name, root / name, dirs_exist_ok=True)
+    return names
 
 
 # ----------------------------------------------------------------------------- how a process ends
@@ -351,9 +378,13 @@ def main(argv=None) -> int:
         p.add_argument("--train", action="store_true", help="one training run beside the requests")
         p.add_argument("--client-nice", type=int, default=19, help="lower the clients' CPU priority by this much "
                        "once the app runs (in a classroom the browsers are on other machines; 0: compete)")
+        p.add_argument("--section", choices=("main", "flow"), default="main",
+                       help="the page's Compare (main) or the flow-matching section's (flow: a class, the shipped "
+                       "flow students)")
         a = p.parse_args(argv[1:])
-        r = bench_load(a.requests, a.columns, train=a.train, client_nice=a.client_nice)
-        print(f"{r['requests']} concurrent Compare requests, {r['columns']} columns each, streamed; "
+        r = bench_load(a.requests, a.columns, train=a.train, client_nice=a.client_nice, section=a.section)
+        print(f"{r['requests']} concurrent {'flow ' if a.section == 'flow' else ''}Compare requests, "
+              f"{r['columns']} columns each, streamed; "
               f"clients at nice {r['client_nice']}, the app at its own priority"
               + (f", beside a training run ({r['training_state']} at step {r['training_step']})" if r["train"] else ""))
         print(f"served {r['served']}/{r['requests']}, failed {r['failed']}; wall {r['wall_s']:.2f} s; "
