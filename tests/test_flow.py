@@ -151,7 +151,11 @@ def test_recalibrate_batchnorm_matches_the_batch_statistics():
     torch.manual_seed(1)
     unet = UNet(num_hiddens=8, num_classes=0)
     x, t = torch.randn(8, 1, 28, 28) * 3 + 2, torch.rand(8)
+    grad_on = []  # its passes only gather statistics: no autograd graph, whatever the caller's mode
+    hook = unet.conv_in.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
     recalibrate_batchnorm(unet, [(x, t)])
+    hook.remove()
+    assert grad_on == [False]
     bn = unet.conv_in[0][1]
     h = unet.conv_in[0][0](x)
     assert not unet.training and bn.momentum == 0.1

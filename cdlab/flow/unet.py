@@ -248,7 +248,6 @@ class PixelDiscriminator(nn.Module):
         return (self.linear(phi)[:, 0] + (self.embed(c.to(phi.dtype)) * phi).sum(1)).reshape(-1)
 
 
-@torch.no_grad()
 def channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 4-D weights in channels-last order (``memory_format=torch.channels_last``), in place:
     the layout the lab samples and trains the UNet in (the module docstring says why). Adapters attached after
@@ -256,6 +255,7 @@ def channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> nn.Module:
     """Recompute every BatchNorm's running mean and variance for the model's current weights (an EMA's), as
     ``torch.optim.swa_utils.update_bn`` does: reset them, run ``model(*args)`` in train mode over ``batches``

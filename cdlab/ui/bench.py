@@ -17,8 +17,8 @@ student time per image. Targets (issue 23): 30/30 served, first student p95 <= 3
 worst request >= 13x.
 
 Students are random LoRAs (speed does not depend on their weights) in a scratch adapters folder
-(`make_random_students`; ``--section flow``: copies of the shipped flow students), and the launched app runs on scratch folders (`serve_app`); the client and browser
-tests run against the same.
+(`make_random_students`; ``--section flow``: copies of the shipped flow students), and the launched app runs on
+scratch folders (`serve_app`); the client and browser tests run against the same.
 """
 from __future__ import annotations
 
@@ -323,7 +323,8 @@ def bench_load(requests: int = 30, columns: int = 5, train: bool = False, model:
 
 def _flow_students(root: Path, n: int) -> list[str]:
     """Copy ``n`` of the shipped flow students (the 4-step ones first, then by name) into ``root``; their names."""
-    shipped = sorted(list_students(root=REPO_ROOT / "adapters", base_model=FLOW_ID), key=lambda c: (c.steps != 4, c.name))
+    shipped = sorted(list_students(root=REPO_ROOT / "adapters", base_model=FLOW_ID),
+                     key=lambda c: (c.steps != 4, c.name))
     names = [c.name for c in shipped[:max(0, n)]]
     for name in names:
         shutil.copytree(REPO_ROOT / "adapters" / name, root / name, dirs_exist_ok=True)
