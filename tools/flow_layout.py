@@ -4,30 +4,28 @@
 
 Times a sampling pass (inference mode) at the batches the app meets (2: one Compare with CFG; 60: thirty at
 once; 256: an evaluation's), the same at 60 with a student's LoRA attached after the layout (unfused), and an
-Adam training step (64: a student's batch; 128: the teacher's), each layout
-alternating on the same inputs, and prints each ratio and the largest difference of the two layouts' outputs.
+Adam training step (64: a student's batch; 128: the teacher's): each layout on the same inputs, one after the
+other, the median of its calls (`cdlab.bench.timeit`); prints each ratio and the largest difference of the two
+layouts' outputs.
 The lab loads and trains the UNet channels-last (`cdlab.flow.unet.channels_last`).
 """
 from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cdlab.bench import timeit  # noqa: E402
 from cdlab.flow.pipeline import load_flow_teacher  # noqa: E402
 
 
-def milliseconds(f, n: int = 10) -> float:
-    f()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    return (time.perf_counter() - t0) / n * 1000
+def milliseconds(f, repeats: int = 10) -> float:
+    """The median of ``repeats`` timed calls after one warm-up (`cdlab.bench.timeit`), in milliseconds."""
+    return timeit(f, "cpu", repeats=repeats) * 1000
 
 
 def main() -> int:

@@ -54,8 +54,8 @@ sketch such an EMA fell to 0.13 class accuracy); recompute them for the averaged
 **Memory layout.** The lab runs the flow teacher with its convolution weights in channels-last order
 (:func:`channels_last`, in ``cdlab.flow.train_teacher``: where a teacher is loaded and where its training
 starts): on the CPU every convolution then skips a reordering of its input. Same weights, same maths, other
-rounding (within 2e-5 of the default layout); about 1.1 to 1.4x the speed of a sampling pass and 1.2 to 1.3x of
-a training step on this project's 2-core machine (``python tools/flow_layout.py``, docs/performance.md).
+rounding (within 2e-5 of the default layout); about 1.1 to 1.4x the speed of a sampling pass and 1.15 to 1.4x
+of a training step on this project's 2-core machine (``python tools/flow_layout.py``, docs/performance.md).
 Weights are saved in the default layout.
 """
 from __future__ import annotations

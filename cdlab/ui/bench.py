@@ -45,7 +45,7 @@ from cdlab.flow.data import CLASS_NAMES
 from cdlab.flow.pipeline import FLOW_GUIDANCE
 from cdlab.paths import FLOW_ID, REPO_ROOT, TINY_ID, read_json
 from cdlab.prompts import tiny_prompts
-from cdlab.students import StudentCard, attach_lora, list_students, save_student
+from cdlab.students import StudentCard, attach_lora, list_students, save_student, student_dir
 from cdlab.teachers import load_teacher
 from cdlab.tiny.architecture import build_pipeline
 from cdlab.ui.compare import Comparer
@@ -327,7 +327,7 @@ def _flow_students(root: Path, n: int) -> list[str]:
                      key=lambda c: (c.steps != 4, c.name))
     names = [c.name for c in shipped[:max(0, n)]]
     for name in names:
-        shutil.copytree(REPO_ROOT / "adapters" / name, root / name, dirs_exist_ok=True)
+        shutil.copytree(student_dir(name, REPO_ROOT / "adapters"), root / name, dirs_exist_ok=True)
     return names
 
 
