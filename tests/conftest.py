@@ -46,10 +46,20 @@ def cache_outside_the_repository(tmp_path_factory) -> Iterator[Path]:
     """``$CDLAB_CACHE_DIR`` (encoded latents, teacher pairs) under the session's tmp for every test and every
     process a test starts, unless a test sets its own: a test never writes into the repository's ``cache/``,
     where a user's cached pairs are (hours of a teacher's sampling). The models cache is ``$CDLAB_MODELS_DIR``
-    and stays shared: SD1.5's random stand-in is built once a machine."""
+    and stays shared: SD1.5's random stand-in is built once a machine.
+
+    The temporary folder (``$TMPDIR``, ``tempfile.tempdir``) moves under the session's tmp too, for the
+    workers and every app, trainer and browser they start: what they leave there (gradio_client leaves an
+    empty folder in the temporary folder per file it downloads, Gradio its cache, Chromium its profiles) goes
+    with the session's tmp, which pytest.ini removes after a green run (``tmp_path_retention_policy``)."""
+    import tempfile
+
     with pytest.MonkeyPatch.context() as mp:
         folder = tmp_path_factory.mktemp("cache")
         mp.setenv("CDLAB_CACHE_DIR", str(folder))
+        tmp = tmp_path_factory.mktemp("tmp")
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr(tempfile, "tempdir", str(tmp))
         yield folder
 
 
@@ -92,6 +102,42 @@ def xdist_unit(nodeid: str) -> str:
         return "sd15"
     path = nodeid.split("::")[0]
     return SHARED_UNITS.get(path, path)
+
+
+# Disk the suite needs (a run's peak above its start, measured with `df` every second: 0.99 GB with SD1.5's stand-in
+# already built, docs/performance.md), with room to spare, and the stand-in itself when it has to be built.
+SUITE_DISK_GB, SD15_STANDIN_GB = 1.5, 2.2
+
+
+def _disk_needed() -> list[tuple[str, float, float]]:
+    """``(folder, free GB, needed GB)`` for the temporary folder and SD1.5's stand-in's cache."""
+    import tempfile
+
+    from cdlab.paths import models_dir
+    from cdlab.sd15_random import DEFAULT_RESOLUTION
+
+    tmp, models = Path(tempfile.gettempdir()), models_dir()
+    build = 0.0 if (models / f"sd15-random-{DEFAULT_RESOLUTION}").is_dir() else SD15_STANDIN_GB
+    probe = next((p for p in (models, *models.parents) if p.exists()), Path("/"))
+    free = {str(f): shutil.disk_usage(f).free / 1e9 for f in (tmp, probe)}
+    if os.stat(tmp).st_dev == os.stat(probe).st_dev:
+        return [(str(tmp), free[str(tmp)], SUITE_DISK_GB + build)]
+    return [(str(tmp), free[str(tmp)], SUITE_DISK_GB), (str(probe), free[str(probe)], build)]
+
+
+def pytest_report_header(config):
+    return "cdlab: free disk " + ", ".join(f"{f} {have:.1f} GB (needs {need:.1f})" for f, have, need in _disk_needed())
+
+
+def pytest_sessionstart(session):
+    """Stop at once, saying why, when the disk cannot hold the run: a full disk fails tests by the hundred with
+    errors that name anything but the disk."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    short = [(f, have, need) for f, have, need in _disk_needed() if have < need]
+    if short:
+        pytest.exit("cdlab: not enough free disk for the suite: " + "; ".join(
+            f"{f} has {have:.1f} GB free, the run needs {need:.1f} GB" for f, have, need in short), returncode=3)
 
 
 @pytest.hookimpl(optionalhook=True)  # `-p no:xdist` (one process) has no such hook
