@@ -125,8 +125,11 @@ def _disk_needed() -> list[tuple[str, float, float]]:
     return [(str(tmp), free[str(tmp)], SUITE_DISK_GB), (str(probe), free[str(probe)], build)]
 
 
+_DISK_AT_START: list[str] = []  # the controller's reading, printed again in the summary (``-q`` hides the header)
+
+
 def pytest_report_header(config):
-    return "cdlab: free disk " + ", ".join(f"{f} {have:.1f} GB (needs {need:.1f})" for f, have, need in _disk_needed())
+    return _DISK_AT_START
 
 
 def pytest_sessionstart(session):
@@ -134,7 +137,10 @@ def pytest_sessionstart(session):
     errors that name anything but the disk."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    short = [(f, have, need) for f, have, need in _disk_needed() if have < need]
+    disk = _disk_needed()
+    _DISK_AT_START[:] = ["cdlab: free disk at the start: " + ", ".join(
+        f"{f} {have:.1f} GB (needs {need:.1f})" for f, have, need in disk)]
+    short = [(f, have, need) for f, have, need in disk if have < need]
     if short:
         pytest.exit("cdlab: not enough free disk for the suite: " + "; ".join(
             f"{f} has {have:.1f} GB free, the run needs {need:.1f} GB" for f, have, need in short), returncode=3)
@@ -178,6 +184,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         skipped[reason.removeprefix("Skipped: ")].append(rep.nodeid)
     tw = terminalreporter
     tw.section("cdlab: which tests ran")
+    for line in _DISK_AT_START:
+        tw.line(line)
     for f in sorted(per_file):
         tw.line(f"{f}: " + ", ".join(f"{n} {k}" for k, n in sorted(per_file[f].items())))
     tw.line(f"total: {sum(sum(c.values()) for c in per_file.values())} ran, "
