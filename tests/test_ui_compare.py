@@ -321,3 +321,21 @@ def test_the_default_preset_shows_naive_sampling_fail():
     res = cmp.run(prompt, 0, teacher.guidance, 4, cmp.column_choices())
     ok = {c.label: all(check(c.image, prompt).values()) for c in res.columns}
     assert len(ok) >= 5 and not ok.pop(C.TEACHER_4) and all(ok.values()), ok
+
+
+def test_serving_rows_follow_the_unets_size(compare_students):
+    """A small UNet (the tiny teacher, the flow teacher) is served 128 rows a call; an SD1.5-sized one 4 on the
+    CPU and 8 on CUDA (`cdlab.teachers.serving_rows`), and the Comparer takes that unless told otherwise."""
+    from cdlab.flow.pipeline import load_flow_teacher
+    from cdlab.teachers import SMALL_UNET_PARAMETERS, serving_rows
+
+    flow = load_flow_teacher()
+    assert not flow.is_tiny and serving_rows(flow) == 128 and C.Comparer(flow, batching=False).max_rows == 128
+    assert serving_rows(compare_students.teacher) == 128 == compare_students.comparer.max_rows
+    side = int(SMALL_UNET_PARAMETERS ** 0.5) + 1  # one layer just over the limit, on the meta device (no memory)
+    big = SimpleNamespace(is_tiny=False, unet=torch.nn.Linear(side, side, device="meta"), device="cpu")
+    assert serving_rows(big) == 4 and C.Comparer(big, batching=False).max_rows == 4
+    assert serving_rows(SimpleNamespace(**{**vars(big), "device": "cuda:0"})) == 8
+    assert C.Comparer(big, batching=False, max_rows=16).max_rows == 16
+    small = SimpleNamespace(is_tiny=False, unet=torch.nn.Linear(side - 2, side - 2, device="meta"), device="cpu")
+    assert serving_rows(small) == 128

@@ -28,7 +28,7 @@ from cdlab.columns import (AS_TRAINED, STUDENT_STEPS, TEACHER_4, TEACHER_50, Col
 from cdlab.prompts import COURSE_PROMPTS, tiny_prompts
 from cdlab.samplers import consistency_timesteps, grid_shift, student_timesteps
 from cdlab.students import EXTERNAL_STUDENTS, students_of
-from cdlab.teachers import class_names, is_tiny, teacher_lock
+from cdlab.teachers import class_names, is_tiny, serving_rows, teacher_lock
 from cdlab.ui.compare_result import ColumnResult, CompareResult, fill_speedups
 from cdlab.ui.compare_view import error_image
 from cdlab.world.grammar import MAX_PROMPT_CHARS, nearest_caption
@@ -197,8 +197,9 @@ class Comparer:
         allow_external: offer the external students (LCM-LoRA, TCD, ...); only meaningful on SD1.5 with the hub.
         batching (`bool`): serve concurrent requests together (default on).
         max_batch_requests (`int`): the most requests one batch takes.
-        max_rows (`int`, *optional*): the most rows one UNet call gets (a CFG request counts 2); default 128
-            on the tiny teacher, 8 on CUDA, 4 elsewhere.
+        max_rows (`int`, *optional*): the most rows one UNet call gets (a CFG request counts 2); default
+            `cdlab.teachers.serving_rows`: 128 on a small UNet (the tiny and flow teachers), SD1.5's 8 on CUDA, 4
+            on the CPU.
         cache_size (`int`): teacher columns kept (least recently used dropped).
         fuse (`bool`): run students with fused weights (default on); off: peft's unfused LoRA layers.
     """
@@ -211,10 +212,7 @@ class Comparer:
         if allow_external is None:  # SD1.5 LoRAs fit SD1.5's architecture (the hub model or sd15-random)
             allow_external = bool(getattr(teacher, "is_sd15_architecture", not is_tiny(teacher)))
         self.allow_external = allow_external
-        if max_rows is None:
-            dev = str(getattr(teacher, "device", "cpu"))
-            max_rows = 128 if is_tiny(teacher) else (8 if dev.startswith("cuda") else 4)
-        self.max_rows = max(2, int(max_rows))
+        self.max_rows = max(2, int(serving_rows(teacher) if max_rows is None else max_rows))
         self.fuse = fuse
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[tuple, _Sampled] = OrderedDict()
