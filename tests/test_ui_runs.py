@@ -178,6 +178,12 @@ def test_job_start_stop_resume(fake):
     jobs.stop("r1", wait=True)
     assert jobs.state("r1")["state"] == "stopped"
     assert [r.name for r in R.list_runs(jobs.runs_dir)] == ["r1"]
+    # the exit and stop watchers see the same end after the waiting stop finalised it: they return at once,
+    # without writing the run again (here its folder is gone: writing would raise FileNotFoundError)
+    last = jobs._job
+    shutil.rmtree(last.run_dir)
+    jobs._finalise(last)
+    assert not last.run_dir.exists()
 
 
 def test_only_the_starting_session_stops_or_resumes(fake):

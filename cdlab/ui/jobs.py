@@ -55,6 +55,7 @@ class Job:
     killed: bool = False
     owner: str | None = None  # sha256 of the starting browser session's token (None: no owner given)
     capped: bool = False  # stopped at the wall-clock cap (``max_seconds``)
+    finalised: bool = False  # its final status is written (`JobManager._finalise`: once, by whoever sees the end first)
 
 
 def owner_digest(token: str | None) -> str | None:
@@ -438,11 +439,15 @@ class JobManager:
             self._finalise(j)
 
     def _finalise(self, j: Job) -> None:
-        """After the process ended: make sure status.json holds a final state. Serialised: several threads
-        see the same exit (one once raced another's rename of the temporary file)."""
+        """After the process ended: make sure status.json holds a final state, once. Serialised: several threads
+        see the same exit (the exit watcher, the stop watcher, a waiting ``stop``; one once raced another's rename
+        of the temporary file), and the later ones return at once instead of reading and writing the run again."""
         with self._finalise_lock:
+            if j.finalised:
+                return
             self._finalise_locked(j)
             self._release_slot(j.proc.pid)
+            j.finalised = True
 
     def _finalise_locked(self, j: Job) -> None:
         path = j.run_dir / "status.json"
