@@ -160,7 +160,7 @@ def _wait(pred, timeout=15.0):
     return False
 
 
-def test_job_start_stop_resume(fake):
+def test_job_start_stop_resume(fake, monkeypatch):
     jobs = fake("normal")
     job = jobs.start({"run_name": "r1", "max_steps": 1000})
     assert jobs.state("r1")["state"] in ("queued", "running")
@@ -178,12 +178,16 @@ def test_job_start_stop_resume(fake):
     jobs.stop("r1", wait=True)
     assert jobs.state("r1")["state"] == "stopped"
     assert [r.name for r in R.list_runs(jobs.runs_dir)] == ["r1"]
-    # the exit and stop watchers see the same end after the waiting stop finalised it: they return at once,
-    # without writing the run again (here its folder is gone: writing would raise FileNotFoundError)
-    last = jobs._job
-    shutil.rmtree(last.run_dir)
+    # the exit and stop watchers see the same end after the waiting stop recorded it: they return at once
+    last, released = jobs._job, []
+    monkeypatch.setattr(jobs, "_release_slot", released.append)
     jobs._finalise(last)
-    assert not last.run_dir.exists()
+    assert released == []
+    # a run whose folder was deleted before its end was recorded: nothing is written (no FileNotFoundError)
+    shutil.rmtree(last.run_dir)
+    last.finalised = False
+    jobs._finalise(last)
+    assert not last.run_dir.exists() and released == [last.proc.pid]
 
 
 def test_only_the_starting_session_stops_or_resumes(fake):

@@ -450,6 +450,8 @@ class JobManager:
             j.finalised = True
 
     def _finalise_locked(self, j: Job) -> None:
+        if not j.run_dir.is_dir():  # the run's folder was deleted while its trainer ended: nothing left to record
+            return
         path = j.run_dir / "status.json"
         status = read_json(path) or {}
         done = status.get("state") in runs_mod.FINAL_STATES and float(status.get("updated") or 0) >= j.started - 1
