@@ -196,8 +196,8 @@ def serving_rows(teacher: Any) -> int:
     """The most UNet rows one call gets when the app serves requests together (`cdlab.ui.compare.Comparer`; a CFG
     image counts 2). A small UNet (the tiny teacher's 4.2M parameters, the flow teacher's 0.79M: under
     ``SMALL_UNET_PARAMETERS``) takes 128: its activations are small and a wide call is faster than many narrow
-    ones (the flow teacher's teacher-50 for 30 requests: 5.65 s at 128 rows, 7.85 s at 4, 2 threads). SD1.5's
-    (860M) takes 8 on CUDA and 4 on the CPU: its memory grows with every row."""
+    ones (docs/performance.md, "Served 128 rows a call"). SD1.5's (860M) takes 8 on CUDA and 4 on the CPU: its
+    memory grows with every row."""
     unet = getattr(teacher, "unet", None)
     small = is_tiny(teacher) or (isinstance(unet, torch.nn.Module)
                                  and sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMETERS)
