@@ -65,6 +65,11 @@ def folder(resolution: int = DEFAULT_RESOLUTION) -> Path:
     return models_dir() / f"{SD15_RANDOM}-{check_resolution(resolution)}"
 
 
+def is_built(resolution: int = DEFAULT_RESOLUTION) -> bool:
+    """Whether the pipeline folder for ``resolution`` is complete (`ensure` renames it into place whole)."""
+    return (folder(resolution) / "model_index.json").is_file()
+
+
 def ensure(resolution: int = DEFAULT_RESOLUTION, seed: int = 0) -> Path:
     """The pipeline folder for ``resolution``, built on first use (about 30 s and 2.1 GB on 2 CPU cores).
 
@@ -72,7 +77,7 @@ def ensure(resolution: int = DEFAULT_RESOLUTION, seed: int = 0) -> Path:
     interrupted build never leaves a half-written model behind.
     """
     final = folder(resolution)
-    if (final / "model_index.json").is_file():
+    if is_built(resolution):
         return final
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -114,10 +114,10 @@ def _disk_needed() -> list[tuple[str, float, float]]:
     import tempfile
 
     from cdlab.paths import models_dir
-    from cdlab.sd15_random import DEFAULT_RESOLUTION
+    from cdlab.sd15_random import is_built
 
     tmp, models = Path(tempfile.gettempdir()), models_dir()
-    build = 0.0 if (models / f"sd15-random-{DEFAULT_RESOLUTION}").is_dir() else SD15_STANDIN_GB
+    build = 0.0 if is_built() else SD15_STANDIN_GB
     probe = next((p for p in (models, *models.parents) if p.exists()), Path("/"))
     free = {str(f): shutil.disk_usage(f).free / 1e9 for f in (tmp, probe)}
     if os.stat(tmp).st_dev == os.stat(probe).st_dev:
