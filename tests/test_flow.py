@@ -985,7 +985,57 @@ def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_fro
     assert moved == {FAKE_SCORE, "discriminator"} and loss > 0
 
 
-@pytest.mark.parametrize("disc", ["head", "pixel"])
+def test_a_frozen_classifiers_features_judge_and_only_their_heads_train(tmp_path, tiny_unet):
+    """``--disc features`` (:class:`FeatureDiscriminator`, ADD's): the sum of one projection head per stage of a
+    frozen classifier, computed here by hand; the generator's GAN term reaches the student's adapter alone, through
+    the frozen stages; the fake score's update trains the heads and leaves the classifier's weights and BatchNorm
+    statistics as they were. The evaluation's own classifier is refused as its backbone, by name."""
+    from cdlab.flow import distill
+    from cdlab.flow.classifier import Classifier, classifier_dir, save_classifier
+    from cdlab.flow.unet import FeatureDiscriminator
+    from cdlab.students.roles import FAKE_SCORE
+
+    torch.manual_seed(1)
+    backbone = Classifier().eval()
+    disc = FeatureDiscriminator(*backbone.stages()).eval()
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    unet = _generator_and_fake_score(tiny_unet, seed=6)
+    g = torch.Generator().manual_seed(7)
+    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=disc, gan_weight=0.25,
+                           generator=g)
+    with torch.no_grad():
+        c, h, by_hand = matching.one_hot(labels), out["x_g"].clamp(0, 1), 0
+        for k, (stage, head) in enumerate(zip(disc.stages, disc.heads)):
+            h = stage(h)
+            phi = head(h)
+            by_hand = by_hand + disc.linears[k](phi)[:, 0] + (disc.embeds[k](c) * phi).sum(1)
+        assert torch.allclose(disc(out["x_g"], c), by_hand, atol=1e-5)
+        assert not torch.allclose(disc(out["x_g"], c), disc(out["x_g"], c.roll(1, 0)))
+    assert float(out["loss_gan"]) == pytest.approx(float(torch.nn.functional.softplus(-by_hand).mean()), rel=1e-5)
+    out["loss"].backward()
+    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert owners == {distill.ADAPTER} and all(p.grad is None for p in disc.parameters())
+    trainable = [p for p in disc.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in trainable) < sum(p.numel() for p in disc.parameters())
+
+    disc.train()
+    assert not any(m.training for m in disc.stages.modules())  # the classifier's BatchNorms keep their statistics
+    heads_before = [p.detach().clone() for p in trainable]
+    moved, loss = _moved_by_a_fake_update(unet, disc, disc, out["x_g"], labels, x1, g)
+    assert moved == {FAKE_SCORE, "discriminator"} and loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, trainable))
+    assert all(torch.equal(v, frozen[k]) for k, v in backbone.state_dict().items())
+
+    save_classifier(backbone, tmp_path / "backbone", {})
+    cfg = distill.StudentConfig(method="dmd", gan_weight=0.1, disc="features", disc_backbone=str(tmp_path / "backbone"))
+    assert isinstance(distill.make_discriminator(unet, cfg), FeatureDiscriminator)
+    with pytest.raises(ValueError, match="the evaluation's own classifier"):
+        distill.make_discriminator(unet, dataclasses.replace(cfg, disc_backbone=str(classifier_dir())))
+
+
+@pytest.mark.parametrize("disc", ["head", "pixel", "features"])
 def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_keeps_it_to_dmd(
         tmp_path, tiny_unet, monkeypatch, capsys, disc):
     """A DMD run with DMD2's GAN term reads the real training images, and its discriminator (DMD2's head, or one
@@ -998,8 +1048,15 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
 
     monkeypatch.setenv("CDLAB_FASHION_MNIST", str(write_train_set(tmp_path / "data", 40)))
     teacher_dir = _teacher_folder(tmp_path / "teacher", tiny_unet)
+    backbone = ""
+    if disc == "features":  # a classifier of its own, not the judge
+        from cdlab.flow.classifier import Classifier, save_classifier
+
+        torch.manual_seed(2)
+        backbone = str(save_classifier(Classifier().eval(), tmp_path / "backbone", {}))
     cfg = distill.StudentConfig(method="dmd", sample_steps=2, steps=3, batch_size=4, lr=1e-3, lora_rank=2, pairs=4,
-                                guidance=2.0, regression_weight=1.0, gan_weight=0.5, disc_weight=1.0, disc=disc)
+                                guidance=2.0, regression_weight=1.0, gan_weight=0.5, disc_weight=1.0, disc=disc,
+                                disc_backbone=backbone)
     kw = dict(log=lambda line: None, pair_cache=tmp_path / "cache")
     whole, done = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "whole", **kw)
     _, first = distill.distill(teacher_dir, cfg, checkpoint=tmp_path / "cut", max_seconds=0.0, **kw)
@@ -1027,14 +1084,28 @@ def test_a_dmd_run_with_the_gan_term_continues_bit_for_bit_and_the_command_line_
     accs = [float(v) for v in re.findall(r"(?:accuracy|500:|below:) ([0-9.]+)", printed)]
     assert printed.startswith("step 3:") and len(norms) == 2 and all(v > 0 for v in norms)
     assert len(accs) == (3 if disc == "head" else 1) and all(0 <= a <= 1 for a in accs)
-    if disc == "pixel":
+    if disc == "features":  # its checkpoint holds the frozen classifier as it was loaded
+        frozen = load_file(str(tmp_path / "backbone" / "classifier.safetensors"))
+        assert all(torch.equal(h1[f"disc.stages.{k}"], v) for k, v in _stage_keys(frozen).items())
+    if disc != "head":
         return
-    for flags in (["--method", "reflow", "--gan-weight", "0.1"], ["--method", "dmd", "--gan-weight", "11"],
-                  ["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"],
-                  ["--method", "dmd", "--gan-weight", "0.1", "--disc", "stylegan"]):
+    for flags, named in ((["--method", "reflow", "--gan-weight", "0.1"], "--gan-weight"),
+                         (["--method", "dmd", "--gan-weight", "11"], "--gan-weight"),
+                         (["--method", "dmd", "--gan-weight", "0.1", "--disc-weight", "-1"], "--gan-weight"),
+                         (["--method", "dmd", "--gan-weight", "0.1", "--disc", "stylegan"], "--gan-weight"),
+                         (["--method", "dmd", "--gan-weight", "0.1", "--disc", "features"], "--disc-backbone"),
+                         (["--method", "dmd", "--gan-weight", "0.1", "--disc-backbone", "b"], "--disc-backbone")):
         with pytest.raises(SystemExit):
             distill.main(["--teacher", "nowhere", "--name", "x", *flags])
-        assert "--gan-weight" in capsys.readouterr().err
+        assert named in capsys.readouterr().err
+
+
+def _stage_keys(classifier_weights: dict) -> dict:
+    """A :class:`Classifier`'s ``body.<i>...`` weights under :meth:`Classifier.stages`' names (``<stage>.<i>...``:
+    a slice of a ``Sequential`` keeps its layers' indices)."""
+    stage_of = {i: s for s, layers in enumerate(((0, 1, 2), (3, 4, 5), (6, 7, 8))) for i in layers}
+    return {f"{stage_of[int(k.split('.')[1])]}.{k[len('body.'):]}": v for k, v in classifier_weights.items()
+            if k.startswith("body.")}
 
 
 def test_the_teacher_grid_tool_shifts_the_euler_grid_as_sd3_and_scores_it(capsys):

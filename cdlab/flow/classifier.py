@@ -73,6 +73,13 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def stages(self) -> tuple[list[nn.Module], list[tuple[int, int]]]:
+        """:meth:`features` in three pieces, each reading the one before, and their outputs' (channels, side):
+        ``[32, 14, 14]``, ``[64, 7, 7]``, then the 128-d vector (side 0). A GAN's frozen feature network
+        (:class:`cdlab.flow.unet.FeatureDiscriminator`) reads all three."""
+        b = self.body
+        return [b[:3], b[3:6], b[6:]], [(32, 14), (64, 7), (NUM_FEATURES, 0)]
+
 
 class _Features(nn.Module):
     """A classifier as :func:`cdlab.metrics.fid`'s feature module: clipped pixels in, features out, in batches."""
@@ -178,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data", default=None, help="folder of the idx files (default: Debian's)")
     p.add_argument("--train-images", type=int, default=60000, help="train on the first N images (a quick check)")
+    p.add_argument("--seed", type=int, default=0, help="its initial weights' and data order's (another seed: "
+                   "another network, e.g. a GAN's frozen features that are not the judge's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stats-only", action="store_true",
                    help="only (re)compute the test set's feature statistics for the classifier in --out")
@@ -194,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = x[:args.train_images], y[:args.train_images]
     xt, yt = load_fashion_mnist("test", args.data)
     start = time.monotonic()
-    net = train_classifier(x, y, args.epochs, device=args.device)
+    net = train_classifier(x, y, args.epochs, seed=args.seed, device=args.device)
     acc = accuracy(net, xt, yt)
     info = {"test_accuracy": round(acc, 4), "epochs": args.epochs, "train_images": len(x), "test_images": len(xt),
-            "seconds": round(time.monotonic() - start, 1), "device": str(args.device)}
+            "seconds": round(time.monotonic() - start, 1), "device": str(args.device), "seed": args.seed}
     save_classifier(net.cpu(), args.out, info)
     save_reference_stats(net.cpu(), xt, args.out)
     print(json.dumps(info))

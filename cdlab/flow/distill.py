@@ -73,7 +73,9 @@ training images from G's samples, both diffused to one t, and G also descends ``
 softplus(-D(x_t(G)))``. It is the one term that sees real data, so it can move G past its teacher's FID.
 ``--gan-clip`` shows D the samples clipped to [0, 1], as they are shown: real pixels are never below black, so
 unclipped, such a pixel is a tell, and the term pushes G's backgrounds grey (docs/flow.md). ``--disc pixel``
-gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`).
+gives it a discriminator of its own on the clean images (:class:`cdlab.flow.unet.PixelDiscriminator`);
+``--disc features --disc-backbone F`` one whose features are a frozen classifier's (ADD's, Sauer et al. 2023:
+:class:`cdlab.flow.unet.FeatureDiscriminator`), a classifier trained apart from the evaluation's judge.
 ``--dmd-t-max T`` diffuses the samples for the matching and the GAN term to ``t ~ U{20..T}`` (DMD2's T is 980).
 A K-step G jumps on the grid it will sample on, ``consistency_timesteps(K, K)`` (999/750/500/250 for K = 4);
 ``--shift s`` moves it by SD3's timestep shift (Esser et al. 2024), ``u' = s u / (1 + (s - 1) u)`` on ``u = k /
@@ -101,7 +103,7 @@ from cdlab.flow.pairs import cached_teacher_pairs, pair_labels, window_edges
 from cdlab.flow.student_config import StudentConfig, add_config_arguments, config_from_args
 from cdlab.flow.student_checkpoint import (branches_of, load_checkpoint, lora_weights, save_checkpoint,
                                            set_lora_weights)
-from cdlab.flow.unet import DiscriminatorHead, PixelDiscriminator, UNet
+from cdlab.flow.unet import DiscriminatorHead, FeatureDiscriminator, PixelDiscriminator, UNet
 from cdlab.loss import (DMD_T_RANGE, consistency_loss, dmd_fake_loss, dmd_fake_updates, dmd_generator_loss,
                         generator_sample)
 from cdlab.paths import cache_dir, shown_path
@@ -115,7 +117,7 @@ __all__ = ["lora_targets", "attach_flow_lora", "cd_loss",
            "main"]
 
 ADAPTER = "student"
-Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or a PixelDiscriminator
+Discriminator = tuple[nn.Module, nn.Module] | nn.Module  # DMD2's (unet.up1, head), or one on the clean images
 
 
 def lora_targets(unet: nn.Module) -> list[str]:
@@ -232,14 +234,32 @@ def make_discriminator(unet: UNet, cfg: StudentConfig) -> nn.Module | None:
     or a discriminator of its own (``cfg.disc``)."""
     if cfg.gan_weight == 0:
         return None
-    net = DiscriminatorHead(unet.num_hiddens) if cfg.disc == "head" else PixelDiscriminator()
+    if cfg.disc == "features":
+        net = FeatureDiscriminator(*feature_backbone(cfg.disc_backbone).stages())
+    else:
+        net = DiscriminatorHead(unet.num_hiddens) if cfg.disc == "head" else PixelDiscriminator()
     return net.to(next(unet.parameters()).device)
+
+
+def feature_backbone(folder: str | Path) -> nn.Module:
+    """The frozen classifier of ``--disc features`` (:class:`cdlab.flow.unet.FeatureDiscriminator`), read from
+    ``folder``; refused (``ValueError``) when it is the shipped judge, the network the evaluation's FID and
+    accuracy are measured in: a generator trained against the judge's own features would be graded by them."""
+    from cdlab.flow.classifier import load_classifier
+
+    net = load_classifier(folder)
+    judge = load_classifier().state_dict()
+    if all(torch.equal(v, judge[k]) for k, v in net.state_dict().items()):
+        raise ValueError(f"--disc-backbone {shown_path(folder)} is the evaluation's own classifier: train another "
+                         "(python -m cdlab.flow.classifier --out F --seed 1)")
+    return net
 
 
 def gan_argument(unet: UNet, net: nn.Module | None) -> Discriminator | None:
     """What :mod:`cdlab.loss` takes as ``gan`` for :func:`make_discriminator`'s network: DMD2's head with the layer
-    it reads, ``(unet.up1, head)``, or a discriminator of its own as it is."""
-    return None if net is None else (net if isinstance(net, PixelDiscriminator) else (unet.up1, net))
+    it reads, ``(unet.up1, head)``, or a discriminator of its own (on the clean images) as it is."""
+    return None if net is None else (net if isinstance(net, (PixelDiscriminator, FeatureDiscriminator))
+                                     else (unet.up1, net))
 
 
 def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:
@@ -403,7 +423,8 @@ def _optimizer_and_averages(named: list[tuple[str, nn.Parameter]], cfg: StudentC
     groups = ([{"params": [p for n, p in named if f".{FAKE_SCORE}." not in n]}, {"params": fake, "lr": cfg.fake_lr}]
               if fake else [{"params": [p for _, p in named]}])
     if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": cfg.disc_lr or cfg.fake_lr or cfg.lr})
+        groups.append({"params": [p for p in head.parameters() if p.requires_grad],  # a frozen backbone's: not
+                       "lr": cfg.disc_lr or cfg.fake_lr or cfg.lr})
     ema = {n: p.detach().clone() for n, p in named} if cfg.method == "cd" and cfg.ema_decay > 0 else None
     average = {n: p.detach().clone() for n, p in named if f".{ADAPTER}." in n} if cfg.student_ema > 0 else None
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999)), ema, average

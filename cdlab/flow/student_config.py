@@ -15,9 +15,10 @@ from cdlab.loss import DMD_T_RANGE, REGRESSION_DISTANCES
 from cdlab.samplers import consistency_timesteps
 from cdlab.train import schedule
 
-__all__ = ["METHODS", "StudentConfig", "rate_factor", "add_config_arguments", "config_flags", "config_from_args"]
+__all__ = ["METHODS", "DISCRIMINATORS", "StudentConfig", "rate_factor", "add_config_arguments", "config_flags", "config_from_args"]
 
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
+DISCRIMINATORS = ("head", "pixel", "features")  # DMD's GAN term's (--disc): cdlab.flow.distill.make_discriminator
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,10 @@ class StudentConfig:
     gan_weight: float = 0.0         # dmd: the generator's GAN term (DMD2's; 0: none), against real images
     disc_weight: float = 0.1        # dmd with gan_weight > 0: the discriminator's loss in the fake score's update
     disc_lr: float = 0.0            # dmd with gan_weight > 0: the discriminator head's rate (0: the fake score's)
-    disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score) or "pixel" (its own)
+    disc: str = "head"              # dmd with gan_weight > 0: "head" (DMD2's, on the fake score), "pixel" (its own)
+                                    # or "features" (ADD's: heads on a frozen classifier's features)
+    disc_backbone: str = ""         # --disc features: the frozen classifier's folder (python -m
+                                    # cdlab.flow.classifier --out F --seed 1), never the judge's
     gan_clip: bool = False          # dmd with gan_weight > 0: its discriminator sees the samples as shown, in [0, 1]
     student_ema: float = 0.0        # the student saved is this EMA of its weights (0: its last weights)
     adam_beta1: float = 0.9         # Adam's first-moment decay for every adapter (torch's default; DMD2 uses 0)
@@ -119,9 +123,11 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> St
     if not 0 <= cfg.fake_warmup < cfg.steps or (cfg.fake_warmup and cfg.method != "dmd"):
         p.error("--fake-warmup must be in [0, --steps), and more than 0 only with --method dmd")
     if (not 0 <= cfg.gan_weight <= 10 or not 0 <= cfg.disc_weight <= 100 or not 0 <= cfg.disc_lr <= 1
-            or (cfg.gan_weight and cfg.method != "dmd") or cfg.disc not in ("head", "pixel")):
+            or (cfg.gan_weight and cfg.method != "dmd") or cfg.disc not in DISCRIMINATORS):
         p.error("--gan-weight must be in [0, 10], and more than 0 only with --method dmd; --disc-weight in [0, 100], "
-                "--disc-lr in [0, 1], --disc head or pixel")
+                f"--disc-lr in [0, 1], --disc one of {', '.join(DISCRIMINATORS)}")
+    if (cfg.disc == "features") != bool(cfg.disc_backbone):
+        p.error("--disc features needs --disc-backbone (a classifier's folder), and --disc-backbone needs it")
     if cfg.gan_clip and not cfg.gan_weight:
         p.error("--gan-clip clips what the GAN term's discriminator judges: it needs --gan-weight > 0")
     if not 0 <= cfg.student_ema < 1 or not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.adam_beta1 < 1:
