@@ -652,6 +652,21 @@ def test_the_selection_tool_scores_on_its_own_draw_against_training_images_and_r
         assert {k: row[k] for k in ("fid", "accuracy", "diversity")} == score(run.latents.float(), labels, judge,
                                                                                reference)
     assert rows[0]["fid"] != rows[1]["fid"]  # another draw, another figure
+    from cdlab.flow.classifier import Classifier, save_classifier
+
+    torch.manual_seed(3)  # --classifier: a held-out judge's features and labels, in place of the evaluation's
+    held_out = save_classifier(Classifier().eval(), tmp_path / "held-out", {})
+    assert select.main([*args, "--seed", "1", "--classifier", str(held_out)]) == 0
+    row, other = json.loads(capsys.readouterr().out), load_classifier(held_out)
+    with torch.no_grad():
+        reference = feature_stats(as_feature(other)(data.load_fashion_mnist("train")[0][:120]))
+    z, labels = noise(40, 1)
+    run = run_columns(flow, [student_column(read_card("s1", tmp_path / "a"), 1)],
+                      [flow.classes[int(y)] for y in labels], list(range(40)), noise=z, decode=None,
+                      adapters_root=tmp_path / "a")[0]
+    assert {k: row[k] for k in ("fid", "accuracy", "diversity")} == score(run.latents.float(), labels, other,
+                                                                           reference)
+    assert row["fid"] != rows[0]["fid"]
 
 
 def test_the_background_tool_scores_pixels_below_black_and_logs_each_terms_push_on_a_copy_of_the_run(

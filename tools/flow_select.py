@@ -7,7 +7,9 @@ Choosing a checkpoint (or a grid, or a weight) by the evaluation's own figures, 
 set, makes the shipped figure a choice, not a measurement. This tool scores on a draw no evaluation uses: the
 noises of ``--seed`` (not 0; :func:`cdlab.flow.evaluate.noise`, classes i mod 10) and the classifier features of
 the first ``--reference`` training images (Fashion-MNIST's files, ``cdlab.flow.data``: the one step here that
-needs the data). Choose on these figures, then report the evaluation's. A student is a name in ``adapters/`` or a
+needs the data). Choose on these figures, then report the evaluation's. ``--classifier F`` scores in another
+classifier's features (``python -m cdlab.flow.classifier --out F --seed 2``): a judge held out from a student
+trained against a classifier's features (``--disc features``) and from the evaluation alike. A student is a name in ``adapters/`` or a
 student folder's path (``<root>/<name>``); each prints one JSON line: FID, class accuracy, diversity, seconds.
 """
 from __future__ import annotations
@@ -46,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000, help="samples per student")
     p.add_argument("--reference", type=int, default=10_000, help="training images in FID's reference")
     p.add_argument("--teacher", default="cdlab/assets/fashion-flow")
+    p.add_argument("--classifier", default=None, help="score in this classifier's features and labels (a folder of "
+                   "python -m cdlab.flow.classifier; default the evaluation's): a held-out judge, one that neither "
+                   "a student's training nor the evaluation uses")
     args = p.parse_args(argv)
     if args.seed == 0:
         p.error("--seed 0 is the evaluation's draw: choose on another")
     if not 1 <= args.steps <= 8 or not 10 <= args.n <= 10_000 or not 100 <= args.reference <= 60_000:
         p.error("--steps in [1, 8], --n in [10, 10000], --reference in [100, 60000]")
     teacher = load_flow_teacher(args.teacher, "cpu")
-    classifier = load_classifier()
+    classifier = load_classifier(args.classifier)
     with torch.no_grad():
         reference = feature_stats(as_feature(classifier)(load_fashion_mnist("train")[0][:args.reference]))
     z, labels = noise(args.n, args.seed)
