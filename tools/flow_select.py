@@ -9,8 +9,9 @@ noises of ``--seed`` (not 0; :func:`cdlab.flow.evaluate.noise`, classes i mod 10
 the first ``--reference`` training images (Fashion-MNIST's files, ``cdlab.flow.data``: the one step here that
 needs the data). Choose on these figures, then report the evaluation's. ``--classifier F`` scores in another
 classifier's features (``python -m cdlab.flow.classifier --out F --seed 2``): a judge held out from a student
-trained against a classifier's features (``--disc features``) and from the evaluation alike. A student is a name in ``adapters/`` or a
-student folder's path (``<root>/<name>``); each prints one JSON line: FID, class accuracy, diversity, seconds.
+trained against a classifier's features (``--disc features``) and from the evaluation alike. A student is a
+name in ``adapters/`` or a student folder's path (``<root>/<name>``); each prints one JSON line: FID, class
+accuracy, diversity, seconds.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from cdlab.loss import DMD_T_RANGE, REGRESSION_DISTANCES
 from cdlab.samplers import consistency_timesteps
 from cdlab.train import schedule
 
-__all__ = ["METHODS", "DISCRIMINATORS", "StudentConfig", "rate_factor", "add_config_arguments", "config_flags", "config_from_args"]
+__all__ = ["METHODS", "DISCRIMINATORS", "StudentConfig", "rate_factor", "add_config_arguments", "config_flags",
+           "config_from_args"]
 
 METHODS = ("reflow", "cd", "dmd")  # the student methods of the flow teacher (the CLI's --method, the Train tab's)
 DISCRIMINATORS = ("head", "pixel", "features")  # DMD's GAN term's (--disc): cdlab.flow.distill.make_discriminator

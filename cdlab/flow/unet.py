@@ -257,13 +257,15 @@ class FeatureDiscriminator(nn.Module):
     ``stages``: a frozen feature network cut in pieces, each reading the one before (a classifier trained on the
     real training images, :meth:`cdlab.flow.classifier.Classifier.stages`: 32 x 14 x 14, 64 x 7 x 7, then 128-d),
     ``shapes`` their outputs' (channels, side; side 0 a vector). Each has a small trainable head (spectrally
-    normalised strided convolutions down to 4 x 4, then flattened; a vector as it is) that judges it with the projection discriminator's class term,
-    ``w . phi + <E c, phi>`` (as :class:`PixelDiscriminator`); D's logit is the sum over the stages::
+    normalised strided convolutions down to 4 x 4, then flattened; a vector as it is) that judges it with the
+    projection discriminator's class term, ``w . phi + <E c, phi>`` (as :class:`PixelDiscriminator`); D's logit
+    is the sum over the stages::
 
         D(x, c) = sum_k  w_k . phi_k + <E_k c, phi_k>,    phi_k = head_k(F_k(x)),  F_k = stage_k o ... o stage_1
 
     The frozen network already tells a garment's shape and texture from the first step, where a discriminator
-    learnt from scratch on a few thousand CPU steps stays near chance (docs/flow.md). Its weights never train,
+    learnt from scratch on a few thousand CPU steps stays near chance (DMD2's head read 59 to 64%; this one 77%
+    after 200 steps, docs/flow.md). Its weights never train,
     and its BatchNorms keep their statistics (``train()`` leaves the stages in eval mode); the generator's
     gradient still flows through them to the image. It must not be the network the evaluation scores with
     (:func:`cdlab.flow.distill.make_discriminator` refuses the judge)."""
