@@ -280,7 +280,9 @@ def consistency_loss(
 # A discriminator of its own (``gan`` an ``nn.Module``, ``D(x, c) -> logits``) judges the clean images instead, as
 # ADD's does (Sauer et al. 2023, "Adversarial Diffusion Distillation", §3.2): the same two losses with x_g and
 # x_real in place of their diffused points. It shares nothing with the fake score, so it can be as strong as it
-# needs to be; the head above sees only what the fake score learns for denoising.
+# needs to be; the head above sees only what the fake score learns for denoising. ADD's own reads the features of
+# a frozen pretrained network through trainable heads (the flow track's ``FeatureDiscriminator``): the generator's
+# gradient flows through the frozen network to x_g, and nothing of it trains.
 
 __all__ += ["dmd_gradient", "dmd_generator_loss", "dmd_fake_loss", "dmd_fake_updates", "first_noisy_timestep",
             "generator_sample", "gan_logits", "discriminate", "DMD_T_RANGE", "REGRESSION_DISTANCES"]
