@@ -968,6 +968,29 @@ def test_widen_lora_gives_a_larger_rank_the_same_student_and_learns_in_its_new_d
         distill.widen_lora(weights, narrower)
 
 
+def _dmd_loss_with_a_discriminator_of_its_own(tiny_unet: UNet, disc: torch.nn.Module) -> tuple:
+    """DMD's generator loss with the GAN term of ``disc`` (a discriminator on the clean images) on a batch of six
+    classes: ``(unet, out, labels, x1, g)``, the generator with its fake score, the loss's terms, the batch's
+    classes and pairs' images, and the generator that drew them."""
+    from cdlab.flow import distill
+
+    unet = _generator_and_fake_score(tiny_unet, seed=6)
+    g = torch.Generator().manual_seed(7)
+    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=disc, gan_weight=0.25,
+                           generator=g)
+    return unet, out, labels, x1, g
+
+
+def _owners_of_the_generators_gradient(unet: UNet, out: dict, disc: torch.nn.Module) -> set[str]:
+    """Backpropagate ``out["loss"]``: the adapters of ``unet`` that got a gradient, after checking that no
+    parameter of ``disc`` got one (the generator's pass trains no discriminator)."""
+    out["loss"].backward()
+    assert all(p.grad is None for p in disc.parameters())
+    return {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
 def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_from_the_student(tiny_unet):
     """``--disc pixel`` (:class:`PixelDiscriminator`): the generator's GAN term is ``softplus(-D(G(z), c))`` on the
     clean sample, computed here by hand, and reaches the student's adapter alone; the fake score's update trains
@@ -977,22 +1000,15 @@ def test_a_discriminator_of_its_own_judges_the_clean_images_and_trains_apart_fro
     from cdlab.flow.unet import PixelDiscriminator
     from cdlab.students.roles import FAKE_SCORE
 
-    unet = _generator_and_fake_score(tiny_unet, seed=6)
     disc = PixelDiscriminator().eval()  # eval: spectral norm's power iteration holds still, so calls repeat
-    g = torch.Generator().manual_seed(7)
-    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=disc, gan_weight=0.25,
-                           generator=g)
+    unet, out, labels, x1, g = _dmd_loss_with_a_discriminator_of_its_own(tiny_unet, disc)
     with torch.no_grad():
         c = matching.one_hot(labels)
         by_hand = torch.nn.functional.softplus(-disc(out["x_g"], c)).mean()
         assert torch.equal(disc(out["x_g"], c), disc(out["x_g"].clamp(0, 1), c))
         assert not torch.allclose(disc(out["x_g"], c), disc(out["x_g"], c.roll(1, 0)))
     assert float(out["loss_gan"]) == pytest.approx(float(by_hand), rel=1e-5)
-    out["loss"].backward()
-    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert owners == {distill.ADAPTER} and all(p.grad is None for p in disc.parameters())
+    assert _owners_of_the_generators_gradient(unet, out, disc) == {distill.ADAPTER}
     assert all(p.requires_grad for p in disc.parameters())  # restored after the generator's pass
 
     disc.train()
@@ -1014,12 +1030,7 @@ def test_a_frozen_classifiers_features_judge_and_only_their_heads_train(tmp_path
     backbone = Classifier().eval()
     disc = FeatureDiscriminator(*backbone.stages()).eval()
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
-    unet = _generator_and_fake_score(tiny_unet, seed=6)
-    g = torch.Generator().manual_seed(7)
-    z, x1 = torch.randn(6, 1, 28, 28, generator=g), torch.rand(6, 1, 28, 28, generator=g)
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    out = distill.dmd_loss(unet, z, x1, labels, guidance=2.0, regression_weight=0.5, gan=disc, gan_weight=0.25,
-                           generator=g)
+    unet, out, labels, x1, g = _dmd_loss_with_a_discriminator_of_its_own(tiny_unet, disc)
     with torch.no_grad():
         c, h, by_hand = matching.one_hot(labels), out["x_g"].clamp(0, 1), 0
         for k, (stage, head) in enumerate(zip(disc.stages, disc.heads)):
@@ -1029,9 +1040,7 @@ def test_a_frozen_classifiers_features_judge_and_only_their_heads_train(tmp_path
         assert torch.allclose(disc(out["x_g"], c), by_hand, atol=1e-5)
         assert not torch.allclose(disc(out["x_g"], c), disc(out["x_g"], c.roll(1, 0)))
     assert float(out["loss_gan"]) == pytest.approx(float(torch.nn.functional.softplus(-by_hand).mean()), rel=1e-5)
-    out["loss"].backward()
-    owners = {n.split(".")[-2] for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert owners == {distill.ADAPTER} and all(p.grad is None for p in disc.parameters())
+    assert _owners_of_the_generators_gradient(unet, out, disc) == {distill.ADAPTER}
     trainable = [p for p in disc.parameters() if p.requires_grad]
     assert 0 < sum(p.numel() for p in trainable) < sum(p.numel() for p in disc.parameters())
 

@@ -258,8 +258,7 @@ def feature_backbone(folder: str | Path) -> nn.Module:
 def gan_argument(unet: UNet, net: nn.Module | None) -> Discriminator | None:
     """What :mod:`cdlab.loss` takes as ``gan`` for :func:`make_discriminator`'s network: DMD2's head with the layer
     it reads, ``(unet.up1, head)``, or a discriminator of its own (on the clean images) as it is."""
-    return None if net is None else (net if isinstance(net, (PixelDiscriminator, FeatureDiscriminator))
-                                     else (unet.up1, net))
+    return None if net is None else ((unet.up1, net) if isinstance(net, DiscriminatorHead) else net)
 
 
 def _load_teacher_unet(folder: str | Path, device: torch.device) -> UNet:

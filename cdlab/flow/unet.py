@@ -265,9 +265,8 @@ class FeatureDiscriminator(nn.Module):
 
     The frozen network already tells a garment's shape and texture from the first step, where a discriminator
     learnt from scratch on a few thousand CPU steps stays near chance (DMD2's head read 59 to 64%; this one 77%
-    after 200 steps, docs/flow.md). Its weights never train,
-    and its BatchNorms keep their statistics (``train()`` leaves the stages in eval mode); the generator's
-    gradient still flows through them to the image. It must not be the network the evaluation scores with
+    after 200 steps, docs/flow.md). Its weights never train, and its BatchNorms keep their statistics
+    (``train()`` leaves the stages in eval mode); the generator's gradient still flows through them to the image. It must not be the network the evaluation scores with
     (:func:`cdlab.flow.distill.make_discriminator` refuses the judge)."""
 
     def __init__(self, stages: Iterable[nn.Module], shapes: Iterable[tuple[int, int]], num_classes: int = 10,
